@@ -1,0 +1,1 @@
+"""mdt_jax.evaluation"""

@@ -1,0 +1,45 @@
+"""Token masking of MDT with static shapes.
+
+The original draws one ratio r ~ U[mask_ratio, mask_ratio + 0.2) per forward call, keeps
+floor(L * (1 - r)) tokens chosen by argsort of per-sample uniform noise, and so changes the
+encoder's sequence length every step. Here the kept tokens live in a buffer of one static size,
+``max_kept(L, mask_ratio)`` (the largest count the distribution can draw); slots past the drawn
+count are excluded from attention by a key mask and replaced by the mask token afterwards. One
+compilation serves the whole run and the result equals the unpadded computation.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+
+def max_kept(num_tokens: int, mask_ratio: float) -> int:
+  """Largest kept count the ratio distribution can produce (at r = mask_ratio)."""
+  if not 0.0 <= mask_ratio < 1.0:
+    raise ValueError(f'mask_ratio must be in [0, 1), got {mask_ratio}')
+  return max(1, int(math.floor(num_tokens * (1.0 - mask_ratio))))
+
+
+def draw_mask(key: Array, batch: int, num_tokens: int, mask_ratio: float,
+              span: float = 0.2) -> tuple[Array, Array]:
+  """One ratio r ~ U[mask_ratio, mask_ratio + span) for the whole batch, a random order per sample.
+
+  Returns ids_shuffle [B, L] int32 (kept tokens first) and len_keep, a scalar int32.
+  """
+  k_ratio, k_noise = jax.random.split(key)
+  # float64 would match the original's Python float exactly; float32 differs only when
+  # L * (1 - r) lands within float32 rounding of an integer, which has probability ~0.
+  ratio = mask_ratio + span * jax.random.uniform(k_ratio, (), jnp.float32)
+  len_keep = jnp.floor(num_tokens * (1.0 - ratio)).astype(jnp.int32)
+  len_keep = jnp.clip(len_keep, 1, max_kept(num_tokens, mask_ratio))
+  noise = jax.random.uniform(k_noise, (batch, num_tokens))
+  ids_shuffle = jnp.argsort(noise, axis=1).astype(jnp.int32)
+  return ids_shuffle, len_keep
+
+
+def restore_order(ids_shuffle: Array) -> Array:
+  """ids_restore = argsort(ids_shuffle): position of each original token in shuffled order."""
+  return jnp.argsort(ids_shuffle, axis=1).astype(jnp.int32)

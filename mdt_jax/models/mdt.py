@@ -1,0 +1,268 @@
+"""MDTv2 (and MDT v1) in Flax NNX, NHWC in and out.
+
+Attribute names follow the official PyTorch state-dict keys (``en_inblocks.3.attn.qkv`` ->
+``en_inblocks[3].attn.qkv``; ``adaLN_modulation.1`` -> ``adaLN_modulation_1``), so checkpoint
+conversion is a renaming plus transposes (see ``mdt_jax.hub.official``).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mdt_jax.models import masking
+from mdt_jax.models.layers import (FinalLayer, LabelEmbedder, MDTBlock, PatchEmbed,
+                                   TimestepEmbedder, normal, relative_position_index, sincos_2d)
+
+Array = jax.Array
+
+ARCHS = ('mdtv2', 'mdt_v1')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+REMAT_POLICIES = {
+    'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
+    'dots_saveable': jax.checkpoint_policies.dots_saveable,
+    'dots_with_no_batch_dims_saveable': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class MDTConfig:
+  """Hyperparameters, named as the official constructor names them (plus port options)."""
+  input_size: int = 32
+  patch_size: int = 2
+  in_channels: int = 4
+  hidden_size: int = 1152
+  depth: int = 28
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  decode_layer: int = 4
+  num_classes: int = 1000
+  class_dropout_prob: float = 0.1
+  learn_sigma: bool = True
+  mask_ratio: float | None = None
+  mask_ratio_span: float = 0.2      # r ~ U[mask_ratio, mask_ratio + span); v1 used a fixed 0.3
+  arch: str = 'mdtv2'
+  dtype: str = 'float32'            # compute dtype of matmuls; parameters are always float32
+  remat: bool = False               # rematerialise each block in the backward pass
+  remat_policy: str = 'nothing_saveable'
+  attention_impl: str | None = None  # jax.nn.dot_product_attention implementation (None: auto)
+
+  def __post_init__(self):
+    if self.attention_impl == '':
+      object.__setattr__(self, 'attention_impl', None)
+    if self.arch not in ARCHS:
+      raise ValueError(f'model.arch must be one of {ARCHS}, got {self.arch!r}')
+    if self.dtype not in DTYPES:
+      raise ValueError(f'model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}')
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f'model.remat_policy must be one of {sorted(REMAT_POLICIES)}, '
+                       f'got {self.remat_policy!r}')
+    if self.input_size % self.patch_size:
+      raise ValueError(f'input_size {self.input_size} is not divisible by patch_size '
+                       f'{self.patch_size}')
+    if not 0 <= self.decode_layer <= self.depth:
+      raise ValueError(f'decode_layer must be in [0, depth={self.depth}], got {self.decode_layer}')
+    if self.mask_ratio is not None and not 0.0 <= self.mask_ratio < 1.0:
+      raise ValueError(f'mask_ratio must be None or in [0, 1), got {self.mask_ratio}')
+
+  @classmethod
+  def from_dict(cls, d: Any) -> 'MDTConfig':
+    d = dict(d)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+      raise ValueError(f'unknown model config keys {unknown}; expected a subset of {sorted(known)}')
+    return cls(**d)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @property
+  def grid(self) -> int:
+    return self.input_size // self.patch_size
+
+  @property
+  def num_tokens(self) -> int:
+    return self.grid ** 2
+
+  @property
+  def out_channels(self) -> int:
+    return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+  @property
+  def half_depth(self) -> int:
+    return (self.depth - self.decode_layer) // 2
+
+  @property
+  def compute_dtype(self):
+    return DTYPES[self.dtype]
+
+
+class MDT(nnx.Module):
+  """Masked Diffusion Transformer. ``arch='mdtv2'`` (long skips, dense input shortcut) or
+  ``arch='mdt_v1'`` (plain stack, side block before the last ``decode_layer`` blocks)."""
+
+  def __init__(self, config: MDTConfig | dict, *, rngs: nnx.Rngs):
+    cfg = config if isinstance(config, MDTConfig) else MDTConfig.from_dict(config)
+    self.config = cfg
+    dt, d, g = cfg.compute_dtype, cfg.hidden_size, cfg.grid
+    kw = dict(rngs=rngs, dtype=dt, attention_impl=cfg.attention_impl)
+    block = lambda skip: MDTBlock(d, cfg.num_heads, cfg.mlp_ratio, g, skip=skip, **kw)
+
+    self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d, rngs=rngs, dtype=dt)
+    self.t_embedder = TimestepEmbedder(d, rngs=rngs, dtype=dt)
+    self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob, rngs=rngs)
+    pos = jnp.asarray(sincos_2d(d, g))[None]
+    self.pos_embed = nnx.Param(pos, sharding_names=(None, None, 'embed'))
+    self.decoder_pos_embed = nnx.Param(pos, sharding_names=(None, None, 'embed'))
+    # Always a parameter (it is in every official state dict); zeros when masking is off.
+    mask_init = normal(0.02) if cfg.mask_ratio is not None else nnx.initializers.zeros_init()
+    self.mask_token = nnx.Param(mask_init(rngs.params(), (1, 1, d)),
+                                sharding_names=(None, None, 'embed'))
+    if cfg.arch == 'mdtv2':
+      self.en_inblocks = nnx.List([block(False) for _ in range(cfg.half_depth)])
+      self.en_outblocks = nnx.List([block(True) for _ in range(cfg.half_depth)])
+      self.de_blocks = nnx.List([block(True) for _ in range(cfg.decode_layer)])
+    else:
+      self.blocks = nnx.List([block(False) for _ in range(cfg.depth)])
+    self.sideblocks = nnx.List([block(False)])
+    self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels, rngs=rngs, dtype=dt)
+
+  # ------------------------------------------------------------------ helpers
+
+  def _run(self, blk: MDTBlock, *args):
+    if not self.config.remat:
+      return blk(*args)
+    policy = REMAT_POLICIES[self.config.remat_policy]
+    return nnx.remat(lambda m, *a: m(*a), policy=policy)(blk, *args)
+
+  def _check_inputs(self, x: Array, t: Array, y: Array) -> None:
+    cfg = self.config
+    want = (cfg.input_size, cfg.input_size, cfg.in_channels)
+    if x.ndim != 4 or tuple(x.shape[1:]) != want:
+      raise ValueError(f'x must be NHWC [B, {want[0]}, {want[1]}, {want[2]}], got shape '
+                       f'{tuple(x.shape)}')
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise TypeError(f'x must be floating point, got dtype {x.dtype}')
+    b = x.shape[0]
+    if t.shape != (b,):
+      raise ValueError(f't must have shape [B]=({b},), got {tuple(t.shape)}')
+    if y.shape != (b,):
+      raise ValueError(f'y must have shape [B]=({b},), got {tuple(y.shape)}')
+    if not jnp.issubdtype(y.dtype, jnp.integer):
+      raise TypeError(f'y must hold integer class ids, got dtype {y.dtype}')
+
+  def unpatchify(self, tokens: Array) -> Array:
+    """[B, L, p*p*C] with (i, j, c) order -> [B, H, W, C]."""
+    cfg = self.config
+    b, g, p, c = tokens.shape[0], cfg.grid, cfg.patch_size, cfg.out_channels
+    x = tokens.reshape(b, g, g, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(b, g * p, g * p, c)
+
+  # ------------------------------------------------------------------ forward
+
+  def __call__(self, x: Array, t: Array, y: Array, *, rng: Array | None = None,
+               train: bool = False, enable_mask: bool = False,
+               ids_shuffle: Array | None = None, len_keep: Array | int | None = None) -> Array:
+    """x [B, H, W, C], t [B] timesteps, y [B] labels -> [B, H, W, 2C] (C without learn_sigma).
+
+    ``train=True`` applies label dropout (needs ``rng``). The masked pass runs when
+    ``ids_shuffle`` and ``len_keep`` are given, or when ``enable_mask`` is set (the mask is then
+    drawn from ``rng`` with the official distribution).
+    """
+    cfg = self.config
+    self._check_inputs(x, t, y)
+    if rng is not None:
+      drop_key, mask_key = jax.random.split(rng)
+    else:
+      drop_key = mask_key = None
+    if train and cfg.class_dropout_prob > 0 and drop_key is None:
+      raise ValueError('train=True with label dropout needs rng')
+    if ids_shuffle is None and enable_mask:
+      if cfg.mask_ratio is None:
+        raise ValueError('enable_mask=True but model.mask_ratio is None')
+      if mask_key is None:
+        raise ValueError('enable_mask=True needs rng (or an explicit ids_shuffle/len_keep)')
+      ids_shuffle, len_keep = masking.draw_mask(mask_key, x.shape[0], cfg.num_tokens,
+                                                cfg.mask_ratio, cfg.mask_ratio_span)
+    if (ids_shuffle is None) != (len_keep is None):
+      raise ValueError('ids_shuffle and len_keep must be given together')
+    if ids_shuffle is not None and ids_shuffle.shape != (x.shape[0], cfg.num_tokens):
+      raise ValueError(f'ids_shuffle must have shape [B, L]=({x.shape[0]}, {cfg.num_tokens}), '
+                       f'got {tuple(ids_shuffle.shape)}')
+
+    u = self.x_embedder(x) + self.pos_embed[...]
+    c = self.t_embedder(t) + self.y_embedder(y, drop_key if train else None)
+    full_index = jnp.asarray(relative_position_index(cfg.grid))
+    if ids_shuffle is None:
+      return self._plain(u, c, full_index)
+    return self._masked(u, c, full_index, ids_shuffle, jnp.asarray(len_keep, jnp.int32))
+
+  def _finish(self, x: Array, c: Array) -> Array:
+    return self.unpatchify(self.final_layer(x, c)).astype(jnp.float32)
+
+  def _encoder(self, x: Array, c: Array, index: Array, key_mask: Array | None) -> Array:
+    if self.config.arch == 'mdt_v1':
+      for blk in self.blocks[:self.config.depth - self.config.decode_layer]:
+        x = self._run(blk, x, c, index, key_mask)
+      return x
+    stack = []
+    for blk in self.en_inblocks:
+      x = self._run(blk, x, c, index, key_mask)
+      stack.append(x)
+    for blk in self.en_outblocks:
+      x = self._run(blk, x, c, index, key_mask, stack.pop())
+    return x
+
+  def _decoder(self, x: Array, c: Array, index: Array, input_skip: Array) -> Array:
+    if self.config.arch == 'mdt_v1':
+      for blk in self.blocks[self.config.depth - self.config.decode_layer:]:
+        x = self._run(blk, x, c, index)
+      return x
+    for blk in self.de_blocks:
+      x = self._run(blk, x, c, index, None, input_skip)
+    return x
+
+  def _plain(self, u: Array, c: Array, index: Array) -> Array:
+    x = self._encoder(u, c, index, None)
+    x = x + self.decoder_pos_embed[...]
+    return self._finish(self._decoder(x, c, index, u), c)
+
+  def _masked(self, u: Array, c: Array, index: Array, ids_shuffle: Array,
+              len_keep: Array) -> Array:
+    cfg = self.config
+    b, n, d = u.shape
+    ratio = cfg.mask_ratio if cfg.mask_ratio is not None else 0.0
+    k = masking.max_kept(n, ratio)
+    ids_keep = ids_shuffle[:, :k]
+    slot_valid = jnp.arange(k)[None, :] < len_keep                       # [1, K]
+    x = jnp.take_along_axis(u, ids_keep[:, :, None], axis=1)             # [B, K, D]
+    keep_index = index[ids_keep[:, :, None], ids_keep[:, None, :]]       # [B, K, K]
+    x = self._encoder(x, c, keep_index, jnp.broadcast_to(slot_valid, (b, k)))
+
+    # Side-interpolater: mask tokens in every slot past len_keep, back to the original order.
+    token = jnp.broadcast_to(self.mask_token[...].astype(x.dtype), (b, n, d))
+    x = jnp.concatenate([x, token[:, k:]], axis=1)
+    kept_shuffled = jnp.arange(n)[None, :] < len_keep                    # [1, L]
+    x = jnp.where(kept_shuffled[..., None], x, token)
+    ids_restore = masking.restore_order(ids_shuffle)
+    x = jnp.take_along_axis(x, ids_restore[:, :, None], axis=1)
+    masked = ~jnp.take_along_axis(jnp.broadcast_to(kept_shuffled, (b, n)), ids_restore, axis=1)
+    q = x + self.decoder_pos_embed[...]
+    side = self._run(self.sideblocks[0], q, c, index)
+    x = jnp.where(masked[..., None], side, q)                             # masked shortcut
+    return self._finish(self._decoder(x, c, index, u), c)
+
+
+MDTv2 = MDT
+
+
+def count_params(config: MDTConfig | dict) -> int:
+  """Parameter count without allocating weights."""
+  abstract = nnx.eval_shape(lambda: MDT(config, rngs=nnx.Rngs(0)))
+  state = nnx.state(abstract, nnx.Param)
+  return int(sum(np.prod(v.shape) for v in jax.tree.leaves(state)))
