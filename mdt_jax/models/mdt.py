@@ -117,12 +117,12 @@ class MDT(nnx.Module):
     self.t_embedder = TimestepEmbedder(d, rngs=rngs, dtype=dt)
     self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob, rngs=rngs)
     pos = jnp.asarray(sincos_2d(d, g))[None]
-    self.pos_embed = nnx.Param(pos, sharding_names=(None, None, 'embed'))
-    self.decoder_pos_embed = nnx.Param(pos, sharding_names=(None, None, 'embed'))
+    self.pos_embed = nnx.Param(pos, out_sharding=(None, None, 'embed'))
+    self.decoder_pos_embed = nnx.Param(pos, out_sharding=(None, None, 'embed'))
     # Always a parameter (it is in every official state dict); zeros when masking is off.
     mask_init = normal(0.02) if cfg.mask_ratio is not None else nnx.initializers.zeros_init()
     self.mask_token = nnx.Param(mask_init(rngs.params(), (1, 1, d)),
-                                sharding_names=(None, None, 'embed'))
+                                out_sharding=(None, None, 'embed'))
     if cfg.arch == 'mdtv2':
       self.en_inblocks = nnx.List([block(False) for _ in range(cfg.half_depth)])
       self.en_outblocks = nnx.List([block(True) for _ in range(cfg.half_depth)])

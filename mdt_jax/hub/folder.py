@@ -1,0 +1,151 @@
+"""The model folder: ``config.json`` + ``model.safetensors`` (+ ``README.md`` when exported).
+
+``model.safetensors`` holds float32 parameters under this port's names (the nnx parameter path
+joined by dots, e.g. ``en_inblocks.0.attn.qkv.kernel``). ``config.json``::
+
+    {"format": "mdt_jax.model", "version": 1,
+     "model": {...MDTConfig...},
+     "data": {"space": "latent" | "pixel", "image_size": 256, "image_channels": 3,
+              "latent_scale": 0.18215, "vae": "<folder or hub id of the decoder VAE>" | null},
+     "diffusion": {"num_timesteps": 1000, "beta_schedule": "linear"},
+     "sampling": {recommended settings: sampler, steps, cfg_scale, scale_pow, guidance_channels},
+     "source": "<where the weights came from>"}
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from mdt_jax.models.mdt import MDT, MDTConfig
+
+FORMAT = 'mdt_jax.model'
+VERSION = 1
+CONFIG_FILE = 'config.json'
+WEIGHTS_FILE = 'model.safetensors'
+
+# The original's FID setting (scripts/image_sample.py defaults; spec section 4).
+OFFICIAL_SAMPLING = dict(sampler='ddpm', steps=250, cfg_scale=3.8, scale_pow=4.0,
+                         guidance_channels=3)
+IMAGENET_LATENT_DATA = dict(space='latent', image_size=256, image_channels=3,
+                            latent_scale=0.18215, vae='stabilityai/sd-vae-ft-ema')
+
+
+@dataclasses.dataclass
+class Pretrained:
+  """A loaded model folder: the ready model and what is needed to sample from it."""
+  model: MDT
+  config: MDTConfig
+  data: dict
+  diffusion: dict
+  sampling: dict
+  meta: dict
+
+
+def flat_params(params: nnx.State) -> dict[str, np.ndarray]:
+  """nnx.State of parameters -> {'a.b.0.kernel': float32 array}."""
+  out = {}
+  for path, v in nnx.to_flat_state(params):
+    value = v.get_value() if hasattr(v, 'get_value') else v
+    out['.'.join(str(p) for p in path)] = np.asarray(jax.device_get(value), np.float32)
+  return out
+
+
+def _abstract_model(config: MDTConfig) -> MDT:
+  return nnx.eval_shape(lambda: MDT(config, rngs=nnx.Rngs(0)))
+
+
+def model_from_flat(flat: dict[str, np.ndarray], config: MDTConfig, where: str = 'weights') -> MDT:
+  """Build the model from flat parameters, refusing missing, unexpected or mismatched keys."""
+  model = _abstract_model(config)
+  expected = {'.'.join(str(p) for p in path): (path, tuple(v.shape))
+              for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  missing = sorted(set(expected) - set(flat))
+  unexpected = sorted(set(flat) - set(expected))
+  mismatched = sorted(f'{k}: file {tuple(flat[k].shape)} vs model {expected[k][1]}'
+                      for k in expected if k in flat and tuple(flat[k].shape) != expected[k][1])
+  if missing or unexpected or mismatched:
+    parts = [f'{len(v)} {n} keys: ' + ', '.join(v[:12]) + (' ...' if len(v) > 12 else '')
+             for n, v in (('missing', missing), ('unexpected', unexpected),
+                          ('mismatched', mismatched)) if v]
+    raise ValueError(f'{where} do not match the model config:\n  ' + '\n  '.join(parts))
+  state = nnx.from_flat_state([(expected[k][0], nnx.Param(jnp.asarray(flat[k], jnp.float32)))
+                               for k in expected])
+  nnx.update(model, state)
+  return model
+
+
+def save_model_folder(out_dir: str, params: nnx.State | dict, config: MDTConfig, *,
+                      data: dict | None = None, diffusion: dict | None = None,
+                      sampling: dict | None = None, source: str = '',
+                      extra_files: dict[str, str] | None = None, overwrite: bool = False) -> str:
+  """Write a model folder atomically (a temporary folder renamed into place)."""
+  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+    raise FileExistsError(f'{out_dir} exists and is not empty (pass overwrite=True to replace it)')
+  flat = params if isinstance(params, dict) else flat_params(params)
+  model_from_flat(flat, config, where='parameters to save')      # validate before writing
+  cfg = dict(format=FORMAT, version=VERSION, model=config.to_dict(),
+             data=dict(data or IMAGENET_LATENT_DATA),
+             diffusion=dict(diffusion or dict(num_timesteps=1000, beta_schedule='linear')),
+             sampling=dict(sampling or OFFICIAL_SAMPLING), source=source)
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix='.tmp-model-', dir=parent)
+  try:
+    save_file(flat, os.path.join(tmp, WEIGHTS_FILE), metadata={'format': FORMAT})
+    with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
+      json.dump(cfg, f, indent=2)
+    for name, text in (extra_files or {}).items():
+      with open(os.path.join(tmp, name), 'w') as f:
+        f.write(text)
+    if os.path.exists(out_dir):
+      shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out_dir
+
+
+def read_config(path: str) -> dict[str, Any]:
+  cfg_path = os.path.join(path, CONFIG_FILE)
+  if not os.path.isfile(cfg_path):
+    raise FileNotFoundError(f'{path} is not a model folder: {CONFIG_FILE} is missing')
+  with open(cfg_path) as f:
+    cfg = json.load(f)
+  if cfg.get('format') != FORMAT:
+    raise ValueError(f'{cfg_path}: format is {cfg.get("format")!r}, expected {FORMAT!r}')
+  if cfg.get('version', 0) > VERSION:
+    raise ValueError(f'{cfg_path}: version {cfg["version"]} is newer than this code ({VERSION})')
+  return cfg
+
+
+def is_model_folder(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, CONFIG_FILE)) and \
+      os.path.isfile(os.path.join(path, WEIGHTS_FILE))
+
+
+def load_model_folder(path: str, **model_overrides) -> Pretrained:
+  """Load a model folder. ``model_overrides`` change port options (e.g. dtype='bfloat16')."""
+  cfg = read_config(path)
+  weights = os.path.join(path, WEIGHTS_FILE)
+  if not os.path.isfile(weights):
+    raise FileNotFoundError(f'{path} has no weights: {WEIGHTS_FILE} is missing')
+  config = MDTConfig.from_dict({**cfg['model'], **model_overrides})
+  try:
+    flat = load_file(weights)
+  except Exception as e:
+    raise ValueError(f'{weights} is not a readable safetensors file: {e}') from e
+  model = model_from_flat(flat, config, where=weights)
+  return Pretrained(model=model, config=config, data=cfg.get('data', {}),
+                    diffusion=cfg.get('diffusion', {}), sampling=cfg.get('sampling', {}),
+                    meta=cfg)

@@ -1,0 +1,44 @@
+"""``load_pretrained``: a model folder, a training workdir, or a Hugging Face Hub repo id."""
+from __future__ import annotations
+
+import os
+
+from mdt_jax.hub.folder import Pretrained, is_model_folder, load_model_folder
+from mdt_jax.models.mdt import MDT
+
+
+def _is_workdir(path: str) -> bool:
+  return os.path.isdir(os.path.join(path, 'checkpoints'))
+
+
+def _hub_download(repo_id: str) -> str:
+  from huggingface_hub import snapshot_download
+  try:   # the cache first: works offline once downloaded
+    return snapshot_download(repo_id, local_files_only=True)
+  except Exception:  # not cached (or partially): ask the Hub
+    pass
+  try:
+    return snapshot_download(repo_id)
+  except Exception as e:
+    raise FileNotFoundError(
+        f'{repo_id!r} is neither a local model folder or training workdir nor a Hub repo that '
+        f'could be downloaded or found in the Hub cache ({type(e).__name__}: {e})') from e
+
+
+def load(path_or_repo_id: str, **model_overrides) -> Pretrained:
+  """Model and metadata (data space, diffusion and recommended sampling settings)."""
+  p = os.fspath(path_or_repo_id)
+  if is_model_folder(p):
+    return load_model_folder(p, **model_overrides)
+  if _is_workdir(p):
+    from mdt_jax.training.checkpoints import load_workdir
+    return load_workdir(p, **model_overrides)
+  if os.path.exists(p):
+    raise FileNotFoundError(f'{p} is neither a model folder (config.json + model.safetensors) '
+                            f'nor a training workdir (checkpoints/)')
+  return load_model_folder(_hub_download(p), **model_overrides)
+
+
+def load_pretrained(path_or_repo_id: str, **model_overrides) -> MDT:
+  """The ready MDT model (EMA weights for a training workdir)."""
+  return load(path_or_repo_id, **model_overrides).model

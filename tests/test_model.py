@@ -1,0 +1,214 @@
+"""MDTv2 model: sizes, embeddings, initialisation, masking, parity with the NumPy reference."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import reference_mdt as ref
+from mdt_jax import MDT, MDTConfig, count_params, model_config
+from mdt_jax.hub import official
+from mdt_jax.models import masking
+from mdt_jax.models.layers import relative_position_index, sincos_2d
+
+TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=6, num_heads=4,
+            decode_layer=2, num_classes=10)
+
+
+def tiny(**kw):
+  return model_config('S/2', **{**TINY, **kw}).to_dict()
+
+
+@pytest.mark.parametrize('name,decode_layer,expected', [
+    ('S/2', 6, 38_454_872), ('B/2', 4, 150_931_856), ('L/2', 4, 507_015_776),
+    ('XL/2', 4, 742_263_904), ('XL/2', 2, 739_608_544), ('S/2', 4, 38_159_576)])
+def test_official_parameter_counts(name, decode_layer, expected):
+  assert count_params(model_config(name, decode_layer=decode_layer).to_dict()) == expected
+
+
+def test_v1_parameter_count():
+  cfg = model_config('XL/2', decode_layer=2, arch='mdt_v1').to_dict()
+  assert count_params(cfg) == 699_778_144
+
+
+@pytest.mark.parametrize('name', ['S/4', 'B/8', 'XL/4'])
+def test_patch_variants_build(name):
+  cfg = MDTConfig.from_dict(model_config(name).to_dict())
+  assert cfg.num_tokens == (32 // cfg.patch_size) ** 2
+  assert count_params(cfg) > 0
+
+
+def test_sincos_and_relative_index_match_loop_definitions():
+  np.testing.assert_allclose(sincos_2d(16, 3), ref.sincos_check(16, 3), atol=1e-6)
+  np.testing.assert_array_equal(relative_position_index(4), ref.rel_index(4))
+  assert relative_position_index(16).max() == (2 * 16 - 1) ** 2 - 1
+
+
+def test_init_follows_the_spec():
+  m = MDT(tiny(mask_ratio=0.3), rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
+  out = m(x, jnp.array([3, 700]), jnp.array([1, 10]))
+  assert out.shape == (2, 8, 8, 8) and out.dtype == jnp.float32
+  assert float(jnp.abs(out).max()) == 0.0          # adaLN-Zero + zero final layer
+  np.testing.assert_allclose(m.pos_embed[...][0], sincos_2d(32, 4), atol=1e-7)
+  np.testing.assert_allclose(m.decoder_pos_embed[...][0], sincos_2d(32, 4), atol=1e-7)
+  assert float(jnp.std(m.mask_token[...])) > 0.005
+  for blk in [*m.en_inblocks, *m.en_outblocks, *m.de_blocks, *m.sideblocks]:
+    assert float(jnp.abs(blk.adaLN_modulation_1.kernel[...]).max()) == 0.0
+    assert float(jnp.abs(blk.attn.qkv.kernel[...]).max()) > 0.0
+  limit = math.sqrt(6 / (32 + 96))
+  assert float(jnp.abs(m.en_inblocks[0].attn.qkv.kernel[...]).max()) <= limit
+  assert m.y_embedder.embedding_table.embedding.shape == (11, 32)   # null class row
+  no_mask = MDT(tiny(mask_ratio=None), rngs=nnx.Rngs(0))
+  assert float(jnp.abs(no_mask.mask_token[...]).max()) == 0.0
+
+
+def _load_random(cfg, seed=0):
+  cfg = MDTConfig.from_dict(cfg)
+  sd = ref.random_state_dict(official.layout(cfg), official.index_buffers(cfg), cfg.grid, seed)
+  return sd, official.model_from_state(sd, cfg)
+
+
+def _inputs(b=3, seed=1):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((b, 8, 8, 4)).astype(np.float32)
+  return x, np.array([0, 499, 999][:b]), np.array([1, 10, 7][:b])
+
+
+@pytest.mark.parametrize('arch', ['mdtv2', 'mdt_v1'])
+def test_plain_pass_matches_numpy_reference(arch):
+  cfg = tiny(arch=arch)
+  sd, model = _load_random(cfg)
+  x, t, y = _inputs()
+  got = model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(y))
+  want = ref.forward(sd, x.transpose(0, 3, 1, 2), t, y, heads=4, decode_layer=2, arch=arch)
+  np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize('arch', ['mdtv2', 'mdt_v1'])
+def test_static_buffer_masked_pass_equals_exact_kept_tokens(arch):
+  cfg = tiny(arch=arch, mask_ratio=0.3)
+  sd, model = _load_random(cfg, seed=3)
+  x, t, y = _inputs()
+  rng = np.random.default_rng(5)
+  ids = np.stack([rng.permutation(16) for _ in range(3)]).astype(np.int32)
+  kmax = masking.max_kept(16, 0.3)
+  assert kmax == 11
+  fn = jax.jit(lambda x, t, y, ids, k: model(x, t, y, ids_shuffle=ids, len_keep=k))
+  for k in (kmax, 9, 7, 1):
+    got = fn(jnp.asarray(x), jnp.asarray(t), jnp.asarray(y), jnp.asarray(ids), k)
+    want = ref.forward(sd, x.transpose(0, 3, 1, 2), t, y, heads=4, decode_layer=2, arch=arch,
+                       ids_shuffle=ids, len_keep=k)
+    np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want, atol=2e-5,
+                               rtol=1e-4, err_msg=f'len_keep={k}')
+  assert fn._cache_size() == 1    # one compilation for every kept count
+
+
+def test_masked_pass_differs_from_plain_and_keeps_unmasked_path():
+  cfg = tiny(mask_ratio=0.3)
+  _, model = _load_random(cfg, seed=2)
+  x, t, y = _inputs()
+  ids = jnp.tile(jnp.arange(16, dtype=jnp.int32), (3, 1))
+  plain = model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(y))
+  masked = model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(y), ids_shuffle=ids, len_keep=8)
+  assert float(jnp.abs(plain - masked).mean()) > 1e-3
+
+
+def test_mask_draw_follows_official_distribution():
+  n, ratio = 256, 0.3
+  draw = jax.jit(jax.vmap(lambda k: masking.draw_mask(k, 2, n, ratio)))
+  ids, keep = draw(jax.random.split(jax.random.key(0), 4000))
+  keep = np.asarray(keep)
+  # r ~ U[0.3, 0.5): floor(256 * (1 - r)) in {128, ..., 179}
+  assert keep.min() >= 128 and keep.max() <= 179
+  assert keep.min() <= 129 and keep.max() >= 178
+  # the kept count is floor(L(1-r)) of a uniform r: each value's frequency ~ its r-interval
+  r = np.random.default_rng(0).uniform(0.3, 0.5, 400_000)
+  expected = np.bincount(np.floor(n * (1 - r)).astype(int), minlength=180)[128:] / r.size
+  observed = np.bincount(keep, minlength=180)[128:] / keep.size
+  assert np.abs(observed - expected).max() < 0.01
+  assert abs(keep.mean() - (n * (1 - r)).mean() + 0.5) < 0.5
+  ids = np.asarray(ids)
+  assert (np.sort(ids, axis=-1) == np.arange(n)).all()           # permutations
+  assert (ids[:, 0] != ids[:, 1]).any(axis=-1).mean() > 0.99      # per-sample orders
+  assert masking.max_kept(256, 0.3) == 179
+
+
+def test_drawn_masks_compile_once_over_many_steps():
+  cfg = tiny(mask_ratio=0.3)
+  _, model = _load_random(cfg)
+  graphdef, state = nnx.split(model)
+  x, t, y = (jnp.asarray(a) for a in _inputs())
+
+  @jax.jit
+  def fn(state, k):
+    return nnx.merge(graphdef, state)(x, t, y, rng=k, train=True, enable_mask=True)
+
+  lens = set()
+  for i in range(30):
+    k = jax.random.key(i)
+    fn(state, k)
+    lens.add(int(masking.draw_mask(jax.random.split(k)[1], 3, 16, 0.3)[1]))
+  assert len(lens) > 1                 # the kept count did vary ...
+  assert fn._cache_size() == 1         # ... and the step compiled once
+
+
+def test_label_dropout_uses_null_class():
+  m = MDT(tiny(class_dropout_prob=0.5), rngs=nnx.Rngs(0))
+  y = jnp.arange(64) % 10
+  emb = m.y_embedder(y, jax.random.key(0))
+  table = m.y_embedder.embedding_table.embedding[...]
+  dropped = jnp.all(emb == table[10], axis=-1)
+  assert 10 < int(dropped.sum()) < 54
+  assert bool(jnp.all(m.y_embedder(y) == table[y]))       # no drop without a key
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  cfg = tiny(dtype='bfloat16')
+  sd, model = _load_random(cfg)
+  params = nnx.state(model, nnx.Param)
+  assert all(v.dtype == jnp.float32 for v in jax.tree.leaves(params))
+  x, t, y = _inputs()
+  out = model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(y))
+  want = ref.forward(sd, x.transpose(0, 3, 1, 2), t, y, heads=4, decode_layer=2)
+  assert out.dtype == jnp.float32
+  err = np.abs(np.asarray(out).transpose(0, 3, 1, 2) - want).max()
+  assert err < 0.05 * np.abs(want).max()
+
+
+def test_remat_gives_same_output_and_gradient():
+  cfg = tiny(mask_ratio=0.3)
+  _, m1 = _load_random(cfg)
+  _, m2 = _load_random({**cfg, 'remat': True})
+  x, t, y = _inputs()
+  loss = lambda m: jnp.mean(m(jnp.asarray(x), jnp.asarray(t), jnp.asarray(y)) ** 2)
+  g1 = nnx.grad(loss)(m1)
+  g2 = nnx.grad(loss)(m2)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+@pytest.mark.parametrize('bad,match', [
+    (dict(x=np.zeros((2, 8, 8, 3), np.float32)), r'x must be NHWC \[B, 8, 8, 4\]'),
+    (dict(x=np.zeros((2, 4, 8, 8), np.float32)), r'x must be NHWC'),
+    (dict(t=np.zeros((3,), np.int32)), r't must have shape \[B\]=\(2,\)'),
+    (dict(y=np.zeros((2,), np.float32)), r'y must hold integer class ids'),
+])
+def test_bad_inputs_are_named(bad, match):
+  m = MDT(tiny(), rngs=nnx.Rngs(0))
+  args = dict(x=np.zeros((2, 8, 8, 4), np.float32), t=np.zeros((2,), np.int32),
+              y=np.zeros((2,), np.int32))
+  args.update(bad)
+  with pytest.raises((ValueError, TypeError), match=match):
+    jax.jit(lambda x, t, y: m(x, t, y))(**{k: jnp.asarray(v) for k, v in args.items()})
+
+
+def test_unknown_and_invalid_config_values_are_refused():
+  with pytest.raises(ValueError, match=r"unknown model config keys \['hiden_size'\]"):
+    MDTConfig.from_dict({'hiden_size': 3})
+  with pytest.raises(ValueError, match='not divisible by patch_size'):
+    MDTConfig(input_size=30, patch_size=4)
+  with pytest.raises(ValueError, match='unknown model size'):
+    model_config('XXL/2')
