@@ -1,1 +1,19 @@
-"""mdt_jax.diffusion"""
+"""Gaussian diffusion of MDTv2: schedules, respacing, q/p distributions, training losses."""
+from mdt_jax.diffusion.gaussian import (Diffusion, create_diffusion, extract, from_betas,
+                                        p_mean_variance, predict_eps_from_xstart,
+                                        predict_xstart_from_eps, q_posterior_mean_variance,
+                                        q_sample, split_output)
+from mdt_jax.diffusion.losses import (approx_standard_normal_cdf,
+                                      discretized_gaussian_log_likelihood, mean_flat,
+                                      min_snr_weight, normal_kl, training_losses, vb_terms_bpd)
+from mdt_jax.diffusion.schedules import (beta_schedule, diffusion_tables, respace_betas,
+                                         space_timesteps)
+
+__all__ = [
+    'Diffusion', 'create_diffusion', 'from_betas', 'extract', 'q_sample',
+    'q_posterior_mean_variance', 'p_mean_variance', 'predict_xstart_from_eps',
+    'predict_eps_from_xstart', 'split_output', 'training_losses', 'vb_terms_bpd',
+    'min_snr_weight', 'normal_kl', 'approx_standard_normal_cdf',
+    'discretized_gaussian_log_likelihood', 'mean_flat', 'beta_schedule', 'diffusion_tables',
+    'space_timesteps', 'respace_betas',
+]
