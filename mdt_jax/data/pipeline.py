@@ -1,0 +1,108 @@
+"""grain input pipelines: latent ArrayRecords (ImageNet) and the bundled digits (quickstart).
+
+Both give batches {'x': float32 [b, H, W, C] NHWC, 'y': int32 [b]} through the same code:
+source -> seed -> shuffle (reshuffled every epoch) -> repeat -> decode -> random augment ->
+batch of the per-process size -> this process's batches -> prefetching iterator.
+
+The global stream is cut into per-process batches in order, and process p takes every P-th of
+them, so the global batch of a step is the same whatever the number of processes, and every
+random transform is seeded by the element's index (grain), not by the process.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Iterator
+
+import grain
+import jax
+import ml_collections
+import numpy as np
+
+from mdt_jax.data.digits import load_digits_images
+from mdt_jax.data.records import LATENT_SCALE, decode_latent_record
+
+SOURCES = ('digits', 'latents')
+
+
+class ArraySource:
+  """Random-access source over in-memory arrays (the digits)."""
+
+  def __init__(self, images: np.ndarray, labels: np.ndarray):
+    self.images, self.labels = images, labels
+
+  def __len__(self) -> int:
+    return len(self.labels)
+
+  def __getitem__(self, i: int) -> dict:
+    return {'x': self.images[i], 'y': self.labels[i]}
+
+
+def latent_files(path: str) -> list[str]:
+  files = sorted(glob.glob(os.path.join(path, '*.array_record'))) if os.path.isdir(path) \
+      else sorted(glob.glob(path))
+  if not files:
+    raise FileNotFoundError(f'no *.array_record latent shards found at {path!r} '
+                            '(write them with tools/extract_latents.py)')
+  return files
+
+
+def sample_latent(record: bytes, rng: np.random.Generator, flip: bool = True) -> dict:
+  """Pick the image or its flip (p = 0.5), sample the posterior, scale by 0.18215."""
+  rec = decode_latent_record(record)
+  moments = rec['moments_flip'] if flip and rng.random() < 0.5 else rec['moments']
+  moments = np.asarray(moments, np.float32)
+  mean, logvar = np.split(moments, 2, axis=-1)
+  std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
+  z = mean + std * rng.standard_normal(mean.shape).astype(np.float32)
+  return {'x': (z * LATENT_SCALE).astype(np.float32), 'y': np.int32(rec['label'])}
+
+
+def make_source(cfg: ml_collections.ConfigDict):
+  if cfg.name == 'digits':
+    images, labels = load_digits_images(cfg.image_size)
+    return ArraySource(images, labels)
+  if cfg.name == 'latents':
+    return grain.sources.ArrayRecordDataSource(latent_files(cfg.path))
+  raise ValueError(f'data.name must be one of {SOURCES}, got {cfg.name!r}')
+
+
+def element_spec(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(spatial size, channels) of the training tensors x."""
+  if cfg.name == 'digits':
+    return cfg.image_size, 1
+  return cfg.image_size // 8, 4
+
+
+def make_dataset(cfg: ml_collections.ConfigDict, *, seed: int, local_batch: int,
+                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+  source = make_source(cfg)
+  if len(source) == 0:
+    raise ValueError(f'dataset {cfg.name!r} is empty')
+  if len(source) < local_batch * process_count:
+    raise ValueError(f'dataset {cfg.name!r} has {len(source)} examples, fewer than one global '
+                     f'batch ({local_batch * process_count})')
+  ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
+  if cfg.name == 'latents':
+    ds = ds.random_map(lambda r, rng: sample_latent(r, rng, cfg.get('flip', True)))
+  ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds[process_index::process_count]
+  opts = grain.ReadOptions(num_threads=cfg.get('num_threads', 4),
+                           prefetch_buffer_size=cfg.get('prefetch', 8))
+  return ds.to_iter_dataset(opts)
+
+
+def make_iterator(cfg: ml_collections.ConfigDict, *, seed: int, global_batch: int) -> Iterator:
+  """This process's iterator (it has get_state/set_state for checkpoints)."""
+  pc = jax.process_count()
+  if global_batch % pc:
+    raise ValueError(f'global_batch_size {global_batch} is not divisible by the process count {pc}')
+  ds = make_dataset(cfg, seed=seed, local_batch=global_batch // pc,
+                    process_index=jax.process_index(), process_count=pc)
+  return iter(ds)
+
+
+def to_global(batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
+  """This process's numpy batch -> global jax arrays sharded over the data axes."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in batch.items()}

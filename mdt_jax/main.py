@@ -1,0 +1,64 @@
+"""Train MDTv2.
+
+  python -m mdt_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
+  python -m mdt_jax.main --config=configs/mdtv2_xl2.py --workdir=gs://bucket/run1 \
+      --config.data.path=gs://bucket/latents
+
+Every config value can be overridden as --config.a.b=value. On several processes (a TPU pod slice
+or multi-node GPUs) run the same command on every host; jax.distributed is initialised from the
+environment, or from --coordinator_address/--num_processes/--process_id.
+"""
+from __future__ import annotations
+
+import logging as pylogging
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_config=True)
+flags.DEFINE_string('workdir', None, 'directory for checkpoints, TensorBoard, samples',
+                    required=True)
+flags.DEFINE_bool('multiprocess', False,
+                  'call jax.distributed.initialize() (implied by the flags below)')
+flags.DEFINE_string('coordinator_address', None, 'host:port of process 0')
+flags.DEFINE_integer('num_processes', None, 'number of processes')
+flags.DEFINE_integer('process_id', None, 'index of this process')
+flags.DEFINE_string('cpu_collectives', None, "CPU collectives for multi-process CPU runs: 'gloo'")
+flags.DEFINE_bool('profile', False, 'capture a jax.profiler trace of a few steps (TensorBoard)')
+FLAGS = flags.FLAGS
+
+
+class _QuietOrbax:
+  """orbax logs every file it renames at INFO; keep its warnings and errors only."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= pylogging.WARNING or 'orbax' not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietOrbax())
+  import jax
+  if FLAGS.cpu_collectives:
+    jax.config.update('jax_cpu_collectives_implementation', FLAGS.cpu_collectives)
+  if FLAGS.multiprocess or FLAGS.coordinator_address:
+    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
+                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+  from mdt_jax.training.loop import train_and_evaluate
+  config = FLAGS.config
+  if config is None:
+    raise app.UsageError('--config is required, e.g. --config=configs/quickstart.py')
+  if FLAGS.profile and not config.profile_steps:
+    with config.unlocked():
+      config.profile_steps = 5
+  logging.info('process %d/%d, %d local / %d global devices', jax.process_index(),
+               jax.process_count(), jax.local_device_count(), jax.device_count())
+  if not FLAGS.workdir.startswith('gs://'):
+    os.makedirs(FLAGS.workdir, exist_ok=True)
+  train_and_evaluate(config, FLAGS.workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,130 @@
+"""The training loop: data -> sharded train step -> metrics, checkpoints, sample grids."""
+from __future__ import annotations
+
+import math
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, periodic_actions
+
+from mdt_jax import diffusion as diff
+from mdt_jax.data import pipeline
+from mdt_jax.training import checkpoints, sharding
+from mdt_jax.training.config import validate
+from mdt_jax.training.state import create_train_state, make_optimizer
+from mdt_jax.training.step import jit_train_step
+
+
+class Preemption:
+  """Turns SIGTERM into a flag the loop checks at step boundaries (save, then exit)."""
+
+  def __init__(self):
+    self.requested = False
+    self._old = None
+
+  def __enter__(self):
+    self._old = signal.signal(signal.SIGTERM, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning('SIGTERM received: saving a checkpoint at the end of this step')
+    self.requested = True
+
+  def __exit__(self, *exc):
+    signal.signal(signal.SIGTERM, self._old)
+
+
+def _check_finite(host_metrics: list[dict], first_step: int, last_good: int | None) -> None:
+  for i, m in enumerate(host_metrics):
+    loss = float(m['loss'])
+    if not math.isfinite(loss):
+      raise FloatingPointError(
+          f'loss is {loss} at step {first_step + i}; training stopped. The last good checkpoint '
+          f'(step {last_good}) is untouched; lower the learning rate or check the data.')
+
+
+def _mean_metrics(host_metrics: list[dict]) -> dict:
+  return {k: float(np.mean([m[k] for m in host_metrics])) for k in host_metrics[0]}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Train (resuming from the workdir's latest checkpoint) and return the last logged metrics."""
+  model_cfg = validate(config)
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  dp = sharding.data_parallel_size(mesh)
+  if config.global_batch_size % dp:
+    raise ValueError(f'global_batch_size {config.global_batch_size} is not divisible by the '
+                     f'data-parallel size {dp} (mesh {dict(mesh.shape)})')
+  checkpoints.write_config(workdir, config)
+  data_iter = pipeline.make_iterator(config.data, seed=config.seed,
+                                     global_batch=config.global_batch_size)
+  optimizer = make_optimizer(config.optimizer)
+  state, shardings, graphdef = create_train_state(model_cfg, optimizer, config.seed, mesh,
+                                                  config.sharding_rules)
+  ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints,
+                                  async_save=config.async_checkpointing)
+  last_saved = ckpt.latest_step()
+  if last_saved is not None:
+    logging.info('resuming from step %d', last_saved)
+    state = ckpt.restore(state, shardings, data_iter, last_saved)
+  dif = diff.create_diffusion(num_timesteps=config.diffusion.num_timesteps,
+                              schedule=config.diffusion.schedule)
+  batch_sh = sharding.batch_sharding(mesh)
+  step_fn = jit_train_step(
+      shardings, batch_sh, graphdef=graphdef, dif=dif, optimizer=optimizer,
+      ema_decay=config.ema_decay, mask_branch=config.mask_branch,
+      min_snr_gamma=config.diffusion.min_snr_gamma,
+      learning_rate=config.optimizer.learning_rate)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  total = config.total_steps
+  hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
+                                           every_steps=config.log_every_steps)]
+  if config.profile_steps and jax.process_index() == 0:
+    hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
+                                          logdir=workdir, first_profile=10))
+  start = int(state.step)
+  pending, pending_from, logged = [], start + 1, {}
+  t_log, n_log = time.perf_counter(), 0
+  with Preemption() as preempt:
+    for step in range(start + 1, total + 1):
+      batch = pipeline.to_global(next(data_iter), batch_sh)
+      state, metrics = step_fn(state, batch)
+      pending.append(metrics)
+      n_log += 1
+      for h in hooks:
+        h(step)
+      save_now = step % config.checkpoint_every_steps == 0 or step == total or preempt.requested
+      if step % config.log_every_steps == 0 or save_now:
+        host = jax.device_get(pending)
+        _check_finite(host, pending_from, last_saved)
+        dt = time.perf_counter() - t_log
+        logged = _mean_metrics(host)
+        logged.update(steps_per_sec=n_log / dt,
+                      images_per_sec=n_log * config.global_batch_size / dt)
+        writer.write_scalars(step, logged)
+        pending, pending_from, t_log, n_log = [], step + 1, time.perf_counter(), 0
+      if save_now:
+        ckpt.save(state, data_iter, step)
+        last_saved = step
+      if config.sample_every_steps and step % config.sample_every_steps == 0:
+        write_sample_grid(config, graphdef, state, workdir, step, writer)
+      if preempt.requested:
+        logging.warning('stopping at step %d after the preemption checkpoint', step)
+        break
+  ckpt.close()
+  writer.flush()
+  return {'step': int(state.step), **logged, 'state': state}
+
+
+def write_sample_grid(config, graphdef, state, workdir, step, writer) -> None:
+  """A class-conditional grid from the EMA weights (needs mdt_jax.sampling)."""
+  from mdt_jax.training import samples
+  grid = samples.sample_grid(config, graphdef, state.ema_params)
+  samples.save_grid(grid, workdir, step)
+  writer.write_images(step, {'samples': grid[None]})

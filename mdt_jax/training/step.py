@@ -1,0 +1,64 @@
+"""The MDT train step: a plain and a masked branch, one backward pass, Adan, EMA."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from mdt_jax import diffusion as diff
+from mdt_jax.training.state import TrainState
+
+
+def branch_loss(model, dif: diff.Diffusion, x0, y, t, key, *, masked: bool,
+                min_snr_gamma: float | None):
+  """One branch of the original forward_backward: own noise, own label-dropout (and mask) draw."""
+  noise_key, model_key = jax.random.split(key)
+  noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+  x_t = diff.q_sample(dif, x0, t, noise)
+  out = model(x_t, t, y, rng=model_key, train=True, enable_mask=masked)
+  terms = diff.training_losses(dif, out, x0, x_t, t, noise, min_snr_gamma)
+  return {k: v.mean() for k, v in terms.items()}
+
+
+def loss_fn(params, graphdef, dif, batch, key, *, mask_branch: bool,
+            min_snr_gamma: float | None):
+  model = nnx.merge(graphdef, params)
+  x0, y = batch['x'], batch['y']
+  t_key, plain_key, mask_key = jax.random.split(key, 3)
+  t = jax.random.randint(t_key, (x0.shape[0],), 0, dif.num_timesteps)   # shared by both
+  plain = branch_loss(model, dif, x0, y, t, plain_key, masked=False, min_snr_gamma=min_snr_gamma)
+  metrics = {f'plain/{k}': v for k, v in plain.items()}
+  total = plain['loss']
+  if mask_branch:
+    masked = branch_loss(model, dif, x0, y, t, mask_key, masked=True,
+                         min_snr_gamma=min_snr_gamma)
+    metrics.update({f'masked/{k}': v for k, v in masked.items()})
+    total = total + masked['loss']
+  metrics['loss'] = total
+  return total, metrics
+
+
+def train_step(state: TrainState, batch: dict, *, graphdef, dif: diff.Diffusion,
+               optimizer: optax.GradientTransformation, ema_decay: float, mask_branch: bool,
+               min_snr_gamma: float | None, learning_rate: float):
+  key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  grad_fn = jax.grad(functools.partial(loss_fn, mask_branch=mask_branch,
+                                       min_snr_gamma=min_snr_gamma), has_aux=True)
+  grads, metrics = grad_fn(state.params, graphdef, dif, batch, key)
+  updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  ema = jax.tree.map(lambda e, p: e * ema_decay + p * (1.0 - ema_decay), state.ema_params, params)
+  metrics['grad_norm'] = optax.global_norm(grads)
+  metrics['learning_rate'] = jnp.asarray(learning_rate, jnp.float32)
+  new = state.replace(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+  return new, metrics
+
+
+def jit_train_step(shardings: TrainState, batch_sharding, **kw):
+  """One compiled step with the state donated and sharded as ``shardings`` says."""
+  step = functools.partial(train_step, **kw)
+  return jax.jit(step, in_shardings=(shardings, batch_sharding),
+                 out_shardings=(shardings, None), donate_argnums=(0,))

@@ -1,0 +1,275 @@
+"""Training: optimizer, sharded step, config checks, checkpoints, exact resume, preemption, NaN stop."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+import mdt_jax
+from micro_config import get_config
+from mdt_jax import MDTConfig, model_config
+from mdt_jax import diffusion as diff
+from mdt_jax.training import sharding
+from mdt_jax.training import state as st
+from mdt_jax.training import step as stp
+from mdt_jax.training.config import base_config, validate
+from mdt_jax.training.loop import train_and_evaluate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def micro_config(**kw) -> ml_collections.ConfigDict:
+  c = get_config()
+  for k, v in kw.items():
+    c[k] = v
+  return c
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
+
+
+# ----------------------------------------------------------------------------------- optimizer
+
+def test_adan_matches_the_spec_update():
+  """Global clipping then Adan = the update written in the spec (optax.adan is not: see adan.py)."""
+  cfg = ml_collections.ConfigDict(dict(name='adan', learning_rate=0.01, b1=0.98, b2=0.92,
+                                       b3=0.99, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
+  opt = st.make_optimizer(cfg)
+  rng = np.random.default_rng(0)
+  theta = rng.standard_normal(5)
+  params = jnp.asarray(theta, jnp.float32)
+  state = opt.init(params)
+  m = d = n = np.zeros(5)
+  g_prev = None
+  for k in range(1, 6):
+    g = rng.standard_normal(5) * (3.0 if k % 2 else 0.3)
+    upd, state = opt.update(jnp.asarray(g, jnp.float32), state, params)
+    params = params + upd
+    g = g * min(1.0, 1.0 / np.linalg.norm(g))
+    diff_g = np.zeros(5) if g_prev is None else g - g_prev
+    m = 0.98 * m + 0.02 * g
+    d = 0.92 * d + 0.08 * diff_g
+    n = 0.99 * n + 0.01 * (g + 0.92 * diff_g) ** 2
+    denom = np.sqrt(n) / np.sqrt(1 - 0.99 ** k) + 1e-8
+    theta = theta - 0.01 * (m / (1 - 0.98 ** k) + 0.92 * d / (1 - 0.92 ** k)) / denom
+    g_prev = g
+  np.testing.assert_allclose(np.asarray(params), theta, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------- sharded train step
+
+@pytest.fixture(scope='module')
+def step_setup():
+  c = micro_config()
+  mc = MDTConfig.from_dict(c.model.to_dict())
+  opt = st.make_optimizer(c.optimizer)
+  rng = np.random.default_rng(0)
+  batch = {'x': rng.standard_normal((16, 8, 8, 1)).astype(np.float32),
+           'y': rng.integers(0, 10, 16).astype(np.int32)}
+  return c, mc, opt, batch
+
+
+def _run_steps(setup, mesh_shape, n=3, mask_branch=True):
+  c, mc, opt, batch = setup
+  devices = jax.devices()[:int(np.prod(mesh_shape))]
+  mesh = sharding.make_mesh(dict(zip(('data', 'fsdp', 'tensor'), mesh_shape)), devices)
+  state, shardings, graphdef = st.create_train_state(mc, opt, 0, mesh, sharding.DEFAULT_RULES)
+  fn = stp.jit_train_step(shardings, sharding.batch_sharding(mesh), graphdef=graphdef,
+                          dif=diff.create_diffusion(), optimizer=opt, ema_decay=0.9,
+                          mask_branch=mask_branch, min_snr_gamma=5.0, learning_rate=1e-3)
+  b = jax.device_put(batch, sharding.batch_sharding(mesh))
+  losses = []
+  for _ in range(n):
+    state, metrics = fn(state, b)
+    losses.append(float(metrics['loss']))
+  assert fn._cache_size() == 1
+  return state, losses
+
+
+def test_meshes_match_single_device(step_setup):
+  ref_state, ref_losses = _run_steps(step_setup, (1, 1, 1))
+  assert np.isfinite(ref_losses).all() and ref_losses[0] != ref_losses[-1]
+  for shape in [(8, 1, 1), (4, 2, 1), (2, 4, 1), (2, 2, 2)]:
+    state, losses = _run_steps(step_setup, shape)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=str(shape))
+    for a, b in zip(_leaves(state.params), _leaves(ref_state.params)):
+      np.testing.assert_allclose(a, b, atol=2e-6, err_msg=str(shape))
+    for a, b in zip(_leaves(state.ema_params), _leaves(ref_state.ema_params)):
+      np.testing.assert_allclose(a, b, atol=2e-6, err_msg=str(shape))
+
+
+def test_param_shardings_follow_the_rules(step_setup):
+  c, mc, opt, _ = step_setup
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  state, shardings, _ = st.create_train_state(mc, opt, 0, mesh, sharding.DEFAULT_RULES)
+  P = jax.sharding.PartitionSpec
+  blk = state.params['en_outblocks'][0]
+  assert blk['attn']['qkv']['kernel'].sharding.spec == P('fsdp', 'tensor')     # embed, heads
+  assert blk['attn']['proj']['kernel'].sharding.spec == P('tensor', 'fsdp')    # heads, embed
+  assert blk['mlp']['fc1']['kernel'].sharding.spec == P('fsdp', 'tensor')      # embed, mlp
+  assert blk['skip_linear']['kernel'].sharding.spec == P('fsdp', None)         # embed2 | embed
+  assert blk['adaLN_modulation_1']['bias'].sharding.spec == P('tensor')        # ada
+  # the 11-row class table (10 + null) cannot be split in 2: replicated
+  assert state.params['y_embedder']['embedding_table']['embedding'].sharding.spec == P(None, 'fsdp')
+  assert state.ema_params['final_layer']['linear']['kernel'].sharding.spec == P('fsdp', None)
+  # optimizer moments are sharded like their parameters
+  moments = [x for x in jax.tree.leaves(state.opt_state)
+             if x.shape == blk['mlp']['fc1']['kernel'].shape]
+  assert moments and all(x.sharding.spec == P('fsdp', 'tensor') for x in moments)
+  with pytest.raises(ValueError, match='needs 16 devices, 8 are available'):
+    sharding.make_mesh({'data': 4, 'fsdp': 4})
+
+
+def test_dit_baseline_has_no_masked_branch(step_setup):
+  _, losses = _run_steps(step_setup, (1, 1, 1), n=1, mask_branch=False)
+  _, both = _run_steps(step_setup, (1, 1, 1), n=1, mask_branch=True)
+  assert losses[0] < both[0]          # one branch's loss vs the sum of two
+
+
+# ------------------------------------------------------------------------------ config checks
+
+def test_bad_configs_are_refused_before_training(tmp_path):
+  c = micro_config()
+  c.model.hidden_sizee = 3
+  with pytest.raises(ValueError, match=r"unknown model config keys \['hidden_sizee'\]"):
+    validate(c)
+  c = micro_config()
+  with c.unlocked():
+    c.learning_rate = 1.0
+  with pytest.raises(ValueError, match=r"unknown config keys \['learning_rate'\]"):
+    validate(c)
+  c = micro_config(global_batch_size=12)
+  with pytest.raises(ValueError, match='global_batch_size 12 is not divisible by the '
+                                       'data-parallel size 8'):
+    train_and_evaluate(c, str(tmp_path / 'a'))
+  c = micro_config()
+  c.model.input_size = 16
+  with pytest.raises(ValueError, match='gives 8x8x1 inputs but model expects input_size=16'):
+    validate(c)
+  assert not (tmp_path / 'a').exists()
+
+
+def test_workdir_of_another_model_is_refused(tmp_path):
+  train_and_evaluate(micro_config(total_steps=3), str(tmp_path))
+  c = micro_config()
+  c.model.hidden_size = 64
+  with pytest.raises(ValueError, match='holds a run of another model shape .*hidden_size: '
+                                       'workdir 32 vs config 64'):
+    train_and_evaluate(c, str(tmp_path))
+
+
+# ------------------------------------------------------------------- checkpoints and resume
+
+def test_resume_is_exact_and_load_pretrained_reads_workdir(tmp_path):
+  full = train_and_evaluate(micro_config(total_steps=6), str(tmp_path / 'full'))
+  train_and_evaluate(micro_config(total_steps=3), str(tmp_path / 'split'))
+  resumed = train_and_evaluate(micro_config(total_steps=6), str(tmp_path / 'split'))
+  assert resumed['step'] == 6
+  for a, b in zip(_leaves(full['state'].ema_params), _leaves(resumed['state'].ema_params)):
+    np.testing.assert_array_equal(a, b)
+  for a, b in zip(_leaves(full['state'].opt_state), _leaves(resumed['state'].opt_state)):
+    np.testing.assert_array_equal(a, b)
+  # the workdir loads as a model with the latest EMA weights
+  model = mdt_jax.load_pretrained(str(tmp_path / 'full'))
+  from flax import nnx
+  got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  for a, b in zip(_leaves(got), _leaves(full['state'].ema_params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def _launch(workdir, total, extra=()):
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  cmd = [sys.executable, '-m', 'mdt_jax.main', f'--config={ROOT}/tests/micro_config.py',
+         f'--workdir={workdir}', f'--config.total_steps={total}', *extra]
+  return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True)
+
+
+def _steps_saved(workdir):
+  d = os.path.join(workdir, 'checkpoints')
+  return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
+def _wait_for_checkpoint(proc, workdir, timeout=240):
+  t0 = time.time()
+  while not _steps_saved(workdir):
+    if proc.poll() is not None:
+      raise AssertionError('training exited early:\n' + proc.stdout.read()[-3000:])
+    if time.time() - t0 > timeout:
+      proc.kill()
+      raise AssertionError('no checkpoint appeared')
+    time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path):
+  total = 40
+  ref = train_and_evaluate(micro_config(total_steps=total, checkpoint_every_steps=4),
+                           str(tmp_path / 'ref'))
+  work = str(tmp_path / 'killed')
+  proc = _launch(work, total, ['--config.checkpoint_every_steps=4'])
+  _wait_for_checkpoint(proc, work)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  saved = _steps_saved(work)
+  assert saved and saved[-1] < total, saved       # it was killed mid-run
+  proc = _launch(work, total, ['--config.checkpoint_every_steps=4'])
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out[-3000:]
+  assert f'resuming from step {saved[-1]}' in out
+  model = mdt_jax.load_pretrained(work)
+  from flax import nnx
+  got = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  for a, b in zip(_leaves(got), _leaves(ref['state'].ema_params)):
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_sigterm_saves_before_exit(tmp_path):
+  work = str(tmp_path / 'pre')
+  proc = _launch(work, 100000, ['--config.checkpoint_every_steps=5'])
+  _wait_for_checkpoint(proc, work)
+  first = _steps_saved(work)[-1]
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out[-3000:]
+  assert 'SIGTERM received' in out
+  last = _steps_saved(work)[-1]
+  assert last > first
+  assert f'stopping at step {last} after the preemption checkpoint' in out
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+  work = str(tmp_path / 'nan')
+  train_and_evaluate(micro_config(total_steps=3), work)
+  before = {f: os.path.getmtime(os.path.join(work, 'checkpoints', '3', f))
+            for f in os.listdir(os.path.join(work, 'checkpoints', '3'))}
+  c = micro_config(total_steps=9)
+  c.optimizer.learning_rate = 1e30
+  c.optimizer.clip_norm = 0.0
+  with pytest.raises(FloatingPointError, match=r'loss is (nan|inf) at step \d+; training stopped.'
+                                               r' The last good checkpoint \(step 3\)'):
+    train_and_evaluate(c, work)
+  assert _steps_saved(work) == [3]
+  after = {f: os.path.getmtime(os.path.join(work, 'checkpoints', '3', f))
+           for f in os.listdir(os.path.join(work, 'checkpoints', '3'))}
+  assert before == after
+
+
+def test_metrics_are_written_to_tensorboard(tmp_path):
+  out = train_and_evaluate(micro_config(total_steps=3), str(tmp_path))
+  for k in ('loss', 'plain/loss', 'plain/mse', 'plain/vb', 'masked/loss', 'masked/mse',
+            'masked/vb', 'grad_norm', 'learning_rate', 'steps_per_sec', 'images_per_sec'):
+    assert k in out and np.isfinite(out[k]), k
+  events = [f for f in os.listdir(tmp_path) if f.startswith('events.out.tfevents')]
+  assert events
+  cfg = json.loads((tmp_path / 'config.json').read_text())
+  assert cfg['model']['hidden_size'] == 32
