@@ -71,7 +71,8 @@ def mdt():
 
 def sample_noise(seed, i, stream, shape):
   """The documented per-sample stream: normal(fold_in(fold_in(noise_key(seed), i), stream))."""
-  key = jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), 0), i), stream)
+  key = jax.random.fold_in(jax.random.key(seed), 0)
+  key = jax.random.fold_in(jax.random.fold_in(key, i), stream)
   return np.asarray(jax.random.normal(key, shape, jnp.float32), np.float64)
 
 
@@ -113,7 +114,8 @@ def test_guided_model_single_batched_pass(channels):
   n = 3 if channels == 'first3' else 4
   np.testing.assert_allclose(got[..., :n], uncond[..., :n] + s * (cond[..., :n] - uncond[..., :n]),
                              rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(got[..., n:], cond[..., n:], rtol=1e-5, atol=1e-6)   # unguided + variance
+  # Unguided eps channels and the variance channels: the conditional half.
+  np.testing.assert_allclose(got[..., n:], cond[..., n:], rtol=1e-5, atol=1e-6)
 
 
 def test_cfg_scale_one_equals_unguided():
@@ -148,7 +150,8 @@ def test_one_ddpm_step_is_the_closed_form_posterior():
   eps, v = out[..., :4], out[..., 4:]
   x0 = (x - b4(np.sqrt(1 - a_t)) * eps) / b4(np.sqrt(a_t))
   # Gaussian posterior q(x_{t-1} | x_t, x0): precision-weighted means.
-  mean = b4(np.sqrt(a_prev) * beta / (1 - a_t)) * x0 + b4(np.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x
+  mean = (b4(np.sqrt(a_prev) * beta / (1 - a_t)) * x0
+          + b4(np.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x)
   post_var = beta * (1 - a_prev) / (1 - a_t)
   post_var[t == 0] = (lambda k: (1 - ac[k] / ac[k - 1]) * (1 - ac[k - 1]) / (1 - ac[k]))(1)
   frac = (v + 1) / 2
@@ -181,7 +184,8 @@ def test_ddpm_loop_matches_numpy():
     for j, k in enumerate([2, 1, 0]):
       out = analytic_np(x, np.array([kept[k]]), np.array([label]))
       x0 = (x - np.sqrt(1 - ac[k]) * out[..., :4]) / np.sqrt(ac[k])
-      mean = (np.sqrt(ac_prev[k]) * beta[k] * x0 + np.sqrt(1 - beta[k]) * (1 - ac_prev[k]) * x) / (1 - ac[k])
+      mean = (np.sqrt(ac_prev[k]) * beta[k] * x0
+              + np.sqrt(1 - beta[k]) * (1 - ac_prev[k]) * x) / (1 - ac[k])
       frac = (out[..., 4:] + 1) / 2
       logvar = frac * np.log(beta[k]) + (1 - frac) * log_post[k]
       x = mean + (k > 0) * np.exp(0.5 * logvar) * sample_noise(4, i, j + 1, SHAPE)[None]
@@ -284,7 +288,8 @@ def test_label_modes():
   bal = labels_lib.make_labels('balanced', 70, 7)
   np.testing.assert_array_equal(np.bincount(bal), [10] * 7)
   np.testing.assert_array_equal(labels_lib.make_labels([3, 1], 5, 7), [3, 1, 3, 1, 3])
-  assert labels_lib.parse_labels('2, 5') == [2, 5] and labels_lib.parse_labels('balanced') == 'balanced'
+  assert labels_lib.parse_labels('2, 5') == [2, 5]
+  assert labels_lib.parse_labels('balanced') == 'balanced'
   with pytest.raises(ValueError, match=r'\[0, 7\).*\[-1, 7\]'):
     labels_lib.make_labels([1, 7, -1], 4, 7)
   with pytest.raises(ValueError, match='uniform'):

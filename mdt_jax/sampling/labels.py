@@ -17,7 +17,8 @@ def check_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
                      f'shape {labels.shape}')
   bad = labels[(labels < 0) | (labels >= num_classes)]
   if bad.size:
-    raise ValueError(f'class ids must be in [0, {num_classes}), got {sorted(set(bad.tolist()))[:10]}')
+    raise ValueError(f'class ids must be in [0, {num_classes}), got '
+                     f'{sorted(set(bad.tolist()))[:10]}')
   return labels.astype(np.int32)
 
 

@@ -63,7 +63,8 @@ class Sampler:
     indices = np.asarray(indices, np.int64)
     labels = labels_lib.check_labels(labels, self.num_classes)
     if indices.shape != labels.shape or indices.ndim != 1:
-      raise ValueError(f'indices {indices.shape} and labels {labels.shape} must be equal 1-D shapes')
+      raise ValueError(f'indices {indices.shape} and labels {labels.shape} must be 1-D and of '
+                       'equal length')
     if indices.size and (indices.min() < 0 or indices.max() >= 2 ** 31):
       raise ValueError('sample indices must lie in [0, 2**31)')
     n = indices.size
@@ -104,8 +105,8 @@ def build_sampler(model: Any, config: SamplerConfig, *, mesh: jax.sharding.Mesh 
   # Replicate the weights once, not on every call.
   params = jax.device_put(params, NamedSharding(mesh, P()))
   c = image_shape[-1]
-  probe = jax.eval_shape(lambda p: apply(p, jnp.zeros((1,) + image_shape), jnp.zeros((1,), jnp.int32),
-                                         jnp.zeros((1,), jnp.int32)), params)
+  one = jnp.zeros((1,), jnp.int32)
+  probe = jax.eval_shape(lambda p: apply(p, jnp.zeros((1,) + image_shape), one, one), params)
   if probe.shape[-1] not in (c, 2 * c) or probe.shape[:-1] != (1,) + image_shape[:-1]:
     raise ValueError(f'model output {probe.shape} does not fit images {image_shape}: expected '
                      f'[B, H, W, {c}] (fixed variance) or [B, H, W, {2 * c}] (learned variance)')
