@@ -46,7 +46,8 @@ def ref_losses(betas, out, x0, xt, t, noise, gamma):
   logvar = frac * g('log_betas') + (1 - frac) * g('posterior_log_variance_clipped')
   mu_q = g('posterior_mean_coef1') * x0 + g('posterior_mean_coef2') * xt
   logvar_q = g('posterior_log_variance_clipped')
-  kl = 0.5 * (-1 + logvar - logvar_q + np.exp(logvar_q - logvar) + (mu_q - mu) ** 2 / np.exp(logvar))
+  kl = 0.5 * (-1 + logvar - logvar_q + np.exp(logvar_q - logvar)
+              + (mu_q - mu) ** 2 / np.exp(logvar))
   cdf = lambda z: 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3)))
   sd = np.exp(0.5 * logvar)
   hi, lo = cdf((x0 - mu + 1 / 255) / sd), cdf((x0 - mu - 1 / 255) / sd)
@@ -129,8 +130,10 @@ def test_q_sample_posterior_and_p_mean_variance():
   x0, noise = rng.normal(size=(2, b, 4, 4, c))
   t = np.array([0, 1, 17, 500, 999])
   g = lambda name: tb[name][t][:, None, None, None]
-  xt = np.asarray(gd.q_sample(d, jnp.asarray(x0, jnp.float32), jnp.asarray(t), jnp.asarray(noise, jnp.float32)))
-  np.testing.assert_allclose(xt, g('sqrt_alphas_cumprod') * x0 + g('sqrt_one_minus_alphas_cumprod') * noise,
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  xt = np.asarray(gd.q_sample(d, f32(x0), jnp.asarray(t), f32(noise)))
+  np.testing.assert_allclose(xt, g('sqrt_alphas_cumprod') * x0
+                             + g('sqrt_one_minus_alphas_cumprod') * noise,
                              rtol=1e-5, atol=1e-6)
   out = rng.normal(size=(b, 4, 4, 2 * c))
   res = gd.p_mean_variance(d, jnp.asarray(out, jnp.float32), jnp.asarray(xt), jnp.asarray(t))
@@ -138,7 +141,8 @@ def test_q_sample_posterior_and_p_mean_variance():
   x0_hat = (xt - g('sqrt_one_minus_alphas_cumprod') * eps) / g('sqrt_alphas_cumprod')
   np.testing.assert_allclose(np.asarray(res['pred_xstart']), x0_hat, rtol=1e-4, atol=2e-4)
   # Posterior mean by Bayes on Gaussians: precision-weighted combination.
-  ab, ab_prev, beta = g('alphas_cumprod'), g('alphas_cumprod_prev'), 1 - g('alphas_cumprod') / g('alphas_cumprod_prev')
+  ab, ab_prev = g('alphas_cumprod'), g('alphas_cumprod_prev')
+  beta = 1 - ab / ab_prev
   mean = (np.sqrt(ab_prev) * beta * x0_hat + np.sqrt(1 - beta) * (1 - ab_prev) * xt) / (1 - ab)
   np.testing.assert_allclose(np.asarray(res['mean']), mean, rtol=1e-4, atol=2e-4)
   frac = (v + 1) / 2
@@ -150,7 +154,8 @@ def test_q_sample_posterior_and_p_mean_variance():
   # Fixed (small) variance when the model outputs only C channels.
   fixed = gd.p_mean_variance(d, jnp.asarray(eps, jnp.float32), jnp.asarray(xt), jnp.asarray(t))
   np.testing.assert_allclose(np.asarray(fixed['log_variance']),
-                             np.broadcast_to(g('posterior_log_variance_clipped'), xt.shape), rtol=1e-5)
+                             np.broadcast_to(g('posterior_log_variance_clipped'), xt.shape),
+                             rtol=1e-5)
   with pytest.raises(ValueError, match='channels'):
     gd.p_mean_variance(d, jnp.zeros((b, 4, 4, 5)), jnp.asarray(xt), jnp.asarray(t))
 
@@ -190,7 +195,8 @@ def test_fixed_variance_has_no_vb():
   xt = gd.q_sample(d, x0, t, noise)
   got = gd.training_losses(d, eps, x0, xt, t, noise, min_snr_gamma=None)
   np.testing.assert_array_equal(np.asarray(got['vb']), 0.0)
-  np.testing.assert_allclose(np.asarray(got['loss']), np.mean((noise - eps) ** 2, axis=(1, 2, 3)), rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(got['loss']), np.mean((noise - eps) ** 2, axis=(1, 2, 3)),
+                             rtol=1e-6)
 
 
 def test_vb_gradient_reaches_only_variance_channels():
@@ -231,7 +237,8 @@ def test_losses_are_jittable_with_sharded_batch():
   mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Explicit,))
   sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   rng = np.random.default_rng(4)
-  x0, noise = (jax.device_put(jnp.asarray(a, jnp.float32), sh) for a in rng.normal(size=(2, 8, 2, 2, 4)))
+  x0, noise = (jax.device_put(jnp.asarray(a, jnp.float32), sh)
+               for a in rng.normal(size=(2, 8, 2, 2, 4)))
   out = jax.device_put(jnp.asarray(rng.normal(size=(8, 2, 2, 8)), jnp.float32), sh)
   t = jax.device_put(jnp.arange(0, 800, 100), sh)
 

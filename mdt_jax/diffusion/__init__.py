@@ -1,5 +1,5 @@
 """Gaussian diffusion of MDTv2: schedules, respacing, q/p distributions, training losses."""
-from mdt_jax.diffusion.gaussian import (Diffusion, create_diffusion, extract, from_betas,
+from mdt_jax.diffusion.gaussian import (Diffusion, create_diffusion, extract, from_betas, take,
                                         p_mean_variance, predict_eps_from_xstart,
                                         predict_xstart_from_eps, q_posterior_mean_variance,
                                         q_sample, split_output)
@@ -10,7 +10,7 @@ from mdt_jax.diffusion.schedules import (beta_schedule, diffusion_tables, respac
                                          space_timesteps)
 
 __all__ = [
-    'Diffusion', 'create_diffusion', 'from_betas', 'extract', 'q_sample',
+    'Diffusion', 'create_diffusion', 'from_betas', 'extract', 'take', 'q_sample',
     'q_posterior_mean_variance', 'p_mean_variance', 'predict_xstart_from_eps',
     'predict_eps_from_xstart', 'split_output', 'training_losses', 'vb_terms_bpd',
     'min_snr_weight', 'normal_kl', 'approx_standard_normal_cdf',

@@ -1,4 +1,4 @@
-"""Gaussian diffusion (epsilon prediction, learned-range or fixed-small variance), NHWC, jit-friendly.
+"""Gaussian diffusion: epsilon prediction, learned-range or fixed-small variance; NHWC, jittable.
 
 A `Diffusion` is a pytree of float32 tables (computed in float64, then cast) and can be passed
 into jitted functions or closed over. Timesteps `t` are int arrays [B] indexing these tables; for a

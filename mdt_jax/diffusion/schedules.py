@@ -73,12 +73,13 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
     try:
       want = int(text)
     except ValueError:
-      raise ValueError(f'cannot parse {section_counts!r}; expected "ddimN" with an integer N') from None
+      raise ValueError(f'cannot parse {section_counts!r}; expected "ddimN" with an integer '
+                       'N') from None
     for stride in range(1, num_timesteps):
       if len(range(0, num_timesteps, stride)) == want:
         return list(range(0, num_timesteps, stride))
-    raise ValueError(f'cannot respace {num_timesteps} steps to exactly {want} steps with an integer '
-                     f'stride ({section_counts!r}); pick another count or use "{want}"')
+    raise ValueError(f'cannot respace {num_timesteps} steps to exactly {want} steps with an '
+                     f'integer stride ({section_counts!r}); pick another count or use "{want}"')
   counts = _parse_counts(section_counts)
   if not counts or any(c < 1 for c in counts):
     raise ValueError(f'step counts must be positive integers, got {section_counts!r}')

@@ -1,0 +1,94 @@
+r"""Sample from a trained MDT into the ADM evaluator's .npz layout.
+
+    python -m mdt_jax.sample --model=DIR --num_samples=50000 --cfg_scale=3.8 --scale_pow=4 \
+        --sampler=ddpm --steps=250 --seed=0 --out=OUT
+
+DIR is a model folder, a training workdir or a Hub id. Settings not given on the command line
+come from the model's recommended 'sampling' settings, then from the defaults below. Writes
+OUT/shards/*.npz (a restarted run skips finished shards), OUT/samples.npz (arr_0 uint8
+[N, H, W, 3], arr_1 labels) and OUT/samples_grid.png. --cfg_scale=1 samples without guidance.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from absl import app, flags, logging
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string('model', None, 'Model folder, training workdir or Hub repo id.')
+flags.DEFINE_string('out', None, 'Output folder.')
+flags.DEFINE_integer('num_samples', 50000, 'Number of samples.')
+flags.DEFINE_string('sampler', 'ddpm', 'ddpm | ddim | dpm_solver++.')
+flags.DEFINE_integer('steps', 250, 'Sampling steps (model evaluations).')
+flags.DEFINE_string('respacing', '', 'DDPM/DDIM respacing, e.g. "ddim50" or "10,15,20" '
+                    '(default: the step count).')
+flags.DEFINE_float('eta', 0.0, 'DDIM eta.')
+flags.DEFINE_float('cfg_scale', 3.8, 'Classifier-free guidance scale (1: no guidance).')
+flags.DEFINE_enum('guidance', 'power_cosine', ['power_cosine', 'constant'],
+                  'Guidance scale schedule.')
+flags.DEFINE_float('scale_pow', 4.0, 'Exponent of the power-cosine schedule.')
+flags.DEFINE_string('guidance_interval', '', 'Guide only for original timesteps lo,hi.')
+flags.DEFINE_enum('guided_channels', 'first3', ['first3', 'all'],
+                  'Guide eps channels 0..2 (the original) or all.')
+flags.DEFINE_bool('clip_denoised', False, 'Clip x0 predictions to [-1, 1].')
+flags.DEFINE_string('labels', 'uniform', 'uniform | balanced | comma-separated class ids.')
+flags.DEFINE_integer('seed', 0, 'Random seed (sample i uses fold_in(seed key, i)).')
+flags.DEFINE_integer('batch_size', 64, 'Global batch size per sampling call.')
+flags.DEFINE_integer('shard_size', 1000, 'Samples per shard file.')
+flags.DEFINE_string('vae', None, 'VAE folder for latent models (default: the model\'s).')
+flags.DEFINE_integer('grid_size', 64, 'Samples shown in samples_grid.png (0: none).')
+
+# flag name -> SamplerConfig field, for settings the model folder may recommend
+_RECOMMENDABLE = {'sampler': 'sampler', 'steps': 'steps', 'respacing': 'respacing', 'eta': 'eta',
+                  'cfg_scale': 'cfg_scale', 'scale_pow': 'scale_pow',
+                  'guided_channels': 'guided_channels'}
+
+
+def sampler_config(recommended: dict):
+  """SamplerConfig from the flags; flags not given take the model's recommendation."""
+  from mdt_jax.sampling.samplers import SamplerConfig
+  values = {}
+  for flag, field in _RECOMMENDABLE.items():
+    if not FLAGS[flag].present and field in recommended:
+      values[field] = recommended[field]
+    else:
+      values[field] = FLAGS[flag].value
+  if values['cfg_scale'] is not None and float(values['cfg_scale']) == 1.0:
+    values['cfg_scale'] = None          # mathematically unguided: skip the null-label pass
+  interval = None
+  if FLAGS.guidance_interval:
+    try:
+      interval = tuple(int(v) for v in FLAGS.guidance_interval.split(','))
+    except ValueError:
+      raise app.UsageError(f'--guidance_interval must be "lo,hi", got {FLAGS.guidance_interval!r}')
+  return SamplerConfig(guidance_schedule=FLAGS.guidance, guidance_interval=interval,
+                       clip_denoised=FLAGS.clip_denoised, **{
+                           k: (v or None) if k == 'respacing' else v for k, v in values.items()})
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments {argv[1:]}')
+  for name in ('model', 'out'):
+    if not FLAGS[name].value:
+      raise app.UsageError(f'--{name} is required')
+  from mdt_jax.sampling import cli_io, labels as labels_lib
+  from mdt_jax.sampling.run import run_sampling
+  from mdt_jax.sampling.sampler import build_sampler
+
+  labels = labels_lib.parse_labels(FLAGS.labels)
+  sm = cli_io.load_for_sampling(FLAGS.model)
+  cfg = sampler_config(cli_io.recommended_settings(sm.sampling, sm.model.config.in_channels))
+  labels_lib.make_labels(labels, FLAGS.num_samples, sm.model.config.num_classes, FLAGS.seed)
+  postprocess = cli_io.make_postprocess(sm, FLAGS.vae)
+  sampler = build_sampler(sm.model, cfg)
+  logging.info('sampling %d images: %s on %d device(s)', FLAGS.num_samples, cfg,
+               sampler.num_devices)
+  run_sampling(sampler, out_dir=FLAGS.out, num_samples=FLAGS.num_samples, labels=labels,
+               seed=FLAGS.seed, batch_size=FLAGS.batch_size, shard_size=FLAGS.shard_size,
+               postprocess=postprocess, grid_size=FLAGS.grid_size,
+               run_info=dict(model=FLAGS.model, space=sm.space))
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,154 @@
+"""A jitted, sharded batch sampler over a model, and `generate` for whole runs.
+
+The model is an `mdt_jax.MDT` (split into graphdef + state, merged inside the jitted function) or
+any callable model_fn(x [B,H,W,C], t [B] original timesteps, y [B]) -> [B,H,W,2C] / [B,H,W,C].
+The batch is split over the 'data' axis of a 1-D mesh with shard_map (sampling is per sample by
+nature: no communication); each device runs the whole fori_loop on its slice.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from mdt_jax.sampling import labels as labels_lib
+from mdt_jax.sampling.guidance import guided_model
+from mdt_jax.sampling.samplers import (SamplerConfig, per_sample_normal, run_loop,
+                                       sample_keys)
+
+Array = jax.Array
+
+
+def data_mesh(devices=None) -> jax.sharding.Mesh:
+  """1-D mesh ('data',) over `devices` (default: every device)."""
+  devices = list(jax.devices() if devices is None else devices)
+  return jax.make_mesh((len(devices),), ('data',), axis_types=(jax.sharding.AxisType.Explicit,),
+                       devices=devices)
+
+
+def functional_model(model: Any) -> tuple[Callable, Any]:
+  """(apply(params, x, t, y), params) for an nnx.Module or a plain callable (params None)."""
+  if isinstance(model, nnx.Module):
+    graphdef, state = nnx.split(model)
+    return (lambda state, x, t, y: nnx.merge(graphdef, state)(x, t, y)), state
+  if callable(model):
+    return (lambda _, x, t, y: model(x, t, y)), None
+  raise TypeError(f'model must be an nnx.Module or a callable model_fn, got {type(model)}')
+
+
+@dataclasses.dataclass
+class Sampler:
+  """Draws samples for given global indices and labels: `sampler(indices, labels, seed)`."""
+  config: SamplerConfig
+  image_shape: tuple[int, int, int]
+  num_classes: int
+  learn_sigma: bool
+  mesh: jax.sharding.Mesh
+  params: Any
+  fn: Callable
+
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.devices.size
+
+  def __call__(self, indices, labels, seed: int = 0) -> np.ndarray:
+    """float32 [B, H, W, C] samples; B is padded to a multiple of the device count inside."""
+    indices = np.asarray(indices, np.int64)
+    labels = labels_lib.check_labels(labels, self.num_classes)
+    if indices.shape != labels.shape or indices.ndim != 1:
+      raise ValueError(f'indices {indices.shape} and labels {labels.shape} must be 1-D and of '
+                       'equal length')
+    if indices.size and (indices.min() < 0 or indices.max() >= 2 ** 31):
+      raise ValueError('sample indices must lie in [0, 2**31)')
+    n = indices.size
+    pad = (-n) % self.num_devices
+    idx = np.concatenate([indices, np.repeat(indices[-1:], pad)]).astype(np.int32)
+    y = np.concatenate([labels, np.repeat(labels[-1:], pad)]).astype(np.int32)
+    sharding = NamedSharding(self.mesh, P('data'))
+    put = lambda a: jax.make_array_from_callback(a.shape, sharding, lambda i: a[i])
+    out = self.fn(self.params, labels_lib.noise_key(seed), put(idx), put(y))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      out = multihost_utils.process_allgather(out, tiled=True)
+    return np.asarray(out)[:n]
+
+
+def build_sampler(model: Any, config: SamplerConfig, *, mesh: jax.sharding.Mesh | None = None,
+                  image_shape: tuple[int, int, int] | None = None,
+                  num_classes: int | None = None) -> Sampler:
+  """A `Sampler` for an MDT (shape and classes from model.config) or a model_fn (give both).
+
+  Checks the model output channels with an abstract evaluation (nothing runs) and compiles once
+  per batch shape.
+  """
+  cfg = getattr(model, 'config', None)
+  if image_shape is None:
+    if cfg is None:
+      raise ValueError('image_shape (H, W, C) is needed for a plain model_fn')
+    image_shape = (cfg.input_size, cfg.input_size, cfg.in_channels)
+  if num_classes is None:
+    if cfg is None:
+      raise ValueError('num_classes is needed for a plain model_fn')
+    num_classes = cfg.num_classes
+  image_shape = tuple(int(s) for s in image_shape)
+  mesh = mesh or data_mesh()
+  if mesh.axis_names != ('data',):
+    raise ValueError(f'the sampling mesh must be 1-D with axis "data", got {mesh.axis_names}')
+  apply, params = functional_model(model)
+  # Replicate the weights once, not on every call.
+  params = jax.device_put(params, NamedSharding(mesh, P()))
+  c = image_shape[-1]
+  one = jnp.zeros((1,), jnp.int32)
+  probe = jax.eval_shape(lambda p: apply(p, jnp.zeros((1,) + image_shape), one, one), params)
+  if probe.shape[-1] not in (c, 2 * c) or probe.shape[:-1] != (1,) + image_shape[:-1]:
+    raise ValueError(f'model output {probe.shape} does not fit images {image_shape}: expected '
+                     f'[B, H, W, {c}] (fixed variance) or [B, H, W, {2 * c}] (learned variance)')
+  learn_sigma = probe.shape[-1] == 2 * c
+  g = config.guidance
+
+  def local(params, key, idx, y):
+    model_fn = lambda x, t, yy: apply(params, x, t, yy)
+    if g is not None:
+      model_fn = guided_model(model_fn, g, null_label=num_classes, channels=c)
+    keys = sample_keys(key, idx)
+    x = per_sample_normal(keys, 0, image_shape)
+    return run_loop(config, lambda x, t: model_fn(x, t, y), x, keys)
+
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P('data'), P('data')),
+                          out_specs=P('data'))
+  return Sampler(config=config, image_shape=image_shape, num_classes=num_classes,
+                 learn_sigma=learn_sigma, mesh=mesh, params=params, fn=jax.jit(sharded))
+
+
+def generate(sampler: Sampler, labels: np.ndarray, *, seed: int = 0, batch_size: int = 64,
+             start: int = 0, log_every: int = 1,
+             postprocess: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+  """Samples for global indices start .. start+len(labels)-1, in batches of `batch_size`.
+
+  Every batch is padded to the same size so the whole run compiles once. `postprocess` maps each
+  batch of samples (e.g. VAE decoding to uint8) before it is collected.
+  """
+  labels = labels_lib.check_labels(labels, sampler.num_classes)
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+  batch_size += (-batch_size) % sampler.num_devices
+  n, outs, t0 = labels.size, [], time.time()
+  num_batches = -(-n // batch_size)
+  for b, lo in enumerate(range(0, n, batch_size)):
+    hi = min(n, lo + batch_size)
+    idx = np.arange(start + lo, start + lo + batch_size)
+    y = np.resize(labels[lo:hi], batch_size)       # padding rows repeat labels; dropped below
+    out = sampler(idx, y, seed)[:hi - lo]
+    outs.append(postprocess(out) if postprocess else out)
+    if log_every and ((b + 1) % log_every == 0 or b + 1 == num_batches):
+      dt = time.time() - t0
+      logging.info('sampled %d/%d (%.2f samples/s, ETA %.0f s)', hi, n, hi / dt,
+                   (n - hi) * dt / hi)
+  return np.concatenate(outs)
