@@ -21,6 +21,6 @@ def get_config():
   c.log_every_steps = 100
   c.sample_every_steps = 1000
   c.sampling = dict(sampler='ddpm', steps=100, cfg_scale=2.0, scale_pow=0.0,
-                    guidance_channels=0, grid_classes=10, grid_per_class=8, seed=0)
+                    guidance_channels='all', grid_classes=10, grid_per_class=8, seed=0)
   c.eval_num_samples = 500
   return c

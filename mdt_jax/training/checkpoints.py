@@ -61,7 +61,11 @@ class Checkpointer:
     target = _abstract(abstract_state, shardings)
     args = {k: ocp.args.StandardRestore(v) for k, v in self._items(target).items()}
     args['data'] = grain.checkpoint.CheckpointRestore(data_iter)
-    out = self.manager.restore(step, args=ocp.args.Composite(**args))
+    try:
+      out = self.manager.restore(step, args=ocp.args.Composite(**args))
+    except ValueError as e:
+      raise ValueError(f'checkpoint at step {step} in {self.directory} does not match this '
+                       f'config\'s train state (model or optimizer changed?): {e}') from e
     return TrainState(step=out['meta']['step'], rng=out['meta']['rng'], params=out['params'],
                       ema_params=out['ema_params'], opt_state=out['opt_state'])
 
@@ -78,8 +82,8 @@ class Checkpointer:
             'opt_state': state.opt_state, 'meta': {'step': state.step, 'rng': state.rng}}
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Record the config; refuse a workdir that holds a run of another model."""
+def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuse a workdir that holds a run of another model shape."""
   path = epath.Path(workdir) / CONFIG_FILE
   if path.exists():
     old = json.loads(path.read_text())
@@ -93,6 +97,11 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     if diffs:
       raise ValueError(f'workdir {workdir} holds a run of another model shape ('
                        + '; '.join(diffs) + '); use a new workdir')
+
+
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Record the config of the run (after a successful resume, so a refused one leaves it)."""
+  path = epath.Path(workdir) / CONFIG_FILE
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(config.to_json_best_effort(indent=2))

@@ -34,7 +34,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Sample grids during training (0 = off) and the settings recommended for this model.
   c.sample_every_steps = 0
   c.sampling = dict(sampler='ddpm', steps=250, cfg_scale=3.8, scale_pow=4.0,
-                    guidance_channels=3, grid_classes=8, grid_per_class=4, seed=0)
+                    guidance_channels='first3', grid_classes=8, grid_per_class=4, seed=0)
   # Small-scale evaluation at the end of a digits run (FD and class accuracy; 0 = off).
   c.eval_num_samples = 0
   c.profile_steps = 0             # >0: capture a jax.profiler trace of that many steps

@@ -13,7 +13,8 @@ from clu import metric_writers, periodic_actions
 
 from mdt_jax import diffusion as diff
 from mdt_jax.data import pipeline
-from mdt_jax.training import checkpoints, sharding
+from mdt_jax.sampling.cli_io import grid_image
+from mdt_jax.training import checkpoints, samples, sharding
 from mdt_jax.training.config import validate
 from mdt_jax.training.state import create_train_state, make_optimizer
 from mdt_jax.training.step import jit_train_step
@@ -60,7 +61,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.global_batch_size % dp:
     raise ValueError(f'global_batch_size {config.global_batch_size} is not divisible by the '
                      f'data-parallel size {dp} (mesh {dict(mesh.shape)})')
-  checkpoints.write_config(workdir, config)
+  checkpoints.check_workdir(workdir, config)
   data_iter = pipeline.make_iterator(config.data, seed=config.seed,
                                      global_batch=config.global_batch_size)
   optimizer = make_optimizer(config.optimizer)
@@ -72,6 +73,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if last_saved is not None:
     logging.info('resuming from step %d', last_saved)
     state = ckpt.restore(state, shardings, data_iter, last_saved)
+  checkpoints.write_config(workdir, config)
   dif = diff.create_diffusion(num_timesteps=config.diffusion.num_timesteps,
                               schedule=config.diffusion.schedule)
   batch_sh = sharding.batch_sharding(mesh)
@@ -88,6 +90,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if config.profile_steps and jax.process_index() == 0:
     hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
                                           logdir=workdir, first_profile=10))
+  grids = samples.GridSampler(config, graphdef)
   start = int(state.step)
   pending, pending_from, logged = [], start + 1, {}
   t_log, n_log = time.perf_counter(), 0
@@ -112,8 +115,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if save_now:
         ckpt.save(state, data_iter, step)
         last_saved = step
-      if config.sample_every_steps and step % config.sample_every_steps == 0:
-        write_sample_grid(config, graphdef, state, workdir, step, writer)
+      if config.sample_every_steps and (step % config.sample_every_steps == 0 or step == total):
+        write_sample_grid(grids, state, workdir, step, writer)
       if preempt.requested:
         logging.warning('stopping at step %d after the preemption checkpoint', step)
         break
@@ -122,9 +125,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return {'step': int(state.step), **logged, 'state': state}
 
 
-def write_sample_grid(config, graphdef, state, workdir, step, writer) -> None:
-  """A class-conditional grid from the EMA weights (needs mdt_jax.sampling)."""
-  from mdt_jax.training import samples
-  grid = samples.sample_grid(config, graphdef, state.ema_params)
-  samples.save_grid(grid, workdir, step)
-  writer.write_images(step, {'samples': grid[None]})
+def write_sample_grid(grids: samples.GridSampler, state, workdir: str, step: int,
+                      writer) -> None:
+  """A class-conditional grid from the EMA weights: PNG in workdir/samples and TensorBoard."""
+  images = grids.grid(state.ema_params)
+  if images is None or jax.process_index() != 0:
+    return
+  ncols = grids.config.sampling.grid_per_class
+  path = samples.save(images, workdir, step, ncols)
+  writer.write_images(step, {'samples': grid_image(images, ncols)[None]})
+  logging.info('wrote %s', path)
