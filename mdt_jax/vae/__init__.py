@@ -6,8 +6,9 @@
     images = vae.decode(z / vae.scaling_factor)                  # decode takes UNSCALED latents
 """
 from mdt_jax.vae.convert import convert, read_diffusers
-from mdt_jax.vae.io import VAE, decode_fn, encode_fn, load, load_model, save
+from mdt_jax.vae import io
+from mdt_jax.vae.io import VAE, decode_fn, encode_fn, load, load_model, random_params, save
 from mdt_jax.vae.model import AutoencoderKL, VAEConfig
 
 __all__ = ['AutoencoderKL', 'VAE', 'VAEConfig', 'convert', 'decode_fn', 'encode_fn', 'load',
-           'load_model', 'read_diffusers', 'save']
+           'load_model', 'random_params', 'read_diffusers', 'save']

@@ -59,6 +59,25 @@ def from_params(config: VAEConfig, params: dict[str, np.ndarray],
   return nnx.merge(graphdef, state)
 
 
+def random_params(config: VAEConfig, seed: int = 0) -> dict[str, np.ndarray]:
+  """Random weights (norms and biases too) drawn in numpy, for tests and benchmarks.
+
+  Built without running JAX initialisers, which would compile many small programs.
+  """
+  rng = np.random.default_rng(seed)
+  params = {}
+  for name, v in param_shapes(config)[1].items():
+    shape = tuple(v.shape)
+    if name.endswith('kernel'):
+      fan_in = int(np.prod(shape[:-1]))
+      params[name] = rng.normal(size=shape) / np.sqrt(fan_in)
+    elif name.endswith('scale'):
+      params[name] = 1 + 0.2 * rng.normal(size=shape)
+    else:
+      params[name] = 0.2 * rng.normal(size=shape)
+  return {k: v.astype(np.float32) for k, v in params.items()}
+
+
 def to_params(model: AutoencoderKL) -> dict[str, np.ndarray]:
   """{name: float32 numpy array} of every parameter."""
   return {_name(p): np.asarray(v[...], np.float32)
@@ -71,7 +90,7 @@ def write_folder(out_dir: str, config: VAEConfig, params: dict[str, np.ndarray],
   check_params(config, params, 'parameter set')
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise FileExistsError(f'{out_dir} exists and is not empty; pass overwrite=True to replace it')
+    raise FileExistsError(f'{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it')
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.vae-tmp-', dir=parent)

@@ -242,19 +242,16 @@ class AutoencoderKL(nnx.Module):
     self.post_quant_conv = (_conv(lc, lc, 1, rngs=rngs, dtype=dtype)
                             if cfg.use_post_quant_conv else None)
 
-  def _check(self, x: Array, channels: int, what: str, factor: int = 1):
+  def _check(self, x: Array, channels: int, what: str):
     if x.ndim != 4 or x.shape[-1] != channels:
       raise ValueError(f'{what} must be NHWC [B, H, W, {channels}], got shape {x.shape}')
-    if factor > 1 and (x.shape[1] % factor or x.shape[2] % factor):
-      raise ValueError(f'{what} height and width must be multiples of {factor} '
-                       f'(the downsampling factor), got shape {x.shape}')
 
   def encode(self, images: Array) -> tuple[Array, Array]:
     """Posterior moments (mean, logvar), float32 [B, H/f, W/f, latent_channels].
 
     logvar is clipped to [-30, 20] as diffusers' DiagonalGaussianDistribution does.
     """
-    self._check(images, self.config.in_channels, 'images', self.config.downsample_factor)
+    self._check(images, self.config.in_channels, 'images')
     h = self.encoder(images.astype(self.dtype))
     if self.quant_conv is not None:
       h = self.quant_conv(h)
