@@ -26,19 +26,21 @@ def vae(tmp_path_factory):
 
 
 def make_folder(root) -> dict:
-  """2 classes of small PNGs (odd sizes, a grey and an RGBA one) and one corrupt file."""
+  """2 classes of small PNGs (odd sizes, grey and RGBA ones too) and one corrupt file."""
   rng = np.random.default_rng(0)
-  specs = {'cat': [(20, 17, 'RGB'), (70, 40, 'L'), (33, 33, 'RGBA')],
-           'dog': [(16, 16, 'RGB'), (50, 90, 'RGB')]}
-  for cls, shapes in specs.items():
+  shapes = [(20, 17, 'RGB'), (70, 40, 'L'), (33, 33, 'RGBA'), (16, 16, 'RGB'), (50, 90, 'RGB')]
+  files = {'cat': 12, 'dog': 9}
+  for cls, count in files.items():
     os.makedirs(root / cls)
-    for k, (w, h, mode) in enumerate(shapes):
+    for k in range(count):
+      w, h, mode = shapes[k % len(shapes)]
       chans = {'RGB': 3, 'L': 1, 'RGBA': 4}[mode]
       arr = rng.integers(0, 256, (h, w, chans), dtype=np.uint8)
-      Image.fromarray(arr.squeeze(-1) if chans == 1 else arr, mode).save(root / cls / f'{cls}_{k}.png')
-  (root / 'dog' / 'dog_9.png').write_bytes(b'not a png at all')
+      Image.fromarray(arr.squeeze(-1) if chans == 1 else arr, mode).save(
+          root / cls / f'{cls}_{k:02d}.png')
+  (root / 'dog' / 'dog_99.png').write_bytes(b'not a png at all')
   (root / 'dog' / 'notes.txt').write_text('ignored: not an image extension')
-  return specs
+  return files
 
 
 def read_shards(out):
@@ -53,18 +55,19 @@ def read_shards(out):
 def test_extract_folder_end_to_end(tmp_path, vae):
   make_folder(tmp_path / 'images')
   source = extract.folder_source(str(tmp_path / 'images'))
-  assert source.class_names == ['cat', 'dog'] and len(source) == 6
+  assert source.class_names == ['cat', 'dog'] and len(source) == 22
   out = tmp_path / 'out'
-  manifest = extract.extract(source, vae, str(out), image_size=SIZE, batch_size=8,
-                             images_per_shard=4, num_workers=2)
+  # 20 images per shard in batches of 8: the first shard spans 3 batches, the last is padded.
+  kwargs = dict(image_size=SIZE, batch_size=8, images_per_shard=20, num_workers=2)
+  manifest = extract.extract(source, vae, str(out), **kwargs)
 
-  shards = sorted(os.listdir(out))
-  assert [s for s in shards if s.startswith('latents')] == [
+  names = sorted(os.listdir(out))
+  assert [s for s in names if s.startswith('latents')] == [
       'latents-00000-of-00002.array_record', 'latents-00001-of-00002.array_record']
-  assert not [s for s in shards if s.endswith('.tmp')]
+  assert not [s for s in names if s.endswith('.tmp')]
   records = read_shards(out)
-  good = ['cat/cat_0.png', 'cat/cat_1.png', 'cat/cat_2.png', 'dog/dog_0.png', 'dog/dog_1.png']
-  assert [r['label'] for r in records] == [0, 0, 0, 1, 1]
+  good = [f'cat/cat_{k:02d}.png' for k in range(12)] + [f'dog/dog_{k:02d}.png' for k in range(9)]
+  assert [r['label'] for r in records] == [0] * 12 + [1] * 9
 
   images = np.stack([extract.preprocess(Image.open(tmp_path / 'images' / g), SIZE) for g in good])
   x = images.astype(np.float32) / 127.5 - 1
@@ -79,27 +82,26 @@ def test_extract_folder_end_to_end(tmp_path, vae):
     assert not np.allclose(r['moments'], r['moments_flip'])   # the flip really is another input
 
   skipped = (out / 'skipped.txt').read_text().splitlines()
-  assert len(skipped) == 1 and skipped[0].startswith('dog/dog_9.png\t')
+  assert len(skipped) == 1 and skipped[0].startswith('dog/dog_99.png\t')
   on_disk = json.loads((out / 'manifest.json').read_text())
   assert on_disk == manifest
   assert manifest['class_names'] == ['cat', 'dog']
-  assert manifest['images_per_class'] == {'cat': 3, 'dog': 2}
-  assert manifest['num_images'] == 5 and manifest['num_skipped'] == 1
-  assert manifest['num_shards'] == 2 and [s['records'] for s in manifest['shards']] == [4, 1]
+  assert manifest['images_per_class'] == {'cat': 12, 'dog': 9}
+  assert manifest['num_images'] == 21 and manifest['num_skipped'] == 1
+  assert manifest['num_shards'] == 2 and [s['records'] for s in manifest['shards']] == [20, 1]
   assert manifest['bytes'] == sum(os.path.getsize(out / s['file']) for s in manifest['shards'])
 
   # A restart redoes only the missing shard; the finished one is not touched.
   first, second = (out / s['file'] for s in manifest['shards'])
   stamp, second_bytes = first.stat().st_mtime_ns, second.read_bytes()
   second.unlink()
-  again = extract.extract(extract.folder_source(str(tmp_path / 'images')), vae, str(out),
-                          image_size=SIZE, batch_size=8, images_per_shard=4, num_workers=2)
+  again = extract.extract(extract.folder_source(str(tmp_path / 'images')), vae, str(out), **kwargs)
   assert again == manifest
   assert first.stat().st_mtime_ns == stamp
   assert second.read_bytes() == second_bytes
 
   with pytest.raises(ValueError, match='images_per_shard'):
-    extract.extract(source, vae, str(out), image_size=SIZE, batch_size=8, images_per_shard=3)
+    extract.extract(source, vae, str(out), **{**kwargs, 'images_per_shard': 3})
 
 
 def test_prefix_labels_and_bad_sources(tmp_path):

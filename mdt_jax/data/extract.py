@@ -21,6 +21,7 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
@@ -239,7 +240,7 @@ def _write_shard(source: ImageSource, indices: range, encode, pool, image_size: 
   writer = ArrayRecordWriter(tmp_path, 'group_size:1')
   counts, skipped, pending = collections.Counter(), [], None
   chunks = _chunks(indices, batch_size)
-  queued = collections.deque(_submit(c) for c, _ in zip(chunks, range(2)))
+  queued = collections.deque(_submit(c) for c in itertools.islice(chunks, 2))   # prefetch
 
   def flush(result):
     (m, mf), labels = result
