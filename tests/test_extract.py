@@ -6,6 +6,7 @@ import os
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from array_record.python.array_record_module import ArrayRecordReader
 from PIL import Image
 
@@ -140,31 +141,48 @@ def test_center_crop_follows_adm():
   np.testing.assert_array_equal(out, np.asarray(wide)[:, SIZE:2 * SIZE])
 
 
-def test_tfds_source_reads_bytes_and_labels(monkeypatch):
-  tfds = pytest.importorskip('tensorflow_datasets')
-  png = Image.fromarray(np.full((8, 8, 3), 7, np.uint8))
-  buf = io.BytesIO()
-  png.save(buf, format='PNG')
+class MdtJaxTinyImages(tfds.core.GeneratorBasedBuilder):
+  """Five tiny images in two classes, prepared in array_record format like imagenet2012."""
+  VERSION = tfds.core.Version('1.0.0')
 
-  class Names:
-    names = ['n01', 'n02', 'n03']
+  def _info(self):
+    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+        'image': tfds.features.Image(shape=(None, None, 3)),
+        'label': tfds.features.ClassLabel(names=['n01', 'n02'])}))
 
-  class FakeSource(list):
-    dataset_info = type('Info', (), {'features': {'label': Names}})()
+  def _split_generators(self, dl_manager):
+    return {'train': self._generate_examples()}
 
-  calls = {}
+  def _generate_examples(self):
+    rng = np.random.default_rng(0)
+    for i in range(5):
+      yield i, {'image': rng.integers(0, 256, (20 + i, 17, 3), dtype=np.uint8), 'label': i % 2}
 
-  def fake_data_source(name, **kwargs):
-    calls.update(kwargs, name=name)
-    return FakeSource([{'image': buf.getvalue(), 'label': 2}, {'image': b'junk', 'label': 0}])
 
-  monkeypatch.setattr(tfds, 'data_source', fake_data_source)
-  src = extract.tfds_source('imagenet2012', 'train', '/data/tfds')
-  assert calls['name'] == 'imagenet2012' and calls['download'] is False
-  assert src.class_names == ['n01', 'n02', 'n03'] and len(src) == 2
-  image, label = src.load(0)
-  assert label == 2 and np.asarray(image).tolist() == np.asarray(png).tolist()
-  assert isinstance(extract._load_one(src, 1, 4), Exception)   # a bad record is skipped later
-  monkeypatch.setattr(tfds, 'data_source', lambda name, **kw: FakeSource([]))
+def test_tfds_source_end_to_end(tmp_path, vae, monkeypatch):
+  data_dir = str(tmp_path / 'tfds')
+  builder = MdtJaxTinyImages(data_dir=data_dir, file_format='array_record')
+  builder.download_and_prepare()
+  source = extract.tfds_source('mdt_jax_tiny_images', 'train', data_dir)
+  assert source.class_names == ['n01', 'n02'] and len(source) == 5
+  stored = list(builder.as_data_source(split='train'))   # TFDS's order (shuffled by key)
+  labels = [int(ex['label']) for ex in stored]
+  assert sorted(labels) == [0, 0, 0, 1, 1]
+  image, label = source.load(3)
+  assert label == labels[3] and np.array_equal(np.asarray(image), stored[3]['image'])  # lossless
+
+  manifest = extract.extract(source, vae, str(tmp_path / 'out'), image_size=SIZE, batch_size=8,
+                             images_per_shard=8, num_workers=2)
+  assert manifest['images_per_class'] == {'n01': 3, 'n02': 2}
+  records = read_shards(tmp_path / 'out')
+  assert [r['label'] for r in records] == labels
+  x = extract.preprocess(Image.fromarray(stored[4]['image']), SIZE)[None] / 127.5 - 1
+  mean, logvar = vae.encode(x.astype(np.float32))
+  np.testing.assert_allclose(records[4]['moments'], np.concatenate([mean[0], logvar[0]], -1),
+                             rtol=1e-5, atol=1e-5)
+
+  with pytest.raises(FileNotFoundError, match='cannot open TFDS dataset'):
+    extract.tfds_source('mdt_jax_tiny_images', 'train', str(tmp_path / 'nowhere'))
+  monkeypatch.setattr(tfds, 'data_source', lambda name, **kw: [])
   with pytest.raises(ValueError, match='is empty'):
-    extract.tfds_source('imagenet2012', 'train', '/data/tfds')
+    extract.tfds_source('mdt_jax_tiny_images', 'train', data_dir)

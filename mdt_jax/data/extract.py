@@ -41,6 +41,7 @@ from mdt_jax.vae.io import VAE, encode_fn
 
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'gif')   # the ADM loader's list
 SHARD_PATTERN = 'latents-{i:05d}-of-{n:05d}.array_record'
+PREFETCH = 4   # batches of images read ahead of the device
 
 
 def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
@@ -240,7 +241,7 @@ def _write_shard(source: ImageSource, indices: range, encode, pool, image_size: 
   writer = ArrayRecordWriter(tmp_path, 'group_size:1')
   counts, skipped, pending = collections.Counter(), [], None
   chunks = _chunks(indices, batch_size)
-  queued = collections.deque(_submit(c) for c in itertools.islice(chunks, 2))   # prefetch
+  queued = collections.deque(_submit(c) for c in itertools.islice(chunks, PREFETCH))
 
   def flush(result):
     (m, mf), labels = result
