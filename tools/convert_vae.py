@@ -1,4 +1,4 @@
-"""Import a diffusers AutoencoderKL folder (e.g. stabilityai/sd-vae-ft-ema) into an mdt_jax VAE folder.
+"""Import a diffusers AutoencoderKL folder (e.g. stabilityai/sd-vae-ft-ema) as a VAE folder.
 
     python tools/convert_vae.py --diffusers_dir DIR --out VAE_DIR
 

@@ -130,8 +130,9 @@ def tfds_source(name: str = 'imagenet2012', split: str = 'train',
     ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
                           decoders={'image': tfds.decode.SkipDecoding()})
   except Exception as e:  # tfds raises several types for a missing / unprepared dataset
-    raise FileNotFoundError(f'cannot open TFDS dataset {name!r} split {split!r} in data_dir '
-                            f'{data_dir!r} (it must be prepared in array_record format): {e}') from e
+    raise FileNotFoundError(
+        f'cannot open TFDS dataset {name!r} split {split!r} in data_dir {data_dir!r} '
+        f'(it must be prepared in array_record format): {e}') from e
   if len(ds) == 0:
     raise ValueError(f'TFDS dataset {name!r} split {split!r} in {data_dir!r} is empty')
   class_names = list(ds.dataset_info.features['label'].names)
@@ -175,9 +176,9 @@ def _check_run(progress_dir: str, settings: dict) -> None:
       before = json.load(f)
     diff = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
     if diff:
-      raise ValueError(f'{path} was written by a run with other settings ({diff}: '
-                       f'{[before.get(k) for k in diff]} vs now {[settings.get(k) for k in diff]}); '
-                       'use a new output folder or the same settings')
+      was, now = [before.get(k) for k in diff], [settings.get(k) for k in diff]
+      raise ValueError(f'{path} was written by a run with other settings ({diff}: {was} vs now '
+                       f'{now}); use a new output folder or the same settings')
   else:
     _write_json(path, settings)
 
@@ -235,13 +236,13 @@ def _write_shard(source: ImageSource, indices: range, encode, pool, image_size: 
                  num_shards: int) -> dict:
   """Encode `indices` into `tmp_path`; returns the shard's counts and skipped images."""
 
-  def _submit(chunk):
+  def submit(chunk):
     return chunk, [pool.submit(_load_one, source, i, image_size) for i in chunk]
 
   writer = ArrayRecordWriter(tmp_path, 'group_size:1')
   counts, skipped, pending = collections.Counter(), [], None
   chunks = _chunks(indices, batch_size)
-  queued = collections.deque(_submit(c) for c in itertools.islice(chunks, PREFETCH))
+  queued = collections.deque(submit(c) for c in itertools.islice(chunks, PREFETCH))
 
   def flush(result):
     (m, mf), labels = result
@@ -250,34 +251,42 @@ def _write_shard(source: ImageSource, indices: range, encode, pool, image_size: 
       writer.write(encode_latent_record(m[k], mf[k], label))
       counts[source.class_names[label]] += 1
 
-  while queued:
-    chunk, futures = queued.popleft()
-    nxt = next(chunks, None)
-    if nxt is not None:
-      queued.append(_submit(nxt))
-    images, labels = [], []
-    for i, fut in zip(chunk, futures):
-      out = fut.result()
-      if isinstance(out, Exception):
-        skipped.append([source.keys(i), f'{type(out).__name__}: {out}'])
-        logging.warning('skipping unreadable image %s: %s', source.keys(i), out)
-      else:
-        images.append(out[0])
-        labels.append(out[1])
-    result = None
-    if images:
-      batch = np.zeros((batch_size, image_size, image_size, 3), np.uint8)   # padded to static size
-      batch[:len(images)] = np.stack(images)
-      result = (encode(batch), labels)       # dispatched asynchronously
+  try:
+    while queued:
+      chunk, futures = queued.popleft()
+      nxt = next(chunks, None)
+      if nxt is not None:
+        queued.append(submit(nxt))
+      images, labels = _gather(source, chunk, futures, skipped)
+      result = None
+      if images:
+        batch = np.zeros((batch_size, image_size, image_size, 3), np.uint8)   # one static shape
+        batch[:len(images)] = np.stack(images)
+        result = (encode(batch), labels)   # dispatched asynchronously; written next iteration
+      if pending is not None:
+        flush(pending)
+      pending = result
+      progress.update(len(chunk), shard, num_shards)
     if pending is not None:
       flush(pending)
-    pending = result
-    progress.update(len(chunk), shard, num_shards)
-  if pending is not None:
-    flush(pending)
-  writer.close()
+  finally:
+    writer.close()
   return {'records': sum(counts.values()), 'images_per_class': dict(sorted(counts.items())),
           'skipped': skipped}
+
+
+def _gather(source: ImageSource, chunk, futures, skipped: list) -> tuple[list, list]:
+  """The loaded images and labels of one chunk; failures go to `skipped`."""
+  images, labels = [], []
+  for i, fut in zip(chunk, futures):
+    out = fut.result()
+    if isinstance(out, Exception):
+      skipped.append([source.keys(i), f'{type(out).__name__}: {out}'])
+      logging.warning('skipping unreadable image %s: %s', source.keys(i), out)
+    else:
+      images.append(out[0])
+      labels.append(out[1])
+  return images, labels
 
 
 def _load_one(source: ImageSource, i: int, image_size: int):

@@ -10,5 +10,5 @@ from mdt_jax.vae import io
 from mdt_jax.vae.io import VAE, decode_fn, encode_fn, load, load_model, random_params, save
 from mdt_jax.vae.model import AutoencoderKL, VAEConfig
 
-__all__ = ['AutoencoderKL', 'VAE', 'VAEConfig', 'convert', 'decode_fn', 'encode_fn', 'load',
+__all__ = ['AutoencoderKL', 'VAE', 'VAEConfig', 'convert', 'decode_fn', 'encode_fn', 'io', 'load',
            'load_model', 'random_params', 'read_diffusers', 'save']

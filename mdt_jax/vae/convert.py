@@ -2,8 +2,9 @@
 
 A diffusers folder holds ``config.json`` and ``diffusion_pytorch_model.safetensors`` (as published
 for stabilityai/sd-vae-ft-ema and sd-vae-ft-mse). Conv weights [O, I, kh, kw] become NHWC kernels
-[kh, kw, I, O], linear weights [O, I] become [I, O], GroupNorm ``weight`` becomes ``scale``. Both the
-old attention names (query/key/value/proj_attn) and the new ones (to_q/to_k/to_v/to_out.0) are read.
+[kh, kw, I, O], linear weights [O, I] become [I, O], GroupNorm ``weight`` becomes ``scale``.
+Both the old attention names (query/key/value/proj_attn) and the new ones
+(to_q/to_k/to_v/to_out.0) are read.
 """
 from __future__ import annotations
 

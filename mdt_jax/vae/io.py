@@ -90,7 +90,8 @@ def write_folder(out_dir: str, config: VAEConfig, params: dict[str, np.ndarray],
   check_params(config, params, 'parameter set')
   out_dir = os.path.abspath(out_dir)
   if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise FileExistsError(f'{out_dir} exists and is not empty; pass overwrite=True (--overwrite) to replace it')
+    raise FileExistsError(f'{out_dir} exists and is not empty; pass overwrite=True '
+                          '(--overwrite) to replace it')
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.vae-tmp-', dir=parent)

@@ -71,7 +71,8 @@ class VAEConfig:
     for key, want in (('down_block_types', DOWN_BLOCK), ('up_block_types', UP_BLOCK)):
       got = list(d.get(key, [want] * n))
       if got != [want] * n:
-        raise ValueError(f'{key} must be {n} x {want!r} (one per block_out_channels entry), got {got}')
+        raise ValueError(f'{key} must be {n} x {want!r} (one per block_out_channels entry), '
+                         f'got {got}')
     unknown = sorted(k for k in d if k not in fields and not k.startswith('_')
                      and k not in IGNORED_KEYS and k not in ('down_block_types', 'up_block_types'))
     if unknown:
@@ -238,7 +239,8 @@ class AutoencoderKL(nnx.Module):
     lc = cfg.latent_channels
     self.encoder = Encoder(cfg, rngs=rngs, dtype=dtype)
     self.decoder = Decoder(cfg, rngs=rngs, dtype=dtype)
-    self.quant_conv = _conv(2 * lc, 2 * lc, 1, rngs=rngs, dtype=dtype) if cfg.use_quant_conv else None
+    self.quant_conv = (_conv(2 * lc, 2 * lc, 1, rngs=rngs, dtype=dtype)
+                       if cfg.use_quant_conv else None)
     self.post_quant_conv = (_conv(lc, lc, 1, rngs=rngs, dtype=dtype)
                             if cfg.use_post_quant_conv else None)
 
