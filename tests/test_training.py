@@ -96,16 +96,21 @@ def _run_steps(setup, mesh_shape, n=3, mask_branch=True):
   return state, losses
 
 
-def test_meshes_match_single_device(step_setup):
-  ref_state, ref_losses = _run_steps(step_setup, (1, 1, 1))
+@pytest.fixture(scope='module')
+def single_device(step_setup):
+  return _run_steps(step_setup, (1, 1, 1))
+
+
+@pytest.mark.parametrize('shape', [(8, 1, 1), (4, 2, 1), (2, 4, 1)])
+def test_mesh_matches_single_device(step_setup, single_device, shape):
+  ref_state, ref_losses = single_device
   assert np.isfinite(ref_losses).all() and ref_losses[0] != ref_losses[-1]
-  for shape in [(8, 1, 1), (4, 2, 1), (2, 4, 1)]:
-    state, losses = _run_steps(step_setup, shape)
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=str(shape))
-    for a, b in zip(_leaves(state.params), _leaves(ref_state.params)):
-      np.testing.assert_allclose(a, b, atol=2e-6, err_msg=str(shape))
-    for a, b in zip(_leaves(state.ema_params), _leaves(ref_state.ema_params)):
-      np.testing.assert_allclose(a, b, atol=2e-6, err_msg=str(shape))
+  state, losses = _run_steps(step_setup, shape)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  for a, b in zip(_leaves(state.params), _leaves(ref_state.params)):
+    np.testing.assert_allclose(a, b, atol=2e-6)
+  for a, b in zip(_leaves(state.ema_params), _leaves(ref_state.ema_params)):
+    np.testing.assert_allclose(a, b, atol=2e-6)
 
 
 def test_param_shardings_follow_the_rules(step_setup):
@@ -130,9 +135,9 @@ def test_param_shardings_follow_the_rules(step_setup):
     sharding.make_mesh({'data': 4, 'fsdp': 4})
 
 
-def test_dit_baseline_has_no_masked_branch(step_setup):
+def test_dit_baseline_has_no_masked_branch(step_setup, single_device):
   _, losses = _run_steps(step_setup, (1, 1, 1), n=1, mask_branch=False)
-  _, both = _run_steps(step_setup, (1, 1, 1), n=1, mask_branch=True)
+  _, both = single_device
   assert losses[0] < both[0]          # one branch's loss vs the sum of two
 
 

@@ -19,6 +19,7 @@ from typing import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
@@ -52,7 +53,7 @@ def make_mesh(shape: dict | Sequence[int], devices: Sequence[jax.Device] | None 
     raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, '
                      f'{len(devices)} are available')
   try:
-    arr = jax.experimental.mesh_utils.create_device_mesh(sizes, devices)
+    arr = mesh_utils.create_device_mesh(sizes, devices)
   except Exception:  # noqa: BLE001 - e.g. simulated CPU devices without topology
     arr = np.asarray(devices).reshape(sizes)
   return Mesh(arr, MESH_AXES)

@@ -1,0 +1,221 @@
+"""Throughput, FLOPs, MFU and memory of the MDTv2 train step and samplers (``tools/bench.py``).
+
+All timings: warm-up excluded (the step is compiled ahead of time and run ``warmup`` times),
+``jax.block_until_ready`` before reading the clock, median of ``repeats`` timed runs.
+FLOPs come from the compiled program's cost analysis and from the analytic count below; MFU uses
+the analytic *useful* FLOPs (masked encoder at the mean kept count) over the device's peak.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mdt_jax import diffusion as diff
+from mdt_jax.models import masking
+from mdt_jax.models.mdt import MDTConfig
+from mdt_jax.training import sharding
+from mdt_jax.training.state import create_train_state, make_optimizer
+from mdt_jax.training.step import jit_train_step
+
+# Dense bf16 peak TFLOP/s (no sparsity), by device kind substring.
+PEAK_BF16_TFLOPS = {'H200': 989.0, 'H100': 989.0, 'A100': 312.0, 'TPU v4': 275.0,
+                    'TPU v5 lite': 197.0, 'TPU v5e': 197.0, 'TPU v5p': 459.0, 'TPU v6': 918.0}
+
+
+def peak_tflops(device: jax.Device) -> float | None:
+  kind = device.device_kind
+  for k, v in PEAK_BF16_TFLOPS.items():
+    if k.lower() in kind.lower():
+      return v
+  return None
+
+
+# ------------------------------------------------------------------------------ analytic FLOPs
+
+def block_flops(n: int, d: int, mlp_ratio: float, skip: bool) -> float:
+  """Forward FLOPs (2 per multiply-add) of one MDTBlock on n tokens, per sample."""
+  f = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d          # qkv, attention, proj
+  f += 2 * 2 * n * d * int(d * mlp_ratio)                             # fc1, fc2
+  f += 2 * d * 6 * d                                                  # adaLN (per sample)
+  if skip:
+    f += 2 * n * 2 * d * d
+  return float(f)
+
+
+def forward_flops(cfg: MDTConfig, kept: float | None = None) -> float:
+  """Forward FLOPs per sample; ``kept`` tokens in the encoder for the masked pass."""
+  d, n, p = cfg.hidden_size, cfg.num_tokens, cfg.patch_size
+  f = 2 * n * cfg.in_channels * p * p * d                             # patch embed
+  f += 2 * 256 * d + 2 * d * d                                        # timestep MLP
+  f += 2 * d * 2 * d + 2 * n * d * p * p * cfg.out_channels           # final layer
+  enc_n = n if kept is None else kept
+  if cfg.arch == 'mdtv2':
+    f += cfg.half_depth * (block_flops(enc_n, d, cfg.mlp_ratio, False) +
+                           block_flops(enc_n, d, cfg.mlp_ratio, True))
+    f += cfg.decode_layer * block_flops(n, d, cfg.mlp_ratio, True)
+  else:
+    f += (cfg.depth - cfg.decode_layer) * block_flops(enc_n, d, cfg.mlp_ratio, False)
+    f += cfg.decode_layer * block_flops(n, d, cfg.mlp_ratio, False)
+  if kept is not None:
+    f += block_flops(n, d, cfg.mlp_ratio, False)                      # side-interpolater
+  return float(f)
+
+
+def mean_kept(cfg: MDTConfig) -> float:
+  """E[floor(L (1 - r))], r ~ U[mask_ratio, mask_ratio + span)."""
+  r = np.linspace(cfg.mask_ratio, cfg.mask_ratio + cfg.mask_ratio_span, 20001)[:-1]
+  return float(np.floor(cfg.num_tokens * (1 - r)).mean())
+
+
+def train_step_flops(cfg: MDTConfig, batch: int, mask_branch: bool, executed: bool = False
+                     ) -> float:
+  """Model FLOPs of one train step (forward + backward = 3x forward), whole global batch.
+
+  ``executed=True`` counts the masked encoder at the static buffer size (what runs).
+  """
+  f = forward_flops(cfg)
+  if mask_branch:
+    k = masking.max_kept(cfg.num_tokens, cfg.mask_ratio) if executed else mean_kept(cfg)
+    f += forward_flops(cfg, kept=k)
+  return 3.0 * f * batch
+
+
+# ------------------------------------------------------------------------------ measurement
+
+def _timed(fn, repeats: int) -> list[float]:
+  out = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn())
+    out.append(time.perf_counter() - t0)
+  return out
+
+
+def _memory(compiled) -> dict:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 - not every backend implements it
+    return {}
+  if m is None:
+    return {}
+  args, outs = m.argument_size_in_bytes, m.output_size_in_bytes
+  temp, alias = m.temp_size_in_bytes, m.alias_size_in_bytes
+  return {'memory_args_gb': args / 1e9, 'memory_temp_gb': temp / 1e9,
+          'memory_peak_estimate_gb': (args + outs + temp - alias) / 1e9}
+
+
+def _cost_flops(compiled) -> float | None:
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # noqa: BLE001
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost['flops']) if cost and 'flops' in cost else None
+
+
+def bench_train_step(config: ml_collections.ConfigDict, *, mask_branch: bool, steps: int = 10,
+                     repeats: int = 3, warmup: int = 2, compile_only: bool = False) -> dict:
+  """Compile and time the real train step on synthetic data of the config's shape."""
+  mc = MDTConfig.from_dict(config.model.to_dict())
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  opt = make_optimizer(config.optimizer)
+  batch = config.global_batch_size
+  t0 = time.perf_counter()
+  state, shardings, graphdef = create_train_state(mc, opt, config.seed, mesh,
+                                                  config.sharding_rules)
+  init_s = time.perf_counter() - t0
+  bsh = sharding.batch_sharding(mesh)
+  step = jit_train_step(shardings, bsh, graphdef=graphdef,
+                        dif=diff.create_diffusion(num_timesteps=config.diffusion.num_timesteps),
+                        optimizer=opt, ema_decay=config.ema_decay, mask_branch=mask_branch,
+                        min_snr_gamma=config.diffusion.min_snr_gamma,
+                        learning_rate=config.optimizer.learning_rate)
+  shape = (batch, mc.input_size, mc.input_size, mc.in_channels)
+  data = {'x': jax.device_put(jax.random.normal(jax.random.key(0), shape), bsh),
+          'y': jax.device_put(jnp.arange(batch, dtype=jnp.int32) % mc.num_classes, bsh)}
+  t0 = time.perf_counter()
+  compiled = step.lower(state, data).compile()
+  out = {'branches': 'plain+masked (MDT)' if mask_branch else 'plain (DiT-style)',
+         'global_batch': batch, 'devices': jax.device_count(),
+         'device_kind': jax.devices()[0].device_kind, 'dtype': mc.dtype, 'remat': mc.remat,
+         'compile_s': time.perf_counter() - t0, 'init_s': init_s,
+         'model_tflop_per_step': train_step_flops(mc, batch, mask_branch) / 1e12,
+         'executed_tflop_per_step': train_step_flops(mc, batch, mask_branch, True) / 1e12}
+  flops = _cost_flops(compiled)
+  if flops is not None:
+    # XLA reports the per-device program; scale to the whole mesh.
+    out['xla_tflop_per_step'] = flops * jax.device_count() / 1e12
+  out.update(_memory(compiled))
+  if compile_only:
+    return out
+  holder = {'s': state}
+
+  def run():
+    for _ in range(steps):
+      holder['s'], m = compiled(holder['s'], data)
+    return m['loss']
+
+  for _ in range(warmup):
+    holder['s'], m = compiled(holder['s'], data)
+    jax.block_until_ready(m['loss'])
+  times = _timed(run, repeats)
+  step_s = statistics.median(times) / steps
+  out.update(step_s=step_s, steps_per_s=1.0 / step_s, images_per_s=batch / step_s)
+  achieved = out['model_tflop_per_step'] / step_s
+  out['achieved_tflops_per_device'] = achieved / jax.device_count()
+  peak = peak_tflops(jax.devices()[0])
+  if peak:
+    out['mfu'] = out['achieved_tflops_per_device'] / peak
+  stats = getattr(jax.devices()[0], 'memory_stats', lambda: None)()
+  if stats and 'peak_bytes_in_use' in stats:
+    out['device_peak_memory_gb'] = stats['peak_bytes_in_use'] / 1e9
+  return out
+
+
+def bench_sampling(config: ml_collections.ConfigDict, *, sampler: str, steps: int,
+                   batch: int, cfg_scale: float | None = 4.0, repeats: int = 1) -> dict:
+  """Images/s of a full sampling run (compile excluded) on randomly initialised weights."""
+  from flax import nnx
+  from mdt_jax.models.mdt import MDT
+  from mdt_jax.sampling import SamplerConfig, build_sampler
+  mc = MDTConfig.from_dict(config.model.to_dict())
+  model = MDT(mc, rngs=nnx.Rngs(0))
+  scfg = SamplerConfig(sampler=sampler, steps=steps, cfg_scale=cfg_scale,
+                       guided_channels='first3' if mc.in_channels > 3 else 'all')
+  smp = build_sampler(model, scfg)
+  idx = np.arange(batch)
+  y = idx % mc.num_classes
+  t0 = time.perf_counter()
+  jax.block_until_ready(smp(idx, y, 0))          # first call compiles
+  first = time.perf_counter() - t0
+  times = _timed(lambda: smp(idx, y, 1), repeats)
+  run_s = statistics.median(times)
+  return {'sampler': sampler, 'steps': steps, 'cfg_scale': cfg_scale, 'batch': batch,
+          'dtype': mc.dtype, 'device_kind': jax.devices()[0].device_kind,
+          'compile_and_first_run_s': first, 'run_s': run_s, 'images_per_s': batch / run_s}
+
+
+def markdown_table(rows: list[dict], keys: list[str]) -> str:
+  def fmt(v: Any) -> str:
+    if isinstance(v, float):
+      return f'{v:.4g}'
+    return str(v)
+  lines = ['| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)]
+  lines += ['| ' + ' | '.join(fmt(r.get(k, '')) for k in keys) + ' |' for r in rows]
+  return '\n'.join(lines)
+
+
+TRAIN_KEYS = ['branches', 'device_kind', 'devices', 'global_batch', 'dtype', 'remat',
+              'steps_per_s', 'images_per_s', 'model_tflop_per_step', 'xla_tflop_per_step',
+              'achieved_tflops_per_device', 'mfu', 'compile_s', 'memory_peak_estimate_gb',
+              'device_peak_memory_gb']
+SAMPLE_KEYS = ['sampler', 'steps', 'cfg_scale', 'batch', 'dtype', 'device_kind', 'images_per_s',
+               'run_s', 'compile_and_first_run_s']
+

@@ -1,0 +1,70 @@
+"""Benchmark the MDTv2 train step (MDT two-branch vs DiT-style) and the samplers.
+
+  python tools/bench.py --config=configs/mdtv2_xl2.py --config.model.dtype=bfloat16 \
+      --config.global_batch_size=32 --out=bench.json [--sampling] [--profile=DIR]
+
+Prints Markdown tables and writes JSON. See BENCHMARKS.md for recorded figures.
+"""
+import json
+import os
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from mdt_jax import benchmark
+
+config_flags.DEFINE_config_file('config', None, 'experiment config', lock_config=True)
+flags.DEFINE_list('modes', ['mdt', 'dit'], 'train steps to measure: mdt (two branches), dit')
+flags.DEFINE_integer('steps', 10, 'train steps per timed repeat')
+flags.DEFINE_integer('repeats', 3, 'timed repeats (the median is reported)')
+flags.DEFINE_bool('compile_only', False, 'only compile: FLOPs and memory estimates, no timing')
+flags.DEFINE_bool('sampling', False, 'also measure sampling throughput')
+flags.DEFINE_integer('sample_batch', 16, 'images per sampling run')
+flags.DEFINE_integer('ddpm_steps', 250, 'DDPM steps (the original FID setting)')
+flags.DEFINE_integer('dpm_steps', 20, 'DPM-Solver++ steps')
+flags.DEFINE_float('cfg_scale', 3.8, 'guidance scale for the sampling runs')
+flags.DEFINE_string('out', None, 'JSON file for the results')
+flags.DEFINE_string('profile', None, 'write a jax.profiler trace of a few MDT steps here')
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  del argv
+  config = FLAGS.config
+  results = {'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
+             'device_count': jax.device_count(), 'train': [], 'sampling': []}
+
+  def dump():
+    if FLAGS.out:
+      with open(FLAGS.out, 'w') as f:
+        json.dump(results, f, indent=2)
+
+  for mode in FLAGS.modes:
+    if mode not in ('mdt', 'dit'):
+      raise app.UsageError(f'unknown mode {mode!r}; expected mdt or dit')
+    r = benchmark.bench_train_step(config, mask_branch=mode == 'mdt', steps=FLAGS.steps,
+                                   repeats=FLAGS.repeats, compile_only=FLAGS.compile_only)
+    results['train'].append(r)
+    print(json.dumps(r), flush=True)
+    dump()
+  if FLAGS.profile:
+    os.makedirs(FLAGS.profile, exist_ok=True)
+    with jax.profiler.trace(FLAGS.profile):
+      benchmark.bench_train_step(config, mask_branch=True, steps=3, repeats=1, warmup=1)
+    print(f'profile written to {FLAGS.profile} (open with TensorBoard\'s profile plugin)')
+  if FLAGS.sampling:
+    for name, steps in (('ddpm', FLAGS.ddpm_steps), ('dpm_solver++', FLAGS.dpm_steps)):
+      r = benchmark.bench_sampling(config, sampler=name, steps=steps, batch=FLAGS.sample_batch,
+                                   cfg_scale=FLAGS.cfg_scale)
+      results['sampling'].append(r)
+      print(json.dumps(r), flush=True)
+      dump()
+  print(benchmark.markdown_table(results['train'], benchmark.TRAIN_KEYS))
+  if results['sampling']:
+    print(benchmark.markdown_table(results['sampling'], benchmark.SAMPLE_KEYS))
+  dump()
+
+
+if __name__ == '__main__':
+  app.run(main)
