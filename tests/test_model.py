@@ -87,15 +87,15 @@ def test_plain_pass_matches_numpy_reference(arch):
   np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize('arch', ['mdtv2', 'mdt_v1'])
-def test_static_buffer_masked_pass_equals_exact_kept_tokens(arch):
-  cfg = tiny(arch=arch, mask_ratio=0.3)
+@pytest.mark.parametrize('arch,multiple', [('mdtv2', 1), ('mdt_v1', 1), ('mdtv2', 8)])
+def test_static_buffer_masked_pass_equals_exact_kept_tokens(arch, multiple):
+  cfg = tiny(arch=arch, mask_ratio=0.3, mask_buffer_multiple=multiple)
   sd, model = _load_random(cfg, seed=3)
   x, t, y = _inputs()
   rng = np.random.default_rng(5)
   ids = np.stack([rng.permutation(16) for _ in range(3)]).astype(np.int32)
   kmax = masking.max_kept(16, 0.3)
-  assert kmax == 11
+  assert kmax == 11 and masking.buffer_size(16, 0.3, multiple) == (11 if multiple == 1 else 16)
   fn = jax.jit(lambda x, t, y, ids, k: model(x, t, y, ids_shuffle=ids, len_keep=k))
   for k in (kmax, 9, 7, 1):
     got = fn(jnp.asarray(x), jnp.asarray(t), jnp.asarray(y), jnp.asarray(ids), k)

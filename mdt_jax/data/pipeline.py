@@ -67,11 +67,22 @@ def make_source(cfg: ml_collections.ConfigDict):
   raise ValueError(f'data.name must be one of {SOURCES}, got {cfg.name!r}')
 
 
+def latent_shape(path: str) -> tuple[int, int]:
+  """(latent size, channels) read off the first record of the first shard."""
+  src = grain.sources.ArrayRecordDataSource(latent_files(path)[:1])
+  if len(src) == 0:
+    raise ValueError(f'the first latent shard under {path!r} is empty')
+  h, _, c2 = decode_latent_record(src[0])['moments'].shape
+  return h, c2 // 2
+
+
 def element_spec(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
   """(spatial size, channels) of the training tensors x."""
   if cfg.name == 'digits':
     return cfg.image_size, 1
-  return cfg.image_size // 8, 4
+  if cfg.name == 'latents' and cfg.path:
+    return latent_shape(cfg.path)
+  return cfg.image_size // 8, 4     # SD-VAE: 8x downsampling, 4 channels
 
 
 def make_dataset(cfg: ml_collections.ConfigDict, *, seed: int, local_batch: int,

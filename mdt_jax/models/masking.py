@@ -23,6 +23,15 @@ def max_kept(num_tokens: int, mask_ratio: float) -> int:
   return max(1, int(math.floor(num_tokens * (1.0 - mask_ratio))))
 
 
+def buffer_size(num_tokens: int, mask_ratio: float, multiple: int = 1) -> int:
+  """Static encoder buffer: max_kept rounded up to `multiple` (fused attention kernels may need
+  sequence lengths that are multiples of 8 or 64), at most num_tokens."""
+  if multiple < 1:
+    raise ValueError(f'buffer multiple must be >= 1, got {multiple}')
+  k = max_kept(num_tokens, mask_ratio)
+  return min(num_tokens, -(-k // multiple) * multiple)
+
+
 def draw_mask(key: Array, batch: int, num_tokens: int, mask_ratio: float,
               span: float = 0.2) -> tuple[Array, Array]:
   """One ratio r ~ U[mask_ratio, mask_ratio + span) for the whole batch, a random order per sample.

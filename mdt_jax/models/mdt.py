@@ -50,6 +50,7 @@ class MDTConfig:
   remat: bool = False               # rematerialise each block in the backward pass
   remat_policy: str = 'nothing_saveable'
   attention_impl: str | None = None  # jax.nn.dot_product_attention implementation (None: auto)
+  mask_buffer_multiple: int = 1     # round the masked encoder's static buffer up (64 for cuDNN)
 
   def __post_init__(self):
     if self.attention_impl == '':
@@ -66,6 +67,8 @@ class MDTConfig:
                        f'{self.patch_size}')
     if not 0 <= self.decode_layer <= self.depth:
       raise ValueError(f'decode_layer must be in [0, depth={self.depth}], got {self.decode_layer}')
+    if self.mask_buffer_multiple < 1:
+      raise ValueError(f'mask_buffer_multiple must be >= 1, got {self.mask_buffer_multiple}')
     if self.mask_ratio is not None and not 0.0 <= self.mask_ratio < 1.0:
       raise ValueError(f'mask_ratio must be None or in [0, 1), got {self.mask_ratio}')
 
@@ -237,7 +240,7 @@ class MDT(nnx.Module):
     cfg = self.config
     b, n, d = u.shape
     ratio = cfg.mask_ratio if cfg.mask_ratio is not None else 0.0
-    k = masking.max_kept(n, ratio)
+    k = masking.buffer_size(n, ratio, cfg.mask_buffer_multiple)
     ids_keep = ids_shuffle[:, :k]
     slot_valid = jnp.arange(k)[None, :] < len_keep                       # [1, K]
     x = jnp.take_along_axis(u, ids_keep[:, :, None], axis=1)             # [B, K, D]

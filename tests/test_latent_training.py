@@ -1,0 +1,57 @@
+"""The latent dataset end to end: extract an image folder with a VAE, then train on the shards."""
+import numpy as np
+import pytest
+
+import mdt_jax.vae as vae_lib
+from micro_config import get_config
+from mdt_jax.data import extract, pipeline
+from mdt_jax.data.records import LATENT_SCALE, decode_latent_record, encode_latent_record
+from mdt_jax.training.loop import train_and_evaluate
+from test_extract import TINY, make_folder
+
+
+def test_sample_latent_draws_the_posterior_and_scales():
+  rng = np.random.default_rng(0)
+  mean = rng.standard_normal((4, 4, 4)).astype(np.float32)
+  logvar = np.full((4, 4, 4), -2.0, np.float32)
+  rec = encode_latent_record(np.concatenate([mean, logvar], -1),
+                             np.concatenate([mean[:, ::-1], logvar], -1), 3)
+  draws = np.stack([pipeline.sample_latent(rec, np.random.default_rng(i), flip=False)['x']
+                    for i in range(4000)])
+  np.testing.assert_allclose(draws.mean(0), mean * LATENT_SCALE, atol=0.004)
+  np.testing.assert_allclose(draws.std(0), np.exp(-1.0) * LATENT_SCALE, rtol=0.08)
+  flips = [pipeline.sample_latent(rec, np.random.default_rng(i))['x'] for i in range(200)]
+  near_flip = np.mean([np.abs(x - mean[:, ::-1] * LATENT_SCALE).mean() <
+                       np.abs(x - mean * LATENT_SCALE).mean() for x in flips])
+  assert 0.35 < near_flip < 0.65                 # the flipped copy is used half the time
+  assert pipeline.sample_latent(rec, rng)['y'] == 3
+  with pytest.raises(ValueError, match='corrupt latent record'):
+    decode_latent_record(b'\x00garbage')
+
+
+def test_extract_then_train_a_few_steps(tmp_path):
+  config = vae_lib.VAEConfig.from_dict(TINY)
+  vae_lib.io.write_folder(str(tmp_path / 'vae'), config, vae_lib.random_params(config, seed=0))
+  make_folder(tmp_path / 'images')
+  extract.extract(extract.folder_source(str(tmp_path / 'images')),
+                  vae_lib.load(str(tmp_path / 'vae')), str(tmp_path / 'latents'),
+                  image_size=16, batch_size=8, images_per_shard=8)
+  c = get_config()
+  c.data = dict(name='latents', path=str(tmp_path / 'latents'), image_size=16, flip=True,
+                num_threads=1, prefetch=2, vae_decoder=str(tmp_path / 'vae'))
+  c.model.input_size, c.model.in_channels, c.model.num_classes = 8, 4, 2
+  assert pipeline.element_spec(c.data) == (8, 4)
+  c.global_batch_size, c.total_steps = 8, 2
+  out = train_and_evaluate(c, str(tmp_path / 'work'))
+  assert out['step'] == 2 and np.isfinite(out['loss'])
+  c.model.input_size = 16
+  with pytest.raises(ValueError, match='gives 8x8x4 inputs but model expects input_size=16'):
+    train_and_evaluate(c, str(tmp_path / 'work2'))
+
+
+def test_empty_or_missing_latent_source_is_refused(tmp_path):
+  c = get_config()
+  c.data = dict(name='latents', path=str(tmp_path), image_size=64, flip=True, num_threads=1,
+                prefetch=2, vae_decoder='')
+  with pytest.raises(FileNotFoundError, match='no \\*.array_record latent shards found'):
+    pipeline.make_iterator(c.data, seed=0, global_batch=8)
