@@ -183,13 +183,18 @@ class BlockE(nnx.Module):
 
 
 def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
-  """[n_out, n_in] weights of TF1's ResizeBilinear (align_corners=False, no half-pixel centres)."""
-  src = np.arange(n_out, dtype=np.float64) * (n_in / n_out)
-  lo = np.floor(src).astype(np.int64)
-  hi = np.minimum(lo + 1, n_in - 1)
-  frac = src - lo
+  """[n_out, n_in] weights of TF1's ResizeBilinear (align_corners=False, no half-pixel centres).
+
+  Source coordinates are computed in float32 as TensorFlow's kernel computes them
+  (scale = float(in) / out, src = float(i) * scale), so the rounding of the coordinates matches.
+  """
+  scale = np.float32(n_in) / np.float32(n_out)
+  src = np.arange(n_out, dtype=np.float32) * scale
+  lo = np.floor(src)
+  hi = np.minimum(np.ceil(src), n_in - 1).astype(np.int64)
+  frac = (src - lo).astype(np.float64)
   m = np.zeros((n_out, n_in), np.float64)
-  np.add.at(m, (np.arange(n_out), lo), 1.0 - frac)
+  np.add.at(m, (np.arange(n_out), lo.astype(np.int64)), 1.0 - frac)
   np.add.at(m, (np.arange(n_out), hi), frac)
   return m.astype(np.float32)
 
