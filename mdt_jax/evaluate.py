@@ -60,9 +60,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
   args = parse_args(argv)
-  from mdt_jax.evaluation.evaluator import evaluate, format_table, open_images, reference_kind
-  open_images(args.samples, 'samples')   # bad files fail here, before any conversion or compile
-  reference_kind(args.reference)
+  from mdt_jax.evaluation.evaluator import check_inputs, evaluate, format_table
+  check_inputs(args.samples, args.reference)   # bad files fail here, before any conversion
   _ensure_default_weights(args.inception)
   result = evaluate(args.samples, args.reference, args.inception, batch_size=args.batch_size,
                     cache_dir=args.cache_dir, save_stats=args.save_stats,

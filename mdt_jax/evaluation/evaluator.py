@@ -88,7 +88,9 @@ def open_images(path: str, what: str) -> NpzImages:
   images = NpzImages(path, 'arr_0')
   shape, dtype = images.shape, images.dtype
   if dtype != np.uint8:
-    raise ValueError(f'{what} {path!r}: arr_0 has dtype {dtype}, expected uint8 in [0, 255]')
+    raise ValueError(f'{what} {path!r}: arr_0 has dtype {dtype}, expected uint8 in [0, 255] '
+                     '(from [-1, 1] floats: np.clip(np.round((x + 1) * 127.5), 0, 255)'
+                     '.astype(np.uint8))')
   if len(shape) != 4 or shape[-1] != 3:
     raise ValueError(f'{what} {path!r}: arr_0 has shape {shape}, expected [N, H, W, 3]')
   if min(shape[1:3]) < 8:
@@ -161,21 +163,28 @@ def reference_statistics(reference: str, extractor: FeatureExtractor, weights_fp
   return stats
 
 
+def check_inputs(samples: str, reference: str) -> NpzImages:
+  """Checks the sample batch (arr_0 images, optional arr_1 labels) and the reference layout."""
+  images = open_images(samples, 'samples')
+  if 'arr_1' in _npz_names(samples):
+    labels = NpzImages(samples, 'arr_1')
+    if labels.shape != (len(images),) or labels.dtype.kind not in 'iu':
+      raise ValueError(f'samples {samples!r}: arr_1 must hold integer labels [{len(images)}], '
+                       f'got {labels.dtype} {list(labels.shape)}')
+  reference_kind(reference)
+  return images
+
+
 def evaluate(samples: str, reference: str, weights: str, *, batch_size: int = 256,
              cache_dir: str | None = None, save_stats: str | None = None,
              split_size: int = 5000, k: int = 3, fid_method: str = 'eigh',
              progress: bool = True) -> dict:
   """Metrics of an ADM sample batch against a reference; checks both files before any work."""
-  sample_images = open_images(samples, 'samples')
-  names = _npz_names(samples)
-  if 'arr_1' in names:
-    labels = NpzImages(samples, 'arr_1')
-    if labels.shape != (len(sample_images),) or labels.dtype.kind not in 'iu':
-      raise ValueError(f'samples {samples!r}: arr_1 must be integer labels [{len(sample_images)}]'
-                       f', got {labels.dtype} {labels.shape}')
-  reference_kind(reference)
-  fp = weights_fingerprint(weights) if os.path.isfile(weights) else ''
+  if fid_method not in ('eigh', 'sqrtm'):
+    raise ValueError(f"fid_method must be 'eigh' or 'sqrtm', got {fid_method!r}")
+  sample_images = check_inputs(samples, reference)
   model = load_inception(weights)
+  fp = weights_fingerprint(weights)
   extractor = FeatureExtractor(model, batch_size)
   ref = reference_statistics(reference, extractor, fp, cache_dir, progress)
   feats = extractor(sample_images.batches(extractor.batch_size), len(sample_images), 'samples',
