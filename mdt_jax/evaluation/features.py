@@ -104,7 +104,11 @@ def _sharded_forward(graphdef, mesh):
 
 
 class FeatureExtractor:
-  """Inception features of uint8 image batches, data-parallel over a device mesh."""
+  """Inception features of uint8 image batches, data-parallel over a device mesh.
+
+  Single-process: the host feeds whole global batches (multi-host runs would need each process
+  to feed its part with ``jax.make_array_from_process_local_data``).
+  """
 
   def __init__(self, model: InceptionV3, batch_size: int = 256, mesh=None):
     self.mesh = mesh if mesh is not None else data_mesh()
@@ -137,11 +141,10 @@ class FeatureExtractor:
     def collect(item):
       feats, n = item
       for k, v in feats.items():
-        out.setdefault(k, []).append(np.asarray(v[:n]))
+        out.setdefault(k, []).append(np.asarray(v)[:n])   # slice on the host, not on device
       return n
 
-    for batch in batches:
-      check_images(batch, label)
+    for batch in _rechunk(batches, self.batch_size, label):
       item = self._run(batch)         # dispatched asynchronously
       if pending is not None:         # gather the previous batch while this one runs
         done += collect(pending)
@@ -157,6 +160,14 @@ class FeatureExtractor:
     if not out:
       raise ValueError(f'no {label} to compute features of')
     return {k: np.concatenate(v) for k, v in out.items()}
+
+
+def _rechunk(batches, size: int, label: str) -> Iterator[np.ndarray]:
+  """Checked batches of at most ``size`` images (larger input batches are split)."""
+  for batch in batches:
+    check_images(batch, label)
+    for i in range(0, len(batch), size):
+      yield batch[i:i + size]
 
 
 def _report(label: str, done: int, total: int | None, seconds: float) -> None:
