@@ -69,10 +69,10 @@ def _torch_features(ts, resized: np.ndarray) -> dict:
   return {'pool': pool.numpy(), 'spatial': spatial.numpy()}
 
 
-@pytest.mark.parametrize('shape', [(2, 40, 56), (1, 317, 300)])
-def test_features_match_torchscript(model, torchscript, weights, shape):
-  rng = np.random.default_rng(sum(shape))
-  images = rng.integers(0, 256, shape + (3,), dtype=np.uint8)
+def test_features_match_torchscript(model, torchscript, weights):
+  # the resize (up and down) is checked on its own below; one input size suffices here
+  shape = (2, 40, 56)
+  images = np.random.default_rng(0).integers(0, 256, shape + (3,), dtype=np.uint8)
   resized = np.asarray(inception.resize_bilinear_tf(images.astype(np.float32)))
   ref = _torch_features(torchscript, resized)
   out = _direct(model, images)

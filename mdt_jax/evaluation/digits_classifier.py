@@ -2,8 +2,8 @@
 
 The quickstart dataset (``mdt_jax.data.digits``, 1,797 images, 10 classes) is too small and too
 unlike ImageNet for Inception features, so a small CNN trained on it plays the Inception's part:
-its penultimate layer (64 features, before the ReLU) gives a Frechet distance, its predictions the class accuracy
-of class-conditional samples.
+its penultimate layer (64 features, taken before the ReLU) gives a Frechet distance, its
+predictions the class accuracy of class-conditional samples.
 
 API (images are float [N, 16, 16, 1] in [-1, 1], NHWC, numpy or jax arrays)::
 
@@ -17,8 +17,8 @@ API (images are float [N, 16, 16, 1] in [-1, 1], NHWC, numpy or jax arrays)::
     clf.predict(images)    # [N] int32 class ids
     clf.test_accuracy      # accuracy on the held-out 20% of the dataset
 
-``load_digits_classifier(cache_dir=None, seed=0)`` trains the network the first time (about ten
-seconds on a CPU, deterministic for a given seed on a given machine) on a fixed 80% split of the
+``load_digits_classifier(cache_dir=None, seed=0)`` trains the network the first time (5-10
+seconds on a 2-core CPU, deterministic for a given seed on a given machine) on a fixed 80% split of the
 dataset and saves it to ``cache_dir`` (default ``$MDT_JAX_CACHE`` or ``~/.cache/mdt_jax``);
 later calls read that file (kept in memory per process). Frechet distances need at least 2
 images and are biased upwards below ~64 (the feature size); a few hundred or more are advised.
