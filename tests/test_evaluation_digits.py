@@ -55,8 +55,6 @@ def test_training_is_deterministic():
   assert a1 == a2
   for k in p1:
     np.testing.assert_array_equal(p1[k], p2[k])
-  p3 = dc.DigitsClassifier(dc.train(dataclasses.replace(cfg, seed=4))[0], cfg).params()
-  assert any(not np.array_equal(p1[k], p3[k]) for k in p1)
 
 
 def test_frechet_distance(clf, data):

@@ -210,10 +210,8 @@ def test_evaluate_command_end_to_end(model, weights, tmp_path, capsys):
   assert result['inception_score'] == pytest.approx(
       metrics.inception_score(smp.pool @ weights['head'].T), rel=1e-4)
   assert (result['precision'], result['recall']) == metrics.precision_recall(ref.pool, smp.pool)
-  # the pool features are the network's (the sharded extraction is tested above)
+  # (that the extracted features are the network's is tested above and below)
   extractor = FeatureExtractor(model, batch_size=8)
-  np.testing.assert_allclose(extractor(samples, progress=False)['pool'], smp.pool, rtol=1e-5,
-                             atol=1e-5)
   fp = inception.weights_fingerprint(weights['full'])
   assert reference_statistics(str(tmp_path / 'sample_stats.npz'), extractor, fp).num_images == 6
 

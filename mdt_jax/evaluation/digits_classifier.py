@@ -18,8 +18,8 @@ API (images are float [N, 16, 16, 1] in [-1, 1], NHWC, numpy or jax arrays)::
     clf.test_accuracy      # accuracy on the held-out 20% of the dataset
 
 ``load_digits_classifier(cache_dir=None, seed=0)`` trains the network the first time (5-10
-seconds on a 2-core CPU, deterministic for a given seed on a given machine) on a fixed 80% split of the
-dataset and saves it to ``cache_dir`` (default ``$MDT_JAX_CACHE`` or ``~/.cache/mdt_jax``);
+seconds on a 2-core CPU, deterministic for a given seed on a given machine) on a fixed 80%
+split of the dataset and saves it to ``cache_dir`` (default ``$MDT_JAX_CACHE`` or ``~/.cache/mdt_jax``);
 later calls read that file (kept in memory per process). Frechet distances need at least 2
 images and are biased upwards below ~64 (the feature size); a few hundred or more are advised.
 """
@@ -118,29 +118,39 @@ def _augment(key: jax.Array, x: jax.Array, noise_std: float) -> jax.Array:
   return jnp.clip(x + noise_std * jax.random.normal(k_noise, x.shape), -1.0, 1.0)
 
 
-def train(config: TrainConfig = TrainConfig()) -> tuple[DigitsCNN, float]:
-  """Trains on the fixed 80% split; returns (model, accuracy on the held-out 20%)."""
-  from mdt_jax.data.digits import load_digits_images
-  images, labels = load_digits_images(config.size)
-  train_idx, test_idx = split_indices(len(images))
-  x_train, y_train = jnp.asarray(images[train_idx]), jnp.asarray(labels[train_idx])
-  model = DigitsCNN(config.size, rngs=nnx.Rngs(config.seed))
-  graphdef, params = nnx.split(model)
-  tx = optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
-  opt_state = tx.init(params)
+def _optimizer(config: TrainConfig) -> optax.GradientTransformation:
+  return optax.adamw(config.learning_rate, weight_decay=config.weight_decay)
+
+
+@functools.lru_cache(maxsize=4)
+def _train_step(graphdef, config: TrainConfig):
+  """Jitted step for a model structure and config (cached: repeated trainings compile once)."""
+  tx = _optimizer(dataclasses.replace(config, seed=0, epochs=0))
 
   @jax.jit
-  def step(params, opt_state, idx, key):
-    x = _augment(key, x_train[idx], config.noise_std)
+  def step(params, opt_state, x, y, key):
+    x = _augment(key, x, config.noise_std)
 
     def loss_fn(p):
       logits = nnx.merge(graphdef, p)(x)
-      return optax.softmax_cross_entropy_with_integer_labels(logits, y_train[idx]).mean()
+      return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     loss, grads = jax.value_and_grad(loss_fn)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
+  return step
+
+
+def train(config: TrainConfig = TrainConfig()) -> tuple[DigitsCNN, float]:
+  """Trains on the fixed 80% split; returns (model, accuracy on the held-out 20%)."""
+  from mdt_jax.data.digits import load_digits_images
+  images, labels = load_digits_images(config.size)
+  train_idx, test_idx = split_indices(len(images))
+  x_train, y_train = images[train_idx], labels[train_idx]
+  graphdef, params = nnx.split(DigitsCNN(config.size, rngs=nnx.Rngs(config.seed)))
+  opt_state = _optimizer(config).init(params)
+  step = _train_step(graphdef, dataclasses.replace(config, seed=0, epochs=0))
   order_rng = np.random.default_rng(config.seed)
   key = jax.random.key(config.seed)
   steps_per_epoch = len(train_idx) // config.batch_size   # full batches only: one compilation
@@ -148,12 +158,25 @@ def train(config: TrainConfig = TrainConfig()) -> tuple[DigitsCNN, float]:
     perm = order_rng.permutation(len(train_idx))
     for i in range(steps_per_epoch):
       key, sub = jax.random.split(key)
-      idx = jnp.asarray(perm[i * config.batch_size:(i + 1) * config.batch_size])
-      params, opt_state, _ = step(params, opt_state, idx, sub)
+      idx = perm[i * config.batch_size:(i + 1) * config.batch_size]
+      params, opt_state, _ = step(params, opt_state, x_train[idx], y_train[idx], sub)
   model = nnx.merge(graphdef, params)
   clf = DigitsClassifier(model, config)
   accuracy = float(np.mean(clf.predict(images[test_idx]) == labels[test_idx]))
   return model, accuracy
+
+
+@functools.lru_cache(maxsize=4)
+def _apply_fn(graphdef):
+  """Jitted (features, logits) for a model structure (cached across classifier instances)."""
+
+  @jax.jit
+  def apply(params, x):
+    model = nnx.merge(graphdef, params)
+    feats = model.features(x)
+    return feats, model.head(jax.nn.relu(feats))
+
+  return apply
 
 
 class DigitsClassifier:
@@ -162,13 +185,8 @@ class DigitsClassifier:
   def __init__(self, model: DigitsCNN, config: TrainConfig, test_accuracy: float = float('nan'),
                batch_size: int = 512):
     self.config, self.test_accuracy, self.batch_size = config, test_accuracy, batch_size
-    self._graphdef, self._params = nnx.split(model)
-    self._apply = jax.jit(self._forward)
-
-  def _forward(self, params, x):
-    model = nnx.merge(self._graphdef, params)
-    feats = model.features(x)
-    return feats, model.head(jax.nn.relu(feats))
+    graphdef, self._params = nnx.split(model)
+    self._apply = _apply_fn(graphdef)
 
   def _run(self, images, what: str) -> tuple[np.ndarray, np.ndarray]:
     x = check_images(images, self.config.size, what)
