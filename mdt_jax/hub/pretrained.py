@@ -11,18 +11,28 @@ def _is_workdir(path: str) -> bool:
   return os.path.isdir(os.path.join(path, 'checkpoints'))
 
 
+# Only what loading needs: a repo may also hold official-layout copies of the weights.
+HUB_FILES = ['config.json', 'model.safetensors', 'README.md']
+
+
 def _hub_download(repo_id: str) -> str:
   from huggingface_hub import snapshot_download
   try:   # the cache first: works offline once downloaded
-    return snapshot_download(repo_id, local_files_only=True)
-  except Exception:  # not cached (or partially): ask the Hub
+    path = snapshot_download(repo_id, local_files_only=True, allow_patterns=HUB_FILES)
+    if is_model_folder(path):
+      return path
+  except Exception:  # not cached: ask the Hub
     pass
   try:
-    return snapshot_download(repo_id)
+    path = snapshot_download(repo_id, allow_patterns=HUB_FILES)
   except Exception as e:
     raise FileNotFoundError(
         f'{repo_id!r} is neither a local model folder or training workdir nor a Hub repo that '
         f'could be downloaded or found in the Hub cache ({type(e).__name__}: {e})') from e
+  if not is_model_folder(path):
+    raise FileNotFoundError(f'Hub repo {repo_id!r} (at {path}) is not an mdt_jax model folder: '
+                            'config.json and model.safetensors are expected')
+  return path
 
 
 def load(path_or_repo_id: str, **model_overrides) -> Pretrained:
