@@ -285,6 +285,36 @@ def test_evaluation_json_mapping_is_tolerant_and_explicit(tmp_path):
     export.read_evaluation(str(p))
 
 
+def test_imagenet_latent_card(tmp_path):
+  """The card of an ImageNet latent model: dataset id, VAE, eval results, CLI with --vae."""
+  from huggingface_hub import ModelCard
+  cfg = MDTConfig.from_dict(model_config('XL/2', decode_layer=4).to_dict())
+  data_cfg = dict(name='latents', image_size=256)
+  p = tmp_path / 'm.json'
+  p.write_text(json.dumps({'fid': 1.58, 'inception_score': 314.7, 'num_samples': 50000,
+                           'reference': '/data/VIRTUAL_imagenet256_labeled.npz'}))
+  ev = export.read_evaluation(str(p))
+  meta = export.card_metadata(config=cfg, data_cfg=data_cfg, license='cc-by-nc-4.0',
+                              model_name='mdtv2-xl2', evaluation=ev)
+  data = dict(space='latent', image_size=256, vae='stabilityai/sd-vae-ft-ema')
+  text = export.card_text(metadata=meta, config=cfg, model_ref='me/mdtv2-xl2', title='MDTv2-XL/2',
+                          data=data, diffusion={'num_timesteps': 1000}, sampling={},
+                          training={'steps': 1}, evaluation=ev,
+                          official_files=['official/mdt_official.pt'])
+  card = export.parse_card(text)
+  assert card.data.datasets == ['ILSVRC/imagenet-1k'] and card.data.license == 'cc-by-nc-4.0'
+  r = {e.metric_type: e for e in card.data.eval_results}
+  assert r['fid'].metric_value == 1.58 and r['inception_score'].metric_value == 314.7
+  assert r['fid'].dataset_name == 'ImageNet 256x256' and r['fid'].dataset_type == 'imagenet-1k'
+  assert '742,263,904' in card.text                       # the released checkpoint's count
+  assert '--vae=VAE_FOLDER' in card.text and 'sd-vae-ft-ema' in card.text
+  assert "MDTv2(input_size=32, patch_size=2, in_channels=4, hidden_size=1152" in card.text
+  assert '(50000 samples, reference `VIRTUAL_imagenet256_labeled.npz`)' in card.text
+  assert ModelCard(text).data.to_dict() == card.data.to_dict()
+  with pytest.raises(ValueError, match='Invalid `model_index`'):   # the checker is not blind
+    export.parse_card(text.replace('    metrics:\n', '    metricz:\n', 1))
+
+
 def test_bad_inputs_fail_before_any_work(run, tmp_path):
   wd, out = run['workdir'], str(tmp_path / 'out')
   cases = [

@@ -180,16 +180,15 @@ def usage_code(model_ref: str, space: str, num_classes: int) -> str:
       'from mdt_jax.sampling import SamplerConfig, build_sampler, generate',
       'from mdt_jax.sampling.cli_io import recommended_settings, save_grid, to_uint8',
       '',
-      f'pretrained = load({model_ref!r})   # this folder or its Hub repo id (cached, works offline)',
+      '# a model folder or a Hub repo id (downloaded once, then read from the cache offline)',
+      f'pretrained = load({model_ref!r})',
       'model = pretrained.model',
       'settings = recommended_settings(pretrained.sampling, model.config.in_channels)',
-      "config = SamplerConfig(**settings, num_train_timesteps=pretrained.diffusion['num_timesteps'])",
+      "train_steps = pretrained.diffusion['num_timesteps']",
+      'config = SamplerConfig(**settings, num_train_timesteps=train_steps)',
       'sampler = build_sampler(model, config)   # shards the batch over every local device',
   ]
-  if num_classes > 0:
-    lines.append(f'labels = np.repeat(np.arange({n}), 2)   # two samples each of classes 0..{n - 1}')
-  else:
-    lines.append('labels = np.zeros(8, np.int32)')
+  lines.append(f'labels = np.repeat(np.arange({n}), 2)   # 2 samples each of classes 0..{n - 1}')
   lines.append('samples = generate(sampler, labels, seed=0, batch_size=8)   # NHWC float32')
   if space == 'pixel':
     lines += ['images = to_uint8(samples)   # [-1, 1] pixels -> uint8',
@@ -245,12 +244,12 @@ def card_text(*, metadata, config: MDTConfig, model_ref: str, title: str, data: 
              [(f'sampling.{k}', v) for k, v in sampling.items()]), '',
   ]
   if evaluation:
-    n = evaluation.get('num_samples')
+    details = [f'{evaluation["num_samples"]} samples'] if evaluation.get('num_samples') else []
+    if evaluation.get('reference'):
+      details.append(f'reference `{os.path.basename(str(evaluation["reference"]))}`')
     parts += ['## Evaluation', '',
               f'From `{os.path.basename(evaluation["path"])}`'
-              + (f' ({n} samples' if n else ' (')
-              + (f', reference `{os.path.basename(str(evaluation["reference"]))}`)'
-                 if evaluation.get('reference') else ')') + ':', '',
+              + (f' ({", ".join(details)})' if details else '') + ':', '',
               '| metric | value |', '|---|---|']
     parts += [f'| {m.name} ({"lower" if m.lower_is_better else "higher"} is better) | {v:.4f} |'
               for m, v in evaluation['metrics']]
@@ -273,7 +272,8 @@ def card_text(*, metadata, config: MDTConfig, model_ref: str, title: str, data: 
         '(github.com/sail-sg/MDT), `relative_position_index` buffers included, so they load with '
         f'strict key matching into `{_official_constructor(config)}`, e.g. '
         '`model.load_state_dict(safetensors.torch.load_file(path), strict=True)` or '
-        '`model.load_state_dict(torch.load(path))`. `tools/convert_official.py` converts them back.',
+        '`model.load_state_dict(torch.load(path))`. `tools/convert_official.py` converts them '
+        'back.',
         '']
   parts += [
       '## Files', '',
