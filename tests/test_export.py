@@ -19,6 +19,7 @@ from micro_config import get_config
 from mdt_jax import MDTConfig, model_config
 from mdt_jax.hub import export, official
 from mdt_jax.hub.convert import convert_official
+from mdt_jax.hub import Pretrained, sampler_config
 from mdt_jax.hub.folder import load_model_folder
 from mdt_jax.training.checkpoints import load_workdir
 from mdt_jax.training.loop import train_and_evaluate
@@ -107,8 +108,9 @@ def test_train_export_load_gives_identical_outputs(run):
   np.testing.assert_array_equal(_out(mdt_jax.load_pretrained(str(run['out']))), want)
   cfg = json.loads((run['out'] / 'config.json').read_text())
   assert cfg['diffusion'] == {'num_timesteps': 1000, 'beta_schedule': 'linear'}
-  assert cfg['sampling'] == {k: get_config().sampling[k] for k in export.SAMPLING_KEYS
-                             if k in get_config().sampling}
+  # the training config's recommendation, guided channels named as every loader reads them
+  assert cfg['sampling'] == dict(sampler='ddpm', steps=250, cfg_scale=3.8, scale_pow=4.0,
+                                 guidance_channels='all')
   assert cfg['data'] == {'space': 'pixel', 'image_size': 8, 'image_channels': 1, 'vae': None}
   assert 'step 2 (ema_params)' in cfg['source']
 
@@ -313,6 +315,30 @@ def test_imagenet_latent_card(tmp_path):
   assert ModelCard(text).data.to_dict() == card.data.to_dict()
   with pytest.raises(ValueError, match='Invalid `model_index`'):   # the checker is not blind
     export.parse_card(text.replace('    metrics:\n', '    metricz:\n', 1))
+
+
+def test_recommended_sampling_settings_are_normalised_and_checked():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location('quickstart',
+                                                os.path.join(ROOT, 'configs', 'quickstart.py'))
+  quickstart = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(quickstart)
+  qs = quickstart.get_config().sampling.to_dict()             # guidance_channels=0, 1 channel
+  got = export.recommended_sampling(qs, 1, 1000)
+  # scale_pow 0 weights every step by (1 - cos(pi)) / 2 = 1: constant guidance
+  assert got == dict(sampler='ddpm', steps=100, cfg_scale=2.0, guidance_schedule='constant',
+                     guidance_channels='all')
+  pre = Pretrained(model=None, config=MDTConfig(in_channels=1), data={}, sampling=qs,
+                   diffusion={'num_timesteps': 1000}, meta={})
+  sc = sampler_config(pre, steps=20)
+  assert (sc.sampler, sc.steps, sc.cfg_scale, sc.guidance_schedule, sc.guided_channels) == \
+      ('ddpm', 20, 2.0, 'constant', 'all')
+  base = dict(sampler='ddpm', steps=250, cfg_scale=3.8, scale_pow=4.0, guidance_channels=3)
+  assert export.recommended_sampling(base, 4, 1000)['guidance_channels'] == 'first3'
+  with pytest.raises(ValueError, match='guidance_channels 0'):
+    export.recommended_sampling({**base, 'guidance_channels': 0}, 4, 1000)
+  with pytest.raises(ValueError, match='not usable'):
+    export.recommended_sampling({**base, 'sampler': 'euler'}, 4, 1000)
 
 
 def test_bad_inputs_fail_before_any_work(run, tmp_path):

@@ -32,9 +32,6 @@ CARD_FILE = 'README.md'
 OFFICIAL_DIR = 'official'
 OFFICIAL_FILES = {'safetensors': 'mdt_official.safetensors', 'pt': 'mdt_official.pt'}
 WEIGHTS = {'ema': 'ema_params', 'raw': 'params'}
-# Keys of the training config's `sampling` section that are sampler settings (not grid options).
-SAMPLING_KEYS = ('sampler', 'steps', 'respacing', 'eta', 'cfg_scale', 'scale_pow',
-                 'guidance_channels')
 # License identifiers the Hub knows ('other' needs license_name and license_link).
 HUB_LICENSES = frozenset("""
     apache-2.0 mit openrail openrail++ bigscience-openrail-m creativeml-openrail-m
@@ -176,20 +173,17 @@ def usage_code(model_ref: str, space: str, num_classes: int) -> str:
   n = max(1, min(num_classes, 4))
   lines = [
       'import numpy as np',
-      'from mdt_jax.hub import load',
-      'from mdt_jax.sampling import SamplerConfig, build_sampler, generate',
-      'from mdt_jax.sampling.cli_io import recommended_settings, save_grid, to_uint8',
+      'from mdt_jax.hub import load, sampler_config',
+      'from mdt_jax.sampling import build_sampler, generate',
+      'from mdt_jax.sampling.cli_io import save_grid, to_uint8',
       '',
       '# a model folder or a Hub repo id (downloaded once, then read from the cache offline)',
       f'pretrained = load({model_ref!r})',
-      'model = pretrained.model',
-      'settings = recommended_settings(pretrained.sampling, model.config.in_channels)',
-      "train_steps = pretrained.diffusion['num_timesteps']",
-      'config = SamplerConfig(**settings, num_train_timesteps=train_steps)',
-      'sampler = build_sampler(model, config)   # shards the batch over every local device',
+      'config = sampler_config(pretrained)   # recommended settings; keyword arguments change them',
+      'sampler = build_sampler(pretrained.model, config)   # shards the batch over local devices',
+      f'labels = np.repeat(np.arange({n}), 2)   # 2 samples each of classes 0..{n - 1}',
+      'samples = generate(sampler, labels, seed=0, batch_size=8)   # NHWC float32',
   ]
-  lines.append(f'labels = np.repeat(np.arange({n}), 2)   # 2 samples each of classes 0..{n - 1}')
-  lines.append('samples = generate(sampler, labels, seed=0, batch_size=8)   # NHWC float32')
   if space == 'pixel':
     lines += ['images = to_uint8(samples)   # [-1, 1] pixels -> uint8',
               "save_grid(images, 'samples.png', ncols=8)",
@@ -367,6 +361,19 @@ def _training_summary(config, step: int, weights: str) -> dict:
           'data': config.data.name}
 
 
+def recommended_sampling(train_sampling: Mapping[str, Any], in_channels: int,
+                         num_timesteps: int) -> dict:
+  """The folder's recommended sampler settings from the training config's `sampling` section,
+  checked by building the SamplerConfig they describe."""
+  from mdt_jax.hub import pretrained
+  out = pretrained.recommended_sampling(dict(train_sampling), in_channels)
+  try:
+    pretrained.make_sampler_config(out, in_channels, num_timesteps)
+  except (TypeError, ValueError) as e:
+    raise ValueError(f'the training config\'s sampling settings {out} are not usable: {e}') from e
+  return out
+
+
 def export_workdir(workdir: str, out: str, *, step: int | None = None, weights: str = 'ema',
                    eval_json: str | None = None, official_layout: bool = False,
                    official_formats: Sequence[str] = ('safetensors',),
@@ -397,10 +404,11 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, weights: 
   config = MDTConfig.from_dict({**loaded.config.to_dict(), 'dtype': 'float32', 'remat': False,
                                 'attention_impl': None})
   params = nnx.state(loaded.model, nnx.Param)
-  sampling = {k: train_cfg.sampling[k] for k in SAMPLING_KEYS
-              if 'sampling' in train_cfg and k in train_cfg.sampling}
   diffusion = dict(num_timesteps=int(train_cfg.diffusion.num_timesteps),
                    beta_schedule=str(train_cfg.diffusion.schedule))
+  sampling = recommended_sampling(
+      train_cfg.sampling.to_dict() if 'sampling' in train_cfg else {},
+      config.in_channels, diffusion['num_timesteps'])
   name = model_name or (repo_id.split('/')[-1] if repo_id else
                         os.path.basename(os.path.abspath(out)))
   model_ref = repo_id or os.path.basename(os.path.abspath(out))
