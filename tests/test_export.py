@@ -324,7 +324,7 @@ def test_recommended_sampling_settings_are_normalised_and_checked():
   quickstart = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(quickstart)
   qs = quickstart.get_config().sampling.to_dict()             # guidance_channels=0, 1 channel
-  got = export.recommended_sampling(qs, 1, 1000)
+  got = export.checked_sampling(qs, 1, 1000)
   # scale_pow 0 weights every step by (1 - cos(pi)) / 2 = 1: constant guidance
   assert got == dict(sampler='ddpm', steps=100, cfg_scale=2.0, guidance_schedule='constant',
                      guidance_channels='all')
@@ -334,11 +334,11 @@ def test_recommended_sampling_settings_are_normalised_and_checked():
   assert (sc.sampler, sc.steps, sc.cfg_scale, sc.guidance_schedule, sc.guided_channels) == \
       ('ddpm', 20, 2.0, 'constant', 'all')
   base = dict(sampler='ddpm', steps=250, cfg_scale=3.8, scale_pow=4.0, guidance_channels=3)
-  assert export.recommended_sampling(base, 4, 1000)['guidance_channels'] == 'first3'
+  assert export.checked_sampling(base, 4, 1000)['guidance_channels'] == 'first3'
   with pytest.raises(ValueError, match='guidance_channels 0'):
-    export.recommended_sampling({**base, 'guidance_channels': 0}, 4, 1000)
+    export.checked_sampling({**base, 'guidance_channels': 0}, 4, 1000)
   with pytest.raises(ValueError, match='not usable'):
-    export.recommended_sampling({**base, 'sampler': 'euler'}, 4, 1000)
+    export.checked_sampling({**base, 'sampler': 'euler'}, 4, 1000)
 
 
 def test_bad_inputs_fail_before_any_work(run, tmp_path):

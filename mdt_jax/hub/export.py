@@ -348,21 +348,26 @@ def _check_repo_id(repo_id: str) -> None:
     raise ValueError(f'{repo_id!r} is not a valid Hub repo id: expected "user/name"')
 
 
+def _mask_ratio(model) -> str | None:
+  lo, span = model.get('mask_ratio'), model.get('mask_ratio_span', 0.0)
+  if lo is None:
+    return None
+  return f'U[{lo}, {lo + span})' if span else f'{lo}'
+
+
 def _training_summary(config, step: int, weights: str) -> dict:
   opt = config.optimizer
   return {'steps': step, 'weights': 'EMA' if weights == 'ema' else 'raw (not EMA)',
           'EMA decay': config.ema_decay, 'global batch size': config.global_batch_size,
           'optimizer': f'{opt.name}, lr {opt.learning_rate}, clip {opt.get("clip_norm")}',
           'masked branch': config.mask_branch,
-          'mask ratio': f'U[{config.model.mask_ratio}, '
-                        f'{config.model.mask_ratio + config.model.get("mask_ratio_span", 0.0)})'
-                        if config.model.get('mask_ratio') is not None else None,
+          'mask ratio': _mask_ratio(config.model),
           'loss weighting': f'min-SNR-{config.diffusion.get("min_snr_gamma")}',
           'data': config.data.name}
 
 
-def recommended_sampling(train_sampling: Mapping[str, Any], in_channels: int,
-                         num_timesteps: int) -> dict:
+def checked_sampling(train_sampling: Mapping[str, Any], in_channels: int,
+                     num_timesteps: int) -> dict:
   """The folder's recommended sampler settings from the training config's `sampling` section,
   checked by building the SamplerConfig they describe."""
   from mdt_jax.hub import pretrained
@@ -397,18 +402,17 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, weights: 
     raise FileExistsError(f'{out} exists and is not empty (pass overwrite=True to replace it)')
   train_cfg = checkpoints.read_config(workdir)        # raises for a folder that is not a workdir
   evaluation = read_evaluation(eval_json) if eval_json else None
+  # Port options (dtype, remat, attention kernel) are the loader's choice, not the folder's.
+  config = MDTConfig.from_dict({**train_cfg.model.to_dict(), 'dtype': 'float32', 'remat': False,
+                                'attention_impl': None})
+  diffusion = dict(num_timesteps=int(train_cfg.diffusion.num_timesteps),
+                   beta_schedule=str(train_cfg.diffusion.schedule))
+  sampling = checked_sampling(train_cfg.sampling.to_dict() if 'sampling' in train_cfg else {},
+                              config.in_channels, diffusion['num_timesteps'])
 
   loaded = checkpoints.load_workdir(workdir, step=step, weights=WEIGHTS[weights])
   step = loaded.meta['step']
-  # Port options (dtype, remat, attention kernel) are the loader's choice, not the folder's.
-  config = MDTConfig.from_dict({**loaded.config.to_dict(), 'dtype': 'float32', 'remat': False,
-                                'attention_impl': None})
   params = nnx.state(loaded.model, nnx.Param)
-  diffusion = dict(num_timesteps=int(train_cfg.diffusion.num_timesteps),
-                   beta_schedule=str(train_cfg.diffusion.schedule))
-  sampling = recommended_sampling(
-      train_cfg.sampling.to_dict() if 'sampling' in train_cfg else {},
-      config.in_channels, diffusion['num_timesteps'])
   name = model_name or (repo_id.split('/')[-1] if repo_id else
                         os.path.basename(os.path.abspath(out)))
   model_ref = repo_id or os.path.basename(os.path.abspath(out))
