@@ -145,7 +145,8 @@ def test_model_card_metadata_parses_with_huggingface_hub(run):
   text = card.text
   assert '| FID (lower is better) | 12.3457 |' in text
   assert f"load('{REPO_ID}')" in text
-  assert 'official/mdt_official.safetensors' in text and 'decode_layer=2' in text
+  decode_layer = get_config().model.decode_layer
+  assert 'official/mdt_official.safetensors' in text and f'decode_layer={decode_layer})' in text
   # the same card survives a save/load cycle of huggingface_hub's own writer
   again = ModelCard(str(card))
   assert again.data.to_dict() == d.to_dict()
