@@ -12,14 +12,13 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mdt_jax.sampling import SamplerConfig, build_sampler, generate
-from mdt_jax.sampling.cli_io import recommended_settings, save_grid, to_uint8
+from mdt_jax.hub.pretrained import make_sampler_config
+from mdt_jax.sampling.cli_io import save_grid, to_uint8
 
 
 def sampler_config(config: ml_collections.ConfigDict) -> SamplerConfig:
-  s = config.sampling
-  fields = recommended_settings(s.to_dict(), config.model.in_channels)
-  fields['num_train_timesteps'] = config.diffusion.num_timesteps
-  return SamplerConfig(**fields)
+  return make_sampler_config(config.sampling.to_dict(), config.model.in_channels,
+                             config.diffusion.num_timesteps)
 
 
 class GridSampler:
