@@ -7,20 +7,25 @@ import sys
 import pytest
 
 from micro_config import get_config
-from mdt_jax import MDTConfig, benchmark
+from mdt_jax import MDTConfig, benchmark, model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_analytic_flops_match_xla_cost_analysis():
+  # wide enough that matmuls dominate, as they do at real sizes
   c = get_config()
-  c.global_batch_size = 8
-  c.mesh = dict(data=1, fsdp=1, tensor=1)
+  c.model = model_config('S/2', input_size=16, in_channels=1, hidden_size=256, depth=2,
+                         num_heads=4, decode_layer=0, num_classes=10)
+  c.data.image_size = 16
+  c.global_batch_size = 8             # one sample per simulated device
   for mask_branch in (True, False):
     r = benchmark.bench_train_step(c, mask_branch=mask_branch, compile_only=True)
-    # XLA counts the executed program (static buffer, softmax and elementwise work too)
+    # XLA counts the executed program: the static buffer, and elementwise work (softmax, GELU,
+    # norms, Adan) that the matmul-only analytic count leaves out (1.2x at this width, 1.01x at
+    # S/2's)
     assert r['executed_tflop_per_step'] <= r['xla_tflop_per_step'] * 1.02
-    assert r['xla_tflop_per_step'] <= r['executed_tflop_per_step'] * 1.5
+    assert r['xla_tflop_per_step'] <= r['executed_tflop_per_step'] * 1.3
     assert r['memory_peak_estimate_gb'] > 0
 
 
@@ -37,7 +42,7 @@ def test_bench_tool_writes_every_field(tmp_path):
   out = tmp_path / 'bench.json'
   env = dict(os.environ, PYTHONPATH=ROOT)
   subprocess.run([sys.executable, 'tools/bench.py', f'--config={ROOT}/tests/micro_config.py',
-                  '--config.mesh.data=1', '--steps=2', '--repeats=1', '--sampling',
+                  '--steps=2', '--repeats=1', '--sampling',
                   '--sample_batch=2', '--ddpm_steps=3', '--dpm_steps=2', f'--out={out}',
                   f'--profile={tmp_path / "trace"}'],
                  check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)

@@ -324,10 +324,10 @@ def test_recommended_sampling_settings_are_normalised_and_checked():
                                                 os.path.join(ROOT, 'configs', 'quickstart.py'))
   quickstart = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(quickstart)
-  qs = quickstart.get_config().sampling.to_dict()             # guidance_channels=0, 1 channel
+  qs = quickstart.get_config().sampling.to_dict()             # 1 channel, scale_pow 0
   got = export.checked_sampling(qs, 1, 1000)
   # scale_pow 0 weights every step by (1 - cos(pi)) / 2 = 1: constant guidance
-  assert got == dict(sampler='ddpm', steps=100, cfg_scale=2.0, guidance_schedule='constant',
+  assert got == dict(sampler='ddpm', steps=qs['steps'], cfg_scale=2.0, guidance_schedule='constant',
                      guidance_channels='all')
   pre = Pretrained(model=None, config=MDTConfig(in_channels=1), data={}, sampling=qs,
                    diffusion={'num_timesteps': 1000}, meta={})

@@ -251,7 +251,7 @@ def _wait_for_checkpoint(proc, workdir, timeout=240):
 
 @pytest.mark.slow
 def test_sigkill_then_restart_matches_uninterrupted_run(tmp_path):
-  total = 40
+  total = 20
   ref = train_and_evaluate(micro_config(total_steps=total, checkpoint_every_steps=4),
                            str(tmp_path / 'ref'))
   work = str(tmp_path / 'killed')
