@@ -14,8 +14,6 @@ import pytest
 from flax import nnx
 
 import mdt_jax
-from micro_config import get_config
-from mdt_jax.training.loop import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,8 +49,8 @@ def _run_two_processes(workdir: str, total: int) -> list[str]:
 
 
 @pytest.mark.slow
-def test_two_process_run_with_resume_matches_one_process(tmp_path):
-  ref = train_and_evaluate(get_config(), str(tmp_path / 'one'))       # 6 steps, 8 devices
+def test_two_process_run_with_resume_matches_one_process(full_run, tmp_path):
+  ref = full_run[1]                                                   # 6 steps, 8 devices
   work = str(tmp_path / 'two')
   outs = _run_two_processes(work, 3)
   assert 'process 1/2, 4 local / 8 global devices' in outs[1]

@@ -164,13 +164,6 @@ def test_bad_configs_are_refused_before_training(tmp_path):
   assert not (tmp_path / 'a').exists()
 
 
-@pytest.fixture(scope='module')
-def full_run(tmp_path_factory):
-  """One uninterrupted 6-step run shared by the tests below (they copy its workdir)."""
-  work = tmp_path_factory.mktemp('full')
-  return work, train_and_evaluate(micro_config(total_steps=6), str(work))
-
-
 def test_workdir_of_another_model_is_refused(full_run, tmp_path):
   work = tmp_path / 'w'
   shutil.copytree(full_run[0], work)
