@@ -27,7 +27,8 @@ def _free_port() -> int:
 def _run_two_processes(workdir: str, total: int) -> list[str]:
   port = _free_port()
   env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu',
-             XLA_FLAGS='--xla_force_host_platform_device_count=4')
+             XLA_FLAGS='--xla_backend_optimization_level=0 '
+                       '--xla_force_host_platform_device_count=4')
   procs = [subprocess.Popen(
       [sys.executable, '-m', 'mdt_jax.main', f'--config={ROOT}/tests/micro_config.py',
        f'--workdir={workdir}', f'--config.total_steps={total}',
