@@ -10,9 +10,11 @@ os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # The suite is dominated by compiling the same small programs again (resumed runs, subprocess
 # launches): a persistent compilation cache for the session, inherited by subprocesses.
+_OWN_CACHE = None
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
   import tempfile
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(prefix='mdt_jax_test_cache_')
+  _OWN_CACHE = tempfile.mkdtemp(prefix='mdt_jax_test_cache_')
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
@@ -32,3 +34,10 @@ def full_run(tmp_path_factory):
   from mdt_jax.training.loop import train_and_evaluate
   work = tmp_path_factory.mktemp('full')
   return work, train_and_evaluate(get_config(), str(work))
+
+
+def pytest_sessionfinish(session, exitstatus):
+  del session, exitstatus
+  if _OWN_CACHE:
+    import shutil
+    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
