@@ -19,7 +19,7 @@ def study_config():
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   c = mod.get_config()
-  c.train.model.update(hidden_size=32, depth=3, num_heads=2, decode_layer=1)
+  c.train.model.update(hidden_size=32, depth=2, num_heads=2, decode_layer=0)
   c.train.global_batch_size = 16
   c.train.total_steps = 4
   c.train.checkpoint_every_steps = 4

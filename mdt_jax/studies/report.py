@@ -90,7 +90,7 @@ def conclusion(results: dict) -> list[str]:
                  f"baseline's by {_fmt(abs(diff))} (more than twice the standard error of the "
                  f'difference, {_fmt(se)}, over {n} seeds).')
     else:
-      verdict = (f'The final {name}s differ by {_fmt(abs(diff))} '
+      verdict = (f'The final values of the {name} differ by {_fmt(abs(diff))} '
                  f"({'MDTv2' if mdt_better else 'the baseline'} ahead), within twice the "
                  f'standard error of the difference ({_fmt(se)}, {n} seed(s)): no clear '
                  'difference at the end of training.')
@@ -170,7 +170,7 @@ def _results_tables(results: dict) -> list[str]:
     per_step = [f"{s[k]['mean'][0]:.3f} +- {s[k]['std'][0]:.3f}"
                 for k in ('seconds_per_step', 'cpu_seconds_per_step')]
     lines.append(f"| {LABELS[v]} | {' | '.join(cells + per_step)} | "
-                 f"{s['train_seconds']['mean'][-1]:.0f} |")
+                 f"{_fmt(s['train_seconds']['mean'][-1])} |")
   lines += ['', "Steps (and training seconds) until the seed-mean curve first reaches the "
             "baseline's final mean, linear between evaluations; per seed in brackets:", '',
             '| metric | target | MDTv2 step | DiT-style step | MDTv2 s | DiT-style s |',
