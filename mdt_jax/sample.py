@@ -40,8 +40,8 @@ flags.DEFINE_integer('grid_size', 64, 'Samples shown in samples_grid.png (0: non
 
 # flag name -> SamplerConfig field, for settings the model folder may recommend
 _RECOMMENDABLE = {'sampler': 'sampler', 'steps': 'steps', 'respacing': 'respacing', 'eta': 'eta',
-                  'cfg_scale': 'cfg_scale', 'scale_pow': 'scale_pow',
-                  'guided_channels': 'guided_channels'}
+                  'cfg_scale': 'cfg_scale', 'guidance': 'guidance_schedule',
+                  'scale_pow': 'scale_pow', 'guided_channels': 'guided_channels'}
 
 
 def sampler_config(recommended: dict):
@@ -61,7 +61,7 @@ def sampler_config(recommended: dict):
       interval = tuple(int(v) for v in FLAGS.guidance_interval.split(','))
     except ValueError:
       raise app.UsageError(f'--guidance_interval must be "lo,hi", got {FLAGS.guidance_interval!r}')
-  return SamplerConfig(guidance_schedule=FLAGS.guidance, guidance_interval=interval,
+  return SamplerConfig(guidance_interval=interval,
                        clip_denoised=FLAGS.clip_denoised, **{
                            k: (v or None) if k == 'respacing' else v for k, v in values.items()})
 
@@ -78,7 +78,11 @@ def main(argv):
 
   labels = labels_lib.parse_labels(FLAGS.labels)
   sm = cli_io.load_for_sampling(FLAGS.model)
-  cfg = sampler_config(cli_io.recommended_settings(sm.sampling, sm.model.config.in_channels))
+  from mdt_jax.hub.pretrained import recommended_sampling
+  rec = recommended_sampling(sm.sampling, sm.model.config.in_channels)
+  if 'guidance_channels' in rec:
+    rec['guided_channels'] = rec.pop('guidance_channels')
+  cfg = sampler_config(rec)
   labels_lib.make_labels(labels, FLAGS.num_samples, sm.model.config.num_classes, FLAGS.seed)
   postprocess = cli_io.make_postprocess(sm, FLAGS.vae)
   sampler = build_sampler(sm.model, cfg)

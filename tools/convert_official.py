@@ -2,6 +2,9 @@
 
   python tools/convert_official.py --checkpoint mdt_xl2_v2_ckpt.pt --out models/mdtv2_xl2
 
+The checkpoint is a torch.save'd state dict (.pt, needs torch) or the same state dict as
+.safetensors (read without torch), e.g. official/mdt_official.safetensors of an export.
+
 Every hyperparameter is inferred from the key names and shapes; v1 checkpoints need
 --decode_layer if it is not the released value (2).
 """
@@ -9,7 +12,7 @@ from absl import app, flags
 
 from mdt_jax.hub.convert import convert_official
 
-flags.DEFINE_string('checkpoint', None, 'official .pt state dict', required=True)
+flags.DEFINE_string('checkpoint', None, 'official state dict (.pt or .safetensors)', required=True)
 flags.DEFINE_string('out', None, 'model folder to write', required=True)
 flags.DEFINE_integer('decode_layer', None, 'override (only v1 needs it: the keys do not say)')
 flags.DEFINE_bool('overwrite', False, 'replace an existing folder')

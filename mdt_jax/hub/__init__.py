@@ -1,5 +1,6 @@
 """Model folders, official checkpoint import/export and ``load_pretrained``."""
 from mdt_jax.hub.folder import Pretrained, load_model_folder, save_model_folder
-from mdt_jax.hub.pretrained import load, load_pretrained
+from mdt_jax.hub.pretrained import load, load_pretrained, recommended_sampling, sampler_config
 
-__all__ = ['Pretrained', 'load', 'load_model_folder', 'load_pretrained', 'save_model_folder']
+__all__ = ['Pretrained', 'load', 'load_model_folder', 'load_pretrained', 'recommended_sampling',
+           'sampler_config', 'save_model_folder']

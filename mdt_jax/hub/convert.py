@@ -1,4 +1,4 @@
-"""Official PyTorch checkpoint (``*.pt`` state dict, v1 or v2) -> model folder."""
+"""Official PyTorch state dict (``.pt`` or ``.safetensors``, v1 or v2) -> model folder."""
 from __future__ import annotations
 
 import os
@@ -30,10 +30,31 @@ def read_torch_state_dict(path: str) -> dict:
   return {k: v.detach().cpu().numpy() for k, v in obj.items() if hasattr(v, 'detach')}
 
 
+def read_safetensors_state_dict(path: str) -> dict:
+  """The tensors of an official-layout ``.safetensors`` file as numpy arrays (no torch needed)."""
+  from safetensors.numpy import load_file
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'checkpoint {path} does not exist')
+  try:
+    state = load_file(path)
+  except Exception as e:
+    raise ValueError(f'{path} is not a readable safetensors file: {e}') from e
+  if not state:
+    raise ValueError(f'{path} holds no tensors')
+  return state
+
+
+def read_state_dict(path: str) -> dict:
+  """An official state dict from ``.safetensors`` (numpy) or any torch.save file (``.pt``)."""
+  if path.endswith('.safetensors'):
+    return read_safetensors_state_dict(path)
+  return read_torch_state_dict(path)
+
+
 def convert_official(checkpoint: str, out_dir: str, overwrite: bool = False,
                      **config_overrides) -> str:
   """Convert and write; nothing is written unless every key maps."""
-  state = read_torch_state_dict(checkpoint)
+  state = read_state_dict(checkpoint)
   config = official.infer_config(state, **config_overrides)
   params = official.to_flax_params(state, config)
   return save_model_folder(out_dir, params, config, data=IMAGENET_LATENT_DATA,

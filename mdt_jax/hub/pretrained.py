@@ -11,18 +11,28 @@ def _is_workdir(path: str) -> bool:
   return os.path.isdir(os.path.join(path, 'checkpoints'))
 
 
+# Only what loading needs: a repo may also hold official-layout copies of the weights.
+HUB_FILES = ['config.json', 'model.safetensors', 'README.md']
+
+
 def _hub_download(repo_id: str) -> str:
   from huggingface_hub import snapshot_download
   try:   # the cache first: works offline once downloaded
-    return snapshot_download(repo_id, local_files_only=True)
-  except Exception:  # not cached (or partially): ask the Hub
+    path = snapshot_download(repo_id, local_files_only=True, allow_patterns=HUB_FILES)
+    if is_model_folder(path):
+      return path
+  except Exception:  # not cached: ask the Hub
     pass
   try:
-    return snapshot_download(repo_id)
+    path = snapshot_download(repo_id, allow_patterns=HUB_FILES)
   except Exception as e:
     raise FileNotFoundError(
         f'{repo_id!r} is neither a local model folder or training workdir nor a Hub repo that '
         f'could be downloaded or found in the Hub cache ({type(e).__name__}: {e})') from e
+  if not is_model_folder(path):
+    raise FileNotFoundError(f'Hub repo {repo_id!r} (at {path}) is not an mdt_jax model folder: '
+                            'config.json and model.safetensors are expected')
+  return path
 
 
 def load(path_or_repo_id: str, **model_overrides) -> Pretrained:
@@ -42,3 +52,48 @@ def load(path_or_repo_id: str, **model_overrides) -> Pretrained:
 def load_pretrained(path_or_repo_id: str, **model_overrides) -> MDT:
   """The ready MDT model (EMA weights for a training workdir)."""
   return load(path_or_repo_id, **model_overrides).model
+
+
+def recommended_sampling(sampling: dict, in_channels: int) -> dict:
+  """A folder's or training config's `sampling` settings in the form every loader reads.
+
+  guidance_channels becomes 'first3' or 'all' (with 3 or fewer channels both guide every channel,
+  so any value means 'all'); scale_pow <= 0 makes the power-cosine weight 1 at every step, i.e.
+  constant guidance, and becomes guidance_schedule='constant'.
+  """
+  keys = ('sampler', 'steps', 'respacing', 'eta', 'cfg_scale', 'scale_pow', 'guidance_schedule',
+          'guidance_channels')
+  out = {k: sampling[k] for k in keys if sampling.get(k) is not None}
+  ch = out.get('guidance_channels', sampling.get('guided_channels'))
+  if ch is not None:
+    if in_channels <= 3 or ch in ('all', in_channels):
+      out['guidance_channels'] = 'all'
+    elif ch in ('first3', 3):
+      out['guidance_channels'] = 'first3'
+    else:
+      raise ValueError(f'sampling.guidance_channels {ch!r} is not 3, "first3", "all" or '
+                       f'{in_channels} (the model\'s channels)')
+  if out.get('scale_pow') is not None and out['scale_pow'] <= 0:
+    del out['scale_pow']
+    out['guidance_schedule'] = 'constant'
+  return out
+
+
+def sampler_config(pretrained: Pretrained, **overrides):
+  """The recommended `SamplerConfig` of a loaded model; keyword arguments (its fields) win."""
+  return make_sampler_config(pretrained.sampling or {}, pretrained.config.in_channels,
+                             int((pretrained.diffusion or {}).get('num_timesteps', 1000)),
+                             **overrides)
+
+
+def make_sampler_config(sampling: dict, in_channels: int, num_timesteps: int, **overrides):
+  """`SamplerConfig` from `sampling` settings (see recommended_sampling) and overrides."""
+  from mdt_jax.sampling.samplers import SamplerConfig
+  rec = recommended_sampling(sampling, in_channels)
+  values = {k: rec[k] for k in ('sampler', 'steps', 'respacing', 'eta', 'cfg_scale', 'scale_pow',
+                                'guidance_schedule') if k in rec}
+  if 'guidance_channels' in rec:
+    values['guided_channels'] = rec['guidance_channels']
+  values['num_train_timesteps'] = num_timesteps
+  values.update(overrides)
+  return SamplerConfig(**values)

@@ -35,24 +35,6 @@ def load_for_sampling(path: str) -> SamplingModel:
                        sampling=dict(getattr(loaded, 'sampling', None) or {}))
 
 
-def recommended_settings(sampling: dict, in_channels: int) -> dict:
-  """A model folder's 'sampling' dict as SamplerConfig field values."""
-  out = {}
-  for key in ('sampler', 'steps', 'cfg_scale', 'scale_pow', 'eta', 'respacing'):
-    if sampling.get(key) is not None:
-      out[key] = sampling[key]
-  ch = sampling.get('guidance_channels', sampling.get('guided_channels'))
-  if ch is not None:
-    if ch in ('first3', 3) and in_channels > 3:
-      out['guided_channels'] = 'first3'
-    elif ch in ('all', in_channels) or (ch in ('first3', 3) and in_channels <= 3):
-      out['guided_channels'] = 'all'
-    else:
-      raise ValueError(f'recommended guidance_channels {ch!r} is not 3, "first3", "all" or '
-                       f'{in_channels}')
-  return out
-
-
 def to_uint8(images: np.ndarray) -> np.ndarray:
   """[-1, 1] float NHWC -> uint8 NHWC with 3 channels ((x+1)*127.5, clamped, truncated)."""
   images = np.asarray(images, np.float32)

@@ -1,6 +1,7 @@
 """The training loop: data -> sharded train step -> metrics, checkpoints, sample grids."""
 from __future__ import annotations
 
+import json
 import math
 import signal
 import time
@@ -11,6 +12,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 
 from mdt_jax import diffusion as diff
 from mdt_jax.data import pipeline
@@ -132,8 +134,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         logging.warning('stopping at step %d after the preemption checkpoint', step)
         break
   ckpt.close()
+  if config.eval_num_samples and int(state.step) == total:
+    logged.update(evaluate(config, grids, state, workdir, writer))
   writer.flush()
   return {'step': int(state.step), **logged, 'state': state}
+
+
+def evaluate(config, grids: samples.GridSampler, state, workdir: str, writer) -> dict:
+  """End-of-run small-scale evaluation (digits runs): written to TensorBoard and eval.json."""
+  result = samples.evaluate_digits(grids, state.ema_params, config.eval_num_samples)
+  step = int(state.step)
+  writer.write_scalars(step, {k: v for k, v in result.items() if k != 'eval_num_samples'})
+  if jax.process_index() == 0:
+    (epath.Path(workdir) / 'eval.json').write_text(json.dumps({'step': step, **result}, indent=2))
+  logging.info('evaluation at step %d: %s', step, result)
+  return result
 
 
 def write_sample_grid(grids: samples.GridSampler, state, workdir: str, step: int,

@@ -12,14 +12,13 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mdt_jax.sampling import SamplerConfig, build_sampler, generate
-from mdt_jax.sampling.cli_io import recommended_settings, save_grid, to_uint8
+from mdt_jax.hub.pretrained import make_sampler_config
+from mdt_jax.sampling.cli_io import save_grid, to_uint8
 
 
 def sampler_config(config: ml_collections.ConfigDict) -> SamplerConfig:
-  s = config.sampling
-  fields = recommended_settings(s.to_dict(), config.model.in_channels)
-  fields['num_train_timesteps'] = config.diffusion.num_timesteps
-  return SamplerConfig(**fields)
+  return make_sampler_config(config.sampling.to_dict(), config.model.in_channels,
+                             config.diffusion.num_timesteps)
 
 
 class GridSampler:
@@ -62,3 +61,16 @@ class GridSampler:
 def save(images: np.ndarray, workdir: str, step: int, ncols: int) -> str:
   os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
   return save_grid(images, os.path.join(workdir, 'samples', f'grid_{step:08d}.png'), ncols)
+
+
+def evaluate_digits(grids: GridSampler, ema_params, num_samples: int, seed: int = 1) -> dict:
+  """Frechet distance (digits-classifier features) and class accuracy of guided samples."""
+  from mdt_jax.evaluation import digits_classifier as dc
+  if grids.config.data.name != 'digits' or grids.config.data.image_size != 16:
+    raise ValueError('the digits evaluation needs data.name="digits" at image_size 16, got '
+                     f'{grids.config.data.name!r} at {grids.config.data.image_size}')
+  labels = np.arange(num_samples, dtype=np.int32) % grids.config.model.num_classes
+  x = np.clip(grids.samples(ema_params, labels, seed), -1.0, 1.0)
+  return {'digits_fd': float(dc.digits_frechet_distance(x)),
+          'digits_class_accuracy': float(dc.class_accuracy(x, labels)),
+          'eval_num_samples': int(num_samples)}

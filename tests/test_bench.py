@@ -1,0 +1,53 @@
+"""tools/bench.py runs on a tiny config and reports every field (no timing is asserted)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from micro_config import get_config
+from mdt_jax import MDTConfig, benchmark
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_analytic_flops_match_xla_cost_analysis():
+  c = get_config()
+  c.global_batch_size = 8
+  c.mesh = dict(data=1, fsdp=1, tensor=1)
+  for mask_branch in (True, False):
+    r = benchmark.bench_train_step(c, mask_branch=mask_branch, compile_only=True)
+    # XLA counts the executed program (static buffer, softmax and elementwise work too)
+    assert r['executed_tflop_per_step'] <= r['xla_tflop_per_step'] * 1.02
+    assert r['xla_tflop_per_step'] <= r['executed_tflop_per_step'] * 1.5
+    assert r['memory_peak_estimate_gb'] > 0
+
+
+def test_mean_kept_and_flop_counts():
+  cfg = MDTConfig.from_dict(get_config().model.to_dict())
+  xl = MDTConfig(mask_ratio=0.3)
+  assert abs(benchmark.mean_kept(xl) - 153.1) < 0.05       # E[floor(256 (1 - r))]
+  # DiT-XL/2's well-known 118.6 GFLOPs (MACs) forward + MDTv2's extras is ~0.25 TFLOP/sample
+  assert 0.24e12 < benchmark.forward_flops(xl) < 0.27e12
+  assert benchmark.train_step_flops(cfg, 4, True) > benchmark.train_step_flops(cfg, 4, False)
+
+
+def test_bench_tool_writes_every_field(tmp_path):
+  out = tmp_path / 'bench.json'
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  subprocess.run([sys.executable, 'tools/bench.py', f'--config={ROOT}/tests/micro_config.py',
+                  '--config.mesh.data=1', '--steps=2', '--repeats=1', '--sampling',
+                  '--sample_batch=2', '--ddpm_steps=3', '--dpm_steps=2', f'--out={out}',
+                  f'--profile={tmp_path / "trace"}'],
+                 check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
+  res = json.loads(out.read_text())
+  assert [r['branches'] for r in res['train']] == ['plain+masked (MDT)', 'plain (DiT-style)']
+  for r in res['train']:
+    for k in ('steps_per_s', 'images_per_s', 'model_tflop_per_step', 'xla_tflop_per_step',
+              'achieved_tflops_per_device', 'compile_s', 'memory_peak_estimate_gb'):
+      assert r[k] > 0, k
+  assert [r['sampler'] for r in res['sampling']] == ['ddpm', 'dpm_solver++']
+  assert all(r['images_per_s'] > 0 for r in res['sampling'])
+  traces = [f for _, _, fs in os.walk(tmp_path / 'trace') for f in fs]
+  assert any(f.endswith('.xplane.pb') for f in traces)
