@@ -27,7 +27,7 @@ def study_config():
   c.seeds = (3,)
   c.eval_every_steps = 2
   c.eval_num_samples = 20
-  c.sampling.steps = 2
+  c.train.sampling.steps = 2
   return c
 
 
@@ -108,7 +108,7 @@ def test_variants_differ_only_in_mask_branch():
     (lambda c: setattr(c, 'eval_num_samples', 1), 'eval_num_samples'),
     (lambda c: c.train.model.update(input_size=8), 'input_size=8'),
     (lambda c: c.train.model.update(mask_ratio=None), 'mask ratio'),
-    (lambda c: c.sampling.update(sampler='euler'), 'unknown sampler'),
+    (lambda c: c.train.sampling.update(sampler='euler'), 'sampler'),
 ])
 def test_bad_study_is_refused_before_training(change, message):
   c = study_config()

@@ -28,10 +28,9 @@ from flax import nnx
 
 from mdt_jax.evaluation import digits_classifier as dc
 from mdt_jax.models.mdt import MDTConfig, count_params
-from mdt_jax.sampling import SamplerConfig
 from mdt_jax.training.config import validate
 from mdt_jax.training.loop import train_and_evaluate
-from mdt_jax.training.samples import GridSampler
+from mdt_jax.training.samples import GridSampler, sampler_config
 from mdt_jax.training.state import TrainState, abstract_model
 
 VARIANTS = {'mdt': True, 'dit': False}     # name -> config.mask_branch
@@ -51,11 +50,6 @@ def variant_config(study: ml_collections.ConfigDict, variant: str,
   c.seed = int(seed)
   c.mask_branch = VARIANTS[variant]
   return c
-
-
-def eval_sampler_config(study: ml_collections.ConfigDict) -> SamplerConfig:
-  return SamplerConfig(**study.sampling.to_dict(),
-                       num_train_timesteps=study.train.diffusion.num_timesteps)
 
 
 def eval_labels(n: int) -> np.ndarray:
@@ -86,7 +80,7 @@ def check_study(study: ml_collections.ConfigDict) -> None:
     raise ValueError('train.model.mask_ratio is None: the MDT variant needs a mask ratio')
   for variant in VARIANTS:
     validate(variant_config(study, variant, seeds[0]))
-  eval_sampler_config(study)   # raises on bad sampler settings
+  sampler_config(train)   # raises on bad sampler settings
 
 
 def study_record(study: ml_collections.ConfigDict) -> dict:
@@ -106,7 +100,7 @@ class Evaluator:
   def __init__(self, study: ml_collections.ConfigDict, classifier: dc.DigitsClassifier):
     model_cfg = MDTConfig.from_dict(study.train.model.to_dict())
     graphdef, _ = nnx.split(abstract_model(model_cfg))
-    self.grids = GridSampler(study.train, graphdef, eval_sampler_config(study))
+    self.grids = GridSampler(study.train, graphdef)   # sampler settings: train.sampling
     self.labels = eval_labels(int(study.eval_num_samples))
     self.seed = int(study.eval_seed)
     self.classifier = classifier

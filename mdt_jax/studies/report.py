@@ -120,7 +120,7 @@ def conclusion(results: dict) -> list[str]:
 def _setup(results: dict) -> list[str]:
   st, ref, env = results['study'], results['reference'], results['environment']
   tr, mdl = st['train'], st['train']['model']
-  samp = st['sampling']
+  samp = tr['sampling']
   tokens = (mdl['input_size'] // mdl['patch_size']) ** 2
   loads = [r[k] for r in results['runs'] for k in ('load_average_start', 'load_average_end')]
   params = results.get('num_params')
@@ -142,7 +142,7 @@ def _setup(results: dict) -> list[str]:
       f"{st['eval_num_samples']} guided samples (labels 0..9 repeated, sampling seed "
       f"{st['eval_seed']}, the same at every evaluation), {samp['sampler']} with "
       f"{samp['steps']} steps, guidance scale {samp['cfg_scale']} "
-      f"({samp.get('guidance_schedule', 'power_cosine')}). Frechet distance of the digits "
+      f"({'constant' if not samp.get('scale_pow') else 'power-cosine'}). Frechet distance of the digits "
       'classifier\'s 64-d features against all 1,797 digits images; class accuracy = the '
       'fraction the classifier assigns to the conditioning label.',
       f"- For scale: {ref['num_real_images']} real digits images score a Frechet distance of "

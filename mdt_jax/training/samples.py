@@ -22,20 +22,15 @@ def sampler_config(config: ml_collections.ConfigDict) -> SamplerConfig:
 
 
 class GridSampler:
-  """Builds the sampler on first use and swaps in new EMA weights afterwards.
+  """Builds the sampler on first use and swaps in new EMA weights afterwards."""
 
-  The sampler settings are ``sampler_cfg``, or by default those of ``config.sampling``.
-  """
-
-  def __init__(self, config: ml_collections.ConfigDict, graphdef,
-               sampler_cfg: SamplerConfig | None = None):
+  def __init__(self, config: ml_collections.ConfigDict, graphdef):
     self.config, self.graphdef, self.sampler = config, graphdef, None
-    self.sampler_cfg = sampler_cfg
 
   def samples(self, ema_params, labels: np.ndarray, seed: int) -> np.ndarray:
     model = nnx.merge(self.graphdef, ema_params)
     if self.sampler is None:
-      self.sampler = build_sampler(model, self.sampler_cfg or sampler_config(self.config))
+      self.sampler = build_sampler(model, sampler_config(self.config))
     else:
       state = nnx.state(model)
       self.sampler = dataclasses.replace(
