@@ -9,8 +9,8 @@ times the training alone: the clock starts after the first (compiling) step and 
 are taken out.
 
     from mdt_jax.studies import learning_curves as lc, report
-    results = lc.run_study(study_config, "docs/learning_speed")   # writes the .json
-    report.write(results, "docs/learning_speed")                  # the .png and the .md
+    results = lc.run_study(study_config, 'docs/learning_speed')   # writes the .json
+    report.write(results, 'docs/learning_speed')                  # the .png and the .md
 """
 from __future__ import annotations
 

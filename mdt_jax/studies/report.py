@@ -218,7 +218,8 @@ def existing_discussion(md_path: str) -> str:
   return rest if mark else ''
 
 
-def write(results: dict, out: str, command: str) -> tuple[str, str]:
+def write(results: dict, out: str,
+          command: str = 'python tools/learning_curves.py') -> tuple[str, str]:
   """``out``.png and ``out``.md (keeping the discussion of an existing .md); their paths."""
   if 'summary' not in results:
     raise ValueError('results have no summary: the study did not finish')
