@@ -5,6 +5,7 @@ import json
 import math
 import signal
 import time
+from typing import Callable, Sequence
 
 import jax
 import ml_collections
@@ -18,7 +19,7 @@ from mdt_jax.data import pipeline
 from mdt_jax.sampling.cli_io import grid_image
 from mdt_jax.training import checkpoints, samples, sharding
 from mdt_jax.training.config import validate
-from mdt_jax.training.state import create_train_state, make_optimizer
+from mdt_jax.training.state import TrainState, create_train_state, make_optimizer
 from mdt_jax.training.step import jit_train_step
 
 
@@ -55,8 +56,16 @@ def _mean_metrics(host_metrics: list[dict]) -> dict:
   return {k: float(np.mean([m[k] for m in host_metrics])) for k in host_metrics[0]}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-  """Train (resuming from the workdir's latest checkpoint) and return the last logged metrics."""
+StepCallback = Callable[[int, TrainState], None]
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       callbacks: Sequence[StepCallback] = ()) -> dict:
+  """Train (resuming from the workdir's latest checkpoint) and return the last logged metrics.
+
+  ``callbacks`` are called as ``cb(step, state)`` after every step (e.g. an evaluation); the next
+  step donates the state's buffers, so a callback must not keep references to them.
+  """
   model_cfg = validate(config)
   mesh = sharding.make_mesh(config.mesh.to_dict())
   dp = sharding.data_parallel_size(mesh)
@@ -104,6 +113,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       n_log += 1
       for h in hooks:
         h(step)
+      for cb in callbacks:
+        cb(step, state)
       save_now = step % config.checkpoint_every_steps == 0 or step == total or preempt.requested
       if step % config.log_every_steps == 0 or save_now:
         host = jax.device_get(pending)
