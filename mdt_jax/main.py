@@ -10,11 +10,12 @@ environment, or from --coordinator_address/--num_processes/--process_id.
 """
 from __future__ import annotations
 
-import logging as pylogging
 import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from mdt_jax.training.logs import quiet_orbax
 
 config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_config=True)
 flags.DEFINE_string('workdir', None, 'directory for checkpoints, TensorBoard, samples',
@@ -29,17 +30,10 @@ flags.DEFINE_bool('profile', False, 'capture a jax.profiler trace of a few steps
 FLAGS = flags.FLAGS
 
 
-class _QuietOrbax:
-  """orbax logs every file it renames at INFO; keep its warnings and errors only."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= pylogging.WARNING or 'orbax' not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  quiet_orbax()
   import jax
   if FLAGS.cpu_collectives:
     jax.config.update('jax_cpu_collectives_implementation', FLAGS.cpu_collectives)

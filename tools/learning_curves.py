@@ -6,12 +6,13 @@ Trains both variants for every seed of the config, evaluates along the way and w
 OUT.json (resumable: finished runs of the same config are kept unless --fresh), OUT.png and
 OUT.md. Config values can be overridden, e.g. --config.train.total_steps=300.
 """
-import logging as pylogging
 import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from mdt_jax.training.logs import quiet_orbax
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 config_flags.DEFINE_config_file('config', os.path.join(ROOT, 'configs', 'learning_curves.py'),
@@ -22,17 +23,10 @@ flags.DEFINE_string('workdir_root', None, 'where the temporary training workdirs
 FLAGS = flags.FLAGS
 
 
-class _QuietOrbax:
-  """orbax logs every file it writes at INFO; keep its warnings and errors only."""
-
-  def filter(self, record) -> bool:
-    return record.levelno >= pylogging.WARNING or 'orbax' not in record.pathname
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietOrbax())
+  quiet_orbax()
   from mdt_jax.studies import learning_curves, report
   results = learning_curves.run_study(FLAGS.config, FLAGS.out, fresh=FLAGS.fresh,
                                       workdir_root=FLAGS.workdir_root)

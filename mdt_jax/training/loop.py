@@ -115,7 +115,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         h(step)
       for cb in callbacks:
         cb(step, state)
-      save_now = step % config.checkpoint_every_steps == 0 or step == total or preempt.requested
+      stop = preempt.requested          # read once: the save and the exit below must agree
+      save_now = step % config.checkpoint_every_steps == 0 or step == total or stop
       if step % config.log_every_steps == 0 or save_now:
         host = jax.device_get(pending)
         _check_finite(host, pending_from, last_saved)
@@ -130,7 +131,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         last_saved = step
       if config.sample_every_steps and (step % config.sample_every_steps == 0 or step == total):
         write_sample_grid(grids, state, workdir, step, writer)
-      if preempt.requested:
+      if stop:
         logging.warning('stopping at step %d after the preemption checkpoint', step)
         break
   ckpt.close()
