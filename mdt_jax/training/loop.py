@@ -24,14 +24,22 @@ from mdt_jax.training.step import jit_train_step
 
 
 class Preemption:
-  """Turns SIGTERM into a flag the loop checks at step boundaries (save, then exit)."""
+  """Preemption notices (SIGTERM), turned into a step at which to save and stop.
+
+  One process: a SIGTERM handler sets a flag the loop reads at step boundaries. Several
+  processes: JAX's distributed preemption service catches the notice on whichever hosts get it
+  and agrees with all of them on one step to stop at (``reached_preemption_sync_point``), so
+  every process takes part in the same final checkpoint.
+  """
 
   def __init__(self):
     self.requested = False
+    self.multihost = jax.process_count() > 1
     self._old = None
 
   def __enter__(self):
-    self._old = signal.signal(signal.SIGTERM, self._handle)
+    if not self.multihost:
+      self._old = signal.signal(signal.SIGTERM, self._handle)
     return self
 
   def _handle(self, signum, frame):
@@ -39,8 +47,19 @@ class Preemption:
     logging.warning('SIGTERM received: saving a checkpoint at the end of this step')
     self.requested = True
 
+  def should_stop(self, step: int) -> bool:
+    """Call once per step on every process."""
+    if self.multihost:
+      from jax.experimental import multihost_utils
+      if multihost_utils.reached_preemption_sync_point(step):
+        logging.warning('preemption notice: every process saves and stops at step %d', step)
+        return True
+      return False
+    return self.requested
+
   def __exit__(self, *exc):
-    signal.signal(signal.SIGTERM, self._old)
+    if self._old is not None:
+      signal.signal(signal.SIGTERM, self._old)
 
 
 def _check_finite(host_metrics: list[dict], first_step: int, last_good: int | None) -> None:
@@ -115,7 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         h(step)
       for cb in callbacks:
         cb(step, state)
-      stop = preempt.requested          # read once: the save and the exit below must agree
+      stop = preempt.should_stop(step)  # read once: the save and the exit below must agree
       save_now = step % config.checkpoint_every_steps == 0 or step == total or stop
       if step % config.log_every_steps == 0 or save_now:
         host = jax.device_get(pending)
