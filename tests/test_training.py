@@ -277,3 +277,12 @@ def test_sigterm_saves_before_exit(tmp_path):
   last = _steps_saved(work)[-1]
   assert last >= first          # SIGTERM may land in the step that saves anyway
   assert f'stopping at step {last} after the preemption checkpoint' in out
+
+
+def test_profile_captures_a_trace(tmp_path):
+  """--profile (config.profile_steps) writes a jax.profiler trace TensorBoard's plugin opens."""
+  out = train_and_evaluate(micro_config(total_steps=14, profile_steps=2,
+                                        checkpoint_every_steps=100), str(tmp_path))
+  assert out['step'] == 14
+  traces = [f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith('.xplane.pb')]
+  assert traces, 'no profiler trace was written'

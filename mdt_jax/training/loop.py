@@ -118,8 +118,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                            every_steps=config.log_every_steps)]
   if config.profile_steps and jax.process_index() == 0:
+    # Bounded by steps only: clu's default 3 s minimum would outlast short runs and lose the trace.
     hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
-                                          logdir=workdir, first_profile=10))
+                                          profile_duration_ms=None, logdir=workdir,
+                                          first_profile=10))
   grids = samples.GridSampler(config, graphdef)
   start = int(state.step)
   pending, pending_from, logged = [], start + 1, {}
