@@ -112,6 +112,10 @@ def test_convert_tool_and_load_pretrained_match_reference(tmp_path):
   subprocess.run([sys.executable, 'tools/convert_official.py', f'--checkpoint={ckpt}',
                   f'--out={out}'], check=True, env=env, capture_output=True)
   assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors']
+  umask = os.umask(0)
+  os.umask(umask)
+  assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask            # not mkdtemp's 0o700
+  assert os.stat(out / 'model.safetensors').st_mode & 0o777 == 0o666 & ~umask
   model = mdt_jax.load_pretrained(str(out))
   assert model.config == official.infer_config(sd)
   rng = np.random.default_rng(0)

@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from mdt_jax.hub import official
-from mdt_jax.hub.folder import save_model_folder
+from mdt_jax.hub.folder import save_model_folder, share_modes
 from mdt_jax.models.mdt import MDTConfig, count_params
 
 LIBRARY_NAME = 'mdt_jax'
@@ -437,23 +437,13 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, weights: 
                       extra_files={CARD_FILE: card})
     if formats:
       write_official(folder, params, config, formats)
-    _shareable_modes(folder)
+    share_modes(folder)
     if os.path.exists(out):
       shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
     os.replace(folder, out)
   finally:
     shutil.rmtree(staging, ignore_errors=True)
   return out
-
-
-def _shareable_modes(folder: str) -> None:
-  # Temporary folders and safetensors files are created owner-only; a published folder is not.
-  umask = os.umask(0)
-  os.umask(umask)
-  for root, dirs, files in os.walk(folder):
-    os.chmod(root, 0o777 & ~umask)
-    for f in files:
-      os.chmod(os.path.join(root, f), 0o666 & ~umask)
 
 
 def push_to_hub(folder: str, repo_id: str, *, private: bool | None = None,

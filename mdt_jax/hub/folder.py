@@ -84,6 +84,16 @@ def model_from_flat(flat: dict[str, np.ndarray], config: MDTConfig, where: str =
   return model
 
 
+def share_modes(folder: str) -> None:
+  """Give a folder written through mkdtemp (owner-only) the modes the umask gives new files."""
+  umask = os.umask(0)
+  os.umask(umask)
+  for root, _, files in os.walk(folder):
+    os.chmod(root, 0o777 & ~umask)
+    for f in files:
+      os.chmod(os.path.join(root, f), 0o666 & ~umask)
+
+
 def save_model_folder(out_dir: str, params: nnx.State | dict, config: MDTConfig, *,
                       data: dict | None = None, diffusion: dict | None = None,
                       sampling: dict | None = None, source: str = '',
@@ -107,6 +117,7 @@ def save_model_folder(out_dir: str, params: nnx.State | dict, config: MDTConfig,
     for name, text in (extra_files or {}).items():
       with open(os.path.join(tmp, name), 'w') as f:
         f.write(text)
+    share_modes(tmp)
     if os.path.exists(out_dir):
       shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
