@@ -13,15 +13,14 @@ import dataclasses
 import json
 import math
 import os
-import shutil
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 from flax import nnx
 
+from mdt_jax.atomic import atomic_folder, check_writable
 from mdt_jax.hub import official
-from mdt_jax.hub.folder import save_model_folder, share_modes
+from mdt_jax.hub.folder import write_model_files
 from mdt_jax.models.mdt import MDTConfig, count_params
 
 LIBRARY_NAME = 'mdt_jax'
@@ -398,8 +397,7 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, weights: 
   if repo_id:
     _check_repo_id(repo_id)
   formats = check_official_formats(official_formats) if official_layout else ()
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)) and not overwrite:
-    raise FileExistsError(f'{out} exists and is not empty (pass overwrite=True to replace it)')
+  check_writable(out, overwrite)
   train_cfg = checkpoints.read_config(workdir)        # raises for a folder that is not a workdir
   evaluation = read_evaluation(eval_json) if eval_json else None
   # Port options (dtype, remat, attention kernel) are the loader's choice, not the folder's.
@@ -426,23 +424,13 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, weights: 
                    official_files=official_files)
   parse_card(card)                                   # refuse a card the Hub tools cannot read
 
-  parent = os.path.dirname(os.path.abspath(out))
-  os.makedirs(parent, exist_ok=True)
-  staging = tempfile.mkdtemp(prefix='.tmp-export-', dir=parent)
-  try:
-    folder = os.path.join(staging, 'folder')
-    save_model_folder(folder, params, config, data=loaded.data, diffusion=diffusion,
+  with atomic_folder(out, overwrite) as folder:
+    write_model_files(folder, params, config, data=loaded.data, diffusion=diffusion,
                       sampling=sampling,
                       source=f'{os.path.abspath(workdir)} step {step} ({WEIGHTS[weights]})',
                       extra_files={CARD_FILE: card})
     if formats:
       write_official(folder, params, config, formats)
-    share_modes(folder)
-    if os.path.exists(out):
-      shutil.rmtree(out) if os.path.isdir(out) else os.remove(out)
-    os.replace(folder, out)
-  finally:
-    shutil.rmtree(staging, ignore_errors=True)
   return out
 
 

@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from typing import Any
 
 import jax
@@ -26,6 +24,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from mdt_jax.atomic import atomic_folder
 from mdt_jax.models.mdt import MDT, MDTConfig
 
 FORMAT = 'mdt_jax.model'
@@ -84,46 +83,30 @@ def model_from_flat(flat: dict[str, np.ndarray], config: MDTConfig, where: str =
   return model
 
 
-def share_modes(folder: str) -> None:
-  """Give a folder written through mkdtemp (owner-only) the modes the umask gives new files."""
-  umask = os.umask(0)
-  os.umask(umask)
-  for root, _, files in os.walk(folder):
-    os.chmod(root, 0o777 & ~umask)
-    for f in files:
-      os.chmod(os.path.join(root, f), 0o666 & ~umask)
-
-
-def save_model_folder(out_dir: str, params: nnx.State | dict, config: MDTConfig, *,
+def write_model_files(folder: str, params: nnx.State | dict, config: MDTConfig, *,
                       data: dict | None = None, diffusion: dict | None = None,
                       sampling: dict | None = None, source: str = '',
-                      extra_files: dict[str, str] | None = None, overwrite: bool = False) -> str:
-  """Write a model folder atomically (a temporary folder renamed into place)."""
-  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise FileExistsError(f'{out_dir} exists and is not empty (pass overwrite=True to replace it)')
+                      extra_files: dict[str, str] | None = None) -> None:
+  """config.json + model.safetensors (+ extra text files) into an existing folder."""
   flat = params if isinstance(params, dict) else flat_params(params)
   model_from_flat(flat, config, where='parameters to save')      # validate before writing
   cfg = dict(format=FORMAT, version=VERSION, model=config.to_dict(),
              data=dict(data or IMAGENET_LATENT_DATA),
              diffusion=dict(diffusion or dict(num_timesteps=1000, beta_schedule='linear')),
              sampling=dict(sampling or OFFICIAL_SAMPLING), source=source)
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.tmp-model-', dir=parent)
-  try:
-    save_file(flat, os.path.join(tmp, WEIGHTS_FILE), metadata={'format': FORMAT})
-    with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
-      json.dump(cfg, f, indent=2)
-    for name, text in (extra_files or {}).items():
-      with open(os.path.join(tmp, name), 'w') as f:
-        f.write(text)
-    share_modes(tmp)
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+  save_file(flat, os.path.join(folder, WEIGHTS_FILE), metadata={'format': FORMAT})
+  with open(os.path.join(folder, CONFIG_FILE), 'w') as f:
+    json.dump(cfg, f, indent=2)
+  for name, text in (extra_files or {}).items():
+    with open(os.path.join(folder, name), 'w') as f:
+      f.write(text)
+
+
+def save_model_folder(out_dir: str, params: nnx.State | dict, config: MDTConfig, *,
+                      overwrite: bool = False, **meta) -> str:
+  """Write a model folder atomically (see ``write_model_files`` for ``meta``)."""
+  with atomic_folder(out_dir, overwrite) as tmp:
+    write_model_files(tmp, params, config, **meta)
   return out_dir
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +16,7 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from mdt_jax.atomic import atomic_folder
 from mdt_jax.vae.model import AutoencoderKL, VAEConfig
 
 CONFIG_FILE = 'config.json'
@@ -88,29 +87,12 @@ def write_folder(out_dir: str, config: VAEConfig, params: dict[str, np.ndarray],
                  overwrite: bool = False) -> str:
   """Write a VAE folder atomically: a temp folder beside `out_dir`, renamed when complete."""
   check_params(config, params, 'parameter set')
-  out_dir = os.path.abspath(out_dir)
-  if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-    raise FileExistsError(f'{out_dir} exists and is not empty; pass overwrite=True '
-                          '(--overwrite) to replace it')
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix='.vae-tmp-', dir=parent)
-  try:
+  with atomic_folder(out_dir, overwrite) as tmp:
     with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
       json.dump({'_class_name': 'AutoencoderKL', **config.to_dict()}, f, indent=2)
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in params.items()},
               os.path.join(tmp, WEIGHTS_FILE), metadata={'format': 'mdt_jax.vae'})
-    if os.path.exists(out_dir):
-      old = tempfile.mkdtemp(prefix='.vae-old-', dir=parent)
-      os.rename(out_dir, os.path.join(old, 'x'))
-      os.rename(tmp, out_dir)
-      shutil.rmtree(old)
-    else:
-      os.rename(tmp, out_dir)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return out_dir
+  return os.path.abspath(out_dir)
 
 
 def save(model: AutoencoderKL, out_dir: str, overwrite: bool = False) -> str:
