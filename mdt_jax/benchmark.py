@@ -20,7 +20,7 @@ from mdt_jax import diffusion as diff
 from mdt_jax.models import masking
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.training import sharding
-from mdt_jax.training.state import create_train_state, make_optimizer
+from mdt_jax.training.state import abstract_train_state, create_train_state, make_optimizer
 from mdt_jax.training.step import jit_train_step
 
 # Dense bf16 peak TFLOP/s (no sparsity), by device kind substring.
@@ -177,6 +177,83 @@ def bench_train_step(config: ml_collections.ConfigDict, *, mask_branch: bool, st
   if stats and 'peak_bytes_in_use' in stats:
     out['device_peak_memory_gb'] = stats['peak_bytes_in_use'] / 1e9
   return out
+
+
+def memory_estimate_gb(config: ml_collections.ConfigDict, *, mask_branch: bool,
+                       global_batch: int) -> float:
+  """Peak device memory of the compiled train step (compile only, nothing allocated)."""
+  mc = MDTConfig.from_dict(config.model.to_dict())
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  opt = make_optimizer(config.optimizer)
+  structs, shardings, graphdef = abstract_train_state(mc, opt, mesh, config.sharding_rules)
+  bsh = sharding.batch_sharding(mesh)
+  step = jit_train_step(shardings, bsh, graphdef=graphdef,
+                        dif=diff.create_diffusion(num_timesteps=config.diffusion.num_timesteps),
+                        optimizer=opt, ema_decay=config.ema_decay, mask_branch=mask_branch,
+                        min_snr_gamma=config.diffusion.min_snr_gamma,
+                        learning_rate=config.optimizer.learning_rate)
+  shape = (global_batch, mc.input_size, mc.input_size, mc.in_channels)
+  batch = {'x': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=bsh),
+           'y': jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=bsh)}
+  mem = _memory(step.lower(structs, batch).compile())
+  if 'memory_peak_estimate_gb' not in mem:
+    raise RuntimeError(f'{jax.default_backend()} gives no memory analysis of compiled programs')
+  return mem['memory_peak_estimate_gb']
+
+
+def fit_batch(config: ml_collections.ConfigDict, *, mask_branch: bool, budget_gb: float,
+              probe: int | None = None, max_compiles: int = 8) -> dict:
+  """Largest global batch whose compiled step fits ``budget_gb`` per device.
+
+  Memory is roughly affine in the batch (weights and optimizer state + activations per sample):
+  two compiles give a first guess, then bisection over batches that are multiples of the
+  data-parallel size settles it (each probe is one compile, nothing is allocated).
+  """
+  mesh = sharding.make_mesh(config.mesh.to_dict())
+  dp = sharding.data_parallel_size(mesh)
+  seen: dict[int, float] = {}
+
+  def mem(b: int) -> float:
+    if b not in seen:
+      seen[b] = memory_estimate_gb(config, mask_branch=mask_branch, global_batch=b)
+    return seen[b]
+
+  b1 = max(dp, (probe or config.global_batch_size) // dp * dp)
+  b2 = 2 * b1
+  per_sample = (mem(b2) - mem(b1)) / (b2 - b1)
+  fixed = mem(b1) - per_sample * b1
+  lo, hi = 0, None                                  # lo fits (0: nothing checked fits yet)
+  for b in (b1, b2):
+    if mem(b) <= budget_gb:
+      lo = max(lo, b)
+    else:
+      hi = b if hi is None else min(hi, b)
+  guess = int((budget_gb - fixed) / per_sample) // dp * dp if per_sample > 0 else 2 * b2
+  while len(seen) < max_compiles:
+    if hi is None:                                  # grow until something does not fit
+      b = max(guess, 2 * lo)
+    elif hi - lo <= dp:
+      break
+    else:
+      b = (lo + hi) // 2 // dp * dp
+      if guess and lo < guess < hi:                 # use the line's guess once
+        b, guess = guess, 0
+    b = max(b, dp)
+    if mem(b) <= budget_gb:
+      lo = b
+    else:
+      hi = b
+  mc = MDTConfig.from_dict(config.model.to_dict())
+  return {'branches': 'plain+masked (MDT)' if mask_branch else 'plain (DiT-style)',
+          'dtype': mc.dtype, 'remat': mc.remat, 'budget_gb': budget_gb,
+          'fixed_gb': fixed, 'per_sample_gb': per_sample * dp,
+          'max_global_batch': lo, 'max_per_device_batch': lo // dp,
+          'estimate_at_max_gb': seen.get(lo), 'exact': hi is not None and hi - lo <= dp,
+          'compiles': len(seen), 'device_kind': jax.devices()[0].device_kind}
+
+
+FIT_KEYS = ['branches', 'device_kind', 'dtype', 'remat', 'budget_gb', 'fixed_gb',
+            'per_sample_gb', 'max_per_device_batch', 'estimate_at_max_gb', 'exact', 'compiles']
 
 
 def bench_sampling(config: ml_collections.ConfigDict, *, sampler: str, steps: int,

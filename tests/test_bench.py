@@ -56,3 +56,16 @@ def test_bench_tool_writes_every_field(tmp_path):
   assert all(r['images_per_s'] > 0 for r in res['sampling'])
   traces = [f for _, _, fs in os.walk(tmp_path / 'trace') for f in fs]
   assert any(f.endswith('.xplane.pb') for f in traces)
+
+
+def test_fit_batch_finds_a_batch_that_fits_the_budget():
+  c = get_config()
+  base = benchmark.memory_estimate_gb(c, mask_branch=True, global_batch=16)
+  budget = 3 * base
+  r = benchmark.fit_batch(c, mask_branch=True, budget_gb=budget, max_compiles=12)
+  best = r['max_global_batch']
+  assert best > 16 and best % 8 == 0 and r['max_per_device_batch'] == best // 8
+  assert r['estimate_at_max_gb'] <= budget
+  assert r['exact'], r            # the bisection closed within 12 compiles ...
+  # ... so one more data-parallel step no longer fits
+  assert benchmark.memory_estimate_gb(c, mask_branch=True, global_batch=best + 8) > budget

@@ -24,6 +24,9 @@ flags.DEFINE_integer('sample_batch', 16, 'images per sampling run')
 flags.DEFINE_integer('ddpm_steps', 250, 'DDPM steps (the original FID setting)')
 flags.DEFINE_integer('dpm_steps', 20, 'DPM-Solver++ steps')
 flags.DEFINE_float('cfg_scale', 3.8, 'guidance scale for the sampling runs')
+flags.DEFINE_float('fit_memory_gb', None, 'also find the largest batch per device whose '
+                   'compiled step fits this many GB (e.g. 80 for an H100), with and without '
+                   'rematerialisation')
 flags.DEFINE_string('out', None, 'JSON file for the results')
 flags.DEFINE_string('profile', None, 'write a jax.profiler trace of a few MDT steps here')
 FLAGS = flags.FLAGS
@@ -33,7 +36,7 @@ def main(argv):
   del argv
   config = FLAGS.config
   results = {'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
-             'device_count': jax.device_count(), 'train': [], 'sampling': []}
+             'device_count': jax.device_count(), 'train': [], 'sampling': [], 'fit': []}
 
   def dump():
     if FLAGS.out:
@@ -48,6 +51,14 @@ def main(argv):
     results['train'].append(r)
     print(json.dumps(r), flush=True)
     dump()
+  if FLAGS.fit_memory_gb:
+    for remat in (False, True):
+      with config.unlocked():
+        config.model.remat = remat
+      r = benchmark.fit_batch(config, mask_branch=True, budget_gb=FLAGS.fit_memory_gb)
+      results['fit'].append(r)
+      print(json.dumps(r), flush=True)
+      dump()
   if FLAGS.profile:
     os.makedirs(FLAGS.profile, exist_ok=True)
     with jax.profiler.trace(FLAGS.profile):
@@ -63,6 +74,8 @@ def main(argv):
   print(benchmark.markdown_table(results['train'], benchmark.TRAIN_KEYS))
   if results['sampling']:
     print(benchmark.markdown_table(results['sampling'], benchmark.SAMPLE_KEYS))
+  if results['fit']:
+    print(benchmark.markdown_table(results['fit'], benchmark.FIT_KEYS))
   dump()
 
 

@@ -53,14 +53,7 @@ def state_shardings(abstract: TrainState, model: MDT, optimizer: optax.GradientT
   return TrainState(step=rep, params=p_sh, ema_params=p_sh, opt_state=opt_sh, rng=rep)
 
 
-def create_train_state(model_cfg: MDTConfig, optimizer: optax.GradientTransformation,
-                       seed: int, mesh: Mesh, rules) -> tuple[TrainState, TrainState, nnx.GraphDef]:
-  """Initialise directly into the sharded layout (no host copy of the full model).
-
-  Returns (state, shardings, graphdef).
-  """
-  model = abstract_model(model_cfg)
-  graphdef, _ = nnx.split(model)
+def _initializer(model_cfg: MDTConfig, optimizer: optax.GradientTransformation, seed: int):
   init_key, train_key = jax.random.split(jax.random.key(seed))
 
   def init():
@@ -69,8 +62,27 @@ def create_train_state(model_cfg: MDTConfig, optimizer: optax.GradientTransforma
                       ema_params=jax.tree.map(jnp.copy, params),
                       opt_state=optimizer.init(params),
                       rng=jax.random.key_data(train_key))
+  return init
 
-  abstract = jax.eval_shape(init)
+
+def abstract_train_state(model_cfg: MDTConfig, optimizer: optax.GradientTransformation,
+                         mesh: Mesh, rules) -> tuple[TrainState, TrainState, nnx.GraphDef]:
+  """(shape/dtype/sharding structs of the state, its shardings, graphdef); nothing allocated."""
+  model = abstract_model(model_cfg)
+  graphdef, _ = nnx.split(model)
+  abstract = jax.eval_shape(_initializer(model_cfg, optimizer, 0))
   shardings = state_shardings(abstract, model, optimizer, mesh, rules)
-  state = jax.jit(init, out_shardings=shardings)()
+  structs = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                         abstract, shardings)
+  return structs, shardings, graphdef
+
+
+def create_train_state(model_cfg: MDTConfig, optimizer: optax.GradientTransformation,
+                       seed: int, mesh: Mesh, rules) -> tuple[TrainState, TrainState, nnx.GraphDef]:
+  """Initialise directly into the sharded layout (no host copy of the full model).
+
+  Returns (state, shardings, graphdef).
+  """
+  _, shardings, graphdef = abstract_train_state(model_cfg, optimizer, mesh, rules)
+  state = jax.jit(_initializer(model_cfg, optimizer, seed), out_shardings=shardings)()
   return state, shardings, graphdef
