@@ -279,6 +279,40 @@ def bench_sampling(config: ml_collections.ConfigDict, *, sampler: str, steps: in
           'compile_and_first_run_s': first, 'run_s': run_s, 'images_per_s': batch / run_s}
 
 
+def bench_sampling_torch(config: ml_collections.ConfigDict, *, steps: int, batch: int,
+                         cfg_scale: float = 4.0, device: str | None = None) -> dict:
+  """Images/s of the original's guided DDPM sampler in PyTorch, float32 and eager.
+
+  The same weights as `bench_sampling` (random init, seed 0) in the official module tree
+  (`mdt_jax.torch_reference`); CUDA when torch sees a GPU, else CPU. Warm-up: two steps.
+  """
+  import torch
+  from flax import nnx
+  from mdt_jax.hub import official
+  from mdt_jax.models.mdt import MDT
+  from mdt_jax.torch_reference import from_official_state, sample_ddpm
+  mc = MDTConfig.from_dict(config.model.to_dict())
+  if mc.in_channels < 3:
+    raise ValueError('the original sampler guides eps channels 0..2; the torch baseline needs '
+                     f'in_channels >= 3, got {mc.in_channels}')
+  device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
+  sd = official.from_flax_params(nnx.state(MDT(mc, rngs=nnx.Rngs(0)), nnx.Param), mc)
+  model = from_official_state(sd, mc, device)
+  labels = np.arange(batch) % mc.num_classes
+  gen = torch.Generator(device=device).manual_seed(0)
+  sync = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
+  sample_ddpm(model, labels, steps=2, cfg_scale=cfg_scale, generator=gen)
+  sync()
+  t0 = time.perf_counter()
+  sample_ddpm(model, labels, steps=steps, cfg_scale=cfg_scale, generator=gen)
+  sync()
+  run_s = time.perf_counter() - t0
+  return {'sampler': 'ddpm (torch eager)', 'steps': steps, 'cfg_scale': cfg_scale,
+          'batch': batch, 'dtype': 'float32', 'torch': torch.__version__,
+          'device_kind': torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu',
+          'run_s': run_s, 'images_per_s': batch / run_s}
+
+
 def markdown_table(rows: list[dict], keys: list[str]) -> str:
   def fmt(v: Any) -> str:
     if isinstance(v, float):
@@ -294,5 +328,5 @@ TRAIN_KEYS = ['branches', 'device_kind', 'devices', 'global_batch', 'dtype', 're
               'achieved_tflops_per_device', 'mfu', 'compile_s', 'memory_peak_estimate_gb',
               'device_peak_memory_gb']
 SAMPLE_KEYS = ['sampler', 'steps', 'cfg_scale', 'batch', 'dtype', 'device_kind', 'images_per_s',
-               'run_s', 'compile_and_first_run_s']
+               'run_s', 'compile_and_first_run_s', 'speedup_vs_torch_eager_f32']
 

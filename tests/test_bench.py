@@ -42,7 +42,8 @@ def test_bench_tool_writes_every_field(tmp_path):
   out = tmp_path / 'bench.json'
   env = dict(os.environ, PYTHONPATH=ROOT)
   subprocess.run([sys.executable, 'tools/bench.py', f'--config={ROOT}/tests/micro_config.py',
-                  '--steps=2', '--repeats=1', '--sampling',
+                  '--config.model.in_channels=4',   # latents: the original guides 3 of 4
+                  '--steps=2', '--repeats=1', '--sampling', '--torch_baseline',
                   '--sample_batch=2', '--ddpm_steps=3', '--dpm_steps=2', f'--out={out}',
                   f'--profile={tmp_path / "trace"}'],
                  check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
@@ -52,8 +53,13 @@ def test_bench_tool_writes_every_field(tmp_path):
     for k in ('steps_per_s', 'images_per_s', 'model_tflop_per_step', 'xla_tflop_per_step',
               'achieved_tflops_per_device', 'compile_s', 'memory_peak_estimate_gb'):
       assert r[k] > 0, k
-  assert [r['sampler'] for r in res['sampling']] == ['ddpm', 'dpm_solver++']
+  assert [r['sampler'] for r in res['sampling']] == ['ddpm', 'dpm_solver++',
+                                                      'ddpm (torch eager)']
   assert all(r['images_per_s'] > 0 for r in res['sampling'])
+  torch_row = res['sampling'][2]
+  assert torch_row['dtype'] == 'float32' and torch_row['steps'] == 3
+  assert res['sampling'][0]['speedup_vs_torch_eager_f32'] == pytest.approx(
+      res['sampling'][0]['images_per_s'] / torch_row['images_per_s'])
   traces = [f for _, _, fs in os.walk(tmp_path / 'trace') for f in fs]
   assert any(f.endswith('.xplane.pb') for f in traces)
 
@@ -69,3 +75,11 @@ def test_fit_batch_finds_a_batch_that_fits_the_budget():
   assert r['exact'], r            # the bisection closed within 12 compiles ...
   # ... so one more data-parallel step no longer fits
   assert benchmark.memory_estimate_gb(c, mask_branch=True, global_batch=best + 8) > budget
+
+
+def test_torch_baseline_without_sampling_is_refused():
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  r = subprocess.run([sys.executable, 'tools/bench.py', f'--config={ROOT}/tests/micro_config.py',
+                      '--modes=', '--torch_baseline'],
+                     env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert r.returncode != 0 and '--torch_baseline compares samplers: add --sampling' in r.stderr

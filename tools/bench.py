@@ -23,6 +23,9 @@ flags.DEFINE_bool('sampling', False, 'also measure sampling throughput')
 flags.DEFINE_integer('sample_batch', 16, 'images per sampling run')
 flags.DEFINE_integer('ddpm_steps', 250, 'DDPM steps (the original FID setting)')
 flags.DEFINE_integer('dpm_steps', 20, 'DPM-Solver++ steps')
+flags.DEFINE_bool('torch_baseline', False, 'with --sampling: also time the same guided '
+                  'DDPM sampler in PyTorch, float32 and eager (the original\'s way), and report '
+                  'the speed-up over it')
 flags.DEFINE_float('cfg_scale', 3.8, 'guidance scale for the sampling runs')
 flags.DEFINE_float('fit_memory_gb', None, 'also find the largest batch per device whose '
                    'compiled step fits this many GB (e.g. 80 for an H100), with and without '
@@ -35,6 +38,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   config = FLAGS.config
+  if FLAGS.torch_baseline and not FLAGS.sampling:
+    raise app.UsageError('--torch_baseline compares samplers: add --sampling')
   results = {'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
              'device_count': jax.device_count(), 'train': [], 'sampling': [], 'fit': []}
 
@@ -68,6 +73,14 @@ def main(argv):
     for name, steps in (('ddpm', FLAGS.ddpm_steps), ('dpm_solver++', FLAGS.dpm_steps)):
       r = benchmark.bench_sampling(config, sampler=name, steps=steps, batch=FLAGS.sample_batch,
                                    cfg_scale=FLAGS.cfg_scale)
+      results['sampling'].append(r)
+      print(json.dumps(r), flush=True)
+      dump()
+    if FLAGS.torch_baseline:
+      r = benchmark.bench_sampling_torch(config, steps=FLAGS.ddpm_steps, batch=FLAGS.sample_batch,
+                                         cfg_scale=FLAGS.cfg_scale)
+      ddpm = results['sampling'][0]
+      ddpm['speedup_vs_torch_eager_f32'] = ddpm['images_per_s'] / r['images_per_s']
       results['sampling'].append(r)
       print(json.dumps(r), flush=True)
       dump()
