@@ -121,8 +121,13 @@ def _cost_flops(compiled) -> float | None:
 
 
 def bench_train_step(config: ml_collections.ConfigDict, *, mask_branch: bool, steps: int = 10,
-                     repeats: int = 3, warmup: int = 2, compile_only: bool = False) -> dict:
-  """Compile and time the real train step on synthetic data of the config's shape."""
+                     repeats: int = 3, warmup: int = 2, compile_only: bool = False,
+                     trace_dir: str | None = None) -> dict:
+  """Compile and time the real train step on synthetic data of the config's shape.
+
+  With `trace_dir`, the timed repeats (only: compilation and warm-up stay out of it) are
+  recorded as a `jax.profiler` trace there.
+  """
   mc = MDTConfig.from_dict(config.model.to_dict())
   mesh = sharding.make_mesh(config.mesh.to_dict())
   opt = make_optimizer(config.optimizer)
@@ -165,7 +170,11 @@ def bench_train_step(config: ml_collections.ConfigDict, *, mask_branch: bool, st
   for _ in range(warmup):
     holder['s'], m = compiled(holder['s'], data)
     jax.block_until_ready(m['loss'])
-  times = _timed(run, repeats)
+  if trace_dir:
+    with jax.profiler.trace(trace_dir):
+      times = _timed(run, repeats)
+  else:
+    times = _timed(run, repeats)
   step_s = statistics.median(times) / steps
   out.update(step_s=step_s, steps_per_s=1.0 / step_s, images_per_s=batch / step_s)
   achieved = out['model_tflop_per_step'] / step_s

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from micro_config import get_config
-from mdt_jax import MDTConfig, benchmark, model_config
+from mdt_jax import MDTConfig, benchmark, model_config, profile_summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -62,6 +62,26 @@ def test_bench_tool_writes_every_field(tmp_path):
       res['sampling'][0]['images_per_s'] / torch_row['images_per_s'])
   traces = [f for _, _, fs in os.walk(tmp_path / 'trace') for f in fs]
   assert any(f.endswith('.xplane.pb') for f in traces)
+  # The trace is summarised: the train step's op time, tied to this project's source lines.
+  prof = res['profile']
+  assert prof['total_ms'] > 0 and prof['planes'] == ['/host:CPU']
+  top = [r['source'] for r in prof['by_source'][:5]]
+  assert any(s.startswith('mdt_jax/models/layers.py:') for s in top), top
+  summary = profile_summary.summarize(str(tmp_path / 'trace'), 'train_step')
+  assert sum(t for _, t in summary.by_source) == summary.total_ps
+  assert summary.by_op[0][0].startswith('jit_train_step:')
+  assert all(t >= 0 for *_, t in summary.by_op)
+
+
+def test_self_times_subtract_nested_ops():
+  # a loop [0, 100) holding two ops [10, 30) and [40, 90), the second holding [50, 60)
+  events = [(0, 100), (10, 20), (40, 50), (50, 10), (200, 5)]
+  assert profile_summary.self_times(events) == [30, 20, 40, 10, 5]
+
+
+def test_profile_summary_names_a_folder_without_a_trace(tmp_path):
+  with pytest.raises(FileNotFoundError, match='no \\*.xplane.pb under'):
+    profile_summary.summarize(str(tmp_path))
 
 
 def test_fit_batch_finds_a_batch_that_fits_the_budget():

@@ -12,7 +12,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from mdt_jax import benchmark
+from mdt_jax import benchmark, profile_summary
 
 config_flags.DEFINE_config_file('config', None, 'experiment config', lock_config=True)
 flags.DEFINE_list('modes', ['mdt', 'dit'], 'train steps to measure: mdt (two branches), dit')
@@ -66,9 +66,18 @@ def main(argv):
       dump()
   if FLAGS.profile:
     os.makedirs(FLAGS.profile, exist_ok=True)
-    with jax.profiler.trace(FLAGS.profile):
-      benchmark.bench_train_step(config, mask_branch=True, steps=3, repeats=1, warmup=1)
+    benchmark.bench_train_step(config, mask_branch=True, steps=3, repeats=1, warmup=1,
+                               trace_dir=FLAGS.profile)
     print(f'profile written to {FLAGS.profile} (open with TensorBoard\'s profile plugin)')
+    try:
+      summary = profile_summary.summarize(FLAGS.profile, 'train_step')
+    except ImportError as e:    # the trace protobufs come with TensorFlow
+      print(f'no summary ({e}); run tools/profile_summary.py {FLAGS.profile} where TF is installed')
+    else:
+      print(summary.markdown(15))
+      results['profile'] = {k: v[:30] if isinstance(v, list) else v
+                            for k, v in summary.to_json().items()}
+      dump()
   if FLAGS.sampling:
     for name, steps in (('ddpm', FLAGS.ddpm_steps), ('dpm_solver++', FLAGS.dpm_steps)):
       r = benchmark.bench_sampling(config, sampler=name, steps=steps, batch=FLAGS.sample_batch,
