@@ -103,3 +103,14 @@ def test_torch_baseline_without_sampling_is_refused():
                       '--modes=', '--torch_baseline'],
                      env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode != 0 and '--torch_baseline compares samplers: add --sampling' in r.stderr
+
+
+def test_bench_suite_runs_a_selected_benchmark(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT, PYTHON=sys.executable, ONLY='bf16_batch2x')
+  r = subprocess.run(['bash', 'tools/bench_suite.sh', str(tmp_path), 'tests/micro_config.py', '8'],
+                     env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr
+  assert '== bf16_batch2x' in r.stdout and 'exit 0' in r.stdout and 'suite done' in r.stdout
+  assert sorted(os.listdir(tmp_path)) == ['bf16_batch2x.json', 'bf16_batch2x.log']
+  (row,) = json.loads((tmp_path / 'bf16_batch2x.json').read_text())['train']
+  assert row['global_batch'] == 16 and row['dtype'] == 'bfloat16'   # the later flag wins

@@ -212,3 +212,15 @@ def test_unknown_and_invalid_config_values_are_refused():
     MDTConfig(input_size=30, patch_size=4)
   with pytest.raises(ValueError, match='unknown model size'):
     model_config('XXL/2')
+
+
+def test_cudnn_attention_needs_even_lengths_and_says_how_to_pad():
+  xl = dict(mask_ratio=0.3, attention_impl='cudnn')           # XL/2 sizes: 256 tokens, keep 179
+  with pytest.raises(ValueError, match=r"masked encoder buffer': 179.*mask_buffer_multiple=8"):
+    MDTConfig(**xl)
+  assert masking.buffer_size(256, 0.3, 8) == 184
+  MDTConfig(**xl, mask_buffer_multiple=8)                      # 184: accepted
+  MDTConfig(**xl, mask_buffer_multiple=2)                      # 180: accepted
+  MDTConfig(mask_ratio=0.3)                                    # odd buffer is fine for XLA
+  with pytest.raises(ValueError, match="'tokens': 225"):       # 15 x 15 grid
+    MDTConfig(input_size=30, attention_impl='cudnn')

@@ -50,7 +50,7 @@ class MDTConfig:
   remat: bool = False               # rematerialise each block in the backward pass
   remat_policy: str = 'nothing_saveable'
   attention_impl: str | None = None  # jax.nn.dot_product_attention implementation (None: auto)
-  mask_buffer_multiple: int = 1     # round the masked encoder's static buffer up (64 for cuDNN)
+  mask_buffer_multiple: int = 1     # round the masked encoder's static buffer up (cuDNN: even)
 
   def __post_init__(self):
     if self.attention_impl == '':
@@ -71,6 +71,22 @@ class MDTConfig:
       raise ValueError(f'mask_buffer_multiple must be >= 1, got {self.mask_buffer_multiple}')
     if self.mask_ratio is not None and not 0.0 <= self.mask_ratio < 1.0:
       raise ValueError(f'mask_ratio must be None or in [0, 1), got {self.mask_ratio}')
+    if self.attention_impl == 'cudnn':
+      self._check_cudnn_lengths()
+
+  def _check_cudnn_lengths(self) -> None:
+    """cuDNN's fused attention trains with a bias only on even sequence lengths (JAX checks it
+    when the step is traced; here it fails before any work)."""
+    lengths = {'tokens': self.grid ** 2}
+    if self.mask_ratio is not None:
+      lengths['masked encoder buffer'] = masking.buffer_size(
+          self.grid ** 2, self.mask_ratio, self.mask_buffer_multiple)
+    odd = {k: v for k, v in lengths.items() if v % 2}
+    if odd:
+      raise ValueError(f'attention_impl="cudnn" needs even sequence lengths (cuDNN trains with a '
+                       f'relative position bias only then), got {odd}; set '
+                       'model.mask_buffer_multiple=8 to pad the masked buffer (the padding slots '
+                       'are masked out: results are unchanged)')
 
   @classmethod
   def from_dict(cls, d: Any) -> 'MDTConfig':

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The accelerator benchmark suite behind BENCHMARKS.md, one tools/bench.py run per line.
+#
+#   tools/bench_suite.sh OUT_DIR [CONFIG] [BATCH]      (defaults: configs/mdtv2_xl2.py, 32)
+#
+# Each run writes OUT_DIR/<name>.json and OUT_DIR/<name>.log and is cut off after $LIMIT seconds
+# (default 240) so that one failure does not stop the rest. SKIP="name name" skips runs,
+# ONLY="name name" runs only those.
+# On a machine without PyTorch the eager float32 baseline is left out of the sampling run.
+set -u
+OUT=${1:?usage: tools/bench_suite.sh OUT_DIR [CONFIG] [BATCH]}
+CONFIG=${2:-configs/mdtv2_xl2.py}
+BATCH=${3:-32}
+LIMIT=${LIMIT:-240}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+
+bench() {   # bench NAME ARGS...
+  local name=$1; shift
+  case " ${SKIP:-} " in *" $name "*) echo "skip $name"; return;; esac
+  if [ -n "${ONLY:-}" ]; then
+    case " $ONLY " in *" $name "*) ;; *) return;; esac
+  fi
+  echo "== $name: $*"
+  timeout "$LIMIT" "$PY" tools/bench.py --config="$CONFIG" --config.global_batch_size="$BATCH" \
+      --steps=5 --repeats=3 --out="$OUT/$name.json" "$@" > "$OUT/$name.log" 2>&1
+  echo "   exit $? ($(grep -c '' "$OUT/$name.log") log lines)"
+  grep '^|' "$OUT/$name.log" | tail -4
+}
+
+BF16=--config.model.dtype=bfloat16
+TORCH=$("$PY" -c 'import torch' 2>/dev/null && echo --torch_baseline)
+
+bench bf16 $BF16 --modes=mdt,dit
+# cuDNN's fused attention trains with a bias only on even lengths: pad the masked buffer to 8
+bench bf16_cudnn $BF16 --modes=mdt,dit --config.model.attention_impl=cudnn \
+    --config.model.mask_buffer_multiple=8
+bench bf16_pad8 $BF16 --modes=mdt --config.model.mask_buffer_multiple=8
+bench bf16_batch2x $BF16 --modes=mdt --config.global_batch_size=$((2 * BATCH))
+bench bf16_batch4x_remat $BF16 --modes=mdt --config.global_batch_size=$((4 * BATCH)) \
+    --config.model.remat=true --config.model.remat_policy=dots_saveable
+bench bf16_fit80 $BF16 --modes= --fit_memory_gb=80
+bench bf16_profile $BF16 --modes= --profile="$OUT/trace"
+bench bf16_sampling $BF16 --modes= --sampling --sample_batch="$BATCH" $TORCH
+bench f32 --config.model.dtype=float32 --modes=mdt
+echo "suite done: $OUT"
