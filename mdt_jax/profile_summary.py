@@ -1,7 +1,8 @@
 """Where the time goes in a `jax.profiler` trace, without TensorBoard (``tools/profile_summary.py``).
 
-Reads the ``*.xplane.pb`` that ``--profile`` writes, takes every executed XLA op (GPU/TPU kernels
-on the device planes' stream lines; on the CPU backend, the thunks on the host threads), and adds
+Reads the ``*.xplane.pb`` that ``--profile`` writes, takes every executed XLA op (GPU kernels on
+the device planes' stream lines, TPU ops on the 'XLA Ops' line; on the CPU backend, the thunks on
+the host threads), and adds
 up each op's *self* time (time not spent in ops nested inside it, e.g. a while loop's body). Each
 op is tied, through the HLO module stored in the trace, to the line of this project's code that
 emitted it (the innermost stack frame under ``mdt_jax/``), so the result reads as "20% in
@@ -11,6 +12,7 @@ The protobuf classes come from TensorFlow (a dependency of clu's metric writers)
 """
 from __future__ import annotations
 
+import bisect
 import collections
 import dataclasses
 import glob
@@ -132,23 +134,58 @@ def _category(ins, comps) -> str:
   return f'fusion[{",".join(sorted(inner))}]' if inner else 'fusion[elementwise]'
 
 
+def _module_name(name: str) -> str:
+  """'jit_train_step(22)' -> 'jit_train_step' (the XLA Modules line appends the program id)."""
+  return re.sub(r'\(\d+\)$', '', name)
+
+
+def _line_events(plane, line, names):
+  """(start ps, duration ps, hlo_op or None, hlo_module or None, event name) of one line."""
+  out = []
+  for e in line.events:
+    meta = plane.event_metadata[e.metadata_id]
+    stats = {names.get(s.metadata_id): _stat_value(s, names)
+             for s in list(meta.stats) + list(e.stats)}
+    op, module = stats.get('hlo_op'), stats.get('hlo_module')
+    out.append((e.offset_ps, e.duration_ps, None if op is None else str(op),
+                None if module is None else str(module), meta.name))
+  return out
+
+
 def _op_events(space):
-  """Yield (plane, line, events with their hlo_op / hlo_module) of executed XLA ops."""
+  """Yield (plane name, [(start, duration, hlo_op, hlo_module)]) per timeline of executed ops.
+
+  GPU: kernels on the 'Stream #...' lines carry hlo_op / hlo_module (the derived 'XLA Ops' line
+  repeats them and is skipped). TPU (no streams): the 'XLA Ops' line, each op's module taken from
+  the 'XLA Modules' event that contains it. CPU backend: thunks on the host threads.
+  """
   for plane in space.planes:
     device = bool(DEVICE_PLANE.match(plane.name))
     if not device and plane.name != '/host:CPU':
       continue
     names = {k: v.name for k, v in plane.stat_metadata.items()}
-    for line in plane.lines:
-      if device and not line.name.startswith('Stream'):
-        continue
+    lines = {line.name: line for line in plane.lines}
+    streams = [l for n, l in lines.items() if n.startswith('Stream')] if device else \
+        list(plane.lines)
+    found = False
+    for line in streams:
+      events = [(s, d, op, _module_name(mod or '?'))
+                for s, d, op, mod, _ in _line_events(plane, line, names) if op is not None]
+      if events:
+        found = True
+        yield plane.name, events
+    if device and not found and 'XLA Ops' in lines:
+      modules = []
+      if 'XLA Modules' in lines:
+        modules = sorted((s, s + d, _module_name(n))
+                         for s, d, _, _, n in _line_events(plane, lines['XLA Modules'], names))
+      starts = [m[0] for m in modules]
       events = []
-      for e in line.events:
-        stats = {names.get(s.metadata_id): _stat_value(s, names)
-                 for s in list(plane.event_metadata[e.metadata_id].stats) + list(e.stats)}
-        if 'hlo_op' in stats:
-          events.append((e.offset_ps, e.duration_ps, str(stats['hlo_op']),
-                         str(stats.get('hlo_module', '?'))))
+      for s, d, op, mod, name in _line_events(plane, lines['XLA Ops'], names):
+        if mod is None:
+          i = bisect.bisect_right(starts, s) - 1
+          mod = modules[i][2] if i >= 0 and s < modules[i][1] else '?'
+        events.append((s, d, op or name, _module_name(mod)))
       if events:
         yield plane.name, events
 
