@@ -224,3 +224,6 @@ def test_cudnn_attention_needs_even_lengths_and_says_how_to_pad():
   MDTConfig(mask_ratio=0.3)                                    # odd buffer is fine for XLA
   with pytest.raises(ValueError, match="'tokens': 225"):       # 15 x 15 grid
     MDTConfig(input_size=30, attention_impl='cudnn')
+  with pytest.raises(ValueError, match="attention_impl must be one of .* got 'flash'"):
+    MDTConfig(attention_impl='flash')
+  assert MDTConfig(attention_impl='').attention_impl is None

@@ -21,6 +21,7 @@ from mdt_jax.models.layers import (FinalLayer, LabelEmbedder, MDTBlock, PatchEmb
 Array = jax.Array
 
 ARCHS = ('mdtv2', 'mdt_v1')
+ATTENTION_IMPLS = (None, 'xla', 'cudnn')    # jax.nn.dot_product_attention's implementations
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 REMAT_POLICIES = {
     'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
@@ -71,6 +72,9 @@ class MDTConfig:
       raise ValueError(f'mask_buffer_multiple must be >= 1, got {self.mask_buffer_multiple}')
     if self.mask_ratio is not None and not 0.0 <= self.mask_ratio < 1.0:
       raise ValueError(f'mask_ratio must be None or in [0, 1), got {self.mask_ratio}')
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f'model.attention_impl must be one of {ATTENTION_IMPLS} ("" = auto), got '
+                       f'{self.attention_impl!r}')
     if self.attention_impl == 'cudnn':
       self._check_cudnn_lengths()
 
