@@ -4,10 +4,16 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
+import reference_mdt as ref
 from micro_config import get_config
 from mdt_jax import MDTConfig, benchmark, model_config, profile_summary
+from mdt_jax.hub import official
+
+TINY_SAMPLING = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4,
+                     num_heads=2, decode_layer=1, num_classes=5)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,6 +50,7 @@ def test_bench_tool_writes_every_field(tmp_path):
   subprocess.run([sys.executable, 'tools/bench.py', f'--config={ROOT}/tests/micro_config.py',
                   '--config.model.in_channels=4',   # latents: the original guides 3 of 4
                   '--steps=2', '--repeats=1', '--sampling', '--torch_baseline',
+                  '--eager_baseline', '--baseline_steps=2',
                   '--sample_batch=2', '--ddpm_steps=3', '--dpm_steps=2', f'--out={out}',
                   f'--profile={tmp_path / "trace"}'],
                  check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
@@ -54,12 +61,13 @@ def test_bench_tool_writes_every_field(tmp_path):
               'achieved_tflops_per_device', 'compile_s', 'memory_peak_estimate_gb'):
       assert r[k] > 0, k
   assert [r['sampler'] for r in res['sampling']] == ['ddpm', 'dpm_solver++',
-                                                      'ddpm (torch eager)']
+                                                      'ddpm (torch eager)', 'ddpm (JAX eager)']
   assert all(r['images_per_s'] > 0 for r in res['sampling'])
-  torch_row = res['sampling'][2]
-  assert torch_row['dtype'] == 'float32' and torch_row['steps'] == 3
-  assert res['sampling'][0]['speedup_vs_torch_eager_f32'] == pytest.approx(
-      res['sampling'][0]['images_per_s'] / torch_row['images_per_s'])
+  for row, name in zip(res['sampling'][2:], ('torch', 'jax')):
+    assert row['dtype'] == 'float32' and row['steps'] == 3 and row['timed_steps'] == 2
+    assert row['images_per_s'] == pytest.approx(2 / row['run_s'])   # scaled to 3 steps
+    assert res['sampling'][0][f'speedup_vs_{name}_eager_f32'] == pytest.approx(
+        res['sampling'][0]['images_per_s'] / row['images_per_s'])
   traces = [f for _, _, fs in os.walk(tmp_path / 'trace') for f in fs]
   assert any(f.endswith('.xplane.pb') for f in traces)
   # The trace is summarised: the train step's op time, tied to this project's source lines.
@@ -103,6 +111,21 @@ def test_torch_baseline_without_sampling_is_refused():
                       '--modes=', '--torch_baseline'],
                      env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert r.returncode != 0 and '--torch_baseline compares samplers: add --sampling' in r.stderr
+
+
+def test_eager_ddpm_equals_the_jitted_sampler():
+  from mdt_jax.sampling import SamplerConfig, build_sampler
+  cfg = MDTConfig(**TINY_SAMPLING)
+  sd = ref.random_state_dict(official.layout(cfg), official.index_buffers(cfg), cfg.grid, seed=2,
+                             scale=0.05)       # every weight nonzero: the model steers the samples
+  model = official.model_from_state(sd, cfg)
+  labels = np.array([1, 2, 0])
+  want = build_sampler(model, SamplerConfig(sampler='ddpm', steps=4, cfg_scale=3.0))(
+      np.arange(3), labels, 5)
+  got = np.asarray(benchmark.eager_ddpm(model, labels, steps=4, cfg_scale=3.0, seed=5))
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+  unguided = np.asarray(benchmark.eager_ddpm(model, labels, steps=4, cfg_scale=1.0, seed=5))
+  assert np.abs(unguided - want).max() > 1e-3      # the guided model output matters
 
 
 def test_bench_suite_runs_a_selected_benchmark(tmp_path):

@@ -26,6 +26,11 @@ flags.DEFINE_integer('dpm_steps', 20, 'DPM-Solver++ steps')
 flags.DEFINE_bool('torch_baseline', False, 'with --sampling: also time the same guided '
                   'DDPM sampler in PyTorch, float32 and eager (the original\'s way), and report '
                   'the speed-up over it')
+flags.DEFINE_bool('eager_baseline', False, 'with --sampling: also time the same guided DDPM '
+                  'sampler in JAX, float32, op by op without jit (a float32 eager baseline '
+                  'that needs no PyTorch)')
+flags.DEFINE_integer('baseline_steps', None, 'time the eager baselines over this many steps '
+                     'and scale to --ddpm_steps (every step costs the same; default: all)')
 flags.DEFINE_float('cfg_scale', 3.8, 'guidance scale for the sampling runs')
 flags.DEFINE_float('fit_memory_gb', None, 'also find the largest batch per device whose '
                    'compiled step fits this many GB (e.g. 80 for an H100), with and without '
@@ -38,8 +43,9 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   config = FLAGS.config
-  if FLAGS.torch_baseline and not FLAGS.sampling:
-    raise app.UsageError('--torch_baseline compares samplers: add --sampling')
+  for flag in ('torch_baseline', 'eager_baseline'):
+    if FLAGS[flag].value and not FLAGS.sampling:
+      raise app.UsageError(f'--{flag} compares samplers: add --sampling')
   results = {'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
              'device_count': jax.device_count(), 'train': [], 'sampling': [], 'fit': []}
 
@@ -85,11 +91,18 @@ def main(argv):
       results['sampling'].append(r)
       print(json.dumps(r), flush=True)
       dump()
-    if FLAGS.torch_baseline:
-      r = benchmark.bench_sampling_torch(config, steps=FLAGS.ddpm_steps, batch=FLAGS.sample_batch,
-                                         cfg_scale=FLAGS.cfg_scale)
+    baselines = [('torch', benchmark.bench_sampling_torch)] if FLAGS.torch_baseline else []
+    if FLAGS.eager_baseline:
+      baselines.append(('jax', benchmark.bench_sampling_eager))
+    timed = FLAGS.baseline_steps or FLAGS.ddpm_steps
+    for name, bench_fn in baselines:
+      r = bench_fn(config, steps=timed, batch=FLAGS.sample_batch, cfg_scale=FLAGS.cfg_scale)
+      if timed != FLAGS.ddpm_steps:     # per-step cost is constant: scale to the full run
+        r.update(timed_steps=timed, steps=FLAGS.ddpm_steps,
+                 run_s=r['run_s'] * FLAGS.ddpm_steps / timed)
+        r['images_per_s'] = FLAGS.sample_batch / r['run_s']
       ddpm = results['sampling'][0]
-      ddpm['speedup_vs_torch_eager_f32'] = ddpm['images_per_s'] / r['images_per_s']
+      ddpm[f'speedup_vs_{name}_eager_f32'] = ddpm['images_per_s'] / r['images_per_s']
       results['sampling'].append(r)
       print(json.dumps(r), flush=True)
       dump()

@@ -6,7 +6,8 @@
 # Each run writes OUT_DIR/<name>.json and OUT_DIR/<name>.log and is cut off after $LIMIT seconds
 # (default 240) so that one failure does not stop the rest. SKIP="name name" skips runs,
 # ONLY="name name" runs only those.
-# On a machine without PyTorch the eager float32 baseline is left out of the sampling run.
+# The sampling run compares with two float32 eager baselines: JAX without jit, and PyTorch
+# (the original's framework) where torch is installed.
 set -u
 OUT=${1:?usage: tools/bench_suite.sh OUT_DIR [CONFIG] [BATCH]}
 CONFIG=${2:-configs/mdtv2_xl2.py}
@@ -42,6 +43,6 @@ bench bf16_batch4x_remat $BF16 --modes=mdt --config.global_batch_size=$((4 * BAT
     --config.model.remat=true --config.model.remat_policy=dots_saveable
 bench bf16_fit80 $BF16 --modes= --fit_memory_gb=80
 bench bf16_profile $BF16 --modes= --profile="$OUT/trace"
-bench bf16_sampling $BF16 --modes= --sampling --sample_batch="$BATCH" $TORCH
+bench bf16_sampling $BF16 --modes= --sampling --sample_batch="$BATCH" --eager_baseline --baseline_steps=50 $TORCH
 bench f32 --config.model.dtype=float32 --modes=mdt
 echo "suite done: $OUT"
