@@ -16,7 +16,7 @@ from flax import nnx
 
 import mdt_jax
 from micro_config import get_config
-from mdt_jax import MDTConfig, model_config
+from mdt_jax import MDTConfig, model_config, profile_summary
 from mdt_jax import diffusion as diff
 from mdt_jax.training import sharding
 from mdt_jax.training import state as st
@@ -286,3 +286,7 @@ def test_profile_captures_a_trace(tmp_path):
   assert out['step'] == 14
   traces = [f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith('.xplane.pb')]
   assert traces, 'no profiler trace was written'
+  # tools/profile_summary.py reads it: the profiled train steps' ops, tied to the model's code
+  summary = profile_summary.summarize(str(tmp_path), 'train_step')
+  assert summary.total_ps > 0
+  assert any(src.startswith('mdt_jax/models/') for src, _ in summary.by_source[:5])
