@@ -139,14 +139,29 @@ def _module_name(name: str) -> str:
   return re.sub(r'\(\d+\)$', '', name)
 
 
-def _line_events(plane, line, names):
-  """(start ps, duration ps, hlo_op or None, hlo_module or None, event name) of one line."""
+def program_modules(space) -> dict[int, str]:
+  """program id -> module name, from the metadata plane's 'jit_train_step(22)' entries."""
+  out = {}
+  for plane in space.planes:
+    if plane.name == '/host:metadata':
+      for meta in plane.event_metadata.values():
+        m = re.fullmatch(r'(.*)\((\d+)\)', meta.name)
+        if m:
+          out[int(m.group(2))] = m.group(1)
+  return out
+
+
+def _line_events(plane, line, names, programs=None):
+  """(start ps, duration ps, hlo_op or None, hlo_module or None, event name) of one line; the
+  module comes from the program id where an event names no module."""
   out = []
   for e in line.events:
     meta = plane.event_metadata[e.metadata_id]
     stats = {names.get(s.metadata_id): _stat_value(s, names)
              for s in list(meta.stats) + list(e.stats)}
     op, module = stats.get('hlo_op'), stats.get('hlo_module')
+    if module is None and programs and stats.get('program_id') is not None:
+      module = programs.get(int(stats['program_id']))
     out.append((e.offset_ps, e.duration_ps, None if op is None else str(op),
                 None if module is None else str(module), meta.name))
   return out
@@ -159,6 +174,7 @@ def _op_events(space):
   repeats them and is skipped). TPU (no streams): the 'XLA Ops' line, each op's module taken from
   the 'XLA Modules' event that contains it. CPU backend: thunks on the host threads.
   """
+  programs = program_modules(space)
   for plane in space.planes:
     device = bool(DEVICE_PLANE.match(plane.name))
     if not device and plane.name != '/host:CPU':
@@ -170,7 +186,8 @@ def _op_events(space):
     found = False
     for line in streams:
       events = [(s, d, op, _module_name(mod or '?'))
-                for s, d, op, mod, _ in _line_events(plane, line, names) if op is not None]
+                for s, d, op, mod, _ in _line_events(plane, line, names, programs)
+                if op is not None]
       if events:
         found = True
         yield plane.name, events
@@ -181,7 +198,7 @@ def _op_events(space):
                          for s, d, _, _, n in _line_events(plane, lines['XLA Modules'], names))
       starts = [m[0] for m in modules]
       events = []
-      for s, d, op, mod, name in _line_events(plane, lines['XLA Ops'], names):
+      for s, d, op, mod, name in _line_events(plane, lines['XLA Ops'], names, programs):
         if mod is None:
           i = bisect.bisect_right(starts, s) - 1
           mod = modules[i][2] if i >= 0 and s < modules[i][1] else '?'

@@ -82,7 +82,7 @@ def test_gpu_trace_counts_stream_kernels_once(tmp_path):
   _event(gpu, stream, 'loop_scatter_kernel', 0, 300, hlo_op='fusion.1', hlo_module=mod)
   _event(gpu, stream, 'sm90_gemm', 400, 100, hlo_op='dot.2', hlo_module=mod)
   _event(gpu, stream, 'loop_scatter_kernel', 600, 200, hlo_op='fusion.1', hlo_module=mod)
-  _event(gpu, stream, 'copy_kernel', 900, 100, hlo_op='copy.3', hlo_module=mod)
+  _event(gpu, stream, 'copy_kernel', 900, 100, hlo_op='copy.3', program_id='7')  # id only
   _event(gpu, stream, 'other', 1000, 50, hlo_op='add.9', hlo_module='jit_other')
   for start, dur in ((0, 300), (400, 100), (600, 200)):    # the derived line repeats the ops
     _event(gpu, derived, 'fusion.1', start, dur, hlo_op='fusion.1', hlo_module=mod)
