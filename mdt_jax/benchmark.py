@@ -238,6 +238,7 @@ def fit_batch(config: ml_collections.ConfigDict, *, mask_branch: bool, budget_gb
     else:
       hi = b if hi is None else min(hi, b)
   guess = int((budget_gb - fixed) / per_sample) // dp * dp if per_sample > 0 else 2 * b2
+  line_guess = guess
   while len(seen) < max_compiles:
     if hi is None:                                  # grow until something does not fit
       b = max(guess, 2 * lo)
@@ -256,13 +257,15 @@ def fit_batch(config: ml_collections.ConfigDict, *, mask_branch: bool, budget_gb
   return {'branches': 'plain+masked (MDT)' if mask_branch else 'plain (DiT-style)',
           'dtype': mc.dtype, 'remat': mc.remat, 'budget_gb': budget_gb,
           'fixed_gb': fixed, 'per_sample_gb': per_sample * dp,
+          'affine_guess_global_batch': line_guess,
           'max_global_batch': lo, 'max_per_device_batch': lo // dp,
           'estimate_at_max_gb': seen.get(lo), 'exact': hi is not None and hi - lo <= dp,
           'compiles': len(seen), 'device_kind': jax.devices()[0].device_kind}
 
 
 FIT_KEYS = ['branches', 'device_kind', 'dtype', 'remat', 'budget_gb', 'fixed_gb',
-            'per_sample_gb', 'max_per_device_batch', 'estimate_at_max_gb', 'exact', 'compiles']
+            'per_sample_gb', 'affine_guess_global_batch', 'max_per_device_batch',
+            'estimate_at_max_gb', 'exact', 'compiles']
 
 
 def bench_sampling(config: ml_collections.ConfigDict, *, sampler: str, steps: int,

@@ -137,3 +137,17 @@ def test_bench_suite_runs_a_selected_benchmark(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ['bf16_batch2x.json', 'bf16_batch2x.log']
   (row,) = json.loads((tmp_path / 'bf16_batch2x.json').read_text())['train']
   assert row['global_batch'] == 16 and row['dtype'] == 'bfloat16'   # the later flag wins
+
+
+def test_fit_flags_choose_remat_and_cap_the_compiles(tmp_path):
+  out = tmp_path / 'fit.json'
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  r = subprocess.run([sys.executable, 'tools/bench.py', f'--config={ROOT}/tests/micro_config.py',
+                      '--modes=', '--fit_memory_gb=0.5', '--fit_remat=on',
+                      '--fit_max_compiles=2', f'--out={out}'],
+                     env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0, r.stderr[-2000:]
+  (fit,) = json.loads(out.read_text())['fit']
+  assert fit['remat'] is True and fit['compiles'] == 2 and not fit['exact']
+  assert fit['affine_guess_global_batch'] % 8 == 0 and fit['per_sample_gb'] > 0
+  assert fit['max_global_batch'] in (0, 16, 32)          # only the two probes were compiled

@@ -35,6 +35,10 @@ flags.DEFINE_float('cfg_scale', 3.8, 'guidance scale for the sampling runs')
 flags.DEFINE_float('fit_memory_gb', None, 'also find the largest batch per device whose '
                    'compiled step fits this many GB (e.g. 80 for an H100), with and without '
                    'rematerialisation')
+flags.DEFINE_integer('fit_max_compiles', 8, 'compiles per --fit_memory_gb search (2 give the '
+                     'affine estimate; more bisect to the exact batch)')
+flags.DEFINE_enum('fit_remat', 'both', ['both', 'off', 'on'], 'rematerialisation settings the '
+                  '--fit_memory_gb search covers')
 flags.DEFINE_string('out', None, 'JSON file for the results')
 flags.DEFINE_string('profile', None, 'write a jax.profiler trace of a few MDT steps here')
 FLAGS = flags.FLAGS
@@ -63,10 +67,11 @@ def main(argv):
     print(json.dumps(r), flush=True)
     dump()
   if FLAGS.fit_memory_gb:
-    for remat in (False, True):
+    for remat in {'both': (False, True), 'off': (False,), 'on': (True,)}[FLAGS.fit_remat]:
       with config.unlocked():
         config.model.remat = remat
-      r = benchmark.fit_batch(config, mask_branch=True, budget_gb=FLAGS.fit_memory_gb)
+      r = benchmark.fit_batch(config, mask_branch=True, budget_gb=FLAGS.fit_memory_gb,
+                              max_compiles=FLAGS.fit_max_compiles)
       results['fit'].append(r)
       print(json.dumps(r), flush=True)
       dump()

@@ -41,7 +41,9 @@ bench bf16_pad8 $BF16 --modes=mdt --config.model.mask_buffer_multiple=8
 bench bf16_batch2x $BF16 --modes=mdt --config.global_batch_size=$((2 * BATCH))
 bench bf16_batch4x_remat $BF16 --modes=mdt --config.global_batch_size=$((4 * BATCH)) \
     --config.model.remat=true --config.model.remat_policy=dots_saveable
-bench bf16_fit80 $BF16 --modes= --fit_memory_gb=80
+# compile-only: batch 32 and 64 give the affine line, the third compile checks its guess
+bench bf16_fit80 $BF16 --modes= --fit_memory_gb=80 --fit_remat=off --fit_max_compiles=3
+bench bf16_fit80_remat $BF16 --modes= --fit_memory_gb=80 --fit_remat=on --fit_max_compiles=3
 bench bf16_profile $BF16 --modes= --profile="$OUT/trace"
 bench bf16_sampling $BF16 --modes= --sampling --sample_batch="$BATCH" --eager_baseline --baseline_steps=50 $TORCH
 bench f32 --config.model.dtype=float32 --modes=mdt
