@@ -130,8 +130,10 @@ def test_eager_ddpm_equals_the_jitted_sampler():
 
 def test_bench_suite_runs_a_selected_benchmark(tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT, PYTHON=sys.executable, ONLY='bf16_batch2x')
-  r = subprocess.run(['bash', 'tools/bench_suite.sh', str(tmp_path), 'tests/micro_config.py', '8'],
-                     env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+  r = subprocess.run(['bash', os.path.join(ROOT, 'tools/bench_suite.sh'), 'results',
+                      'tests/micro_config.py', '8'],      # OUT_DIR relative to the caller's folder
+                     env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+  tmp_path = tmp_path / 'results'
   assert r.returncode == 0, r.stderr
   assert '== bf16_batch2x' in r.stdout and 'exit 0' in r.stdout and 'suite done' in r.stdout
   assert sorted(os.listdir(tmp_path)) == ['bf16_batch2x.json', 'bf16_batch2x.log']

@@ -3,6 +3,8 @@
 #
 #   tools/bench_suite.sh OUT_DIR [CONFIG] [BATCH]      (defaults: configs/mdtv2_xl2.py, 32)
 #
+# CONFIG is a path from the repository root (or absolute); OUT_DIR may be relative to here.
+#
 # Each run writes OUT_DIR/<name>.json and OUT_DIR/<name>.log and is cut off after $LIMIT seconds
 # (default 240) so that one failure does not stop the rest. SKIP="name name" skips runs,
 # ONLY="name name" runs only those.
@@ -14,7 +16,7 @@ CONFIG=${2:-configs/mdtv2_xl2.py}
 BATCH=${3:-32}
 LIMIT=${LIMIT:-240}
 PY=${PYTHON:-python3}
-mkdir -p "$OUT"
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)     # absolute: the runs start in the repository root
 cd "$(dirname "$0")/.."
 
 bench() {   # bench NAME ARGS...
