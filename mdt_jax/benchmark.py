@@ -298,7 +298,11 @@ def bench_sampling_torch(config: ml_collections.ConfigDict, *, steps: int, batch
   The same weights as `bench_sampling` (random init, seed 0) in the official module tree
   (`mdt_jax.torch_reference`); CUDA when torch sees a GPU, else CPU. Warm-up: two steps.
   """
-  import torch
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError('the PyTorch baseline needs torch (pip install torch); --eager_baseline '
+                      'is the float32 eager baseline without it') from e
   from flax import nnx
   from mdt_jax.hub import official
   from mdt_jax.models.mdt import MDT
