@@ -106,7 +106,9 @@ def _memory(compiled) -> dict:
     return {}
   args, outs = m.argument_size_in_bytes, m.output_size_in_bytes
   temp, alias = m.temp_size_in_bytes, m.alias_size_in_bytes
+  # alias: output buffers that reuse donated arguments (the train state), not counted twice
   return {'memory_args_gb': args / 1e9, 'memory_temp_gb': temp / 1e9,
+          'memory_alias_gb': alias / 1e9,
           'memory_peak_estimate_gb': (args + outs + temp - alias) / 1e9}
 
 

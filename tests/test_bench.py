@@ -58,8 +58,11 @@ def test_bench_tool_writes_every_field(tmp_path):
   assert [r['branches'] for r in res['train']] == ['plain+masked (MDT)', 'plain (DiT-style)']
   for r in res['train']:
     for k in ('steps_per_s', 'images_per_s', 'model_tflop_per_step', 'xla_tflop_per_step',
-              'achieved_tflops_per_device', 'compile_s', 'memory_peak_estimate_gb'):
+              'achieved_tflops_per_device', 'compile_s', 'memory_peak_estimate_gb',
+              'memory_alias_gb'):
       assert r[k] > 0, k
+    # the donated train state is reused for the new state, not held twice
+    assert r['memory_alias_gb'] == pytest.approx(r['memory_args_gb'], rel=0.05)
   assert [r['sampler'] for r in res['sampling']] == ['ddpm', 'dpm_solver++',
                                                       'ddpm (torch eager)', 'ddpm (JAX eager)']
   assert all(r['images_per_s'] > 0 for r in res['sampling'])
