@@ -44,79 +44,100 @@ flags.DEFINE_string('profile', None, 'write a jax.profiler trace of a few MDT st
 FLAGS = flags.FLAGS
 
 
+def train_steps(config, record):
+  for mode in FLAGS.modes:
+    if mode not in ('mdt', 'dit'):
+      raise app.UsageError(f'unknown mode {mode!r}; expected mdt or dit')
+    record('train', benchmark.bench_train_step(
+        config, mask_branch=mode == 'mdt', steps=FLAGS.steps, repeats=FLAGS.repeats,
+        compile_only=FLAGS.compile_only))
+
+
+def memory_fit(config, record):
+  for remat in {'both': (False, True), 'off': (False,), 'on': (True,)}[FLAGS.fit_remat]:
+    with config.unlocked():
+      config.model.remat = remat
+    record('fit', benchmark.fit_batch(config, mask_branch=True, budget_gb=FLAGS.fit_memory_gb,
+                                      max_compiles=FLAGS.fit_max_compiles))
+
+
+def profile(config, results):
+  os.makedirs(FLAGS.profile, exist_ok=True)
+  benchmark.bench_train_step(config, mask_branch=True, steps=3, repeats=1, warmup=1,
+                             trace_dir=FLAGS.profile)
+  print(f'profile written to {FLAGS.profile} (open with TensorBoard\'s profile plugin)')
+  try:
+    summary = profile_summary.summarize(FLAGS.profile, 'train_step')
+  except ImportError as e:    # the trace protobufs come with TensorFlow
+    print(f'no summary ({e}); run tools/profile_summary.py {FLAGS.profile} where TF is installed')
+    return
+  print(summary.markdown(15))
+  results['profile'] = {k: v[:30] if isinstance(v, list) else v
+                        for k, v in summary.to_json().items()}
+
+
+def sampling(config, record):
+  for name, steps in (('ddpm', FLAGS.ddpm_steps), ('dpm_solver++', FLAGS.dpm_steps)):
+    record('sampling', benchmark.bench_sampling(config, sampler=name, steps=steps,
+                                                batch=FLAGS.sample_batch,
+                                                cfg_scale=FLAGS.cfg_scale))
+  ddpm = record.results['sampling'][0]
+  baselines = [('torch', benchmark.bench_sampling_torch)] if FLAGS.torch_baseline else []
+  if FLAGS.eager_baseline:
+    baselines.append(('jax', benchmark.bench_sampling_eager))
+  timed = FLAGS.baseline_steps or FLAGS.ddpm_steps
+  for name, bench_fn in baselines:
+    r = bench_fn(config, steps=timed, batch=FLAGS.sample_batch, cfg_scale=FLAGS.cfg_scale)
+    if timed != FLAGS.ddpm_steps:     # per-step cost is constant: scale to the full run
+      r.update(timed_steps=timed, steps=FLAGS.ddpm_steps,
+               run_s=r['run_s'] * FLAGS.ddpm_steps / timed)
+      r['images_per_s'] = FLAGS.sample_batch / r['run_s']
+    ddpm[f'speedup_vs_{name}_eager_f32'] = ddpm['images_per_s'] / r['images_per_s']
+    record('sampling', r)
+
+
+class Recorder:
+  """Appends each result, prints it and rewrites the JSON file (a cut-off run keeps what it has)."""
+
+  def __init__(self, path):
+    self.path = path
+    self.results = {'backend': jax.default_backend(),
+                    'device_kind': jax.devices()[0].device_kind,
+                    'device_count': jax.device_count(), 'train': [], 'sampling': [], 'fit': []}
+
+  def __call__(self, section, row):
+    self.results[section].append(row)
+    print(json.dumps(row), flush=True)
+    self.dump()
+
+  def dump(self):
+    if self.path:
+      with open(self.path, 'w') as f:
+        json.dump(self.results, f, indent=2)
+
+
 def main(argv):
   del argv
   config = FLAGS.config
   for flag in ('torch_baseline', 'eager_baseline'):
     if FLAGS[flag].value and not FLAGS.sampling:
       raise app.UsageError(f'--{flag} compares samplers: add --sampling')
-  results = {'backend': jax.default_backend(), 'device_kind': jax.devices()[0].device_kind,
-             'device_count': jax.device_count(), 'train': [], 'sampling': [], 'fit': []}
-
-  def dump():
-    if FLAGS.out:
-      with open(FLAGS.out, 'w') as f:
-        json.dump(results, f, indent=2)
-
-  for mode in FLAGS.modes:
-    if mode not in ('mdt', 'dit'):
-      raise app.UsageError(f'unknown mode {mode!r}; expected mdt or dit')
-    r = benchmark.bench_train_step(config, mask_branch=mode == 'mdt', steps=FLAGS.steps,
-                                   repeats=FLAGS.repeats, compile_only=FLAGS.compile_only)
-    results['train'].append(r)
-    print(json.dumps(r), flush=True)
-    dump()
+  record = Recorder(FLAGS.out)
+  train_steps(config, record)
   if FLAGS.fit_memory_gb:
-    for remat in {'both': (False, True), 'off': (False,), 'on': (True,)}[FLAGS.fit_remat]:
-      with config.unlocked():
-        config.model.remat = remat
-      r = benchmark.fit_batch(config, mask_branch=True, budget_gb=FLAGS.fit_memory_gb,
-                              max_compiles=FLAGS.fit_max_compiles)
-      results['fit'].append(r)
-      print(json.dumps(r), flush=True)
-      dump()
+    memory_fit(config, record)
   if FLAGS.profile:
-    os.makedirs(FLAGS.profile, exist_ok=True)
-    benchmark.bench_train_step(config, mask_branch=True, steps=3, repeats=1, warmup=1,
-                               trace_dir=FLAGS.profile)
-    print(f'profile written to {FLAGS.profile} (open with TensorBoard\'s profile plugin)')
-    try:
-      summary = profile_summary.summarize(FLAGS.profile, 'train_step')
-    except ImportError as e:    # the trace protobufs come with TensorFlow
-      print(f'no summary ({e}); run tools/profile_summary.py {FLAGS.profile} where TF is installed')
-    else:
-      print(summary.markdown(15))
-      results['profile'] = {k: v[:30] if isinstance(v, list) else v
-                            for k, v in summary.to_json().items()}
-      dump()
+    profile(config, record.results)
+    record.dump()
   if FLAGS.sampling:
-    for name, steps in (('ddpm', FLAGS.ddpm_steps), ('dpm_solver++', FLAGS.dpm_steps)):
-      r = benchmark.bench_sampling(config, sampler=name, steps=steps, batch=FLAGS.sample_batch,
-                                   cfg_scale=FLAGS.cfg_scale)
-      results['sampling'].append(r)
-      print(json.dumps(r), flush=True)
-      dump()
-    baselines = [('torch', benchmark.bench_sampling_torch)] if FLAGS.torch_baseline else []
-    if FLAGS.eager_baseline:
-      baselines.append(('jax', benchmark.bench_sampling_eager))
-    timed = FLAGS.baseline_steps or FLAGS.ddpm_steps
-    for name, bench_fn in baselines:
-      r = bench_fn(config, steps=timed, batch=FLAGS.sample_batch, cfg_scale=FLAGS.cfg_scale)
-      if timed != FLAGS.ddpm_steps:     # per-step cost is constant: scale to the full run
-        r.update(timed_steps=timed, steps=FLAGS.ddpm_steps,
-                 run_s=r['run_s'] * FLAGS.ddpm_steps / timed)
-        r['images_per_s'] = FLAGS.sample_batch / r['run_s']
-      ddpm = results['sampling'][0]
-      ddpm[f'speedup_vs_{name}_eager_f32'] = ddpm['images_per_s'] / r['images_per_s']
-      results['sampling'].append(r)
-      print(json.dumps(r), flush=True)
-      dump()
-  print(benchmark.markdown_table(results['train'], benchmark.TRAIN_KEYS))
-  if results['sampling']:
-    print(benchmark.markdown_table(results['sampling'], benchmark.SAMPLE_KEYS))
-  if results['fit']:
-    print(benchmark.markdown_table(results['fit'], benchmark.FIT_KEYS))
-  dump()
+    sampling(config, record)
+  res = record.results
+  print(benchmark.markdown_table(res['train'], benchmark.TRAIN_KEYS))
+  if res['sampling']:
+    print(benchmark.markdown_table(res['sampling'], benchmark.SAMPLE_KEYS))
+  if res['fit']:
+    print(benchmark.markdown_table(res['fit'], benchmark.FIT_KEYS))
+  record.dump()
 
 
 if __name__ == '__main__':
