@@ -2,9 +2,8 @@
 
 Reads the ``*.xplane.pb`` that ``--profile`` writes, takes every executed XLA op (GPU kernels on
 the device planes' stream lines, TPU ops on the 'XLA Ops' line; on the CPU backend, the thunks on
-the host threads), and adds
-up each op's *self* time (time not spent in ops nested inside it, e.g. a while loop's body). Each
-op is tied, through the HLO module stored in the trace, to the line of this project's code that
+the host threads) and adds up each op's *self* time (time not spent in ops nested inside it,
+e.g. a while loop's body). Each op is tied, through the HLO module stored in the trace, to the line of this project's code that
 emitted it (the innermost stack frame under ``mdt_jax/``), so the result reads as "20% in
 layers.py:172 Attention.__call__".
 
@@ -20,7 +19,6 @@ import os
 import re
 
 OWN_CODE = os.sep + 'mdt_jax' + os.sep
-# Derived timelines on device planes repeat the stream events; only the streams are counted.
 DEVICE_PLANE = re.compile(r'^/device:(GPU|TPU)')
 
 
