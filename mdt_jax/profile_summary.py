@@ -3,9 +3,9 @@
 Reads the ``*.xplane.pb`` that ``--profile`` writes, takes every executed XLA op (GPU kernels on
 the device planes' stream lines, TPU ops on the 'XLA Ops' line; on the CPU backend, the thunks on
 the host threads) and adds up each op's *self* time (time not spent in ops nested inside it,
-e.g. a while loop's body). Each op is tied, through the HLO module stored in the trace, to the line of this project's code that
-emitted it (the innermost stack frame under ``mdt_jax/``), so the result reads as "20% in
-layers.py:172 Attention.__call__".
+e.g. a while loop's body). Each op is tied, through the HLO module stored in the trace, to the
+line of this project's code that emitted it (the innermost stack frame under ``mdt_jax/``), so
+the result reads as "20% in layers.py:172 Attention.__call__".
 
 The protobuf classes come from TensorFlow (a dependency of clu's metric writers).
 """
