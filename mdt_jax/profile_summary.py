@@ -1,4 +1,4 @@
-"""Where the time goes in a `jax.profiler` trace, without TensorBoard (``tools/profile_summary.py``).
+"""Where the time goes in a `jax.profiler` trace, without TensorBoard (tools/profile_summary.py).
 
 Reads the ``*.xplane.pb`` that ``--profile`` writes, takes every executed XLA op (GPU kernels on
 the device planes' stream lines, TPU ops on the 'XLA Ops' line; on the CPU backend, the thunks on
