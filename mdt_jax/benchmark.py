@@ -16,12 +16,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from mdt_jax import diffusion as diff
 from mdt_jax.models import masking
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.training import sharding
 from mdt_jax.training.state import abstract_train_state, create_train_state, make_optimizer
-from mdt_jax.training.step import jit_train_step
+from mdt_jax.training.step import jit_step_from_config
 
 # Dense bf16 peak TFLOP/s (no sparsity), by device kind substring.
 PEAK_BF16_TFLOPS = {'H200': 989.0, 'H100': 989.0, 'A100': 312.0, 'TPU v4': 275.0,
@@ -139,11 +138,8 @@ def bench_train_step(config: ml_collections.ConfigDict, *, mask_branch: bool, st
                                                   config.sharding_rules)
   init_s = time.perf_counter() - t0
   bsh = sharding.batch_sharding(mesh)
-  step = jit_train_step(shardings, bsh, graphdef=graphdef,
-                        dif=diff.create_diffusion(num_timesteps=config.diffusion.num_timesteps),
-                        optimizer=opt, ema_decay=config.ema_decay, mask_branch=mask_branch,
-                        min_snr_gamma=config.diffusion.min_snr_gamma,
-                        learning_rate=config.optimizer.learning_rate)
+  step = jit_step_from_config(config, shardings, bsh, graphdef=graphdef, optimizer=opt,
+                              mask_branch=mask_branch)
   shape = (batch, mc.input_size, mc.input_size, mc.in_channels)
   data = {'x': jax.device_put(jax.random.normal(jax.random.key(0), shape), bsh),
           'y': jax.device_put(jnp.arange(batch, dtype=jnp.int32) % mc.num_classes, bsh)}
@@ -198,11 +194,8 @@ def memory_estimate_gb(config: ml_collections.ConfigDict, *, mask_branch: bool,
   opt = make_optimizer(config.optimizer)
   structs, shardings, graphdef = abstract_train_state(mc, opt, mesh, config.sharding_rules)
   bsh = sharding.batch_sharding(mesh)
-  step = jit_train_step(shardings, bsh, graphdef=graphdef,
-                        dif=diff.create_diffusion(num_timesteps=config.diffusion.num_timesteps),
-                        optimizer=opt, ema_decay=config.ema_decay, mask_branch=mask_branch,
-                        min_snr_gamma=config.diffusion.min_snr_gamma,
-                        learning_rate=config.optimizer.learning_rate)
+  step = jit_step_from_config(config, shardings, bsh, graphdef=graphdef, optimizer=opt,
+                              mask_branch=mask_branch)
   shape = (global_batch, mc.input_size, mc.input_size, mc.in_channels)
   batch = {'x': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=bsh),
            'y': jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=bsh)}
@@ -331,33 +324,24 @@ def bench_sampling_torch(config: ml_collections.ConfigDict, *, steps: int, batch
           'run_s': run_s, 'images_per_s': batch / run_s}
 
 
-def eager_ddpm(model, labels: np.ndarray, *, steps: int, cfg_scale: float, seed: int = 0,
-               num_steps: int | None = None) -> jax.Array:
+def eager_ddpm(model, labels: np.ndarray, *, steps: int, cfg_scale: float,
+               seed: int = 0) -> jax.Array:
   """The guided DDPM sampler run op by op (no jit), float32 as the model computes.
 
-  The same code as the jitted sampler (guidance, p_sample_step, per-sample noise), each
-  primitive dispatched on its own as in an eager framework. `num_steps` stops early (warm-up).
+  The jitted sampler's own code (`draw_samples`: guidance, the DDPM loop, per-sample noise),
+  each primitive dispatched on its own as in an eager framework.
   """
-  from mdt_jax.sampling import SamplerConfig, guided_model
+  from mdt_jax.sampling import SamplerConfig
   from mdt_jax.sampling import labels as labels_lib
-  from mdt_jax.sampling.samplers import p_sample_step, per_sample_normal, sample_keys
+  from mdt_jax.sampling.sampler import draw_samples
   mc = model.config
-  shape = (mc.input_size, mc.input_size, mc.in_channels)
   scfg = SamplerConfig(sampler='ddpm', steps=steps, cfg_scale=cfg_scale,
                        guided_channels='first3' if mc.in_channels > 3 else 'all')
-  d = scfg.diffusion()
-  fn = guided_model(lambda x, t, y: model(x, t, y), scfg.guidance, mc.num_classes,
-                    mc.in_channels)
   y = jnp.asarray(labels, jnp.int32)
-  b = y.shape[0]
-  keys = sample_keys(labels_lib.noise_key(seed), jnp.arange(b, dtype=jnp.int32))
   with jax.disable_jit():
-    x = per_sample_normal(keys, 0, shape)
-    for i in range(num_steps or d.num_timesteps):
-      t = jnp.full((b,), d.num_timesteps - 1 - i, jnp.int32)
-      out = fn(x, diff.take(d.timestep_map, t), y)
-      x = p_sample_step(d, out, x, t, per_sample_normal(keys, i + 1, shape))
-  return x
+    return draw_samples(model, scfg, (mc.input_size, mc.input_size, mc.in_channels),
+                        mc.num_classes, labels_lib.noise_key(seed),
+                        jnp.arange(y.shape[0], dtype=jnp.int32), y)
 
 
 def bench_sampling_eager(config: ml_collections.ConfigDict, *, steps: int, batch: int,
@@ -371,7 +355,7 @@ def bench_sampling_eager(config: ml_collections.ConfigDict, *, steps: int, batch
   mc = MDTConfig.from_dict({**config.model.to_dict(), 'dtype': 'float32'})
   model = MDT(mc, rngs=nnx.Rngs(0))
   labels = np.arange(batch) % mc.num_classes
-  jax.block_until_ready(eager_ddpm(model, labels, steps=steps, cfg_scale=cfg_scale, num_steps=2))
+  jax.block_until_ready(eager_ddpm(model, labels, steps=2, cfg_scale=cfg_scale))  # warm-up
   t0 = time.perf_counter()
   jax.block_until_ready(eager_ddpm(model, labels, steps=steps, cfg_scale=cfg_scale))
   run_s = time.perf_counter() - t0

@@ -80,6 +80,19 @@ class Sampler:
     return np.asarray(out)[:n]
 
 
+def draw_samples(model_fn: Callable, config: SamplerConfig, image_shape: tuple[int, int, int],
+                 num_classes: int, key: Array, idx: Array, y: Array) -> Array:
+  """Samples [B, H, W, C] for global indices idx [B] and labels y [B]: per-sample starting
+  noise, guidance (with `config.guidance`) and the sampler's loop. `build_sampler` jits and
+  shards this; run under `jax.disable_jit()` it is the same sampler, op by op."""
+  g = config.guidance
+  if g is not None:
+    model_fn = guided_model(model_fn, g, null_label=num_classes, channels=image_shape[-1])
+  keys = sample_keys(key, idx)
+  x = per_sample_normal(keys, 0, image_shape)
+  return run_loop(config, lambda x, t: model_fn(x, t, y), x, keys)
+
+
 def build_sampler(model: Any, config: SamplerConfig, *, mesh: jax.sharding.Mesh | None = None,
                   image_shape: tuple[int, int, int] | None = None,
                   num_classes: int | None = None) -> Sampler:
@@ -111,15 +124,10 @@ def build_sampler(model: Any, config: SamplerConfig, *, mesh: jax.sharding.Mesh 
     raise ValueError(f'model output {probe.shape} does not fit images {image_shape}: expected '
                      f'[B, H, W, {c}] (fixed variance) or [B, H, W, {2 * c}] (learned variance)')
   learn_sigma = probe.shape[-1] == 2 * c
-  g = config.guidance
 
   def local(params, key, idx, y):
-    model_fn = lambda x, t, yy: apply(params, x, t, yy)
-    if g is not None:
-      model_fn = guided_model(model_fn, g, null_label=num_classes, channels=c)
-    keys = sample_keys(key, idx)
-    x = per_sample_normal(keys, 0, image_shape)
-    return run_loop(config, lambda x, t: model_fn(x, t, y), x, keys)
+    return draw_samples(lambda x, t, yy: apply(params, x, t, yy), config, image_shape,
+                        num_classes, key, idx, y)
 
   sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P('data'), P('data')),
                           out_specs=P('data'))

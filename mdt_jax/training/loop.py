@@ -14,13 +14,12 @@ from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
 
-from mdt_jax import diffusion as diff
 from mdt_jax.data import pipeline
 from mdt_jax.sampling.cli_io import grid_image
 from mdt_jax.training import checkpoints, samples, sharding
 from mdt_jax.training.config import validate
 from mdt_jax.training.state import TrainState, create_train_state, make_optimizer
-from mdt_jax.training.step import jit_train_step
+from mdt_jax.training.step import jit_step_from_config
 
 
 class Preemption:
@@ -104,14 +103,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info('resuming from step %d', last_saved)
     state = ckpt.restore(state, shardings, data_iter, last_saved)
   checkpoints.write_config(workdir, config)
-  dif = diff.create_diffusion(num_timesteps=config.diffusion.num_timesteps,
-                              schedule=config.diffusion.schedule)
   batch_sh = sharding.batch_sharding(mesh)
-  step_fn = jit_train_step(
-      shardings, batch_sh, graphdef=graphdef, dif=dif, optimizer=optimizer,
-      ema_decay=config.ema_decay, mask_branch=config.mask_branch,
-      min_snr_gamma=config.diffusion.min_snr_gamma,
-      learning_rate=config.optimizer.learning_rate)
+  step_fn = jit_step_from_config(config, shardings, batch_sh, graphdef=graphdef,
+                                 optimizer=optimizer)
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   total = config.total_steps
