@@ -223,8 +223,9 @@ def self_times(events) -> list[int]:
 def summarize(path: str, module_filter: str | None = None) -> Summary:
   """Aggregate the executed ops of the trace at `path` (only modules containing `module_filter`)."""
   from tensorflow.tsl.profiler.protobuf import xplane_pb2
+  trace = find_trace(path)
   space = xplane_pb2.XSpace()
-  with open(find_trace(path), 'rb') as f:
+  with open(trace, 'rb') as f:
     space.ParseFromString(f.read())
   info = hlo_op_info(space)
   op_time, op_count = collections.Counter(), collections.Counter()
@@ -247,7 +248,7 @@ def summarize(path: str, module_filter: str | None = None) -> Summary:
         planes.append(plane)
   if not op_time:
     which = f' of modules matching {module_filter!r}' if module_filter else ''
-    raise ValueError(f'no executed XLA ops{which} in {find_trace(path)!r}: was the trace taken '
+    raise ValueError(f'no executed XLA ops{which} in {trace!r}: was the trace taken '
                      'while a jitted step ran?')
   return Summary(
       total_ps=sum(op_time.values()),

@@ -81,10 +81,10 @@ class MDTConfig:
   def _check_cudnn_lengths(self) -> None:
     """cuDNN's fused attention trains with a bias only on even sequence lengths (JAX checks it
     when the step is traced; here it fails before any work)."""
-    lengths = {'tokens': self.grid ** 2}
+    lengths = {'tokens': self.num_tokens}
     if self.mask_ratio is not None:
       lengths['masked encoder buffer'] = masking.buffer_size(
-          self.grid ** 2, self.mask_ratio, self.mask_buffer_multiple)
+          self.num_tokens, self.mask_ratio, self.mask_buffer_multiple)
     odd = {k: v for k, v in lengths.items() if v % 2}
     if odd:
       raise ValueError(f'attention_impl="cudnn" needs even sequence lengths (cuDNN trains with a '
