@@ -78,11 +78,8 @@ def main(argv):
 
   labels = labels_lib.parse_labels(FLAGS.labels)
   sm = cli_io.load_for_sampling(FLAGS.model)
-  from mdt_jax.hub.pretrained import recommended_sampling
-  rec = recommended_sampling(sm.sampling, sm.model.config.in_channels)
-  if 'guidance_channels' in rec:
-    rec['guided_channels'] = rec.pop('guidance_channels')
-  cfg = sampler_config(rec)
+  from mdt_jax.hub.pretrained import recommended_fields
+  cfg = sampler_config(recommended_fields(sm.sampling, sm.model.config.in_channels))
   labels_lib.make_labels(labels, FLAGS.num_samples, sm.model.config.num_classes, FLAGS.seed)
   postprocess = cli_io.make_postprocess(sm, FLAGS.vae)
   sampler = build_sampler(sm.model, cfg)

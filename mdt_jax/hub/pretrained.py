@@ -86,14 +86,19 @@ def sampler_config(pretrained: Pretrained, **overrides):
                              **overrides)
 
 
+def recommended_fields(sampling: dict, in_channels: int) -> dict:
+  """`recommended_sampling` under `SamplerConfig`'s field names (guidance_channels ->
+  guided_channels)."""
+  fields = recommended_sampling(sampling, in_channels)
+  if 'guidance_channels' in fields:
+    fields['guided_channels'] = fields.pop('guidance_channels')
+  return fields
+
+
 def make_sampler_config(sampling: dict, in_channels: int, num_timesteps: int, **overrides):
   """`SamplerConfig` from `sampling` settings (see recommended_sampling) and overrides."""
   from mdt_jax.sampling.samplers import SamplerConfig
-  rec = recommended_sampling(sampling, in_channels)
-  values = {k: rec[k] for k in ('sampler', 'steps', 'respacing', 'eta', 'cfg_scale', 'scale_pow',
-                                'guidance_schedule') if k in rec}
-  if 'guidance_channels' in rec:
-    values['guided_channels'] = rec['guidance_channels']
+  values = recommended_fields(sampling, in_channels)
   values['num_train_timesteps'] = num_timesteps
   values.update(overrides)
   return SamplerConfig(**values)
