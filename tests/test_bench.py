@@ -52,9 +52,12 @@ def test_bench_tool_writes_every_field(tmp_path):
                   '--steps=2', '--repeats=1', '--sampling', '--torch_baseline',
                   '--eager_baseline', '--baseline_steps=2',
                   '--sample_batch=2', '--ddpm_steps=3', '--dpm_steps=2', f'--out={out}',
-                  f'--profile={tmp_path / "trace"}'],
+                  f'--profile={tmp_path / "trace"}', '--parity=dtype=bfloat16'],
                  check=True, env=env, cwd=ROOT, capture_output=True, timeout=600)
   res = json.loads(out.read_text())
+  [par] = res['parity']
+  assert (par['setting'], par['reference']) == ('dtype=float32', 'dtype=bfloat16')
+  assert 0 < par['grad_rel_diff'] < 0.05 and 0 < par['masked_loss_rel_diff'] < 0.01
   assert [r['branches'] for r in res['train']] == ['plain+masked (MDT)', 'plain (DiT-style)']
   for r in res['train']:
     for k in ('steps_per_s', 'images_per_s', 'model_tflop_per_step', 'xla_tflop_per_step',

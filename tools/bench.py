@@ -3,6 +3,11 @@
   python tools/bench.py --config=configs/mdtv2_xl2.py --config.model.dtype=bfloat16 \
       --config.global_batch_size=32 --out=bench.json [--sampling] [--profile=DIR]
 
+  # is cuDNN attention's training signal the XLA path's? (loss and gradients, same draws)
+  python tools/bench.py --config=configs/mdtv2_xl2.py --config.model.dtype=bfloat16 \
+      --config.model.attention_impl=cudnn --config.model.mask_buffer_multiple=8 --modes= \
+      --parity=attention_impl=xla,mask_buffer_multiple=1 --parity=dtype=float32,attention_impl=xla
+
 Prints Markdown tables and writes JSON. See BENCHMARKS.md for recorded figures.
 """
 import json
@@ -12,7 +17,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from mdt_jax import benchmark, profile_summary
+from mdt_jax import benchmark, parity, profile_summary
 
 config_flags.DEFINE_config_file('config', None, 'experiment config', lock_config=True)
 flags.DEFINE_list('modes', ['mdt', 'dit'], 'train steps to measure: mdt (two branches), dit')
@@ -39,9 +44,20 @@ flags.DEFINE_integer('fit_max_compiles', 8, 'compiles per --fit_memory_gb search
                      'affine estimate; more bisect to the exact batch)')
 flags.DEFINE_enum('fit_remat', 'both', ['both', 'off', 'on'], 'rematerialisation settings the '
                   '--fit_memory_gb search covers')
+flags.DEFINE_multi_string('parity', [], 'compare the training loss and its gradients with '
+                          'those of the config\'s model with these fields replaced (same weights, '
+                          'batch and draws), e.g. attention_impl=xla; repeatable')
+flags.DEFINE_integer('parity_batch', 8, 'batch of the --parity comparison')
 flags.DEFINE_string('out', None, 'JSON file for the results')
 flags.DEFINE_string('profile', None, 'write a jax.profiler trace of a few MDT steps here')
 FLAGS = flags.FLAGS
+
+
+def parity_checks(config, record):
+  references = [parity.parse_overrides(spec) for spec in FLAGS.parity]   # bad specs fail first
+  comparison = parity.Comparison(config, batch_size=FLAGS.parity_batch)
+  for reference in references:
+    record('parity', comparison.against(reference))
 
 
 def train_steps(config, record):
@@ -103,7 +119,8 @@ class Recorder:
     self.path = path
     self.results = {'backend': jax.default_backend(),
                     'device_kind': jax.devices()[0].device_kind,
-                    'device_count': jax.device_count(), 'train': [], 'sampling': [], 'fit': []}
+                    'device_count': jax.device_count(), 'parity': [], 'train': [], 'sampling': [],
+                    'fit': []}
 
   def __call__(self, section, row):
     self.results[section].append(row)
@@ -123,6 +140,8 @@ def main(argv):
     if FLAGS[flag].value and not FLAGS.sampling:
       raise app.UsageError(f'--{flag} compares samplers: add --sampling')
   record = Recorder(FLAGS.out)
+  if FLAGS.parity:
+    parity_checks(config, record)
   train_steps(config, record)
   if FLAGS.fit_memory_gb:
     memory_fit(config, record)
@@ -132,7 +151,10 @@ def main(argv):
   if FLAGS.sampling:
     sampling(config, record)
   res = record.results
-  print(benchmark.markdown_table(res['train'], benchmark.TRAIN_KEYS))
+  if res['parity']:
+    print(benchmark.markdown_table(res['parity'], parity.PARITY_KEYS))
+  if res['train']:
+    print(benchmark.markdown_table(res['train'], benchmark.TRAIN_KEYS))
   if res['sampling']:
     print(benchmark.markdown_table(res['sampling'], benchmark.SAMPLE_KEYS))
   if res['fit']:

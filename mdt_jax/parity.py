@@ -1,0 +1,139 @@
+"""Does a fast compute setting give the same training signal? (``tools/bench.py --parity``)
+
+Before trusting a fast path on a new machine (cuDNN's fused attention, bfloat16, a padded mask
+buffer, rematerialisation), compare it with a reference setting of the same model: the same
+float32 weights, the same batch, the same draws (timesteps, noise, label dropout, masks), the
+training loss of both branches and its gradient with respect to every parameter.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from mdt_jax import diffusion as diff
+from mdt_jax.models.mdt import MDT, MDTConfig
+from mdt_jax.training.state import abstract_model
+from mdt_jax.training.step import loss_fn
+
+
+def parse_overrides(spec: str) -> dict:
+  """'attention_impl=xla,dtype=float32' -> {'attention_impl': 'xla', 'dtype': 'float32'}.
+
+  Values are read as bool (true/false), int, float or else string; 'none' is None.
+  """
+  out = {}
+  for item in filter(None, (s.strip() for s in spec.split(','))):
+    key, sep, value = item.partition('=')
+    if not sep or not key:
+      raise ValueError(f'parity setting {item!r} is not of the form field=value (in {spec!r})')
+    out[key.strip()] = _literal(value.strip())
+  if not out:
+    raise ValueError(f'parity spec {spec!r} names no field=value')
+  return out
+
+
+def _literal(value: str):
+  low = value.lower()
+  if low in ('true', 'false'):
+    return low == 'true'
+  if low == 'none':
+    return None
+  for cast in (int, float):
+    try:
+      return cast(value)
+    except ValueError:
+      pass
+  return value
+
+
+def _loss_and_grads(model_cfg: MDTConfig, config: ml_collections.ConfigDict):
+  graphdef = nnx.split(abstract_model(model_cfg))[0]
+  dif = diff.create_diffusion(num_timesteps=config.diffusion.num_timesteps,
+                              schedule=config.diffusion.schedule)
+  fn = functools.partial(loss_fn, graphdef=graphdef, dif=dif, mask_branch=config.mask_branch,
+                         min_snr_gamma=config.diffusion.min_snr_gamma)
+  return jax.jit(jax.value_and_grad(lambda p, b, k: fn(p, batch=b, key=k), has_aux=True))
+
+
+def fill_zero_weights(params, key, std: float = 0.02):
+  """Draw N(0, std) into every all-zero leaf. At init adaLN-Zero and the zero final layer make
+  the output 0 whatever the compute, so a comparison there would test nothing but the backward."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  leaves = [std * jax.random.normal(k, x.shape, x.dtype) if not np.any(np.asarray(x)) else x
+            for k, x in zip(keys, leaves)]
+  return jax.tree.unflatten(tree, leaves)
+
+
+def _rel(a, b) -> float:
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  scale = np.linalg.norm(b.ravel())
+  diff_norm = np.linalg.norm((a - b).ravel())
+  return float(diff_norm / scale) if scale > 0 else float(diff_norm)
+
+
+class Comparison:
+  """Loss and gradients of `config.model` on one batch, compared with reference settings."""
+
+  def __init__(self, config: ml_collections.ConfigDict, batch_size: int | None = None):
+    self.config = config
+    self.fields = config.model.to_dict()
+    self.model_cfg = MDTConfig.from_dict(self.fields)
+    mc = self.model_cfg
+    params = nnx.to_pure_dict(nnx.state(MDT(mc, rngs=nnx.Rngs(config.seed))))
+    self.params = fill_zero_weights(params, jax.random.key(config.seed + 2))
+    n = batch_size or config.global_batch_size
+    xkey, self.key = jax.random.split(jax.random.key(config.seed + 1))
+    shape = (n, mc.input_size, mc.input_size, mc.in_channels)
+    self.batch = {'x': jax.random.normal(xkey, shape),
+                  'y': jnp.arange(n, dtype=jnp.int32) % mc.num_classes}
+    self.result = self._run(mc)
+
+  def _run(self, model_cfg: MDTConfig):
+    (_, metrics), grads = _loss_and_grads(model_cfg, self.config)(self.params, self.batch,
+                                                                  self.key)
+    return jax.device_get(metrics), jax.device_get(grads)
+
+  def against(self, reference: dict) -> dict:
+    """Relative differences to the model with `reference`'s fields replaced."""
+    unknown = sorted(set(reference) - set(self.fields))
+    if unknown:
+      raise ValueError(f'parity: unknown model fields {unknown}; expected some of '
+                       f'{sorted(self.fields)}')
+    ref_cfg = MDTConfig.from_dict({**self.fields, **reference})
+    shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)  # noqa: E731
+    ref_params = nnx.to_pure_dict(nnx.state(abstract_model(ref_cfg)))
+    if shapes(ref_params) != shapes(self.params):
+      raise ValueError(f'parity: {_spec(reference)} changes the parameters; a parity check '
+                       'compares compute settings (dtype, attention_impl, remat, '
+                       'mask_buffer_multiple) of one set of weights')
+    metrics, grads = self.result
+    ref_metrics, ref_grads = self._run(ref_cfg)
+    names = ['/'.join(str(getattr(k, 'key', k)) for k in path)
+             for path, _ in jax.tree_util.tree_flatten_with_path(grads)[0]]
+    per_param = [_rel(a, b) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads))]
+    worst = int(np.argmax(per_param))
+    flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])  # noqa: E731
+    tested = {k: v for k, v in self.fields.items() if k in reference}
+    out = {'setting': _spec(tested), 'reference': _spec(reference),
+           'loss': float(metrics['loss']), 'reference_loss': float(ref_metrics['loss']),
+           'grad_rel_diff': _rel(flat(grads), flat(ref_grads)),
+           'worst_param': names[worst], 'worst_param_rel_diff': per_param[worst]}
+    for branch in ('plain', 'masked'):
+      key = f'{branch}/loss'
+      if key in metrics:
+        out[f'{branch}_loss_rel_diff'] = _rel(metrics[key], ref_metrics[key])
+    return out
+
+
+def _spec(fields: dict) -> str:
+  return ','.join(f'{k}={v}' for k, v in fields.items())
+
+
+PARITY_KEYS = ['setting', 'reference', 'loss', 'reference_loss', 'plain_loss_rel_diff',
+               'masked_loss_rel_diff', 'grad_rel_diff', 'worst_param', 'worst_param_rel_diff']
