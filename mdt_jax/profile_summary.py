@@ -7,7 +7,7 @@ e.g. a while loop's body). Each op is tied, through the HLO module stored in the
 line of this project's code that emitted it (the innermost stack frame under ``mdt_jax/``), so
 the result reads as "20% in layers.py:172 Attention.__call__".
 
-The protobuf classes come from TensorFlow (a dependency of clu's metric writers).
+The trace's protobufs are read by `mdt_jax.trace_proto` (no TensorFlow needed).
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ import dataclasses
 import glob
 import os
 import re
+
+from mdt_jax import trace_proto
 
 OWN_CODE = os.sep + 'mdt_jax' + os.sep
 DEVICE_PLANE = re.compile(r'^/device:(GPU|TPU)')
@@ -68,7 +70,7 @@ def find_trace(path: str) -> str:
 
 
 def _stat_value(stat, names):
-  kind = stat.WhichOneof('value')
+  kind = stat.which()
   if kind == 'ref_value':
     return names.get(stat.ref_value)
   return getattr(stat, kind) if kind else None
@@ -90,7 +92,6 @@ def _source(module, frame_id: int) -> str:
 
 def hlo_op_info(space) -> dict[tuple[str, str], OpInfo]:
   """(module name, instruction name) -> opcode and source line, from the HLO in the trace."""
-  from tensorflow.compiler.xla.service import hlo_pb2
   info = {}
   for plane in space.planes:
     if plane.name != '/host:metadata':
@@ -100,9 +101,7 @@ def hlo_op_info(space) -> dict[tuple[str, str], OpInfo]:
       for stat in meta.stats:
         if names.get(stat.metadata_id) != 'Hlo Proto':
           continue
-        proto = hlo_pb2.HloProto()
-        proto.ParseFromString(stat.bytes_value)
-        module = proto.hlo_module
+        module = trace_proto.HloProto(stat.bytes_value).hlo_module
         comps = {c.id: c for c in module.computations}
         for comp in module.computations:
           for ins in comp.instructions:
@@ -222,11 +221,9 @@ def self_times(events) -> list[int]:
 
 def summarize(path: str, module_filter: str | None = None) -> Summary:
   """Aggregate the executed ops of the trace at `path` (only modules containing `module_filter`)."""
-  from tensorflow.tsl.profiler.protobuf import xplane_pb2
   trace = find_trace(path)
-  space = xplane_pb2.XSpace()
   with open(trace, 'rb') as f:
-    space.ParseFromString(f.read())
+    space = trace_proto.XSpace(f.read())
   info = hlo_op_info(space)
   op_time, op_count = collections.Counter(), collections.Counter()
   opcode_of: dict[str, str] = {}

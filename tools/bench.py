@@ -84,8 +84,8 @@ def profile(config, results):
   print(f'profile written to {FLAGS.profile} (open with TensorBoard\'s profile plugin)')
   try:
     summary = profile_summary.summarize(FLAGS.profile, 'train_step')
-  except ImportError as e:    # the trace protobufs come with TensorFlow
-    print(f'no summary ({e}); run tools/profile_summary.py {FLAGS.profile} where TF is installed')
+  except (ValueError, FileNotFoundError) as e:   # the trace stays for TensorBoard / XProf
+    print(f'no summary of {FLAGS.profile}: {e}')
     return
   print(summary.markdown(15))
   results['profile'] = {k: v[:30] if isinstance(v, list) else v
