@@ -49,7 +49,10 @@ bench parity_cudnn $BF16 $CUDNN --config.model.depth=6 --modes= --parity_batch=8
 bench bf16 $BF16 --modes=mdt
 bench bf16_cudnn $BF16 $CUDNN --modes=mdt
 bench bf16_profile $BF16 --modes= --profile="$OUT/trace"
-bench bf16_sampling $BF16 --modes= --sampling --sample_batch="$BATCH" --eager_baseline --baseline_steps=50 $TORCH
+# JAX would otherwise reserve most of the GPU's memory up front and leave PyTorch none
+XLA_PYTHON_CLIENT_PREALLOCATE=false \
+    bench bf16_sampling $BF16 --modes= --sampling --sample_batch="$BATCH" --eager_baseline \
+    --baseline_steps=50 $TORCH
 bench bf16_cudnn_profile $BF16 $CUDNN --modes= --profile="$OUT/trace_cudnn"
 bench bf16_dit $BF16 --modes=dit
 bench bf16_cudnn_dit $BF16 $CUDNN --modes=dit
