@@ -178,6 +178,35 @@ def test_bfloat16_compute_keeps_float32_params():
   assert err < 0.05 * np.abs(want).max()
 
 
+@pytest.mark.parametrize('residual, stream', [('float32', jnp.float32),
+                                              ('compute', jnp.bfloat16)])
+def test_bfloat16_residual_stream_dtype_is_one_choice(residual, stream):
+  from mdt_jax.models.layers import MDTBlock
+  cfg = MDTConfig.from_dict(tiny(dtype='bfloat16', residual_dtype=residual))
+  assert cfg.stream_dtype == stream
+  blk = MDTBlock(32, 4, 4.0, 4, skip=True, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
+                 stream_dtype=cfg.stream_dtype)
+  index = jnp.asarray(relative_position_index(4))
+  c = jnp.ones((2, 32), jnp.float32)
+  for x_dtype in (jnp.float32, jnp.bfloat16):      # whatever comes in (after a skip fusion too)
+    x = jnp.ones((2, 16, 32), x_dtype)
+    assert blk(x, c, index, skip=x).dtype == stream
+  # The whole model: the choice moves a bfloat16 forward by rounding only
+  x, t, y = (jnp.asarray(a) for a in _inputs())
+  sd, model = _load_random(cfg.to_dict())
+  want = ref.forward(sd, np.asarray(x).transpose(0, 3, 1, 2), np.asarray(t), np.asarray(y),
+                     heads=4, decode_layer=2)
+  out = np.asarray(model(x, t, y)).transpose(0, 3, 1, 2)
+  assert np.abs(out - want).max() < 0.05 * np.abs(want).max()
+
+
+def test_residual_dtype_is_a_no_op_in_float32():
+  x, t, y = (jnp.asarray(a) for a in _inputs())
+  _, m1 = _load_random(tiny(mask_ratio=0.3))
+  _, m2 = _load_random(tiny(mask_ratio=0.3, residual_dtype='compute'))
+  np.testing.assert_array_equal(np.asarray(m1(x, t, y)), np.asarray(m2(x, t, y)))
+
+
 def test_remat_gives_same_output_and_gradient():
   cfg = tiny(mask_ratio=0.3)
   _, m1 = _load_random(cfg)
@@ -212,6 +241,9 @@ def test_unknown_and_invalid_config_values_are_refused():
     MDTConfig(input_size=30, patch_size=4)
   with pytest.raises(ValueError, match='unknown model size'):
     model_config('XXL/2')
+  with pytest.raises(ValueError, match=r"residual_dtype must be one of \('float32', 'compute'\), "
+                                       r"got 'bfloat16'"):
+    MDTConfig(residual_dtype='bfloat16')
 
 
 def test_cudnn_attention_needs_even_lengths_and_says_how_to_pad():

@@ -18,7 +18,7 @@ import mdt_jax
 from micro_config import get_config
 from mdt_jax import MDTConfig, model_config, profile_summary
 from mdt_jax import diffusion as diff
-from mdt_jax.training import sharding
+from mdt_jax.training import checkpoints, sharding
 from mdt_jax.training import state as st
 from mdt_jax.training import step as stp
 from mdt_jax.training.config import base_config, validate
@@ -172,6 +172,11 @@ def test_workdir_of_another_model_is_refused(full_run, tmp_path):
   with pytest.raises(ValueError, match='holds a run of another model shape .*hidden_size: '
                                        'workdir 32 vs config 64'):
     train_and_evaluate(c, str(work))
+  # compute options are not the model's shape: a run may resume with cuDNN's padded buffer etc.
+  c = micro_config(total_steps=9)
+  c.model.update(dtype='bfloat16', remat=True, attention_impl='xla', mask_buffer_multiple=8,
+                 residual_dtype='compute')
+  checkpoints.check_workdir(str(work), c)
   c = micro_config(total_steps=9)
   c.optimizer.clip_norm = 0.0            # another optimizer-state structure
   with pytest.raises(ValueError, match='checkpoint at step 6 .* does not match this config'):

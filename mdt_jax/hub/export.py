@@ -21,7 +21,7 @@ from flax import nnx
 from mdt_jax.atomic import atomic_folder, check_writable
 from mdt_jax.hub import official
 from mdt_jax.hub.folder import write_model_files
-from mdt_jax.models.mdt import MDTConfig, count_params
+from mdt_jax.models.mdt import COMPUTE_OPTIONS, MDTConfig, count_params
 
 LIBRARY_NAME = 'mdt_jax'
 # The Hub has no class-conditional generation task; class-conditional image models (DiT, MAR,
@@ -400,9 +400,8 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, weights: 
   check_writable(out, overwrite)
   train_cfg = checkpoints.read_config(workdir)        # raises for a folder that is not a workdir
   evaluation = read_evaluation(eval_json) if eval_json else None
-  # Port options (dtype, remat, attention kernel) are the loader's choice, not the folder's.
-  config = MDTConfig.from_dict({**train_cfg.model.to_dict(), 'dtype': 'float32', 'remat': False,
-                                'attention_impl': None})
+  # Port options (dtype, remat, attention kernel, ...) are the loader's choice, not the folder's.
+  config = MDTConfig.from_dict({**train_cfg.model.to_dict(), **COMPUTE_OPTIONS})
   diffusion = dict(num_timesteps=int(train_cfg.diffusion.num_timesteps),
                    beta_schedule=str(train_cfg.diffusion.schedule))
   sampling = checked_sampling(train_cfg.sampling.to_dict() if 'sampling' in train_cfg else {},

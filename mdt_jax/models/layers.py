@@ -187,7 +187,9 @@ class MDTBlock(nnx.Module):
   """adaLN-Zero DiT block with relative position bias and an optional skip fusion (x first)."""
 
   def __init__(self, dim: int, heads: int, mlp_ratio: float, grid: int, *, skip: bool,
-               rngs: nnx.Rngs, dtype=jnp.float32, attention_impl: str | None = None):
+               rngs: nnx.Rngs, dtype=jnp.float32, attention_impl: str | None = None,
+               stream_dtype=jnp.float32):
+    self.stream_dtype = stream_dtype     # the residual stream's dtype, in and out of the block
     self.skip_linear = (dense(2 * dim, dim, ('embed2', 'embed'), rngs=rngs, dtype=dtype)
                         if skip else None)
     self.attn = Attention(dim, heads, grid, rngs=rngs, dtype=dtype,
@@ -202,12 +204,13 @@ class MDTBlock(nnx.Module):
       if skip is None:
         raise ValueError('this block fuses a skip connection but none was given')
       x = self.skip_linear(jnp.concatenate([x, skip.astype(x.dtype)], axis=-1))
+    x = x.astype(self.stream_dtype)
     mod = self.adaLN_modulation_1(jax.nn.silu(c))
     sh_msa, sc_msa, g_msa, sh_mlp, sc_mlp, g_mlp = jnp.split(mod, 6, axis=-1)
     h = modulate(layer_norm(x), sh_msa, sc_msa)
-    x = x + g_msa[:, None] * self.attn(h, rel_index, key_mask)
+    x = x + (g_msa[:, None] * self.attn(h, rel_index, key_mask)).astype(x.dtype)
     h = modulate(layer_norm(x), sh_mlp, sc_mlp)
-    return x + g_mlp[:, None] * self.mlp(h)
+    return x + (g_mlp[:, None] * self.mlp(h)).astype(x.dtype)
 
 
 class FinalLayer(nnx.Module):

@@ -23,6 +23,7 @@ Array = jax.Array
 ARCHS = ('mdtv2', 'mdt_v1')
 ATTENTION_IMPLS = (None, 'xla', 'cudnn')    # jax.nn.dot_product_attention's implementations
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+RESIDUAL_DTYPES = ('float32', 'compute')     # 'compute': the stream in model.dtype
 REMAT_POLICIES = {
     'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
     'dots_saveable': jax.checkpoint_policies.dots_saveable,
@@ -52,6 +53,7 @@ class MDTConfig:
   remat_policy: str = 'nothing_saveable'
   attention_impl: str | None = None  # jax.nn.dot_product_attention implementation (None: auto)
   mask_buffer_multiple: int = 1     # round the masked encoder's static buffer up (cuDNN: even)
+  residual_dtype: str = 'float32'   # the residual stream between blocks: 'float32' or 'compute'
 
   def __post_init__(self):
     if self.attention_impl == '':
@@ -72,6 +74,9 @@ class MDTConfig:
       raise ValueError(f'mask_buffer_multiple must be >= 1, got {self.mask_buffer_multiple}')
     if self.mask_ratio is not None and not 0.0 <= self.mask_ratio < 1.0:
       raise ValueError(f'mask_ratio must be None or in [0, 1), got {self.mask_ratio}')
+    if self.residual_dtype not in RESIDUAL_DTYPES:
+      raise ValueError(f'model.residual_dtype must be one of {RESIDUAL_DTYPES}, got '
+                       f'{self.residual_dtype!r}')
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f'model.attention_impl must be one of {ATTENTION_IMPLS} ("" = auto), got '
                        f'{self.attention_impl!r}')
@@ -124,6 +129,17 @@ class MDTConfig:
   def compute_dtype(self):
     return DTYPES[self.dtype]
 
+  @property
+  def stream_dtype(self):
+    return jnp.float32 if self.residual_dtype == 'float32' else self.compute_dtype
+
+
+# How the model is computed, not what it computes: a run may resume, and a checkpoint be exported
+# or loaded, with other values of these (here the float32 reference's).
+COMPUTE_OPTIONS = {'dtype': 'float32', 'remat': False, 'remat_policy': 'nothing_saveable',
+                   'attention_impl': None, 'mask_buffer_multiple': 1,
+                   'residual_dtype': 'float32'}
+
 
 class MDT(nnx.Module):
   """Masked Diffusion Transformer. ``arch='mdtv2'`` (long skips, dense input shortcut) or
@@ -133,7 +149,8 @@ class MDT(nnx.Module):
     cfg = config if isinstance(config, MDTConfig) else MDTConfig.from_dict(config)
     self.config = cfg
     dt, d, g = cfg.compute_dtype, cfg.hidden_size, cfg.grid
-    kw = dict(rngs=rngs, dtype=dt, attention_impl=cfg.attention_impl)
+    kw = dict(rngs=rngs, dtype=dt, attention_impl=cfg.attention_impl,
+              stream_dtype=cfg.stream_dtype)
     block = lambda skip: MDTBlock(d, cfg.num_heads, cfg.mlp_ratio, g, skip=skip, **kw)
 
     self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d, rngs=rngs, dtype=dt)

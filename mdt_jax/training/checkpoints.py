@@ -23,7 +23,7 @@ from etils import epath
 from flax import nnx
 
 from mdt_jax.hub.folder import Pretrained, model_from_flat
-from mdt_jax.models.mdt import MDTConfig
+from mdt_jax.models.mdt import COMPUTE_OPTIONS, MDTConfig
 from mdt_jax.training.state import TrainState, abstract_model
 
 CONFIG_FILE = 'config.json'
@@ -90,8 +90,8 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     new_model = MDTConfig.from_dict(config.model.to_dict())
     old_model = MDTConfig.from_dict(old['model'])
     shape_keys = [k for k in new_model.to_dict()
-                  if k not in ('dtype', 'remat', 'remat_policy', 'attention_impl',
-                               'class_dropout_prob', 'mask_ratio', 'mask_ratio_span')]
+                  if k not in COMPUTE_OPTIONS and
+                  k not in ('class_dropout_prob', 'mask_ratio', 'mask_ratio_span')]
     diffs = [f'{k}: workdir {old_model.to_dict()[k]!r} vs config {new_model.to_dict()[k]!r}'
              for k in shape_keys if old_model.to_dict()[k] != new_model.to_dict()[k]]
     if diffs:
