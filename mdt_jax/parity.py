@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from mdt_jax import diffusion as diff
-from mdt_jax.models.mdt import MDT, MDTConfig
+from mdt_jax.models.mdt import COMPUTE_OPTIONS, MDT, MDTConfig
 from mdt_jax.training.state import abstract_model
 from mdt_jax.training.step import loss_fn
 
@@ -110,8 +110,8 @@ class Comparison:
     ref_params = nnx.to_pure_dict(nnx.state(abstract_model(ref_cfg)))
     if shapes(ref_params) != shapes(self.params):
       raise ValueError(f'parity: {_spec(reference)} changes the parameters; a parity check '
-                       'compares compute settings (dtype, attention_impl, remat, '
-                       'mask_buffer_multiple) of one set of weights')
+                       f'compares compute settings ({", ".join(COMPUTE_OPTIONS)}) of one set '
+                       'of weights')
     metrics, grads = self.result
     ref_metrics, ref_grads = self._run(ref_cfg)
     names = ['/'.join(str(getattr(k, 'key', k)) for k in path)
