@@ -19,8 +19,8 @@ def train_config() -> ml_collections.ConfigDict:
   # 16x16x1 digits in patches of 4 -> 16 tokens; the official mask ratio 0.3 (+-0.2 span).
   c.model = model_config('S/4', input_size=16, in_channels=1, hidden_size=96, depth=4,
                          num_heads=4, decode_layer=2, num_classes=10)
-  c.data = dict(name='digits', image_size=16, flip=False, num_threads=1, prefetch=4,
-                vae_decoder='')
+  c.data.update(name='digits', image_size=16, flip=False, num_threads=1, prefetch=4,
+                 vae_decoder='')
   c.global_batch_size = 32
   c.total_steps = 4000
   c.optimizer.learning_rate = 1.5e-3

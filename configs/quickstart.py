@@ -10,8 +10,8 @@ def get_config():
   c = base_config()
   c.model = model_config('S/4', input_size=16, in_channels=1, hidden_size=96, depth=4,
                          num_heads=4, decode_layer=2, num_classes=10)
-  c.data = dict(name='digits', image_size=16, flip=False, num_threads=2, prefetch=4,
-                vae_decoder='')
+  c.data.update(name='digits', image_size=16, flip=False, num_threads=2, prefetch=4,
+                 vae_decoder='')
   c.global_batch_size = 32
   c.total_steps = 4000
   c.optimizer.learning_rate = 1.5e-3

@@ -7,8 +7,8 @@ def get_config():
   c = base_config()
   c.model = model_config('S/2', input_size=8, in_channels=1, hidden_size=32, depth=3,
                          num_heads=2, decode_layer=1, num_classes=10)
-  c.data = dict(name='digits', image_size=8, flip=False, num_threads=1, prefetch=2,
-                vae_decoder='')
+  c.data.update(name='digits', image_size=8, flip=False, num_threads=1, prefetch=2,
+                 vae_decoder='')
   c.global_batch_size = 16
   c.total_steps = 6
   c.optimizer.learning_rate = 1e-3

@@ -35,6 +35,18 @@ def _abstract(tree, shardings):
                       tree, shardings)
 
 
+class _Position:
+  """The data iterator's position when save() is called: an async save may write it later,
+  after the loop has read on. Written as the same JSON text as a grain iterator's."""
+
+  def __init__(self, data_iter):
+    state = data_iter.get_state()
+    self._state = state if isinstance(state, bytes) else json.dumps(state, indent=4).encode()
+
+  def get_state(self) -> bytes:
+    return self._state
+
+
 class Checkpointer:
   """Save and restore the train state and the data-iterator state together."""
 
@@ -52,7 +64,7 @@ class Checkpointer:
 
   def save(self, state: TrainState, data_iter, step: int) -> None:
     args = {k: ocp.args.StandardSave(v) for k, v in self._items(state).items()}
-    args['data'] = grain.checkpoint.CheckpointSave(data_iter)
+    args['data'] = grain.checkpoint.CheckpointSave(_Position(data_iter))
     self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
   def restore(self, abstract_state: TrainState, shardings: TrainState, data_iter,

@@ -18,8 +18,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.model = model_config('XL/2')
   c.mask_branch = True            # False: DiT-style baseline (plain branch only)
   c.diffusion = dict(num_timesteps=1000, schedule='linear', min_snr_gamma=5.0)
+  # prefetch: batches the host readers keep ready; device_prefetch: batches already copied to
+  # the devices ahead of the step
   c.data = dict(name='latents', path='', image_size=256, flip=True, num_threads=8, prefetch=8,
-                vae_decoder='stabilityai/sd-vae-ft-ema')
+                device_prefetch=2, vae_decoder='stabilityai/sd-vae-ft-ema')
   c.global_batch_size = 256
   c.total_steps = 400_000
   c.optimizer = dict(name='adan', learning_rate=3e-4, b1=0.98, b2=0.92, b3=0.99, eps=1e-8,

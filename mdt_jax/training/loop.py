@@ -1,6 +1,7 @@
 """The training loop: data -> sharded train step -> metrics, checkpoints, sample grids."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import signal
@@ -15,6 +16,7 @@ from clu import metric_writers, periodic_actions
 from etils import epath
 
 from mdt_jax.data import pipeline
+from mdt_jax.data.device_prefetch import DevicePrefetch
 from mdt_jax.sampling.cli_io import grid_image
 from mdt_jax.training import checkpoints, samples, sharding
 from mdt_jax.training.config import validate
@@ -91,8 +93,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise ValueError(f'global_batch_size {config.global_batch_size} is not divisible by the '
                      f'data-parallel size {dp} (mesh {dict(mesh.shape)})')
   checkpoints.check_workdir(workdir, config)
-  data_iter = pipeline.make_iterator(config.data, seed=config.seed,
-                                     global_batch=config.global_batch_size)
+  batch_sh = sharding.batch_sharding(mesh)
+  reader = pipeline.make_iterator(config.data, seed=config.seed,
+                                  global_batch=config.global_batch_size)
+  data_iter = DevicePrefetch(reader, functools.partial(pipeline.to_global, sharding=batch_sh),
+                             config.data.get('device_prefetch', 2))
   optimizer = make_optimizer(config.optimizer)
   state, shardings, graphdef = create_train_state(model_cfg, optimizer, config.seed, mesh,
                                                   config.sharding_rules)
@@ -103,7 +108,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.info('resuming from step %d', last_saved)
     state = ckpt.restore(state, shardings, data_iter, last_saved)
   checkpoints.write_config(workdir, config)
-  batch_sh = sharding.batch_sharding(mesh)
   step_fn = jit_step_from_config(config, shardings, batch_sh, graphdef=graphdef,
                                  optimizer=optimizer)
 
@@ -122,7 +126,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   t_log, n_log = time.perf_counter(), 0
   with Preemption() as preempt:
     for step in range(start + 1, total + 1):
-      batch = pipeline.to_global(next(data_iter), batch_sh)
+      batch = next(data_iter)
       state, metrics = step_fn(state, batch)
       pending.append(metrics)
       n_log += 1
