@@ -54,6 +54,7 @@ XLA_PYTHON_CLIENT_PREALLOCATE=false \
     bench bf16_sampling $BF16 --modes= --sampling --sample_batch="$BATCH" --eager_baseline \
     --baseline_steps=50 $TORCH
 bench bf16_cudnn_profile $BF16 $CUDNN --modes= --profile="$OUT/trace_cudnn"
+bench bf16_cudnn_sampling $BF16 $CUDNN --modes= --sampling --sample_batch="$BATCH"
 bench bf16_stream_bf16 $BF16 --modes=mdt --config.model.residual_dtype=compute
 bench bf16_dit $BF16 --modes=dit
 bench bf16_cudnn_dit $BF16 $CUDNN --modes=dit
