@@ -64,8 +64,8 @@ bench bf16_batch4x_remat $BF16 --modes=mdt --config.global_batch_size=$((4 * BAT
     --config.model.remat=true --config.model.remat_policy=dots_saveable
 XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_triton_gemm=false" \
     bench bf16_no_triton_gemm $BF16 --modes=mdt
-# compile-only: batch 32 and 64 give the affine line, the third compile checks its guess
-bench bf16_fit80 $BF16 --modes= --fit_memory_gb=80 --fit_remat=off --fit_max_compiles=3
-bench bf16_fit80_remat $BF16 --modes= --fit_memory_gb=80 --fit_remat=on --fit_max_compiles=3
+# compile-only: batch 32 and 64 give the affine line, its guess and the next batch settle it
+bench bf16_fit80 $BF16 --modes= --fit_memory_gb=80 --fit_remat=off --fit_max_compiles=4
+bench bf16_fit80_remat $BF16 --modes= --fit_memory_gb=80 --fit_remat=on --fit_max_compiles=4
 bench f32 --config.model.dtype=float32 --modes=mdt
 echo "suite done: $OUT"
