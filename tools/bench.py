@@ -41,7 +41,7 @@ flags.DEFINE_float('fit_memory_gb', None, 'also find the largest batch per devic
                    'compiled step fits this many GB (e.g. 80 for an H100), with and without '
                    'rematerialisation')
 flags.DEFINE_integer('fit_max_compiles', 8, 'compiles per --fit_memory_gb search (2 give the '
-                     'affine estimate; more bisect to the exact batch)')
+                     'affine estimate; on near-affine memory 4 settle the exact batch)')
 flags.DEFINE_enum('fit_remat', 'both', ['both', 'off', 'on'], 'rematerialisation settings the '
                   '--fit_memory_gb search covers')
 flags.DEFINE_multi_string('parity', [], 'compare the training loss and its gradients with '
