@@ -259,3 +259,30 @@ def test_cudnn_attention_needs_even_lengths_and_says_how_to_pad():
   with pytest.raises(ValueError, match="attention_impl must be one of .* got 'flash'"):
     MDTConfig(attention_impl='flash')
   assert MDTConfig(attention_impl='').attention_impl is None
+  # cuDNN for the full-length passes only: the masked buffer may stay odd
+  assert MDTConfig(**xl, masked_attention_impl='xla').masked_impl == 'xla'
+  with pytest.raises(ValueError, match=r"got \{'masked encoder buffer': 179\}.*"
+                                       "masked_attention_impl=xla"):
+    MDTConfig(mask_ratio=0.3, masked_attention_impl='cudnn')
+  with pytest.raises(ValueError, match="masked_attention_impl must be .* got 'flash'"):
+    MDTConfig(masked_attention_impl='flash')
+  assert MDTConfig(masked_attention_impl='').masked_impl is None
+  assert MDTConfig(attention_impl='xla').masked_impl == 'xla'            # 'same' by default
+
+
+def test_masked_encoder_uses_its_own_attention_implementation(monkeypatch):
+  seen = []
+  real = jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, 'dot_product_attention',
+                      lambda *a, implementation=None, mask=None, **k: seen.append(
+                          (implementation, mask is not None)) or
+                      real(*a, implementation=implementation, mask=mask, **k))
+  m = MDT(tiny(mask_ratio=0.3, attention_impl='xla', masked_attention_impl=''),
+          rngs=nnx.Rngs(0))
+  x, t, y = (jnp.asarray(a) for a in _inputs())
+  m(x, t, y)
+  assert set(seen) == {('xla', False)} and len(seen) == 6          # plain pass: 6 blocks
+  seen.clear()
+  m(x, t, y, rng=jax.random.key(0), enable_mask=True)
+  # encoder (4 blocks) on the kept tokens with a key mask; side block and decoder (1 + 2) not
+  assert seen == [(None, True)] * 4 + [('xla', False)] * 3

@@ -53,6 +53,10 @@ bench bf16_profile $BF16 --modes= --profile="$OUT/trace"
 XLA_PYTHON_CLIENT_PREALLOCATE=false \
     bench bf16_sampling $BF16 --modes= --sampling --sample_batch="$BATCH" --eager_baseline \
     --baseline_steps=50 $TORCH
+# cuDNN for the full-length passes only (the fallback if the masked encoder's per-sample bias
+# gradient is refused, and the full-length passes' share of the gain)
+bench bf16_cudnn_plain $BF16 --config.model.attention_impl=cudnn \
+    --config.model.masked_attention_impl=xla --modes=mdt
 bench bf16_cudnn_profile $BF16 $CUDNN --modes= --profile="$OUT/trace_cudnn"
 bench bf16_cudnn_sampling $BF16 $CUDNN --modes= --sampling --sample_batch="$BATCH"
 bench bf16_stream_bf16 $BF16 --modes=mdt --config.model.residual_dtype=compute

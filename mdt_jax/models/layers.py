@@ -150,12 +150,13 @@ class RelativePositionBias(nnx.Module):
 
 class Attention(nnx.Module):
   def __init__(self, dim: int, heads: int, grid: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               attention_impl: str | None = None):
+               attention_impl: str | None = None, masked_attention_impl: str | None = None):
     if dim % heads:
       raise ValueError(f'hidden_size {dim} is not divisible by num_heads {heads}')
     self.heads = heads
     self.dtype = dtype
     self.attention_impl = attention_impl
+    self.masked_attention_impl = masked_attention_impl   # for calls with a key mask
     self.qkv = dense(dim, 3 * dim, ('embed', 'heads'), rngs=rngs, dtype=dtype)
     self.proj = dense(dim, dim, ('heads', 'embed'), rngs=rngs, dtype=dtype)
     self.rel_pos_bias = RelativePositionBias(grid, heads, rngs=rngs)
@@ -169,8 +170,9 @@ class Attention(nnx.Module):
     if bias.ndim == 3:
       bias = bias[None]
     mask = None if key_mask is None else key_mask[:, None, None, :]
+    impl = self.attention_impl if key_mask is None else self.masked_attention_impl
     out = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), mask=mask,
-                                       implementation=self.attention_impl)
+                                       implementation=impl)
     return self.proj(out.reshape(b, n, d))
 
 
@@ -188,12 +190,13 @@ class MDTBlock(nnx.Module):
 
   def __init__(self, dim: int, heads: int, mlp_ratio: float, grid: int, *, skip: bool,
                rngs: nnx.Rngs, dtype=jnp.float32, attention_impl: str | None = None,
-               stream_dtype=jnp.float32):
+               masked_attention_impl: str | None = None, stream_dtype=jnp.float32):
     self.stream_dtype = stream_dtype     # the residual stream's dtype, in and out of the block
     self.skip_linear = (dense(2 * dim, dim, ('embed2', 'embed'), rngs=rngs, dtype=dtype)
                         if skip else None)
     self.attn = Attention(dim, heads, grid, rngs=rngs, dtype=dtype,
-                          attention_impl=attention_impl)
+                          attention_impl=attention_impl,
+                          masked_attention_impl=masked_attention_impl)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dtype=dtype)
     self.adaLN_modulation_1 = dense(dim, 6 * dim, ('embed', 'ada'), rngs=rngs, dtype=dtype,
                                     zero=True)

@@ -52,12 +52,14 @@ class MDTConfig:
   remat: bool = False               # rematerialise each block in the backward pass
   remat_policy: str = 'nothing_saveable'
   attention_impl: str | None = None  # jax.nn.dot_product_attention implementation (None: auto)
+  masked_attention_impl: str | None = 'same'  # the masked encoder's ('same': attention_impl's)
   mask_buffer_multiple: int = 1     # round the masked encoder's static buffer up (cuDNN: even)
   residual_dtype: str = 'float32'   # the residual stream between blocks: 'float32' or 'compute'
 
   def __post_init__(self):
-    if self.attention_impl == '':
-      object.__setattr__(self, 'attention_impl', None)
+    for name in ('attention_impl', 'masked_attention_impl'):
+      if getattr(self, name) == '':
+        object.__setattr__(self, name, None)
     if self.arch not in ARCHS:
       raise ValueError(f'model.arch must be one of {ARCHS}, got {self.arch!r}')
     if self.dtype not in DTYPES:
@@ -80,22 +82,34 @@ class MDTConfig:
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f'model.attention_impl must be one of {ATTENTION_IMPLS} ("" = auto), got '
                        f'{self.attention_impl!r}')
-    if self.attention_impl == 'cudnn':
-      self._check_cudnn_lengths()
+    if self.masked_attention_impl not in ATTENTION_IMPLS + ('same',):
+      raise ValueError(f'model.masked_attention_impl must be "same" or one of {ATTENTION_IMPLS} '
+                       f'("" = auto), got {self.masked_attention_impl!r}')
+    self._check_cudnn_lengths()
+
+  @property
+  def masked_impl(self) -> str | None:
+    """The masked encoder's attention implementation."""
+    if self.masked_attention_impl == 'same':
+      return self.attention_impl
+    return self.masked_attention_impl
 
   def _check_cudnn_lengths(self) -> None:
     """cuDNN's fused attention trains with a bias only on even sequence lengths (JAX checks it
     when the step is traced; here it fails before any work)."""
-    lengths = {'tokens': self.num_tokens}
-    if self.mask_ratio is not None:
+    lengths = {}
+    if self.attention_impl == 'cudnn':
+      lengths['tokens'] = self.num_tokens
+    if self.masked_impl == 'cudnn' and self.mask_ratio is not None:
       lengths['masked encoder buffer'] = masking.buffer_size(
           self.num_tokens, self.mask_ratio, self.mask_buffer_multiple)
     odd = {k: v for k, v in lengths.items() if v % 2}
     if odd:
-      raise ValueError(f'attention_impl="cudnn" needs even sequence lengths (cuDNN trains with a '
+      raise ValueError(f'cuDNN attention needs even sequence lengths (cuDNN trains with a '
                        f'relative position bias only then), got {odd}; set '
                        'model.mask_buffer_multiple=8 to pad the masked buffer (the padding slots '
-                       'are masked out: results are unchanged)')
+                       'are masked out: results are unchanged), or '
+                       'model.masked_attention_impl=xla')
 
   @classmethod
   def from_dict(cls, d: Any) -> 'MDTConfig':
@@ -137,7 +151,8 @@ class MDTConfig:
 # How the model is computed, not what it computes: a run may resume, and a checkpoint be exported
 # or loaded, with other values of these (here the float32 reference's).
 COMPUTE_OPTIONS = {'dtype': 'float32', 'remat': False, 'remat_policy': 'nothing_saveable',
-                   'attention_impl': None, 'mask_buffer_multiple': 1,
+                   'attention_impl': None, 'masked_attention_impl': 'same',
+                   'mask_buffer_multiple': 1,
                    'residual_dtype': 'float32'}
 
 
@@ -150,7 +165,7 @@ class MDT(nnx.Module):
     self.config = cfg
     dt, d, g = cfg.compute_dtype, cfg.hidden_size, cfg.grid
     kw = dict(rngs=rngs, dtype=dt, attention_impl=cfg.attention_impl,
-              stream_dtype=cfg.stream_dtype)
+              masked_attention_impl=cfg.masked_impl, stream_dtype=cfg.stream_dtype)
     block = lambda skip: MDTBlock(d, cfg.num_heads, cfg.mlp_ratio, g, skip=skip, **kw)
 
     self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d, rngs=rngs, dtype=dt)
