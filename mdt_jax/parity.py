@@ -15,10 +15,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mdt_jax import diffusion as diff
 from mdt_jax.models.mdt import COMPUTE_OPTIONS, MDT, MDTConfig
 from mdt_jax.training.state import abstract_model
-from mdt_jax.training.step import loss_fn
+from mdt_jax.training.step import loss_fn, loss_settings
 
 
 def parse_overrides(spec: str) -> dict:
@@ -51,12 +50,8 @@ def _literal(value: str):
   return value
 
 
-def _loss_and_grads(model_cfg: MDTConfig, config: ml_collections.ConfigDict):
-  graphdef = nnx.split(abstract_model(model_cfg))[0]
-  dif = diff.create_diffusion(num_timesteps=config.diffusion.num_timesteps,
-                              schedule=config.diffusion.schedule)
-  fn = functools.partial(loss_fn, graphdef=graphdef, dif=dif, mask_branch=config.mask_branch,
-                         min_snr_gamma=config.diffusion.min_snr_gamma)
+def _loss_and_grads(graphdef, config: ml_collections.ConfigDict):
+  fn = functools.partial(loss_fn, graphdef=graphdef, **loss_settings(config))
   return jax.jit(jax.value_and_grad(lambda p, b, k: fn(p, batch=b, key=k), has_aux=True))
 
 
@@ -92,11 +87,12 @@ class Comparison:
     shape = (n, mc.input_size, mc.input_size, mc.in_channels)
     self.batch = {'x': jax.random.normal(xkey, shape),
                   'y': jnp.arange(n, dtype=jnp.int32) % mc.num_classes}
-    self.result = self._run(mc)
+    self.result = self._run(abstract_model(mc))
 
-  def _run(self, model_cfg: MDTConfig):
-    (_, metrics), grads = _loss_and_grads(model_cfg, self.config)(self.params, self.batch,
-                                                                  self.key)
+  def _run(self, abstract: MDT):
+    graphdef = nnx.split(abstract)[0]
+    (_, metrics), grads = _loss_and_grads(graphdef, self.config)(self.params, self.batch,
+                                                                 self.key)
     return jax.device_get(metrics), jax.device_get(grads)
 
   def against(self, reference: dict) -> dict:
@@ -105,15 +101,14 @@ class Comparison:
     if unknown:
       raise ValueError(f'parity: unknown model fields {unknown}; expected some of '
                        f'{sorted(self.fields)}')
-    ref_cfg = MDTConfig.from_dict({**self.fields, **reference})
+    ref_model = abstract_model(MDTConfig.from_dict({**self.fields, **reference}))
     shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)  # noqa: E731
-    ref_params = nnx.to_pure_dict(nnx.state(abstract_model(ref_cfg)))
-    if shapes(ref_params) != shapes(self.params):
+    if shapes(nnx.to_pure_dict(nnx.state(ref_model))) != shapes(self.params):
       raise ValueError(f'parity: {_spec(reference)} changes the parameters; a parity check '
                        f'compares compute settings ({", ".join(COMPUTE_OPTIONS)}) of one set '
                        'of weights')
     metrics, grads = self.result
-    ref_metrics, ref_grads = self._run(ref_cfg)
+    ref_metrics, ref_grads = self._run(ref_model)
     names = ['/'.join(str(getattr(k, 'key', k)) for k in path)
              for path, _ in jax.tree_util.tree_flatten_with_path(grads)[0]]
     per_param = [_rel(a, b) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads))]

@@ -64,16 +64,21 @@ def jit_train_step(shardings: TrainState, batch_sharding, **kw):
                  out_shardings=(shardings, None), donate_argnums=(0,))
 
 
+def loss_settings(config, mask_branch: bool | None = None) -> dict:
+  """`loss_fn`'s settings from an experiment config: the diffusion, the mask branch (`mask_branch`
+  defaults to the config's) and the min-SNR weight."""
+  return dict(dif=diff.create_diffusion(num_timesteps=config.diffusion.num_timesteps,
+                                        schedule=config.diffusion.schedule),
+              mask_branch=config.mask_branch if mask_branch is None else mask_branch,
+              min_snr_gamma=config.diffusion.min_snr_gamma)
+
+
 def jit_step_from_config(config, shardings: TrainState, batch_sharding, *, graphdef,
                          optimizer: optax.GradientTransformation,
                          mask_branch: bool | None = None):
-  """`jit_train_step` with the diffusion, EMA, loss and learning-rate settings of an experiment
-  config (training and benchmarks build the same step); `mask_branch` defaults to the config's."""
-  dif = diff.create_diffusion(num_timesteps=config.diffusion.num_timesteps,
-                              schedule=config.diffusion.schedule)
+  """`jit_train_step` with the loss, EMA and learning-rate settings of an experiment config
+  (training and benchmarks build the same step)."""
   return jit_train_step(
-      shardings, batch_sharding, graphdef=graphdef, dif=dif, optimizer=optimizer,
-      ema_decay=config.ema_decay,
-      mask_branch=config.mask_branch if mask_branch is None else mask_branch,
-      min_snr_gamma=config.diffusion.min_snr_gamma,
-      learning_rate=config.optimizer.learning_rate)
+      shardings, batch_sharding, graphdef=graphdef, optimizer=optimizer,
+      ema_decay=config.ema_decay, learning_rate=config.optimizer.learning_rate,
+      **loss_settings(config, mask_branch))
