@@ -105,17 +105,17 @@ def test_profile_summary_names_a_folder_without_a_trace(tmp_path):
     (lambda b: 30.0 + 0.1 * b, 10.0, 3),                          # nothing fits
 ])
 def test_fit_batch_search_settles_on_the_largest_batch(monkeypatch, curve, budget, most):
-    # The search over compiles, on memory curves given here (one compile each in real use;
-    # the compile-based estimate itself runs in test_fit_flags_choose_remat_and_cap_the_compiles)
-    calls = []
-    monkeypatch.setattr(benchmark, 'memory_estimate_gb',
-                        lambda c, mask_branch, global_batch: calls.append(global_batch)
-                        or curve(global_batch))
-    r = benchmark.fit_batch(get_config(), mask_branch=True, budget_gb=budget, max_compiles=12)
-    want = max([b for b in range(8, 4000, 8) if curve(b) <= budget], default=0)
-    assert r['max_global_batch'] == want and r['max_per_device_batch'] == want // 8
-    assert r['exact'] and r['compiles'] == len(set(calls)) <= most, (r, calls)
-    assert all(b % 8 == 0 for b in calls)             # multiples of the data-parallel size
+  # The search over compiles, on memory curves given here (one compile each in real use;
+  # the compile-based estimate itself runs in test_fit_flags_choose_remat_and_cap_the_compiles)
+  calls = []
+  monkeypatch.setattr(benchmark, 'memory_estimate_gb',
+                      lambda c, mask_branch, global_batch: calls.append(global_batch)
+                      or curve(global_batch))
+  r = benchmark.fit_batch(get_config(), mask_branch=True, budget_gb=budget, max_compiles=12)
+  want = max([b for b in range(8, 4000, 8) if curve(b) <= budget], default=0)
+  assert r['max_global_batch'] == want and r['max_per_device_batch'] == want // 8
+  assert r['exact'] and r['compiles'] == len(set(calls)) <= most, (r, calls)
+  assert all(b % 8 == 0 for b in calls)             # multiples of the data-parallel size
 
 
 def test_torch_baseline_without_sampling_is_refused():
