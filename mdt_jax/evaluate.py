@@ -15,9 +15,10 @@ import json
 import os
 import sys
 
-DEFAULT_WEIGHTS = os.path.join(
-    os.environ.get('MDT_JAX_CACHE', os.path.expanduser('~/.cache/mdt_jax')),
-    'inception_fid.safetensors')
+from mdt_jax import paths
+
+DEFAULT_WEIGHTS = paths.resolve(os.path.join(
+    os.environ.get('MDT_JAX_CACHE', '~/.cache/mdt_jax'), 'inception_fid.safetensors'))
 
 
 def _ensure_default_weights(path: str) -> None:
@@ -53,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  help="trace of the covariance root: 'sqrtm' is the ADM code's (slower) route")
   p.add_argument('--quiet', action='store_true', help='no progress lines')
   args = p.parse_args(argv)
+  for name in ('samples', 'reference', 'inception', 'out', 'cache_dir', 'save_stats'):
+    setattr(args, name, paths.resolve_optional(getattr(args, name)))
   if args.batch_size < 1:
     p.error(f'--batch_size must be >= 1, got {args.batch_size}')
   return args
@@ -69,7 +72,7 @@ def main(argv=None) -> dict:
                     progress=not args.quiet)
   print(format_table(result))
   if args.out:
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, 'w') as f:
       json.dump(result, f, indent=2)
   return result

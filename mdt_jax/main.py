@@ -15,6 +15,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from mdt_jax import paths
 from mdt_jax.training.logs import quiet_orbax
 
 config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_config=True)
@@ -49,9 +50,23 @@ def main(argv):
       config.profile_steps = 5
   logging.info('process %d/%d, %d local / %d global devices', jax.process_index(),
                jax.process_count(), jax.local_device_count(), jax.device_count())
-  if not FLAGS.workdir.startswith('gs://'):
-    os.makedirs(FLAGS.workdir, exist_ok=True)
-  train_and_evaluate(config, FLAGS.workdir)
+  workdir = paths.resolve(FLAGS.workdir)
+  if not paths.is_remote(workdir):
+    os.makedirs(workdir, exist_ok=True)
+  with config.unlocked():
+    resolve_config_paths(config)
+  train_and_evaluate(config, workdir)
+
+
+def resolve_config_paths(config) -> None:
+  """Make the config's local paths absolute, so config.json names the same files whatever
+  folder a resume or an export runs from. A VAE given as a Hub id (not a local path) stays."""
+  data = config.data
+  if data.get('path'):
+    data.path = paths.resolve(data.path)
+  vae = data.get('vae_decoder')
+  if vae and (paths.is_remote(vae) or os.path.exists(os.path.expanduser(vae))):
+    data.vae_decoder = paths.resolve(vae)
 
 
 if __name__ == '__main__':

@@ -11,6 +11,7 @@ OUT/shards/*.npz (a restarted run skips finished shards), OUT/samples.npz (arr_0
 from __future__ import annotations
 
 import dataclasses
+import os
 
 from absl import app, flags, logging
 
@@ -76,19 +77,21 @@ def main(argv):
   from mdt_jax.sampling.run import run_sampling
   from mdt_jax.sampling.sampler import build_sampler
 
+  from mdt_jax import paths
   labels = labels_lib.parse_labels(FLAGS.labels)
-  sm = cli_io.load_for_sampling(FLAGS.model)
+  model_path = FLAGS.model if not os.path.exists(FLAGS.model) else paths.resolve(FLAGS.model)
+  sm = cli_io.load_for_sampling(model_path)
   from mdt_jax.hub.pretrained import recommended_fields
   cfg = sampler_config(recommended_fields(sm.sampling, sm.model.config.in_channels))
   labels_lib.make_labels(labels, FLAGS.num_samples, sm.model.config.num_classes, FLAGS.seed)
-  postprocess = cli_io.make_postprocess(sm, FLAGS.vae)
+  postprocess = cli_io.make_postprocess(sm, paths.resolve_optional(FLAGS.vae))
   sampler = build_sampler(sm.model, cfg)
   logging.info('sampling %d images: %s on %d device(s)', FLAGS.num_samples, cfg,
                sampler.num_devices)
-  run_sampling(sampler, out_dir=FLAGS.out, num_samples=FLAGS.num_samples, labels=labels,
+  run_sampling(sampler, out_dir=paths.resolve(FLAGS.out), num_samples=FLAGS.num_samples, labels=labels,
                seed=FLAGS.seed, batch_size=FLAGS.batch_size, shard_size=FLAGS.shard_size,
                postprocess=postprocess, grid_size=FLAGS.grid_size,
-               run_info=dict(model=FLAGS.model, space=sm.space))
+               run_info=dict(model=model_path, space=sm.space))
 
 
 if __name__ == '__main__':

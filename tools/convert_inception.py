@@ -16,6 +16,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from mdt_jax import paths  # noqa: E402
 from mdt_jax.evaluation import convert, inception  # noqa: E402
 
 
@@ -27,6 +28,8 @@ def main(argv=None) -> None:
                  help='torch file with the [1008, 2048] softmax/logits weights (for IS)')
   p.add_argument('--out', required=True, help='output weights file (.safetensors or .npz)')
   args = p.parse_args(argv)
+  for name in ('wheel_or_file', 'logits_from', 'out'):
+    setattr(args, name, paths.resolve_optional(getattr(args, name)))
   params = convert.convert(args.wheel_or_file, args.logits_from)
   inception.save_weights(params, args.out)
   model = inception.load_inception(args.out)   # checks every name and shape

@@ -10,6 +10,7 @@ Every hyperparameter is inferred from the key names and shapes; v1 checkpoints n
 """
 from absl import app, flags
 
+from mdt_jax import paths
 from mdt_jax.hub.convert import convert_official
 
 flags.DEFINE_string('checkpoint', None, 'official state dict (.pt or .safetensors)', required=True)
@@ -22,7 +23,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   overrides = {} if FLAGS.decode_layer is None else {'decode_layer': FLAGS.decode_layer}
-  out = convert_official(FLAGS.checkpoint, FLAGS.out, FLAGS.overwrite, **overrides)
+  out = convert_official(paths.resolve(FLAGS.checkpoint), paths.resolve(FLAGS.out),
+                         FLAGS.overwrite, **overrides)
   print(f'wrote {out}')
 
 

@@ -8,6 +8,7 @@ or shapes do not match its config is refused with the keys named, and nothing is
 """
 from absl import app, flags
 
+from mdt_jax import paths
 from mdt_jax.vae import convert
 
 flags.DEFINE_string('diffusers_dir', None, 'diffusers-format AutoencoderKL folder', required=True)
@@ -19,7 +20,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  out = convert(FLAGS.diffusers_dir, FLAGS.out, overwrite=FLAGS.overwrite)
+  out = convert(paths.resolve(FLAGS.diffusers_dir), paths.resolve(FLAGS.out),
+                overwrite=FLAGS.overwrite)
   print(f'wrote {out}')
 
 

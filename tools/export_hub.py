@@ -10,6 +10,7 @@ original PyTorch key names. The logic is mdt_jax.hub.export.
 """
 from absl import app, flags
 
+from mdt_jax import paths
 from mdt_jax.hub import export
 
 flags.DEFINE_string('workdir', None, 'training workdir (config.json + checkpoints/)',
@@ -35,8 +36,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   out = export.export_workdir(
-      FLAGS.workdir, FLAGS.out, step=FLAGS.step, weights=FLAGS.weights,
-      eval_json=FLAGS.eval_json, official_layout=FLAGS.official_layout,
+      paths.resolve(FLAGS.workdir), paths.resolve(FLAGS.out), step=FLAGS.step,
+      weights=FLAGS.weights, eval_json=paths.resolve_optional(FLAGS.eval_json), official_layout=FLAGS.official_layout,
       official_formats=FLAGS.official_formats, license=FLAGS.license,
       license_name=FLAGS.license_name, license_link=FLAGS.license_link,
       repo_id=FLAGS.push_to_hub, dataset_id=FLAGS.dataset, model_name=FLAGS.model_name,

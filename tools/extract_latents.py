@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 
 import mdt_jax.vae
+from mdt_jax import paths
 from mdt_jax.data import extract
 
 flags.DEFINE_string('vae_dir', None, 'VAE folder written by tools/convert_vae.py (sd-vae-ft-mse)',
@@ -43,15 +44,16 @@ def main(argv):
   if FLAGS.source == 'folder':
     if not FLAGS.image_dir:
       raise app.UsageError('--source=folder needs --image_dir')
-    source = extract.folder_source(FLAGS.image_dir, FLAGS.label_from)
+    source = extract.folder_source(paths.resolve(FLAGS.image_dir), FLAGS.label_from)
   else:
-    source = extract.tfds_source(FLAGS.tfds_name, FLAGS.tfds_split, FLAGS.tfds_data_dir)
+    source = extract.tfds_source(FLAGS.tfds_name, FLAGS.tfds_split,
+                                 paths.resolve_optional(FLAGS.tfds_data_dir))
   logging.info('%d images in %d classes from %s', len(source), len(source.class_names),
                source.description)
-  vae = mdt_jax.vae.load(FLAGS.vae_dir, dtype=jnp.dtype(FLAGS.dtype))
+  vae = mdt_jax.vae.load(paths.resolve(FLAGS.vae_dir), dtype=jnp.dtype(FLAGS.dtype))
   precision = None if FLAGS.precision == 'default' else FLAGS.precision
   with jax.default_matmul_precision(precision):
-    extract.extract(source, vae, FLAGS.out, image_size=FLAGS.image_size,
+    extract.extract(source, vae, paths.resolve(FLAGS.out), image_size=FLAGS.image_size,
                     batch_size=FLAGS.batch_size, images_per_shard=FLAGS.images_per_shard,
                     num_workers=FLAGS.num_workers)
 

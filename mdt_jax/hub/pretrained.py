@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from mdt_jax import paths
 from mdt_jax.hub.folder import Pretrained, is_model_folder, load_model_folder
 from mdt_jax.models.mdt import MDT
 
@@ -37,7 +38,9 @@ def _hub_download(repo_id: str) -> str:
 
 def load(path_or_repo_id: str, **model_overrides) -> Pretrained:
   """Model and metadata (data space, diffusion and recommended sampling settings)."""
-  p = os.fspath(path_or_repo_id)
+  typed = os.fspath(path_or_repo_id)
+  # A local folder (relative to the current one) first; what is not on disk is a Hub id.
+  p = paths.resolve(typed)
   if is_model_folder(p):
     return load_model_folder(p, **model_overrides)
   if _is_workdir(p):
@@ -46,7 +49,7 @@ def load(path_or_repo_id: str, **model_overrides) -> Pretrained:
   if os.path.exists(p):
     raise FileNotFoundError(f'{p} is neither a model folder (config.json + model.safetensors) '
                             f'nor a training workdir (checkpoints/)')
-  return load_model_folder(_hub_download(p), **model_overrides)
+  return load_model_folder(_hub_download(typed), **model_overrides)
 
 
 def load_pretrained(path_or_repo_id: str, **model_overrides) -> MDT:

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
+from mdt_jax import paths
 from mdt_jax.hub.folder import Pretrained, model_from_flat
 from mdt_jax.models.mdt import COMPUTE_OPTIONS, MDTConfig
 from mdt_jax.training.state import TrainState, abstract_model
@@ -51,7 +52,8 @@ class Checkpointer:
   """Save and restore the train state and the data-iterator state together."""
 
   def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
-    self.directory = epath.Path(workdir) / 'checkpoints'
+    # orbax refuses relative paths
+    self.directory = epath.Path(paths.resolve(workdir)) / 'checkpoints'
     handlers = {k: ocp.StandardCheckpointHandler() for k in ITEMS}
     handlers['data'] = grain.checkpoint.CheckpointHandler()
     self.manager = ocp.CheckpointManager(
@@ -133,7 +135,7 @@ def load_workdir(workdir: str, step: int | None = None, weights: str = 'ema_para
     raise ValueError(f"weights must be 'ema_params' or 'params', got {weights!r}")
   config = read_config(workdir)
   model_cfg = MDTConfig.from_dict({**config.model.to_dict(), **model_overrides})
-  manager = ocp.CheckpointManager(epath.Path(workdir) / 'checkpoints',
+  manager = ocp.CheckpointManager(epath.Path(paths.resolve(workdir)) / 'checkpoints',
                                   item_handlers={weights: ocp.StandardCheckpointHandler()},
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step() if step is None else step
