@@ -80,14 +80,16 @@ StepCallback = Callable[[int, TrainState], None]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       callbacks: Sequence[StepCallback] = ()) -> dict:
+                       callbacks: Sequence[StepCallback] = (),
+                       devices: Sequence[jax.Device] | None = None) -> dict:
   """Train (resuming from the workdir's latest checkpoint) and return the last logged metrics.
 
   ``callbacks`` are called as ``cb(step, state)`` after every step (e.g. an evaluation); the next
-  step donates the state's buffers, so a callback must not keep references to them.
+  step donates the state's buffers, so a callback must not keep references to them. ``devices``:
+  the devices of ``config.mesh`` (default: all); a checkpoint resumes on any mesh.
   """
   model_cfg = validate(config)
-  mesh = sharding.make_mesh(config.mesh.to_dict())
+  mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
   dp = sharding.data_parallel_size(mesh)
   if config.global_batch_size % dp:
     raise ValueError(f'global_batch_size {config.global_batch_size} is not divisible by the '
