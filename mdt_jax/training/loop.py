@@ -1,7 +1,7 @@
 """The training loop: data -> sharded train step -> metrics, checkpoints, sample grids."""
 from __future__ import annotations
 
-import functools
+import contextlib
 import json
 import math
 import signal
@@ -98,8 +98,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   batch_sh = sharding.batch_sharding(mesh)
   reader = pipeline.make_iterator(config.data, seed=config.seed,
                                   global_batch=config.global_batch_size)
-  data_iter = DevicePrefetch(reader, functools.partial(pipeline.to_global, sharding=batch_sh),
-                             config.data.get('device_prefetch', 2))
+  source = config.data.get('path') or config.data.name
+
+  def place(batch):
+    return pipeline.to_global(pipeline.check_batch(batch, model_cfg.num_classes, source), batch_sh)
+
+  data_iter = DevicePrefetch(reader, place, config.data.get('device_prefetch', 2))
   optimizer = make_optimizer(config.optimizer)
   state, shardings, graphdef = create_train_state(model_cfg, optimizer, config.seed, mesh,
                                                   config.sharding_rules)
@@ -126,7 +130,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   start = int(state.step)
   pending, pending_from, logged = [], start + 1, {}
   t_log, n_log = time.perf_counter(), 0
-  with Preemption() as preempt:
+  # closing: a run stopped by an error still finishes the checkpoint being written
+  with contextlib.closing(ckpt), Preemption() as preempt:
     for step in range(start + 1, total + 1):
       batch = next(data_iter)
       state, metrics = step_fn(state, batch)
@@ -155,7 +160,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if stop:
         logging.warning('stopping at step %d after the preemption checkpoint', step)
         break
-  ckpt.close()
   if config.eval_num_samples and int(state.step) == total:
     logged.update(evaluate(config, grids, state, workdir, writer))
   writer.flush()
