@@ -31,3 +31,9 @@ def resolve(path: str | os.PathLike) -> str:
 def resolve_optional(path: str | os.PathLike | None) -> str | None:
   """``resolve`` for optional paths: None and '' stay None."""
   return resolve(path) if path else None
+
+
+def cache_dir() -> str:
+  """The folder of converted weights and trained helper models: $MDT_JAX_CACHE (resolved like any
+  typed path, when the process reads it) or ~/.cache/mdt_jax."""
+  return resolve(os.environ.get('MDT_JAX_CACHE') or '~/.cache/mdt_jax')
