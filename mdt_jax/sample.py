@@ -10,7 +10,6 @@ OUT/shards/*.npz (a restarted run skips finished shards), OUT/samples.npz (arr_0
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from absl import app, flags, logging
