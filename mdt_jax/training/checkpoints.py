@@ -166,9 +166,7 @@ RESUMABLE_FIELDS = (*COMPUTE_OPTIONS, 'class_dropout_prob', 'mask_ratio', 'mask_
 
 def param_shapes(model_cfg: MDTConfig) -> dict[str, tuple[int, ...]]:
   """Every parameter of the model (dotted name -> shape), from its abstract init."""
-  state = nnx.to_pure_dict(nnx.state(abstract_model(model_cfg)))
-  return {'.'.join(str(getattr(k, 'key', k)) for k in path): tuple(x.shape)
-          for path, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+  return _leaf_shapes(nnx.to_pure_dict(nnx.state(abstract_model(model_cfg))), sep='.')
 
 
 def shape_changes(old: MDTConfig, new: MDTConfig) -> list[str]:
@@ -179,11 +177,11 @@ def shape_changes(old: MDTConfig, new: MDTConfig) -> list[str]:
           for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
 
 
-def _leaf_shapes(tree) -> dict[str, tuple]:
+def _leaf_shapes(tree, sep: str = '/') -> dict[str, tuple[int, ...]]:
   """'a/b/0/c' -> shape of every array (or array metadata) of a tree."""
   def name(k):
     return str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
-  return {'/'.join(name(k) for k in path): tuple(x.shape)
+  return {sep.join(name(k) for k in path): tuple(x.shape)
           for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
