@@ -25,6 +25,37 @@ assert jax.device_count() == 8, f'expected 8 simulated devices, got {jax.device_
 
 import pytest  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def required_distributions(path: str = os.path.join(ROOT, 'requirements-test.txt')) -> list[str]:
+  """The distributions a requirements file pins, following its `-r` includes."""
+  names = []
+  for line in open(path):
+    line = line.split('#', 1)[0].strip()
+    if line.startswith('-r'):
+      names += required_distributions(os.path.join(os.path.dirname(path), line[2:].strip()))
+    elif line:
+      names.append(line.split('==')[0].split('[')[0].strip())
+  return names
+
+
+def pytest_configure(config):
+  """A test dependency that is not installed fails the run here, by name, instead of turning
+  into skips or collection errors further down."""
+  del config
+  from importlib import metadata
+  missing = []
+  for name in required_distributions():
+    try:
+      metadata.version(name)
+    except metadata.PackageNotFoundError:
+      missing.append(name)
+  if missing:
+    raise pytest.UsageError(
+        f'test dependencies not installed: {", ".join(missing)} (pinned in '
+        'requirements-test.txt); run: python -m pip install -r requirements-test.txt -e .')
+
 
 @pytest.fixture(scope='session')
 def full_run(tmp_path_factory):
