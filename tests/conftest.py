@@ -1,5 +1,6 @@
 """Every test sees 8 simulated CPU devices (set before jax is imported anywhere)."""
 import os
+import tempfile
 
 # Tests compile many small programs and run them briefly: LLVM's cheapest optimisation level
 # compiles about a third faster.
@@ -12,11 +13,15 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # launches): a persistent compilation cache for the session, inherited by subprocesses.
 _OWN_CACHE = None
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-  import tempfile
   _OWN_CACHE = tempfile.mkdtemp(prefix='mdt_jax_test_cache_')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+# Files the package caches (the digits classifier, converted Inception weights) go to a folder of
+# this session, shared with subprocesses, never to the user's ~/.cache: the digits classifier is
+# trained once per session and no test depends on what an earlier run left behind.
+_DATA_CACHE = tempfile.mkdtemp(prefix='mdt_jax_test_data_cache_')
+os.environ['MDT_JAX_CACHE'] = _DATA_CACHE
 
 import jax  # noqa: E402
 
@@ -69,6 +74,7 @@ def full_run(tmp_path_factory):
 
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
-  if _OWN_CACHE:
-    import shutil
-    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+  import shutil
+  for folder in (_OWN_CACHE, _DATA_CACHE):
+    if folder:
+      shutil.rmtree(folder, ignore_errors=True)
