@@ -65,11 +65,14 @@ def pytest_configure(config):
 @pytest.fixture(scope='session')
 def full_run(tmp_path_factory):
   """One uninterrupted 6-step run of tests/micro_config.py on 8 devices, shared by the training
-  tests (which copy its workdir) and the multi-process test (its reference)."""
+  tests (which copy its workdir), the interrupted runs (their reference), the export tests and
+  the profile test: it profiles steps 3 and 4 (profiling does not change what is computed)."""
   from micro_config import get_config
   from mdt_jax.training.loop import train_and_evaluate
   work = tmp_path_factory.mktemp('full')
-  return work, train_and_evaluate(get_config(), str(work))
+  config = get_config()
+  config.profile_steps = 2
+  return work, train_and_evaluate(config, str(work))
 
 
 def pytest_sessionfinish(session, exitstatus):

@@ -14,13 +14,14 @@ from flax import nnx
 import launch
 import mdt_jax
 from micro_config import get_config
+from tensorboard_events import read_events, scalar
 from mdt_jax import MDTConfig, model_config, profile_summary
 from mdt_jax import diffusion as diff
 from mdt_jax.training import checkpoints, sharding
 from mdt_jax.training import state as st
 from mdt_jax.training import step as stp
 from mdt_jax.training.config import base_config, validate
-from mdt_jax.training.loop import train_and_evaluate
+from mdt_jax.training.loop import PROFILE_AFTER_STEPS, train_and_evaluate
 
 def micro_config(**kw) -> ml_collections.ConfigDict:
   c = get_config()
@@ -214,11 +215,20 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(full_run, tmp_path):
 
 
 def test_metrics_are_written_to_tensorboard(full_run):
+  """The scalars read back from the event file: every metric at every log step, the last ones
+  equal to what the run returned, the total loss the sum of the branches'."""
   work, out = full_run
+  events = read_events(str(work))
   for k in ('loss', 'plain/loss', 'plain/mse', 'plain/vb', 'masked/loss', 'masked/mse',
-            'masked/vb', 'grad_norm', 'learning_rate', 'steps_per_sec', 'images_per_sec'):
-    assert k in out and np.isfinite(out[k]), k
-  assert [f for f in os.listdir(work) if f.startswith('events.out.tfevents')]
+            'masked/vb', 'grad_norm', 'learning_rate', 'images_per_sec'):
+    assert sorted(events[k]) == [3, 6], (k, sorted(events[k]))   # log_every_steps=3
+    for step in (3, 6):
+      assert np.isfinite(scalar(events, k, step)), (k, step)
+    assert scalar(events, k, 6) == pytest.approx(out[k], rel=1e-6), k    # float32 in the file
+  for step in (3, 6):
+    assert scalar(events, 'learning_rate', step) == pytest.approx(1e-3, rel=1e-6)
+    branches = scalar(events, 'plain/loss', step) + scalar(events, 'masked/loss', step)
+    assert scalar(events, 'loss', step) == pytest.approx(branches, rel=1e-6)
   cfg = json.loads((work / 'config.json').read_text())
   assert cfg['model']['hidden_size'] == 32
 
@@ -253,14 +263,14 @@ def test_preempted_killed_and_resumed_run_matches_uninterrupted_run(full_run, tm
       np.testing.assert_array_equal(a, b, err_msg=name)
 
 
-def test_profile_captures_a_trace(tmp_path):
-  """--profile (config.profile_steps) writes a jax.profiler trace TensorBoard's plugin opens."""
-  out = train_and_evaluate(micro_config(total_steps=14, profile_steps=2,
-                                        checkpoint_every_steps=100), str(tmp_path))
-  assert out['step'] == 14
-  traces = [f for _, _, fs in os.walk(tmp_path) for f in fs if f.endswith('.xplane.pb')]
-  assert traces, 'no profiler trace was written'
+def test_profile_captures_a_trace(full_run):
+  """--profile (config.profile_steps) writes a jax.profiler trace TensorBoard's plugin opens, of
+  steps counted from the run's first (the shared run profiles steps 3 and 4)."""
+  work, out = full_run
+  assert out['step'] == 6 and PROFILE_AFTER_STEPS == 2
+  traces = [f for _, _, fs in os.walk(work) for f in fs if f.endswith('.xplane.pb')]
+  assert len(traces) == 1, traces
   # tools/profile_summary.py reads it: the profiled train steps' ops, tied to the model's code
-  summary = profile_summary.summarize(str(tmp_path), 'train_step')
+  summary = profile_summary.summarize(str(work), 'train_step')
   assert summary.total_ps > 0
   assert any(src.startswith('mdt_jax/models/') for src, _ in summary.by_source[:5])
