@@ -62,9 +62,18 @@ def test_space_timesteps_sections_and_ddim():
   assert gd.space_timesteps(10, '2,2,2') == [0, 3, 4, 6, 7, 9]
 
 
-@pytest.mark.parametrize('bad', ['1001', 'ddim999', 'abc', '0', '10,x', 'ddimfoo', '1'])
-def test_bad_respacing(bad):
-  with pytest.raises(ValueError, match=r'step|respac|ddim|integer'):
+@pytest.mark.parametrize('bad, message', [
+    ('1001', "cannot respace a section of 1000 steps into 1001 steps"),
+    ('ddim999', 'cannot respace 1000 steps to exactly 999 steps with an integer stride'),
+    ('abc', "cannot parse step counts 'abc'; expected comma-separated integers"),
+    ('0', "step counts must be positive integers, got '0'"),
+    ('10,x', "cannot parse step counts '10,x'"),
+    ('ddimfoo', 'cannot parse \'ddimfoo\'; expected "ddimN" with an integer N'),
+    ('1', "respacing '1' keeps 1 step\\(s\\); at least 2 are needed"),
+])
+def test_bad_respacing(bad, message):
+  """Each bad value is named with what was expected (the message, not just any error)."""
+  with pytest.raises(ValueError, match=message):
     gd.create_diffusion(bad)
 
 

@@ -15,6 +15,7 @@ from mdt_jax.hub import official
 from mdt_jax.hub.convert import convert_official
 from mdt_jax.hub.folder import load_model_folder
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=6, num_heads=4,
             decode_layer=2, num_classes=10, mask_ratio=0.3)
 
@@ -108,9 +109,11 @@ def test_convert_tool_and_load_pretrained_match_reference(tmp_path):
   ckpt = tmp_path / 'mdt_tiny.pt'
   torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, ckpt)
   out = tmp_path / 'model'
-  env = dict(os.environ, PYTHONPATH=os.getcwd())
-  subprocess.run([sys.executable, 'tools/convert_official.py', f'--checkpoint={ckpt}',
-                  f'--out={out}'], check=True, env=env, capture_output=True)
+  # from a folder of its own: nothing depends on where pytest was started
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'convert_official.py'),
+                         f'--checkpoint={ckpt}', f'--out={out}'], cwd=tmp_path,
+                        env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
   assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors']
   umask = os.umask(0)
   os.umask(umask)
