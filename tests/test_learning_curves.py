@@ -74,10 +74,9 @@ def test_reduced_study_runs_both_variants_alike(finished):
     assert r['seconds_per_step'] > 0 and r['cpu_seconds_per_step'] > 0
     assert np.isfinite(r['final_loss'])
   # Same seed, data and initial weights; MDT's loss is the sum of two branches, each close to
-  # the baseline's single one after 4 steps: about twice the baseline's (seen: RATIO)
+  # the baseline's single one after 4 steps: about twice the baseline's (seen: 2.007)
   ratio = runs['mdt']['final_loss'] / runs['dit']['final_loss']
-  print('RATIO', ratio)
-  assert 1.5 < ratio < 2.5, ratio
+  assert 1.8 < ratio < 2.2, ratio
   assert saved['reference']['fd_real_images'] < min(runs['dit']['fd'])
   assert saved['num_params'] > 0
 
