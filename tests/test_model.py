@@ -17,6 +17,12 @@ TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=6, 
             decode_layer=2, num_classes=10)
 
 
+# A bfloat16 forward of the tiny model vs the float64 reference, largest error / largest output:
+# 0.55-0.94% seen over seeds and both residual streams (bfloat16 keeps 8 significant bits, ~0.4%
+# per rounding); the float32 path is within 2e-6, so the lower bound shows bfloat16 was used.
+BF16_ERR = (1e-3, 2e-2)
+
+
 def tiny(**kw):
   return model_config('S/2', **{**TINY, **kw}).to_dict()
 
@@ -155,13 +161,17 @@ def test_drawn_masks_compile_once_over_many_steps():
   assert fn._cache_size() == 1         # ... and the step compiled once
 
 
-def test_label_dropout_uses_null_class():
-  m = MDT(tiny(class_dropout_prob=0.5), rngs=nnx.Rngs(0))
-  y = jnp.arange(64) % 10
+def test_label_dropout_uses_null_class_at_the_configured_rate():
+  m = MDT(tiny(class_dropout_prob=0.1), rngs=nnx.Rngs(0))      # the official rate
+  n = 20_000
+  y = jnp.arange(n) % 10
   emb = m.y_embedder(y, jax.random.key(0))
   table = m.y_embedder.embedding_table.embedding[...]
-  dropped = jnp.all(emb == table[10], axis=-1)
-  assert 10 < int(dropped.sum()) < 54
+  dropped = np.asarray(jnp.all(emb == table[10], axis=-1))
+  kept = np.asarray(jnp.all(emb == table[y], axis=-1))
+  assert (dropped ^ kept).all()                 # each label: its own row or the null row
+  # Binomial(20000, 0.1): 2000 +- 42 (one sd); 5 sd either side
+  assert abs(int(dropped.sum()) - 0.1 * n) < 5 * np.sqrt(n * 0.1 * 0.9), int(dropped.sum())
   assert bool(jnp.all(m.y_embedder(y) == table[y]))       # no drop without a key
 
 
@@ -174,8 +184,8 @@ def test_bfloat16_compute_keeps_float32_params():
   out = model(jnp.asarray(x), jnp.asarray(t), jnp.asarray(y))
   want = ref.forward(sd, x.transpose(0, 3, 1, 2), t, y, heads=4, decode_layer=2)
   assert out.dtype == jnp.float32
-  err = np.abs(np.asarray(out).transpose(0, 3, 1, 2) - want).max()
-  assert err < 0.05 * np.abs(want).max()
+  err = np.abs(np.asarray(out).transpose(0, 3, 1, 2) - want).max() / np.abs(want).max()
+  assert BF16_ERR[0] < err < BF16_ERR[1], err
 
 
 @pytest.mark.parametrize('residual, stream', [('float32', jnp.float32),
@@ -197,7 +207,8 @@ def test_bfloat16_residual_stream_dtype_is_one_choice(residual, stream):
   want = ref.forward(sd, np.asarray(x).transpose(0, 3, 1, 2), np.asarray(t), np.asarray(y),
                      heads=4, decode_layer=2)
   out = np.asarray(model(x, t, y)).transpose(0, 3, 1, 2)
-  assert np.abs(out - want).max() < 0.05 * np.abs(want).max()
+  err = np.abs(out - want).max() / np.abs(want).max()
+  assert BF16_ERR[0] < err < BF16_ERR[1], err
 
 
 def test_residual_dtype_is_a_no_op_in_float32():

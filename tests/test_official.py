@@ -110,11 +110,11 @@ def test_convert_tool_and_load_pretrained_match_reference(tmp_path, monkeypatch)
   ckpt = tmp_path / 'mdt_tiny.pt'
   torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, ckpt)
   out = tmp_path / 'models' / 'tiny'
-  # as typed in the folder that holds the checkpoint: relative paths
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'convert_official.py'),
-                  '--checkpoint=mdt_tiny.pt', '--out=models/tiny'], check=True, env=env,
-                 capture_output=True, cwd=tmp_path)
+  # as typed in the folder that holds the checkpoint: relative paths, nothing from pytest's folder
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'convert_official.py'),
+                         '--checkpoint=mdt_tiny.pt', '--out=models/tiny'], cwd=tmp_path,
+                        env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
   assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors']
   umask = os.umask(0)
   os.umask(umask)

@@ -252,6 +252,55 @@ def test_dpm_solver_solves_the_gaussian_ode():
   assert err['dpm_solver++', 200] < 0.25 * err['ddim', 200], err
 
 
+def class_gaussian_eps(x, t, y, xp=np):
+  """eps of Gaussian data N(m_y, 0.3^2) per class (exact), plus a small nonlinear term: a
+  denoiser whose samples stay in the data range (numpy or jax.numpy via xp)."""
+  ac = xp.asarray(ref_alphas_cumprod())[t][:, None, None, None]
+  a, sig = xp.sqrt(ac), xp.sqrt(1 - ac)
+  m = 0.1 * xp.asarray(y)[:, None, None, None] - 0.4
+  return sig * (x - a * m) / (a ** 2 * 0.09 + sig ** 2) + 0.05 * xp.tanh(2 * x)
+
+
+def diffusers_dpm_solver(steps: int, order: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """diffusers' DPMSolverMultistepScheduler (DPM-Solver++, midpoint) on class_gaussian_eps,
+  float64, with the last step first-order to sigma = 0 (lower_order_final off: short runs stay
+  second-order to the end, as this port's plan does)."""
+  import torch
+  from diffusers import DPMSolverMultistepScheduler
+  sched = DPMSolverMultistepScheduler(
+      num_train_timesteps=T, beta_start=1e-4, beta_end=0.02, beta_schedule='linear',
+      algorithm_type='dpmsolver++', solver_order=order, solver_type='midpoint',
+      prediction_type='epsilon', timestep_spacing='linspace', final_sigmas_type='zero',
+      lower_order_final=False)
+  sched.set_timesteps(steps)
+  np.testing.assert_array_equal(sched.timesteps.numpy(), smp.dpm_solver_plan(steps)['timesteps'])
+  x = torch.from_numpy(x)
+  for t in sched.timesteps:
+    eps = class_gaussian_eps(x.numpy(), np.full(len(y), int(t)), y)
+    x = sched.step(torch.from_numpy(eps), t, x).prev_sample
+  return x.numpy()
+
+
+# 5 and 25 steps: k * 999 / N never ends in .5, where diffusers' linspace rounds half to even and
+# the IDDPM spacing (a running float sum) may round the other way (N=20: 500 vs 499)
+@pytest.mark.filterwarnings('ignore:__array__ implementation')   # diffusers' own np.array call
+@pytest.mark.parametrize('steps', [5, 25])
+def test_dpm_solver_matches_diffusers_scheduler(steps):
+  """The same model function and starting noise through both: equal timesteps and samples."""
+  idx, y = np.arange(6), np.array([0, 3, 9, 1, 4, 7])
+  x_T = np.stack([sample_noise(1, i, 0, SHAPE) for i in idx])
+  want = diffusers_dpm_solver(steps, 2, x_T, y)
+  model = lambda x, t, y: class_gaussian_eps(x, t, y, jnp).astype(jnp.float32)
+  got = build_sampler(model, smp.SamplerConfig(sampler='dpm_solver++', steps=steps),
+                      image_shape=SHAPE, num_classes=NUM_CLASSES)(idx, y, 1)
+  assert 0.3 < np.abs(want).max() < 3                  # samples in the data range
+  # float32 vs float64: seen within 3.2e-7
+  atol = 2e-6
+  np.testing.assert_allclose(got, want, atol=atol, rtol=0)
+  # the tolerance tells the second-order solver from the first-order one on the same steps
+  assert np.abs(diffusers_dpm_solver(steps, 1, x_T, y) - want).max() > 100 * atol
+
+
 def test_dpm_solver_plan():
   plan = smp.dpm_solver_plan(5)
   np.testing.assert_array_equal(plan['timesteps'], [999, 799, 599, 400, 200])

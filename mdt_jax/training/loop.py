@@ -77,6 +77,7 @@ def _mean_metrics(host_metrics: list[dict]) -> dict:
 
 
 StepCallback = Callable[[int, TrainState], None]
+PROFILE_AFTER_STEPS = 2      # --profile: the first profiled step is the run's first step + this
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -119,15 +120,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   total = config.total_steps
+  start = int(state.step)
   hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                            every_steps=config.log_every_steps)]
   if config.profile_steps and jax.process_index() == 0:
     # Bounded by steps only: clu's default 3 s minimum would outlast short runs and lose the trace.
+    # The window opens PROFILE_AFTER_STEPS into this run, past the compiling first step; clu's
+    # default (absolute step 10) never comes in a run resumed beyond it.
     hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
                                           profile_duration_ms=None, logdir=workdir,
-                                          first_profile=10))
+                                          first_profile=start + PROFILE_AFTER_STEPS))
   grids = samples.GridSampler(config, graphdef)
-  start = int(state.step)
   pending, pending_from, logged = [], start + 1, {}
   t_log, n_log = time.perf_counter(), 0
   # closing: a run stopped by an error still finishes the checkpoint being written
