@@ -137,3 +137,96 @@ def test_atomic_files_and_folders_on_gcs(gcs, tmp_path):
   (paths.path(folder) / atomic.MARKER).unlink()
   with pytest.raises(FileNotFoundError, match='has no _COMPLETE marker'):
     atomic.require_complete(folder)
+
+
+def test_export_to_gcs_then_load_and_sample_with_resume(gcs, full_run):
+  """Export of a (local) workdir to a gs:// model folder, load_pretrained from it, sampling
+  into a gs:// folder, and a restart that skips the finished shards."""
+  from mdt_jax.hub import export
+  from mdt_jax.sampling import SamplerConfig, build_sampler, generate
+  from mdt_jax.sampling.cli_io import to_uint8
+  from mdt_jax.sampling.run import run_sampling
+  out = f'{gcs}/export/mdt-micro'
+  assert export.export_workdir(str(full_run[0]), out) == out
+  names = sorted(p.name for p in paths.path(out).iterdir())
+  assert names == sorted([atomic.MARKER, 'README.md', 'config.json', 'model.safetensors'])
+  model = mdt_jax.load_pretrained(out)
+  for a, b in zip(_leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param))),
+                  _leaves(full_run[1]['state'].ema_params)):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(FileExistsError, match='exists and is not empty'):
+    export.export_workdir(str(full_run[0]), out)
+
+  sampler = build_sampler(model, SamplerConfig(sampler='ddim', steps=2, cfg_scale=2.0))
+  folder = f'{gcs}/samples'
+  kw = dict(out_dir=folder, num_samples=5, labels='balanced', seed=1, batch_size=8,
+            shard_size=2, grid_size=4)
+  npz = run_sampling(sampler, **kw)
+  assert npz == f'{folder}/samples.npz'
+  with paths.path(npz).open('rb') as f, np.load(f) as z:
+    images = z['arr_0']
+  np.testing.assert_array_equal(images, to_uint8(generate(sampler, np.arange(5) % 10, seed=1,
+                                                          batch_size=8, log_every=0)))
+  assert (paths.path(folder) / 'samples_grid.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+  # a restart samples only what is missing: shard 1 (5 samples in shards of 2) and the merge
+  (paths.path(folder) / 'shards' / 'shard_00001.npz').unlink()
+  paths.path(npz).unlink()
+  calls = []
+  real = sampler.fn
+  sampler.fn = lambda *a: calls.append(1) or real(*a)
+  try:
+    run_sampling(sampler, **kw)
+  finally:
+    sampler.fn = real
+  assert len(calls) == 1                   # one batch: the missing shard's two samples
+  with paths.path(npz).open('rb') as f, np.load(f) as z:
+    np.testing.assert_array_equal(z['arr_0'], images)
+
+  # A folder whose publication did not finish is refused, with the reason.
+  (paths.path(out) / atomic.MARKER).unlink()
+  with pytest.raises(FileNotFoundError, match='has no _COMPLETE marker'):
+    mdt_jax.load_pretrained(out)
+
+
+def _latent_shards(folder, num_shards=2, per_shard=6, seed=0):
+  from array_record.python.array_record_module import ArrayRecordWriter
+  from mdt_jax.data.records import encode_latent_record
+  rng = np.random.default_rng(seed)
+  os.makedirs(folder)
+  for s in range(num_shards):
+    w = ArrayRecordWriter(os.path.join(folder, f'latents-{s:05d}.array_record'), 'group_size:1')
+    for i in range(per_shard):
+      m = rng.standard_normal((8, 8, 8)).astype(np.float32)
+      w.write(encode_latent_record(m, m[:, ::-1], (s * per_shard + i) % 2))
+    w.close()
+  with open(os.path.join(folder, 'manifest.json'), 'w') as f:
+    json.dump({'class_names': ['a', 'b']}, f)
+
+
+def test_training_on_latent_shards_in_the_bucket(gcs, tmp_path):
+  """The shards read from gs:// (by ArrayRecord itself) give the run the local copy gives."""
+  local = str(tmp_path / 'latents')
+  _latent_shards(local)
+  remote = f'{gcs}/latents'
+  for name in sorted(os.listdir(local)):
+    with open(os.path.join(local, name), 'rb') as f:
+      (paths.path(remote) / name).write_bytes(f.read())
+  from mdt_jax.data import pipeline
+  assert pipeline.latent_files(remote) == [f'{remote}/latents-0000{s}.array_record'
+                                           for s in range(2)]
+  assert pipeline.manifest_classes(remote) == 2
+
+  def run(path, workdir):
+    # test_latent_training's config: the session's compilation cache serves both
+    c = get_config()
+    c.data = dict(name='latents', path=path, image_size=16, flip=True, num_threads=1,
+                  prefetch=2, vae_decoder='')
+    c.model.input_size, c.model.in_channels, c.model.num_classes = 8, 4, 2
+    c.global_batch_size, c.total_steps = 8, 2
+    return train_and_evaluate(c, workdir)
+
+  a = run(remote, f'{gcs}/latent-run')
+  b = run(local, str(tmp_path / 'local-run'))
+  assert a['step'] == b['step'] == 2 and a['loss'] == b['loss']
+  for x, y in zip(_leaves(a['state'].params), _leaves(b['state'].params)):
+    np.testing.assert_array_equal(x, y)
