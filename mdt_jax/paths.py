@@ -65,8 +65,8 @@ def require_local(p: str | os.PathLike, what: str, why: str) -> str:
   """``resolve(p)``, refusing object storage for a use that needs a local file system."""
   r = resolve(p)
   if is_remote(r):
-    raise ValueError(f'{what} {r!r} is on object storage, which this cannot use: {why}. Give a '
-                     'local path (copy it down first, e.g. with gcloud storage cp)')
+    raise ValueError(f'{what} {r!r} is on object storage, which this cannot use ({why}); give '
+                     'a local path')
   return r
 
 
