@@ -230,3 +230,16 @@ def test_training_on_latent_shards_in_the_bucket(gcs, tmp_path):
   assert a['step'] == b['step'] == 2 and a['loss'] == b['loss']
   for x, y in zip(_leaves(a['state'].params), _leaves(b['state'].params)):
     np.testing.assert_array_equal(x, y)
+
+
+def test_what_needs_a_local_disk_is_refused_up_front(tmp_path):
+  from mdt_jax import evaluate
+  from mdt_jax.data import extract
+  with pytest.raises(ValueError, match=r"latent output folder 'gs://b/latents' is on object "
+                                       r'storage.*extract locally, then copy'):
+    extract.extract(None, None, 'gs://b/latents')
+  with pytest.raises(SystemExit):
+    evaluate.parse_args(['--samples', 'gs://b/samples.npz', '--reference', 'ref.npz'])
+  with pytest.raises(ValueError, match="--out 'gs://b/x' is on object storage"):
+    paths.require_local('gs://b/x', '--out', 'written on a local disk')
+  assert paths.require_local('rel', '--out', '') == str(tmp_path.cwd() / 'rel')
