@@ -89,7 +89,7 @@ def test_tensorboard_events_and_config_reach_the_bucket(trained, tmp_path):
   work = paths.path(trained['work'])
   assert json.loads((work / 'config.json').read_text())['model']['hidden_size'] == 32
   events = sorted(work.glob('events.out.tfevents.*'))
-  assert len(events) == 2, events       # the killed run's (synced at its checkpoint) and the resume's
+  assert len(events) == 2, events     # the killed run's (uploaded at its checkpoint), the resume's
   steps = set()
   for i, e in enumerate(events):
     local = tmp_path / str(i) / e.name
@@ -243,3 +243,25 @@ def test_what_needs_a_local_disk_is_refused_up_front(tmp_path):
   with pytest.raises(ValueError, match="--out 'gs://b/x' is on object storage"):
     paths.require_local('gs://b/x', '--out', 'written on a local disk')
   assert paths.require_local('rel', '--out', '') == str(tmp_path.cwd() / 'rel')
+
+
+def test_mirrored_writer_uploads_new_and_grown_files(gcs):
+  """Events and profiler traces are written locally and copied to a gs:// workdir on flush."""
+  from mdt_jax.training.logdir import MirroredWriter, create_writer
+  work = f'{gcs}/mirror'
+  writer, logdir = create_writer(work)
+  assert isinstance(writer, MirroredWriter) and logdir == writer.local
+  writer.write_scalars(1, {'loss': 1.0})
+  trace = os.path.join(logdir, 'plugins', 'profile', 'run', 'host.xplane.pb')
+  os.makedirs(os.path.dirname(trace))
+  with open(trace, 'wb') as f:
+    f.write(b'trace')
+  writer.flush()
+  events = sorted(paths.path(work).glob('events.out.tfevents.*'))
+  assert len(events) == 1
+  size = len(events[0].read_bytes())
+  assert (paths.path(work) / 'plugins/profile/run/host.xplane.pb').read_bytes() == b'trace'
+  writer.write_scalars(2, {'loss': 0.5})
+  writer.close()                                   # the grown event file is uploaded again
+  assert len(events[0].read_bytes()) > size
+  assert not os.path.exists(logdir)
