@@ -60,7 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--quiet', action='store_true', help='no progress lines')
   args = p.parse_args(argv)
   for name in ('samples', 'reference', 'inception', 'out', 'cache_dir', 'save_stats'):
-    setattr(args, name, paths.resolve_optional(getattr(args, name)))
+    value = getattr(args, name)
+    if value and paths.is_remote(value):
+      p.error(f'--{name} {value!r} is on object storage: the evaluation reads and writes its '
+              '.npz files, statistics cache and weights on a local disk (copy them with '
+              'gcloud storage cp)')
+    setattr(args, name, paths.resolve_optional(value))
   args.inception = args.inception or default_weights()
   if args.batch_size < 1:
     p.error(f'--batch_size must be >= 1, got {args.batch_size}')

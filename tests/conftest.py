@@ -75,6 +75,37 @@ def full_run(tmp_path_factory):
   return work, train_and_evaluate(config, str(work))
 
 
+@pytest.fixture(scope='session')
+def gcs(tmp_path_factory):
+  """'gs://mdt-test': a bucket of a GCS emulator on loopback, shared by the session, with every
+  GCS client of the project (gcsfs, TensorStore, ArrayRecord) pointed at it, here and in the
+  subprocesses the tests start. Skipped only where the emulator binary cannot run."""
+  import gcs_emulator
+  from mdt_jax import paths
+  try:
+    server = gcs_emulator.Server(str(tmp_path_factory.mktemp('gcs')))
+  except gcs_emulator.CannotRun as e:
+    pytest.skip(f'no GCS emulator: {e}')
+  env = paths.emulator_env(server.url)
+  old = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  import fsspec
+  # fsspec read FSSPEC_GCS_TOKEN when it was imported, maybe before this fixture set it
+  fsspec.config.conf.setdefault('gcs', {})['token'] = 'anon'
+  assert fsspec.get_filesystem_class('gs').__name__ == 'GCSFileSystem', \
+      'gcsfs was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false was set'
+  try:
+    yield 'gs://mdt-test'
+  finally:
+    server.stop()
+    for k, v in old.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    fsspec.config.conf.get('gcs', {}).pop('token', None)
+
+
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   import shutil

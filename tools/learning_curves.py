@@ -29,7 +29,10 @@ def main(argv):
   quiet_orbax()
   from mdt_jax import paths
   from mdt_jax.studies import learning_curves, report
-  out = paths.resolve(FLAGS.out)
+  why = 'the study writes its report, plots and workdirs on a local disk'
+  out = paths.require_local(FLAGS.out, '--out', why)
+  if FLAGS.workdir_root:
+    paths.require_local(FLAGS.workdir_root, '--workdir_root', why)
   results = learning_curves.run_study(FLAGS.config, out, fresh=FLAGS.fresh,
                                       workdir_root=paths.resolve_optional(FLAGS.workdir_root))
   command = 'python tools/learning_curves.py ' + ' '.join(

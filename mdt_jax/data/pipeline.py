@@ -20,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from mdt_jax import paths
 from mdt_jax.data.digits import load_digits_images
 from mdt_jax.data.records import LATENT_SCALE, decode_latent_record
 
@@ -40,8 +41,15 @@ class ArraySource:
 
 
 def latent_files(path: str) -> list[str]:
-  files = sorted(glob.glob(os.path.join(path, '*.array_record'))) if os.path.isdir(path) \
-      else sorted(glob.glob(path))
+  """The shards of a folder (or a glob pattern), local or on object storage (gs://, which
+  ArrayRecord reads itself)."""
+  p = paths.path(path)
+  if paths.is_remote(path):
+    found = p.glob('*.array_record') if p.is_dir() else p.parent.glob(p.name)
+    files = sorted(os.fspath(f) for f in found)
+  else:
+    files = sorted(glob.glob(os.path.join(path, '*.array_record'))) if os.path.isdir(path) \
+        else sorted(glob.glob(path))
   if not files:
     raise FileNotFoundError(f'no *.array_record latent shards found at {path!r} '
                             '(write them with tools/extract_latents.py)')
@@ -108,11 +116,10 @@ def latent_shape(path: str) -> tuple[int, int]:
 
 def manifest_classes(path: str) -> int | None:
   """The number of classes in a latent folder's manifest.json (None without one)."""
-  manifest = os.path.join(path, 'manifest.json')
-  if not os.path.isfile(manifest):
+  manifest = paths.path(path) / 'manifest.json'
+  if not manifest.is_file():
     return None
-  with open(manifest) as f:
-    return len(json.load(f)['class_names'])
+  return len(json.loads(manifest.read_text())['class_names'])
 
 
 def check_batch(batch: dict, num_classes: int, source: str) -> dict:

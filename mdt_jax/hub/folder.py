@@ -22,9 +22,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
-from mdt_jax.atomic import atomic_folder
+from mdt_jax import paths
+from mdt_jax.atomic import atomic_folder, require_complete
 from mdt_jax.models.mdt import MDT, MDTConfig
 
 FORMAT = 'mdt_jax.model'
@@ -111,11 +112,10 @@ def save_model_folder(out_dir: str, params: nnx.State | dict, config: MDTConfig,
 
 
 def read_config(path: str) -> dict[str, Any]:
-  cfg_path = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(cfg_path):
+  cfg_path = paths.path(path) / CONFIG_FILE
+  if not cfg_path.is_file():
     raise FileNotFoundError(f'{path} is not a model folder: {CONFIG_FILE} is missing')
-  with open(cfg_path) as f:
-    cfg = json.load(f)
+  cfg = json.loads(cfg_path.read_text())
   if cfg.get('format') != FORMAT:
     raise ValueError(f'{cfg_path}: format is {cfg.get("format")!r}, expected {FORMAT!r}')
   if cfg.get('version', 0) > VERSION:
@@ -124,19 +124,21 @@ def read_config(path: str) -> dict[str, Any]:
 
 
 def is_model_folder(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, CONFIG_FILE)) and \
-      os.path.isfile(os.path.join(path, WEIGHTS_FILE))
+  p = paths.path(path)
+  return (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
 
 
 def load_model_folder(path: str, **model_overrides) -> Pretrained:
-  """Load a model folder. ``model_overrides`` change port options (e.g. dtype='bfloat16')."""
+  """Load a model folder (local or on object storage). ``model_overrides`` change port options
+  (e.g. dtype='bfloat16')."""
   cfg = read_config(path)
-  weights = os.path.join(path, WEIGHTS_FILE)
-  if not os.path.isfile(weights):
+  weights = os.fspath(paths.path(path) / WEIGHTS_FILE)
+  if not paths.path(weights).is_file():
     raise FileNotFoundError(f'{path} has no weights: {WEIGHTS_FILE} is missing')
+  require_complete(path, 'model folder')
   config = MDTConfig.from_dict({**cfg['model'], **model_overrides})
   try:
-    flat = load_file(weights)
+    flat = paths.load_safetensors(weights)
   except Exception as e:
     raise ValueError(f'{weights} is not a readable safetensors file: {e}') from e
   model = model_from_flat(flat, config, where=weights)

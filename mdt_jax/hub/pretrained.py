@@ -9,7 +9,7 @@ from mdt_jax.models.mdt import MDT
 
 
 def _is_workdir(path: str) -> bool:
-  return os.path.isdir(os.path.join(path, 'checkpoints'))
+  return (paths.path(path) / 'checkpoints').is_dir()
 
 
 # Only what loading needs: a repo may also hold official-layout copies of the weights.
@@ -46,7 +46,7 @@ def load(path_or_repo_id: str, **model_overrides) -> Pretrained:
   if _is_workdir(p):
     from mdt_jax.training.checkpoints import load_workdir
     return load_workdir(p, **model_overrides)
-  if os.path.exists(p):
+  if paths.is_remote(p) or paths.path(p).exists():
     raise FileNotFoundError(f'{p} is neither a model folder (config.json + model.safetensors) '
                             f'nor a training workdir (checkpoints/)')
   return load_model_folder(_hub_download(typed), **model_overrides)

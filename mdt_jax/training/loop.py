@@ -12,13 +12,13 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
+from clu import periodic_actions
 from etils import epath
 
 from mdt_jax.data import pipeline
 from mdt_jax.data.device_prefetch import DevicePrefetch
 from mdt_jax.sampling.cli_io import grid_image
-from mdt_jax.training import checkpoints, samples, sharding
+from mdt_jax.training import checkpoints, logdir, samples, sharding
 from mdt_jax.training.config import validate
 from mdt_jax.training.state import TrainState, create_train_state, make_optimizer
 from mdt_jax.training.step import jit_step_from_config
@@ -118,7 +118,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   step_fn = jit_step_from_config(config, shardings, batch_sh, graphdef=graphdef,
                                  optimizer=optimizer)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer, log_dir = logdir.create_writer(workdir, just_logging=jax.process_index() > 0)
   total = config.total_steps
   start = int(state.step)
   hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
@@ -128,7 +128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     # The window opens PROFILE_AFTER_STEPS into this run, past the compiling first step; clu's
     # default (absolute step 10) never comes in a run resumed beyond it.
     hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
-                                          profile_duration_ms=None, logdir=workdir,
+                                          profile_duration_ms=None, logdir=log_dir,
                                           first_profile=start + PROFILE_AFTER_STEPS))
   grids = samples.GridSampler(config, graphdef)
   pending, pending_from, logged = [], start + 1, {}
@@ -158,6 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if save_now:
         ckpt.save(state, data_iter, step)
         last_saved = step
+        writer.flush()      # the events so far reach the workdir with every checkpoint
       if config.sample_every_steps and (step % config.sample_every_steps == 0 or step == total):
         write_sample_grid(grids, state, workdir, step, writer)
       if stop:
@@ -165,7 +166,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         break
   if config.eval_num_samples and int(state.step) == total:
     logged.update(evaluate(config, grids, state, workdir, writer))
-  writer.flush()
+  writer.close()
   return {'step': int(state.step), **logged, 'state': state}
 
 

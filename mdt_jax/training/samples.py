@@ -11,6 +11,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mdt_jax import paths
 from mdt_jax.sampling import SamplerConfig, build_sampler, generate
 from mdt_jax.hub.pretrained import make_sampler_config
 from mdt_jax.sampling.cli_io import save_grid, to_uint8
@@ -54,8 +55,9 @@ class GridSampler:
 
 
 def save(images: np.ndarray, workdir: str, step: int, ncols: int) -> str:
-  os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
-  return save_grid(images, os.path.join(workdir, 'samples', f'grid_{step:08d}.png'), ncols)
+  folder = paths.path(workdir) / 'samples'
+  folder.mkdir(parents=True, exist_ok=True)
+  return save_grid(images, os.fspath(folder / f'grid_{step:08d}.png'), ncols)
 
 
 def evaluate_digits(grids: GridSampler, ema_params, num_samples: int, seed: int = 1) -> dict:
