@@ -301,7 +301,7 @@ def test_label_modes():
 # ----------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize('kwargs, match', [
-    (dict(sampler='euler'), 'unknown sampler'),
+    (dict(sampler='plms'), 'unknown sampler'),
     (dict(steps=0), 'positive integer'),
     (dict(steps=1001), 'cannot respace'),
     (dict(sampler='ddim', respacing='ddim999'), 'integer stride'),
@@ -405,7 +405,7 @@ def test_cli_end_to_end_with_model_folder(tmp_path, pixel_sampler):
   # Bad input is refused before any sampling.
   sample.FLAGS(['sample', f'--model={folder}', f'--out={tmp_path / "bad"}', '--sampler=euler'])
   try:
-    with pytest.raises(ValueError, match='unknown sampler'):
+    with pytest.raises(ValueError, match='samplers that fit: ddpm, ddim, dpm_solver'):
       sample.main(['sample'])
   finally:
     sample.FLAGS.unparse_flags()

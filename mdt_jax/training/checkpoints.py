@@ -23,6 +23,7 @@ from etils import epath
 from flax import nnx
 
 from mdt_jax import paths
+from mdt_jax.diffusion import folder_record, objective_of
 from mdt_jax.hub.folder import Pretrained, model_from_flat
 from mdt_jax.models.mdt import COMPUTE_OPTIONS, MDTConfig
 from mdt_jax.training.state import TrainState, abstract_model
@@ -108,6 +109,10 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
                   k not in ('class_dropout_prob', 'mask_ratio', 'mask_ratio_span')]
     diffs = [f'{k}: workdir {old_model.to_dict()[k]!r} vs config {new_model.to_dict()[k]!r}'
              for k in shape_keys if old_model.to_dict()[k] != new_model.to_dict()[k]]
+    old_objective = objective_of(old.get('diffusion'))
+    if old_objective != objective_of(config.diffusion):
+      diffs.append(f'diffusion.objective: workdir {old_objective!r} vs config '
+                   f'{objective_of(config.diffusion)!r}')
     if diffs:
       raise ValueError(f'workdir {workdir} holds a run of another model shape ('
                        + '; '.join(diffs) + '); use a new workdir')
@@ -151,8 +156,7 @@ def load_workdir(workdir: str, step: int | None = None, weights: str = 'ema_para
           for path, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
   model = model_from_flat(flat, model_cfg, where=f'{workdir} step {step}')
   return Pretrained(model=model, config=model_cfg, data=data_meta(config),
-                    diffusion=dict(num_timesteps=config.diffusion.num_timesteps,
-                                   beta_schedule=config.diffusion.schedule),
+                    diffusion=folder_record(config.diffusion),
                     sampling=dict(config.sampling.to_dict()) if 'sampling' in config else {},
                     meta={'workdir': workdir, 'step': int(step), 'weights': weights})
 

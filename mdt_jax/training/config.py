@@ -17,7 +17,13 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.model = model_config('XL/2')
   c.mask_branch = True            # False: DiT-style baseline (plain branch only)
-  c.diffusion = dict(num_timesteps=1000, schedule='linear', min_snr_gamma=5.0)
+  # objective 'ddpm': MDTv2's Gaussian diffusion (eps prediction, min-SNR weight, learned
+  # variance). 'flow': flow matching, x_t = (1 - t) x_0 + t eps, velocity MSE (needs
+  # model.learn_sigma=False and min_snr_gamma=None); its times are drawn 'uniform' or
+  # 'logit_normal' (sigmoid of N(t_logit_mean, t_logit_scale^2)), then shifted by t_shift
+  # (t -> k t / (1 + (k - 1) t)); the network sees t * num_timesteps. See mdt_jax/diffusion/flow.py.
+  c.diffusion = dict(num_timesteps=1000, schedule='linear', min_snr_gamma=5.0, objective='ddpm',
+                     t_sampling='uniform', t_logit_mean=0.0, t_logit_scale=1.0, t_shift=1.0)
   # prefetch: batches the host readers keep ready; device_prefetch: batches already copied to
   # the devices ahead of the step
   c.data = dict(name='latents', path='', image_size=256, flip=True, num_threads=8, prefetch=8,
@@ -65,6 +71,7 @@ def validate(config: ml_collections.ConfigDict) -> MDTConfig:
       raise ValueError(f'{k} must be positive, got {config[k]}')
   if config.mask_branch and model.mask_ratio is None:
     raise ValueError('mask_branch=True needs model.mask_ratio (the official value is 0.3)')
+  check_objective(config, model)
   if not 0.0 <= config.ema_decay < 1.0:
     raise ValueError(f'ema_decay must be in [0, 1), got {config.ema_decay}')
   from mdt_jax.data.pipeline import element_spec
@@ -74,3 +81,23 @@ def validate(config: ml_collections.ConfigDict) -> MDTConfig:
                      f'model expects input_size={model.input_size}, '
                      f'in_channels={model.in_channels}')
   return model
+
+
+def check_objective(config: ml_collections.ConfigDict, model: MDTConfig) -> None:
+  """The diffusion section fits the model and the sampler settings fit the objective."""
+  from mdt_jax import diffusion as diff
+  objective = diff.objective_of(config.diffusion)
+  if objective == 'flow':
+    if model.learn_sigma:
+      raise ValueError("diffusion.objective='flow' trains a velocity of the input's channels: "
+                       'set model.learn_sigma=False (a learned variance has no meaning there)')
+    if config.diffusion.min_snr_gamma is not None:
+      raise ValueError(f'diffusion.min_snr_gamma={config.diffusion.min_snr_gamma} weights the '
+                       "DDPM objective's eps MSE; the flow objective trains the unweighted "
+                       'velocity MSE and shapes its time density with diffusion.t_sampling: set '
+                       'diffusion.min_snr_gamma=None')
+  diff.make_process(config.diffusion)          # raises for bad flow settings
+  if objective == 'flow' or config.sample_every_steps or config.eval_num_samples or \
+      config.get('eval_every_steps'):
+    from mdt_jax.training.samples import sampler_config
+    sampler_config(config)                     # raises for a sampler that does not fit

@@ -11,14 +11,17 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mdt_jax.diffusion import objective_of
 from mdt_jax.sampling import SamplerConfig, build_sampler, generate
 from mdt_jax.hub.pretrained import make_sampler_config
 from mdt_jax.sampling.cli_io import save_grid, to_uint8
 
 
 def sampler_config(config: ml_collections.ConfigDict) -> SamplerConfig:
+  """The sampler of a training config's `sampling` section, for its objective."""
   return make_sampler_config(config.sampling.to_dict(), config.model.in_channels,
-                             config.diffusion.num_timesteps)
+                             config.diffusion.num_timesteps,
+                             objective=objective_of(config.diffusion))
 
 
 class GridSampler:
