@@ -17,8 +17,7 @@ import sys
 
 from mdt_jax import paths
 
-DEFAULT_WEIGHTS = paths.resolve(os.path.join(
-    os.environ.get('MDT_JAX_CACHE', '~/.cache/mdt_jax'), 'inception_fid.safetensors'))
+DEFAULT_WEIGHTS = paths.default_inception_weights()
 
 
 def _ensure_default_weights(path: str) -> None:

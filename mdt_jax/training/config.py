@@ -43,8 +43,15 @@ def base_config() -> ml_collections.ConfigDict:
   c.sample_every_steps = 0
   c.sampling = dict(sampler='ddpm', steps=250, cfg_scale=3.8, scale_pow=4.0,
                     guidance_channels='first3', grid_classes=8, grid_per_class=4, seed=0)
-  # Small-scale evaluation at the end of a digits run (FD and class accuracy; 0 = off).
+  # Evaluation of the EMA weights (mdt_jax/training/evaluation.py): eval_num_samples guided,
+  # class-balanced samples (0 = off) at the last step and every eval_every_steps (0 = last only).
+  # Digits runs: classifier Frechet distance and class accuracy. Latent runs: FID, sFID,
+  # precision and recall (JAX Inception at eval_inception, default ~/.cache/mdt_jax) against
+  # eval_reference (python -m mdt_jax.evaluate --save_stats output, or an ADM reference batch).
   c.eval_num_samples = 0
+  c.eval_every_steps = 0
+  c.eval_reference = ''
+  c.eval_inception = ''
   c.profile_steps = 0             # >0: capture a jax.profiler trace of that many steps
   return c
 
@@ -72,6 +79,8 @@ def validate(config: ml_collections.ConfigDict) -> MDTConfig:
   if config.mask_branch and model.mask_ratio is None:
     raise ValueError('mask_branch=True needs model.mask_ratio (the official value is 0.3)')
   check_objective(config, model)
+  from mdt_jax.training.evaluation import check_config
+  check_config(config)
   if not 0.0 <= config.ema_decay < 1.0:
     raise ValueError(f'ema_decay must be in [0, 1), got {config.ema_decay}')
   from mdt_jax.data.pipeline import element_spec

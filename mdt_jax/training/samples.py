@@ -30,7 +30,8 @@ class GridSampler:
   def __init__(self, config: ml_collections.ConfigDict, graphdef):
     self.config, self.graphdef, self.sampler = config, graphdef, None
 
-  def samples(self, ema_params, labels: np.ndarray, seed: int) -> np.ndarray:
+  def samples(self, ema_params, labels: np.ndarray, seed: int, start: int = 0) -> np.ndarray:
+    """Samples of global indices start .. start + len(labels) - 1 (see `generate`)."""
     model = nnx.merge(self.graphdef, ema_params)
     if self.sampler is None:
       self.sampler = build_sampler(model, sampler_config(self.config))
@@ -39,7 +40,7 @@ class GridSampler:
       self.sampler = dataclasses.replace(
           self.sampler, params=jax.device_put(state, NamedSharding(self.sampler.mesh, P())))
     return generate(self.sampler, labels, seed=seed, batch_size=max(8, min(len(labels), 256)),
-                    log_every=0)
+                    start=start, log_every=0)
 
   def grid_labels(self) -> np.ndarray:
     s = self.config.sampling
