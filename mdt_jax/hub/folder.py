@@ -137,8 +137,8 @@ def check_objective(diffusion: dict, config: MDTConfig, cfg_path: str = '') -> s
   except ValueError as e:
     raise ValueError(f'{cfg_path}: {e}') from None
   if objective == 'flow' and config.learn_sigma:
-    raise ValueError(f'{cfg_path}: diffusion.objective is "flow" but the model has learn_sigma=True '
-                     '(a flow model predicts a velocity, C output channels)')
+    raise ValueError(f'{cfg_path}: diffusion.objective is "flow" but the model has '
+                     'learn_sigma=True (a flow model predicts a velocity, C output channels)')
   return objective
 
 
