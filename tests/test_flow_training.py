@@ -109,14 +109,14 @@ def test_flow_run_fid_preemption_export_and_sampling_cli(latent_flow_run, tmp_pa
   assert load(work).diffusion['objective'] == 'flow'
   samples_dir = tmp_path / 'samples'
   sample.FLAGS(['sample', f'--model={folder}', f'--out={samples_dir}', '--num_samples=3',
-                '--sampler=euler_maruyama', '--steps=3', '--batch_size=8'])
+                '--sampler=heun', '--steps=2', '--batch_size=16'])   # the evaluation's program
   try:
     sample.main(['sample'])
   finally:
     sample.FLAGS.unparse_flags()
   with open(samples_dir / 'run.json') as f:
     run = json.load(f)['sampler']
-  assert run['sampler'] == 'euler_maruyama' and run['objective'] == 'flow'
+  assert run['sampler'] == 'heun' and run['objective'] == 'flow'
   assert run['cfg_scale'] == 2.0 and 'eta' not in run
   with np.load(samples_dir / 'samples.npz') as f:
     assert f['arr_0'].shape == (3, 16, 16, 3) and f['arr_0'].std() > 0
