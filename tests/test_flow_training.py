@@ -13,7 +13,7 @@ import mdt_jax.vae as vae_lib
 from micro_config import get_config
 from mdt_jax.data import extract
 from mdt_jax.evaluation import evaluator, inception
-from mdt_jax.training import evaluation
+from mdt_jax.training import checkpoints, evaluation
 from mdt_jax.training.loop import train_and_evaluate
 from test_extract import TINY, make_folder
 
@@ -107,13 +107,27 @@ def test_flow_run_fid_preemption_export_and_sampling_cli(latent_flow_run, tmp_pa
     cfg = json.load(f)
   assert cfg['diffusion']['objective'] == 'flow' and cfg['sampling']['sampler'] == 'heun'
   assert load(work).diffusion['objective'] == 'flow'
+  assert 'flow matching (velocity MSE)' in open(os.path.join(folder, 'README.md')).read()
+  ddpm = c.copy_and_resolve_references()
+  ddpm.diffusion.objective = 'ddpm'
+  with pytest.raises(ValueError, match="diffusion.objective: workdir 'flow' vs config 'ddpm'"):
+    checkpoints.check_workdir(work, ddpm)                 # a resume cannot switch objectives
   samples_dir = tmp_path / 'samples'
-  sample.FLAGS(['sample', f'--model={folder}', f'--out={samples_dir}', '--num_samples=3',
-                '--sampler=heun', '--steps=2', '--batch_size=16'])   # the evaluation's program
-  try:
-    sample.main(['sample'])
-  finally:
-    sample.FLAGS.unparse_flags()
+  argv = ['sample', f'--model={folder}', f'--out={samples_dir}', '--num_samples=3',
+          '--sampler=heun', '--steps=2', '--batch_size=16']   # the evaluation's program
+
+  def run_cli():
+    sample.FLAGS(argv)
+    try:
+      sample.main(['sample'])
+    finally:
+      sample.FLAGS.unparse_flags()
+
+  run_cli()
+  shard = samples_dir / 'shards' / 'shard_00000.npz'
+  mtime = shard.stat().st_mtime_ns
+  run_cli()                          # a restart keeps the finished shard (same run settings)
+  assert shard.stat().st_mtime_ns == mtime
   with open(samples_dir / 'run.json') as f:
     run = json.load(f)['sampler']
   assert run['sampler'] == 'heun' and run['objective'] == 'flow'
