@@ -139,6 +139,10 @@ def test_config_refusals():
   c.diffusion.t_sampling = 'cosine'
   with pytest.raises(ValueError, match='t_sampling'):
     validate(c)
+  c = get_config()                           # 8x8 digits: the classifier takes 16x16
+  c.eval_num_samples = 10
+  with pytest.raises(ValueError, match='data.image_size is 8'):
+    validate(c)
 
 
 # ----------------------------------------------------------------- samplers: closed form

@@ -92,6 +92,9 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f'eval_every_steps={every} needs eval_num_samples > 0')
   if n == 1:
     raise ValueError('eval_num_samples must be >= 2 (a Frechet distance needs 2 images)')
+  if n and config.data.name == 'digits' and config.data.image_size != 16:
+    raise ValueError('the digits evaluation (eval_num_samples > 0) scores 16x16 images with the '
+                     f'digits classifier; data.image_size is {config.data.image_size}')
   if n and config.data.name != 'digits' and not config.eval_reference:
     raise ValueError('eval_num_samples > 0 on a latent run needs eval_reference: reference '
                      'statistics (python -m mdt_jax.evaluate --save_stats) or an ADM batch')
