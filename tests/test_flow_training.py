@@ -51,7 +51,7 @@ def latent_flow_run(tmp_path_factory):
   c.model.learn_sigma = False
   c.diffusion.update(objective='flow', min_snr_gamma=None, t_sampling='logit_normal')
   c.sampling.update(sampler='heun', steps=2, cfg_scale=2.0, scale_pow=0.0)
-  c.global_batch_size, c.total_steps, c.checkpoint_every_steps = 8, 4, 4
+  c.global_batch_size, c.total_steps, c.checkpoint_every_steps = 8, 3, 3
   c.eval_num_samples, c.eval_every_steps = 16, 2
   c.eval_reference, c.eval_inception = str(root / 'ref.npz'), str(root / 'weights.npz')
   return root, c
@@ -83,14 +83,14 @@ def test_flow_run_fid_preemption_export_and_sampling_cli(latent_flow_run, tmp_pa
   assert not os.path.exists(os.path.join(work, evaluation.HISTORY_FILE))
   assert sorted(os.listdir(os.path.join(work, 'checkpoints'))) == ['2']
 
-  # The resume runs the interrupted evaluation first, then trains on and evaluates step 4.
+  # The resume runs the interrupted evaluation first, then trains on and evaluates step 3.
   monkeypatch.setattr(evaluation.InceptionScorer, 'features', real)
   out = train_and_evaluate(c, work)
-  assert out['step'] == 4 and np.isfinite(out['loss']) and 'plain/mse' in out
+  assert out['step'] == 3 and np.isfinite(out['loss']) and 'plain/mse' in out
   assert 'plain/vb' not in out and 'masked/loss' in out           # the flow loss, both branches
   with open(os.path.join(work, evaluation.HISTORY_FILE)) as f:
     history = json.load(f)['evaluations']
-  assert [e['step'] for e in history] == [2, 4]
+  assert [e['step'] for e in history] == [2, 3]
   for e in history:
     assert e['eval_num_samples'] == 16 and e['fid'] > 0 and e['sfid'] > 0
     assert 0 <= e['precision'] <= 1 and 0 <= e['recall'] <= 1

@@ -26,6 +26,12 @@ def _fmt(x, digits: int = 3) -> str:
   return f'{x:.{digits}g}'
 
 
+def _order(results: dict) -> list[str]:
+  """The variants, the baseline first."""
+  base = results['study']['baseline']
+  return [base] + [v for v in results['summary']['variants'] if v != base]
+
+
 def _families(specs: dict) -> dict[str, list[str]]:
   """Sampler name -> its specs, by model evaluations."""
   out: dict[str, list[str]] = {}
@@ -45,14 +51,16 @@ def plot(results: dict, path: str) -> str:
   fig, axes = plt.subplots(2, 2, figsize=(12, 8.5), constrained_layout=True)
   for col, metric in enumerate(METRICS):
     ax = axes[0, col]
-    for variant, s in summary['variants'].items():
+    for variant in _order(results):
+      s = summary['variants'][variant]
       x, color = np.array(s['steps']), COLORS.get(variant)
       mean, std = np.array(s[metric]['mean']), np.array(s[metric]['std'])
       ax.plot(x, mean, color=color, marker='o', ms=3, label=_label(variant))
       ax.fill_between(x, mean - std, mean + std, color=color, alpha=0.18, lw=0)
     ax.set_xlabel('training step (curve sampler: 20 model evaluations)')
     ax = axes[1, col]
-    for variant, specs in sweep.items():
+    for variant in _order(results):
+      specs = sweep[variant]
       for family, names in _families(specs).items():
         x = [specs[n]['model_evaluations'] for n in names]
         mean = [specs[n][metric]['mean'][0] for n in names]
@@ -95,7 +103,7 @@ def conclusion(results: dict) -> list[str]:
   out = []
   for metric in METRICS:
     name = 'Frechet distance' if metric == 'fd' else 'class accuracy'
-    finals = {v: s[metric]['mean'][-1] for v, s in summary['variants'].items()}
+    finals = {v: summary['variants'][v][metric]['mean'][-1] for v in _order(results)}
     best = (min if metric == 'fd' else max)(finals, key=finals.get)
     out.append(f'Final {name} with the curve samplers (20 model evaluations): ' + ', '.join(
         f'{_label(v)} {_fmt(x)}' for v, x in finals.items()) + f'; best: {_label(best)}.')
@@ -109,11 +117,12 @@ def conclusion(results: dict) -> list[str]:
         verdict = f'does not reach it with Heun at <= 50 model evaluations ({heun})'
       out.append(f"Target: {_label(base)} with {target['reference']} scores a Frechet distance "
                  f"of {_fmt(target['target_fd'])}; {_label(variant)} {verdict}.")
-  for variant, specs in sweep.items():
+  for variant in _order(results):
+    specs = sweep[variant]
     best = min(specs, key=lambda s: specs[s]['fd']['mean'][0])
     out.append(f"{_label(variant)}: lowest mean Frechet distance of the sweep with {best} "
                f"({_fmt(specs[best]['fd']['mean'][0])}).")
-  ratio = {v: s['seconds_per_step']['mean'][0] for v, s in summary['variants'].items()}
+  ratio = {v: summary['variants'][v]['seconds_per_step']['mean'][0] for v in _order(results)}
   out.append('Seconds per training step (means over seeds): ' + ', '.join(
       f'{_label(v)} {r:.3f}' for v, r in ratio.items()) + '.')
   return out
@@ -123,16 +132,17 @@ def _setup(results: dict) -> list[str]:
   st, ref, env = results['study'], results['reference'], results['environment']
   tr, mdl = st['train'], st['train']['model']
   loads = [r[k] for r in results['runs'] for k in ('load_average_start', 'load_average_end')]
-  variants = '; '.join(f"**{_label(v)}** (`{v}`: objective {s['objective']}, mask_branch "
-                       f"{s['mask_branch']})" for v, s in st['variants'].items())
+  variants = '; '.join(f"**{_label(v)}** (`{v}`: objective {st['variants'][v]['objective']}, "
+                       f"mask_branch {st['variants'][v]['mask_branch']})" for v in _order(results))
   flow = st['flow']
   return [
       f"- Model: MDTv2, hidden size {mdl['hidden_size']}, depth {mdl['depth']} (decoder "
       f"{mdl['decode_layer']}), {mdl['num_heads']} heads, patch {mdl['patch_size']} on 16x16x1 "
       f"digits; mask ratio {mdl['mask_ratio']} +- {mdl['mask_ratio_span']}. Parameters: "
       + ', '.join(f'{v} {n:,}' for v, n in results['num_params'].items()) + '.',
-      f'- Variants: {variants}. Per seed all share the initial weights of the shared '
-      'parameters, the data order and the time-draw key; DDPM keeps min-SNR gamma '
+      f'- Variants: {variants}. Per seed all start from the same weights (apart from the final '
+      'layer\'s output width, C or 2C) and read the data in the same order; DDPM keeps min-SNR '
+      'gamma '
       f"{tr['diffusion']['min_snr_gamma']} and the learned variance, flow trains the plain "
       f"velocity MSE with {flow['t_sampling']} times (shift {flow['t_shift']}) and no learned "
       'variance.',
@@ -159,7 +169,7 @@ def _setup(results: dict) -> list[str]:
 
 def _tables(results: dict) -> list[str]:
   summary, sweep = results['summary'], results['sweep']
-  variants = list(summary['variants'])
+  variants = _order(results)
   lines = ['Curves (curve samplers, seed means +- std):', '',
            '| step | ' + ' | '.join(f'{_label(v)} FD' for v in variants) + ' | ' +
            ' | '.join(f'{_label(v)} accuracy' for v in variants) + ' |',
@@ -172,13 +182,13 @@ def _tables(results: dict) -> list[str]:
   lines += ['', f'Sampler sweep at step {steps[-1]} (seed means +- std):', '',
             '| variant | sampler | model evaluations | FD | class accuracy |',
             '|---|---|---|---|---|']
-  for v, specs in sweep.items():
-    for spec, s in specs.items():
+  for v in variants:
+    for spec, s in sweep[v].items():
       lines.append(f"| {_label(v)} | {spec.split(':')[0]} | {s['model_evaluations']} | "
                    f"{_cell(s['fd'], 0)} | {_cell(s['class_accuracy'], 0)} |")
   per_step = ['', 'Seconds per training step (wall-clock, mean +- std over seeds): ' + ', '.join(
-      f"{_label(v)} {_cell(s['seconds_per_step'], 0)}"
-      for v, s in summary['variants'].items()) + '.']
+      f"{_label(v)} {_cell(summary['variants'][v]['seconds_per_step'], 0)}"
+      for v in variants) + '.']
   return lines + per_step
 
 
