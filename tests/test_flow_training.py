@@ -156,3 +156,26 @@ def test_evaluation_settings_are_refused_before_training(latent_flow_run, tmp_pa
     with pytest.raises(error, match=match):
       train_and_evaluate(bad, str(tmp_path / 'never'))
     assert not os.path.exists(tmp_path / 'never')
+
+
+def test_a_failing_evaluation_is_recorded_and_training_goes_on(tmp_path):
+  c = get_config()
+  c.data.image_size, c.eval_num_samples, c.eval_every_steps = 16, 10, 2
+  ev = evaluation.Evaluator(c, str(tmp_path))
+
+  class Broken:
+    config = c
+
+    def samples(self, *args, **kwargs):
+      raise RuntimeError('out of memory')
+
+  class Writer:
+    def write_scalars(self, step, scalars):
+      raise AssertionError('nothing to log')
+
+  ev.attach(Broken(), Writer())
+  assert ev.missing(2) and ev(2, {}) == {}
+  assert ev.history == [{'step': 2, 'error': 'RuntimeError: out of memory'}]
+  assert not ev.missing(2)                 # a resume does not retry it forever
+  with open(tmp_path / evaluation.HISTORY_FILE) as f:
+    assert json.load(f)['evaluations'] == ev.history

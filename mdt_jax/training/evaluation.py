@@ -12,7 +12,9 @@ for the last step, to ``eval.json``.
 Preemption: an evaluation runs after the step's checkpoint is saved; a preemption notice during
 a latent-run evaluation abandons it between batches (the loop then saves and stops). On resume an
 evaluation that is due at the restored step and missing from the history is run first, and
-history entries past the restored step (from a lost future) are dropped.
+history entries past the restored step (from a lost future) are dropped. An evaluation that
+fails (an error, not a preemption) is logged and recorded in the history with its error; the
+training goes on.
 """
 from __future__ import annotations
 
@@ -175,16 +177,23 @@ class Evaluator:
     except Cancelled:
       logging.warning('evaluation at step %d abandoned for the preemption notice', step)
       return None
+    except Exception as e:  # noqa: BLE001 - a failed evaluation must not end the training
+      logging.exception('evaluation at step %d failed; training goes on', step)
+      self._record(step, {'error': f'{type(e).__name__}: {e}'})
+      return {}
     result['eval_seconds'] = time.perf_counter() - t0
     self.writer.write_scalars(step, {k: v for k, v in result.items()
                                      if k != 'eval_num_samples' and v is not None})
-    self.history = [e for e in self.history if e['step'] != step] + [{'step': step, **result}]
-    self.history.sort(key=lambda e: e['step'])
-    self._write_history()
+    self._record(step, result)
     if step == self.total and jax.process_index() == 0:
       self.final_path.write_text(json.dumps({'step': step, **result}, indent=2))
     logging.info('evaluation at step %d: %s', step, result)
     return result
+
+  def _record(self, step: int, entry: dict) -> None:
+    self.history = [e for e in self.history if e['step'] != step] + [{'step': step, **entry}]
+    self.history.sort(key=lambda e: e['step'])
+    self._write_history()
 
   def _inception_metrics(self, ema_params, cancel: Callable[[], bool]) -> dict:
     labels = balanced_labels(self.n, self.config.model.num_classes)
