@@ -28,16 +28,21 @@ def resolve(path: str | os.PathLike) -> str:
   return os.path.abspath(os.path.expanduser(p))
 
 
-def cache_dir() -> str:
-  """mdt_jax's cache folder: $MDT_JAX_CACHE or ~/.cache/mdt_jax, absolute."""
-  return resolve(os.environ.get('MDT_JAX_CACHE', '~/.cache/mdt_jax'))
-
-
-def default_inception_weights() -> str:
-  """Where `python -m mdt_jax.evaluate` and the training loop look for the FID Inception."""
-  return os.path.join(cache_dir(), 'inception_fid.safetensors')
-
-
 def resolve_optional(path: str | os.PathLike | None) -> str | None:
   """``resolve`` for optional paths: None and '' stay None."""
   return resolve(path) if path else None
+
+
+def cache_dir() -> str:
+  """The folder of converted weights and trained helper models: $MDT_JAX_CACHE (resolved like any
+  typed path, when the process reads it) or ~/.cache/mdt_jax."""
+  return resolve(os.environ.get('MDT_JAX_CACHE') or '~/.cache/mdt_jax')
+
+
+INCEPTION_WEIGHTS_FILE = 'inception_fid.safetensors'
+
+
+def default_inception_weights() -> str:
+  """Where `python -m mdt_jax.evaluate` and the training loop's evaluation look for the FID
+  Inception weights (in cache_dir, read when called)."""
+  return os.path.join(cache_dir(), INCEPTION_WEIGHTS_FILE)

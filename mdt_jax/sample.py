@@ -14,10 +14,11 @@ OUT/shards/*.npz (a restarted run skips finished shards), OUT/samples.npz (arr_0
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from absl import app, flags, logging
+
+from mdt_jax import paths
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', None, 'Model folder, training workdir or Hub repo id.')
@@ -92,7 +93,6 @@ def main(argv):
   from mdt_jax.sampling.run import run_sampling
   from mdt_jax.sampling.sampler import build_sampler
 
-  from mdt_jax import paths
   labels = labels_lib.parse_labels(FLAGS.labels)
   model_path = FLAGS.model if not os.path.exists(FLAGS.model) else paths.resolve(FLAGS.model)
   sm = cli_io.load_for_sampling(model_path)
@@ -105,9 +105,9 @@ def main(argv):
   sampler = build_sampler(sm.model, cfg)
   logging.info('sampling %d images: %s on %d device(s)', FLAGS.num_samples, cfg,
                sampler.num_devices)
-  run_sampling(sampler, out_dir=paths.resolve(FLAGS.out), num_samples=FLAGS.num_samples, labels=labels,
-               seed=FLAGS.seed, batch_size=FLAGS.batch_size, shard_size=FLAGS.shard_size,
-               postprocess=postprocess, grid_size=FLAGS.grid_size,
+  run_sampling(sampler, out_dir=paths.resolve(FLAGS.out), num_samples=FLAGS.num_samples,
+               labels=labels, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
+               shard_size=FLAGS.shard_size, postprocess=postprocess, grid_size=FLAGS.grid_size,
                run_info=dict(model=model_path, space=sm.space))
 
 

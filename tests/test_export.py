@@ -47,9 +47,10 @@ class RecordingApi:
                    for d, _, fs in os.walk(root) for f in fs)
     calls.append({'call': 'upload_folder', 'files': files, **{k: str(v) for k, v in kw.items()}})
 huggingface_hub.HfApi = RecordingApi
-sys.argv = ['tools/export_hub.py'] + sys.argv[1:]
+tool = os.path.join(os.environ['MDT_JAX_ROOT'], 'tools', 'export_hub.py')
+sys.argv = [tool] + sys.argv[1:]
 try:
-  runpy.run_path('tools/export_hub.py', run_name='__main__')
+  runpy.run_path(tool, run_name='__main__')
 finally:
   with open(os.environ['HUB_CALLS'], 'w') as f:
     json.dump(calls, f)
@@ -79,12 +80,13 @@ def run(tmp_path_factory):
   eval_json = base / 'metrics.json'
   eval_json.write_text(json.dumps(EVAL))
   out, calls = base / 'mdt-micro', base / 'calls.json'
-  env = dict(os.environ, PYTHONPATH=ROOT, HUB_CALLS=str(calls), HF_HUB_OFFLINE='1',
-             JAX_PLATFORMS='cpu')
+  env = dict(os.environ, PYTHONPATH=ROOT, MDT_JAX_ROOT=ROOT, HUB_CALLS=str(calls),
+             HF_HUB_OFFLINE='1', JAX_PLATFORMS='cpu')
+  # run from the folder that holds the run: every path relative
   proc = subprocess.run(
-      [sys.executable, '-c', FAKE_HUB_RUNNER, '--workdir', workdir, '--out', str(out),
-       '--eval_json', str(eval_json), '--official_layout', '--official_formats=safetensors,pt',
-       '--push_to_hub', REPO_ID], cwd=ROOT, env=env, capture_output=True, text=True)
+      [sys.executable, '-c', FAKE_HUB_RUNNER, '--workdir', 'workdir', '--out', 'mdt-micro',
+       '--eval_json', 'metrics.json', '--official_layout', '--official_formats=safetensors,pt',
+       '--push_to_hub', REPO_ID], cwd=base, env=env, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return dict(base=base, workdir=workdir, out=out, calls=json.loads(calls.read_text()),
               stdout=proc.stdout)

@@ -378,37 +378,48 @@ def test_run_sampling_shards_resume_and_npz(tmp_path, pixel_sampler):
     run_sampling(sampler, out_dir=out, num_samples=5, labels='balanced', seed=2, shard_size=3)
 
 
-def test_cli_end_to_end_with_model_folder(tmp_path, pixel_sampler):
+def test_cli_end_to_end_with_model_folder(tmp_path, pixel_sampler, monkeypatch):
   from mdt_jax import sample
   from mdt_jax.hub.folder import save_model_folder
   model, _ = pixel_sampler
-  folder = str(tmp_path / 'model')
-  save_model_folder(folder, nnx.state(model, nnx.Param), model.config,
+  save_model_folder(str(tmp_path / 'model'), nnx.state(model, nnx.Param), model.config,
                     data=dict(space='pixel', image_size=8, image_channels=1, vae=None),
                     sampling=dict(sampler='ddim', steps=3, cfg_scale=2.0, scale_pow=4.0,
                                   guidance_channels=3))
-  out = str(tmp_path / 'out')
-  sample.FLAGS(['sample', f'--model={folder}', f'--out={out}', '--num_samples=3',
-                '--batch_size=8', '--seed=0', '--labels=4,5', '--steps=2'])
-  try:
-    sample.main(['sample'])
-  finally:
-    sample.FLAGS.unparse_flags()
-  with open(os.path.join(out, 'run.json')) as f:
-    run = json.load(f)
-  assert run['sampler']['sampler'] == 'ddim'                   # recommended by the folder
-  assert run['sampler']['steps'] == 2                          # given on the command line
-  assert run['sampler']['cfg_scale'] == 2.0 and run['sampler']['guided_channels'] == 'all'
-  with np.load(os.path.join(out, 'samples.npz')) as f:
+  monkeypatch.chdir(tmp_path)                 # every path relative, as typed in that folder
+
+  def run(*argv):
+    sample.FLAGS(['sample', *argv])
+    try:
+      sample.main(['sample'])
+    finally:
+      sample.FLAGS.unparse_flags()
+
+  args = ['--model=model', '--out=out', '--num_samples=3', '--batch_size=8', '--seed=0',
+          '--labels=4,5', '--steps=2', '--shard_size=2']
+  run(*args)
+  out = tmp_path / 'out'
+  with open(out / 'run.json') as f:
+    info = json.load(f)
+  assert info['sampler']['sampler'] == 'ddim'                  # recommended by the folder
+  assert info['sampler']['steps'] == 2                         # given on the command line
+  assert info['sampler']['cfg_scale'] == 2.0 and info['sampler']['guided_channels'] == 'all'
+  with np.load(out / 'samples.npz') as f:
     np.testing.assert_array_equal(f['arr_1'], [4, 5, 4])
     assert f['arr_0'].shape == (3, 8, 8, 3)
+    images = f['arr_0']
+  # A restart (same command, same folder) samples only the missing shard, identically.
+  kept = out / 'shards' / 'shard_00000.npz'
+  stamp = kept.stat().st_mtime_ns
+  os.remove(out / 'shards' / 'shard_00001.npz')
+  os.remove(out / 'samples.npz')
+  run(*args)
+  assert kept.stat().st_mtime_ns == stamp
+  with np.load(out / 'samples.npz') as f:
+    np.testing.assert_array_equal(f['arr_0'], images)
   # Bad input is refused before any sampling.
-  sample.FLAGS(['sample', f'--model={folder}', f'--out={tmp_path / "bad"}', '--sampler=euler'])
-  try:
-    with pytest.raises(ValueError, match='samplers that fit: ddpm, ddim, dpm_solver'):
-      sample.main(['sample'])
-  finally:
-    sample.FLAGS.unparse_flags()
+  with pytest.raises(ValueError, match='samplers that fit: ddpm, ddim, dpm_solver'):
+    run('--model=model', '--out=bad', '--sampler=euler')
   assert not os.path.exists(tmp_path / 'bad')
 
 

@@ -45,8 +45,8 @@ flags.DEFINE_integer('fit_max_compiles', 8, 'compiles per --fit_memory_gb search
 flags.DEFINE_enum('fit_remat', 'both', ['both', 'off', 'on'], 'rematerialisation settings the '
                   '--fit_memory_gb search covers')
 flags.DEFINE_multi_string('parity', [], 'compare the training loss and its gradients with '
-                          'those of the config\'s model with these fields replaced (same weights, '
-                          'batch and draws), e.g. attention_impl=xla; repeatable')
+                          'those of the config\'s model with these compute options replaced (same '
+                          'weights, batch and draws), e.g. attention_impl=xla; repeatable')
 flags.DEFINE_integer('parity_batch', 8, 'batch of the --parity comparison')
 flags.DEFINE_string('out', None, 'JSON file for the results')
 flags.DEFINE_string('profile', None, 'write a jax.profiler trace of a few MDT steps here')

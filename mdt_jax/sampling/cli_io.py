@@ -8,6 +8,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mdt_jax import paths
+
 LATENT_SCALE = 0.18215
 
 
@@ -58,12 +60,12 @@ def make_postprocess(sm: SamplingModel, vae_dir: str | None = None
   if not vae_dir:
     raise ValueError('this is a latent model but no VAE is known: pass --vae=DIR (a VAE folder '
                      'written by tools/convert_vae.py)')
-  if not os.path.isdir(vae_dir):
+  if not os.path.isdir(paths.resolve(vae_dir)):
     raise FileNotFoundError(f'VAE folder {vae_dir!r} not found; convert the decoder first '
                             '(tools/convert_vae.py) and pass --vae=DIR')
   try:
     from mdt_jax import vae as vae_lib
-    vae = vae_lib.load(vae_dir)
+    vae = vae_lib.load(paths.resolve(vae_dir))
   except ImportError as e:
     raise ImportError(f'decoding latents needs mdt_jax.vae, which is not available: {e}') from e
   scale = sm.latent_scale

@@ -83,12 +83,16 @@ def validate(config: ml_collections.ConfigDict) -> MDTConfig:
   check_config(config)
   if not 0.0 <= config.ema_decay < 1.0:
     raise ValueError(f'ema_decay must be in [0, 1), got {config.ema_decay}')
-  from mdt_jax.data.pipeline import element_spec
+  from mdt_jax.data.pipeline import element_spec, manifest_classes
   size, channels = element_spec(config.data)
   if (model.input_size, model.in_channels) != (size, channels):
     raise ValueError(f'data {config.data.name!r} gives {size}x{size}x{channels} inputs but '
                      f'model expects input_size={model.input_size}, '
                      f'in_channels={model.in_channels}')
+  classes = manifest_classes(config.data.path) if config.data.get('path') else None
+  if classes is not None and classes > model.num_classes:
+    raise ValueError(f'the latents at {config.data.path} hold {classes} classes (manifest.json) '
+                     f'but model.num_classes={model.num_classes}')
   return model
 
 

@@ -2,7 +2,7 @@
 evaluations (mdt_jax/training/evaluation.py)."""
 from __future__ import annotations
 
-import functools
+import contextlib
 import math
 import signal
 import time
@@ -84,14 +84,16 @@ StepCallback = Callable[[int, TrainState], None]
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       callbacks: Sequence[StepCallback] = ()) -> dict:
+                       callbacks: Sequence[StepCallback] = (),
+                       devices: Sequence[jax.Device] | None = None) -> dict:
   """Train (resuming from the workdir's latest checkpoint) and return the last logged metrics.
 
   ``callbacks`` are called as ``cb(step, state)`` after every step (e.g. an evaluation); the next
-  step donates the state's buffers, so a callback must not keep references to them.
+  step donates the state's buffers, so a callback must not keep references to them. ``devices``:
+  the devices of ``config.mesh`` (default: all); a checkpoint resumes on any mesh.
   """
   model_cfg = validate(config)
-  mesh = sharding.make_mesh(config.mesh.to_dict())
+  mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
   dp = sharding.data_parallel_size(mesh)
   if config.global_batch_size % dp:
     raise ValueError(f'global_batch_size {config.global_batch_size} is not divisible by the '
@@ -102,8 +104,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   batch_sh = sharding.batch_sharding(mesh)
   reader = pipeline.make_iterator(config.data, seed=config.seed,
                                   global_batch=config.global_batch_size)
-  data_iter = DevicePrefetch(reader, functools.partial(pipeline.to_global, sharding=batch_sh),
-                             config.data.get('device_prefetch', 2))
+  source = config.data.get('path') or config.data.name
+
+  def place(batch):
+    return pipeline.to_global(pipeline.check_batch(batch, model_cfg.num_classes, source), batch_sh)
+
+  data_iter = DevicePrefetch(reader, place, config.data.get('device_prefetch', 2))
   optimizer = make_optimizer(config.optimizer)
   state, shardings, graphdef = create_train_state(model_cfg, optimizer, config.seed, mesh,
                                                   config.sharding_rules)
@@ -133,7 +139,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     evaluator.resume(start)
   pending, pending_from, logged = [], start + 1, {}
   t_log, n_log = time.perf_counter(), 0
-  with Preemption() as preempt:
+  # closing: a run stopped by an error still finishes the checkpoint being written
+  with contextlib.closing(ckpt), Preemption() as preempt:
     if evaluator and evaluator.missing(start):     # interrupted before it was recorded
       logged.update(evaluator(start, state.ema_params, preempt.notice_pending) or {})
     for step in range(start + 1, total + 1):
@@ -173,7 +180,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if stop:
         logging.warning('stopping at step %d after the preemption checkpoint', step)
         break
-  ckpt.close()
   writer.flush()
   return {'step': int(state.step), **logged, 'state': state}
 
