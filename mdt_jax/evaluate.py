@@ -17,12 +17,12 @@ import sys
 
 from mdt_jax import paths
 
-WEIGHTS_FILE = 'inception_fid.safetensors'
+WEIGHTS_FILE = paths.INCEPTION_WEIGHTS_FILE
 
 
 def default_weights() -> str:
   """The Inception weights file in the cache folder (paths.cache_dir, read when called)."""
-  return os.path.join(paths.cache_dir(), WEIGHTS_FILE)
+  return paths.default_inception_weights()
 
 
 def _ensure_default_weights(path: str) -> None:

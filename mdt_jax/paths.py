@@ -121,3 +121,10 @@ def local_folder(p: str | os.PathLike, exclude: tuple[str, ...] = ()) -> Iterato
       with f.open('rb') as a, open(dst, 'wb') as b:
         shutil.copyfileobj(a, b, 16 << 20)
     yield tmp
+INCEPTION_WEIGHTS_FILE = 'inception_fid.safetensors'
+
+
+def default_inception_weights() -> str:
+  """Where `python -m mdt_jax.evaluate` and the training loop's evaluation look for the FID
+  Inception weights (in cache_dir, read when called)."""
+  return os.path.join(cache_dir(), INCEPTION_WEIGHTS_FILE)

@@ -350,7 +350,7 @@ def test_label_modes():
 # ----------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize('kwargs, match', [
-    (dict(sampler='euler'), 'unknown sampler'),
+    (dict(sampler='plms'), 'unknown sampler'),
     (dict(steps=0), 'positive integer'),
     (dict(steps=1001), 'cannot respace'),
     (dict(sampler='ddim', respacing='ddim999'), 'integer stride'),
@@ -467,7 +467,7 @@ def test_cli_end_to_end_with_model_folder(tmp_path, pixel_sampler, monkeypatch):
   with np.load(out / 'samples.npz') as f:
     np.testing.assert_array_equal(f['arr_0'], images)
   # Bad input is refused before any sampling.
-  with pytest.raises(ValueError, match='unknown sampler'):
+  with pytest.raises(ValueError, match='samplers that fit: ddpm, ddim, dpm_solver'):
     run('--model=model', '--out=bad', '--sampler=euler')
   assert not os.path.exists(tmp_path / 'bad')
 

@@ -20,6 +20,8 @@ from flax import nnx
 
 from mdt_jax import paths
 from mdt_jax.atomic import MARKER, atomic_folder, check_writable, require_complete
+from mdt_jax.diffusion import folder_record, objective_of
+from mdt_jax.diffusion.objectives import flow_matching
 from mdt_jax.hub import official
 from mdt_jax.hub.folder import write_model_files
 from mdt_jax.models.mdt import COMPUTE_OPTIONS, MDTConfig, count_params
@@ -361,18 +363,28 @@ def _training_summary(config, step: int, weights: str) -> dict:
           'optimizer': f'{opt.name}, lr {opt.learning_rate}, clip {opt.get("clip_norm")}',
           'masked branch': config.mask_branch,
           'mask ratio': _mask_ratio(config.model),
-          'loss weighting': f'min-SNR-{config.diffusion.get("min_snr_gamma")}',
+          **_objective_summary(config.diffusion),
           'data': config.data.name}
 
 
+def _objective_summary(diffusion) -> dict:
+  if objective_of(diffusion) == 'flow':
+    fm = flow_matching(diffusion)
+    times = fm.t_sampling if fm.t_sampling == 'uniform' else \
+        f'logit-normal({fm.t_logit_mean}, {fm.t_logit_scale})'
+    return {'objective': 'flow matching (velocity MSE)',
+            'training times': times + (f', shift {fm.t_shift}' if fm.t_shift != 1 else '')}
+  return {'loss weighting': f'min-SNR-{diffusion.get("min_snr_gamma")}'}
+
+
 def checked_sampling(train_sampling: Mapping[str, Any], in_channels: int,
-                     num_timesteps: int) -> dict:
+                     num_timesteps: int, objective: str = 'ddpm') -> dict:
   """The folder's recommended sampler settings from the training config's `sampling` section,
   checked by building the SamplerConfig they describe."""
   from mdt_jax.hub import pretrained
   out = pretrained.recommended_sampling(dict(train_sampling), in_channels)
   try:
-    pretrained.make_sampler_config(out, in_channels, num_timesteps)
+    pretrained.make_sampler_config(out, in_channels, num_timesteps, objective)
   except (TypeError, ValueError) as e:
     raise ValueError(f'the training config\'s sampling settings {out} are not usable: {e}') from e
   return out
@@ -402,10 +414,10 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, weights: 
   evaluation = read_evaluation(eval_json) if eval_json else None
   # Port options (dtype, remat, attention kernel, ...) are the loader's choice, not the folder's.
   config = MDTConfig.from_dict({**train_cfg.model.to_dict(), **COMPUTE_OPTIONS})
-  diffusion = dict(num_timesteps=int(train_cfg.diffusion.num_timesteps),
-                   beta_schedule=str(train_cfg.diffusion.schedule))
+  diffusion = folder_record(train_cfg.diffusion)
   sampling = checked_sampling(train_cfg.sampling.to_dict() if 'sampling' in train_cfg else {},
-                              config.in_channels, diffusion['num_timesteps'])
+                              config.in_channels, diffusion['num_timesteps'],
+                              objective_of(diffusion))
 
   loaded = checkpoints.load_workdir(workdir, step=step, weights=WEIGHTS[weights])
   step = loaded.meta['step']

@@ -10,6 +10,12 @@ joined by dots, e.g. ``en_inblocks.0.attn.qkv.kernel``). ``config.json``::
      "diffusion": {"num_timesteps": 1000, "beta_schedule": "linear"},
      "sampling": {recommended settings: sampler, steps, cfg_scale, scale_pow, guidance_channels},
      "source": "<where the weights came from>"}
+
+A flow-matching model's diffusion section says so (a section without "objective" is DDPM)::
+
+     "diffusion": {"objective": "flow", "num_timesteps": 1000 (the model's time scale),
+                   "t_sampling": "uniform", "t_logit_mean": 0.0, "t_logit_scale": 1.0,
+                   "t_shift": 1.0}
 """
 from __future__ import annotations
 
@@ -26,6 +32,7 @@ from safetensors.numpy import save_file
 
 from mdt_jax import paths
 from mdt_jax.atomic import atomic_folder, require_complete
+from mdt_jax.diffusion import objective_of
 from mdt_jax.models.mdt import MDT, MDTConfig
 
 FORMAT = 'mdt_jax.model'
@@ -123,6 +130,18 @@ def read_config(path: str) -> dict[str, Any]:
   return cfg
 
 
+def check_objective(diffusion: dict, config: MDTConfig, cfg_path: str = '') -> str:
+  """The folder's objective ('ddpm' or 'flow'), refused when the model cannot have it."""
+  try:
+    objective = objective_of(diffusion)
+  except ValueError as e:
+    raise ValueError(f'{cfg_path}: {e}') from None
+  if objective == 'flow' and config.learn_sigma:
+    raise ValueError(f'{cfg_path}: diffusion.objective is "flow" but the model has '
+                     'learn_sigma=True (a flow model predicts a velocity, C output channels)')
+  return objective
+
+
 def is_model_folder(path: str) -> bool:
   p = paths.path(path)
   return (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
@@ -137,6 +156,7 @@ def load_model_folder(path: str, **model_overrides) -> Pretrained:
     raise FileNotFoundError(f'{path} has no weights: {WEIGHTS_FILE} is missing')
   require_complete(path, 'model folder')
   config = MDTConfig.from_dict({**cfg['model'], **model_overrides})
+  check_objective(cfg.get('diffusion', {}), config, cfg_path=path)
   try:
     flat = paths.load_safetensors(weights)
   except Exception as e:

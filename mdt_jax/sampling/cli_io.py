@@ -22,6 +22,7 @@ class SamplingModel:
   vae_dir: str | None = None      # VAE folder (mdt_jax.vae.load) for latent models
   latent_scale: float = LATENT_SCALE
   sampling: dict = dataclasses.field(default_factory=dict)   # recommended sampler settings
+  diffusion: dict = dataclasses.field(default_factory=dict)  # objective, num_timesteps, ...
 
 
 def load_for_sampling(path: str) -> SamplingModel:
@@ -35,7 +36,8 @@ def load_for_sampling(path: str) -> SamplingModel:
   vae = getattr(loaded, 'vae_dir', None) or data.get('vae')
   return SamplingModel(model=loaded.model, space=space, vae_dir=vae,
                        latent_scale=float(data.get('latent_scale', LATENT_SCALE)),
-                       sampling=dict(getattr(loaded, 'sampling', None) or {}))
+                       sampling=dict(getattr(loaded, 'sampling', None) or {}),
+                       diffusion=dict(getattr(loaded, 'diffusion', None) or {}))
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

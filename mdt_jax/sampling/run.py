@@ -68,7 +68,7 @@ def run_sampling(sampler: Sampler, *, out_dir: str, num_samples: int,
   if num_samples < 1 or shard_size < 1:
     raise ValueError(f'num_samples and shard_size must be >= 1, got {num_samples}, {shard_size}')
   all_labels = labels_lib.make_labels(labels, num_samples, sampler.num_classes, seed)
-  settings = dict(sampler=dataclasses.asdict(sampler.config), seed=seed,
+  settings = dict(sampler=sampler.config.record(), seed=seed,
                   labels=labels if isinstance(labels, str) else list(map(int, labels)),
                   shard_size=shard_size, **(run_info or {}))
   settings = json.loads(json.dumps(settings))     # tuples -> lists, as read back from the file

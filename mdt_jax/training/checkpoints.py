@@ -24,6 +24,7 @@ from etils import epath
 from flax import nnx
 
 from mdt_jax import paths
+from mdt_jax.diffusion import folder_record, objective_of
 from mdt_jax.hub.folder import Pretrained, model_from_flat
 from mdt_jax.models.mdt import COMPUTE_OPTIONS, MDTConfig
 from mdt_jax.training.state import TrainState, abstract_model
@@ -234,14 +235,20 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     return
-  old_model = MDTConfig.from_dict(json.loads(path.read_text())['model'])
+  saved = json.loads(path.read_text())
+  old_model = MDTConfig.from_dict(saved['model'])
   new_model = MDTConfig.from_dict(config.model.to_dict())
   old, new = old_model.to_dict(), new_model.to_dict()
   fields = [k for k in new if k not in COMPUTE_OPTIONS and old[k] != new[k]]
   # same fields, same model: the shapes need comparing only when anything changed
   shapes = shape_changes(old_model, new_model) if old != new else []
-  if shapes or [k for k in fields if k not in RESUMABLE_FIELDS]:
+  # the weights of one objective are no start for the other (velocity vs eps)
+  objectives = (objective_of(saved.get('diffusion')), objective_of(config.diffusion))
+  if shapes or [k for k in fields if k not in RESUMABLE_FIELDS] or objectives[0] != objectives[1]:
     diffs = [f'{k}: workdir {old[k]!r} vs config {new[k]!r}' for k in fields]
+    if objectives[0] != objectives[1]:
+      diffs.insert(0, f'diffusion.objective: workdir {objectives[0]!r} vs config '
+                      f'{objectives[1]!r}')
     if shapes:
       more = f'; and {len(shapes) - 4} more' if len(shapes) > 4 else ''
       diffs.append(f'parameter shapes {"; ".join(shapes[:4])}{more}')
@@ -299,8 +306,7 @@ def load_workdir(workdir: str, step: int | None = None, weights: str = 'ema_para
           for path, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
   model = model_from_flat(flat, model_cfg, where=f'{workdir} step {step}')
   return Pretrained(model=model, config=model_cfg, data=data_meta(config),
-                    diffusion=dict(num_timesteps=config.diffusion.num_timesteps,
-                                   beta_schedule=config.diffusion.schedule),
+                    diffusion=folder_record(config.diffusion),
                     sampling=dict(config.sampling.to_dict()) if 'sampling' in config else {},
                     meta={'workdir': workdir, 'step': int(step), 'weights': weights})
 

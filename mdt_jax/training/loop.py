@@ -1,8 +1,8 @@
-"""The training loop: data -> sharded train step -> metrics, checkpoints, sample grids."""
+"""The training loop: data -> sharded train step -> metrics, checkpoints, sample grids and
+evaluations (mdt_jax/training/evaluation.py)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import signal
 import time
@@ -13,12 +13,11 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import periodic_actions
-from etils import epath
 
 from mdt_jax.data import pipeline
 from mdt_jax.data.device_prefetch import DevicePrefetch
 from mdt_jax.sampling.cli_io import grid_image
-from mdt_jax.training import checkpoints, logdir, samples, sharding
+from mdt_jax.training import checkpoints, evaluation, logdir, samples, sharding
 from mdt_jax.training.config import validate
 from mdt_jax.training.state import TrainState, create_train_state, make_optimizer
 from mdt_jax.training.step import jit_step_from_config
@@ -58,6 +57,11 @@ class Preemption:
       return False
     return self.requested
 
+  def notice_pending(self) -> bool:
+    """A notice this process has seen (one process only: several must agree on a sync step, so
+    work they share, such as an evaluation, is not abandoned on one alone)."""
+    return self.requested and not self.multihost
+
   def __exit__(self, *exc):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
@@ -96,6 +100,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     raise ValueError(f'global_batch_size {config.global_batch_size} is not divisible by the '
                      f'data-parallel size {dp} (mesh {dict(mesh.shape)})')
   checkpoints.check_workdir(workdir, config)
+  # Evaluation files (reference, Inception, VAE) are checked before any work starts.
+  evaluator = evaluation.Evaluator(config, workdir) if config.eval_num_samples else None
   batch_sh = sharding.batch_sharding(mesh)
   reader = pipeline.make_iterator(config.data, seed=config.seed,
                                   global_batch=config.global_batch_size)
@@ -131,10 +137,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                           profile_duration_ms=None, logdir=log_dir,
                                           first_profile=start + PROFILE_AFTER_STEPS))
   grids = samples.GridSampler(config, graphdef)
+  if evaluator:
+    evaluator.attach(grids, writer)
+    evaluator.resume(start)
   pending, pending_from, logged = [], start + 1, {}
   t_log, n_log = time.perf_counter(), 0
   # closing: a run stopped by an error still finishes the checkpoint being written
   with contextlib.closing(ckpt), Preemption() as preempt:
+    if evaluator and evaluator.missing(start):     # interrupted before it was recorded
+      logged.update(evaluator(start, state.ema_params, preempt.notice_pending) or {})
     for step in range(start + 1, total + 1):
       batch = next(data_iter)
       state, metrics = step_fn(state, batch)
@@ -159,26 +170,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         ckpt.save(state, data_iter, step)
         last_saved = step
         writer.flush()      # the events so far reach the workdir with every checkpoint
+      if evaluator and not stop and evaluator.due(step):
+        result = evaluator(step, state.ema_params, preempt.notice_pending)
+        if result is None:                   # abandoned for a preemption notice: save, stop
+          stop = True
+          if not save_now:
+            ckpt.save(state, data_iter, step)
+            last_saved = step
+        elif step == total:
+          logged.update(result)
       if config.sample_every_steps and (step % config.sample_every_steps == 0 or step == total):
         write_sample_grid(grids, state, workdir, step, writer)
       if stop:
         logging.warning('stopping at step %d after the preemption checkpoint', step)
         break
-  if config.eval_num_samples and int(state.step) == total:
-    logged.update(evaluate(config, grids, state, workdir, writer))
   writer.close()
   return {'step': int(state.step), **logged, 'state': state}
-
-
-def evaluate(config, grids: samples.GridSampler, state, workdir: str, writer) -> dict:
-  """End-of-run small-scale evaluation (digits runs): written to TensorBoard and eval.json."""
-  result = samples.evaluate_digits(grids, state.ema_params, config.eval_num_samples)
-  step = int(state.step)
-  writer.write_scalars(step, {k: v for k, v in result.items() if k != 'eval_num_samples'})
-  if jax.process_index() == 0:
-    (epath.Path(workdir) / 'eval.json').write_text(json.dumps({'step': step, **result}, indent=2))
-  logging.info('evaluation at step %d: %s', step, result)
-  return result
 
 
 def write_sample_grid(grids: samples.GridSampler, state, workdir: str, step: int,
