@@ -76,7 +76,8 @@ def tpu_report(tmp_path_factory):
   env = dict(os.environ, PYTHONPATH=ROOT)
   proc = subprocess.run(
       [sys.executable, 'tools/aot_compile.py', f'--config={ROOT}/tests/micro_config.py',
-       *WIDE, '--topology=v5p-8', '--steps=train,sample', '--proxy_checks', f'--out={out}'],
+       *WIDE, '--topology=v5p-8', '--steps=train,sample', '--proxy_checks', '--traffic=8',
+       f'--out={out}'],
       env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(out.read_text()), proc.stdout
@@ -134,6 +135,10 @@ def test_tpu_train_step_figures_match_analytic_counts(tpu_report):
   assert fwd <= sample['xla_tflop_per_chip'] <= 1.3 * fwd
   assert sample['collectives'] == {} and sample['ici_ms'] == 0
   assert '| train: plain+masked (MDT) | v5p-8 | data=1,fsdp=4,tensor=1 | 16 |' in stdout
+  # where the bytes go: tied to this project's source lines through the HLO's stack frames
+  sources = dict(train['traffic']['by_source'])
+  assert any(s.startswith('models/layers.py:') and 'Attention' in s for s in sources), sources
+  assert 0.3 * train['bytes_accessed_gb'] < train['traffic']['total_gb']
 
 
 def test_roofline_proxy_on_programs_with_known_answers(tpu_report):

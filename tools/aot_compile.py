@@ -32,6 +32,8 @@ flags.DEFINE_integer('fit_max_compiles', 4, 'compiles per --fit search')
 flags.DEFINE_bool('proxy_checks', False, 'also compile programs whose answer is known (a bf16 '
                   'matmul, elementwise chains, an in-place update, a loop) and report what the '
                   'roofline makes of them')
+flags.DEFINE_integer('traffic', 0, 'also print where the HBM bytes go: this many source lines '
+                     'and ops with the most traffic (mdt_jax/perf/traffic.py)')
 flags.DEFINE_string('out', None, 'JSON file for the results')
 flags.DEFINE_string('hlo_out', None, 'folder for the optimized HLO of each step')
 flags.mark_flags_as_required(['config', 'topology'])
@@ -42,7 +44,7 @@ def main(argv):
   del argv
   from mdt_jax import paths
   from mdt_jax.benchmark import markdown_table
-  from mdt_jax.perf import aot, tpu
+  from mdt_jax.perf import aot, tpu, traffic
   try:
     slc = tpu.parse_slice(FLAGS.topology)
   except ValueError as e:
@@ -77,7 +79,7 @@ def main(argv):
   for step in FLAGS.steps:
     record('steps', aot.compile_step(FLAGS.config, slc, devices, step,
                                      sample_batch=FLAGS.sample_batch, hbm_usable_gb=usable,
-                                     hlo_dir=hlo_dir))
+                                     hlo_dir=hlo_dir, traffic_top=FLAGS.traffic))
   if FLAGS.fit:
     budget = usable or g.hbm_gb
     for step in FLAGS.steps:
@@ -92,6 +94,8 @@ def main(argv):
   for row in results['steps']:
     colls = ', '.join(f'{k} x{v["count"]} {v["gb"]:.3g} GB' for k, v in row['collectives'].items())
     print(f'{row["step"]}: collectives per chip: {colls or "none"}')
+    if 'traffic' in row:
+      print(f'\n{row["step"]}\n' + traffic.markdown(row['traffic'], row['bytes_accessed_gb']))
 
 
 if __name__ == '__main__':

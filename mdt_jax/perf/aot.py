@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mdt_jax import benchmark
 from mdt_jax.models.mdt import MDTConfig
-from mdt_jax.perf import hlo
+from mdt_jax.perf import hlo, traffic
 from mdt_jax.perf.tpu import Slice
 
 STEPS = {'train': 'train: plain+masked (MDT)', 'dit': 'train: plain (DiT-style)',
@@ -63,8 +63,10 @@ def roofline(flops: float, bytes_accessed: float, ici_bytes: float, slc: Slice,
 
 
 def analyse(compiled, slc: Slice, *, model_flops: float | None = None,
-            hbm_usable_gb: float | None = None, hlo_path: str | None = None) -> dict:
-  """Every per-chip figure of one compiled program (model_flops: analytic, per chip)."""
+            hbm_usable_gb: float | None = None, hlo_path: str | None = None,
+            traffic_top: int = 0) -> dict:
+  """Every per-chip figure of one compiled program (model_flops: analytic, per chip);
+  `traffic_top` > 0 adds where the bytes go (`mdt_jax.perf.traffic`)."""
   text = compiled.as_text()
   if hlo_path:
     with open(hlo_path, 'w') as f:
@@ -79,6 +81,8 @@ def analyse(compiled, slc: Slice, *, model_flops: float | None = None,
          'while_loops': hlo.while_loops(text)}
   out.update(roofline(cost['xla_flops'], cost['bytes_accessed'], wire, slc, model_flops))
   out.update(benchmark.memory_figures(compiled))
+  if traffic_top:
+    out['traffic'] = traffic.summarize(text, traffic_top)
   g = slc.generation
   out['hbm_spec_gb'] = g.hbm_gb
   out['hbm_usable_gb'] = hbm_usable_gb
@@ -135,7 +139,7 @@ def _mesh_text(config: ml_collections.ConfigDict, devices) -> str:
 
 def compile_step(config: ml_collections.ConfigDict, slc: Slice, devices, step: str, *,
                  sample_batch: int | None = None, hbm_usable_gb: float | None = None,
-                 hlo_dir: str | None = None) -> dict:
+                 hlo_dir: str | None = None, traffic_top: int = 0) -> dict:
   """Compile one step ('train', 'dit' or 'sample') for the slice; its report row."""
   if step not in STEPS:
     raise ValueError(f'unknown step {step!r}; expected some of {list(STEPS)}')
@@ -164,7 +168,7 @@ def compile_step(config: ml_collections.ConfigDict, slc: Slice, devices, step: s
          'model_tflop_per_chip': model / n / 1e12, 'executed_tflop_per_chip': executed / n / 1e12}
   path = os.path.join(hlo_dir, f'{step}.hlo.txt') if hlo_dir else None
   row.update(analyse(compiled, slc, model_flops=model / n, hbm_usable_gb=hbm_usable_gb,
-                     hlo_path=path))
+                     hlo_path=path, traffic_top=traffic_top))
   row['compile_s'] = compile_s
   return row
 

@@ -99,10 +99,11 @@ class Slice:
 
   def devices(self) -> list:
     """Compile-only devices of this slice (needs libtpu; no TPU)."""
-    try:
-      from jax.experimental import topologies
-    except ImportError as e:  # pragma: no cover - jax always has it
-      raise ImportError('jax.experimental.topologies is missing from this jax') from e
+    import os
+    from jax.experimental import topologies
+    # Compiling needs no chip: let several processes load libtpu at once (its lock file would
+    # otherwise refuse every process but the first).
+    os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
     try:
       desc = topologies.get_topology_desc(platform='tpu', topology_name=self.topology,
                                           **self.topology_kwargs())
