@@ -123,7 +123,8 @@ def test_tpu_train_step_figures_match_analytic_counts(tpu_report):
   assert 1.0 <= train['memory_alias_gb'] * 1e9 / state < 1.05
   # FSDP: the token matmuls' weights are gathered for the forward pass at least once
   assert train['collectives']['all-gather']['gb'] * 1e9 >= token_weights
-  assert train['ici_ms'] > 0 and train['bytes_accessed_gb'] > 0 and train['fits']
+  assert train['ici_ms'] > 0 and train['fits']
+  assert 0 < train['hbm_estimate_gb'] <= train['bytes_accessed_gb']
   peak = res['peak_bf16_tflops'] * 1e12
   bound_s = max(train['compute_ms'], train['hbm_ms'], train['ici_ms']) / 1e3
   assert train['mfu_bound'] == pytest.approx(train['model_tflop_per_chip'] * 1e12 /
@@ -148,7 +149,12 @@ def test_roofline_proxy_on_programs_with_known_answers(tpu_report):
   assert mm['bytes_over_min'] == pytest.approx(1.0, rel=0.01)
   chain = rows['f32 elementwise chain']
   assert chain['bottleneck'] == 'HBM' and chain['bytes_over_min'] == pytest.approx(1.0, rel=0.01)
-  # in place: only the updated block is counted
+  # a token matmul whose input XLA prefetches into on-chip memory: XLA counts the on-chip
+  # copy's traffic too (an over-count of HBM traffic); the HBM-only estimate does not
+  tall = rows['bf16 matmul [16384,1152]x[1152,1152]']
+  assert tall['bytes_over_min'] > 1.5
+  assert tall['hbm_estimate_over_min'] == pytest.approx(1.0, rel=0.01)
+  # in place: XLA counts only the updated block (the HBM estimate, the whole buffer)
   assert rows['dynamic_update_slice, donated']['bytes_over_min'] == pytest.approx(1.0, rel=0.01)
   # a loop body is counted once, whatever the trip count (an under-count, BENCHMARKS.md)
   assert rows['fori_loop x10 elementwise']['bytes_over_min'] < 0.5

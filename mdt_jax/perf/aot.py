@@ -10,8 +10,10 @@ With the generation's peak figures (`mdt_jax.perf.tpu`) they give a roofline:
 
 The bound is what the step cannot beat if the estimates hold (perfect overlap of the three); the
 MFU bound uses the analytic model FLOPs (masked encoder at the mean kept count), as MFU does in
-`mdt_jax.benchmark`. How far `bytes accessed` can be trusted: BENCHMARKS.md, "TPU, compiled
-without hardware".
+`mdt_jax.benchmark`. XLA's ``bytes accessed`` also counts the on-chip (VMEM) copies of buffers
+that XLA prefetches, so the report adds an HBM-only estimate (`mdt_jax.perf.traffic`: the HBM
+operands and results of the top-level instructions) and its time. How far each can be trusted:
+BENCHMARKS.md, "TPU, compiled without hardware".
 """
 from __future__ import annotations
 
@@ -74,16 +76,21 @@ def analyse(compiled, slc: Slice, *, model_flops: float | None = None,
   colls = hlo.parse_collectives(text, slc.chips)
   cost = cost_figures(compiled)
   wire = sum(c.wire_bytes for c in colls)
+  moved = traffic.summarize(text, traffic_top)
+  g = slc.generation
   out = {'xla_tflop_per_chip': cost['xla_flops'] / 1e12,
          'bytes_accessed_gb': cost['bytes_accessed'] / 1e9,
+         # the top-level instructions' HBM operands and results: XLA's figure also counts
+         # on-chip (VMEM) buffers XLA prefetches into (BENCHMARKS.md)
+         'hbm_estimate_gb': moved['hbm_gb'],
+         'hbm_estimate_ms': moved['hbm_gb'] / g.hbm_gbps * 1e3,
          'xla_optimal_s': cost['xla_optimal_s'],
          'collectives': hlo.summarize(colls), 'collective_wire_gb': wire / 1e9,
          'while_loops': hlo.while_loops(text)}
   out.update(roofline(cost['xla_flops'], cost['bytes_accessed'], wire, slc, model_flops))
   out.update(benchmark.memory_figures(compiled))
   if traffic_top:
-    out['traffic'] = traffic.summarize(text, traffic_top)
-  g = slc.generation
+    out['traffic'] = moved
   out['hbm_spec_gb'] = g.hbm_gb
   out['hbm_usable_gb'] = hbm_usable_gb
   peak = out.get('memory_peak_estimate_gb')
@@ -174,9 +181,9 @@ def compile_step(config: ml_collections.ConfigDict, slc: Slice, devices, step: s
 
 
 AOT_KEYS = ['step', 'slice', 'mesh', 'global_batch', 'dtype', 'remat', 'model_tflop_per_chip',
-            'xla_tflop_per_chip', 'bytes_accessed_gb', 'compute_ms', 'hbm_ms', 'ici_ms',
-            'bottleneck', 'mfu_bound', 'memory_peak_estimate_gb', 'hbm_usable_gb', 'fits',
-            'compile_s']
+            'xla_tflop_per_chip', 'bytes_accessed_gb', 'hbm_estimate_gb', 'compute_ms', 'hbm_ms',
+            'hbm_estimate_ms', 'ici_ms', 'bottleneck', 'mfu_bound', 'memory_peak_estimate_gb',
+            'hbm_usable_gb', 'fits', 'compile_s']
 FIT_KEYS = ['step', 'slice', 'mesh', 'dtype', 'remat', 'budget_gb', 'fixed_gb',
             'per_sample_gb', 'max_per_device_batch', 'estimate_at_max_gb', 'exact', 'compiles']
 
@@ -213,9 +220,13 @@ def proxy_programs(n_matmul: int = 8192, n_elem: int = 1 << 26, n_loop: int = 10
     return jax.lax.fori_loop(0, n_loop, lambda _, y: y * 1.0001 + 1.0, x)
 
   f32, bf16 = jnp.float32, jnp.bfloat16
+  tall, w = (16384, 1152), (1152, 1152)    # a transformer's token matmul: x gets prefetched
   return {
       'bf16 matmul': (lambda a, b: a @ b, [(mm, bf16), (mm, bf16)], (),
                       2.0 * n_matmul ** 3, 3 * n_matmul ** 2 * 2),
+      'bf16 matmul [16384,1152]x[1152,1152]': (
+          lambda a, b: a @ b, [(tall, bf16), (w, bf16)], (), 2.0 * 16384 * 1152 ** 2,
+          2 * (2 * 16384 * 1152 + 1152 ** 2)),
       'f32 elementwise chain': (chain, [(vec, f32)], (), 3.0 * n_elem, 2 * 4 * n_elem),
       'f32 x - mean(x)': (centered, [(vec, f32)], (), 2.0 * n_elem, 3 * 4 * n_elem),
       'dynamic_update_slice, donated': (update, [(vec, f32), ((1024,), f32)], (0,), 0.0,
@@ -234,15 +245,17 @@ def proxy_checks(slc: Slice, device, **sizes) -> list[dict]:
     structs = [jax.ShapeDtypeStruct(s, d, sharding=sh) for s, d in args]
     compiled = jax.jit(fn, donate_argnums=donate).lower(*structs).compile()
     cost = cost_figures(compiled)
+    hbm = traffic.summarize(compiled.as_text())['hbm_gb'] * 1e9
     row = {'program': name, 'slice': slc.name, 'known_gflop': flops / 1e9,
            'xla_gflop': cost['xla_flops'] / 1e9, 'min_hbm_mb': min_bytes / 1e6,
            'bytes_accessed_mb': cost['bytes_accessed'] / 1e6,
-           'bytes_over_min': cost['bytes_accessed'] / min_bytes}
+           'bytes_over_min': cost['bytes_accessed'] / min_bytes,
+           'hbm_estimate_over_min': hbm / min_bytes}
     row.update(roofline(cost['xla_flops'], cost['bytes_accessed'], 0.0, slc))
     rows.append(row)
   return rows
 
 
 PROXY_KEYS = ['program', 'slice', 'known_gflop', 'xla_gflop', 'min_hbm_mb', 'bytes_accessed_mb',
-              'bytes_over_min', 'flop_per_byte', 'ridge_flop_per_byte', 'compute_ms', 'hbm_ms',
-              'bottleneck']
+              'bytes_over_min', 'hbm_estimate_over_min', 'flop_per_byte', 'ridge_flop_per_byte',
+              'compute_ms', 'hbm_ms', 'bottleneck']

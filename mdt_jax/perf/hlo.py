@@ -17,7 +17,7 @@ KINDS = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'collective
 _BITS = {'pred': 8, 's4': 4, 'u4': 4, 's8': 8, 'u8': 8, 's16': 16, 'u16': 16, 's32': 32,
          'u32': 32, 's64': 64, 'u64': 64, 'f16': 16, 'bf16': 16, 'f32': 32, 'f64': 64,
          'c64': 64, 'c128': 128}
-_ARRAY = re.compile(r'\b(pred|[suf]\d+|bf16|c\d+|f8e\w+?)\[([\d,]*)\]')
+_ARRAY = re.compile(r'\b(pred|[suf]\d+|bf16|c\d+|f8e\w+?)\[([\d,]*)\](\{[^}]*\})?')
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*')
 _OPCODE = re.compile(r'\s*([a-z][a-z0-9\-]*)\(')
 
@@ -40,13 +40,20 @@ class Collective:
     return factor * (n - 1) / n * self.full_bytes
 
 
-def _array_bytes(text: str) -> list[int]:
+def arrays(text: str) -> list[tuple[int, int]]:
+  """(bytes, memory space) of every array in an HLO type: space 0 is HBM, a layout's S(k)
+  another (on TPUs S(1) is the on-chip vector memory)."""
   out = []
-  for dtype, dims in _ARRAY.findall(text):
+  for dtype, dims, layout in _ARRAY.findall(text):
     bits = _BITS.get(dtype, 8)      # float8 variants
     n = math.prod(int(d) for d in dims.split(',') if d) if dims else 1
-    out.append(n * bits // 8)
+    space = re.search(r'S\((\d+)\)', layout or '')
+    out.append((n * bits // 8, int(space.group(1)) if space else 0))
   return out
+
+
+def _array_bytes(text: str) -> list[int]:
+  return [b for b, _ in arrays(text)]
 
 
 def _split_type(rest: str) -> tuple[str, str]:

@@ -15,7 +15,7 @@ import dataclasses
 import os
 import re
 
-from mdt_jax.perf.hlo import _array_bytes, _split_type
+from mdt_jax.perf.hlo import _split_type, _top_level_elements, arrays
 
 OWN_CODE = os.sep + 'mdt_jax' + os.sep
 # no data moves: views, bookkeeping and the second half of async pairs (charged at the start)
@@ -32,12 +32,23 @@ _CALLED = re.compile(r'\b(body|condition|branch_computations|called_computations
 class Instr:
   name: str
   opcode: str
-  out_bytes: int
+  out: list[tuple[int, int]]   # (bytes, memory space) of each array it writes
   operands: list[str]
   frame: int | None
   op_name: str
   calls: str | None        # a fusion's computation (its insides carry the stack frames)
   root: bool
+
+
+def _written(opcode: str, type_text: str) -> list[tuple[int, int]]:
+  """The arrays an instruction writes. An async start's tuple also holds its source (an alias)
+  and scalar contexts: a copy-start writes its first element, a collective's start its second
+  (the results)."""
+  if opcode.endswith('-start') and type_text.startswith('('):
+    elements = _top_level_elements(type_text)
+    pick = 0 if opcode == 'copy-start' else min(1, len(elements) - 1)
+    return arrays(elements[pick])
+  return arrays(type_text)
 
 
 def _operands(rest: str) -> list[str]:
@@ -94,7 +105,7 @@ def parse(text: str):
     sf = re.search(r'stack_frame_id=(\d+)', rest)
     on = re.search(r'op_name="([^"]*)"', rest)
     calls = re.search(r'\bcalls=%([\w.\-]+)', rest)
-    comps[cur].append(Instr(m.group(2), op.group(1), sum(_array_bytes(type_text)),
+    comps[cur].append(Instr(m.group(2), op.group(1), _written(op.group(1), type_text),
                             _operands(rest[op.end() - 1:]), int(sf.group(1)) if sf else None,
                             on.group(1) if on else '', calls.group(1) if calls else None,
                             bool(m.group(1))))
@@ -132,19 +143,22 @@ def parse(text: str):
 
 
 def traffic(text: str) -> list[dict]:
-  """One row per top-level instruction that moves data: bytes in + out, opcode, source."""
+  """One row per top-level instruction that moves data: bytes read and written in any memory
+  space ('bytes') and in HBM only ('hbm_bytes'), opcode, source line."""
   comps, _, top, source = parse(text)
   rows = []
   for name in top:
     instrs = comps.get(name, [])
-    size = {i.name: i.out_bytes for i in instrs}
+    out = {i.name: i.out for i in instrs}
     for i in instrs:
       if i.opcode in FREE or i.opcode.endswith('-done'):
         continue
-      read = sum(size.get(o, 0) for o in i.operands)
-      rows.append({'instr': i.name, 'opcode': i.opcode, 'bytes': read + i.out_bytes,
-                   'read': read, 'written': i.out_bytes, 'source': source(i),
-                   'op_name': i.op_name})
+      read = [a for o in i.operands for a in out.get(o, [])]
+      total = lambda xs: sum(b for b, _ in xs)                     # noqa: E731
+      hbm = lambda xs: sum(b for b, space in xs if space == 0)     # noqa: E731
+      rows.append({'instr': i.name, 'opcode': i.opcode, 'bytes': total(read) + total(i.out),
+                   'hbm_bytes': hbm(read) + hbm(i.out), 'read': total(read),
+                   'written': total(i.out), 'source': source(i), 'op_name': i.op_name})
   return rows
 
 
@@ -159,13 +173,15 @@ def summarize(text: str, top: int = 25) -> dict:
     phase = 'bwd' if 'transpose(' in r['op_name'] else 'fwd'
     by_op[f'{r["opcode"]}[{last}] {phase}'] += r['bytes'] / 1e9
   return {'total_gb': sum(r['bytes'] for r in rows) / 1e9,
+          'hbm_gb': sum(r['hbm_bytes'] for r in rows) / 1e9,
           'by_source': by_source.most_common(top), 'by_op': by_op.most_common(top)}
 
 
 def markdown(summary: dict, xla_gb: float | None = None) -> str:
   """The summary as Markdown tables, shares of the top-level instructions' total."""
   total = summary['total_gb'] or 1.0
-  head = f'Traffic of the top-level instructions: {total:.2f} GB'
+  head = (f'Traffic of the top-level instructions: {total:.2f} GB, {summary["hbm_gb"]:.2f} GB of '
+          'it in HBM')
   if xla_gb:
     head += f' (XLA bytes accessed: {xla_gb:.2f} GB)'
   out = [head, '', '| source line (innermost mdt_jax frame) | GB | share |', '|---|---|---|']
