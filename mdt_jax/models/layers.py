@@ -12,6 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mdt_jax.models.attention import attend
+
 Array = jax.Array
 
 xavier = nnx.initializers.xavier_uniform()
@@ -162,18 +164,10 @@ class Attention(nnx.Module):
     self.rel_pos_bias = RelativePositionBias(grid, heads, rngs=rngs)
 
   def __call__(self, x: Array, rel_index: Array, key_mask: Array | None = None) -> Array:
-    """x [B, N, D]; rel_index [N, N] or [B, N, N]; key_mask [B or 1, N] True for real tokens."""
-    b, n, d = x.shape
-    qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    bias = self.rel_pos_bias(rel_index)
-    if bias.ndim == 3:
-      bias = bias[None]
-    mask = None if key_mask is None else key_mask[:, None, None, :]
+    """x [B, N, D]; rel_index [N, N] or [B, N, N]; key_mask [B, N] True for real tokens."""
     impl = self.attention_impl if key_mask is None else self.masked_attention_impl
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), mask=mask,
-                                       implementation=impl)
-    return self.proj(out.reshape(b, n, d))
+    out = attend(self.qkv(x), self.rel_pos_bias(rel_index), key_mask, self.heads, impl)
+    return self.proj(out)
 
 
 class Mlp(nnx.Module):

@@ -16,6 +16,7 @@ from flax import nnx
 
 from mdt_jax import diffusion as diff
 from mdt_jax.diffusion import flow
+from mdt_jax.models import attention
 from mdt_jax.training.state import TrainState
 
 
@@ -87,7 +88,10 @@ def train_step(state: TrainState, batch: dict, *, graphdef,
 
 def jit_train_step(shardings: TrainState, batch_sharding, **kw):
   """One compiled step with the state donated and sharded as ``shardings`` says."""
-  step = functools.partial(train_step, **kw)
+  def step(state, batch):
+    # the TPU attention kernel runs per batch shard (models/attention.py)
+    with attention.batch_sharded(batch_sharding.mesh, batch_sharding.spec[0]):
+      return train_step(state, batch, **kw)
   return jax.jit(step, in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, None), donate_argnums=(0,))
 
