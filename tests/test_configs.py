@@ -6,13 +6,16 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from mdt_jax.studies import learning_curves
+from mdt_jax.studies import flow_matching, learning_curves
 from mdt_jax.training import samples, sharding
 from mdt_jax.training.config import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(f for f in os.listdir(os.path.join(ROOT, 'configs')) if f.endswith('.py'))
-STUDIES = {'learning_curves.py'}     # tools/learning_curves.py's study configs (a `train` inside)
+# the study configs of tools/learning_curves.py and tools/flow_matching.py (a `train` inside), with
+# the check each study makes of its variants' training configs
+STUDIES = {'learning_curves.py': learning_curves.check_study,
+           'flow_matching.py': flow_matching.check_study}
 # ml_collections loads config files with importlib's deprecated load_module()
 pytestmark = pytest.mark.filterwarnings('ignore:the load_module\\(\\) method is deprecated')
 
@@ -33,7 +36,7 @@ def test_every_config_file_is_checked():
 def test_shipped_config_passes_the_checks_of_a_run(name):
   config = load(name)
   if name in STUDIES:
-    learning_curves.check_study(config)      # validates both variants' training configs
+    STUDIES[name](config)                    # validates every variant's training config
     config = config.train
   model = validate(config)
   samples.sampler_config(config)             # the grid / evaluation sampler settings
