@@ -143,14 +143,14 @@ def test_cli_pixel_and_latent_model_folders(tmp_path, model, monkeypatch):
   save_model_folder(str(tmp_path / 'model'), nnx.state(model, nnx.Param), model.config,
                     data=dict(space='pixel', image_size=8, image_channels=1, vae=None),
                     sampling=dict(sampler='ddpm', steps=3, cfg_scale=2.0, scale_pow=4.0,
-                                  guidance_channels=1))
+                                  guidance_channels=1))      # guided channels: all
   images, labels, masks = data(n=3)
   u8 = np.repeat(np.round((images + 1) * 127.5).astype(np.uint8), 3, axis=-1)   # RGB grey
   np.savez(tmp_path / 'images.npz', u8, labels)
   np.savez(tmp_path / 'masks.npz', masks.astype(np.uint8))
   monkeypatch.chdir(tmp_path)
   _run_cli('--model=model', '--images=images.npz', '--masks=masks.npz', '--out=out',
-           '--method=mdt', '--mdt_fraction=0.7', '--steps=2')
+           '--method=mdt', '--steps=4', '--batch_size=8')   # as the first test: its compile
   with np.load(tmp_path / 'out' / 'inpainted.npz') as f:
     out, ys = f['arr_0'], f['arr_1']
   assert out.shape == (3, 8, 8, 3) and out.dtype == np.uint8
@@ -159,8 +159,8 @@ def test_cli_pixel_and_latent_model_folders(tmp_path, model, monkeypatch):
   assert np.abs(out[k].astype(int) - u8[k]).max() <= 1            # float -> uint8 rounding
   assert np.abs(out[~k].astype(int) - u8[~k]).mean() > 5
   run = json.loads((tmp_path / 'out' / 'run.json').read_text())
-  assert run['inpaint'] == dict(method='mdt', resample=1, mdt_fraction=0.7)
-  assert run['sampler']['steps'] == 2 and run['sampler']['sampler'] == 'ddpm'
+  assert run['inpaint'] == dict(method='mdt', resample=1, mdt_fraction=0.5)
+  assert run['sampler']['steps'] == 4 and run['sampler']['cfg_scale'] == 2.0
   assert (tmp_path / 'out' / 'inpaint_grid.png').is_file()
   with pytest.raises(ValueError, match='binary'):
     np.savez(tmp_path / 'bad.npz', masks * 0.5)
