@@ -65,7 +65,7 @@ def test_mdt_method_keeps_known_pixels_and_reduces_to_plain_sampling(model):
   plain = generate(build_sampler(model, cfg), labels, seed=3, batch_size=8, log_every=0)
   np.testing.assert_allclose(none, plain, atol=1e-5)
   # The masked pass is used: the repaint method (same draws) gives another completion.
-  rep = inp.build_inpainter(model, cfg, inp.InpaintConfig(method='repaint'))
+  rep = mdt.with_config(inp.InpaintConfig(method='repaint'))     # same program, no masked step
   rep_out = inp.inpaint(rep, images, masks, labels, seed=3, batch_size=8)
   np.testing.assert_array_equal(rep_out[k], images[k])
   assert np.abs(rep_out[~k] - out[~k]).max() > 1e-3

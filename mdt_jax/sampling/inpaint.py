@@ -210,7 +210,7 @@ def make_process(cfg: SamplerConfig) -> _Process:
 
 # ------------------------------------------------------------------ the loop
 
-def inpaint_loop(proc: _Process, eval_fns: tuple[Callable, Callable], num_masked: int,
+def inpaint_loop(proc: _Process, eval_fns: tuple[Callable, Callable], num_masked: int | Array,
                  resample: int, x0: Array, known: Array, keys: Array) -> Array:
   """Reverse process from x_T (stream 0) with the known region (known [B, H, W, 1]) replaced
   after each step; eval_fns = (masked pass, plain pass), the first for num_masked steps."""
@@ -260,10 +260,22 @@ class Inpainter:
   mesh: jax.sharding.Mesh
   params: Any
   fn: Callable
+  num_steps: int
+  has_masked_pass: bool
 
   @property
   def num_devices(self) -> int:
     return self.mesh.devices.size
+
+  def with_config(self, inpaint: InpaintConfig) -> 'Inpainter':
+    """The same compiled program with another method or switch point (resample is compiled
+    in: another value needs build_inpainter)."""
+    if inpaint.resample != self.inpaint.resample:
+      raise ValueError(f'resample {inpaint.resample} differs from the compiled '
+                       f'{self.inpaint.resample}: build another inpainter')
+    if inpaint.method == 'mdt' and not self.has_masked_pass:
+      raise ValueError("the 'mdt' method needs an MDT model (its masked pass)")
+    return dataclasses.replace(self, inpaint=inpaint)
 
   def __call__(self, indices, labels, images, masks, seed: int = 0) -> np.ndarray:
     """float32 [B, H, W, C]; the batch is padded to a multiple of the device count inside."""
@@ -281,8 +293,10 @@ class Inpainter:
     rows = np.concatenate([np.arange(n), np.repeat(n - 1, pad)]).astype(np.int64)
     sharding = NamedSharding(self.mesh, P('data'))
     put = lambda a: jax.make_array_from_callback(a.shape, sharding, lambda i: a[i])
-    out = self.fn(self.params, labels_lib.noise_key(seed), put(indices[rows].astype(np.int32)),
-                  put(labels[rows]), put(images[rows]), put(masks[rows]))
+    num_masked = jnp.int32(self.inpaint.masked_steps(self.num_steps))
+    out = self.fn(self.params, labels_lib.noise_key(seed), num_masked,
+                  put(indices[rows].astype(np.int32)), put(labels[rows]), put(images[rows]),
+                  put(masks[rows]))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
       out = multihost_utils.process_allgather(out, tiled=True)
@@ -307,7 +321,11 @@ def build_inpainter(model: Any, config: SamplerConfig, inpaint: InpaintConfig = 
                     *, mesh: jax.sharding.Mesh | None = None,
                     image_shape: tuple[int, int, int] | None = None,
                     num_classes: int | None = None) -> Inpainter:
-  """An `Inpainter` for an MDT (any method) or a plain model_fn (method 'repaint')."""
+  """An `Inpainter` for an MDT (any method) or a plain model_fn (method 'repaint').
+
+  The number of masked steps is an argument of the compiled program, so `with_config` switches
+  method and switch point without compiling again.
+  """
   proc = make_process(config)
   cfg = getattr(model, 'config', None)
   if inpaint.method == 'mdt' and not isinstance(model, nnx.Module):
@@ -323,13 +341,12 @@ def build_inpainter(model: Any, config: SamplerConfig, inpaint: InpaintConfig = 
   if mesh.axis_names != ('data',):
     raise ValueError(f'the sampling mesh must be 1-D with axis "data", got {mesh.axis_names}')
   apply, params = functional_model(model)
-  masked = _masked_apply(model) if inpaint.method == 'mdt' else None
+  masked = _masked_apply(model) if isinstance(model, nnx.Module) else None
   params = jax.device_put(params, NamedSharding(mesh, P()))
-  num_masked = inpaint.masked_steps(proc.num_steps)
   patch = cfg.patch_size if cfg is not None else 1
   g = config.guidance
 
-  def local(params, key, idx, y, x0, masks):
+  def local(params, key, num_masked, idx, y, x0, masks):
     ids, len_keep = mask_order(token_masks(masks, patch))
     fns = [lambda x, t, yy: apply(params, x, t, yy)]
     if masked is not None:
@@ -340,11 +357,12 @@ def build_inpainter(model: Any, config: SamplerConfig, inpaint: InpaintConfig = 
     return inpaint_loop(proc, (evals[0], evals[-1]), num_masked, inpaint.resample, x0,
                         masks[..., None], sample_keys(key, idx))
 
-  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P('data'), P('data'),
+  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P(), P('data'), P('data'),
                                                       P('data'), P('data')),
                           out_specs=P('data'))
   return Inpainter(config=config, inpaint=inpaint, image_shape=image_shape,
-                   num_classes=num_classes, mesh=mesh, params=params, fn=jax.jit(sharded))
+                   num_classes=num_classes, mesh=mesh, params=params, fn=jax.jit(sharded),
+                   num_steps=proc.num_steps, has_masked_pass=masked is not None)
 
 
 def inpaint(inpainter: Inpainter, images, masks, labels, *, seed: int = 0, batch_size: int = 64,

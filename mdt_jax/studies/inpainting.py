@@ -143,9 +143,10 @@ def _complete(runners: dict, model, cfg, method: str, images, known, labels, see
       runners[('scratch', seed)] = generate(sampler, labels, seed=seed, batch_size=batch_size,
                                             log_every=0)
     return runners[('scratch', seed)]
-  if method not in runners:
-    runners[method] = inp.build_inpainter(model, cfg, inpaint_config(method))
-  return inp.inpaint(runners[method], images, known, labels, seed=seed, batch_size=batch_size)
+  if 'inpaint' not in runners:       # one program for every method and switch point
+    runners['inpaint'] = inp.build_inpainter(model, cfg, inpaint_config(method))
+  inpainter = runners['inpaint'].with_config(inpaint_config(method))
+  return inp.inpaint(inpainter, images, known, labels, seed=seed, batch_size=batch_size)
 
 
 def reference(images: np.ndarray, labels: np.ndarray, clf: dc.DigitsClassifier) -> dict:
