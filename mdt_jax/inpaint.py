@@ -87,14 +87,14 @@ def main(argv):
   from mdt_jax.sampling import inpaint as inp
 
   data = read_npz(paths.resolve(FLAGS.images), 'images')
-  mask_data = read_npz(paths.resolve(FLAGS.masks), 'masks')
+  masks = inp.check_masks(read_npz(paths.resolve(FLAGS.masks), 'masks')['arr_0'],
+                          np.shape(data['arr_0']))        # before the model loads
   icfg = inp.InpaintConfig(method=FLAGS.method, resample=FLAGS.resample,
                            mdt_fraction=FLAGS.mdt_fraction)
   model_path, sm, cfg = sampler_flags.load_model_and_config()
   mc = sm.model.config
   pixel_channels = mc.in_channels if sm.space == 'pixel' else 3
   images = to_unit_range(data['arr_0'], pixel_channels)
-  masks = inp.check_masks(mask_data['arr_0'], images.shape)
   n = len(images)
   if FLAGS['labels'].present:
     labels = labels_lib.make_labels(labels_lib.parse_labels(FLAGS.labels), n, mc.num_classes,
@@ -105,10 +105,11 @@ def main(argv):
     raise app.UsageError(f'{FLAGS.images} holds no labels (arr_1): pass --labels')
   if labels.shape != (n,):
     raise ValueError(f'{labels.size} labels for {n} images')
-  postprocess = cli_io.make_postprocess(sm, paths.resolve_optional(FLAGS.vae))
+  vae = cli_io.load_vae(sm, paths.resolve_optional(FLAGS.vae)) if sm.space == 'latent' else None
+  postprocess = cli_io.make_postprocess(sm, vae=vae)
   x, model_masks = images, masks
-  if sm.space == 'latent':
-    x, model_masks = encode_latents(sm, images, masks)
+  if vae is not None:
+    x, model_masks = encode_latents(vae, sm.latent_scale, images, masks)
   inpainter = inp.build_inpainter(sm.model, cfg, icfg)
   logging.info('inpainting %d images: %s, %s on %d device(s)', n, icfg, cfg,
                inpainter.num_devices)
@@ -120,14 +121,12 @@ def main(argv):
                      seed=FLAGS.seed, images=FLAGS.images, masks=FLAGS.masks))
 
 
-def encode_latents(sm, images: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def encode_latents(vae, latent_scale: float, images: np.ndarray,
+                   masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
   """Scaled latent means of pixel images, and the masks at latent resolution."""
-  from mdt_jax import vae as vae_lib
   from mdt_jax.sampling import inpaint as inp
-  vae_dir = paths.resolve_optional(FLAGS.vae) or sm.vae_dir
-  vae = vae_lib.load(paths.resolve(vae_dir))
   mean, _ = vae.encode(images)
-  return (np.asarray(mean, np.float32) * sm.latent_scale,
+  return (np.asarray(mean, np.float32) * latent_scale,
           inp.downsample_masks(masks, vae.config.downsample_factor))
 
 

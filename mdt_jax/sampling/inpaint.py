@@ -82,6 +82,8 @@ def check_masks(masks, image_shape: tuple[int, ...], what: str = 'masks') -> np.
   """bool [N, H, W] from masks [N, H, W] or [N, H, W, 1] of 0/1 (1 = known) for images of
   image_shape [N, H, W, C], or a ValueError naming what is wrong."""
   m = np.asarray(masks)
+  if len(image_shape) != 4:
+    raise ValueError(f'images must be NHWC [N, H, W, C], got shape {tuple(image_shape)}')
   n, h, w = image_shape[:3]
   if m.ndim == 4 and m.shape[-1] == 1:
     m = m[..., 0]
