@@ -254,7 +254,12 @@ def _masked_apply(model: nnx.Module) -> Callable:
 
 @dataclasses.dataclass
 class Inpainter:
-  """Completes images for given global indices: `inpainter(indices, labels, images, masks)`."""
+  """Completes images for given global indices: `inpainter(indices, labels, images, masks)`.
+
+  A label may be `num_classes`, the null class of classifier-free guidance: the completion is
+  then unconditional (guidance has nothing to push towards) and must take its class from the
+  known region alone.
+  """
   config: SamplerConfig
   inpaint: InpaintConfig
   image_shape: tuple[int, int, int]
@@ -282,7 +287,7 @@ class Inpainter:
   def __call__(self, indices, labels, images, masks, seed: int = 0) -> np.ndarray:
     """float32 [B, H, W, C]; the batch is padded to a multiple of the device count inside."""
     indices = np.asarray(indices, np.int64)
-    labels = labels_lib.check_labels(labels, self.num_classes)
+    labels = labels_lib.check_labels(labels, self.num_classes + 1)   # + the null class
     images = check_images(images, self.image_shape)
     masks = check_masks(masks, images.shape)
     n = indices.size
@@ -372,7 +377,7 @@ def inpaint(inpainter: Inpainter, images, masks, labels, *, seed: int = 0, batch
             ) -> np.ndarray:
   """Completions of images [N, H, W, C] (model space) under masks [N, H, W] (1 = known) for
   global indices start .., in batches of `batch_size` padded to one size (one compilation)."""
-  labels = labels_lib.check_labels(labels, inpainter.num_classes)
+  labels = labels_lib.check_labels(labels, inpainter.num_classes + 1)
   images = check_images(images, inpainter.image_shape)
   masks = check_masks(masks, images.shape)
   if len(labels) != len(images):

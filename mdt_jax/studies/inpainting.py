@@ -16,6 +16,8 @@ completion may be right and still differ).
 """
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import json
 import os
 import time
@@ -29,14 +31,16 @@ from mdt_jax.data.digits import load_digits_images, select_split
 from mdt_jax.evaluation import digits_classifier as dc
 from mdt_jax.sampling import cli_io
 from mdt_jax.sampling import inpaint as inp
-from mdt_jax.sampling.sampler import build_sampler, generate
 
 MASKS = ('lower_half', 'right_half', 'random_tokens')
+# 'class': conditioned on the true class (guided as the model recommends); 'none': the null class,
+# unguided, so the class must come from the known pixels (the accuracy then measures that).
+CONDITIONS = ('class', 'none')
 MASK_TITLES = {'lower_half': 'lower half unknown', 'right_half': 'right half unknown',
                'random_tokens': 'random 50% of tokens unknown'}
 METRICS = {'class_accuracy': 'higher', 'fd': 'lower', 'known_mae': 'lower',
            'unknown_rmse': 'lower'}
-RESULTS_VERSION = 1
+RESULTS_VERSION = 2
 MASK_SEED = 1234
 
 
@@ -103,29 +107,34 @@ def run_study(model_dir: str, out: str, *, seeds=(0, 1, 2), mdt_fractions=(0.5,)
   clf = dc.load_digits_classifier()
   methods = method_names(mdt_fractions)
   setup = dict(model=model_dir, sampler=cfg.record(), seeds=list(seeds), methods=methods,
-               masks=list(MASKS), num_images=len(images), version=RESULTS_VERSION)
+               masks=list(MASKS), conditions=list(CONDITIONS), num_images=len(images),
+               version=RESULTS_VERSION)
   setup = json.loads(json.dumps(setup))
   results = _load(out + '.json', setup) if not fresh else None
   results = results or dict(setup=setup, cells={}, examples={}, environment=dict(
       devices=f'{jax.device_count()} x {jax.devices()[0].device_kind}'))
   results['reference'] = reference(images, labels, clf)
-  runners = {}
-  for seed in seeds:
-    for method in methods:
-      for kind in MASKS:
-        key = f'{kind}/{method}/{seed}'
-        if key in results['cells']:
-          continue
-        known = study_masks(kind, len(images), 16, sm.model.config.patch_size)
-        t0 = time.time()
-        x = _complete(runners, sm.model, cfg, method, images, known, labels, seed, batch_size)
-        cell = score(x, images, labels, known, clf)
-        cell['seconds'] = round(time.time() - t0, 1)
-        results['cells'][key] = cell
-        if seed == seeds[0]:
-          results['examples'][f'{kind}/{method}'] = x[:EXAMPLES].tolist()
-        logging.info('%s: %s', key, cell)
-        _write_json(results, out + '.json')
+  num_classes = sm.model.config.num_classes
+  for cond in CONDITIONS:
+    runners = {}
+    c = cfg if cond == 'class' else dataclasses.replace(cfg, cfg_scale=None)
+    y = labels if cond == 'class' else np.full_like(labels, num_classes)
+    for seed in seeds:
+      for method in methods:
+        for kind in MASKS:
+          key = f'{cond}/{kind}/{method}/{seed}'
+          if key in results['cells']:
+            continue
+          known = study_masks(kind, len(images), 16, sm.model.config.patch_size)
+          t0 = time.time()
+          x = _complete(runners, sm.model, c, method, images, known, y, seed, batch_size)
+          cell = score(x, images, labels, known, clf)
+          cell['seconds'] = round(time.time() - t0, 1)
+          results['cells'][key] = cell
+          if seed == seeds[0]:
+            results['examples'][f'{cond}/{kind}/{method}'] = x[:EXAMPLES].tolist()
+          logging.info('%s: %s', key, cell)
+          _write_json(results, out + '.json')
   results['summary'] = summarize(results)
   _write_json(results, out + '.json')
   return results
@@ -136,15 +145,16 @@ EXAMPLES = 8
 
 def _complete(runners: dict, model, cfg, method: str, images, known, labels, seed: int,
               batch_size: int) -> np.ndarray:
-  """Completions by one method; the scratch samples of a seed serve every mask."""
+  """Completions by one method. From scratch is inpainting with nothing known (plain
+  sampling with the same draws, as tests/test_inpaint.py checks); it serves every mask."""
+  if 'inpaint' not in runners:       # one program for every method and switch point
+    runners['inpaint'] = inp.build_inpainter(model, cfg, inpaint_config('repaint'))
   if method == 'scratch':
     if ('scratch', seed) not in runners:
-      sampler = runners.setdefault('scratch', build_sampler(model, cfg))
-      runners[('scratch', seed)] = generate(sampler, labels, seed=seed, batch_size=batch_size,
-                                            log_every=0)
+      runners[('scratch', seed)] = inp.inpaint(runners['inpaint'], images,
+                                               np.zeros_like(known), labels, seed=seed,
+                                               batch_size=batch_size)
     return runners[('scratch', seed)]
-  if 'inpaint' not in runners:       # one program for every method and switch point
-    runners['inpaint'] = inp.build_inpainter(model, cfg, inpaint_config(method))
   inpainter = runners['inpaint'].with_config(inpaint_config(method))
   return inp.inpaint(inpainter, images, known, labels, seed=seed, batch_size=batch_size)
 
@@ -160,16 +170,16 @@ def reference(images: np.ndarray, labels: np.ndarray, clf: dc.DigitsClassifier) 
 
 
 def summarize(results: dict) -> dict:
-  """Mean and std over seeds of every (mask, method) metric."""
+  """Mean and std over seeds of every (condition, mask, method) metric."""
   out = {}
-  for kind in results['setup']['masks']:
-    for method in results['setup']['methods']:
-      cells = [results['cells'][f'{kind}/{method}/{s}'] for s in results['setup']['seeds']
-               if f'{kind}/{method}/{s}' in results['cells']]
-      if cells:
-        out[f'{kind}/{method}'] = {m: dict(mean=float(np.mean([c[m] for c in cells])),
-                                           std=float(np.std([c[m] for c in cells])),
-                                           n=len(cells)) for m in METRICS}
+  for cond, kind, method in itertools.product(CONDITIONS, results['setup']['masks'],
+                                              results['setup']['methods']):
+    keys = [f'{cond}/{kind}/{method}/{s}' for s in results['setup']['seeds']]
+    cells = [results['cells'][k] for k in keys if k in results['cells']]
+    if cells:
+      out[f'{cond}/{kind}/{method}'] = {m: dict(mean=float(np.mean([c[m] for c in cells])),
+                                                std=float(np.std([c[m] for c in cells])),
+                                                n=len(cells)) for m in METRICS}
   return out
 
 
@@ -197,28 +207,35 @@ def method_title(method: str) -> str:
   return METHOD_TITLES[method]
 
 
+CONDITION_TITLES = {'class': 'conditioned on the true class, guided',
+                    'none': 'unconditional (null class), unguided'}
+
+
 def plot_examples(results: dict, path: str, n: int = 6) -> str:
-  """One panel per mask: rows of original, input (unknown grey), then each method."""
+  """One panel per (condition, mask): rows of original, input (unknown grey), each method."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   images, _ = held_out(results['setup']['num_images'])
   methods = results['setup']['methods']
-  fig, axes = plt.subplots(1, len(MASKS), figsize=(4.2 * len(MASKS), 1.0 + 0.75 * n),
+  fig, axes = plt.subplots(len(CONDITIONS), len(MASKS), squeeze=False,
+                           figsize=(4.2 * len(MASKS), len(CONDITIONS) * (1.0 + 0.75 * n)),
                            constrained_layout=True)
-  for ax, kind in zip(axes, MASKS):
-    known = study_masks(kind, n, 16, 4)
-    cols = [images[:n], np.where(known[..., None], images[:n], 0.0)]
-    cols += [np.clip(np.asarray(results['examples'][f'{kind}/{m}'], np.float32)[:n], -1, 1)
-             for m in methods]
-    tiles = np.stack(cols, 1).reshape((-1, 16, 16, 1))
-    ax.imshow(cli_io.grid_image(cli_io.to_uint8(tiles), ncols=len(cols)), interpolation='nearest')
-    ax.set_title(MASK_TITLES[kind], fontsize=10)
-    ax.set_xticks([(i + 0.5) * 18 - 1 for i in range(len(cols))])
-    ax.set_xticklabels(['original', 'input'] + [_short(m) for m in methods], fontsize=8,
-                       rotation=30)
-    ax.set_yticks([])
-  fig.savefig(path, dpi=110)
+  for row, cond in enumerate(CONDITIONS):
+    for ax, kind in zip(axes[row], MASKS):
+      known = study_masks(kind, n, 16, 4)
+      cols = [images[:n], np.where(known[..., None], images[:n], 0.0)]
+      cols += [np.clip(np.asarray(results['examples'][f'{cond}/{kind}/{m}'], np.float32)[:n],
+                       -1, 1) for m in methods]
+      tiles = np.stack(cols, 1).reshape((-1, 16, 16, 1))
+      ax.imshow(cli_io.grid_image(cli_io.to_uint8(tiles), ncols=len(cols)),
+                interpolation='nearest')
+      ax.set_title(f'{MASK_TITLES[kind]}; {CONDITION_TITLES[cond]}', fontsize=9)
+      ax.set_xticks([(i + 0.5) * 18 - 1 for i in range(len(cols))])
+      ax.set_xticklabels(['original', 'input'] + [_short(m) for m in methods], fontsize=8,
+                         rotation=30)
+      ax.set_yticks([])
+  fig.savefig(path, dpi=100)
   plt.close(fig)
   return path
 
@@ -230,18 +247,20 @@ def _short(method: str) -> str:
 def table(results: dict) -> list[str]:
   s, ref = results['summary'], results['reference']
   lines = []
-  for kind in MASKS:
-    lines += [f'**{MASK_TITLES[kind]}**', '',
-              '| method | class accuracy | Frechet distance | known-pixel MAE | unknown-pixel RMSE |',
-              '|---|---|---|---|---|']
-    for method in results['setup']['methods']:
-      c = s[f'{kind}/{method}']
-      lines.append(f'| {method_title(method)} | ' + ' | '.join(
-          f"{c[m]['mean']:.3f} ± {c[m]['std']:.3f}" for m in METRICS) + ' |')
-    k = ref[f'{kind}/known_only']
-    lines.append('| (known pixels only, rest background) | ' + ' | '.join(
-        f'{k[m]:.3f}' for m in METRICS) + ' |')
-    lines.append('')
+  for cond in CONDITIONS:
+    for kind in MASKS:
+      lines += [f'**{MASK_TITLES[kind]}, {CONDITION_TITLES[cond]}**', '',
+                '| method | class accuracy | Frechet distance | known-pixel MAE | '
+                'unknown-pixel RMSE |', '|---|---|---|---|---|']
+      for method in results['setup']['methods']:
+        c = s[f'{cond}/{kind}/{method}']
+        lines.append(f'| {method_title(method)} | ' + ' | '.join(
+            f"{c[m]['mean']:.3f} ± {c[m]['std']:.3f}" for m in METRICS) + ' |')
+      if cond == CONDITIONS[0]:
+        k = ref[f'{kind}/known_only']
+        lines.append('| (known pixels only, rest background) | ' + ' | '.join(
+            f'{k[m]:.3f}' for m in METRICS) + ' |')
+      lines.append('')
   return lines
 
 
@@ -255,8 +274,9 @@ def write_report(results: dict, out: str, command: str = '') -> tuple[str, str]:
       '',
       f"Model `{st['model']}`; {st['num_images']} held-out digits; sampler "
       f"{st['sampler']['sampler']} with {st['sampler']['steps']} steps, guidance scale "
-      f"{st['sampler']['cfg_scale']}; seeds {st['seeds']} (mean ± std over seeds). Classifier "
-      f"accuracy on the originals: {results['reference']['originals_class_accuracy']:.3f}.", '',
+      f"{st['sampler']['cfg_scale']} (class condition; the unconditional runs are unguided); "
+      f"seeds {st['seeds']} (mean ± std over seeds). Classifier accuracy on the originals: "
+      f"{results['reference']['originals_class_accuracy']:.3f}.", '',
       f'![inpainting examples]({os.path.basename(png)})', '', *table(results)]
   path = out + '.md'
   atomic.write_text(path, '\n'.join(md) + '\n')
