@@ -5,7 +5,8 @@ r"""Inpaint images with a trained MDT: complete the unknown region of each image
         [--sampler=ddpm --steps=250 --cfg_scale=3.8 ...]
 
 IMAGES.npz: arr_0, the images, uint8 [N, H, W, C] (the layout mdt_jax.sample writes) or float in
-[-1, 1]; arr_1, their class labels (used when --labels is not given). MASKS.npz: arr_0, [N, H, W]
+[-1, 1]; arr_1, their class labels (used when --labels is not given; --labels=none completes
+without a class, from the known region alone). MASKS.npz: arr_0, [N, H, W]
 (or [N, H, W, 1]) of 1 (known) and 0 (unknown) at image resolution. A latent model encodes the
 images with its VAE (the latent mean) and knows a latent pixel when every image pixel of its
 cell is known; its known region comes back through the decoder, so it is close to the original,
@@ -96,7 +97,9 @@ def main(argv):
   pixel_channels = mc.in_channels if sm.space == 'pixel' else 3
   images = to_unit_range(data['arr_0'], pixel_channels)
   n = len(images)
-  if FLAGS['labels'].present:
+  if FLAGS['labels'].present and FLAGS.labels == 'none':
+    labels = np.full(n, mc.num_classes, np.int32)           # the null class: unconditional
+  elif FLAGS['labels'].present:
     labels = labels_lib.make_labels(labels_lib.parse_labels(FLAGS.labels), n, mc.num_classes,
                                      FLAGS.seed)
   elif 'arr_1' in data:

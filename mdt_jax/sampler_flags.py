@@ -36,7 +36,7 @@ flags.DEFINE_enum('guided_channels', 'first3', ['first3', 'all'],
                   'Guide eps channels 0..2 (the original) or all.')
 flags.DEFINE_bool('clip_denoised', False, 'Clip x0 predictions to [-1, 1].')
 flags.DEFINE_string('labels', 'uniform', 'uniform | balanced | comma-separated class ids '
-                    '(mdt_jax.inpaint: default the images file\'s labels).')
+                    '(mdt_jax.inpaint: default the images file\'s labels; none: no class).')
 flags.DEFINE_integer('seed', 0, 'Random seed (sample i uses fold_in(seed key, i)).')
 flags.DEFINE_integer('batch_size', 64, 'Global batch size per sampling call.')
 flags.DEFINE_string('vae', None, 'VAE folder for latent models (default: the model\'s).')

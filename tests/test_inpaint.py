@@ -121,6 +121,8 @@ def test_bad_input_is_refused(model):
   for bad in (dict(method='x'), dict(resample=0), dict(mdt_fraction=1.5)):
     with pytest.raises(ValueError, match=list(bad)[0]):
       inp.InpaintConfig(**bad)
+  with pytest.raises(ValueError, match=r'class ids must be in \[0, 11\)'):   # 10: null class
+    inp.inpaint(inp.build_inpainter(model, cfg), images, np.ones((2, 8, 8)), [10, 11])
   with pytest.raises(ValueError, match=r'images must have shape \[N, 8, 8, 1\]'):
     inp.check_images(np.zeros((2, 8, 8, 3), np.float32), (8, 8, 1))
 
@@ -178,7 +180,7 @@ def test_cli_pixel_and_latent_model_folders(tmp_path, model, monkeypatch):
   rgb = np.round((np.repeat(images, 3, -1) + 1) * 127.5).astype(np.uint8)
   np.savez(tmp_path / 'rgb.npz', rgb)
   _run_cli('--model=latent', '--images=rgb.npz', '--masks=masks.npz', '--out=lat',
-           '--labels=1,2', '--method=repaint', '--resample=2')
+           '--labels=none', '--method=repaint', '--resample=2')
   with np.load(tmp_path / 'lat' / 'inpainted.npz') as f:
     assert f['arr_0'].shape == (3, 8, 8, 3) and f['arr_0'].std() > 0
-    np.testing.assert_array_equal(f['arr_1'], [1, 2, 1])
+    np.testing.assert_array_equal(f['arr_1'], [NUM_CLASSES] * 3)     # the null class
