@@ -16,6 +16,7 @@ completion may be right and still differ).
 """
 from __future__ import annotations
 
+import base64
 import dataclasses
 import itertools
 import json
@@ -132,7 +133,7 @@ def run_study(model_dir: str, out: str, *, seeds=(0, 1, 2), mdt_fractions=(0.5,)
           cell['seconds'] = round(time.time() - t0, 1)
           results['cells'][key] = cell
           if seed == seeds[0]:
-            results['examples'][f'{cond}/{kind}/{method}'] = x[:EXAMPLES].tolist()
+            results['examples'][f'{cond}/{kind}/{method}'] = encode_examples(x[:EXAMPLES])
           logging.info('%s: %s', key, cell)
           _write_json(results, out + '.json')
   results['summary'] = summarize(results)
@@ -141,6 +142,17 @@ def run_study(model_dir: str, out: str, *, seeds=(0, 1, 2), mdt_fractions=(0.5,)
 
 
 EXAMPLES = 8
+
+
+def encode_examples(x: np.ndarray) -> str:
+  """Example completions [n, 16, 16, 1] as base64 of their uint8 pixels (compact JSON)."""
+  return base64.b64encode(cli_io.to_uint8(x)[..., 0].tobytes()).decode('ascii')
+
+
+def decode_examples(text: str) -> np.ndarray:
+  """uint8 [n, 16, 16, 3] from encode_examples."""
+  g = np.frombuffer(base64.b64decode(text), np.uint8).reshape(-1, 16, 16, 1)
+  return np.repeat(g, 3, axis=-1)
 
 
 def _complete(runners: dict, model, cfg, method: str, images, known, labels, seed: int,
@@ -224,12 +236,11 @@ def plot_examples(results: dict, path: str, n: int = 6) -> str:
   for row, cond in enumerate(CONDITIONS):
     for ax, kind in zip(axes[row], MASKS):
       known = study_masks(kind, n, 16, 4)
-      cols = [images[:n], np.where(known[..., None], images[:n], 0.0)]
-      cols += [np.clip(np.asarray(results['examples'][f'{cond}/{kind}/{m}'], np.float32)[:n],
-                       -1, 1) for m in methods]
-      tiles = np.stack(cols, 1).reshape((-1, 16, 16, 1))
-      ax.imshow(cli_io.grid_image(cli_io.to_uint8(tiles), ncols=len(cols)),
-                interpolation='nearest')
+      cols = [cli_io.to_uint8(images[:n]),
+              cli_io.to_uint8(np.where(known[..., None], images[:n], 0.0))]
+      cols += [decode_examples(results['examples'][f'{cond}/{kind}/{m}'])[:n] for m in methods]
+      tiles = np.stack(cols, 1).reshape((-1, 16, 16, 3))
+      ax.imshow(cli_io.grid_image(tiles, ncols=len(cols)), interpolation='nearest')
       ax.set_title(f'{MASK_TITLES[kind]}; {CONDITION_TITLES[cond]}', fontsize=9)
       ax.set_xticks([(i + 0.5) * 18 - 1 for i in range(len(cols))])
       ax.set_xticklabels(['original', 'input'] + [_short(m) for m in methods], fontsize=8,
