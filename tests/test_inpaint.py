@@ -10,7 +10,7 @@ from flax import nnx
 
 import mdt_jax
 from mdt_jax.sampling import SamplerConfig, build_sampler, data_mesh, generate
-from mdt_jax.sampling import inpaint as inp
+from mdt_jax.sampling import cli_io, inpaint as inp
 
 NUM_CLASSES = 10
 
@@ -184,3 +184,31 @@ def test_cli_pixel_and_latent_model_folders(tmp_path, model, monkeypatch):
   with np.load(tmp_path / 'lat' / 'inpainted.npz') as f:
     assert f['arr_0'].shape == (3, 8, 8, 3) and f['arr_0'].std() > 0
     np.testing.assert_array_equal(f['arr_1'], [NUM_CLASSES] * 3)     # the null class
+
+
+def test_study_masks_and_report_tables():
+  from mdt_jax.studies import inpainting as study
+  low, right, rnd = (study.study_masks(k, 3, 16, 4) for k in study.MASKS)
+  assert low[:, :8].all() and not low[:, 8:].any()
+  assert right[:, :, :8].all() and not right[:, :, 8:].any()
+  tokens = np.asarray(inp.token_masks(rnd, 4))
+  assert (tokens.sum(1) == 8).all()                                   # half of 16 tokens
+  np.testing.assert_array_equal(np.asarray(inp.token_masks(~rnd, 4)), ~tokens)  # whole patches
+  assert not np.array_equal(tokens[0], tokens[1])                     # one draw per image
+  x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 1)).astype(np.float32)
+  np.testing.assert_array_equal(study.decode_examples(study.encode_examples(x)),
+                                np.repeat(cli_io.to_uint8(x)[..., :1], 3, -1))
+  methods = study.method_names([0.5])
+  cells = {f'{c}/{k}/{m}/{s}': dict(class_accuracy=0.5 + s / 10, fd=1.0, known_mae=0.0,
+                                    unknown_rmse=0.3)
+           for c in study.CONDITIONS for k in study.MASKS for m in methods for s in (0, 1)}
+  results = dict(setup=dict(masks=list(study.MASKS), methods=methods, seeds=[0, 1]),
+                 cells=cells, reference={f'{k}/known_only': dict(class_accuracy=0.1, fd=9.0,
+                                                                 known_mae=0.0, unknown_rmse=0.9)
+                                         for k in study.MASKS})
+  results['summary'] = study.summarize(results)
+  acc = results['summary']['none/lower_half/mdt@0.5']['class_accuracy']
+  assert acc['mean'] == pytest.approx(0.55) and acc['std'] == pytest.approx(0.05)
+  text = '\n'.join(study.table(results))
+  assert '| MDT side-interpolater (first 50% of steps) | 0.550 ± 0.050 |' in text
+  assert text.count('(known pixels only') == len(study.MASKS)

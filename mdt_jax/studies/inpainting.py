@@ -103,7 +103,8 @@ def run_study(model_dir: str, out: str, *, seeds=(0, 1, 2), mdt_fractions=(0.5,)
   from mdt_jax.diffusion import objective_of
   from mdt_jax.hub.pretrained import make_sampler_config
   cfg = make_sampler_config(sm.sampling, sm.model.config.in_channels,
-                            int(sm.diffusion.get('num_timesteps', 1000)), objective_of(sm.diffusion))
+                            int(sm.diffusion.get('num_timesteps', 1000)),
+                            objective_of(sm.diffusion))
   images, labels = held_out(num_images)
   clf = dc.load_digits_classifier()
   methods = method_names(mdt_fractions)
@@ -281,7 +282,8 @@ def write_report(results: dict, out: str, command: str = '') -> tuple[str, str]:
   st = results['setup']
   md = [
       '# Inpainting on the digits: general vs MDT side-interpolater vs from scratch', '',
-      f"Written by `{command or 'python tools/inpainting.py'}` from `{os.path.basename(out)}.json`.",
+      f"Written by `{command or 'python tools/inpainting.py'}` from "
+      f"`{os.path.basename(out)}.json`.",
       '',
       f"Model `{st['model']}`; {st['num_images']} held-out digits; sampler "
       f"{st['sampler']['sampler']} with {st['sampler']['steps']} steps, guidance scale "
