@@ -71,6 +71,24 @@ def test_mdt_method_keeps_known_pixels_and_reduces_to_plain_sampling(model):
   assert np.abs(rep_out[~k] - out[~k]).max() > 1e-3
 
 
+def test_masked_pass_with_a_count_per_sample_and_a_full_buffer(model):
+  """The inpainting form of the masked pass (len_keep [B, 1], keep_buffer=L) equals the
+  training form (one scalar count, the ratio's buffer) sample by sample."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 1)), jnp.float32)
+  t, y = jnp.array([10, 500]), jnp.array([1, 2])
+  ids = jnp.asarray(np.stack([rng.permutation(16), rng.permutation(16)]), jnp.int32)
+  counts = (5, 11)                                   # 11: the largest the 0.3 ratio keeps
+  run = jax.jit(lambda *a, buffer=None: model(*a[:3], ids_shuffle=a[3], len_keep=a[4],
+                                               keep_buffer=buffer), static_argnames='buffer')
+  both = run(x, t, y, ids, jnp.array([[c] for c in counts]), buffer=16)
+  for i, c in enumerate(counts):
+    one = run(x[i:i + 1], t[i:i + 1], y[i:i + 1], ids[i:i + 1], jnp.int32(c))
+    np.testing.assert_allclose(both[i:i + 1], one, atol=2e-5)
+  with pytest.raises(ValueError, match='keep_buffer must be in'):
+    model(x, t, y, ids_shuffle=ids, len_keep=3, keep_buffer=17)
+
+
 def test_token_masks_need_every_pixel_of_a_patch():
   m = np.zeros((2, 4, 4), bool)
   m[0, :2] = True
