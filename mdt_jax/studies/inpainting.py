@@ -242,7 +242,7 @@ def plot_examples(results: dict, path: str, n: int = 6) -> str:
       cols += [decode_examples(results['examples'][f'{cond}/{kind}/{m}'])[:n] for m in methods]
       tiles = np.stack(cols, 1).reshape((-1, 16, 16, 3))
       ax.imshow(cli_io.grid_image(tiles, ncols=len(cols)), interpolation='nearest')
-      ax.set_title(f'{MASK_TITLES[kind]}; {CONDITION_TITLES[cond]}', fontsize=9)
+      ax.set_title(f'{MASK_TITLES[kind]}\n{CONDITION_TITLES[cond]}', fontsize=9)
       ax.set_xticks([(i + 0.5) * 18 - 1 for i in range(len(cols))])
       ax.set_xticklabels(['original', 'input'] + [_short(m) for m in methods], fontsize=8,
                          rotation=30)
