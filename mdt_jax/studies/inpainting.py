@@ -196,6 +196,19 @@ def summarize(results: dict) -> dict:
   return out
 
 
+def paired_differences(results: dict, metric: str) -> dict:
+  """Per seed, metric(method) - metric(general method), for the MDT methods: the seeds share
+  their draws across methods, so these differences are sharper than the spread over seeds."""
+  out, seeds = {}, results['setup']['seeds']
+  for cond, kind, method in itertools.product(CONDITIONS, results['setup']['masks'],
+                                              results['setup']['methods']):
+    if method.startswith('mdt@'):
+      out[f'{cond}/{kind}/{method}'] = [
+          results['cells'][f'{cond}/{kind}/{method}/{s}'][metric]
+          - results['cells'][f'{cond}/{kind}/repaint/{s}'][metric] for s in seeds]
+  return out
+
+
 def _load(path: str, setup: dict) -> dict | None:
   if not os.path.isfile(path):
     return None
@@ -273,7 +286,16 @@ def table(results: dict) -> list[str]:
         lines.append('| (known pixels only, rest background) | ' + ' | '.join(
             f'{k[m]:.3f}' for m in METRICS) + ' |')
       lines.append('')
-  return lines
+  lines += ['**MDT minus general, per seed (same draws)**', '',
+            '| condition | mask | method | class accuracy | Frechet distance |',
+            '|---|---|---|---|---|']
+  acc, fd = (paired_differences(results, m) for m in ('class_accuracy', 'fd'))
+  for key in acc:
+    cond, kind, method = key.split('/')
+    lines.append(f'| {cond} | {MASK_TITLES[kind]} | {method} | '
+                 + ', '.join(f'{v:+.3f}' for v in acc[key]) + ' | '
+                 + ', '.join(f'{v:+.2f}' for v in fd[key]) + ' |')
+  return lines + ['']
 
 
 def write_report(results: dict, out: str, command: str = '') -> tuple[str, str]:
