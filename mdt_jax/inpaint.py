@@ -108,6 +108,8 @@ def main(argv):
     raise app.UsageError(f'{FLAGS.images} holds no labels (arr_1): pass --labels')
   if labels.shape != (n,):
     raise ValueError(f'{labels.size} labels for {n} images')
+  if cfg.cfg_scale is not None and (labels == mc.num_classes).all():
+    cfg = dataclasses.replace(cfg, cfg_scale=None)   # null vs null: guidance would change nothing
   vae = cli_io.load_vae(sm, paths.resolve_optional(FLAGS.vae)) if sm.space == 'latent' else None
   postprocess = cli_io.make_postprocess(sm, vae=vae)
   x, model_masks = images, masks

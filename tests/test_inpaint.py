@@ -202,6 +202,7 @@ def test_cli_pixel_and_latent_model_folders(tmp_path, model, monkeypatch):
   with np.load(tmp_path / 'lat' / 'inpainted.npz') as f:
     assert f['arr_0'].shape == (3, 8, 8, 3) and f['arr_0'].std() > 0
     np.testing.assert_array_equal(f['arr_1'], [NUM_CLASSES] * 3)     # the null class
+  assert json.loads((tmp_path / 'lat' / 'run.json').read_text())['sampler']['cfg_scale'] is None
 
 
 def test_study_masks_and_report_tables():
