@@ -8,6 +8,27 @@ from __future__ import annotations
 import numpy as np
 
 NUM_CLASSES = 10
+SPLITS = ('all', 'train', 'test')
+SPLIT_SEED = 0          # one fixed train / test split for every user (classifier, studies)
+TEST_FRACTION = 0.2
+
+
+def split_indices(n: int) -> tuple[np.ndarray, np.ndarray]:
+  """The fixed (train, test) index split of the n images (test: 20%, sorted indices)."""
+  perm = np.random.default_rng(SPLIT_SEED).permutation(n)
+  n_test = int(round(n * TEST_FRACTION))
+  return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+def select_split(images: np.ndarray, labels: np.ndarray, split: str = 'all'
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """The images and labels of one split: 'all', 'train' (80%) or 'test' (the held-out 20%)."""
+  if split not in SPLITS:
+    raise ValueError(f'digits split must be one of {SPLITS}, got {split!r}')
+  if split == 'all':
+    return images, labels
+  idx = split_indices(len(labels))[0 if split == 'train' else 1]
+  return images[idx], labels[idx]
 
 
 def load_digits_images(size: int = 16) -> tuple[np.ndarray, np.ndarray]:

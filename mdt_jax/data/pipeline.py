@@ -21,7 +21,7 @@ import ml_collections
 import numpy as np
 
 from mdt_jax import paths
-from mdt_jax.data.digits import load_digits_images
+from mdt_jax.data.digits import load_digits_images, select_split
 from mdt_jax.data.records import LATENT_SCALE, decode_latent_record
 
 SOURCES = ('digits', 'latents')
@@ -69,7 +69,7 @@ def sample_latent(record: bytes, rng: np.random.Generator, flip: bool = True) ->
 
 def make_source(cfg: ml_collections.ConfigDict):
   if cfg.name == 'digits':
-    images, labels = load_digits_images(cfg.image_size)
+    images, labels = select_split(*load_digits_images(cfg.image_size), cfg.get('split', 'all'))
     return ArraySource(images, labels)
   if cfg.name == 'latents':
     files = latent_files(cfg.path)

@@ -38,13 +38,12 @@ import optax
 from flax import nnx
 
 from mdt_jax import paths
+from mdt_jax.data.digits import split_indices  # the train / test split is fixed, whatever the seed
 from mdt_jax.evaluation.metrics import feature_statistics, frechet_distance
 
 VERSION = 1
 NUM_CLASSES = 10
 FEATURE_DIM = 64
-SPLIT_SEED = 0          # the train / test split is fixed, whatever the training seed
-TEST_FRACTION = 0.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,13 +99,6 @@ def check_images(images, size: int = 16, what: str = 'images') -> np.ndarray:
     raise ValueError(f'{what} must lie in [-1, 1], got values in [{lo:.3g}, {hi:.3g}] '
                      '(clip samples with np.clip(x, -1, 1))')
   return arr.astype(np.float32)
-
-
-def split_indices(n: int) -> tuple[np.ndarray, np.ndarray]:
-  """The fixed (train, test) index split of the dataset."""
-  perm = np.random.default_rng(SPLIT_SEED).permutation(n)
-  n_test = int(round(n * TEST_FRACTION))
-  return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
 
 def _augment(key: jax.Array, x: jax.Array, noise_std: float) -> jax.Array:

@@ -222,12 +222,15 @@ class MDT(nnx.Module):
 
   def __call__(self, x: Array, t: Array, y: Array, *, rng: Array | None = None,
                train: bool = False, enable_mask: bool = False,
-               ids_shuffle: Array | None = None, len_keep: Array | int | None = None) -> Array:
+               ids_shuffle: Array | None = None, len_keep: Array | int | None = None,
+               keep_buffer: int | None = None) -> Array:
     """x [B, H, W, C], t [B] timesteps, y [B] labels -> [B, H, W, 2C] (C without learn_sigma).
 
     ``train=True`` applies label dropout (needs ``rng``). The masked pass runs when
     ``ids_shuffle`` and ``len_keep`` are given, or when ``enable_mask`` is set (the mask is then
-    drawn from ``rng`` with the official distribution).
+    drawn from ``rng`` with the official distribution). ``len_keep`` is a scalar or [B, 1] (a
+    count per sample); ``keep_buffer`` is the static size of the masked encoder's buffer (default:
+    the largest count the training distribution draws; inpainting keeps up to every token).
     """
     cfg = self.config
     self._check_inputs(x, t, y)
@@ -255,7 +258,10 @@ class MDT(nnx.Module):
     full_index = jnp.asarray(relative_position_index(cfg.grid))
     if ids_shuffle is None:
       return self._plain(u, c, full_index)
-    return self._masked(u, c, full_index, ids_shuffle, jnp.asarray(len_keep, jnp.int32))
+    if keep_buffer is not None and not 1 <= keep_buffer <= cfg.num_tokens:
+      raise ValueError(f'keep_buffer must be in [1, {cfg.num_tokens}], got {keep_buffer}')
+    return self._masked(u, c, full_index, ids_shuffle, jnp.asarray(len_keep, jnp.int32),
+                        keep_buffer)
 
   def _finish(self, x: Array, c: Array) -> Array:
     return self.unpatchify(self.final_layer(x, c)).astype(jnp.float32)
@@ -288,11 +294,11 @@ class MDT(nnx.Module):
     return self._finish(self._decoder(x, c, index, u), c)
 
   def _masked(self, u: Array, c: Array, index: Array, ids_shuffle: Array,
-              len_keep: Array) -> Array:
+              len_keep: Array, keep_buffer: int | None = None) -> Array:
     cfg = self.config
     b, n, d = u.shape
     ratio = cfg.mask_ratio if cfg.mask_ratio is not None else 0.0
-    k = masking.buffer_size(n, ratio, cfg.mask_buffer_multiple)
+    k = keep_buffer or masking.buffer_size(n, ratio, cfg.mask_buffer_multiple)
     ids_keep = ids_shuffle[:, :k]
     slot_valid = jnp.arange(k)[None, :] < len_keep                       # [1, K]
     x = jnp.take_along_axis(u, ids_keep[:, :, None], axis=1)             # [B, K, D]

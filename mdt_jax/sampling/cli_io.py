@@ -49,14 +49,8 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
   return np.repeat(out, 3, axis=-1) if out.shape[-1] == 1 else out
 
 
-def make_postprocess(sm: SamplingModel, vae_dir: str | None = None
-                     ) -> Callable[[np.ndarray], np.ndarray]:
-  """Samples -> uint8 images: VAE decode of latents / latent_scale, or pixels directly.
-
-  Loads the VAE now, so a missing decoder fails before sampling starts.
-  """
-  if sm.space == 'pixel':
-    return to_uint8
+def load_vae(sm: SamplingModel, vae_dir: str | None = None):
+  """The VAE (mdt_jax.vae.VAE) of a latent model: `vae_dir`, else the model's own."""
   vae_dir = vae_dir or sm.vae_dir
   if not vae_dir:
     raise ValueError('this is a latent model but no VAE is known: pass --vae=DIR (a VAE folder '
@@ -66,9 +60,21 @@ def make_postprocess(sm: SamplingModel, vae_dir: str | None = None
                             '(tools/convert_vae.py) and pass --vae=DIR')
   try:
     from mdt_jax import vae as vae_lib
-    vae = vae_lib.load(paths.resolve(vae_dir))
+    return vae_lib.load(paths.resolve(vae_dir))
   except ImportError as e:
     raise ImportError(f'decoding latents needs mdt_jax.vae, which is not available: {e}') from e
+
+
+def make_postprocess(sm: SamplingModel, vae_dir: str | None = None, vae: Any = None
+                     ) -> Callable[[np.ndarray], np.ndarray]:
+  """Samples -> uint8 images: VAE decode of latents / latent_scale, or pixels directly.
+
+  Loads the VAE now (unless a loaded `vae` is given), so a missing decoder fails before
+  sampling starts.
+  """
+  if sm.space == 'pixel':
+    return to_uint8
+  vae = vae or load_vae(sm, vae_dir)
   scale = sm.latent_scale
   return lambda latents: to_uint8(np.asarray(vae.decode(np.asarray(latents) / scale)))
 

@@ -26,8 +26,9 @@ def base_config() -> ml_collections.ConfigDict:
                      t_sampling='uniform', t_logit_mean=0.0, t_logit_scale=1.0, t_shift=1.0)
   # prefetch: batches the host readers keep ready; device_prefetch: batches already copied to
   # the devices ahead of the step
+  # split: digits only, 'all' or 'train' (holds out the fixed 20% test split, data/digits.py)
   c.data = dict(name='latents', path='', image_size=256, flip=True, num_threads=8, prefetch=8,
-                device_prefetch=2, vae_decoder='stabilityai/sd-vae-ft-ema')
+                device_prefetch=2, vae_decoder='stabilityai/sd-vae-ft-ema', split='all')
   c.global_batch_size = 256
   c.total_steps = 400_000
   c.optimizer = dict(name='adan', learning_rate=3e-4, b1=0.98, b2=0.92, b3=0.99, eps=1e-8,
