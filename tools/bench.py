@@ -8,6 +8,10 @@
       --config.model.attention_impl=cudnn --config.model.mask_buffer_multiple=8 --modes= \
       --parity=attention_impl=xla,mask_buffer_multiple=1 --parity=dtype=float32,attention_impl=xla
 
+  # the train step against the original's in PyTorch (same weights and batch, interleaved)
+  python tools/bench.py --config=configs/mdtv2_s2.py --config.global_batch_size=8 --modes=mdt \
+      --steps=3 --repeats=5 --torch_train_baseline
+
 Prints Markdown tables and writes JSON. See BENCHMARKS.md for recorded figures.
 """
 import json
@@ -31,6 +35,10 @@ flags.DEFINE_integer('dpm_steps', 20, 'DPM-Solver++ steps')
 flags.DEFINE_bool('torch_baseline', False, 'with --sampling: also time the same guided '
                   'DDPM sampler in PyTorch, float32 and eager (the original\'s way), and report '
                   'the speed-up over it')
+flags.DEFINE_bool('torch_train_baseline', False, 'also time the original\'s train step in '
+                  'PyTorch, float32 and eager (both branches, Adan, EMA; '
+                  'mdt_jax/torch_reference/train.py) on the same weights and batch, interleaved '
+                  'with the JAX step\'s repeats, and report the speed-up over it')
 flags.DEFINE_bool('eager_baseline', False, 'with --sampling: also time the same guided DDPM '
                   'sampler in JAX, float32, op by op without jit (a float32 eager baseline '
                   'that needs no PyTorch)')
@@ -66,7 +74,7 @@ def train_steps(config, record):
       raise app.UsageError(f'unknown mode {mode!r}; expected mdt or dit')
     record('train', benchmark.bench_train_step(
         config, mask_branch=mode == 'mdt', steps=FLAGS.steps, repeats=FLAGS.repeats,
-        compile_only=FLAGS.compile_only))
+        compile_only=FLAGS.compile_only, torch_baseline=FLAGS.torch_train_baseline))
 
 
 def memory_fit(config, record):
@@ -138,7 +146,11 @@ def main(argv):
   config = FLAGS.config
   for flag in ('torch_baseline', 'eager_baseline'):
     if FLAGS[flag].value and not FLAGS.sampling:
-      raise app.UsageError(f'--{flag} compares samplers: add --sampling')
+      raise app.UsageError(f'--{flag} compares samplers: add --sampling (the train step\'s '
+                           'baseline is --torch_train_baseline)')
+  if FLAGS.torch_train_baseline and (FLAGS.compile_only or not FLAGS.modes):
+    raise app.UsageError('--torch_train_baseline times train steps: it needs --modes and no '
+                         '--compile_only')
   record = Recorder(FLAGS.out)
   if FLAGS.parity:
     parity_checks(config, record)

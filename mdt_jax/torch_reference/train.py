@@ -186,7 +186,7 @@ class TorchTrainStep:
                eps: float = 1e-8, weight_decay: float = 0.0, clip_norm: float = 1.0,
                ema_decay: float = 0.9999, mask_branch: bool = True,
                min_snr_gamma: float | None = 5.0, num_timesteps: int = 1000,
-               schedule: str = 'linear', generator: torch.Generator | None = None):
+               schedule: str = 'linear'):
     if mask_branch and model.config.mask_ratio is None:
       raise ValueError('mask_branch=True needs model.mask_ratio (the official value is 0.3)')
     self.model = model.train()
@@ -194,7 +194,6 @@ class TorchTrainStep:
     self.mask_branch = mask_branch
     self.min_snr_gamma = min_snr_gamma
     self.ema_decay = ema_decay
-    self.generator = generator
     self.trainable = [p for p in model.parameters() if p.requires_grad]
     self.optimizer = Adan(self.trainable, learning_rate, betas, eps, weight_decay,
                           clip_norm or 0.0)
@@ -222,8 +221,7 @@ class TorchTrainStep:
     """One step on latents x0 [B, C, H, W] and labels y [B]; returns the branch losses."""
     self.model.zero_grad(set_to_none=False)
     if draws is None:
-      t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device,
-                        generator=self.generator)
+      t = torch.randint(0, self.diffusion.num_timesteps, (x0.shape[0],), device=x0.device)
     else:
       t = draws.t
     loss_fn = lambda masked, d: self.diffusion.training_losses(
