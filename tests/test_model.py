@@ -10,7 +10,7 @@ from flax import nnx
 import reference_mdt as ref
 from mdt_jax import MDT, MDTConfig, count_params, model_config
 from mdt_jax.hub import official
-from mdt_jax.models import masking
+from mdt_jax.models import layers, masking, platform
 from mdt_jax.models.layers import relative_position_index, sincos_2d
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=6, num_heads=4,
@@ -270,6 +270,45 @@ def test_cudnn_attention_needs_even_lengths_and_says_how_to_pad():
   assert MDTConfig(attention_impl='xla').masked_impl == 'xla'            # 'same' by default
 
 
+def test_cpu_code_computes_what_the_accelerator_code_computes():
+  """XLA:CPU's variants (2-D dense products, the einsum attention; mdt_jax.models.platform) give
+  the outputs and gradients of the general code: the masked pass runs both (the encoder with a
+  key mask, the side block and decoder without), with label drops."""
+  cfg = tiny(mask_ratio=0.3, depth=3, decode_layer=1)
+  _, model = _load_random(cfg, seed=4)
+  x, t, y = (jnp.asarray(a) for a in _inputs())
+  graphdef, params = nnx.split(model)
+
+  def loss(params):
+    out = nnx.merge(graphdef, params)(x, t, y, rng=jax.random.key(1), train=True,
+                                      enable_mask=True)
+    return jnp.mean(jnp.sin(out) * out), out
+
+  results = []
+  for cpu in (True, False):
+    with platform.assume_xla_cpu(cpu):
+      results.append(jax.jit(jax.grad(loss, has_aux=True))(params))
+  (g_cpu, out_cpu), (g_gen, out_gen) = results
+  assert float(jnp.abs(out_gen).max()) > 0.5
+  np.testing.assert_allclose(out_cpu, out_gen, atol=1e-5, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_cpu), jax.tree.leaves(g_gen)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_auto_attention_is_the_einsum_form_on_the_cpu(monkeypatch):
+  calls = []
+  real = layers.attention_einsum
+  monkeypatch.setattr(layers, 'attention_einsum', lambda *a: calls.append(1) or real(*a))
+  m = MDT(tiny(mask_ratio=0.3), rngs=nnx.Rngs(0))
+  x, t, y = (jnp.asarray(a) for a in _inputs())
+  masked = lambda x: m(x, t, y, rng=jax.random.key(0), enable_mask=True)
+  jax.eval_shape(masked, x)                                  # tracing is enough
+  assert len(calls) == 7                                     # 4 encoder, side, 2 decoder
+  with platform.assume_xla_cpu(False):
+    jax.eval_shape(masked, x)
+  assert len(calls) == 7
+
+
 def test_masked_encoder_uses_its_own_attention_implementation(monkeypatch):
   seen = []
   real = jax.nn.dot_product_attention
@@ -283,6 +322,7 @@ def test_masked_encoder_uses_its_own_attention_implementation(monkeypatch):
   m(x, t, y)
   assert set(seen) == {('xla', False)} and len(seen) == 6          # plain pass: 6 blocks
   seen.clear()
-  m(x, t, y, rng=jax.random.key(0), enable_mask=True)
+  with platform.assume_xla_cpu(False):     # auto on the CPU is the einsum form (no call here)
+    m(x, t, y, rng=jax.random.key(0), enable_mask=True)
   # encoder (4 blocks) on the kept tokens with a key mask; side block and decoder (1 + 2) not
   assert seen == [(None, True)] * 4 + [('xla', False)] * 3

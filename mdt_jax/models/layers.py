@@ -184,9 +184,25 @@ class Attention(nnx.Module):
       bias = bias[None]
     mask = None if key_mask is None else key_mask[:, None, None, :]
     impl = self.attention_impl if key_mask is None else self.masked_attention_impl
-    out = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), mask=mask,
-                                       implementation=impl)
+    if impl is None and platform.xla_cpu():
+      out = attention_einsum(q, k, v, bias.astype(q.dtype), mask)
+    else:
+      out = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), mask=mask,
+                                         implementation=impl)
     return self.proj(out.reshape(b, n, d))
+
+
+def attention_einsum(q: Array, k: Array, v: Array, bias: Array, mask: Array | None) -> Array:
+  """softmax(q k^T / sqrt(h) + bias) v written out: q, k, v [B, T, N, H], bias [B|1, N, T, S],
+  mask [B, 1, 1, S] (True = real key). What `jax.nn.dot_product_attention` computes on its XLA
+  path, in the form XLA:CPU runs fastest (`mdt_jax.models.platform`): no vmapped group axis,
+  the scale on q ([T, H]) rather than on the logits ([T, S])."""
+  logits = jnp.einsum('btnh,bsnh->bnts', q * (q.shape[-1] ** -0.5), k,
+                      preferred_element_type=jnp.float32) + bias
+  if mask is not None:
+    logits = jnp.where(mask, logits, -0.7 * jnp.finfo(logits.dtype).max)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum('bnts,bsnh->btnh', probs, v)
 
 
 class Mlp(nnx.Module):
