@@ -87,12 +87,16 @@ def train_step_flops(cfg: MDTConfig, batch: int, mask_branch: bool, executed: bo
 
 # ------------------------------------------------------------------------------ measurement
 
-def _timed(fn, repeats: int) -> list[float]:
+def _timed(fn, repeats: int, cpu_times: list[float] | None = None) -> list[float]:
+  """Wall seconds of each of `repeats` calls (this process's CPU seconds appended to
+  `cpu_times`: on shared cores the work done, where wall time also counts waiting)."""
   out = []
   for _ in range(repeats):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     jax.block_until_ready(fn())
     out.append(time.perf_counter() - t0)
+    if cpu_times is not None:
+      cpu_times.append(time.process_time() - c0)
   return out
 
 
@@ -130,7 +134,8 @@ def bench_train_step(config: ml_collections.ConfigDict, *, mask_branch: bool, st
   recorded as a `jax.profiler` trace there. With `torch_baseline`, the original's step in
   PyTorch (`mdt_jax.torch_reference.train`) starts from the same weights and batch, and each
   timed repeat of the JAX step is followed by one of it (interleaved, so that load on shared
-  cores hits both alike); the ratio of the medians is `speedup_vs_torch_f32`.
+  cores hits both alike); the ratio of the medians is `speedup_vs_torch_f32`, that of the
+  process CPU times `speedup_vs_torch_f32_cpu_time`.
   """
   mc = MDTConfig.from_dict(config.model.to_dict())
   mesh = sharding.make_mesh(config.mesh.to_dict())
@@ -177,10 +182,10 @@ def bench_train_step(config: ml_collections.ConfigDict, *, mask_branch: bool, st
     with jax.profiler.trace(trace_dir):
       times = _timed(run, repeats)
   elif torch_run:
-    times, torch_times = [], []
+    times, torch_times, cpu, torch_cpu = [], [], [], []
     for _ in range(repeats):
-      times += _timed(run, 1)
-      torch_times += _timed(torch_run, 1)
+      times += _timed(run, 1, cpu)
+      torch_times += _timed(torch_run, 1, torch_cpu)
   else:
     times = _timed(run, repeats)
   step_s = statistics.median(times) / steps
@@ -198,6 +203,9 @@ def bench_train_step(config: ml_collections.ConfigDict, *, mask_branch: bool, st
     torch_s = statistics.median(torch_times) / steps
     out.update(torch_step_s=torch_s, torch_images_per_s=batch / torch_s,
                speedup_vs_torch_f32=torch_s / step_s,
+               cpu_s_per_step=statistics.median(cpu) / steps,
+               torch_cpu_s_per_step=statistics.median(torch_cpu) / steps,
+               speedup_vs_torch_f32_cpu_time=statistics.median(torch_cpu) / statistics.median(cpu),
                speedup_vs_torch_f32_per_repeat=[b / a for a, b in zip(times, torch_times)],
                jax_step_s_per_repeat=[t / steps for t in times],
                torch_step_s_per_repeat=[t / steps for t in torch_times],
@@ -442,7 +450,8 @@ def markdown_table(rows: list[dict], keys: list[str]) -> str:
 
 
 TRAIN_KEYS = ['branches', 'device_kind', 'devices', 'global_batch', 'dtype', 'remat',
-              'steps_per_s', 'images_per_s', 'torch_images_per_s', 'speedup_vs_torch_f32', 'model_tflop_per_step', 'xla_tflop_per_step',
+              'steps_per_s', 'images_per_s', 'torch_images_per_s', 'speedup_vs_torch_f32',
+              'speedup_vs_torch_f32_cpu_time', 'model_tflop_per_step', 'xla_tflop_per_step',
               'achieved_tflops_per_device', 'mfu', 'compile_s', 'memory_peak_estimate_gb',
               'device_peak_memory_gb']
 SAMPLE_KEYS = ['sampler', 'steps', 'cfg_scale', 'batch', 'dtype', 'device_kind', 'images_per_s',

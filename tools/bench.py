@@ -39,6 +39,11 @@ flags.DEFINE_bool('torch_train_baseline', False, 'also time the original\'s trai
                   'PyTorch, float32 and eager (both branches, Adan, EMA; '
                   'mdt_jax/torch_reference/train.py) on the same weights and batch, interleaved '
                   'with the JAX step\'s repeats, and report the speed-up over it')
+flags.DEFINE_integer('torch_threads', None, 'PyTorch\'s thread count for the baselines '
+                     '(default: torch\'s own)')
+flags.DEFINE_bool('single_thread', False, 'run XLA:CPU single-threaded (and PyTorch with '
+                  '--torch_threads=1): with `taskset -c 0`, both on one core, where the CPU-time '
+                  'ratio holds however busy the other cores are')
 flags.DEFINE_bool('eager_baseline', False, 'with --sampling: also time the same guided DDPM '
                   'sampler in JAX, float32, op by op without jit (a float32 eager baseline '
                   'that needs no PyTorch)')
@@ -151,6 +156,15 @@ def main(argv):
   if FLAGS.torch_train_baseline and (FLAGS.compile_only or not FLAGS.modes):
     raise app.UsageError('--torch_train_baseline times train steps: it needs --modes and no '
                          '--compile_only')
+  if FLAGS.single_thread:       # read when the CPU backend starts, which is still to come
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               ' --xla_cpu_multi_thread_eigen=false').strip()
+    if FLAGS.torch_threads not in (None, 1):
+      raise app.UsageError(f'--single_thread with --torch_threads={FLAGS.torch_threads}')
+    FLAGS.torch_threads = 1
+  if FLAGS.torch_threads:
+    import torch
+    torch.set_num_threads(FLAGS.torch_threads)
   record = Recorder(FLAGS.out)
   if FLAGS.parity:
     parity_checks(config, record)
