@@ -1,11 +1,26 @@
-"""Folders written whole or not at all: a temporary folder beside the target, renamed into place."""
+"""Files and folders written whole or not at all, on a local disk and on object storage.
+
+Local folders: a temporary folder beside the target, renamed into place. Object storage has no
+rename of folders: a folder there is staged on the local disk, uploaded file by file, and then
+published by one small marker object (``MARKER``, listing the files) written last; readers check
+it with ``require_complete``. A single object needs no marker: it appears only when its upload
+completes, and an upload stopped by an error is discarded.
+"""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
-from typing import Iterator
+from typing import IO, Iterator
+
+from mdt_jax import paths
+
+# The marker that publishes a folder on object storage (as orbax's commit_success.txt does for
+# its checkpoints there): written after every other file of the folder.
+MARKER = '_COMPLETE'
+_COPY_CHUNK = 16 << 20
 
 
 def share_modes(folder: str) -> None:
@@ -19,20 +34,26 @@ def share_modes(folder: str) -> None:
 
 
 def check_writable(out_dir: str, overwrite: bool) -> None:
-  if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) \
-      and not overwrite:
+  p = paths.path(out_dir)
+  if p.exists() and (not p.is_dir() or any(p.iterdir())) and not overwrite:
     raise FileExistsError(f'{out_dir} exists and is not empty (pass overwrite=True, or '
                           '--overwrite, to replace it)')
 
 
 @contextlib.contextmanager
 def atomic_folder(out_dir: str, overwrite: bool = False) -> Iterator[str]:
-  """Yield an empty temporary folder; when the block succeeds it replaces ``out_dir``.
+  """Yield an empty local temporary folder; when the block succeeds it replaces ``out_dir``.
 
-  On any error the temporary folder is removed and ``out_dir`` is left as it was.
+  On any error the temporary folder is removed and ``out_dir`` is left as it was. For a gs://
+  ``out_dir`` the folder is published with ``publish`` (marker last).
   """
-  out_dir = os.path.abspath(out_dir)
+  out_dir = paths.resolve(out_dir)
   check_writable(out_dir, overwrite)
+  if paths.is_remote(out_dir):
+    with tempfile.TemporaryDirectory(prefix='mdt_jax-publish-') as tmp:
+      yield tmp
+      publish(tmp, out_dir)
+    return
   parent = os.path.dirname(out_dir)
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f'.tmp-{os.path.basename(out_dir)}-', dir=parent)
@@ -49,3 +70,66 @@ def atomic_folder(out_dir: str, overwrite: bool = False) -> Iterator[str]:
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def publish(local_dir: str, out_dir: str) -> None:
+  """Upload a local folder to ``out_dir`` (object storage), replacing what is there; the marker
+  goes first out of an old folder and last into the new one, so a reader never takes a folder
+  that is being replaced, or whose upload stopped, for a complete one."""
+  dest = paths.path(out_dir)
+  marker = dest / MARKER
+  if marker.exists():
+    marker.unlink()
+  if dest.exists():
+    dest.rmtree()
+  files = {}
+  for root, _, names in os.walk(local_dir):
+    for name in sorted(names):
+      src = os.path.join(root, name)
+      rel = os.path.relpath(src, local_dir).replace(os.sep, '/')
+      with open(src, 'rb') as f, (dest / rel).open('wb') as g:
+        shutil.copyfileobj(f, g, _COPY_CHUNK)
+      files[rel] = os.path.getsize(src)
+  marker.write_text(json.dumps({'files': files}, indent=2, sort_keys=True))
+
+
+def require_complete(folder: str, what: str = 'folder') -> None:
+  """Refuse a folder on object storage whose marker is missing (local folders are renamed into
+  place whole and need none)."""
+  if paths.is_remote(folder) and not (paths.path(folder) / MARKER).exists():
+    raise FileNotFoundError(
+        f'{what} {folder} has no {MARKER} marker: on object storage a folder is published by '
+        f'writing {MARKER} after all its files, so this one is being written, or its writer '
+        'stopped before it finished; write it again')
+
+
+@contextlib.contextmanager
+def atomic_file(path: str) -> Iterator[IO[bytes]]:
+  """A binary file written whole or not at all: a local file through a temporary file renamed
+  into place; an object directly (it appears when the upload completes; an error discards it)."""
+  path = paths.resolve(path)
+  if paths.is_remote(path):
+    f = paths.path(path).open('wb')
+    try:
+      yield f
+    except BaseException:
+      f.discard()         # fsspec: abandon a started (resumable) upload
+      f.closed = True     # and never commit the buffer of a small one when the file is collected
+      raise
+    f.close()
+    return
+  tmp = f'{path}.tmp-{os.getpid()}'
+  try:
+    with open(tmp, 'wb') as f:
+      yield f
+    os.replace(tmp, path)
+  except BaseException:
+    with contextlib.suppress(FileNotFoundError):
+      os.remove(tmp)
+    raise
+
+
+def write_text(path: str, text: str) -> None:
+  """A text file (UTF-8) written whole or not at all."""
+  with atomic_file(path) as f:
+    f.write(text.encode())

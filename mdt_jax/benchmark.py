@@ -100,7 +100,8 @@ def _timed(fn, repeats: int, cpu_times: list[float] | None = None) -> list[float
   return out
 
 
-def _memory(compiled) -> dict:
+def memory_figures(compiled) -> dict:
+  """Per-device memory of a compiled program in GB ({} where the backend gives none)."""
   try:
     m = compiled.memory_analysis()
   except Exception:  # noqa: BLE001 - not every backend implements it
@@ -110,8 +111,9 @@ def _memory(compiled) -> dict:
   args, outs = m.argument_size_in_bytes, m.output_size_in_bytes
   temp, alias = m.temp_size_in_bytes, m.alias_size_in_bytes
   # alias: output buffers that reuse donated arguments (the train state), not counted twice
-  return {'memory_args_gb': args / 1e9, 'memory_temp_gb': temp / 1e9,
-          'memory_alias_gb': alias / 1e9,
+  return {'memory_args_gb': args / 1e9, 'memory_output_gb': outs / 1e9,
+          'memory_temp_gb': temp / 1e9, 'memory_alias_gb': alias / 1e9,
+          'memory_code_gb': m.generated_code_size_in_bytes / 1e9,
           'memory_peak_estimate_gb': (args + outs + temp - alias) / 1e9}
 
 
@@ -163,7 +165,7 @@ def bench_train_step(config: ml_collections.ConfigDict, *, mask_branch: bool, st
   if flops is not None:
     # XLA reports the per-device program; scale to the whole mesh.
     out['xla_tflop_per_step'] = flops * jax.device_count() / 1e12
-  out.update(_memory(compiled))
+  out.update(memory_figures(compiled))
   if compile_only:
     return out
   holder = {'s': state}
@@ -241,11 +243,12 @@ def _torch_train_run(config: ml_collections.ConfigDict, state, data: dict, mask_
   return run
 
 
-def memory_estimate_gb(config: ml_collections.ConfigDict, *, mask_branch: bool,
-                       global_batch: int) -> float:
-  """Peak device memory of the compiled train step (compile only, nothing allocated)."""
+def lower_train_step(config: ml_collections.ConfigDict, *, mask_branch: bool, global_batch: int,
+                     devices=None):
+  """The config's train step lowered on abstract inputs (nothing allocated) over `devices`
+  (default: this host's), e.g. the compile-only devices of a TPU topology."""
   mc = MDTConfig.from_dict(config.model.to_dict())
-  mesh = sharding.make_mesh(config.mesh.to_dict())
+  mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
   opt = make_optimizer(config.optimizer)
   structs, shardings, graphdef = abstract_train_state(mc, opt, mesh, config.sharding_rules)
   bsh = sharding.batch_sharding(mesh)
@@ -254,28 +257,51 @@ def memory_estimate_gb(config: ml_collections.ConfigDict, *, mask_branch: bool,
   shape = (global_batch, mc.input_size, mc.input_size, mc.in_channels)
   batch = {'x': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=bsh),
            'y': jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=bsh)}
-  mem = _memory(step.lower(structs, batch).compile())
+  return step.lower(structs, batch)
+
+
+def memory_estimate_gb(config: ml_collections.ConfigDict, *, mask_branch: bool,
+                       global_batch: int, devices=None) -> float:
+  """Peak device memory of the compiled train step (compile only, nothing allocated).
+
+  The TPU compiler refuses a program larger than the chip's HBM; its message's figure (total
+  memory required) is returned then.
+  """
+  lowered = lower_train_step(config, mask_branch=mask_branch, global_batch=global_batch,
+                             devices=devices)
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    from mdt_jax.perf.tpu import compiler_memory_figures
+    figures = compiler_memory_figures(str(e))
+    if figures is None:
+      raise
+    return figures[0]
+  mem = memory_figures(compiled)
   if 'memory_peak_estimate_gb' not in mem:
     raise RuntimeError(f'{jax.default_backend()} gives no memory analysis of compiled programs')
   return mem['memory_peak_estimate_gb']
 
 
 def fit_batch(config: ml_collections.ConfigDict, *, mask_branch: bool, budget_gb: float,
-              probe: int | None = None, max_compiles: int = 8) -> dict:
+              probe: int | None = None, max_compiles: int = 8, devices=None) -> dict:
   """Largest global batch whose compiled step fits ``budget_gb`` per device.
 
   Memory is roughly affine in the batch (weights and optimizer state + activations per sample):
   two compiles give a first guess, secant steps over batches that are multiples of the
   data-parallel size settle it, with bisection where the line stalls (each probe is one compile,
-  nothing is allocated; `max_compiles` caps them).
+  nothing is allocated; `max_compiles` caps them). `devices`: the mesh's (default: this
+  host's), e.g. a TPU topology's compile-only devices.
   """
-  mesh = sharding.make_mesh(config.mesh.to_dict())
+  devices = list(jax.devices() if devices is None else devices)
+  mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
   dp = sharding.data_parallel_size(mesh)
   seen: dict[int, float] = {}
 
   def mem(b: int) -> float:
     if b not in seen:
-      seen[b] = memory_estimate_gb(config, mask_branch=mask_branch, global_batch=b)
+      seen[b] = memory_estimate_gb(config, mask_branch=mask_branch, global_batch=b,
+                                   devices=devices)
     return seen[b]
 
   def line_guess(x0: int, x1: int) -> int | None:
@@ -330,7 +356,7 @@ def fit_batch(config: ml_collections.ConfigDict, *, mask_branch: bool, budget_gb
           'affine_guess_global_batch': guess,
           'max_global_batch': lo, 'max_per_device_batch': lo // dp,
           'estimate_at_max_gb': seen.get(lo), 'exact': hi is not None and hi - lo <= dp,
-          'compiles': len(seen), 'device_kind': jax.devices()[0].device_kind}
+          'compiles': len(seen), 'device_kind': devices[0].device_kind}
 
 
 FIT_KEYS = ['branches', 'device_kind', 'dtype', 'remat', 'budget_gb', 'fixed_gb',

@@ -17,12 +17,16 @@ import sys
 
 from mdt_jax import paths
 
-DEFAULT_WEIGHTS = paths.resolve(os.path.join(
-    os.environ.get('MDT_JAX_CACHE', '~/.cache/mdt_jax'), 'inception_fid.safetensors'))
+WEIGHTS_FILE = paths.INCEPTION_WEIGHTS_FILE
+
+
+def default_weights() -> str:
+  """The Inception weights file in the cache folder (paths.cache_dir, read when called)."""
+  return paths.default_inception_weights()
 
 
 def _ensure_default_weights(path: str) -> None:
-  if os.path.isfile(path) or path != DEFAULT_WEIGHTS:
+  if os.path.isfile(path) or path != default_weights():
     return
   try:
     from mdt_jax.evaluation import convert
@@ -42,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--samples', required=True, help='ADM sample batch .npz (arr_0 uint8 NHWC)')
   p.add_argument('--reference', required=True,
                  help='ADM reference batch .npz or a statistics file from --save_stats')
-  p.add_argument('--inception', default=DEFAULT_WEIGHTS, help='Inception weights file')
+  p.add_argument('--inception', default=None,
+                 help='Inception weights file (default: $MDT_JAX_CACHE/' + WEIGHTS_FILE + ')')
   p.add_argument('--out', default=None, help='write the metrics as JSON here')
   p.add_argument('--batch_size', type=int, default=256,
                  help='global batch (rounded up to a multiple of the device count)')
@@ -55,7 +60,13 @@ def parse_args(argv=None) -> argparse.Namespace:
   p.add_argument('--quiet', action='store_true', help='no progress lines')
   args = p.parse_args(argv)
   for name in ('samples', 'reference', 'inception', 'out', 'cache_dir', 'save_stats'):
-    setattr(args, name, paths.resolve_optional(getattr(args, name)))
+    value = getattr(args, name)
+    if value and paths.is_remote(value):
+      p.error(f'--{name} {value!r} is on object storage: the evaluation reads and writes its '
+              '.npz files, statistics cache and weights on a local disk (copy them with '
+              'gcloud storage cp)')
+    setattr(args, name, paths.resolve_optional(value))
+  args.inception = args.inception or default_weights()
   if args.batch_size < 1:
     p.error(f'--batch_size must be >= 1, got {args.batch_size}')
   return args

@@ -2,6 +2,10 @@ r"""Sample from a trained MDT into the ADM evaluator's .npz layout.
 
     python -m mdt_jax.sample --model=DIR --num_samples=50000 --cfg_scale=3.8 --scale_pow=4 \
         --sampler=ddpm --steps=250 --seed=0 --out=OUT
+    python -m mdt_jax.sample --model=FLOW_DIR --sampler=heun --steps=50 ... --out=OUT
+
+DDPM-objective models take ddpm | ddim | dpm_solver++, flow-objective models (the folder's
+diffusion.objective) euler | heun | euler_maruyama; the other family is refused.
 
 DIR is a model folder, a training workdir or a Hub id. Settings not given on the command line
 come from the model's recommended 'sampling' settings, then from the defaults below. Writes
@@ -10,16 +14,18 @@ OUT/shards/*.npz (a restarted run skips finished shards), OUT/samples.npz (arr_0
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 
 from absl import app, flags, logging
+
+from mdt_jax import paths
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', None, 'Model folder, training workdir or Hub repo id.')
 flags.DEFINE_string('out', None, 'Output folder.')
 flags.DEFINE_integer('num_samples', 50000, 'Number of samples.')
-flags.DEFINE_string('sampler', 'ddpm', 'ddpm | ddim | dpm_solver++.')
+flags.DEFINE_string('sampler', 'ddpm', 'DDPM models: ddpm | ddim | dpm_solver++; flow models: '
+                    'euler | heun | euler_maruyama (SDE).')
 flags.DEFINE_integer('steps', 250, 'Sampling steps (model evaluations).')
 flags.DEFINE_string('respacing', '', 'DDPM/DDIM respacing, e.g. "ddim50" or "10,15,20" '
                     '(default: the step count).')
@@ -28,7 +34,14 @@ flags.DEFINE_float('cfg_scale', 3.8, 'Classifier-free guidance scale (1: no guid
 flags.DEFINE_enum('guidance', 'power_cosine', ['power_cosine', 'constant'],
                   'Guidance scale schedule.')
 flags.DEFINE_float('scale_pow', 4.0, 'Exponent of the power-cosine schedule.')
-flags.DEFINE_string('guidance_interval', '', 'Guide only for original timesteps lo,hi.')
+flags.DEFINE_string('guidance_interval', '', 'Guide only for original timesteps lo,hi (flow '
+                    'models: model time, t * num_timesteps).')
+flags.DEFINE_float('time_shift', 1.0, 'Flow samplers: shift of the time grid, '
+                   't -> k t / (1 + (k - 1) t).')
+flags.DEFINE_enum('sde_diffusion', 'sigma', ['sigma', 'constant'],
+                  'euler_maruyama: diffusion coefficient w(t) (SiT\'s diffusion_form).')
+flags.DEFINE_float('sde_diffusion_norm', 1.0, 'euler_maruyama: its scale (SiT\'s diffusion_norm).')
+flags.DEFINE_float('sde_last_step', 0.04, 'euler_maruyama: size of the final noise-free step.')
 flags.DEFINE_enum('guided_channels', 'first3', ['first3', 'all'],
                   'Guide eps channels 0..2 (the original) or all.')
 flags.DEFINE_bool('clip_denoised', False, 'Clip x0 predictions to [-1, 1].')
@@ -42,10 +55,12 @@ flags.DEFINE_integer('grid_size', 64, 'Samples shown in samples_grid.png (0: non
 # flag name -> SamplerConfig field, for settings the model folder may recommend
 _RECOMMENDABLE = {'sampler': 'sampler', 'steps': 'steps', 'respacing': 'respacing', 'eta': 'eta',
                   'cfg_scale': 'cfg_scale', 'guidance': 'guidance_schedule',
-                  'scale_pow': 'scale_pow', 'guided_channels': 'guided_channels'}
+                  'scale_pow': 'scale_pow', 'guided_channels': 'guided_channels',
+                  'time_shift': 'time_shift', 'sde_diffusion': 'sde_diffusion',
+                  'sde_diffusion_norm': 'sde_diffusion_norm', 'sde_last_step': 'sde_last_step'}
 
 
-def sampler_config(recommended: dict):
+def sampler_config(recommended: dict, objective: str = 'ddpm', num_train_timesteps: int = 1000):
   """SamplerConfig from the flags; flags not given take the model's recommendation."""
   from mdt_jax.sampling.samplers import SamplerConfig
   values = {}
@@ -62,7 +77,8 @@ def sampler_config(recommended: dict):
       interval = tuple(int(v) for v in FLAGS.guidance_interval.split(','))
     except ValueError:
       raise app.UsageError(f'--guidance_interval must be "lo,hi", got {FLAGS.guidance_interval!r}')
-  return SamplerConfig(guidance_interval=interval,
+  return SamplerConfig(guidance_interval=interval, objective=objective,
+                       num_train_timesteps=num_train_timesteps,
                        clip_denoised=FLAGS.clip_denoised, **{
                            k: (v or None) if k == 'respacing' else v for k, v in values.items()})
 
@@ -77,20 +93,21 @@ def main(argv):
   from mdt_jax.sampling.run import run_sampling
   from mdt_jax.sampling.sampler import build_sampler
 
-  from mdt_jax import paths
   labels = labels_lib.parse_labels(FLAGS.labels)
   model_path = FLAGS.model if not os.path.exists(FLAGS.model) else paths.resolve(FLAGS.model)
   sm = cli_io.load_for_sampling(model_path)
   from mdt_jax.hub.pretrained import recommended_fields
-  cfg = sampler_config(recommended_fields(sm.sampling, sm.model.config.in_channels))
+  from mdt_jax.diffusion import objective_of
+  cfg = sampler_config(recommended_fields(sm.sampling, sm.model.config.in_channels),
+                       objective_of(sm.diffusion), int(sm.diffusion.get('num_timesteps', 1000)))
   labels_lib.make_labels(labels, FLAGS.num_samples, sm.model.config.num_classes, FLAGS.seed)
   postprocess = cli_io.make_postprocess(sm, paths.resolve_optional(FLAGS.vae))
   sampler = build_sampler(sm.model, cfg)
   logging.info('sampling %d images: %s on %d device(s)', FLAGS.num_samples, cfg,
                sampler.num_devices)
-  run_sampling(sampler, out_dir=paths.resolve(FLAGS.out), num_samples=FLAGS.num_samples, labels=labels,
-               seed=FLAGS.seed, batch_size=FLAGS.batch_size, shard_size=FLAGS.shard_size,
-               postprocess=postprocess, grid_size=FLAGS.grid_size,
+  run_sampling(sampler, out_dir=paths.resolve(FLAGS.out), num_samples=FLAGS.num_samples,
+               labels=labels, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
+               shard_size=FLAGS.shard_size, postprocess=postprocess, grid_size=FLAGS.grid_size,
                run_info=dict(model=model_path, space=sm.space))
 
 

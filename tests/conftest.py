@@ -1,5 +1,6 @@
 """Every test sees 8 simulated CPU devices (set before jax is imported anywhere)."""
 import os
+import tempfile
 
 # Tests compile many small programs and run them briefly: LLVM's cheapest optimisation level
 # compiles about a third faster.
@@ -12,11 +13,15 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # launches): a persistent compilation cache for the session, inherited by subprocesses.
 _OWN_CACHE = None
 if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-  import tempfile
   _OWN_CACHE = tempfile.mkdtemp(prefix='mdt_jax_test_cache_')
   os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
+# Files the package caches (the digits classifier, converted Inception weights) go to a folder of
+# this session, shared with subprocesses, never to the user's ~/.cache: the digits classifier is
+# trained once per session and no test depends on what an earlier run left behind.
+_DATA_CACHE = tempfile.mkdtemp(prefix='mdt_jax_test_data_cache_')
+os.environ['MDT_JAX_CACHE'] = _DATA_CACHE
 
 import jax  # noqa: E402
 
@@ -25,19 +30,85 @@ assert jax.device_count() == 8, f'expected 8 simulated devices, got {jax.device_
 
 import pytest  # noqa: E402
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def required_distributions(path: str = os.path.join(ROOT, 'requirements-test.txt')) -> list[str]:
+  """The distributions a requirements file pins, following its `-r` includes."""
+  names = []
+  for line in open(path):
+    line = line.split('#', 1)[0].strip()
+    if line.startswith('-r'):
+      names += required_distributions(os.path.join(os.path.dirname(path), line[2:].strip()))
+    elif line:
+      names.append(line.split('==')[0].split('[')[0].strip())
+  return names
+
+
+def pytest_configure(config):
+  """A test dependency that is not installed fails the run here, by name, instead of turning
+  into skips or collection errors further down."""
+  del config
+  from importlib import metadata
+  missing = []
+  for name in required_distributions():
+    try:
+      metadata.version(name)
+    except metadata.PackageNotFoundError:
+      missing.append(name)
+  if missing:
+    raise pytest.UsageError(
+        f'test dependencies not installed: {", ".join(missing)} (pinned in '
+        'requirements-test.txt); run: python -m pip install -r requirements-test.txt -e .')
+
 
 @pytest.fixture(scope='session')
 def full_run(tmp_path_factory):
   """One uninterrupted 6-step run of tests/micro_config.py on 8 devices, shared by the training
-  tests (which copy its workdir) and the multi-process test (its reference)."""
+  tests (which copy its workdir), the interrupted runs (their reference), the export tests and
+  the profile test: it profiles steps 3 and 4 (profiling does not change what is computed)."""
   from micro_config import get_config
   from mdt_jax.training.loop import train_and_evaluate
   work = tmp_path_factory.mktemp('full')
-  return work, train_and_evaluate(get_config(), str(work))
+  config = get_config()
+  config.profile_steps = 2
+  return work, train_and_evaluate(config, str(work))
+
+
+@pytest.fixture(scope='session')
+def gcs(tmp_path_factory):
+  """'gs://mdt-test': a bucket of a GCS emulator on loopback, shared by the session, with every
+  GCS client of the project (gcsfs, TensorStore, ArrayRecord) pointed at it, here and in the
+  subprocesses the tests start. Skipped only where the emulator binary cannot run."""
+  import gcs_emulator
+  from mdt_jax import paths
+  try:
+    server = gcs_emulator.Server(str(tmp_path_factory.mktemp('gcs')))
+  except gcs_emulator.CannotRun as e:
+    pytest.skip(f'no GCS emulator: {e}')
+  env = paths.emulator_env(server.url)
+  old = {k: os.environ.get(k) for k in env}
+  os.environ.update(env)
+  import fsspec
+  # fsspec read FSSPEC_GCS_TOKEN when it was imported, maybe before this fixture set it
+  fsspec.config.conf.setdefault('gcs', {})['token'] = 'anon'
+  assert fsspec.get_filesystem_class('gs').__name__ == 'GCSFileSystem', \
+      'gcsfs was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false was set'
+  try:
+    yield 'gs://mdt-test'
+  finally:
+    server.stop()
+    for k, v in old.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+    fsspec.config.conf.get('gcs', {}).pop('token', None)
 
 
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
-  if _OWN_CACHE:
-    import shutil
-    shutil.rmtree(_OWN_CACHE, ignore_errors=True)
+  import shutil
+  for folder in (_OWN_CACHE, _DATA_CACHE):
+    if folder:
+      shutil.rmtree(folder, ignore_errors=True)

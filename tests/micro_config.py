@@ -15,5 +15,6 @@ def get_config():
   c.ema_decay = 0.9
   c.checkpoint_every_steps = 3
   c.log_every_steps = 3
-  c.async_checkpointing = False
+  # async_checkpointing stays the default (True), as in users' runs: every resume, kill and
+  # preemption test runs it (test_training keeps one test of the synchronous mode)
   return c

@@ -115,7 +115,7 @@ def test_fit_batch_search_settles_on_the_largest_batch(monkeypatch, curve, budge
   # the compile-based estimate itself runs in test_fit_flags_choose_remat_and_cap_the_compiles)
   calls = []
   monkeypatch.setattr(benchmark, 'memory_estimate_gb',
-                      lambda c, mask_branch, global_batch: calls.append(global_batch)
+                      lambda c, mask_branch, global_batch, devices: calls.append(global_batch)
                       or curve(global_batch))
   r = benchmark.fit_batch(get_config(), mask_branch=True, budget_gb=budget, max_compiles=12)
   want = max([b for b in range(8, 4000, 8) if curve(b) <= budget], default=0)

@@ -7,59 +7,7 @@ import numpy as np
 import pytest
 
 from mdt_jax import diffusion as gd
-
-T = 1000
-
-
-# ----------------------------------------------------------------- reference (numpy, float64)
-
-def ref_tables(betas):
-  """Tables from the formulas, written out step by step (loops, no shared code with the package)."""
-  n = len(betas)
-  ac = np.empty(n)
-  prod = 1.0
-  for i, b in enumerate(betas):
-    prod *= (1.0 - b)
-    ac[i] = prod
-  ac_prev = np.array([1.0] + list(ac[:-1]))
-  pv = np.array([betas[i] * (1 - ac_prev[i]) / (1 - ac[i]) for i in range(n)])
-  return dict(
-      alphas_cumprod=ac, alphas_cumprod_prev=ac_prev,
-      sqrt_alphas_cumprod=np.sqrt(ac), sqrt_one_minus_alphas_cumprod=np.sqrt(1 - ac),
-      sqrt_recip_alphas_cumprod=1 / np.sqrt(ac), sqrt_recipm1_alphas_cumprod=np.sqrt((1 - ac) / ac),
-      posterior_variance=pv,
-      posterior_log_variance_clipped=np.log(np.where(np.arange(n) == 0, pv[1], pv)),
-      posterior_mean_coef1=betas * np.sqrt(ac_prev) / (1 - ac),
-      posterior_mean_coef2=(1 - ac_prev) * np.sqrt(1 - betas) / (1 - ac),
-      log_betas=np.log(betas), snr=ac / (1 - ac))
-
-
-def ref_losses(betas, out, x0, xt, t, noise, gamma):
-  """Per-sample (loss, mse, vb) for NHWC model output [B,H,W,2C], in float64 numpy."""
-  tb = ref_tables(betas)
-  c = x0.shape[-1]
-  eps, v = out[..., :c], out[..., c:]
-  g = lambda name: tb[name][t][:, None, None, None]
-  x0_hat = g('sqrt_recip_alphas_cumprod') * xt - g('sqrt_recipm1_alphas_cumprod') * eps
-  mu = g('posterior_mean_coef1') * x0_hat + g('posterior_mean_coef2') * xt
-  frac = (v + 1) / 2
-  logvar = frac * g('log_betas') + (1 - frac) * g('posterior_log_variance_clipped')
-  mu_q = g('posterior_mean_coef1') * x0 + g('posterior_mean_coef2') * xt
-  logvar_q = g('posterior_log_variance_clipped')
-  kl = 0.5 * (-1 + logvar - logvar_q + np.exp(logvar_q - logvar)
-              + (mu_q - mu) ** 2 / np.exp(logvar))
-  cdf = lambda z: 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3)))
-  sd = np.exp(0.5 * logvar)
-  hi, lo = cdf((x0 - mu + 1 / 255) / sd), cdf((x0 - mu - 1 / 255) / sd)
-  logp = np.log(np.maximum(hi - lo, 1e-12))
-  logp = np.where(x0 < -0.999, np.log(np.maximum(hi, 1e-12)), logp)
-  logp = np.where(x0 > 0.999, np.log(np.maximum(1 - lo, 1e-12)), logp)
-  per = lambda a: a.reshape(a.shape[0], -1).mean(1)
-  vb = np.where(t == 0, per(-logp), per(kl)) / np.log(2)
-  mse = per((noise - eps) ** 2)
-  snr = tb['snr'][t]
-  w = np.ones_like(snr) if gamma is None else np.minimum(snr, gamma) / snr
-  return w * mse + vb, mse, vb
+from reference_diffusion import T, ref_losses, ref_tables
 
 
 # ----------------------------------------------------------------- tables and respacing
@@ -114,9 +62,18 @@ def test_space_timesteps_sections_and_ddim():
   assert gd.space_timesteps(10, '2,2,2') == [0, 3, 4, 6, 7, 9]
 
 
-@pytest.mark.parametrize('bad', ['1001', 'ddim999', 'abc', '0', '10,x', 'ddimfoo', '1'])
-def test_bad_respacing(bad):
-  with pytest.raises(ValueError, match=r'step|respac|ddim|integer'):
+@pytest.mark.parametrize('bad, message', [
+    ('1001', "cannot respace a section of 1000 steps into 1001 steps"),
+    ('ddim999', 'cannot respace 1000 steps to exactly 999 steps with an integer stride'),
+    ('abc', "cannot parse step counts 'abc'; expected comma-separated integers"),
+    ('0', "step counts must be positive integers, got '0'"),
+    ('10,x', "cannot parse step counts '10,x'"),
+    ('ddimfoo', 'cannot parse \'ddimfoo\'; expected "ddimN" with an integer N'),
+    ('1', "respacing '1' keeps 1 step\\(s\\); at least 2 are needed"),
+])
+def test_bad_respacing(bad, message):
+  """Each bad value is named with what was expected (the message, not just any error)."""
+  with pytest.raises(ValueError, match=message):
     gd.create_diffusion(bad)
 
 

@@ -12,8 +12,9 @@ from mdt_jax.evaluation import digits_classifier as dc
 
 
 @pytest.fixture(scope='session')
-def cache_dir(tmp_path_factory):
-  return str(tmp_path_factory.mktemp('digits_cache'))
+def cache_dir():
+  """The session's cache folder (conftest.py): the classifier trained here serves every test."""
+  return dc.default_cache_dir()
 
 
 @pytest.fixture(scope='session')

@@ -22,7 +22,6 @@ from mdt_jax.hub.convert import convert_official
 from mdt_jax.hub import Pretrained, sampler_config
 from mdt_jax.hub.folder import load_model_folder
 from mdt_jax.training.checkpoints import load_workdir
-from mdt_jax.training.loop import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_ID = 'mdt-jax-tests/mdt-micro'
@@ -47,9 +46,10 @@ class RecordingApi:
                    for d, _, fs in os.walk(root) for f in fs)
     calls.append({'call': 'upload_folder', 'files': files, **{k: str(v) for k, v in kw.items()}})
 huggingface_hub.HfApi = RecordingApi
-sys.argv = ['tools/export_hub.py'] + sys.argv[1:]
+tool = os.path.join(os.environ['MDT_JAX_ROOT'], 'tools', 'export_hub.py')
+sys.argv = [tool] + sys.argv[1:]
 try:
-  runpy.run_path('tools/export_hub.py', run_name='__main__')
+  runpy.run_path(tool, run_name='__main__')
 finally:
   with open(os.environ['HUB_CALLS'], 'w') as f:
     json.dump(calls, f)
@@ -69,22 +69,21 @@ def _out(model, seed=0):
 
 
 @pytest.fixture(scope='module')
-def run(tmp_path_factory):
-  """A micro training run (2 steps) exported by the tool, with --push_to_hub mocked."""
+def run(full_run, tmp_path_factory):
+  """The session's micro training run (6 steps, checkpoints at 3 and 6; conftest.full_run)
+  exported by the tool, with --push_to_hub mocked. The export only reads the workdir."""
   base = tmp_path_factory.mktemp('export')
-  workdir = str(base / 'workdir')
-  c = get_config()
-  c.total_steps, c.checkpoint_every_steps, c.log_every_steps = 2, 2, 2
-  train_and_evaluate(c, workdir)
+  workdir = str(full_run[0])
   eval_json = base / 'metrics.json'
   eval_json.write_text(json.dumps(EVAL))
   out, calls = base / 'mdt-micro', base / 'calls.json'
-  env = dict(os.environ, PYTHONPATH=ROOT, HUB_CALLS=str(calls), HF_HUB_OFFLINE='1',
-             JAX_PLATFORMS='cpu')
+  env = dict(os.environ, PYTHONPATH=ROOT, MDT_JAX_ROOT=ROOT, HUB_CALLS=str(calls),
+             HF_HUB_OFFLINE='1', JAX_PLATFORMS='cpu')
+  # run from the folder that holds the run: every path relative
   proc = subprocess.run(
-      [sys.executable, '-c', FAKE_HUB_RUNNER, '--workdir', workdir, '--out', str(out),
-       '--eval_json', str(eval_json), '--official_layout', '--official_formats=safetensors,pt',
-       '--push_to_hub', REPO_ID], cwd=ROOT, env=env, capture_output=True, text=True)
+      [sys.executable, '-c', FAKE_HUB_RUNNER, '--workdir', 'workdir', '--out', 'mdt-micro',
+       '--eval_json', 'metrics.json', '--official_layout', '--official_formats=safetensors,pt',
+       '--push_to_hub', REPO_ID], cwd=base, env=env, capture_output=True, text=True)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return dict(base=base, workdir=workdir, out=out, calls=json.loads(calls.read_text()),
               stdout=proc.stdout)
@@ -112,15 +111,17 @@ def test_train_export_load_gives_identical_outputs(run):
   assert cfg['sampling'] == dict(sampler='ddpm', steps=250, cfg_scale=3.8, scale_pow=4.0,
                                  guidance_channels='all')
   assert cfg['data'] == {'space': 'pixel', 'image_size': 8, 'image_channels': 1, 'vae': None}
-  assert 'step 2 (ema_params)' in cfg['source']
+  assert 'step 6 (ema_params)' in cfg['source']
 
 
 def test_raw_weights_and_step_selection(run, tmp_path):
-  out = export.export_workdir(run['workdir'], str(tmp_path / 'raw'), weights='raw', step=2)
-  raw = load_workdir(run['workdir'], weights='params')
+  out = export.export_workdir(run['workdir'], str(tmp_path / 'raw'), weights='raw', step=3)
+  raw = load_workdir(run['workdir'], step=3, weights='params')
   got = _out(load_model_folder(out).model)
   np.testing.assert_array_equal(got, _out(raw.model))
-  assert not np.array_equal(got, _out(load_workdir(run['workdir']).model))   # EMA differs
+  assert not np.array_equal(got, _out(load_workdir(run['workdir'], step=3).model))  # EMA differs
+  # the earlier checkpoint, not the latest (step 6)
+  assert not np.array_equal(got, _out(load_workdir(run['workdir'], weights='params').model))
   assert 'raw (not EMA)' in (tmp_path / 'raw' / 'README.md').read_text()
   assert not (tmp_path / 'raw' / 'official').exists()
   with pytest.raises(FileNotFoundError):

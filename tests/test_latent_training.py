@@ -1,10 +1,16 @@
 """The latent dataset end to end: extract an image folder with a VAE, then train on the shards."""
+import json
+import os
+import sys
+
+import jax
 import numpy as np
 import pytest
 
+import launch
 import mdt_jax.vae as vae_lib
 from micro_config import get_config
-from mdt_jax.data import extract, pipeline
+from mdt_jax.data import pipeline
 from mdt_jax.data.records import LATENT_SCALE, decode_latent_record, encode_latent_record
 from mdt_jax.training.loop import train_and_evaluate
 from test_extract import TINY, make_folder
@@ -29,21 +35,37 @@ def test_sample_latent_draws_the_posterior_and_scales():
     decode_latent_record(b'\x00garbage')
 
 
-def test_extract_then_train_a_few_steps(tmp_path):
+def test_extract_with_the_tool_then_train_and_resume_exactly(tmp_path):
+  """tools/extract_latents.py as users run it on an image folder, then training on its shards:
+  a run stopped at step 2 and resumed to 4 equals the uninterrupted 4 steps (the shard reader's
+  position and the per-record posterior draws are restored)."""
   config = vae_lib.VAEConfig.from_dict(TINY)
-  vae_lib.io.write_folder(str(tmp_path / 'vae'), config, vae_lib.random_params(config, seed=0))
+  vae_dir, latents = str(tmp_path / 'vae'), str(tmp_path / 'latents')
+  vae_lib.io.write_folder(vae_dir, config, vae_lib.random_params(config, seed=0))
   make_folder(tmp_path / 'images')
-  extract.extract(extract.folder_source(str(tmp_path / 'images')),
-                  vae_lib.load(str(tmp_path / 'vae')), str(tmp_path / 'latents'),
-                  image_size=16, batch_size=8, images_per_shard=8)
+  proc = launch.run([sys.executable, os.path.join(launch.ROOT, 'tools', 'extract_latents.py'),
+                     f'--vae_dir={vae_dir}', '--source=folder',
+                     f'--image_dir={tmp_path / "images"}', f'--out={latents}', '--image_size=16',
+                     '--batch_size=8', '--images_per_shard=8', '--num_workers=2'])
+  assert proc.returncode == 0, proc.stdout[-3000:]
+  assert json.load(open(os.path.join(latents, 'manifest.json')))['num_images'] == 21
   c = get_config()
-  c.data = dict(name='latents', path=str(tmp_path / 'latents'), image_size=16, flip=True,
-                num_threads=1, prefetch=2, vae_decoder=str(tmp_path / 'vae'))
+  c.data = dict(name='latents', path=latents, image_size=16, flip=True, num_threads=1,
+                prefetch=2, vae_decoder=vae_dir)
   c.model.input_size, c.model.in_channels, c.model.num_classes = 8, 4, 2
   assert pipeline.element_spec(c.data) == (8, 4)
-  c.global_batch_size, c.total_steps = 8, 2
-  out = train_and_evaluate(c, str(tmp_path / 'work'))
-  assert out['step'] == 2 and np.isfinite(out['loss'])
+  c.global_batch_size, c.total_steps, c.checkpoint_every_steps = 8, 4, 2
+  full = train_and_evaluate(c, str(tmp_path / 'full'))
+  c.total_steps = 2
+  train_and_evaluate(c, str(tmp_path / 'split'))
+  c.total_steps = 4
+  resumed = train_and_evaluate(c, str(tmp_path / 'split'))
+  assert full['step'] == resumed['step'] == 4
+  for name in ('params', 'ema_params', 'opt_state'):
+    for a, b in zip(jax.tree.leaves(jax.device_get(getattr(full['state'], name))),
+                    jax.tree.leaves(jax.device_get(getattr(resumed['state'], name)))):
+      np.testing.assert_array_equal(a, b, err_msg=name)
+  assert np.isfinite(full['loss']) and full['loss'] == resumed['loss']      # step 4's metrics
   c.model.input_size = 16
   with pytest.raises(ValueError, match='gives 8x8x4 inputs but model expects input_size=16'):
     train_and_evaluate(c, str(tmp_path / 'work2'))

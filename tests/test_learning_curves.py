@@ -2,10 +2,12 @@
 import importlib.util
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
 
+import launch
 from mdt_jax.studies import learning_curves as lc
 from mdt_jax.studies import report
 
@@ -31,19 +33,35 @@ def study_config():
   return c
 
 
+# study_config() as command-line overrides
+STUDY_FLAGS = ['--config.train.model.hidden_size=32', '--config.train.model.depth=2',
+               '--config.train.model.num_heads=2', '--config.train.model.decode_layer=0',
+               '--config.train.global_batch_size=16', '--config.train.total_steps=4',
+               '--config.train.checkpoint_every_steps=4', '--config.train.log_every_steps=2',
+               '--config.seeds=(3,)', '--config.eval_every_steps=2',
+               '--config.eval_num_samples=20', '--config.train.sampling.steps=2']
+
+
 @pytest.fixture(scope='module')
 def finished(tmp_path_factory):
+  """The reduced study through tools/learning_curves.py, as users run it (the digits classifier
+  comes from the session's cache folder, conftest.py)."""
   out = str(tmp_path_factory.mktemp('study') / 'speed')
+  proc = launch.run([sys.executable, os.path.join(ROOT, 'tools', 'learning_curves.py'),
+                     f'--out={out}', f'--workdir_root={tmp_path_factory.mktemp("work")}',
+                     *STUDY_FLAGS])
+  assert proc.returncode == 0, proc.stdout[-3000:]
+  with open(out + '.json') as f:
+    results = json.load(f)
   c = study_config()
-  results = lc.run_study(c, out, workdir_root=str(tmp_path_factory.mktemp('work')))
-  return c, out, results
+  assert results['study'] == lc.study_record(c)          # the flags gave study_config()
+  return c, out, results, proc.stdout
 
 
 def test_reduced_study_runs_both_variants_alike(finished):
-  c, out, results = finished
-  with open(out + '.json') as f:
-    saved = json.load(f)
-  assert saved['summary'] == json.loads(json.dumps(results['summary']))
+  c, out, saved, stdout = finished
+  assert '\n'.join(report.conclusion(saved)) in stdout   # the tool's summary of the file
+  assert os.path.isfile(out + '.png') and os.path.isfile(out + '.md')
   runs = {r['variant']: r for r in saved['runs']}
   assert sorted(runs) == ['dit', 'mdt']
   assert runs['mdt']['mask_branch'] and not runs['dit']['mask_branch']
@@ -55,15 +73,16 @@ def test_reduced_study_runs_both_variants_alike(finished):
     assert 0 < r['train_cpu_seconds'][0] < r['train_cpu_seconds'][1]
     assert r['seconds_per_step'] > 0 and r['cpu_seconds_per_step'] > 0
     assert np.isfinite(r['final_loss'])
-  # Same seed, same data and initial weights: only the masked branch differs, so the losses
-  # differ (MDT's is the sum of two branches) while both runs trained.
-  assert runs['mdt']['final_loss'] != runs['dit']['final_loss']
+  # Same seed, data and initial weights; MDT's loss is the sum of two branches, each close to
+  # the baseline's single one after 4 steps: about twice the baseline's (seen: 2.007)
+  ratio = runs['mdt']['final_loss'] / runs['dit']['final_loss']
+  assert 1.8 < ratio < 2.2, ratio
   assert saved['reference']['fd_real_images'] < min(runs['dit']['fd'])
   assert saved['num_params'] > 0
 
 
 def test_finished_runs_are_reused_not_retrained(finished, monkeypatch):
-  c, out, results = finished
+  c, out, results, _ = finished
 
   def fail(*a, **k):
     raise AssertionError('a finished run was trained again')
@@ -78,7 +97,7 @@ def test_finished_runs_are_reused_not_retrained(finished, monkeypatch):
 
 
 def test_report_png_markdown_and_kept_discussion(finished):
-  _, out, results = finished
+  _, out, results, _ = finished
   png, md = report.write(results, out, 'python tools/learning_curves.py --out=x')
   with open(png, 'rb') as f:
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'

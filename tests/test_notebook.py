@@ -9,6 +9,7 @@ import pytest
 from nbclient import NotebookClient
 
 import reference_mdt as ref
+from conftest import TEST_XLA_FLAGS
 from mdt_jax import MDTConfig, model_config
 from mdt_jax.hub import official
 from mdt_jax.hub.folder import save_model_folder
@@ -50,7 +51,8 @@ def test_notebook_runs_top_to_bottom_on_cpu(tmp_path, monkeypatch):
   for k, v in params.items():
     monkeypatch.setenv(k, v)
   monkeypatch.setenv('PYTHONPATH', ROOT)     # the kernel imports this checkout's mdt_jax
-  monkeypatch.setenv('XLA_FLAGS', '--xla_force_host_platform_device_count=2')
+  # the kernel compiles at the suite's cheap optimisation level too (conftest.py)
+  monkeypatch.setenv('XLA_FLAGS', TEST_XLA_FLAGS + ' --xla_force_host_platform_device_count=2')
   monkeypatch.setenv('JAX_PLATFORMS', 'cpu')
   nb = _read()
   NotebookClient(nb, timeout=120, kernel_name='python3',

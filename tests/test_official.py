@@ -15,6 +15,8 @@ from mdt_jax.hub import official
 from mdt_jax.hub.convert import convert_official
 from mdt_jax.hub.folder import load_model_folder
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=6, num_heads=4,
             decode_layer=2, num_classes=10, mask_ratio=0.3)
 
@@ -102,21 +104,24 @@ def test_mismatched_checkpoint_is_refused_with_keys_named(tmp_path):
   assert not [p for p in os.listdir(tmp_path) if p.startswith('.tmp')]
 
 
-def test_convert_tool_and_load_pretrained_match_reference(tmp_path):
+def test_convert_tool_and_load_pretrained_match_reference(tmp_path, monkeypatch):
   cfg = MDTConfig.from_dict(model_config('S/2', **TINY).to_dict())
   sd = ref.random_state_dict(official.layout(cfg), official.index_buffers(cfg), cfg.grid, seed=4)
   ckpt = tmp_path / 'mdt_tiny.pt'
   torch.save({k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}, ckpt)
-  out = tmp_path / 'model'
-  env = dict(os.environ, PYTHONPATH=os.getcwd())
-  subprocess.run([sys.executable, 'tools/convert_official.py', f'--checkpoint={ckpt}',
-                  f'--out={out}'], check=True, env=env, capture_output=True)
+  out = tmp_path / 'models' / 'tiny'
+  # as typed in the folder that holds the checkpoint: relative paths, nothing from pytest's folder
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'convert_official.py'),
+                         '--checkpoint=mdt_tiny.pt', '--out=models/tiny'], cwd=tmp_path,
+                        env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True)
+  assert proc.returncode == 0, proc.stderr[-3000:]
   assert sorted(os.listdir(out)) == ['config.json', 'model.safetensors']
   umask = os.umask(0)
   os.umask(umask)
   assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask            # not mkdtemp's 0o700
   assert os.stat(out / 'model.safetensors').st_mode & 0o777 == 0o666 & ~umask
-  model = mdt_jax.load_pretrained(str(out))
+  monkeypatch.chdir(tmp_path)
+  model = mdt_jax.load_pretrained('models/tiny')
   assert model.config == official.infer_config(sd)
   rng = np.random.default_rng(0)
   x = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)

@@ -56,12 +56,20 @@ def test_bad_specs_are_refused(spec, match):
 
 def test_spec_values_and_unknown_fields(comparison):
   assert parity.parse_overrides('remat=true, mask_buffer_multiple=8,attention_impl=xla,'
-                                'mask_ratio=0.5,attention_impl=none') == {
-      'remat': True, 'mask_buffer_multiple': 8, 'attention_impl': None, 'mask_ratio': 0.5}
+                                'dtype=bfloat16,attention_impl=none') == {
+      'remat': True, 'mask_buffer_multiple': 8, 'attention_impl': None, 'dtype': 'bfloat16'}
   with pytest.raises(ValueError, match=r"unknown model fields \['atention_impl'\]"):
     comparison.against({'atention_impl': 'xla'})
 
 
-def test_a_reference_with_other_weights_is_refused(comparison):
-  with pytest.raises(ValueError, match='hidden_size=64 changes the parameters'):
-    comparison.against({'hidden_size': 64})
+@pytest.mark.parametrize('spec', ['hidden_size=64', 'mask_ratio=0.5',
+                                  'dtype=bfloat16,mask_ratio=0.5', 'class_dropout_prob=0.0'])
+def test_only_compute_options_are_compared(comparison, spec):
+  # mask_ratio keeps every shape yet changes what is computed: refused like a new width, when
+  # the spec is read (before any compile) and by the comparison itself
+  name = spec.split(',')[-1].split('=')[0]
+  match = rf"\['{name}'\] are not compute options; .*compares the compute settings \(dtype, "
+  with pytest.raises(ValueError, match=match):
+    parity.parse_overrides(spec)
+  with pytest.raises(ValueError, match=match):
+    comparison.against({name: 0.5})

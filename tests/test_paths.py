@@ -29,3 +29,17 @@ def test_urls_are_kept_as_typed(tmp_path, monkeypatch):
 def test_an_empty_path_is_refused():
   with pytest.raises(ValueError, match='empty path'):
     paths.resolve('')
+
+
+def test_the_cache_folder_is_read_when_used_and_may_be_relative(tmp_path, monkeypatch):
+  from mdt_jax import evaluate
+  from mdt_jax.evaluation import digits_classifier
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.setenv('MDT_JAX_CACHE', 'cache')
+  assert paths.cache_dir() == str(tmp_path / 'cache')
+  assert digits_classifier.default_cache_dir() == str(tmp_path / 'cache')
+  weights = str(tmp_path / 'cache' / 'inception_fid.safetensors')
+  assert evaluate.parse_args(['--samples', 's.npz', '--reference', 'r.npz']).inception == weights
+  monkeypatch.delenv('MDT_JAX_CACHE')
+  monkeypatch.setenv('HOME', str(tmp_path / 'home'))
+  assert paths.cache_dir() == str(tmp_path / 'home' / '.cache' / 'mdt_jax')

@@ -13,7 +13,10 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
+
+from tensorboard_events import read_events, scalar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Cut the 4,000-step run to a few steps that still save, resume, draw a grid and evaluate.
@@ -60,9 +63,40 @@ def test_readme_quickstart_runs_as_printed_from_a_fresh_folder(tmp_path):
   assert 'resuming from step 2' in out
   work = tmp_path / workdir
   assert sorted(os.listdir(work / 'checkpoints')) == ['2', '4']
-  grid = np.asarray(Image.open(work / 'samples' / 'grid_00000004.png'))
-  # 10 classes x 8 per class of 16x16 digits with 2-pixel gutters, RGB
-  assert grid.shape == (10 * 18 - 2, 8 * 18 - 2, 3), grid.shape
+  check_grid(work / 'samples' / 'grid_00000004.png')
   result = json.loads((work / 'eval.json').read_text())
+  assert sorted(result) == ['digits_class_accuracy', 'digits_fd', 'eval_num_samples', 'step']
   assert result['step'] == 4 and result['eval_num_samples'] == 20
-  assert 0.0 <= result['digits_class_accuracy'] <= 1.0 and result['digits_fd'] > 0
+  # accuracy of 20 samples: a multiple of 1/20 in [0, 1]; the Frechet distance of features
+  # of a 4-step model's samples: finite and positive
+  acc = result['digits_class_accuracy']
+  assert 0.0 <= acc <= 1.0 and abs(acc * 20 - round(acc * 20)) < 1e-9, acc
+  assert np.isfinite(result['digits_fd']) and result['digits_fd'] > 0
+  check_tensorboard(str(work), result)
+
+
+def check_grid(path):
+  """10 classes x 8 per class of 16x16 digits, 2-pixel white gutters, gray RGB, every tile a
+  sample (not blank, not one flat value)."""
+  grid = np.asarray(Image.open(path))
+  assert grid.dtype == np.uint8 and grid.shape == (10 * 18 - 2, 8 * 18 - 2, 3), grid.shape
+  assert (grid[16::18] == 255).all() and (grid[:, 16::18] == 255).all()      # gutters
+  assert (grid[..., 0] == grid[..., 1]).all() and (grid[..., 0] == grid[..., 2]).all()
+  tiles = [grid[r * 18:r * 18 + 16, c * 18:c * 18 + 16, 0] for r in range(10) for c in range(8)]
+  assert all(t.std() > 5 for t in tiles), min(t.std() for t in tiles)
+  # tiles differ from each other (distinct noise per sample)
+  assert len({t.tobytes() for t in tiles}) == len(tiles)
+
+
+def check_tensorboard(workdir: str, result: dict):
+  """The scalars the quickstart logged, read back from its two event files (run and resume):
+  training metrics at steps 2 and 4, the end-of-run evaluation equal to eval.json, the grid."""
+  events = read_events(workdir)
+  for tag in ('loss', 'plain/loss', 'masked/loss', 'grad_norm', 'learning_rate'):
+    assert sorted(events[tag]) == [2, 4], (tag, sorted(events[tag]))
+    for step in (2, 4):
+      assert np.isfinite(scalar(events, tag, step)) and scalar(events, tag, step) > 0
+  assert scalar(events, 'learning_rate', 4) == pytest.approx(1.5e-3, rel=1e-6)   # the config's
+  for tag in ('digits_fd', 'digits_class_accuracy'):
+    assert scalar(events, tag, 4) == pytest.approx(result[tag], rel=1e-6)
+  assert len(events['samples'][4]) == 1

@@ -252,6 +252,55 @@ def test_dpm_solver_solves_the_gaussian_ode():
   assert err['dpm_solver++', 200] < 0.25 * err['ddim', 200], err
 
 
+def class_gaussian_eps(x, t, y, xp=np):
+  """eps of Gaussian data N(m_y, 0.3^2) per class (exact), plus a small nonlinear term: a
+  denoiser whose samples stay in the data range (numpy or jax.numpy via xp)."""
+  ac = xp.asarray(ref_alphas_cumprod())[t][:, None, None, None]
+  a, sig = xp.sqrt(ac), xp.sqrt(1 - ac)
+  m = 0.1 * xp.asarray(y)[:, None, None, None] - 0.4
+  return sig * (x - a * m) / (a ** 2 * 0.09 + sig ** 2) + 0.05 * xp.tanh(2 * x)
+
+
+def diffusers_dpm_solver(steps: int, order: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+  """diffusers' DPMSolverMultistepScheduler (DPM-Solver++, midpoint) on class_gaussian_eps,
+  float64, with the last step first-order to sigma = 0 (lower_order_final off: short runs stay
+  second-order to the end, as this port's plan does)."""
+  import torch
+  from diffusers import DPMSolverMultistepScheduler
+  sched = DPMSolverMultistepScheduler(
+      num_train_timesteps=T, beta_start=1e-4, beta_end=0.02, beta_schedule='linear',
+      algorithm_type='dpmsolver++', solver_order=order, solver_type='midpoint',
+      prediction_type='epsilon', timestep_spacing='linspace', final_sigmas_type='zero',
+      lower_order_final=False)
+  sched.set_timesteps(steps)
+  np.testing.assert_array_equal(sched.timesteps.numpy(), smp.dpm_solver_plan(steps)['timesteps'])
+  x = torch.from_numpy(x)
+  for t in sched.timesteps:
+    eps = class_gaussian_eps(x.numpy(), np.full(len(y), int(t)), y)
+    x = sched.step(torch.from_numpy(eps), t, x).prev_sample
+  return x.numpy()
+
+
+# 5 and 25 steps: k * 999 / N never ends in .5, where diffusers' linspace rounds half to even and
+# the IDDPM spacing (a running float sum) may round the other way (N=20: 500 vs 499)
+@pytest.mark.filterwarnings('ignore:__array__ implementation')   # diffusers' own np.array call
+@pytest.mark.parametrize('steps', [5, 25])
+def test_dpm_solver_matches_diffusers_scheduler(steps):
+  """The same model function and starting noise through both: equal timesteps and samples."""
+  idx, y = np.arange(6), np.array([0, 3, 9, 1, 4, 7])
+  x_T = np.stack([sample_noise(1, i, 0, SHAPE) for i in idx])
+  want = diffusers_dpm_solver(steps, 2, x_T, y)
+  model = lambda x, t, y: class_gaussian_eps(x, t, y, jnp).astype(jnp.float32)
+  got = build_sampler(model, smp.SamplerConfig(sampler='dpm_solver++', steps=steps),
+                      image_shape=SHAPE, num_classes=NUM_CLASSES)(idx, y, 1)
+  assert 0.3 < np.abs(want).max() < 3                  # samples in the data range
+  # float32 vs float64: seen within 3.2e-7
+  atol = 2e-6
+  np.testing.assert_allclose(got, want, atol=atol, rtol=0)
+  # the tolerance tells the second-order solver from the first-order one on the same steps
+  assert np.abs(diffusers_dpm_solver(steps, 1, x_T, y) - want).max() > 100 * atol
+
+
 def test_dpm_solver_plan():
   plan = smp.dpm_solver_plan(5)
   np.testing.assert_array_equal(plan['timesteps'], [999, 799, 599, 400, 200])
@@ -301,7 +350,7 @@ def test_label_modes():
 # ----------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize('kwargs, match', [
-    (dict(sampler='euler'), 'unknown sampler'),
+    (dict(sampler='plms'), 'unknown sampler'),
     (dict(steps=0), 'positive integer'),
     (dict(steps=1001), 'cannot respace'),
     (dict(sampler='ddim', respacing='ddim999'), 'integer stride'),
@@ -378,37 +427,48 @@ def test_run_sampling_shards_resume_and_npz(tmp_path, pixel_sampler):
     run_sampling(sampler, out_dir=out, num_samples=5, labels='balanced', seed=2, shard_size=3)
 
 
-def test_cli_end_to_end_with_model_folder(tmp_path, pixel_sampler):
+def test_cli_end_to_end_with_model_folder(tmp_path, pixel_sampler, monkeypatch):
   from mdt_jax import sample
   from mdt_jax.hub.folder import save_model_folder
   model, _ = pixel_sampler
-  folder = str(tmp_path / 'model')
-  save_model_folder(folder, nnx.state(model, nnx.Param), model.config,
+  save_model_folder(str(tmp_path / 'model'), nnx.state(model, nnx.Param), model.config,
                     data=dict(space='pixel', image_size=8, image_channels=1, vae=None),
                     sampling=dict(sampler='ddim', steps=3, cfg_scale=2.0, scale_pow=4.0,
                                   guidance_channels=3))
-  out = str(tmp_path / 'out')
-  sample.FLAGS(['sample', f'--model={folder}', f'--out={out}', '--num_samples=3',
-                '--batch_size=8', '--seed=0', '--labels=4,5', '--steps=2'])
-  try:
-    sample.main(['sample'])
-  finally:
-    sample.FLAGS.unparse_flags()
-  with open(os.path.join(out, 'run.json')) as f:
-    run = json.load(f)
-  assert run['sampler']['sampler'] == 'ddim'                   # recommended by the folder
-  assert run['sampler']['steps'] == 2                          # given on the command line
-  assert run['sampler']['cfg_scale'] == 2.0 and run['sampler']['guided_channels'] == 'all'
-  with np.load(os.path.join(out, 'samples.npz')) as f:
+  monkeypatch.chdir(tmp_path)                 # every path relative, as typed in that folder
+
+  def run(*argv):
+    sample.FLAGS(['sample', *argv])
+    try:
+      sample.main(['sample'])
+    finally:
+      sample.FLAGS.unparse_flags()
+
+  args = ['--model=model', '--out=out', '--num_samples=3', '--batch_size=8', '--seed=0',
+          '--labels=4,5', '--steps=2', '--shard_size=2']
+  run(*args)
+  out = tmp_path / 'out'
+  with open(out / 'run.json') as f:
+    info = json.load(f)
+  assert info['sampler']['sampler'] == 'ddim'                  # recommended by the folder
+  assert info['sampler']['steps'] == 2                         # given on the command line
+  assert info['sampler']['cfg_scale'] == 2.0 and info['sampler']['guided_channels'] == 'all'
+  with np.load(out / 'samples.npz') as f:
     np.testing.assert_array_equal(f['arr_1'], [4, 5, 4])
     assert f['arr_0'].shape == (3, 8, 8, 3)
+    images = f['arr_0']
+  # A restart (same command, same folder) samples only the missing shard, identically.
+  kept = out / 'shards' / 'shard_00000.npz'
+  stamp = kept.stat().st_mtime_ns
+  os.remove(out / 'shards' / 'shard_00001.npz')
+  os.remove(out / 'samples.npz')
+  run(*args)
+  assert kept.stat().st_mtime_ns == stamp
+  with np.load(out / 'samples.npz') as f:
+    np.testing.assert_array_equal(f['arr_0'], images)
   # Bad input is refused before any sampling.
-  sample.FLAGS(['sample', f'--model={folder}', f'--out={tmp_path / "bad"}', '--sampler=euler'])
-  try:
-    with pytest.raises(ValueError, match='unknown sampler'):
-      sample.main(['sample'])
-  finally:
-    sample.FLAGS.unparse_flags()
+  with pytest.raises(ValueError, match='samplers that fit: ddpm, ddim, dpm_solver'):
+    run('--model=model', '--out=bad', '--sampler=euler')
   assert not os.path.exists(tmp_path / 'bad')
 
 

@@ -1,6 +1,8 @@
 """mdt_jax.vae against diffusers' PyTorch AutoencoderKL (random weights, CPU, float32)."""
 import json
 import os
+import subprocess
+import sys
 
 import jax.numpy as jnp
 import numpy as np
@@ -10,12 +12,16 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from safetensors.numpy import load_file, save_file
 
 import mdt_jax.vae as vae_lib
-from mdt_jax.vae.convert import DIFFUSERS_WEIGHTS
+from mdt_jax.vae.convert import DIFFUSERS_WEIGHTS, diffusers_name
 
 SMALL = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
              latent_channels=4, sample_size=16)
 SD = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
           latent_channels=4, sample_size=256)
+# The SD VAE's structure (4 levels, 2 layers per block, 32 groups, mid-block attention) at a
+# width whose random PyTorch reference runs in a second; the full width is checked from shapes.
+SD_NARROW = dict(SD, block_out_channels=(32, 32, 64, 64))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def torch_vae(cfg: dict, seed: int) -> TorchAutoencoderKL:
@@ -49,10 +55,19 @@ def assert_close(ours, ref):
   np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=2e-5 * scale)
 
 
-def check_parity(tmp_path, cfg: dict, size: int, seed: int):
+def check_parity(tmp_path, cfg: dict, size: int, seed: int, with_tool: bool = False):
   model = torch_vae(cfg, seed)
   model.save_pretrained(tmp_path / 'diffusers', safe_serialization=True)
-  vae = vae_lib.load(vae_lib.convert(str(tmp_path / 'diffusers'), str(tmp_path / 'ours')))
+  if with_tool:      # the converter as users run it
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, 'tools', 'convert_vae.py'),
+         f'--diffusers_dir={tmp_path / "diffusers"}', f'--out={tmp_path / "ours"}'],
+        env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f'wrote {tmp_path / "ours"}' in proc.stdout
+    vae = vae_lib.load(str(tmp_path / 'ours'))
+  else:
+    vae = vae_lib.load(vae_lib.convert(str(tmp_path / 'diffusers'), str(tmp_path / 'ours')))
   rng = np.random.default_rng(seed)
   images = rng.uniform(-1, 1, (2, 3, size, size)).astype(np.float32)
   f = 2 ** (len(cfg['block_out_channels']) - 1)
@@ -67,17 +82,35 @@ def check_parity(tmp_path, cfg: dict, size: int, seed: int):
   return vae
 
 
-def test_parity_small_config(tmp_path):
-  vae = check_parity(tmp_path, SMALL, 16, seed=0)
+def test_parity_small_config_through_the_convert_tool(tmp_path):
+  vae = check_parity(tmp_path, SMALL, 16, seed=0, with_tool=True)
   assert vae.config.block_out_channels == (32, 64)
   assert vae.scaling_factor == pytest.approx(0.18215)
 
 
-def test_parity_sd_vae_config(tmp_path):
-  vae = check_parity(tmp_path, SD, 32, seed=1)
-  n_params = sum(int(np.prod(v.shape)) for v in load_file(
-      str(tmp_path / 'ours' / 'model.safetensors')).values())
-  assert n_params == 83_653_863   # the published sd-vae-ft-mse parameter count
+def test_parity_sd_vae_structure(tmp_path):
+  vae = check_parity(tmp_path, SD_NARROW, 32, seed=1)
+  assert vae.config.downsample_factor == 8 and vae.config.layers_per_block == 2
+
+
+def test_sd_vae_layout_and_parameter_count_from_shapes():
+  """The full-width SD VAE without weights: every diffusers key has its parameter here, in the
+  layout the converter gives (OIHW -> HWIO, linear transposed), and both count the published
+  sd-vae-ft-mse parameters."""
+  n = len(SD['block_out_channels'])
+  with torch.device('meta'):
+    model = TorchAutoencoderKL(down_block_types=('DownEncoderBlock2D',) * n,
+                               up_block_types=('UpDecoderBlock2D',) * n, **SD)
+  theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+  _, ours = vae_lib.io.param_shapes(vae_lib.VAEConfig.from_dict(SD))
+  ours = {diffusers_name(k): tuple(v.shape) for k, v in ours.items()}
+  assert sorted(ours) == sorted(theirs)
+  for k, shape in theirs.items():
+    want = {4: lambda o, i, h, w: (h, w, i, o), 2: lambda o, i: (i, o)}.get(
+        len(shape), lambda *a: a)(*shape) if k.endswith('weight') and len(shape) > 1 else shape
+    assert ours[k] == want, (k, shape, ours[k])
+  assert sum(int(np.prod(s)) for s in theirs.values()) == 83_653_863
+  assert sum(int(np.prod(s)) for s in ours.values()) == 83_653_863
 
 
 def test_old_attention_names_and_bfloat16(tmp_path):

@@ -3,6 +3,11 @@
   python tools/bench.py --config=configs/mdtv2_xl2.py --config.model.dtype=bfloat16 \
       --config.global_batch_size=32 --out=bench.json [--sampling] [--profile=DIR]
 
+  # is the TPU attention kernel's training signal XLA's? (on a CPU: in interpret mode)
+  python tools/bench.py --config=configs/mdtv2_xl2.py --config.model.dtype=bfloat16 \
+      --config.model.depth=6 --config.model.attention_impl=pallas --modes= --interpret_kernels \
+      --parity=attention_impl=xla
+
   # is cuDNN attention's training signal the XLA path's? (loss and gradients, same draws)
   python tools/bench.py --config=configs/mdtv2_xl2.py --config.model.dtype=bfloat16 \
       --config.model.attention_impl=cudnn --config.model.mask_buffer_multiple=8 --modes= \
@@ -14,6 +19,7 @@
 
 Prints Markdown tables and writes JSON. See BENCHMARKS.md for recorded figures.
 """
+import contextlib
 import json
 import os
 
@@ -22,6 +28,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mdt_jax import benchmark, parity, profile_summary
+from mdt_jax.models import attention
 
 config_flags.DEFINE_config_file('config', None, 'experiment config', lock_config=True)
 flags.DEFINE_list('modes', ['mdt', 'dit'], 'train steps to measure: mdt (two branches), dit')
@@ -58,9 +65,12 @@ flags.DEFINE_integer('fit_max_compiles', 8, 'compiles per --fit_memory_gb search
 flags.DEFINE_enum('fit_remat', 'both', ['both', 'off', 'on'], 'rematerialisation settings the '
                   '--fit_memory_gb search covers')
 flags.DEFINE_multi_string('parity', [], 'compare the training loss and its gradients with '
-                          'those of the config\'s model with these fields replaced (same weights, '
-                          'batch and draws), e.g. attention_impl=xla; repeatable')
+                          'those of the config\'s model with these compute options replaced (same '
+                          'weights, batch and draws), e.g. attention_impl=xla; repeatable')
 flags.DEFINE_integer('parity_batch', 8, 'batch of the --parity comparison')
+flags.DEFINE_bool('interpret_kernels', False, 'run the Pallas TPU attention kernel in interpret '
+                  'mode (any backend: its results, not its speed), e.g. --parity of '
+                  'attention_impl=pallas on a CPU')
 flags.DEFINE_string('out', None, 'JSON file for the results')
 flags.DEFINE_string('profile', None, 'write a jax.profiler trace of a few MDT steps here')
 FLAGS = flags.FLAGS
@@ -167,7 +177,8 @@ def main(argv):
     torch.set_num_threads(FLAGS.torch_threads)
   record = Recorder(FLAGS.out)
   if FLAGS.parity:
-    parity_checks(config, record)
+    with attention.interpret_kernels() if FLAGS.interpret_kernels else contextlib.nullcontext():
+      parity_checks(config, record)
   train_steps(config, record)
   if FLAGS.fit_memory_gb:
     memory_fit(config, record)

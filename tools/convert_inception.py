@@ -29,6 +29,9 @@ def main(argv=None) -> None:
   p.add_argument('--out', required=True, help='output weights file (.safetensors or .npz)')
   args = p.parse_args(argv)
   for name in ('wheel_or_file', 'logits_from', 'out'):
+    if getattr(args, name) and paths.is_remote(getattr(args, name)):
+      p.error(f'--{name} {getattr(args, name)!r} is on object storage: the Inception weights are '
+              'converted and read on a local disk (copy them up or down with gcloud storage cp)')
     setattr(args, name, paths.resolve_optional(getattr(args, name)))
   params = convert.convert(args.wheel_or_file, args.logits_from)
   inception.save_weights(params, args.out)

@@ -23,7 +23,9 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   overrides = {} if FLAGS.decode_layer is None else {'decode_layer': FLAGS.decode_layer}
-  out = convert_official(paths.resolve(FLAGS.checkpoint), paths.resolve(FLAGS.out),
+  src = paths.require_local(FLAGS.checkpoint, '--checkpoint',
+                            'torch and safetensors read the official file from a local disk')
+  out = convert_official(src, paths.resolve(FLAGS.out),
                          FLAGS.overwrite, **overrides)
   print(f'wrote {out}')
 

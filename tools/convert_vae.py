@@ -20,7 +20,9 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  out = convert(paths.resolve(FLAGS.diffusers_dir), paths.resolve(FLAGS.out),
+  src = paths.require_local(FLAGS.diffusers_dir, '--diffusers_dir',
+                            'the diffusers folder is read from a local disk')
+  out = convert(src, paths.resolve(FLAGS.out),
                 overwrite=FLAGS.overwrite)
   print(f'wrote {out}')
 

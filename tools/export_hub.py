@@ -37,7 +37,8 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   out = export.export_workdir(
       paths.resolve(FLAGS.workdir), paths.resolve(FLAGS.out), step=FLAGS.step,
-      weights=FLAGS.weights, eval_json=paths.resolve_optional(FLAGS.eval_json), official_layout=FLAGS.official_layout,
+      weights=FLAGS.weights, eval_json=paths.resolve_optional(FLAGS.eval_json),
+      official_layout=FLAGS.official_layout,
       official_formats=FLAGS.official_formats, license=FLAGS.license,
       license_name=FLAGS.license_name, license_link=FLAGS.license_link,
       repo_id=FLAGS.push_to_hub, dataset_id=FLAGS.dataset, model_name=FLAGS.model_name,

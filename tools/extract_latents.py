@@ -41,10 +41,14 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # up front, before the images are listed or the VAE is loaded
+  out = paths.require_local(FLAGS.out, '--out', extract.LOCAL_OUT_REASON)
   if FLAGS.source == 'folder':
     if not FLAGS.image_dir:
       raise app.UsageError('--source=folder needs --image_dir')
-    source = extract.folder_source(paths.resolve(FLAGS.image_dir), FLAGS.label_from)
+    image_dir = paths.require_local(FLAGS.image_dir, '--image_dir',
+                                    'the image folder is walked on a local disk')
+    source = extract.folder_source(image_dir, FLAGS.label_from)
   else:
     source = extract.tfds_source(FLAGS.tfds_name, FLAGS.tfds_split,
                                  paths.resolve_optional(FLAGS.tfds_data_dir))
@@ -53,7 +57,7 @@ def main(argv):
   vae = mdt_jax.vae.load(paths.resolve(FLAGS.vae_dir), dtype=jnp.dtype(FLAGS.dtype))
   precision = None if FLAGS.precision == 'default' else FLAGS.precision
   with jax.default_matmul_precision(precision):
-    extract.extract(source, vae, paths.resolve(FLAGS.out), image_size=FLAGS.image_size,
+    extract.extract(source, vae, out, image_size=FLAGS.image_size,
                     batch_size=FLAGS.batch_size, images_per_shard=FLAGS.images_per_shard,
                     num_workers=FLAGS.num_workers)
 

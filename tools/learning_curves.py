@@ -27,13 +27,18 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   quiet_orbax()
+  from mdt_jax import paths
   from mdt_jax.studies import learning_curves, report
-  results = learning_curves.run_study(FLAGS.config, FLAGS.out, fresh=FLAGS.fresh,
-                                      workdir_root=FLAGS.workdir_root)
+  why = 'the study writes its report, plots and workdirs on a local disk'
+  out = paths.require_local(FLAGS.out, '--out', why)
+  if FLAGS.workdir_root:
+    paths.require_local(FLAGS.workdir_root, '--workdir_root', why)
+  results = learning_curves.run_study(FLAGS.config, out, fresh=FLAGS.fresh,
+                                      workdir_root=paths.resolve_optional(FLAGS.workdir_root))
   command = 'python tools/learning_curves.py ' + ' '.join(
       a for a in sys.argv[1:] if not a.startswith('--workdir_root'))
-  png, md = report.write(results, FLAGS.out, command.strip())
-  logging.info('wrote %s.json, %s and %s', FLAGS.out, png, md)
+  png, md = report.write(results, out, command.strip())
+  logging.info('wrote %s.json, %s and %s', out, png, md)
   print('\n'.join(report.conclusion(results)))
 
 

@@ -9,7 +9,7 @@ import json
 
 from absl import app, flags
 
-from mdt_jax import profile_summary
+from mdt_jax import paths, profile_summary
 
 flags.DEFINE_string('module', 'train_step', 'only XLA modules whose name contains this '
                     '("" for all)')
@@ -21,7 +21,9 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError('usage: profile_summary.py TRACE_DIR')
-  summary = profile_summary.summarize(argv[1], FLAGS.module or None)
+  trace = paths.require_local(argv[1], 'the trace', 'traces are searched and read on a local '
+                              'disk: copy the plugins/profile folder down')
+  summary = profile_summary.summarize(trace, FLAGS.module or None)
   print(summary.markdown(FLAGS.top))
   if FLAGS.out:
     with open(FLAGS.out, 'w') as f:

@@ -36,11 +36,16 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
+from mdt_jax import paths
 from mdt_jax.data.records import encode_latent_record
 from mdt_jax.vae.io import VAE, encode_fn
 
 IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'gif')   # the ADM loader's list
 SHARD_PATTERN = 'latents-{i:05d}-of-{n:05d}.array_record'
+# ArrayRecord writes local files only, and a restart resumes from shards renamed into place
+LOCAL_OUT_REASON = ('shards are written and renamed into place on a local disk; extract '
+                    'locally, then copy the folder to the bucket (gcloud storage cp -r) and train '
+                    'with --config.data.path=gs://BUCKET/FOLDER')
 PREFETCH = 4   # batches of images read ahead of the device
 
 
@@ -306,6 +311,7 @@ def extract(source: ImageSource, vae: VAE, out_dir: str, *, image_size: int = 25
 
   Returns the manifest (also written to ``out_dir/manifest.json``).
   """
+  paths.require_local(out_dir, 'the latent output folder', LOCAL_OUT_REASON)
   if jax.process_count() > 1:
     raise ValueError(f'extraction runs on one host; got {jax.process_count()} processes')
   for name, v in (('image_size', image_size), ('batch_size', batch_size),

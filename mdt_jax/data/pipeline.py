@@ -11,6 +11,7 @@ random transform is seeded by the element's index (grain), not by the process.
 from __future__ import annotations
 
 import glob
+import json
 import os
 from typing import Iterator
 
@@ -19,6 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from mdt_jax import paths
 from mdt_jax.data.digits import load_digits_images
 from mdt_jax.data.records import LATENT_SCALE, decode_latent_record
 
@@ -39,8 +41,15 @@ class ArraySource:
 
 
 def latent_files(path: str) -> list[str]:
-  files = sorted(glob.glob(os.path.join(path, '*.array_record'))) if os.path.isdir(path) \
-      else sorted(glob.glob(path))
+  """The shards of a folder (or a glob pattern), local or on object storage (gs://, which
+  ArrayRecord reads itself)."""
+  p = paths.path(path)
+  if paths.is_remote(path):
+    found = p.glob('*.array_record') if p.is_dir() else p.parent.glob(p.name)
+    files = sorted(os.fspath(f) for f in found)
+  else:
+    files = sorted(glob.glob(os.path.join(path, '*.array_record'))) if os.path.isdir(path) \
+        else sorted(glob.glob(path))
   if not files:
     raise FileNotFoundError(f'no *.array_record latent shards found at {path!r} '
                             '(write them with tools/extract_latents.py)')
@@ -63,17 +72,72 @@ def make_source(cfg: ml_collections.ConfigDict):
     images, labels = load_digits_images(cfg.image_size)
     return ArraySource(images, labels)
   if cfg.name == 'latents':
-    return grain.sources.ArrayRecordDataSource(latent_files(cfg.path))
+    files = latent_files(cfg.path)
+    try:
+      return grain.sources.ArrayRecordDataSource(files)
+    except RuntimeError:    # names no file (a truncated shard gives an empty message)
+      for f in files:
+        _open_shard(f)
+      raise
   raise ValueError(f'data.name must be one of {SOURCES}, got {cfg.name!r}')
 
 
+def _open_shard(path: str) -> grain.sources.ArrayRecordDataSource:
+  try:
+    return grain.sources.ArrayRecordDataSource([path])
+  except RuntimeError as e:
+    raise ValueError(f'latent shard {path} cannot be read (truncated, overwritten or not an '
+                     f'ArrayRecord file?): {str(e) or "no readable index at its end"}') from e
+
+
 def latent_shape(path: str) -> tuple[int, int]:
-  """(latent size, channels) read off the first record of the first shard."""
-  src = grain.sources.ArrayRecordDataSource(latent_files(path)[:1])
-  if len(src) == 0:
-    raise ValueError(f'the first latent shard under {path!r} is empty')
-  h, _, c2 = decode_latent_record(src[0])['moments'].shape
-  return h, c2 // 2
+  """(latent size, channels), after opening every shard and decoding its first record: a
+  damaged or foreign shard, or shards of two latent sizes, fail here with the file named
+  instead of in a reader thread mid-run. Costs one record per shard."""
+  spec, first = None, None
+  for f in latent_files(path):
+    src = _open_shard(f)
+    if len(src) == 0:
+      continue
+    try:
+      h, _, c2 = decode_latent_record(src[0])['moments'].shape
+    except ValueError as e:
+      raise ValueError(f'latent shard {f} does not hold latent records (as '
+                       f'tools/extract_latents.py writes them): {e}') from e
+    if spec is None:
+      spec, first = (h, c2 // 2), f
+    elif (h, c2 // 2) != spec:
+      raise ValueError(f'latent shard {f} holds {h}x{h}x{c2 // 2} latents but {first} holds '
+                       f'{spec[0]}x{spec[0]}x{spec[1]}: one data.path must hold one latent size')
+  if spec is None:
+    raise ValueError(f'every latent shard under {path!r} is empty')
+  return spec
+
+
+def manifest_classes(path: str) -> int | None:
+  """The number of classes in a latent folder's manifest.json (None without one)."""
+  manifest = paths.path(path) / 'manifest.json'
+  if not manifest.is_file():
+    return None
+  return len(json.loads(manifest.read_text())['class_names'])
+
+
+def check_batch(batch: dict, num_classes: int, source: str) -> dict:
+  """Refuse class ids outside [0, num_classes) and non-finite inputs before they reach the
+  devices: the label table would give NaN rows (or a wrong class) and the loss turn NaN."""
+  y = np.asarray(batch['y'])
+  bad = (y < 0) | (y >= num_classes)
+  if bad.any():
+    raise ValueError(f'class id {int(y[bad][0])} in an input batch from {source} is outside '
+                     f'[0, {num_classes}) (model.num_classes={num_classes}); the data has more '
+                     'classes than the model')
+  x = np.asarray(batch['x'])
+  finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+  if not finite.all():
+    raise ValueError(f'an input batch from {source} holds NaN or inf in {int((~finite).sum())} '
+                     f'example(s) (class ids {y[~finite][:8].tolist()}): the data is damaged; '
+                     'training stopped before using it')
+  return batch
 
 
 def element_spec(cfg: ml_collections.ConfigDict) -> tuple[int, int]:

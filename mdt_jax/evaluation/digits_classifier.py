@@ -37,6 +37,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from mdt_jax import paths
 from mdt_jax.evaluation.metrics import feature_statistics, frechet_distance
 
 VERSION = 1
@@ -216,7 +217,7 @@ class DigitsClassifier:
 
 
 def default_cache_dir() -> str:
-  return os.environ.get('MDT_JAX_CACHE', os.path.expanduser('~/.cache/mdt_jax'))
+  return paths.cache_dir()
 
 
 def cache_file(cache_dir: str, config: TrainConfig) -> str:

@@ -171,7 +171,13 @@ def check_inputs(samples: str, reference: str) -> NpzImages:
     if labels.shape != (len(images),) or labels.dtype.kind not in 'iu':
       raise ValueError(f'samples {samples!r}: arr_1 must hold integer labels [{len(images)}], '
                        f'got {labels.dtype} {list(labels.shape)}')
-  reference_kind(reference)
+  if reference_kind(reference) == 'adm' and 'arr_0' in _npz_names(reference):
+    ref = open_images(reference, 'reference')
+    if ref.shape[1:3] != images.shape[1:3]:
+      raise ValueError(f'samples {samples!r} are {images.shape[1]}x{images.shape[2]} images but '
+                       f'the reference batch {reference!r} holds {ref.shape[1]}x{ref.shape[2]} '
+                       'ones; metrics against a reference of another resolution are not '
+                       'comparable (use the reference batch of the samples\' resolution)')
   return images
 
 

@@ -18,7 +18,10 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from flax import nnx
 
-from mdt_jax.atomic import atomic_folder, check_writable
+from mdt_jax import paths
+from mdt_jax.atomic import MARKER, atomic_folder, check_writable, require_complete
+from mdt_jax.diffusion import folder_record, objective_of
+from mdt_jax.diffusion.objectives import flow_matching
 from mdt_jax.hub import official
 from mdt_jax.hub.folder import write_model_files
 from mdt_jax.models.mdt import COMPUTE_OPTIONS, MDTConfig, count_params
@@ -79,11 +82,10 @@ def read_evaluation(path: str) -> dict[str, Any]:
   Missing and null metrics are skipped; a value that is not a finite number is an error. Metrics
   may sit at the top level or under "metrics".
   """
-  if not os.path.isfile(path):
+  if not paths.path(path).is_file():
     raise FileNotFoundError(f'evaluation JSON {path} does not exist')
   try:
-    with open(path) as f:
-      raw = json.load(f)
+    raw = json.loads(paths.path(path).read_text())
   except json.JSONDecodeError as e:
     raise ValueError(f'evaluation JSON {path} is not valid JSON: {e}') from e
   if not isinstance(raw, dict):
@@ -361,18 +363,28 @@ def _training_summary(config, step: int, weights: str) -> dict:
           'optimizer': f'{opt.name}, lr {opt.learning_rate}, clip {opt.get("clip_norm")}',
           'masked branch': config.mask_branch,
           'mask ratio': _mask_ratio(config.model),
-          'loss weighting': f'min-SNR-{config.diffusion.get("min_snr_gamma")}',
+          **_objective_summary(config.diffusion),
           'data': config.data.name}
 
 
+def _objective_summary(diffusion) -> dict:
+  if objective_of(diffusion) == 'flow':
+    fm = flow_matching(diffusion)
+    times = fm.t_sampling if fm.t_sampling == 'uniform' else \
+        f'logit-normal({fm.t_logit_mean}, {fm.t_logit_scale})'
+    return {'objective': 'flow matching (velocity MSE)',
+            'training times': times + (f', shift {fm.t_shift}' if fm.t_shift != 1 else '')}
+  return {'loss weighting': f'min-SNR-{diffusion.get("min_snr_gamma")}'}
+
+
 def checked_sampling(train_sampling: Mapping[str, Any], in_channels: int,
-                     num_timesteps: int) -> dict:
+                     num_timesteps: int, objective: str = 'ddpm') -> dict:
   """The folder's recommended sampler settings from the training config's `sampling` section,
   checked by building the SamplerConfig they describe."""
   from mdt_jax.hub import pretrained
   out = pretrained.recommended_sampling(dict(train_sampling), in_channels)
   try:
-    pretrained.make_sampler_config(out, in_channels, num_timesteps)
+    pretrained.make_sampler_config(out, in_channels, num_timesteps, objective)
   except (TypeError, ValueError) as e:
     raise ValueError(f'the training config\'s sampling settings {out} are not usable: {e}') from e
   return out
@@ -402,17 +414,17 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, weights: 
   evaluation = read_evaluation(eval_json) if eval_json else None
   # Port options (dtype, remat, attention kernel, ...) are the loader's choice, not the folder's.
   config = MDTConfig.from_dict({**train_cfg.model.to_dict(), **COMPUTE_OPTIONS})
-  diffusion = dict(num_timesteps=int(train_cfg.diffusion.num_timesteps),
-                   beta_schedule=str(train_cfg.diffusion.schedule))
+  diffusion = folder_record(train_cfg.diffusion)
   sampling = checked_sampling(train_cfg.sampling.to_dict() if 'sampling' in train_cfg else {},
-                              config.in_channels, diffusion['num_timesteps'])
+                              config.in_channels, diffusion['num_timesteps'],
+                              objective_of(diffusion))
 
   loaded = checkpoints.load_workdir(workdir, step=step, weights=WEIGHTS[weights])
   step = loaded.meta['step']
   params = nnx.state(loaded.model, nnx.Param)
-  name = model_name or (repo_id.split('/')[-1] if repo_id else
-                        os.path.basename(os.path.abspath(out)))
-  model_ref = repo_id or os.path.basename(os.path.abspath(out))
+  folder_name = os.path.basename(paths.resolve(out).rstrip('/'))
+  name = model_name or (repo_id.split('/')[-1] if repo_id else folder_name)
+  model_ref = repo_id or folder_name
   metadata = card_metadata(config=config, data_cfg=train_cfg.data.to_dict(), license=license,
                            model_name=name, evaluation=evaluation, dataset_id=dataset_id,
                            license_name=license_name, license_link=license_link)
@@ -426,7 +438,7 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, weights: 
   with atomic_folder(out, overwrite) as folder:
     write_model_files(folder, params, config, data=loaded.data, diffusion=diffusion,
                       sampling=sampling,
-                      source=f'{os.path.abspath(workdir)} step {step} ({WEIGHTS[weights]})',
+                      source=f'{paths.resolve(workdir)} step {step} ({WEIGHTS[weights]})',
                       extra_files={CARD_FILE: card})
     if formats:
       write_official(folder, params, config, formats)
@@ -442,14 +454,17 @@ def push_to_hub(folder: str, repo_id: str, *, private: bool | None = None,
   _check_repo_id(repo_id)
   if not is_model_folder(folder):
     raise FileNotFoundError(f'{folder} is not a model folder (config.json + model.safetensors)')
-  card_path = os.path.join(folder, CARD_FILE)
-  if not os.path.isfile(card_path):
+  require_complete(folder, 'model folder')
+  card_path = paths.path(folder) / CARD_FILE
+  if not card_path.is_file():
     raise FileNotFoundError(f'{folder} has no {CARD_FILE} model card; export it first')
-  with open(card_path) as f:
-    parse_card(f.read())
+  parse_card(card_path.read_text())
   api = api or huggingface_hub.HfApi(token=token)
   url = api.create_repo(repo_id, repo_type='model', private=private, exist_ok=True)
-  api.upload_folder(repo_id=repo_id, repo_type='model', folder_path=folder,
-                    commit_message=commit_message or f'Upload {os.path.basename(folder)} '
-                                                     f'({LIBRARY_NAME})')
+  # huggingface_hub uploads local files: a folder on object storage is copied down first
+  with paths.local_folder(folder, exclude=(MARKER,)) as local:
+    api.upload_folder(repo_id=repo_id, repo_type='model', folder_path=local,
+                      commit_message=commit_message or
+                      f'Upload {os.path.basename(paths.resolve(folder).rstrip("/"))} '
+                      f'({LIBRARY_NAME})')
   return str(url)

@@ -10,6 +10,12 @@ joined by dots, e.g. ``en_inblocks.0.attn.qkv.kernel``). ``config.json``::
      "diffusion": {"num_timesteps": 1000, "beta_schedule": "linear"},
      "sampling": {recommended settings: sampler, steps, cfg_scale, scale_pow, guidance_channels},
      "source": "<where the weights came from>"}
+
+A flow-matching model's diffusion section says so (a section without "objective" is DDPM)::
+
+     "diffusion": {"objective": "flow", "num_timesteps": 1000 (the model's time scale),
+                   "t_sampling": "uniform", "t_logit_mean": 0.0, "t_logit_scale": 1.0,
+                   "t_shift": 1.0}
 """
 from __future__ import annotations
 
@@ -22,9 +28,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
-from mdt_jax.atomic import atomic_folder
+from mdt_jax import paths
+from mdt_jax.atomic import atomic_folder, require_complete
+from mdt_jax.diffusion import objective_of
 from mdt_jax.models.mdt import MDT, MDTConfig
 
 FORMAT = 'mdt_jax.model'
@@ -111,11 +119,10 @@ def save_model_folder(out_dir: str, params: nnx.State | dict, config: MDTConfig,
 
 
 def read_config(path: str) -> dict[str, Any]:
-  cfg_path = os.path.join(path, CONFIG_FILE)
-  if not os.path.isfile(cfg_path):
+  cfg_path = paths.path(path) / CONFIG_FILE
+  if not cfg_path.is_file():
     raise FileNotFoundError(f'{path} is not a model folder: {CONFIG_FILE} is missing')
-  with open(cfg_path) as f:
-    cfg = json.load(f)
+  cfg = json.loads(cfg_path.read_text())
   if cfg.get('format') != FORMAT:
     raise ValueError(f'{cfg_path}: format is {cfg.get("format")!r}, expected {FORMAT!r}')
   if cfg.get('version', 0) > VERSION:
@@ -123,20 +130,35 @@ def read_config(path: str) -> dict[str, Any]:
   return cfg
 
 
+def check_objective(diffusion: dict, config: MDTConfig, cfg_path: str = '') -> str:
+  """The folder's objective ('ddpm' or 'flow'), refused when the model cannot have it."""
+  try:
+    objective = objective_of(diffusion)
+  except ValueError as e:
+    raise ValueError(f'{cfg_path}: {e}') from None
+  if objective == 'flow' and config.learn_sigma:
+    raise ValueError(f'{cfg_path}: diffusion.objective is "flow" but the model has '
+                     'learn_sigma=True (a flow model predicts a velocity, C output channels)')
+  return objective
+
+
 def is_model_folder(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, CONFIG_FILE)) and \
-      os.path.isfile(os.path.join(path, WEIGHTS_FILE))
+  p = paths.path(path)
+  return (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
 
 
 def load_model_folder(path: str, **model_overrides) -> Pretrained:
-  """Load a model folder. ``model_overrides`` change port options (e.g. dtype='bfloat16')."""
+  """Load a model folder (local or on object storage). ``model_overrides`` change port options
+  (e.g. dtype='bfloat16')."""
   cfg = read_config(path)
-  weights = os.path.join(path, WEIGHTS_FILE)
-  if not os.path.isfile(weights):
+  weights = os.fspath(paths.path(path) / WEIGHTS_FILE)
+  if not paths.path(weights).is_file():
     raise FileNotFoundError(f'{path} has no weights: {WEIGHTS_FILE} is missing')
+  require_complete(path, 'model folder')
   config = MDTConfig.from_dict({**cfg['model'], **model_overrides})
+  check_objective(cfg.get('diffusion', {}), config, cfg_path=path)
   try:
-    flat = load_file(weights)
+    flat = paths.load_safetensors(weights)
   except Exception as e:
     raise ValueError(f'{weights} is not a readable safetensors file: {e}') from e
   model = model_from_flat(flat, config, where=weights)

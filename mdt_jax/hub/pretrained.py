@@ -4,12 +4,13 @@ from __future__ import annotations
 import os
 
 from mdt_jax import paths
+from mdt_jax.diffusion import objective_of
 from mdt_jax.hub.folder import Pretrained, is_model_folder, load_model_folder
 from mdt_jax.models.mdt import MDT
 
 
 def _is_workdir(path: str) -> bool:
-  return os.path.isdir(os.path.join(path, 'checkpoints'))
+  return (paths.path(path) / 'checkpoints').is_dir()
 
 
 # Only what loading needs: a repo may also hold official-layout copies of the weights.
@@ -46,7 +47,7 @@ def load(path_or_repo_id: str, **model_overrides) -> Pretrained:
   if _is_workdir(p):
     from mdt_jax.training.checkpoints import load_workdir
     return load_workdir(p, **model_overrides)
-  if os.path.exists(p):
+  if paths.is_remote(p) or paths.path(p).exists():
     raise FileNotFoundError(f'{p} is neither a model folder (config.json + model.safetensors) '
                             f'nor a training workdir (checkpoints/)')
   return load_model_folder(_hub_download(typed), **model_overrides)
@@ -65,7 +66,8 @@ def recommended_sampling(sampling: dict, in_channels: int) -> dict:
   constant guidance, and becomes guidance_schedule='constant'.
   """
   keys = ('sampler', 'steps', 'respacing', 'eta', 'cfg_scale', 'scale_pow', 'guidance_schedule',
-          'guidance_channels')
+          'guidance_channels', 'time_shift', 'sde_diffusion', 'sde_diffusion_norm',
+          'sde_last_step')
   out = {k: sampling[k] for k in keys if sampling.get(k) is not None}
   ch = out.get('guidance_channels', sampling.get('guided_channels'))
   if ch is not None:
@@ -84,9 +86,10 @@ def recommended_sampling(sampling: dict, in_channels: int) -> dict:
 
 def sampler_config(pretrained: Pretrained, **overrides):
   """The recommended `SamplerConfig` of a loaded model; keyword arguments (its fields) win."""
+  diffusion = pretrained.diffusion or {}
   return make_sampler_config(pretrained.sampling or {}, pretrained.config.in_channels,
-                             int((pretrained.diffusion or {}).get('num_timesteps', 1000)),
-                             **overrides)
+                             int(diffusion.get('num_timesteps', 1000)),
+                             objective=objective_of(diffusion), **overrides)
 
 
 def recommended_fields(sampling: dict, in_channels: int) -> dict:
@@ -98,10 +101,13 @@ def recommended_fields(sampling: dict, in_channels: int) -> dict:
   return fields
 
 
-def make_sampler_config(sampling: dict, in_channels: int, num_timesteps: int, **overrides):
-  """`SamplerConfig` from `sampling` settings (see recommended_sampling) and overrides."""
+def make_sampler_config(sampling: dict, in_channels: int, num_timesteps: int,
+                        objective: str = 'ddpm', **overrides):
+  """`SamplerConfig` from `sampling` settings (see recommended_sampling) and overrides, for a
+  model of the given training objective."""
   from mdt_jax.sampling.samplers import SamplerConfig
   values = recommended_fields(sampling, in_channels)
   values['num_train_timesteps'] = num_timesteps
+  values['objective'] = objective
   values.update(overrides)
   return SamplerConfig(**values)

@@ -13,6 +13,7 @@ import numpy as np
 from flax import nnx
 
 from mdt_jax.models import platform
+from mdt_jax.models.attention import attend
 
 Array = jax.Array
 
@@ -36,8 +37,11 @@ class Dense(nnx.Linear):
   there the weight gradient of a [batch, tokens, features] product costs a fused transpose)."""
 
   def __call__(self, inputs: Array, out_sharding=None) -> Array:
-    if inputs.ndim <= 2 or not platform.xla_cpu():
+    if inputs.ndim <= 2 or out_sharding is not None:
       return super().__call__(inputs, out_sharding)
+    return platform.by_backend(inputs, cpu=self._flat, default=super().__call__)
+
+  def _flat(self, inputs: Array) -> Array:
     y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
     return y.reshape(*inputs.shape[:-1], y.shape[-1])
 
@@ -175,34 +179,11 @@ class Attention(nnx.Module):
     self.rel_pos_bias = RelativePositionBias(grid, heads, rngs=rngs)
 
   def __call__(self, x: Array, rel_index: Array, key_mask: Array | None = None) -> Array:
-    """x [B, N, D]; rel_index [N, N] or [B, N, N]; key_mask [B or 1, N] True for real tokens."""
-    b, n, d = x.shape
-    qkv = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    bias = self.rel_pos_bias(rel_index)
-    if bias.ndim == 3:
-      bias = bias[None]
-    mask = None if key_mask is None else key_mask[:, None, None, :]
+    """x [B, N, D]; rel_index [N, N] or [B, N, N]; key_mask [B, N] True for real tokens."""
     impl = self.attention_impl if key_mask is None else self.masked_attention_impl
-    if impl is None and platform.xla_cpu():
-      out = attention_einsum(q, k, v, bias.astype(q.dtype), mask)
-    else:
-      out = jax.nn.dot_product_attention(q, k, v, bias=bias.astype(q.dtype), mask=mask,
-                                         implementation=impl)
-    return self.proj(out.reshape(b, n, d))
+    out = attend(self.qkv(x), self.rel_pos_bias(rel_index), key_mask, self.heads, impl)
+    return self.proj(out)
 
-
-def attention_einsum(q: Array, k: Array, v: Array, bias: Array, mask: Array | None) -> Array:
-  """softmax(q k^T / sqrt(h) + bias) v written out: q, k, v [B, T, N, H], bias [B|1, N, T, S],
-  mask [B, 1, 1, S] (True = real key). What `jax.nn.dot_product_attention` computes on its XLA
-  path, in the form XLA:CPU runs fastest (`mdt_jax.models.platform`): no vmapped group axis,
-  the scale on q ([T, H]) rather than on the logits ([T, S])."""
-  logits = jnp.einsum('btnh,bsnh->bnts', q * (q.shape[-1] ** -0.5), k,
-                      preferred_element_type=jnp.float32) + bias
-  if mask is not None:
-    logits = jnp.where(mask, logits, -0.7 * jnp.finfo(logits.dtype).max)
-  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum('bnts,bsnh->btnh', probs, v)
 
 
 class Mlp(nnx.Module):

@@ -14,14 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mdt_jax.models import masking
+from mdt_jax.models import attention, masking
 from mdt_jax.models.layers import (FinalLayer, LabelEmbedder, MDTBlock, PatchEmbed,
                                    TimestepEmbedder, normal, relative_position_index, sincos_2d)
 
 Array = jax.Array
 
 ARCHS = ('mdtv2', 'mdt_v1')
-ATTENTION_IMPLS = (None, 'xla', 'cudnn')    # jax.nn.dot_product_attention's implementations
+ATTENTION_IMPLS = attention.IMPLEMENTATIONS   # None: the Pallas kernel on TPU, XLA elsewhere
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 RESIDUAL_DTYPES = ('float32', 'compute')     # 'compute': the stream in model.dtype
 REMAT_POLICIES = {
@@ -51,7 +51,7 @@ class MDTConfig:
   dtype: str = 'float32'            # compute dtype of matmuls; parameters are always float32
   remat: bool = False               # rematerialise each block in the backward pass
   remat_policy: str = 'nothing_saveable'
-  attention_impl: str | None = None  # jax.nn.dot_product_attention implementation (None: auto)
+  attention_impl: str | None = None  # models/attention.py: None (auto), xla, cudnn or pallas
   masked_attention_impl: str | None = 'same'  # the masked encoder's ('same': attention_impl's)
   mask_buffer_multiple: int = 1     # round the masked encoder's static buffer up (cuDNN: even)
   residual_dtype: str = 'float32'   # the residual stream between blocks: 'float32' or 'compute'

@@ -1,36 +1,47 @@
-"""Where XLA:CPU and the accelerators want different code for the same computation, the choice is
-made here, once, from the backend the model is traced for.
+"""The one place where code is chosen by backend: where XLA:CPU, the TPU and the GPU want
+different code for the same computation, `by_backend` picks it for the platform the computation
+is lowered for (`jax.lax.platform_dependent`: within a jit only that platform's branch is
+compiled, and a TPU topology compiled from a CPU host gets the TPU's code).
 
-XLA:CPU wants (measured in BENCHMARKS.md, section "The train step on the CPU"):
-- dense layers on 2-D ``[tokens, features]`` operands: the weight gradient is then a plain
-  transposed-operand matrix product; on ``[batch, tokens, features]`` operands XLA:CPU
-  canonicalises it with a transpose of the activations that it fuses into their producers;
-- attention written out with einsums (`mdt_jax.models.layers.attention_einsum`) rather than
-  `jax.nn.dot_product_attention`'s XLA path.
-Accelerators keep the general code (cuDNN / TPU kernels through `jax.nn.dot_product_attention`).
+Its users:
+- `mdt_jax.models.layers.Dense`: on XLA:CPU dense layers multiply 2-D ``[rows, features]``
+  operands (the weight gradient is then a plain transposed-operand matrix product; on
+  ``[batch, tokens, features]`` operands XLA:CPU canonicalises it with a transpose of the
+  activations that it fuses into their producers);
+- `mdt_jax.models.attention.attend`: on XLA:CPU attention written out with einsums, on a TPU the
+  fused Pallas kernel, elsewhere (GPU) `jax.nn.dot_product_attention`.
+Measured in BENCHMARKS.md, section "The train step on the CPU".
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 
-_override: list[bool] = []
+BACKENDS = ('cpu', 'tpu', 'default')
+_assumed: list[str] = []
 
 
-def xla_cpu() -> bool:
-  """True when the model is traced for XLA:CPU (the default backend is the CPU)."""
-  if _override:
-    return _override[-1]
-  return jax.default_backend() == 'cpu'
+def by_backend(*args, cpu: Callable | None = None, tpu: Callable | None = None,
+               default: Callable):
+  """``branch(*args)`` of the platform the computation is lowered for; `default` where a
+  platform has no branch of its own. All branches must compute the same thing."""
+  branches = {'cpu': cpu, 'tpu': tpu}
+  if _assumed:
+    return (branches.get(_assumed[-1]) or default)(*args)
+  given = {k: f for k, f in branches.items() if f is not None}
+  return jax.lax.platform_dependent(*args, default=default, **given)
 
 
 @contextlib.contextmanager
-def assume_xla_cpu(value: bool) -> Iterator[None]:
-  """Trace the code of the other backend (for tests: both variants compute the same thing)."""
-  _override.append(bool(value))
+def assume_backend(name: str) -> Iterator[None]:
+  """Within this context `by_backend` traces `name`'s branch only, whatever the platform (tests:
+  every branch computes what the others compute)."""
+  if name not in BACKENDS:
+    raise ValueError(f'backend {name!r}: expected one of {BACKENDS}')
+  _assumed.append(name)
   try:
     yield
   finally:
-    _override.pop()
+    _assumed.pop()

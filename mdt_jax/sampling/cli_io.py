@@ -8,6 +8,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from mdt_jax import paths
+from mdt_jax.atomic import atomic_file
+
 LATENT_SCALE = 0.18215
 
 
@@ -19,6 +22,7 @@ class SamplingModel:
   vae_dir: str | None = None      # VAE folder (mdt_jax.vae.load) for latent models
   latent_scale: float = LATENT_SCALE
   sampling: dict = dataclasses.field(default_factory=dict)   # recommended sampler settings
+  diffusion: dict = dataclasses.field(default_factory=dict)  # objective, num_timesteps, ...
 
 
 def load_for_sampling(path: str) -> SamplingModel:
@@ -32,7 +36,8 @@ def load_for_sampling(path: str) -> SamplingModel:
   vae = getattr(loaded, 'vae_dir', None) or data.get('vae')
   return SamplingModel(model=loaded.model, space=space, vae_dir=vae,
                        latent_scale=float(data.get('latent_scale', LATENT_SCALE)),
-                       sampling=dict(getattr(loaded, 'sampling', None) or {}))
+                       sampling=dict(getattr(loaded, 'sampling', None) or {}),
+                       diffusion=dict(getattr(loaded, 'diffusion', None) or {}))
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -56,12 +61,12 @@ def make_postprocess(sm: SamplingModel, vae_dir: str | None = None
   if not vae_dir:
     raise ValueError('this is a latent model but no VAE is known: pass --vae=DIR (a VAE folder '
                      'written by tools/convert_vae.py)')
-  if not os.path.isdir(vae_dir):
+  if not paths.path(vae_dir).is_dir():
     raise FileNotFoundError(f'VAE folder {vae_dir!r} not found; convert the decoder first '
                             '(tools/convert_vae.py) and pass --vae=DIR')
   try:
     from mdt_jax import vae as vae_lib
-    vae = vae_lib.load(vae_dir)
+    vae = vae_lib.load(paths.resolve(vae_dir))
   except ImportError as e:
     raise ImportError(f'decoding latents needs mdt_jax.vae, which is not available: {e}') from e
   scale = sm.latent_scale
@@ -82,13 +87,17 @@ def grid_image(images: np.ndarray, ncols: int | None = None) -> np.ndarray:
 
 
 def save_grid(images: np.ndarray, path: str, ncols: int | None = None) -> str:
+  """A grid image file (format from the suffix, e.g. .png), local or on object storage."""
   from PIL import Image
-  Image.fromarray(grid_image(images, ncols)).save(path)
+  fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+  if fmt is None:
+    raise ValueError(f'{path}: unknown image file suffix (expected e.g. .png)')
+  with atomic_file(path) as f:
+    Image.fromarray(grid_image(images, ncols)).save(f, format=fmt)
   return path
 
 
 def save_npz_atomic(path: str, **arrays) -> None:
-  """np.savez to a temporary file renamed into place (a killed run leaves no partial file)."""
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
+  """np.savez written whole or not at all (a killed run leaves no partial file)."""
+  with atomic_file(path) as f:
+    np.savez(f, **arrays)

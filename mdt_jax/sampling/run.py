@@ -1,16 +1,18 @@
 """A whole sampling run written in shards: resumable, merged into the ADM evaluator's .npz."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
 
+from mdt_jax import atomic, paths
 from mdt_jax.sampling import cli_io
 from mdt_jax.sampling import labels as labels_lib
 from mdt_jax.sampling.sampler import Sampler, generate
@@ -23,11 +25,18 @@ def _shard_path(out_dir: str, k: int) -> str:
   return os.path.join(out_dir, SHARD_DIR, f'shard_{k:05d}.npz')
 
 
+@contextlib.contextmanager
+def _load_npz(path: str) -> Iterator[np.lib.npyio.NpzFile]:
+  """np.load of an .npz, local or on object storage."""
+  with paths.path(path).open('rb') as f, np.load(f) as npz:
+    yield npz
+
+
 def _shard_done(path: str, indices: np.ndarray, labels: np.ndarray) -> bool:
-  if not os.path.isfile(path):
+  if not paths.path(path).is_file():
     return False
   try:
-    with np.load(path) as f:
+    with _load_npz(path) as f:
       return (np.array_equal(f['indices'], indices) and np.array_equal(f['arr_1'], labels)
               and f['arr_0'].shape[0] == indices.size)
   except Exception:  # unreadable: sample it again
@@ -36,17 +45,15 @@ def _shard_done(path: str, indices: np.ndarray, labels: np.ndarray) -> bool:
 
 def _check_run_file(out_dir: str, settings: dict) -> None:
   """Shards of one output folder must all come from the same settings."""
-  path = os.path.join(out_dir, RUN_FILE)
-  if os.path.isfile(path):
-    with open(path) as f:
-      old = json.load(f)
+  path = paths.path(out_dir) / RUN_FILE
+  if path.is_file():
+    old = json.loads(path.read_text())
     if old != settings:
       diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
       raise ValueError(f'{out_dir} holds samples of a run with other settings ({diff}); use a '
                        'new --out folder or the same settings')
   elif jax.process_index() == 0:
-    with open(path, 'w') as f:
-      json.dump(settings, f, indent=2)
+    atomic.write_text(os.fspath(path), json.dumps(settings, indent=2))
 
 
 def run_sampling(sampler: Sampler, *, out_dir: str, num_samples: int,
@@ -61,11 +68,11 @@ def run_sampling(sampler: Sampler, *, out_dir: str, num_samples: int,
   if num_samples < 1 or shard_size < 1:
     raise ValueError(f'num_samples and shard_size must be >= 1, got {num_samples}, {shard_size}')
   all_labels = labels_lib.make_labels(labels, num_samples, sampler.num_classes, seed)
-  settings = dict(sampler=dataclasses.asdict(sampler.config), seed=seed,
+  settings = dict(sampler=sampler.config.record(), seed=seed,
                   labels=labels if isinstance(labels, str) else list(map(int, labels)),
                   shard_size=shard_size, **(run_info or {}))
   settings = json.loads(json.dumps(settings))     # tuples -> lists, as read back from the file
-  os.makedirs(os.path.join(out_dir, SHARD_DIR), exist_ok=True)
+  (paths.path(out_dir) / SHARD_DIR).mkdir(parents=True, exist_ok=True)
   _check_run_file(out_dir, settings)
 
   num_shards = -(-num_samples // shard_size)
@@ -92,7 +99,7 @@ def run_sampling(sampler: Sampler, *, out_dir: str, num_samples: int,
   if jax.process_index() == 0:
     images, ys = [], []
     for k in range(num_shards):
-      with np.load(_shard_path(out_dir, k)) as f:
+      with _load_npz(_shard_path(out_dir, k)) as f:
         images.append(f['arr_0'])
         ys.append(f['arr_1'])
     images = np.concatenate(images)

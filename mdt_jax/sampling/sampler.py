@@ -124,6 +124,9 @@ def build_sampler(model: Any, config: SamplerConfig, *, mesh: jax.sharding.Mesh 
     raise ValueError(f'model output {probe.shape} does not fit images {image_shape}: expected '
                      f'[B, H, W, {c}] (fixed variance) or [B, H, W, {2 * c}] (learned variance)')
   learn_sigma = probe.shape[-1] == 2 * c
+  if config.objective == 'flow' and learn_sigma:
+    raise ValueError(f'a flow model predicts a velocity of {c} channels, but this model outputs '
+                     f'{2 * c} (learned variance): it was not trained with the flow objective')
 
   def local(params, key, idx, y):
     return draw_samples(lambda x, t, yy: apply(params, x, t, yy), config, image_shape,

@@ -97,10 +97,12 @@ class Evaluator:
   only the weights are swapped in.
   """
 
-  def __init__(self, study: ml_collections.ConfigDict, classifier: dc.DigitsClassifier):
-    model_cfg = MDTConfig.from_dict(study.train.model.to_dict())
+  def __init__(self, study: ml_collections.ConfigDict, classifier: dc.DigitsClassifier,
+               train: ml_collections.ConfigDict | None = None):
+    train = study.train if train is None else train     # model and sampler settings
+    model_cfg = MDTConfig.from_dict(train.model.to_dict())
     graphdef, _ = nnx.split(abstract_model(model_cfg))
-    self.grids = GridSampler(study.train, graphdef)   # sampler settings: train.sampling
+    self.grids = GridSampler(train, graphdef)           # sampler settings: train.sampling
     self.labels = eval_labels(int(study.eval_num_samples))
     self.seed = int(study.eval_seed)
     self.classifier = classifier
@@ -167,18 +169,22 @@ class CurveRecorder:
 # ------------------------------------------------------------------------------------- runs
 
 def run_one(study: ml_collections.ConfigDict, variant: str, seed: int, evaluate: Callable,
-            workdir_root: str | None = None) -> dict:
-  """Train one variant for one seed in a temporary workdir; its curve and timings."""
-  config = variant_config(study, variant, seed)
+            workdir_root: str | None = None, config: ml_collections.ConfigDict | None = None,
+            callbacks=()) -> dict:
+  """Train one variant for one seed in a temporary workdir; its curve and timings.
+
+  ``config`` replaces ``variant_config``'s; ``callbacks`` run after the curve's (e.g. a sampler
+  sweep at the last step, while the weights exist)."""
+  config = variant_config(study, variant, seed) if config is None else config
   t0, load0 = time.perf_counter(), os.getloadavg()
   recorder = CurveRecorder(evaluate, study.eval_every_steps, config.total_steps)
   with tempfile.TemporaryDirectory(prefix=f'lc_{variant}_{seed}_', dir=workdir_root) as wd:
-    out = train_and_evaluate(config, wd, callbacks=[recorder])
+    out = train_and_evaluate(config, wd, callbacks=[recorder, *callbacks])
   rows = recorder.rows
   if not rows or rows[-1]['step'] != config.total_steps:
     raise RuntimeError(f'run {variant}/seed {seed} stopped before step {config.total_steps} '
                        f'(evaluated steps: {[r["step"] for r in rows]})')
-  run = {'variant': variant, 'seed': int(seed), 'mask_branch': VARIANTS[variant],
+  run = {'variant': variant, 'seed': int(seed), 'mask_branch': bool(config.mask_branch),
          **{k: [r[k] for r in rows] for k in ('step', 'train_seconds', 'train_cpu_seconds',
                                               'eval_seconds', *METRICS)}}
   run['steps'] = run.pop('step')
@@ -192,7 +198,7 @@ def run_one(study: ml_collections.ConfigDict, variant: str, seed: int, evaluate:
   return run
 
 
-def _stats(a: np.ndarray) -> dict:
+def seed_stats(a: np.ndarray) -> dict:
   """Mean, standard deviation (n - 1; 0 for one seed), min and max over axis 0."""
   std = a.std(axis=0, ddof=1) if len(a) > 1 else np.zeros(a.shape[1:])
   return {'mean': a.mean(axis=0).tolist(), 'std': std.tolist(),
@@ -217,10 +223,10 @@ def _at(xs, frac: float | None) -> float | None:
   return None if frac is None else float(np.interp(frac, np.arange(len(xs)), xs))
 
 
-def summarize(runs: list[dict], seeds) -> dict:
+def summarize(runs: list[dict], seeds, variants=VARIANTS, baseline: str = BASELINE) -> dict:
   """Per-variant mean and spread over seeds, and when each reaches the baseline's final quality."""
   summary, reach = {}, {}
-  for variant in VARIANTS:
+  for variant in variants:
     mine = sorted((r for r in runs if r['variant'] == variant), key=lambda r: r['seed'])
     if [r['seed'] for r in mine] != sorted(seeds):
       raise ValueError(f'{variant}: runs for seeds {[r["seed"] for r in mine]}, expected '
@@ -229,17 +235,18 @@ def summarize(runs: list[dict], seeds) -> dict:
     if any(r['steps'] != steps for r in mine):
       raise ValueError(f'{variant}: the seeds were evaluated at different steps')
     s = {'steps': steps,
-         'train_seconds': _stats(np.array([r['train_seconds'] for r in mine])),
-         'seconds_per_step': _stats(np.array([[r['seconds_per_step']] for r in mine])),
-         'cpu_seconds_per_step': _stats(np.array([[r['cpu_seconds_per_step']] for r in mine])),
+         'train_seconds': seed_stats(np.array([r['train_seconds'] for r in mine])),
+         'seconds_per_step': seed_stats(np.array([[r['seconds_per_step']] for r in mine])),
+         'cpu_seconds_per_step': seed_stats(np.array([[r['cpu_seconds_per_step']]
+                                                      for r in mine])),
          'wall_seconds': float(sum(r['wall_seconds'] for r in mine))}
     for m in METRICS:
-      s[m] = _stats(np.array([r[m] for r in mine], np.float64))
+      s[m] = seed_stats(np.array([r[m] for r in mine], np.float64))
     summary[variant] = s
   for m, better in METRICS.items():
-    target = summary[BASELINE][m]['mean'][-1]
+    target = summary[baseline][m]['mean'][-1]
     reach[m] = {'target': target, 'better': better}
-    for variant in VARIANTS:
+    for variant in variants:
       s = summary[variant]
       secs = s['train_seconds']['mean']
       frac = crossing(s[m]['mean'], target, better)
@@ -296,16 +303,16 @@ def run_study(study: ml_collections.ConfigDict, out: str, *, fresh: bool = False
       logging.info('training %s, seed %d', variant, seed)
       runs.append(run_one(study, variant, seed, evaluator, workdir_root))
       results['study_seconds'] = float(sum(r['wall_seconds'] for r in runs))
-      _write_json(results, path)
+      write_json(results, path)
       if progress:
         progress(results)
   results['summary'] = summarize(runs, list(study.seeds))
   results['study_seconds'] = float(sum(r['wall_seconds'] for r in runs))
-  _write_json(results, path)
+  write_json(results, path)
   return results
 
 
-def _write_json(results: dict, path: str) -> None:
+def write_json(results: dict, path: str) -> None:
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:
     json.dump(results, f, indent=1)

@@ -11,18 +11,20 @@ Each item is saved separately so that ``load_workdir`` reads only the EMA weight
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 from typing import Any
 
 import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 from flax import nnx
 
 from mdt_jax import paths
+from mdt_jax.diffusion import folder_record, objective_of
 from mdt_jax.hub.folder import Pretrained, model_from_flat
 from mdt_jax.models.mdt import COMPUTE_OPTIONS, MDTConfig
 from mdt_jax.training.state import TrainState, abstract_model
@@ -48,6 +50,55 @@ class _Position:
     return self._state
 
 
+class _DataHandler(grain.checkpoint.CheckpointHandler):
+  """grain's handler (one position file per process), which also resumes on another process
+  count. Process p of P reads every P-th per-process batch of one global stream, so after s steps
+  every process's position is the same (s batches read) and the global batch of step s is the
+  same for any P: a position written by any process is then right for every process now."""
+
+  def restore(self, directory: epath.Path, item=None, args=None):
+    item = item or args.item
+    own = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
+    names = ([own] if (directory / own).exists()
+             else sorted(f.name for f in directory.glob('process_*-of-*.json')))
+    if not names:
+      raise FileNotFoundError(f'{directory} holds no data-iterator position (process_*-of-*.json)')
+    states = {n: _read_position(directory / n) for n in names}
+    first = states[names[0]]
+    if any(s != first for s in states.values()):
+      raise ValueError(f'{directory}: the data positions of the processes that wrote this '
+                       f'checkpoint differ ({states}); it cannot resume on '
+                       f'{jax.process_count()} process(es)')
+    if names != [own]:
+      logging.warning('data position written by %d process(es), resumed by %d: %s', len(names),
+                      jax.process_count(), first)
+    item.set_state(first if isinstance(item, grain.DatasetIterator)
+                   else json.dumps(first, indent=4).encode())
+    item.start_prefetch()
+    return item
+
+
+def _read_position(path: epath.Path) -> dict:
+  text = path.read_text()
+  try:
+    return json.loads(text)
+  except ValueError as e:
+    raise ValueError(f'data position {path} is not the JSON a save writes ({len(text)} '
+                     f'characters: {e})') from e
+
+
+@ocp.args.register_with_handler(_DataHandler, for_save=True)
+@dataclasses.dataclass
+class _DataSave(ocp.args.CheckpointArgs):
+  item: Any
+
+
+@ocp.args.register_with_handler(_DataHandler, for_restore=True)
+@dataclasses.dataclass
+class _DataRestore(ocp.args.CheckpointArgs):
+  item: Any
+
+
 class Checkpointer:
   """Save and restore the train state and the data-iterator state together."""
 
@@ -55,7 +106,7 @@ class Checkpointer:
     # orbax refuses relative paths
     self.directory = epath.Path(paths.resolve(workdir)) / 'checkpoints'
     handlers = {k: ocp.StandardCheckpointHandler() for k in ITEMS}
-    handlers['data'] = grain.checkpoint.CheckpointHandler()
+    handlers['data'] = _DataHandler()
     self.manager = ocp.CheckpointManager(
         self.directory, item_handlers=handlers,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
@@ -66,7 +117,7 @@ class Checkpointer:
 
   def save(self, state: TrainState, data_iter, step: int) -> None:
     args = {k: ocp.args.StandardSave(v) for k, v in self._items(state).items()}
-    args['data'] = grain.checkpoint.CheckpointSave(_Position(data_iter))
+    args['data'] = _DataSave(_Position(data_iter))
     self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
   def restore(self, abstract_state: TrainState, shardings: TrainState, data_iter,
@@ -74,14 +125,25 @@ class Checkpointer:
     step = self.latest_step() if step is None else step
     target = _abstract(abstract_state, shardings)
     args = {k: ocp.args.StandardRestore(v) for k, v in self._items(target).items()}
-    args['data'] = grain.checkpoint.CheckpointRestore(data_iter)
+    args['data'] = _DataRestore(data_iter)
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(**args))
-    except ValueError as e:
-      raise ValueError(f'checkpoint at step {step} in {self.directory} does not match this '
-                       f'config\'s train state (model or optimizer changed?): {e}') from e
+    except Exception as e:  # noqa: BLE001 - orbax, TensorStore and json raise many types
+      error = self._restore_error(step, target, e)
+      self.close()
+      raise error from e
     return TrainState(step=out['meta']['step'], rng=out['meta']['rng'], params=out['params'],
                       ema_params=out['ema_params'], opt_state=out['opt_state'])
+
+  def _restore_error(self, step: int, target: TrainState, error: Exception) -> ValueError:
+    """Another train state (config changed) or a damaged checkpoint, told apart by comparing the
+    saved arrays' names and shapes with the config's."""
+    where = f'checkpoint at step {step} in {self.directory}'
+    mismatch = saved_mismatch(self.manager, step, self._items(target))
+    if mismatch:
+      return ValueError(f'{where} does not match this config\'s train state (model or optimizer '
+                        f'changed?): {mismatch}')
+    return damaged_error(where, self.directory, step, self.manager.all_steps(), error)
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -96,21 +158,102 @@ class Checkpointer:
             'opt_state': state.opt_state, 'meta': {'step': state.step, 'rng': state.rng}}
 
 
+# Model fields a resumed run may change: how the model is computed (COMPUTE_OPTIONS) and the
+# training-time regularisers. A change of one of them that changes a parameter's shape
+# (class_dropout_prob 0 <-> > 0 adds or removes the label table's null row) is still refused:
+# check_workdir compares the parameter shapes themselves.
+RESUMABLE_FIELDS = (*COMPUTE_OPTIONS, 'class_dropout_prob', 'mask_ratio', 'mask_ratio_span')
+
+
+def param_shapes(model_cfg: MDTConfig) -> dict[str, tuple[int, ...]]:
+  """Every parameter of the model (dotted name -> shape), from its abstract init."""
+  return _leaf_shapes(nnx.to_pure_dict(nnx.state(abstract_model(model_cfg))), sep='.')
+
+
+def shape_changes(old: MDTConfig, new: MDTConfig) -> list[str]:
+  """'name: workdir SHAPE vs config SHAPE' for every parameter whose shape (or presence) differs."""
+  a, b = param_shapes(old), param_shapes(new)
+  missing = '(absent)'
+  return [f'{k}: workdir {a.get(k, missing)} vs config {b.get(k, missing)}'
+          for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+
+
+def _leaf_shapes(tree, sep: str = '/') -> dict[str, tuple[int, ...]]:
+  """'a/b/0/c' -> shape of every array (or array metadata) of a tree."""
+  def name(k):
+    return str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
+  return {sep.join(name(k) for k in path): tuple(x.shape)
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def saved_mismatch(manager: ocp.CheckpointManager, step: int, items: dict[str, Any]) -> str:
+  """The items whose saved arrays (names, shapes) differ from ``items``: '' when all agree or
+  when the saved metadata cannot be read (the checkpoint is then damaged rather than foreign)."""
+  try:
+    meta = manager.item_metadata(step)
+    saved = {k: meta[k] for k in items if k in meta.keys() and meta[k] is not None}
+  except Exception:  # noqa: BLE001 - unreadable metadata: damage, which the caller reports
+    return ''
+  out = []
+  for name, tree in items.items():
+    if name not in saved:
+      continue
+    want, have = _leaf_shapes(tree), _leaf_shapes(saved[name])
+    bad = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+    if bad:
+      out.append(f'{name}: {len(bad)} array(s) differ, e.g. ' + ', '.join(
+          f'{k} saved {have.get(k, "(absent)")} vs config {want.get(k, "(absent)")}'
+          for k in bad[:3]))
+  return '; '.join(out)
+
+
+def _brief(error: Exception) -> str:
+  """The first line of an error (TensorStore appends whole specs), at most 300 characters."""
+  text = str(error).split('[tensorstore_spec')[0].split(' See full TensorStore')[0]
+  text = text.strip().splitlines()
+  return f'{type(error).__name__}: {text[0][:300].rstrip(". ") if text else ""}'
+
+
+def damaged_error(where: str, directory, step: int, steps, error: Exception, *,
+                  loading: bool = False) -> ValueError:
+  """The error for a checkpoint that cannot be read: what failed and how to go on."""
+  earlier = [s for s in steps if s < step]
+  if not earlier:
+    hint = 'no earlier checkpoint is left' + ('' if loading else ': start a new workdir')
+  elif loading:
+    hint = f'the checkpoint before it is step {max(earlier)} (step={max(earlier)})'
+  else:
+    hint = (f'to resume from the checkpoint before it (step {max(earlier)}), move '
+            f'{epath.Path(directory) / str(step)} out of {directory}')
+  return ValueError(f'{where} cannot be read: a file in it is damaged or missing (truncated, '
+                    f'overwritten, deleted?): {_brief(error)}. Nothing was changed; {hint}')
+
+
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Refuse a workdir that holds a run of another model shape."""
+  """Refuse a workdir that holds a run of another model: one whose parameters have other shapes,
+  or whose model fields differ in more than RESUMABLE_FIELDS."""
   path = epath.Path(workdir) / CONFIG_FILE
-  if path.exists():
-    old = json.loads(path.read_text())
-    new_model = MDTConfig.from_dict(config.model.to_dict())
-    old_model = MDTConfig.from_dict(old['model'])
-    shape_keys = [k for k in new_model.to_dict()
-                  if k not in COMPUTE_OPTIONS and
-                  k not in ('class_dropout_prob', 'mask_ratio', 'mask_ratio_span')]
-    diffs = [f'{k}: workdir {old_model.to_dict()[k]!r} vs config {new_model.to_dict()[k]!r}'
-             for k in shape_keys if old_model.to_dict()[k] != new_model.to_dict()[k]]
-    if diffs:
-      raise ValueError(f'workdir {workdir} holds a run of another model shape ('
-                       + '; '.join(diffs) + '); use a new workdir')
+  if not path.exists():
+    return
+  saved = json.loads(path.read_text())
+  old_model = MDTConfig.from_dict(saved['model'])
+  new_model = MDTConfig.from_dict(config.model.to_dict())
+  old, new = old_model.to_dict(), new_model.to_dict()
+  fields = [k for k in new if k not in COMPUTE_OPTIONS and old[k] != new[k]]
+  # same fields, same model: the shapes need comparing only when anything changed
+  shapes = shape_changes(old_model, new_model) if old != new else []
+  # the weights of one objective are no start for the other (velocity vs eps)
+  objectives = (objective_of(saved.get('diffusion')), objective_of(config.diffusion))
+  if shapes or [k for k in fields if k not in RESUMABLE_FIELDS] or objectives[0] != objectives[1]:
+    diffs = [f'{k}: workdir {old[k]!r} vs config {new[k]!r}' for k in fields]
+    if objectives[0] != objectives[1]:
+      diffs.insert(0, f'diffusion.objective: workdir {objectives[0]!r} vs config '
+                      f'{objectives[1]!r}')
+    if shapes:
+      more = f'; and {len(shapes) - 4} more' if len(shapes) > 4 else ''
+      diffs.append(f'parameter shapes {"; ".join(shapes[:4])}{more}')
+    raise ValueError(f'workdir {workdir} holds a run of another model shape ('
+                     + '; '.join(diffs) + '); use a new workdir')
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -141,18 +284,29 @@ def load_workdir(workdir: str, step: int | None = None, weights: str = 'ema_para
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'{workdir} has no checkpoint yet')
+  if step not in manager.all_steps():
+    raise FileNotFoundError(f'{workdir} has no checkpoint at step {step}; it has steps '
+                            f'{manager.all_steps()}')
   abstract = nnx.to_pure_dict(nnx.state(abstract_model(model_cfg)))
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract)
-  restored = manager.restore(step, args=ocp.args.Composite(
-      **{weights: ocp.args.StandardRestore(target)}))[weights]
-  manager.close()
+  try:
+    restored = manager.restore(step, args=ocp.args.Composite(
+        **{weights: ocp.args.StandardRestore(target)}))[weights]
+  except Exception as e:  # noqa: BLE001 - orbax and TensorStore raise many types
+    where = f'{weights} of the checkpoint at step {step} in {workdir}'
+    mismatch = saved_mismatch(manager, step, {weights: target})
+    if mismatch:
+      raise ValueError(f'{where} do not match the model config: {mismatch}') from e
+    raise damaged_error(where, manager.directory, step, manager.all_steps(), e,
+                        loading=True) from e
+  finally:
+    manager.close()
   flat = {'.'.join(str(k.key) for k in path): jax.device_get(v)
           for path, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
   model = model_from_flat(flat, model_cfg, where=f'{workdir} step {step}')
   return Pretrained(model=model, config=model_cfg, data=data_meta(config),
-                    diffusion=dict(num_timesteps=config.diffusion.num_timesteps,
-                                   beta_schedule=config.diffusion.schedule),
+                    diffusion=folder_record(config.diffusion),
                     sampling=dict(config.sampling.to_dict()) if 'sampling' in config else {},
                     meta={'workdir': workdir, 'step': int(step), 'weights': weights})
 

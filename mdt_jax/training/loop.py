@@ -1,8 +1,8 @@
-"""The training loop: data -> sharded train step -> metrics, checkpoints, sample grids."""
+"""The training loop: data -> sharded train step -> metrics, checkpoints, sample grids and
+evaluations (mdt_jax/training/evaluation.py)."""
 from __future__ import annotations
 
-import functools
-import json
+import contextlib
 import math
 import signal
 import time
@@ -12,13 +12,12 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import metric_writers, periodic_actions
-from etils import epath
+from clu import periodic_actions
 
 from mdt_jax.data import pipeline
 from mdt_jax.data.device_prefetch import DevicePrefetch
 from mdt_jax.sampling.cli_io import grid_image
-from mdt_jax.training import checkpoints, samples, sharding
+from mdt_jax.training import checkpoints, evaluation, logdir, samples, sharding
 from mdt_jax.training.config import validate
 from mdt_jax.training.state import TrainState, create_train_state, make_optimizer
 from mdt_jax.training.step import jit_step_from_config
@@ -58,6 +57,11 @@ class Preemption:
       return False
     return self.requested
 
+  def notice_pending(self) -> bool:
+    """A notice this process has seen (one process only: several must agree on a sync step, so
+    work they share, such as an evaluation, is not abandoned on one alone)."""
+    return self.requested and not self.multihost
+
   def __exit__(self, *exc):
     if self._old is not None:
       signal.signal(signal.SIGTERM, self._old)
@@ -77,27 +81,36 @@ def _mean_metrics(host_metrics: list[dict]) -> dict:
 
 
 StepCallback = Callable[[int, TrainState], None]
+PROFILE_AFTER_STEPS = 2      # --profile: the first profiled step is the run's first step + this
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       callbacks: Sequence[StepCallback] = ()) -> dict:
+                       callbacks: Sequence[StepCallback] = (),
+                       devices: Sequence[jax.Device] | None = None) -> dict:
   """Train (resuming from the workdir's latest checkpoint) and return the last logged metrics.
 
   ``callbacks`` are called as ``cb(step, state)`` after every step (e.g. an evaluation); the next
-  step donates the state's buffers, so a callback must not keep references to them.
+  step donates the state's buffers, so a callback must not keep references to them. ``devices``:
+  the devices of ``config.mesh`` (default: all); a checkpoint resumes on any mesh.
   """
   model_cfg = validate(config)
-  mesh = sharding.make_mesh(config.mesh.to_dict())
+  mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
   dp = sharding.data_parallel_size(mesh)
   if config.global_batch_size % dp:
     raise ValueError(f'global_batch_size {config.global_batch_size} is not divisible by the '
                      f'data-parallel size {dp} (mesh {dict(mesh.shape)})')
   checkpoints.check_workdir(workdir, config)
+  # Evaluation files (reference, Inception, VAE) are checked before any work starts.
+  evaluator = evaluation.Evaluator(config, workdir) if config.eval_num_samples else None
   batch_sh = sharding.batch_sharding(mesh)
   reader = pipeline.make_iterator(config.data, seed=config.seed,
                                   global_batch=config.global_batch_size)
-  data_iter = DevicePrefetch(reader, functools.partial(pipeline.to_global, sharding=batch_sh),
-                             config.data.get('device_prefetch', 2))
+  source = config.data.get('path') or config.data.name
+
+  def place(batch):
+    return pipeline.to_global(pipeline.check_batch(batch, model_cfg.num_classes, source), batch_sh)
+
+  data_iter = DevicePrefetch(reader, place, config.data.get('device_prefetch', 2))
   optimizer = make_optimizer(config.optimizer)
   state, shardings, graphdef = create_train_state(model_cfg, optimizer, config.seed, mesh,
                                                   config.sharding_rules)
@@ -111,20 +124,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   step_fn = jit_step_from_config(config, shardings, batch_sh, graphdef=graphdef,
                                  optimizer=optimizer)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer, log_dir = logdir.create_writer(workdir, just_logging=jax.process_index() > 0)
   total = config.total_steps
+  start = int(state.step)
   hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
                                            every_steps=config.log_every_steps)]
   if config.profile_steps and jax.process_index() == 0:
     # Bounded by steps only: clu's default 3 s minimum would outlast short runs and lose the trace.
+    # The window opens PROFILE_AFTER_STEPS into this run, past the compiling first step; clu's
+    # default (absolute step 10) never comes in a run resumed beyond it.
     hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
-                                          profile_duration_ms=None, logdir=workdir,
-                                          first_profile=10))
+                                          profile_duration_ms=None, logdir=log_dir,
+                                          first_profile=start + PROFILE_AFTER_STEPS))
   grids = samples.GridSampler(config, graphdef)
-  start = int(state.step)
+  if evaluator:
+    evaluator.attach(grids, writer)
+    evaluator.resume(start)
   pending, pending_from, logged = [], start + 1, {}
   t_log, n_log = time.perf_counter(), 0
-  with Preemption() as preempt:
+  # closing: a run stopped by an error still finishes the checkpoint being written
+  with contextlib.closing(ckpt), Preemption() as preempt:
+    if evaluator and evaluator.missing(start):     # interrupted before it was recorded
+      logged.update(evaluator(start, state.ema_params, preempt.notice_pending) or {})
     for step in range(start + 1, total + 1):
       batch = next(data_iter)
       state, metrics = step_fn(state, batch)
@@ -148,27 +169,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if save_now:
         ckpt.save(state, data_iter, step)
         last_saved = step
+        writer.flush()      # the events so far reach the workdir with every checkpoint
+      if evaluator and not stop and evaluator.due(step):
+        result = evaluator(step, state.ema_params, preempt.notice_pending)
+        if result is None:                   # abandoned for a preemption notice: save, stop
+          stop = True
+          if not save_now:
+            ckpt.save(state, data_iter, step)
+            last_saved = step
+        elif step == total:
+          logged.update(result)
       if config.sample_every_steps and (step % config.sample_every_steps == 0 or step == total):
         write_sample_grid(grids, state, workdir, step, writer)
       if stop:
         logging.warning('stopping at step %d after the preemption checkpoint', step)
         break
-  ckpt.close()
-  if config.eval_num_samples and int(state.step) == total:
-    logged.update(evaluate(config, grids, state, workdir, writer))
-  writer.flush()
+  writer.close()
   return {'step': int(state.step), **logged, 'state': state}
-
-
-def evaluate(config, grids: samples.GridSampler, state, workdir: str, writer) -> dict:
-  """End-of-run small-scale evaluation (digits runs): written to TensorBoard and eval.json."""
-  result = samples.evaluate_digits(grids, state.ema_params, config.eval_num_samples)
-  step = int(state.step)
-  writer.write_scalars(step, {k: v for k, v in result.items() if k != 'eval_num_samples'})
-  if jax.process_index() == 0:
-    (epath.Path(workdir) / 'eval.json').write_text(json.dumps({'step': step, **result}, indent=2))
-  logging.info('evaluation at step %d: %s', step, result)
-  return result
 
 
 def write_sample_grid(grids: samples.GridSampler, state, workdir: str, step: int,

@@ -11,14 +11,18 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mdt_jax import paths
+from mdt_jax.diffusion import objective_of
 from mdt_jax.sampling import SamplerConfig, build_sampler, generate
 from mdt_jax.hub.pretrained import make_sampler_config
 from mdt_jax.sampling.cli_io import save_grid, to_uint8
 
 
 def sampler_config(config: ml_collections.ConfigDict) -> SamplerConfig:
+  """The sampler of a training config's `sampling` section, for its objective."""
   return make_sampler_config(config.sampling.to_dict(), config.model.in_channels,
-                             config.diffusion.num_timesteps)
+                             config.diffusion.num_timesteps,
+                             objective=objective_of(config.diffusion))
 
 
 class GridSampler:
@@ -27,7 +31,8 @@ class GridSampler:
   def __init__(self, config: ml_collections.ConfigDict, graphdef):
     self.config, self.graphdef, self.sampler = config, graphdef, None
 
-  def samples(self, ema_params, labels: np.ndarray, seed: int) -> np.ndarray:
+  def samples(self, ema_params, labels: np.ndarray, seed: int, start: int = 0) -> np.ndarray:
+    """Samples of global indices start .. start + len(labels) - 1 (see `generate`)."""
     model = nnx.merge(self.graphdef, ema_params)
     if self.sampler is None:
       self.sampler = build_sampler(model, sampler_config(self.config))
@@ -36,7 +41,7 @@ class GridSampler:
       self.sampler = dataclasses.replace(
           self.sampler, params=jax.device_put(state, NamedSharding(self.sampler.mesh, P())))
     return generate(self.sampler, labels, seed=seed, batch_size=max(8, min(len(labels), 256)),
-                    log_every=0)
+                    start=start, log_every=0)
 
   def grid_labels(self) -> np.ndarray:
     s = self.config.sampling
@@ -54,8 +59,9 @@ class GridSampler:
 
 
 def save(images: np.ndarray, workdir: str, step: int, ncols: int) -> str:
-  os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
-  return save_grid(images, os.path.join(workdir, 'samples', f'grid_{step:08d}.png'), ncols)
+  folder = paths.path(workdir) / 'samples'
+  folder.mkdir(parents=True, exist_ok=True)
+  return save_grid(images, os.fspath(folder / f'grid_{step:08d}.png'), ncols)
 
 
 def evaluate_digits(grids: GridSampler, ema_params, num_samples: int, seed: int = 1) -> dict:

@@ -1,4 +1,10 @@
-"""The MDT train step: a plain and a masked branch, one backward pass, Adan, EMA."""
+"""The MDT train step: a plain and a masked branch, one backward pass, Adan, EMA.
+
+Both objectives share the step: the DDPM one (``dif`` a ``Diffusion``: integer timesteps, eps
+MSE with min-SNR weight plus the VLB term) and the flow one (``dif`` a ``FlowMatching``:
+continuous times, velocity MSE). Either way the two branches share the time draw and each draws
+its own noise, label dropout and mask.
+"""
 from __future__ import annotations
 
 import functools
@@ -9,6 +15,8 @@ import optax
 from flax import nnx
 
 from mdt_jax import diffusion as diff
+from mdt_jax.diffusion import flow
+from mdt_jax.models import attention
 from mdt_jax.training.state import TrainState
 
 
@@ -23,25 +31,46 @@ def branch_loss(model, dif: diff.Diffusion, x0, y, t, key, *, masked: bool,
   return {k: v.mean() for k, v in terms.items()}
 
 
+def flow_branch_loss(model, fm: diff.FlowMatching, x0, y, t, key, *, masked: bool,
+                     min_snr_gamma: float | None = None):
+  """``branch_loss`` of the flow objective: x_t on the line from x_0 to the noise, velocity MSE."""
+  if min_snr_gamma is not None:
+    raise ValueError('min-SNR weighting is a DDPM setting; the flow loss is unweighted')
+  noise_key, model_key = jax.random.split(key)
+  noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+  x_t = flow.interpolate(x0, noise, t)
+  out = model(x_t, flow.model_time(fm, t), y, rng=model_key, train=True, enable_mask=masked)
+  terms = flow.training_losses(out, x0, noise)
+  return {k: v.mean() for k, v in terms.items()}
+
+
+def draw_times(dif: diff.Diffusion | diff.FlowMatching, key, n: int):
+  """The batch's times [n], shared by both branches: DDPM timesteps or flow times."""
+  if isinstance(dif, diff.FlowMatching):
+    return flow.sample_time(dif, key, n)
+  return jax.random.randint(key, (n,), 0, dif.num_timesteps)
+
+
 def loss_fn(params, graphdef, dif, batch, key, *, mask_branch: bool,
             min_snr_gamma: float | None):
   model = nnx.merge(graphdef, params)
   x0, y = batch['x'], batch['y']
   t_key, plain_key, mask_key = jax.random.split(key, 3)
-  t = jax.random.randint(t_key, (x0.shape[0],), 0, dif.num_timesteps)   # shared by both
-  plain = branch_loss(model, dif, x0, y, t, plain_key, masked=False, min_snr_gamma=min_snr_gamma)
+  t = draw_times(dif, t_key, x0.shape[0])
+  branch = flow_branch_loss if isinstance(dif, diff.FlowMatching) else branch_loss
+  plain = branch(model, dif, x0, y, t, plain_key, masked=False, min_snr_gamma=min_snr_gamma)
   metrics = {f'plain/{k}': v for k, v in plain.items()}
   total = plain['loss']
   if mask_branch:
-    masked = branch_loss(model, dif, x0, y, t, mask_key, masked=True,
-                         min_snr_gamma=min_snr_gamma)
+    masked = branch(model, dif, x0, y, t, mask_key, masked=True, min_snr_gamma=min_snr_gamma)
     metrics.update({f'masked/{k}': v for k, v in masked.items()})
     total = total + masked['loss']
   metrics['loss'] = total
   return total, metrics
 
 
-def train_step(state: TrainState, batch: dict, *, graphdef, dif: diff.Diffusion,
+def train_step(state: TrainState, batch: dict, *, graphdef,
+               dif: diff.Diffusion | diff.FlowMatching,
                optimizer: optax.GradientTransformation, ema_decay: float, mask_branch: bool,
                min_snr_gamma: float | None, learning_rate: float):
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -59,16 +88,18 @@ def train_step(state: TrainState, batch: dict, *, graphdef, dif: diff.Diffusion,
 
 def jit_train_step(shardings: TrainState, batch_sharding, **kw):
   """One compiled step with the state donated and sharded as ``shardings`` says."""
-  step = functools.partial(train_step, **kw)
+  def step(state, batch):
+    # the TPU attention kernel runs per batch shard (models/attention.py)
+    with attention.batch_sharded(batch_sharding.mesh, batch_sharding.spec[0]):
+      return train_step(state, batch, **kw)
   return jax.jit(step, in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, None), donate_argnums=(0,))
 
 
 def loss_settings(config, mask_branch: bool | None = None) -> dict:
-  """`loss_fn`'s settings from an experiment config: the diffusion, the mask branch (`mask_branch`
-  defaults to the config's) and the min-SNR weight."""
-  return dict(dif=diff.create_diffusion(num_timesteps=config.diffusion.num_timesteps,
-                                        schedule=config.diffusion.schedule),
+  """`loss_fn`'s settings from an experiment config: the diffusion (or flow) process, the mask
+  branch (`mask_branch` defaults to the config's) and the min-SNR weight."""
+  return dict(dif=diff.make_process(config.diffusion),
               mask_branch=config.mask_branch if mask_branch is None else mask_branch,
               min_snr_gamma=config.diffusion.min_snr_gamma)
 

@@ -14,9 +14,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
-from mdt_jax.atomic import atomic_folder
+from mdt_jax import paths
+from mdt_jax.atomic import atomic_folder, require_complete
 from mdt_jax.vae.model import AutoencoderKL, VAEConfig
 
 CONFIG_FILE = 'config.json'
@@ -92,7 +93,7 @@ def write_folder(out_dir: str, config: VAEConfig, params: dict[str, np.ndarray],
       json.dump({'_class_name': 'AutoencoderKL', **config.to_dict()}, f, indent=2)
     save_file({k: np.ascontiguousarray(v, np.float32) for k, v in params.items()},
               os.path.join(tmp, WEIGHTS_FILE), metadata={'format': 'mdt_jax.vae'})
-  return os.path.abspath(out_dir)
+  return paths.resolve(out_dir)
 
 
 def save(model: AutoencoderKL, out_dir: str, overwrite: bool = False) -> str:
@@ -101,21 +102,21 @@ def save(model: AutoencoderKL, out_dir: str, overwrite: bool = False) -> str:
 
 
 def read_config(vae_dir: str, name: str = CONFIG_FILE) -> dict:
-  path = os.path.join(vae_dir, name)
-  if not os.path.isfile(path):
+  path = paths.path(vae_dir) / name
+  if not path.is_file():
     raise FileNotFoundError(f'no {name} in VAE folder {vae_dir!r}')
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def load_model(vae_dir: str, dtype=jnp.float32) -> AutoencoderKL:
   """The AutoencoderKL NNX module stored in `vae_dir` (as written by ``save``/convert_vae)."""
   config = VAEConfig.from_dict(read_config(vae_dir))
-  path = os.path.join(vae_dir, WEIGHTS_FILE)
-  if not os.path.isfile(path):
+  path = paths.path(vae_dir) / WEIGHTS_FILE
+  if not path.is_file():
     raise FileNotFoundError(f'no {WEIGHTS_FILE} in VAE folder {vae_dir!r} '
                             '(a diffusers folder must first go through tools/convert_vae.py)')
-  return from_params(config, load_file(path), dtype)
+  require_complete(vae_dir, 'VAE folder')
+  return from_params(config, paths.load_safetensors(path), dtype)
 
 
 def encode_fn(graphdef: nnx.GraphDef, state: nnx.State, images: jax.Array):

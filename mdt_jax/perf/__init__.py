@@ -1,0 +1,2 @@
+"""Performance tools on top of the package: TPU slices and compile-only reports (`aot`, `tpu`,
+`hlo`)."""

@@ -1,0 +1,214 @@
+"""Evaluation during training: the EMA weights' guided samples, scored every N steps.
+
+``eval_num_samples`` samples (labels 0, 1, ..., num_classes - 1 repeated: class-balanced; noise
+seed 1) are drawn with the config's sampler, sharded over every device, at every
+``eval_every_steps``-th step and at the last step. Digits runs score them with the digits
+classifier (Frechet distance of its features, class accuracy); latent runs decode them with the
+run's VAE and compute FID, sFID, precision and recall with the JAX FID Inception against
+``eval_reference`` (a statistics file of ``python -m mdt_jax.evaluate --save_stats`` or an ADM
+reference batch). Results go to TensorBoard, to ``eval_history.json`` (every evaluation) and,
+for the last step, to ``eval.json``.
+
+Preemption: an evaluation runs after the step's checkpoint is saved; a preemption notice during
+a latent-run evaluation abandons it between batches (the loop then saves and stops). On resume an
+evaluation that is due at the restored step and missing from the history is run first, and
+history entries past the restored step (from a lost future) are dropped. An evaluation that
+fails (an error, not a preemption) is logged and recorded in the history with its error; the
+training goes on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Callable
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from etils import epath
+
+from mdt_jax import paths
+from mdt_jax.training import samples
+
+HISTORY_FILE = 'eval_history.json'
+FINAL_FILE = 'eval.json'
+EVAL_SEED = 1          # the sampling noise of every evaluation (as samples.evaluate_digits)
+
+
+class Cancelled(Exception):
+  """An evaluation abandoned for a preemption notice."""
+
+
+def balanced_labels(n: int, num_classes: int) -> np.ndarray:
+  return (np.arange(n) % num_classes).astype(np.int32)
+
+
+class InceptionScorer:
+  """uint8 images -> FID / sFID / precision / recall against reference statistics."""
+
+  def __init__(self, reference: str, weights: str, batch_size: int = 64):
+    from mdt_jax.evaluation import evaluator
+    if not os.path.isfile(weights):
+      raise FileNotFoundError(
+          f'eval: no FID Inception weights at {weights}; write them with `python '
+          f'tools/convert_inception.py --out {weights}` or set eval_inception')
+    evaluator.reference_kind(reference)          # refuses a file that is no reference
+    self.reference, self.weights, self.batch_size = reference, weights, batch_size
+    self._extractor = self._ref = self._fp = None
+
+  def _setup(self):
+    from mdt_jax.evaluation import evaluator, features, inception
+    if self._extractor is None:
+      model = inception.load_inception(self.weights)
+      self._fp = inception.weights_fingerprint(self.weights)
+      self._extractor = features.FeatureExtractor(model, self.batch_size)
+      self._ref = evaluator.reference_statistics(self.reference, self._extractor, self._fp,
+                                                 progress=False)
+    return self._extractor, self._ref
+
+  def features(self, images: np.ndarray) -> dict[str, np.ndarray]:
+    extractor, _ = self._setup()
+    return extractor(iter([images]), len(images), 'eval samples', False)
+
+  def score(self, feats: dict[str, np.ndarray]) -> dict:
+    from mdt_jax.evaluation import evaluator, metrics
+    _, ref = self._setup()
+    stats = evaluator.statistics_from_features(feats, self._fp)
+    out = {'fid': float('nan'), 'sfid': float('nan')}
+    if ref.mu is not None:
+      out['fid'] = metrics.frechet_distance(stats.mu, stats.sigma, ref.mu, ref.sigma)
+      out['sfid'] = metrics.frechet_distance(stats.mu_s, stats.sigma_s, ref.mu_s, ref.sigma_s)
+    if ref.pool is not None and len(ref.pool) > 3 and stats.num_images > 3:
+      out['precision'], out['recall'] = metrics.precision_recall(ref.pool, feats['pool'], 3)
+    return out
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Values of the evaluation settings (files are checked by `Evaluator`)."""
+  every, n = int(config.eval_every_steps), int(config.eval_num_samples)
+  if every < 0 or n < 0:
+    raise ValueError(f'eval_every_steps and eval_num_samples must be >= 0, got {every}, {n}')
+  if every and not n:
+    raise ValueError(f'eval_every_steps={every} needs eval_num_samples > 0')
+  if n == 1:
+    raise ValueError('eval_num_samples must be >= 2 (a Frechet distance needs 2 images)')
+  if n and config.data.name == 'digits' and config.data.image_size != 16:
+    raise ValueError('the digits evaluation (eval_num_samples > 0) scores 16x16 images with the '
+                     f'digits classifier; data.image_size is {config.data.image_size}')
+  if n and config.data.name != 'digits' and not config.eval_reference:
+    raise ValueError('eval_num_samples > 0 on a latent run needs eval_reference: reference '
+                     'statistics (python -m mdt_jax.evaluate --save_stats) or an ADM batch')
+
+
+class Evaluator:
+  """Evaluates the EMA weights at the due steps and keeps the history (see the module doc)."""
+
+  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
+               scorer: InceptionScorer | None = None):
+    """Checks the settings, the reference, the Inception weights and the VAE before any
+    training; `attach` gives it the run's sampler and metric writer."""
+    check_config(config)
+    self.config, self.grids, self.writer = config, None, None
+    self.n, self.every = int(config.eval_num_samples), int(config.eval_every_steps)
+    self.total = int(config.total_steps)
+    self.digits = config.data.name == 'digits'
+    self.history_path = epath.Path(workdir) / HISTORY_FILE
+    self.final_path = epath.Path(workdir) / FINAL_FILE
+    self.history = self._read_history()
+    self.postprocess = self.scorer = None
+    if not self.digits:       # fail now, not after hours of training
+      from mdt_jax.sampling import cli_io
+      sm = cli_io.SamplingModel(model=None, space='latent', vae_dir=config.data.vae_decoder)
+      self.postprocess = cli_io.make_postprocess(sm)
+      self.scorer = scorer or InceptionScorer(
+          paths.resolve(config.eval_reference),
+          paths.resolve(config.get('eval_inception') or paths.default_inception_weights()))
+
+  def attach(self, grids: samples.GridSampler, writer) -> None:
+    self.grids, self.writer = grids, writer
+
+  # ----------------------------------------------------------------- history
+
+  def _read_history(self) -> list[dict]:
+    if not self.history_path.exists():
+      return []
+    try:
+      return list(json.loads(self.history_path.read_text())['evaluations'])
+    except (ValueError, KeyError, TypeError) as e:
+      logging.warning('unreadable %s (%s): starting a new evaluation history', self.history_path,
+                      e)
+      return []
+
+  def _write_history(self) -> None:
+    if jax.process_index() != 0:
+      return
+    tmp = self.history_path.parent / (HISTORY_FILE + '.tmp')
+    tmp.write_text(json.dumps({'evaluations': self.history}, indent=1))
+    tmp.replace(self.history_path)                  # never a half-written history
+
+  def resume(self, step: int) -> None:
+    """Forget evaluations past the restored step: those steps are trained again."""
+    kept = [e for e in self.history if e['step'] <= step]
+    if len(kept) != len(self.history):
+      self.history = kept
+      self._write_history()
+
+  def due(self, step: int) -> bool:
+    return self.n > 0 and step > 0 and (step == self.total or
+                                        bool(self.every and step % self.every == 0))
+
+  def missing(self, step: int) -> bool:
+    """Due at `step` and not in the history (an evaluation a preemption interrupted)."""
+    return self.due(step) and all(e['step'] != step for e in self.history)
+
+  # ----------------------------------------------------------------- evaluating
+
+  def __call__(self, step: int, ema_params,
+               cancel: Callable[[], bool] = lambda: False) -> dict | None:
+    """Evaluate, log and record; None if `cancel` said to stop first."""
+    t0 = time.perf_counter()
+    try:
+      if self.digits:
+        result = samples.evaluate_digits(self.grids, ema_params, self.n, seed=EVAL_SEED)
+      else:
+        result = self._inception_metrics(ema_params, cancel)
+    except Cancelled:
+      logging.warning('evaluation at step %d abandoned for the preemption notice', step)
+      return None
+    except Exception as e:  # noqa: BLE001 - a failed evaluation must not end the training
+      logging.exception('evaluation at step %d failed; training goes on', step)
+      self._record(step, {'error': f'{type(e).__name__}: {e}'})
+      return {}
+    result['eval_seconds'] = time.perf_counter() - t0
+    self.writer.write_scalars(step, {k: v for k, v in result.items()
+                                     if k != 'eval_num_samples' and v is not None})
+    self._record(step, result)
+    if step == self.total and jax.process_index() == 0:
+      self.final_path.write_text(json.dumps({'step': step, **result}, indent=2))
+    logging.info('evaluation at step %d: %s', step, result)
+    return result
+
+  def _record(self, step: int, entry: dict) -> None:
+    self.history = [e for e in self.history if e['step'] != step] + [{'step': step, **entry}]
+    self.history.sort(key=lambda e: e['step'])
+    self._write_history()
+
+  def _inception_metrics(self, ema_params, cancel: Callable[[], bool]) -> dict:
+    labels = balanced_labels(self.n, self.config.model.num_classes)
+    chunk = max(8, min(self.n, 256))
+    feats = []
+    for lo in range(0, self.n, chunk):
+      if cancel():
+        raise Cancelled()
+      x = self.grids.samples(ema_params, labels[lo:lo + chunk], EVAL_SEED, start=lo)
+      if not np.isfinite(x).all():
+        logging.warning('non-finite samples: evaluation metrics recorded as NaN')
+        return {'fid': float('nan'), 'sfid': float('nan'), 'precision': None,
+                'recall': None, 'eval_num_samples': self.n}
+      feats.append(self.scorer.features(self.postprocess(x)))
+    if cancel():
+      raise Cancelled()
+    merged = {k: np.concatenate([f[k] for f in feats]) for k in feats[0]}
+    return {**self.scorer.score(merged), 'eval_num_samples': self.n}

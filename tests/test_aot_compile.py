@@ -1,0 +1,160 @@
+"""tools/aot_compile.py: the real steps compiled for a TPU slice on this CPU host (libtpu from
+requirements-test.txt), their figures checked against the analytic FLOPs and state bytes."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from micro_config import get_config
+from mdt_jax import benchmark
+from mdt_jax.models.mdt import MDTConfig
+from mdt_jax.perf import hlo, tpu
+from mdt_jax.training import sharding
+from mdt_jax.training.state import abstract_train_state, make_optimizer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# the micro config, wide enough (128) that TPU tile padding of the weights is small (< 5%)
+WIDE = ['--config.model.hidden_size=128', '--config.mesh.data=1', '--config.mesh.fsdp=-1']
+
+
+def test_slice_names_map_to_compiler_topologies():
+  expect = {'v4-8': ('v4:2x2x1', 4), 'v4-128': ('v4:4x4x4', 64), 'v5p-8': ('v5p:2x2x1', 4),
+            'v5p-16': ('v5p:2x2x2', 8), 'v5p-128': ('v5p:4x4x4', 64),
+            'v5p-1024': ('v5p:8x8x8', 512), 'v5e-1': ('v5e:1x1', 1), 'v5e-8': ('v5e:2x4', 8),
+            'v5e-16': ('v5e:4x4', 16), 'v5e-256': ('v5e:16x16', 256), 'v6e-8': ('v6e:2x4', 8),
+            'v6e-32': ('v6e:4x8', 32), 'V5P-8 ': ('v5p:2x2x1', 4),
+            'v5p:4x4x12': ('v5p:4x4x12', 192)}
+  for name, (topology, chips) in expect.items():
+    s = tpu.parse_slice(name)
+    assert (s.topology, s.chips) == (topology, chips), name
+  assert tpu.parse_slice('v5p:4x4x12').name == 'v5p-384'
+  assert tpu.parse_slice('v5p-128').wraparound == (True,) * 3          # whole 4x4x4 cube
+  assert tpu.parse_slice('v5p-64').wraparound == (False,) * 3          # 2x4x4
+  assert tpu.parse_slice('v5e-128').wraparound == (False, True, False)  # 8x16
+  for bad in ('v5p-12', 'v5e-2', 'v7-8', 'tpu', 'v4:2x2', 'v5e-512'):
+    with pytest.raises(ValueError, match='known slices: v4-8, v4-16') as e:
+      tpu.parse_slice(bad)
+    assert repr(bad) in str(e.value)
+
+
+def test_collectives_are_read_from_optimized_hlo():
+  mesh = jax.make_mesh((4, 2), ('a', 'b'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+
+  def f(x, y, z, w):
+    return (jax.lax.psum(x, 'a'),                                   # f32[16], groups of 4
+            jax.lax.all_gather(y, ('a', 'b'), tiled=True),          # f32[3] -> [24], all 8
+            jax.lax.psum_scatter(z, 'b', tiled=True),               # f32[64] -> [32], pairs
+            jax.lax.ppermute(w, 'a', [(i, (i + 1) % 4) for i in range(4)]),
+            jax.lax.all_to_all(w.reshape(4, 5), 'a', 0, 0, tiled=True))
+
+  fn = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(), P(('a', 'b')), P(), P()),
+                             out_specs=(P(),) * 5, check_vma=False))
+  text = fn.lower(jnp.zeros(16), jnp.zeros(24), jnp.zeros(64), jnp.zeros(20)).compile().as_text()
+  got = {c.kind: (c.full_bytes, c.group) for c in hlo.parse_collectives(text, 8)}
+  assert got == {'all-reduce': (64, 4), 'all-gather': (96, 8), 'reduce-scatter': (256, 2),
+                 'collective-permute': (80, 2), 'all-to-all': (80, 4)}
+  summary = hlo.summarize(hlo.parse_collectives(text, 8))
+  assert summary['all-reduce']['wire_gb'] == pytest.approx(2 * 3 / 4 * 64 / 1e9)
+  assert summary['all-gather']['wire_gb'] == pytest.approx(7 / 8 * 96 / 1e9)
+
+
+@pytest.fixture(scope='module')
+def tpu_report(tmp_path_factory):
+  """One launch of the tool: the micro config's MDT train step (FSDP over the 4 chips) and a
+  guided sampler call compiled for v5p-8, plus the proxy programs."""
+  if importlib.util.find_spec('libtpu') is None:
+    pytest.fail('libtpu is not installed; these tests compile for a TPU slice with it: '
+                'pip install -r requirements-test.txt')
+  out = tmp_path_factory.mktemp('aot') / 'aot.json'
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.run(
+      [sys.executable, 'tools/aot_compile.py', f'--config={ROOT}/tests/micro_config.py',
+       *WIDE, '--topology=v5p-8', '--steps=train,sample', '--proxy_checks', '--traffic=8',
+       f'--out={out}'],
+      env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(out.read_text()), proc.stdout
+
+
+def _state_bytes_per_chip(config):
+  mc = MDTConfig.from_dict(config.model.to_dict())
+  mesh = sharding.make_mesh(config.mesh.to_dict(), jax.devices()[:4])   # v5p-8's 4 chips' shape
+  structs, _, _ = abstract_train_state(mc, make_optimizer(config.optimizer), mesh,
+                                       config.sharding_rules)
+  per_chip = lambda s: int(np.prod(s.sharding.shard_shape(s.shape))) * s.dtype.itemsize  # noqa
+  state = sum(per_chip(s) for s in jax.tree.leaves(structs))
+  # the token matmuls' weights (qkv, proj, fc1, fc2, skip fusion): FSDP gathers them, since
+  # all-reducing their [B, N, *] activations would move more (XLA may keep adaLN's sharded)
+  token_weights = sum(
+      int(np.prod(s.shape)) * s.dtype.itemsize
+      for path, s in jax.tree_util.tree_flatten_with_path(structs.params)[0]
+      if path[-1].key == 'kernel' and any(
+          getattr(k, 'key', None) in ('qkv', 'proj', 'fc1', 'fc2', 'skip_linear') for k in path))
+  return mc, state, token_weights
+
+
+def test_tpu_train_step_figures_match_analytic_counts(tpu_report):
+  res, stdout = tpu_report
+  assert (res['slice'], res['topology'], res['chips']) == ('v5p-8', 'v5p:2x2x1', 4)
+  # the compiler's usable HBM, read from its own refusal, is near the spec sheet's 95 GB
+  assert 0.9 * 95 < res['hbm_usable_gb'] < 1.15 * 95
+  train, sample = res['steps']
+  assert train['step'] == 'train: plain+masked (MDT)' and train['mesh'] == 'data=1,fsdp=4,tensor=1'
+  config = get_config()
+  config.model.hidden_size, config.mesh.data, config.mesh.fsdp = 128, 1, -1
+  mc, state, token_weights = _state_bytes_per_chip(config)
+  n, batch = 4, config.global_batch_size
+  executed = benchmark.train_step_flops(mc, batch, True, executed=True) / n / 1e12
+  assert train['executed_tflop_per_chip'] == pytest.approx(executed)
+  # XLA counts the executed program plus the elementwise work the matmul-only count leaves out
+  assert executed <= train['xla_tflop_per_chip'] <= 1.3 * executed
+  # arguments: the train state's shard (params, EMA, optimizer) and the batch's, per chip;
+  # the TPU's (8, 128) tiles pad a few small arrays (relative position tables, biases)
+  batch_bytes = batch // n * (mc.input_size ** 2 * mc.in_channels * 4 + 4)
+  assert 1.0 <= train['memory_args_gb'] * 1e9 / (state + batch_bytes) < 1.05
+  # the donated state is written in place (aliased), not held twice
+  assert 1.0 <= train['memory_alias_gb'] * 1e9 / state < 1.05
+  # FSDP: the token matmuls' weights are gathered for the forward pass at least once
+  assert train['collectives']['all-gather']['gb'] * 1e9 >= token_weights
+  assert train['ici_ms'] > 0 and train['fits']
+  assert 0 < train['hbm_estimate_gb'] <= train['bytes_accessed_gb']
+  peak = res['peak_bf16_tflops'] * 1e12
+  bound_s = max(train['compute_ms'], train['hbm_ms'], train['ici_ms']) / 1e3
+  assert train['mfu_bound'] == pytest.approx(train['model_tflop_per_chip'] * 1e12 /
+                                             (bound_s * peak))
+  # the sampler: one guided call runs the model on [x; x] (2B rows), weights replicated and
+  # the batch split, so no chip talks to another
+  fwd = 2 * benchmark.forward_flops(mc) * batch / n / 1e12
+  assert sample['model_tflop_per_chip'] == pytest.approx(fwd)
+  assert fwd <= sample['xla_tflop_per_chip'] <= 1.3 * fwd
+  assert sample['collectives'] == {} and sample['ici_ms'] == 0
+  assert '| train: plain+masked (MDT) | v5p-8 | data=1,fsdp=4,tensor=1 | 16 |' in stdout
+  # where the bytes go: tied to this project's source lines through the HLO's stack frames
+  sources = dict(train['traffic']['by_source'])
+  assert any(s.startswith('models/layers.py:') and 'Attention' in s for s in sources), sources
+  assert 0.3 * train['bytes_accessed_gb'] < train['traffic']['total_gb']
+
+
+def test_roofline_proxy_on_programs_with_known_answers(tpu_report):
+  rows = {r['program']: r for r in tpu_report[0]['proxy']}
+  mm = rows['bf16 matmul']
+  assert mm['bottleneck'] == 'compute' and mm['xla_gflop'] == pytest.approx(mm['known_gflop'])
+  assert mm['bytes_over_min'] == pytest.approx(1.0, rel=0.01)
+  chain = rows['f32 elementwise chain']
+  assert chain['bottleneck'] == 'HBM' and chain['bytes_over_min'] == pytest.approx(1.0, rel=0.01)
+  # a token matmul whose input XLA prefetches into on-chip memory: XLA counts the on-chip
+  # copy's traffic too (an over-count of HBM traffic); the HBM-only estimate does not
+  tall = rows['bf16 matmul [16384,1152]x[1152,1152]']
+  assert tall['bytes_over_min'] > 1.5
+  assert tall['hbm_estimate_over_min'] == pytest.approx(1.0, rel=0.01)
+  # in place: XLA counts only the updated block (the HBM estimate, the whole buffer)
+  assert rows['dynamic_update_slice, donated']['bytes_over_min'] == pytest.approx(1.0, rel=0.01)
+  # a loop body is counted once, whatever the trip count (an under-count, BENCHMARKS.md)
+  assert rows['fori_loop x10 elementwise']['bytes_over_min'] < 0.5

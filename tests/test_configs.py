@@ -1,0 +1,42 @@
+"""Every shipped config (configs/*.py) loads as the command line loads it and passes the checks a
+run makes before any work: a typo in a config file fails here, not an hour into a pod job."""
+import os
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from mdt_jax.studies import learning_curves
+from mdt_jax.training import samples, sharding
+from mdt_jax.training.config import validate
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(f for f in os.listdir(os.path.join(ROOT, 'configs')) if f.endswith('.py'))
+STUDIES = {'learning_curves.py'}     # tools/learning_curves.py's study configs (a `train` inside)
+# ml_collections loads config files with importlib's deprecated load_module()
+pytestmark = pytest.mark.filterwarnings('ignore:the load_module\\(\\) method is deprecated')
+
+
+def load(name: str):
+  """The config as `--config=configs/NAME` gives it (ml_collections' config_flags)."""
+  holder = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', flag_values=holder)
+  holder(['prog', f'--config={os.path.join(ROOT, "configs", name)}'])
+  return holder.config
+
+
+def test_every_config_file_is_checked():
+  assert 'quickstart.py' in CONFIGS and 'mdtv2_xl2.py' in CONFIGS and len(CONFIGS) >= 6
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_shipped_config_passes_the_checks_of_a_run(name):
+  config = load(name)
+  if name in STUDIES:
+    learning_curves.check_study(config)      # validates both variants' training configs
+    config = config.train
+  model = validate(config)
+  samples.sampler_config(config)             # the grid / evaluation sampler settings
+  mesh = sharding.make_mesh(config.mesh.to_dict())                # 8 test devices
+  assert config.global_batch_size % sharding.data_parallel_size(mesh) == 0
+  assert model.num_classes == (10 if config.data.name == 'digits' else 1000)
