@@ -87,12 +87,16 @@ def train_step_flops(cfg: MDTConfig, batch: int, mask_branch: bool, executed: bo
 
 # ------------------------------------------------------------------------------ measurement
 
-def _timed(fn, repeats: int) -> list[float]:
+def _timed(fn, repeats: int, cpu_times: list[float] | None = None) -> list[float]:
+  """Wall seconds of each of `repeats` calls (this process's CPU seconds appended to
+  `cpu_times`: on shared cores the work done, where wall time also counts waiting)."""
   out = []
   for _ in range(repeats):
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     jax.block_until_ready(fn())
     out.append(time.perf_counter() - t0)
+    if cpu_times is not None:
+      cpu_times.append(time.process_time() - c0)
   return out
 
 
@@ -125,11 +129,15 @@ def _cost_flops(compiled) -> float | None:
 
 def bench_train_step(config: ml_collections.ConfigDict, *, mask_branch: bool, steps: int = 10,
                      repeats: int = 3, warmup: int = 2, compile_only: bool = False,
-                     trace_dir: str | None = None) -> dict:
+                     trace_dir: str | None = None, torch_baseline: bool = False) -> dict:
   """Compile and time the real train step on synthetic data of the config's shape.
 
   With `trace_dir`, the timed repeats (only: compilation and warm-up stay out of it) are
-  recorded as a `jax.profiler` trace there.
+  recorded as a `jax.profiler` trace there. With `torch_baseline`, the original's step in
+  PyTorch (`mdt_jax.torch_reference.train`) starts from the same weights and batch, and each
+  timed repeat of the JAX step is followed by one of it (interleaved, so that load on shared
+  cores hits both alike); the ratio of the medians is `speedup_vs_torch_f32`, that of the
+  process CPU times `speedup_vs_torch_f32_cpu_time`.
   """
   mc = MDTConfig.from_dict(config.model.to_dict())
   mesh = sharding.make_mesh(config.mesh.to_dict())
@@ -167,12 +175,19 @@ def bench_train_step(config: ml_collections.ConfigDict, *, mask_branch: bool, st
       holder['s'], m = compiled(holder['s'], data)
     return m['loss']
 
+  torch_run = _torch_train_run(config, state, data, mask_branch, steps, warmup) \
+      if torch_baseline else None
   for _ in range(warmup):
     holder['s'], m = compiled(holder['s'], data)
     jax.block_until_ready(m['loss'])
   if trace_dir:
     with jax.profiler.trace(trace_dir):
       times = _timed(run, repeats)
+  elif torch_run:
+    times, torch_times, cpu, torch_cpu = [], [], [], []
+    for _ in range(repeats):
+      times += _timed(run, 1, cpu)
+      torch_times += _timed(torch_run, 1, torch_cpu)
   else:
     times = _timed(run, repeats)
   step_s = statistics.median(times) / steps
@@ -185,7 +200,47 @@ def bench_train_step(config: ml_collections.ConfigDict, *, mask_branch: bool, st
   stats = getattr(jax.devices()[0], 'memory_stats', lambda: None)()
   if stats and 'peak_bytes_in_use' in stats:
     out['device_peak_memory_gb'] = stats['peak_bytes_in_use'] / 1e9
+  if torch_run:
+    import torch
+    torch_s = statistics.median(torch_times) / steps
+    out.update(torch_step_s=torch_s, torch_images_per_s=batch / torch_s,
+               speedup_vs_torch_f32=torch_s / step_s,
+               cpu_s_per_step=statistics.median(cpu) / steps,
+               torch_cpu_s_per_step=statistics.median(torch_cpu) / steps,
+               speedup_vs_torch_f32_cpu_time=statistics.median(torch_cpu) / statistics.median(cpu),
+               speedup_vs_torch_f32_per_repeat=[b / a for a, b in zip(times, torch_times)],
+               jax_step_s_per_repeat=[t / steps for t in times],
+               torch_step_s_per_repeat=[t / steps for t in torch_times],
+               torch=torch.__version__, torch_threads=torch.get_num_threads())
   return out
+
+
+def _torch_train_run(config: ml_collections.ConfigDict, state, data: dict, mask_branch: bool,
+                     steps: int, warmup: int):
+  """A function running `steps` of the original's train step in PyTorch (float32, eager, CPU)
+  from the JAX state's current weights on the same batch, warmed up `warmup` steps."""
+  try:
+    import torch
+  except ImportError as e:
+    raise ImportError('the PyTorch train baseline needs torch (pip install torch)') from e
+  from flax import nnx
+  from mdt_jax.hub import official
+  from mdt_jax.torch_reference.train import TorchTrainStep
+  mc = MDTConfig.from_dict(config.model.to_dict())
+  sd = official.from_flax_params(nnx.State(jax.device_get(state.params)), mc)
+  torch.manual_seed(0)                           # the step's draws come from torch's RNG
+  step = TorchTrainStep.from_config(config, sd, mask_branch=mask_branch)
+  x = torch.from_numpy(np.asarray(data['x']).transpose(0, 3, 1, 2).copy())
+  y = torch.from_numpy(np.asarray(data['y']).astype(np.int64))
+
+  def run():
+    for _ in range(steps):
+      loss = step(x, y)['loss']
+    return loss
+
+  for _ in range(warmup):
+    step(x, y)
+  return run
 
 
 def lower_train_step(config: ml_collections.ConfigDict, *, mask_branch: bool, global_batch: int,
@@ -421,7 +476,8 @@ def markdown_table(rows: list[dict], keys: list[str]) -> str:
 
 
 TRAIN_KEYS = ['branches', 'device_kind', 'devices', 'global_batch', 'dtype', 'remat',
-              'steps_per_s', 'images_per_s', 'model_tflop_per_step', 'xla_tflop_per_step',
+              'steps_per_s', 'images_per_s', 'torch_images_per_s', 'speedup_vs_torch_f32',
+              'speedup_vs_torch_f32_cpu_time', 'model_tflop_per_step', 'xla_tflop_per_step',
               'achieved_tflops_per_device', 'mfu', 'compile_s', 'memory_peak_estimate_gb',
               'device_peak_memory_gb']
 SAMPLE_KEYS = ['sampler', 'steps', 'cfg_scale', 'batch', 'dtype', 'device_kind', 'images_per_s',

@@ -49,7 +49,8 @@ def test_bench_tool_writes_every_field(tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT)
   subprocess.run([sys.executable, 'tools/bench.py', f'--config={ROOT}/tests/micro_config.py',
                   '--config.model.in_channels=4',   # latents: the original guides 3 of 4
-                  '--steps=2', '--repeats=1', '--sampling', '--torch_baseline',
+                  '--steps=2', '--repeats=1', '--torch_train_baseline', '--sampling',
+                  '--torch_baseline',
                   '--eager_baseline', '--baseline_steps=2',
                   '--sample_batch=2', '--ddpm_steps=3', '--dpm_steps=2', f'--out={out}',
                   f'--profile={tmp_path / "trace"}', '--parity=dtype=bfloat16'],
@@ -66,6 +67,11 @@ def test_bench_tool_writes_every_field(tmp_path):
       assert r[k] > 0, k
     # the donated train state is reused for the new state, not held twice
     assert r['memory_alias_gb'] == pytest.approx(r['memory_args_gb'], rel=0.05)
+    # the original's step in PyTorch, timed alongside (same weights, batch and branches)
+    assert r['torch_images_per_s'] > 0 and r['torch_cpu_s_per_step'] > 0
+    assert r['speedup_vs_torch_f32'] == pytest.approx(r['torch_step_s'] / r['step_s'])
+    assert r['speedup_vs_torch_f32_cpu_time'] == pytest.approx(
+        r['torch_cpu_s_per_step'] / r['cpu_s_per_step'])
   assert [r['sampler'] for r in res['sampling']] == ['ddpm', 'dpm_solver++',
                                                       'ddpm (torch eager)', 'ddpm (JAX eager)']
   assert all(r['images_per_s'] > 0 for r in res['sampling'])

@@ -10,7 +10,7 @@ from flax import nnx
 import reference_mdt as ref
 from mdt_jax import MDT, MDTConfig, count_params, model_config
 from mdt_jax.hub import official
-from mdt_jax.models import masking
+from mdt_jax.models import layers, masking, platform
 from mdt_jax.models.layers import relative_position_index, sincos_2d
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=6, num_heads=4,
@@ -281,6 +281,59 @@ def test_cudnn_attention_needs_even_lengths_and_says_how_to_pad():
   assert MDTConfig(attention_impl='xla').masked_impl == 'xla'            # 'same' by default
 
 
+def test_cpu_code_computes_what_the_accelerator_code_computes():
+  """XLA:CPU's branches (2-D dense products, the einsum attention; mdt_jax.models.platform) give
+  the outputs and gradients of the general code: the masked pass runs both (the encoder with a
+  key mask, the side block and decoder without), with label drops."""
+  cfg = tiny(mask_ratio=0.3, depth=3, decode_layer=1)
+  _, model = _load_random(cfg, seed=4)
+  x, t, y = (jnp.asarray(a) for a in _inputs())
+  graphdef, params = nnx.split(model)
+
+  def loss(params):
+    out = nnx.merge(graphdef, params)(x, t, y, rng=jax.random.key(1), train=True,
+                                      enable_mask=True)
+    return jnp.mean(jnp.sin(out) * out), out
+
+  results = []
+  for backend in ('cpu', 'default'):
+    with platform.assume_backend(backend):
+      results.append(jax.jit(jax.grad(loss, has_aux=True))(params))
+  (g_cpu, out_cpu), (g_gen, out_gen) = results
+  assert float(jnp.abs(out_gen).max()) > 0.5
+  np.testing.assert_allclose(out_cpu, out_gen, atol=1e-5, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(g_cpu), jax.tree.leaves(g_gen)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_the_cpu_compiles_the_cpu_branches_only():
+  """Lowered for the CPU, the model's dense layers multiply 2-D operands and its attention is the
+  einsum form (no vmapped group axis, no TPU kernel): one conditional choice, by platform."""
+  m = MDT(tiny(mask_ratio=0.3), rngs=nnx.Rngs(0))
+  x, t, y = (jnp.asarray(a) for a in _inputs())
+  graphdef, state = nnx.split(m)
+
+  def lowered():                           # a new function each time: no cached trace
+    fn = lambda s: nnx.merge(graphdef, s)(x, t, y, rng=jax.random.key(0), enable_mask=True)
+    return jax.jit(fn).lower(state).as_text()
+
+  text = lowered()
+  assert 'tpu_custom_call' not in text
+
+  def dense_ranks(text):                   # operand ranks of the products without batch axes
+    dots = [line for line in text.splitlines() if 'stablehlo.dot_general' in line]
+    batched = [d for d in dots if 'batching_dims' in d]
+    lhs = [d.split(' : (tensor<', 1)[1].split(',')[0] for d in dots if d not in batched]
+    return len(batched), [t.count('x') for t in lhs]
+
+  batched, ranks = dense_ranks(text)
+  assert batched == 14                     # attention's 2 einsums x 7 blocks (4 + side + 2)
+  assert len(ranks) > 7 * 4 and set(ranks) == {2}, ranks
+  with platform.assume_backend('default'):
+    _, ranks = dense_ranks(lowered())
+  assert 3 in ranks                        # the general code: [batch, tokens, features]
+
+
 def test_masked_encoder_uses_its_own_attention_implementation(monkeypatch):
   seen = []
   real = jax.nn.dot_product_attention
@@ -294,6 +347,7 @@ def test_masked_encoder_uses_its_own_attention_implementation(monkeypatch):
   m(x, t, y)
   assert set(seen) == {('xla', False)} and len(seen) == 6          # plain pass: 6 blocks
   seen.clear()
-  m(x, t, y, rng=jax.random.key(0), enable_mask=True)
+  with platform.assume_backend('default'):    # on the CPU, auto is the einsum form (no call)
+    m(x, t, y, rng=jax.random.key(0), enable_mask=True)
   # encoder (4 blocks) on the kept tokens with a key mask; side block and decoder (1 + 2) not
   assert seen == [(None, True)] * 4 + [('xla', False)] * 3

@@ -13,6 +13,10 @@
       --config.model.attention_impl=cudnn --config.model.mask_buffer_multiple=8 --modes= \
       --parity=attention_impl=xla,mask_buffer_multiple=1 --parity=dtype=float32,attention_impl=xla
 
+  # the train step against the original's in PyTorch (same weights and batch, interleaved)
+  python tools/bench.py --config=configs/mdtv2_s2.py --config.global_batch_size=8 --modes=mdt \
+      --steps=3 --repeats=5 --torch_train_baseline
+
 Prints Markdown tables and writes JSON. See BENCHMARKS.md for recorded figures.
 """
 import contextlib
@@ -38,6 +42,15 @@ flags.DEFINE_integer('dpm_steps', 20, 'DPM-Solver++ steps')
 flags.DEFINE_bool('torch_baseline', False, 'with --sampling: also time the same guided '
                   'DDPM sampler in PyTorch, float32 and eager (the original\'s way), and report '
                   'the speed-up over it')
+flags.DEFINE_bool('torch_train_baseline', False, 'also time the original\'s train step in '
+                  'PyTorch, float32 and eager (both branches, Adan, EMA; '
+                  'mdt_jax/torch_reference/train.py) on the same weights and batch, interleaved '
+                  'with the JAX step\'s repeats, and report the speed-up over it')
+flags.DEFINE_integer('torch_threads', None, 'PyTorch\'s thread count for the baselines '
+                     '(default: torch\'s own)')
+flags.DEFINE_bool('single_thread', False, 'run XLA:CPU single-threaded (and PyTorch with '
+                  '--torch_threads=1): with `taskset -c 0`, both on one core, where the CPU-time '
+                  'ratio holds however busy the other cores are')
 flags.DEFINE_bool('eager_baseline', False, 'with --sampling: also time the same guided DDPM '
                   'sampler in JAX, float32, op by op without jit (a float32 eager baseline '
                   'that needs no PyTorch)')
@@ -76,7 +89,7 @@ def train_steps(config, record):
       raise app.UsageError(f'unknown mode {mode!r}; expected mdt or dit')
     record('train', benchmark.bench_train_step(
         config, mask_branch=mode == 'mdt', steps=FLAGS.steps, repeats=FLAGS.repeats,
-        compile_only=FLAGS.compile_only))
+        compile_only=FLAGS.compile_only, torch_baseline=FLAGS.torch_train_baseline))
 
 
 def memory_fit(config, record):
@@ -148,7 +161,20 @@ def main(argv):
   config = FLAGS.config
   for flag in ('torch_baseline', 'eager_baseline'):
     if FLAGS[flag].value and not FLAGS.sampling:
-      raise app.UsageError(f'--{flag} compares samplers: add --sampling')
+      raise app.UsageError(f'--{flag} compares samplers: add --sampling (the train step\'s '
+                           'baseline is --torch_train_baseline)')
+  if FLAGS.torch_train_baseline and (FLAGS.compile_only or not FLAGS.modes):
+    raise app.UsageError('--torch_train_baseline times train steps: it needs --modes and no '
+                         '--compile_only')
+  if FLAGS.single_thread:       # read when the CPU backend starts, which is still to come
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               ' --xla_cpu_multi_thread_eigen=false').strip()
+    if FLAGS.torch_threads not in (None, 1):
+      raise app.UsageError(f'--single_thread with --torch_threads={FLAGS.torch_threads}')
+    FLAGS.torch_threads = 1
+  if FLAGS.torch_threads:
+    import torch
+    torch.set_num_threads(FLAGS.torch_threads)
   record = Recorder(FLAGS.out)
   if FLAGS.parity:
     with attention.interpret_kernels() if FLAGS.interpret_kernels else contextlib.nullcontext():

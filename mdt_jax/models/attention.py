@@ -1,6 +1,8 @@
 """Attention with an additive (relative position) bias: XLA's computation or a fused TPU kernel.
 
-`attend` is the one place that picks the computation. XLA's (``jax.nn.dot_product_attention``)
+`attend` is the one place that picks the computation (by backend through
+`mdt_jax.models.platform.by_backend`): on XLA:CPU the einsums of `_einsum`, on a TPU the kernel
+below, elsewhere ``jax.nn.dot_product_attention``. XLA's (``jax.nn.dot_product_attention``)
 writes the [B, H, N, N] logits, probabilities and their gradients to HBM, several float32 passes
 per attention; on a TPU that traffic, not the FLOPs, bounds the train step. The Pallas kernel
 below takes the qkv projection as it comes out of the matmul ([B, N, 3D]: no head transposes),
@@ -29,8 +31,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.sharding import PartitionSpec as P
 
+from mdt_jax.models import platform
+
 Array = jax.Array
-IMPLEMENTATIONS = (None, 'xla', 'cudnn', 'pallas')   # None: the kernel on TPU, jax's elsewhere
+IMPLEMENTATIONS = (None, 'xla', 'cudnn', 'pallas')   # None: chosen by backend (`attend`)
 
 
 def attend(qkv: Array, bias: Array, key_mask: Array | None, heads: int,
@@ -43,9 +47,9 @@ def attend(qkv: Array, bias: Array, key_mask: Array | None, heads: int,
     return _kernel(qkv, bias, key_mask, heads)
   if implementation is not None:
     return _xla(qkv, bias, key_mask, heads, implementation)
-  # The one backend choice: lowered for a TPU, the kernel; for a CPU or GPU, jax's own.
-  return jax.lax.platform_dependent(
+  return platform.by_backend(
       qkv, bias, key_mask,
+      cpu=lambda *a: _einsum(*a, heads),
       tpu=lambda *a: _kernel(*a, heads),
       default=lambda *a: _xla(*a, heads, None))
 
@@ -94,16 +98,31 @@ def _kernel(qkv, bias, key_mask, heads):
                        check_vma=False)(*args)
 
 
-def _xla(qkv, bias, key_mask, heads, implementation):
+def _split(qkv, bias, key_mask, heads):
+  """q, k, v [B, N, H, Dh]; bias [B or 1, H, N, N]; mask [B, 1, 1, N] or None."""
   b, n, d3 = qkv.shape
   qkv = qkv.reshape(b, n, 3, heads, d3 // (3 * heads))
-  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-  if bias.ndim == 3:
-    bias = bias[None]
   mask = None if key_mask is None else key_mask[:, None, None, :]
+  return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias[None] if bias.ndim == 3 else bias, mask
+
+
+def _xla(qkv, bias, key_mask, heads, implementation):
+  q, k, v, bias, mask = _split(qkv, bias, key_mask, heads)
   out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
                                      implementation=implementation)
-  return out.reshape(b, n, d3 // 3)
+  return out.reshape(qkv.shape[0], qkv.shape[1], -1)
+
+
+def _einsum(qkv, bias, key_mask, heads):
+  """What `_xla` computes (jax's XLA path), in the form XLA:CPU runs fastest: no vmapped group
+  axis, the scale applied to q ([N, Dh]) rather than to the logits ([N, N])."""
+  q, k, v, bias, mask = _split(qkv, bias, key_mask, heads)
+  logits = jnp.einsum('btnh,bsnh->bnts', q * (q.shape[-1] ** -0.5), k,
+                      preferred_element_type=jnp.float32) + bias
+  if mask is not None:                             # as jax.nn.dot_product_attention masks
+    logits = jnp.where(mask, logits, -0.7 * jnp.finfo(logits.dtype).max)
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum('bnts,bsnh->btnh', probs, v).reshape(qkv.shape[0], qkv.shape[1], -1)
 
 
 # ------------------------------------------------------------------------------ Pallas kernel

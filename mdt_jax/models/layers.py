@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mdt_jax.models import platform
 from mdt_jax.models.attention import attend
 
 Array = jax.Array
@@ -31,11 +32,25 @@ def clipped_normal(std: float, limit: float):
   return init
 
 
+class Dense(nnx.Linear):
+  """`nnx.Linear`; on XLA:CPU it multiplies [rows, features] operands (`mdt_jax.models.platform`:
+  there the weight gradient of a [batch, tokens, features] product costs a fused transpose)."""
+
+  def __call__(self, inputs: Array, out_sharding=None) -> Array:
+    if inputs.ndim <= 2 or out_sharding is not None:
+      return super().__call__(inputs, out_sharding)
+    return platform.by_backend(inputs, cpu=self._flat, default=super().__call__)
+
+  def _flat(self, inputs: Array) -> Array:
+    y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+    return y.reshape(*inputs.shape[:-1], y.shape[-1])
+
+
 def dense(din: int, dout: int, axes: tuple, *, rngs: nnx.Rngs, dtype=jnp.float32,
-          kernel_init=xavier, zero: bool = False) -> nnx.Linear:
+          kernel_init=xavier, zero: bool = False) -> Dense:
   """A Linear layer with float32 parameters, `dtype` compute and logical axis names."""
   kinit = zeros if zero else kernel_init
-  return nnx.Linear(
+  return Dense(
       din, dout, dtype=dtype, param_dtype=jnp.float32,
       kernel_init=nnx.with_partitioning(kinit, axes),
       bias_init=nnx.with_partitioning(zeros, (axes[1],)), rngs=rngs)
@@ -168,6 +183,7 @@ class Attention(nnx.Module):
     impl = self.attention_impl if key_mask is None else self.masked_attention_impl
     out = attend(self.qkv(x), self.rel_pos_bias(rel_index), key_mask, self.heads, impl)
     return self.proj(out)
+
 
 
 class Mlp(nnx.Module):
