@@ -19,6 +19,7 @@ import os
 import re
 
 from mdt_jax import trace_proto
+from mdt_jax.models.platform import DISPATCH_SOURCE
 
 OWN_CODE = os.sep + 'mdt_jax' + os.sep
 DEVICE_PLANE = re.compile(r'^/device:(GPU|TPU)')
@@ -83,7 +84,7 @@ def _source(module, frame_id: int) -> str:
     frame = idx.stack_frames[frame_id - 1]
     loc = idx.file_locations[frame.file_location_id - 1]
     fname = idx.file_names[loc.file_name_id - 1]
-    if OWN_CODE in fname:
+    if OWN_CODE in fname and not fname.endswith(DISPATCH_SOURCE):
       short = fname[fname.rindex(OWN_CODE) + 1:]
       return f'{short}:{loc.line} {idx.function_names[loc.function_name_id - 1]}'
     frame_id = frame.parent_frame_id

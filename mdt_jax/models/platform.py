@@ -15,11 +15,15 @@ Measured in BENCHMARKS.md, section "The train step on the CPU".
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Iterator
 
 import jax
 
 BACKENDS = ('cpu', 'tpu', 'default')
+# Profiles and traffic reports name an op by the innermost frame of mdt_jax code; this module only
+# dispatches, so they look past its frames to the layer that called `by_backend`.
+DISPATCH_SOURCE = 'mdt_jax' + os.sep + 'models' + os.sep + 'platform.py'
 _assumed: list[str] = []
 
 

@@ -15,6 +15,7 @@ import dataclasses
 import os
 import re
 
+from mdt_jax.models.platform import DISPATCH_SOURCE
 from mdt_jax.perf.hlo import _split_type, _top_level_elements, arrays
 
 OWN_CODE = os.sep + 'mdt_jax' + os.sep
@@ -134,7 +135,7 @@ def parse(text: str):
       loc, parent = frames[frame]
       fid, fn, line = locs[loc]
       path = files.get(fid, '?')
-      if OWN_CODE in path:
+      if OWN_CODE in path and not path.endswith(DISPATCH_SOURCE):
         return f'{path.split(OWN_CODE, 1)[1]}:{line} {funcs.get(fn, "?")}'
       frame = parent - shift
     return '(no mdt_jax source)'
