@@ -74,6 +74,7 @@ def run(full_run, tmp_path_factory):
   exported by the tool, with --push_to_hub mocked. The export only reads the workdir."""
   base = tmp_path_factory.mktemp('export')
   workdir = str(full_run[0])
+  os.symlink(workdir, base / 'workdir')      # typed as a relative path below
   eval_json = base / 'metrics.json'
   eval_json.write_text(json.dumps(EVAL))
   out, calls = base / 'mdt-micro', base / 'calls.json'
