@@ -38,7 +38,6 @@ flags.DEFINE_enum('method', 'mdt', ['mdt', 'repaint'], 'mdt: masked pass (side-i
 flags.DEFINE_float('mdt_fraction', 0.5, 'Share of the reverse steps (from the noise end) that '
                    'run the masked pass (method mdt).')
 flags.DEFINE_integer('resample', 1, 'RePaint resampling: passes per reverse step (1: none).')
-flags.DEFINE_integer('grid_size', 16, 'Samples shown in inpaint_grid.png (0: none).')
 
 
 def read_npz(path: str, what: str) -> dict[str, np.ndarray]:

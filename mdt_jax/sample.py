@@ -22,7 +22,6 @@ FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(sampler_flags)
 flags.DEFINE_integer('num_samples', 50000, 'Number of samples.')
 flags.DEFINE_integer('shard_size', 1000, 'Samples per shard file.')
-flags.DEFINE_integer('grid_size', 64, 'Samples shown in samples_grid.png (0: none).')
 
 
 def main(argv):

@@ -14,6 +14,7 @@ from mdt_jax import paths
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', None, 'Model folder, training workdir or Hub repo id.')
 flags.DEFINE_string('out', None, 'Output folder.')
+flags.DEFINE_integer('grid_size', 64, 'Samples shown in the output folder\'s picture grid (0: none).')
 flags.DEFINE_string('sampler', 'ddpm', 'DDPM models: ddpm | ddim | dpm_solver++; flow models: '
                     'euler | heun | euler_maruyama (SDE).')
 flags.DEFINE_integer('steps', 250, 'Sampling steps (model evaluations).')

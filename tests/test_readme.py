@@ -65,8 +65,9 @@ def test_readme_quickstart_runs_as_printed_from_a_fresh_folder(tmp_path):
   assert sorted(os.listdir(work / 'checkpoints')) == ['2', '4']
   check_grid(work / 'samples' / 'grid_00000004.png')
   result = json.loads((work / 'eval.json').read_text())
-  assert sorted(result) == ['digits_class_accuracy', 'digits_fd', 'eval_num_samples', 'step']
-  assert result['step'] == 4 and result['eval_num_samples'] == 20
+  assert sorted(result) == ['digits_class_accuracy', 'digits_fd', 'eval_num_samples',
+                            'eval_seconds', 'step']
+  assert result['step'] == 4 and result['eval_num_samples'] == 20 and result['eval_seconds'] > 0
   # accuracy of 20 samples: a multiple of 1/20 in [0, 1]; the Frechet distance of features
   # of a 4-step model's samples: finite and positive
   acc = result['digits_class_accuracy']
