@@ -131,6 +131,27 @@ def test_param_shardings_follow_the_rules(step_setup):
     sharding.make_mesh({'data': 4, 'fsdp': 4})
 
 
+def test_a_rule_that_cannot_apply_is_named(step_setup, caplog):
+  """A mesh axis that does not divide its dimension replicates it, with a warning naming the
+  parameter; a logical name without a rule, or a rule to an unknown mesh axis, is refused."""
+  _, mc, _, _ = step_setup
+  params = nnx.state(st.abstract_model(mc))
+  mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
+  rules = dict(sharding.DEFAULT_RULES)
+  with caplog.at_level('WARNING', logger='absl'):
+    got = sharding.param_shardings(params, mesh, {**rules, 'vocab': 'tensor'}.items())
+  P = jax.sharding.PartitionSpec
+  assert got['y_embedder']['embedding_table']['embedding'].spec == P(None, 'fsdp')
+  assert ('parameter y_embedder.embedding_table.embedding dimension 0 (size 11, logical axis '
+          "'vocab') is replicated: mesh axis tensor of size 2 does not divide it") in caplog.text
+  assert caplog.text.count('is replicated') == 1         # the default rules all apply here
+  del rules['vocab']
+  with pytest.raises(ValueError, match="embedding dimension 0: logical axis 'vocab' has no "):
+    sharding.param_shardings(params, mesh, rules.items())
+  with pytest.raises(ValueError, match=r"names mesh axes \['model'\]"):
+    sharding.param_shardings(params, mesh, [('embed', 'model')])
+
+
 def test_dit_baseline_has_no_masked_branch(step_setup, single_device):
   _, losses = _run_steps(step_setup, (1, 1, 1), n=1, mask_branch=False)
   _, both = single_device

@@ -8,9 +8,12 @@ Parameters carry logical axis names (set where they are created, in ``mdt_jax.mo
     mlp       the MLP hidden width                 ada        the adaLN modulation outputs (6D, 2D)
     vocab     the class-table rows
 
-``config.sharding_rules`` maps each name to a mesh axis (or None). A dimension is sharded only if
-the axis exists, has size > 1, divides the dimension and is not already used by another
-dimension of the same array; otherwise it is replicated. The batch is sharded over the data axes.
+``config.sharding_rules`` is data, (logical name, mesh axis or None) pairs as in MaxText and
+maxdiffusion; Flax NNX resolves the names (``nnx.logical_axis_rules`` and
+``nnx.get_partition_spec``). A mesh axis of size 1 is dropped; one that does not divide its
+dimension is dropped with a warning naming the parameter; one already used by an earlier
+dimension of the same array is dropped (``embed2`` and ``embed`` both map to ``fsdp``). The batch
+is sharded over the data axes.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from typing import Sequence
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -71,26 +75,54 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], rules: dict,
-                    mesh: Mesh) -> P:
+def _rules(rules: Sequence) -> tuple:
+  """The rules as (logical name, mesh axis | tuple of axes | None) pairs, checked against the
+  mesh's axis names (config.json gives lists for tuples)."""
+  out = []
+  for rule in rules:
+    if len(rule) != 2:
+      raise ValueError(f'sharding rule {rule!r}: expected (logical name, mesh axis or None)')
+    name, axis = rule
+    axis = tuple(axis) if isinstance(axis, (list, tuple)) else axis
+    unknown = [a for a in (axis if isinstance(axis, tuple) else (axis,))
+               if a is not None and a not in MESH_AXES]
+    if unknown:
+      raise ValueError(f'sharding rule {rule!r} names mesh axes {unknown}; expected axes of '
+                       f'{MESH_AXES} or None')
+    out.append((name, axis))
+  return tuple(out)
+
+
+def _fit(path: str, spec: P, shape: Sequence[int], mesh: Mesh, logical: Sequence) -> P:
+  """`spec` (mesh axes per dimension) with the axes that cannot apply replaced by None."""
   used, out = set(), []
-  for name, dim in zip(names, shape):
-    axis = rules.get(name) if name is not None else None
-    ok = (axis is not None and axis in mesh.shape and mesh.shape[axis] > 1
-          and dim % mesh.shape[axis] == 0 and axis not in used)
-    out.append(axis if ok else None)
-    if ok:
-      used.add(axis)
+  for dim, (entry, size, name) in enumerate(zip(spec, shape, logical)):
+    axes = [] if entry is None else list(entry) if isinstance(entry, tuple) else [entry]
+    if any(a not in mesh.shape for a in axes):
+      raise ValueError(f'parameter {path} dimension {dim}: logical axis {name!r} has no '
+                       f'sharding rule (config.sharding_rules maps names to {MESH_AXES})')
+    axes = [a for a in axes if mesh.shape[a] > 1 and a not in used]
+    split = int(np.prod([mesh.shape[a] for a in axes]))
+    if axes and size % split:
+      logging.warning('parameter %s dimension %d (size %d, logical axis %r) is replicated: mesh '
+                      'axis %s of size %d does not divide it', path, dim, size, name,
+                      '*'.join(axes), split)
+      axes = []
+    used.update(axes)
+    out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
   return P(*out)
 
 
 def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Sequence) -> dict:
   """Pure-dict tree of NamedShardings for a model's parameters (from their logical names)."""
-  rules = dict(rules)
+  with nnx.logical_axis_rules(_rules(rules)):
+    specs = nnx.get_partition_spec(abstract_state)
 
-  def one(var):
-    names = var.get_metadata().get('out_sharding') or (None,) * var.ndim
-    return NamedSharding(mesh, logical_to_spec(names, var.shape, rules, mesh))
+  def one(path, spec, var):
+    logical = var.get_metadata().get('out_sharding') or (None,) * var.ndim
+    name = '.'.join(str(getattr(k, 'key', k)) for k in path)
+    return NamedSharding(mesh, _fit(name, spec.get_value(), var.shape, mesh, logical))
 
-  specs = jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-  return nnx.to_pure_dict(specs)
+  is_var = lambda x: isinstance(x, nnx.Variable)   # noqa: E731
+  shardings = jax.tree_util.tree_map_with_path(one, specs, abstract_state, is_leaf=is_var)
+  return nnx.to_pure_dict(shardings)
