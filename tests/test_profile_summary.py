@@ -2,6 +2,10 @@
 
 (The CPU path runs on a real trace in test_bench.py.)
 """
+import gzip
+import json
+import os
+
 import pytest
 from tensorflow.compiler.xla.service import hlo_pb2
 from tensorflow.tsl.profiler.protobuf import xplane_pb2
@@ -110,3 +114,30 @@ def test_tpu_trace_takes_ops_and_modules_from_the_derived_lines(tmp_path):
 def test_a_trace_without_the_module_is_refused_by_name(tmp_path):
   with pytest.raises(ValueError, match="no executed XLA ops of modules matching 'sampler'"):
     profile_summary.summarize(_write(_space(), tmp_path), 'sampler')
+
+
+DATA = os.path.join(os.path.dirname(__file__), 'data')
+
+
+@pytest.fixture(scope='module')
+def micro_trace(tmp_path_factory):
+  """A CPU trace of one train step of tests/micro_config.py at depth 1, batch 4
+  (`benchmark.bench_train_step(config, mask_branch=True, steps=1, repeats=1, warmup=1,
+  trace_dir=...)`), and what the summary of commit c769865 (the hand-written protobuf decoder,
+  mdt_jax/trace_proto.py) made of it: the summary, its Markdown, and each executed op's opcode
+  and source line."""
+  run = tmp_path_factory.mktemp('trace') / 'plugins' / 'profile' / 'run1'
+  run.mkdir(parents=True)
+  with gzip.open(os.path.join(DATA, 'profile_micro.xplane.pb.gz')) as f:
+    (run / 'vm.xplane.pb').write_bytes(f.read())
+  with gzip.open(os.path.join(DATA, 'profile_micro_summary.json.gz')) as f:
+    expected = json.load(f)
+  return str(run.parent.parent.parent), expected
+
+
+def test_a_real_trace_reads_as_before(micro_trace):
+  path, expected = micro_trace
+  summary = profile_summary.summarize(path, 'train_step')
+  assert summary.to_json() == expected['train_step']
+  assert summary.markdown(12) == expected['markdown_top12']
+  assert sum(t for _, t in summary.by_source) == summary.total_ps
