@@ -9,8 +9,9 @@ import pytest
 
 import reference_mdt as ref
 from micro_config import get_config
-from mdt_jax import MDTConfig, benchmark, model_config, profile_summary
+from mdt_jax import MDTConfig, benchmark, model_config
 from mdt_jax.hub import official
+from mdt_jax.perf import profile
 
 TINY_SAMPLING = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4,
                      num_heads=2, decode_layer=1, num_classes=5)
@@ -87,7 +88,7 @@ def test_bench_tool_writes_every_field(tmp_path):
   assert prof['total_ms'] > 0 and prof['planes'] == ['/host:CPU']
   top = [r['source'] for r in prof['by_source'][:5]]
   assert any(s.startswith('mdt_jax/models/layers.py:') for s in top), top
-  summary = profile_summary.summarize(str(tmp_path / 'trace'), 'train_step')
+  summary = profile.summarize(str(tmp_path / 'trace'), 'train_step')
   assert sum(t for _, t in summary.by_source) == summary.total_ps
   assert summary.by_op[0][0].startswith('jit_train_step:')
   assert all(t >= 0 for *_, t in summary.by_op)
@@ -96,12 +97,16 @@ def test_bench_tool_writes_every_field(tmp_path):
 def test_self_times_subtract_nested_ops():
   # a loop [0, 100) holding two ops [10, 30) and [40, 90), the second holding [50, 60)
   events = [(0, 100), (10, 20), (40, 50), (50, 10), (200, 5)]
-  assert profile_summary.self_times(events) == [30, 20, 40, 10, 5]
+  assert profile.self_times(events) == [30, 20, 40, 10, 5]
+  # starts read to 256 (an absolute clock): neighbours that seem to overlap are not nested
+  assert profile.self_times([(0, 300), (256, 100)]) == [256, 100]
+  assert profile.self_times([(0, 300), (256, 100)], slack=256) == [300, 100]
+  assert profile.self_times([(0, 300), (0, 100)], slack=256) == [200, 100]
 
 
 def test_profile_summary_names_a_folder_without_a_trace(tmp_path):
   with pytest.raises(FileNotFoundError, match='no \\*.xplane.pb under'):
-    profile_summary.summarize(str(tmp_path))
+    profile.summarize(str(tmp_path))
 
 
 @pytest.mark.parametrize('curve, budget, most', [

@@ -1,120 +1,14 @@
-"""tools/profile_summary.py's reading of GPU- and TPU-shaped traces, built here as XSpace protos.
-
-(The CPU path runs on a real trace in test_bench.py.)
-"""
+"""tools/profile_summary.py's reading of traces (mdt_jax/perf/profile.py): a real CPU trace reads
+as the hand-written decoder it replaced read it; GPU- and TPU-shaped traces are built here as
+text protos (jax.profiler's own converter), holding the real trace's HLO module."""
 import gzip
 import json
 import os
 
 import pytest
-from tensorflow.compiler.xla.service import hlo_pb2
-from tensorflow.tsl.profiler.protobuf import xplane_pb2
+from jax.profiler import ProfileData
 
-from mdt_jax import profile_summary
-
-
-def _hlo_module() -> bytes:
-  """jit_train_step: fusion.1 (holds a scatter) from layers.py:172 directly, dot.2 from flax's
-  Linear called at layers.py:172; copy.3 without a stack."""
-  proto = hlo_pb2.HloProto()
-  m = proto.hlo_module
-  m.name = 'jit_train_step'
-  idx = m.stack_frame_index
-  idx.file_names.extend(['/w/mdt_jax/models/layers.py', '/v/site-packages/flax/nnx/linear.py'])
-  idx.function_names.extend(['Attention.__call__', 'Linear.__call__'])
-  idx.file_locations.add(file_name_id=1, function_name_id=1, line=172)
-  idx.file_locations.add(file_name_id=2, function_name_id=2, line=422)
-  idx.stack_frames.add(file_location_id=1, parent_frame_id=0)
-  idx.stack_frames.add(file_location_id=2, parent_frame_id=1)
-  entry = m.computations.add(name='main', id=1)
-  fusion = entry.instructions.add(name='fusion.1', opcode='fusion', id=1)
-  fusion.called_computation_ids.append(2)
-  fusion.metadata.stack_frame_id = 1
-  dot = entry.instructions.add(name='dot.2', opcode='dot', id=2)
-  dot.metadata.stack_frame_id = 2
-  entry.instructions.add(name='copy.3', opcode='copy', id=3)
-  fused = m.computations.add(name='fused', id=2)
-  fused.instructions.add(name='scatter.0', opcode='scatter', id=4)
-  return proto.SerializeToString()
-
-
-def _space():
-  space = xplane_pb2.XSpace()
-  meta = space.planes.add(id=1, name='/host:metadata')
-  meta.stat_metadata[1].id, meta.stat_metadata[1].name = 1, 'Hlo Proto'
-  meta.event_metadata[1].id, meta.event_metadata[1].name = 1, 'jit_train_step(7)'
-  meta.event_metadata[1].stats.add(metadata_id=1, bytes_value=_hlo_module())
-  return space
-
-
-def _event(plane, line, name, start, dur, **stats):
-  ids = {v.name: k for k, v in plane.event_metadata.items()}
-  if name not in ids:
-    ids[name] = len(ids) + 1
-    plane.event_metadata[ids[name]].id, plane.event_metadata[ids[name]].name = ids[name], name
-  ev = line.events.add(metadata_id=ids[name], offset_ps=start, duration_ps=dur)
-  snames = {v.name: k for k, v in plane.stat_metadata.items()}
-  for key, value in stats.items():
-    if key not in snames:
-      snames[key] = len(snames) + 1
-      plane.stat_metadata[snames[key]].id = snames[key]
-      plane.stat_metadata[snames[key]].name = key
-    ev.stats.add(metadata_id=snames[key], str_value=value)
-
-
-def _write(space, tmp_path):
-  run = tmp_path / 'plugins' / 'profile' / 'run1'
-  run.mkdir(parents=True)
-  (run / 'host.xplane.pb').write_bytes(space.SerializeToString())
-  return str(tmp_path)
-
-
-def _check(summary):
-  assert summary.total_ps == 700
-  assert summary.by_source == [('mdt_jax/models/layers.py:172 Attention.__call__', 600),
-                               ('(no source)', 100)]
-  assert dict(summary.by_opcode) == {'fusion[scatter]': 500, 'dot': 100, 'copy': 100}
-  assert summary.by_op[0] == ('jit_train_step:fusion.1', 'fusion[scatter]', 2, 500)
-
-
-def test_gpu_trace_counts_stream_kernels_once(tmp_path):
-  space = _space()
-  gpu = space.planes.add(id=2, name='/device:GPU:0')
-  stream, derived = gpu.lines.add(id=1, name='Stream #14(Compute)'), gpu.lines.add(id=2,
-                                                                                   name='XLA Ops')
-  mod = 'jit_train_step'
-  _event(gpu, stream, 'loop_scatter_kernel', 0, 300, hlo_op='fusion.1', hlo_module=mod)
-  _event(gpu, stream, 'sm90_gemm', 400, 100, hlo_op='dot.2', hlo_module=mod)
-  _event(gpu, stream, 'loop_scatter_kernel', 600, 200, hlo_op='fusion.1', hlo_module=mod)
-  _event(gpu, stream, 'copy_kernel', 900, 100, hlo_op='copy.3', program_id='7')  # id only
-  _event(gpu, stream, 'other', 1000, 50, hlo_op='add.9', hlo_module='jit_other')
-  for start, dur in ((0, 300), (400, 100), (600, 200)):    # the derived line repeats the ops
-    _event(gpu, derived, 'fusion.1', start, dur, hlo_op='fusion.1', hlo_module=mod)
-  summary = profile_summary.summarize(_write(space, tmp_path), 'train_step')
-  _check(summary)
-  assert summary.planes == ['/device:GPU:0']
-  everything = profile_summary.summarize(str(tmp_path))
-  assert everything.total_ps == 750 and ('jit_other:add.9', '?', 1, 50) in everything.by_op
-
-
-def test_tpu_trace_takes_ops_and_modules_from_the_derived_lines(tmp_path):
-  space = _space()
-  tpu = space.planes.add(id=2, name='/device:TPU:0')
-  modules, ops = tpu.lines.add(id=1, name='XLA Modules'), tpu.lines.add(id=2, name='XLA Ops')
-  _event(tpu, modules, 'jit_train_step(7)', 0, 1000)
-  _event(tpu, modules, 'jit_other(3)', 2000, 100)
-  _event(tpu, ops, 'fusion.1', 0, 300)
-  _event(tpu, ops, 'dot.2', 300, 100)
-  _event(tpu, ops, 'fusion.1', 500, 200)
-  _event(tpu, ops, 'copy.3', 800, 100)
-  _event(tpu, ops, 'add.9', 2000, 100)
-  _check(profile_summary.summarize(_write(space, tmp_path), 'train_step'))
-
-
-def test_a_trace_without_the_module_is_refused_by_name(tmp_path):
-  with pytest.raises(ValueError, match="no executed XLA ops of modules matching 'sampler'"):
-    profile_summary.summarize(_write(_space(), tmp_path), 'sampler')
-
+from mdt_jax.perf import profile
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 
@@ -137,7 +31,115 @@ def micro_trace(tmp_path_factory):
 
 def test_a_real_trace_reads_as_before(micro_trace):
   path, expected = micro_trace
-  summary = profile_summary.summarize(path, 'train_step')
+  summary = profile.summarize(path, 'train_step')
   assert summary.to_json() == expected['train_step']
   assert summary.markdown(12) == expected['markdown_top12']
   assert sum(t for _, t in summary.by_source) == summary.total_ps
+  info = profile.hlo_op_info(profile.hlo_modules(profile.find_trace(path)))
+  got = {f'{m}:{op}': [i.opcode, i.source] for (m, op), i in info.items()}
+  assert {k: got.get(k) for k in expected['executed_ops']} == expected['executed_ops']
+  assert os.listdir(os.path.dirname(profile.find_trace(path))) == ['vm.xplane.pb']  # untouched
+
+
+# ------------------------------------------------------------ GPU- and TPU-shaped traces
+
+# Three ops of the real module: a fusion holding a scatter, a dot and a copy without a stack.
+FUSION, DOT, COPY = 'wrapped_scatter', 'dot.10', 'copy.242'
+
+
+def _escape(data: bytes) -> str:
+  return ''.join(chr(b) if 32 <= b < 127 and b not in (34, 92) else f'\\{b:03o}' for b in data)
+
+
+class _Plane:
+  """One device plane of a text-proto XSpace: lines of events with string stats, stamped with
+  an absolute clock as device tracers stamp them (starts then read to 256 ns)."""
+  CLOCK_NS = 1_796_142_957_489_532_123
+
+  def __init__(self, name):
+    self.name, self.lines, self.events, self.stats = name, {}, {}, {}
+
+  def event(self, line, name, start, dur, **stats):
+    """An event from `start` for `dur` nanoseconds (ProfileData reads whole nanoseconds)."""
+    start, dur = start * 1000, dur * 1000
+    mid = self.events.setdefault(name, len(self.events) + 1)
+    body = ''.join(f' stats {{ metadata_id: {self.stats.setdefault(k, len(self.stats) + 1)} '
+                   f'str_value: "{v}" }}' for k, v in stats.items())
+    self.lines.setdefault(line, []).append(
+        f'events {{ metadata_id: {mid} offset_ps: {start} duration_ps: {dur}{body} }}')
+
+  def text(self, pid):
+    lines = ''.join(f' lines {{ id: {i} name: "{n}" timestamp_ns: {self.CLOCK_NS} '
+                    f'{" ".join(evs)} }}'
+                    for i, (n, evs) in enumerate(self.lines.items(), 1))
+    meta = ''.join(f' event_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }}'
+                   for n, i in self.events.items())
+    stats = ''.join(f' stat_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }}'
+                    for n, i in self.stats.items())
+    return f'planes {{ id: {pid} name: "{self.name}"{lines}{meta}{stats} }}'
+
+
+@pytest.fixture(scope='module')
+def hlo_metadata(micro_trace):
+  """The /host:metadata plane of a trace holding the real train step's module, program id 7."""
+  protos = profile.hlo_protos(profile.find_trace(micro_trace[0]))
+  (name,) = [n for n in protos if n.startswith('jit_train_step(')]
+  return ('planes { id: 1 name: "/host:metadata" '
+          'stat_metadata { key: 1 value { id: 1 name: "Hlo Proto" } } '
+          'event_metadata { key: 1 value { id: 1 name: "jit_train_step(7)" '
+          f'stats {{ metadata_id: 1 bytes_value: "{_escape(protos[name])}" }} }} }} }}')
+
+
+def _write(hlo_metadata, plane, tmp_path):
+  run = tmp_path / 'plugins' / 'profile' / 'run1'
+  run.mkdir(parents=True)
+  text = hlo_metadata + ' ' + plane.text(2)
+  (run / 'host.xplane.pb').write_bytes(ProfileData.text_proto_to_serialized_xspace(text))
+  return str(tmp_path)
+
+
+def _check(summary, micro_trace):
+  ops = micro_trace[1]['executed_ops']
+  (fusion_op, fusion_src), (dot_op, dot_src), (copy_op, copy_src) = (
+      ops[f'jit_train_step:{n}'] for n in (FUSION, DOT, COPY))
+  assert (fusion_op, dot_op, copy_op) == ('fusion[scatter]', 'dot', 'copy')
+  ns = 1000
+  assert summary.total_ps == 700 * ns
+  assert dict(summary.by_source) == {fusion_src: 500 * ns, dot_src: 100 * ns, copy_src: 100 * ns}
+  assert dict(summary.by_opcode) == {'fusion[scatter]': 500 * ns, 'dot': 100 * ns,
+                                     'copy': 100 * ns}
+  assert summary.by_op[0] == (f'jit_train_step:{FUSION}', 'fusion[scatter]', 2, 500 * ns)
+
+
+def test_gpu_trace_counts_stream_kernels_once(hlo_metadata, micro_trace, tmp_path):
+  gpu, mod = _Plane('/device:GPU:0'), 'jit_train_step'
+  stream = 'Stream #14(Compute)'
+  gpu.event(stream, 'loop_scatter_kernel', 0, 300, hlo_op=FUSION, hlo_module=mod)
+  gpu.event(stream, 'sm90_gemm', 400, 100, hlo_op=DOT, hlo_module=mod)
+  gpu.event(stream, 'loop_scatter_kernel', 600, 200, hlo_op=FUSION, hlo_module=mod)
+  gpu.event(stream, 'copy_kernel', 900, 100, hlo_op=COPY, program_id='7')   # the id only
+  gpu.event(stream, 'other', 1000, 50, hlo_op='add.9', hlo_module='jit_other')
+  for start, dur in ((0, 300), (400, 100), (600, 200)):    # the derived line repeats the ops
+    gpu.event('XLA Ops', FUSION, start, dur, hlo_op=FUSION, hlo_module=mod)
+  path = _write(hlo_metadata, gpu, tmp_path)
+  summary = profile.summarize(path, 'train_step')
+  _check(summary, micro_trace)
+  assert summary.planes == ['/device:GPU:0']
+  everything = profile.summarize(path)
+  assert everything.total_ps == 750_000 and ('jit_other:add.9', '?', 1, 50_000) in everything.by_op
+
+
+def test_tpu_trace_takes_ops_and_modules_from_the_derived_lines(hlo_metadata, micro_trace,
+                                                                tmp_path):
+  tpu = _Plane('/device:TPU:0')
+  tpu.event('XLA Modules', 'jit_train_step(7)', 0, 1000)
+  tpu.event('XLA Modules', 'jit_other(3)', 2000, 100)
+  for name, start, dur in ((FUSION, 0, 300), (DOT, 300, 100), (FUSION, 500, 200),
+                           (COPY, 800, 100), ('add.9', 2000, 100)):
+    tpu.event('XLA Ops', name, start, dur)
+  _check(profile.summarize(_write(hlo_metadata, tpu, tmp_path), 'train_step'), micro_trace)
+
+
+def test_a_trace_without_the_module_is_refused_by_name(micro_trace):
+  with pytest.raises(ValueError, match="no executed XLA ops of modules matching 'sampler'"):
+    profile.summarize(micro_trace[0], 'sampler')

@@ -15,12 +15,13 @@ import launch
 import mdt_jax
 from micro_config import get_config
 from tensorboard_events import read_events, scalar
-from mdt_jax import MDTConfig, model_config, profile_summary
+from mdt_jax import MDTConfig, model_config
 from mdt_jax import diffusion as diff
 from mdt_jax.training import checkpoints, sharding
 from mdt_jax.training import state as st
 from mdt_jax.training import step as stp
 from mdt_jax.training.config import base_config, validate
+from mdt_jax.perf import profile
 from mdt_jax.training.loop import PROFILE_AFTER_STEPS, train_and_evaluate
 
 def micro_config(**kw) -> ml_collections.ConfigDict:
@@ -292,6 +293,6 @@ def test_profile_captures_a_trace(full_run):
   traces = [f for _, _, fs in os.walk(work) for f in fs if f.endswith('.xplane.pb')]
   assert len(traces) == 1, traces
   # tools/profile_summary.py reads it: the profiled train steps' ops, tied to the model's code
-  summary = profile_summary.summarize(str(work), 'train_step')
+  summary = profile.summarize(str(work), 'train_step')
   assert summary.total_ps > 0
   assert any(src.startswith('mdt_jax/models/') for src, _ in summary.by_source[:5])

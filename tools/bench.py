@@ -27,8 +27,9 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from mdt_jax import benchmark, parity, profile_summary
+from mdt_jax import benchmark, parity
 from mdt_jax.models import attention
+from mdt_jax.perf.profile import summarize as summarize_profile
 
 config_flags.DEFINE_config_file('config', None, 'experiment config', lock_config=True)
 flags.DEFINE_list('modes', ['mdt', 'dit'], 'train steps to measure: mdt (two branches), dit')
@@ -106,7 +107,7 @@ def profile(config, results):
                              trace_dir=FLAGS.profile)
   print(f'profile written to {FLAGS.profile} (open with TensorBoard\'s profile plugin)')
   try:
-    summary = profile_summary.summarize(FLAGS.profile, 'train_step')
+    summary = summarize_profile(FLAGS.profile, 'train_step')
   except (ValueError, FileNotFoundError) as e:   # the trace stays for TensorBoard / XProf
     print(f'no summary of {FLAGS.profile}: {e}')
     return

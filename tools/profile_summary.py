@@ -3,13 +3,15 @@
   python tools/profile_summary.py DIR [--module=train_step] [--top=20] [--out=summary.json]
 
 DIR is the folder given to `--profile` (of tools/bench.py or mdt_jax.main); the newest trace in
-it is read. For the full picture open DIR in TensorBoard's profile plugin (XProf).
+it is read (mdt_jax/perf/profile.py: jax.profiler.ProfileData and xprof). For the full picture
+open DIR in TensorBoard's profile plugin (XProf).
 """
 import json
 
 from absl import app, flags
 
-from mdt_jax import paths, profile_summary
+from mdt_jax import paths
+from mdt_jax.perf import profile
 
 flags.DEFINE_string('module', 'train_step', 'only XLA modules whose name contains this '
                     '("" for all)')
@@ -23,7 +25,7 @@ def main(argv):
     raise app.UsageError('usage: profile_summary.py TRACE_DIR')
   trace = paths.require_local(argv[1], 'the trace', 'traces are searched and read on a local '
                               'disk: copy the plugins/profile folder down')
-  summary = profile_summary.summarize(trace, FLAGS.module or None)
+  summary = profile.summarize(trace, FLAGS.module or None)
   print(summary.markdown(FLAGS.top))
   if FLAGS.out:
     with open(FLAGS.out, 'w') as f:

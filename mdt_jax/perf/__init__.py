@@ -1,2 +1,2 @@
 """Performance tools on top of the package: TPU slices and compile-only reports (`aot`, `tpu`,
-`hlo`)."""
+`hlo`, `traffic`) and profile summaries (`profile`)."""

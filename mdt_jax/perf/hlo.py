@@ -1,4 +1,5 @@
-"""Collectives of an optimized HLO module (``compiled.as_text()``): kind, bytes, group size.
+"""Collectives of an optimized HLO module (``compiled.as_text()``): kind, bytes, group size; and
+the rule that names an op by this project's code in its stack (`own_frame`).
 
 Bytes on the wire per chip follow the ring algorithms (n chips in the group, S the bytes of the
 full array): all-gather and reduce-scatter send (n-1)/n S, all-reduce 2 (n-1)/n S (a
@@ -10,7 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
+from typing import Iterable
+
+from mdt_jax.models.platform import DISPATCH_SOURCE
 
 KINDS = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'collective-permute')
 
@@ -20,6 +25,18 @@ _BITS = {'pred': 8, 's4': 4, 'u4': 4, 's8': 8, 'u8': 8, 's16': 16, 'u16': 16, 's
 _ARRAY = re.compile(r'\b(pred|[suf]\d+|bf16|c\d+|f8e\w+?)\[([\d,]*)\](\{[^}]*\})?')
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*')
 _OPCODE = re.compile(r'\s*([a-z][a-z0-9\-]*)\(')
+OWN_CODE = os.sep + 'mdt_jax' + os.sep
+
+
+def own_frame(stack: Iterable[tuple[str, int, str]]) -> str | None:
+  """The innermost frame of this project's code in `stack` ((file, line, function), innermost
+  first), past the backend dispatch (models/platform.py, which only forwards to the layer that
+  called it): 'models/layers.py:172 Attention.__call__'; None if no frame is ours. Profiles
+  (perf/profile.py) and traffic reports (perf/traffic.py) both name ops by it."""
+  for path, line, function in stack:
+    if OWN_CODE in path and not path.endswith(DISPATCH_SOURCE):
+      return f'{path[path.rindex(OWN_CODE) + len(OWN_CODE):]}:{line} {function}'
+  return None
 
 
 @dataclasses.dataclass

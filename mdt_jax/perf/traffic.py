@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import os
 import re
+from typing import Callable, Iterator
 
-from mdt_jax.models.platform import DISPATCH_SOURCE
-from mdt_jax.perf.hlo import _split_type, _top_level_elements, arrays
+from mdt_jax.perf.hlo import _split_type, _top_level_elements, arrays, own_frame
 
-OWN_CODE = os.sep + 'mdt_jax' + os.sep
 # no data moves: views, bookkeeping and the second half of async pairs (charged at the start)
 FREE = {'parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast', 'after-all',
         'partition-id', 'replica-id', 'opt-barrier', 'iota', 'while', 'call', 'conditional'}
@@ -27,6 +25,9 @@ _INSTR = re.compile(r'^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*')
 _OPCODE = re.compile(r'\s*([a-z][a-z0-9\-]*)\(')
 _CALLED = re.compile(r'\b(body|condition|branch_computations|called_computations)=\{?([^,}]+'
                      r'(?:,\s*%[\w.\-]+)*)\}?')
+# every computation an instruction calls: fusions' bodies, reducers and comparators too
+_CALLS = re.compile(r'\b(?:calls|to_apply|body|condition|branch_computations|called_computations)'
+                    r'=(\{[^}]*\}|%?[\w.\-]+)')
 
 
 @dataclasses.dataclass
@@ -39,6 +40,17 @@ class Instr:
   op_name: str
   calls: str | None        # a fusion's computation (its insides carry the stack frames)
   root: bool
+  called: list[str] = dataclasses.field(default_factory=list)   # every computation it calls
+
+
+@dataclasses.dataclass
+class Module:
+  """An HLO module's text, parsed: computations {name: [Instr]}, the entry computation's name,
+  the top-level computations (entry, loop bodies, called branches) and the stack of a frame id."""
+  comps: dict[str, list[Instr]]
+  entry: str | None
+  top: set[str]
+  stack: Callable[[int | None], Iterator[tuple[str, int, str]]]
 
 
 def _written(opcode: str, type_text: str) -> list[tuple[int, int]]:
@@ -64,8 +76,9 @@ def _operands(rest: str) -> list[str]:
   return re.findall(r'%([\w.\-]+)', rest[:end])
 
 
-def parse(text: str):
-  """(computations {name: [Instr]}, entry name, top-level computation names, frames)."""
+def parse(text: str) -> Module:
+  """The computations, instructions and stack frames of an HLO module's text (printed with its
+  metadata, as ``compiled.as_text()`` is)."""
   comps: dict[str, list[Instr]] = {}
   entry, cur, top = None, None, set()
   frames, files, funcs, locs, section = {}, {}, {}, {}, None
@@ -106,11 +119,34 @@ def parse(text: str):
     sf = re.search(r'stack_frame_id=(\d+)', rest)
     on = re.search(r'op_name="([^"]*)"', rest)
     calls = re.search(r'\bcalls=%([\w.\-]+)', rest)
+    called = [n for group in _CALLS.findall(rest) for n in re.findall(r'%?([\w.\-]+)', group)]
     comps[cur].append(Instr(m.group(2), op.group(1), _written(op.group(1), type_text),
                             _operands(rest[op.end() - 1:]), int(sf.group(1)) if sf else None,
                             on.group(1) if on else '', calls.group(1) if calls else None,
-                            bool(m.group(1))))
+                            bool(m.group(1)), called))
   top.add(entry)
+
+  # This XLA prints each frame's parent one above its id (frame k's caller is k-1 when the
+  # text says k; the outermost frames say their own id). Detected, not assumed.
+  shift = 1 if any(parent == k for k, (_, parent) in frames.items()) else 0
+
+  def stack(frame: int | None) -> Iterator[tuple[str, int, str]]:
+    """(file, line, function) of the frame and its callers, innermost first."""
+    seen = set()
+    while frame and frame not in seen and frame in frames:
+      seen.add(frame)
+      loc, parent = frames[frame]
+      fid, fn, line = locs[loc]
+      yield files.get(fid, '?'), line, funcs.get(fn, '?')
+      frame = parent - shift
+
+  return Module(comps, entry, top, stack)
+
+
+def source_of(module: Module) -> Callable[[Instr], str]:
+  """Instr -> the innermost line of this project's code that emitted it (hlo.own_frame): its
+  own stack, else its fusion's root's, else any inside the fusion."""
+  comps = module.comps
 
   def frame_of(i: Instr, depth: int = 0) -> int | None:
     """The instruction's stack frame, else its fusion's root's, else any inside the fusion."""
@@ -123,33 +159,17 @@ def parse(text: str):
         return f
     return None
 
-  # This XLA prints each frame's parent one above its id (frame k's caller is k-1 when the
-  # text says k; the outermost frames say their own id). Detected, not assumed.
-  shift = 1 if any(parent == k for k, (_, parent) in frames.items()) else 0
-
-  def source(frame: int | None) -> str:
-    """The innermost frame in this project's code: 'models/layers.py:172 Attention.__call__'."""
-    seen = set()
-    while frame and frame not in seen and frame in frames:
-      seen.add(frame)
-      loc, parent = frames[frame]
-      fid, fn, line = locs[loc]
-      path = files.get(fid, '?')
-      if OWN_CODE in path and not path.endswith(DISPATCH_SOURCE):
-        return f'{path.split(OWN_CODE, 1)[1]}:{line} {funcs.get(fn, "?")}'
-      frame = parent - shift
-    return '(no mdt_jax source)'
-
-  return comps, entry, top, lambda i: source(frame_of(i))
+  return lambda i: own_frame(module.stack(frame_of(i))) or '(no mdt_jax source)'
 
 
 def traffic(text: str) -> list[dict]:
   """One row per top-level instruction that moves data: bytes read and written in any memory
   space ('bytes') and in HBM only ('hbm_bytes'), opcode, source line."""
-  comps, _, top, source = parse(text)
+  module = parse(text)
+  source = source_of(module)
   rows = []
-  for name in top:
-    instrs = comps.get(name, [])
+  for name in module.top:
+    instrs = module.comps.get(name, [])
     out = {i.name: i.out for i in instrs}
     for i in instrs:
       if i.opcode in FREE or i.opcode.endswith('-done'):

@@ -92,7 +92,7 @@ def jit_train_step(shardings: TrainState, batch_sharding, **kw):
     # the TPU attention kernel runs per batch shard (models/attention.py)
     with attention.batch_sharded(batch_sharding.mesh, batch_sharding.spec[0]):
       return train_step(state, batch, **kw)
-  # the XLA module is then jit_train_step, the name profiles look for (tools/profile_summary.py)
+  # the XLA module is then jit_train_step, the name profiles look for (mdt_jax/perf/profile.py)
   step.__name__ = step.__qualname__ = 'train_step'
   return jax.jit(step, in_shardings=(shardings, batch_sharding),
                  out_shardings=(shardings, None), donate_argnums=(0,))

@@ -4,10 +4,18 @@ Reads the ``*.xplane.pb`` that ``--profile`` writes, takes every executed XLA op
 the device planes' stream lines, TPU ops on the 'XLA Ops' line; on the CPU backend, the thunks on
 the host threads) and adds up each op's *self* time (time not spent in ops nested inside it,
 e.g. a while loop's body). Each op is tied, through the HLO module stored in the trace, to the
-line of this project's code that emitted it (the innermost stack frame under ``mdt_jax/``), so
-the result reads as "20% in layers.py:172 Attention.__call__".
+line of this project's code that emitted it (the innermost stack frame under ``mdt_jax/``, past
+the backend dispatch: `perf.hlo.own_frame`), so the result reads as "20% in layers.py:172
+Attention.__call__".
 
-The trace's protobufs are read by `mdt_jax.trace_proto` (no TensorFlow needed).
+The trace is read by the profiler's own libraries: the timelines by `jax.profiler.ProfileData`,
+the HLO modules stored in it by xprof (which writes each as ``<module>(<program id>).hlo_proto.pb``
+beside a link to the trace in a scratch folder), printed with their stack frames by XLA's HLO
+printer (jaxlib) and parsed as `perf.traffic` parses ``compiled.as_text()``. ProfileData gives
+durations in whole nanoseconds (the trace stores picoseconds; CPU and GPU tracers record whole
+nanoseconds) and starts as float nanoseconds: exact on the CPU backend's host lines, to 256 ns
+on lines stamped with absolute times, a slack allowed for when telling nested ops from
+neighbours (`self_times`).
 """
 from __future__ import annotations
 
@@ -15,20 +23,25 @@ import bisect
 import collections
 import dataclasses
 import glob
+import math
 import os
 import re
+import tempfile
 
-from mdt_jax import trace_proto
-from mdt_jax.models.platform import DISPATCH_SOURCE
+from google.protobuf import wrappers_pb2
+from jax._src.lib import xla_client
+from jax.profiler import ProfileData
 
-OWN_CODE = os.sep + 'mdt_jax' + os.sep
+from mdt_jax.perf import hlo, traffic
+
+try:      # optional: tools/profile_summary.py and bench --profile need it (requirements-test.txt)
+  from xprof.convert import raw_to_tool_data
+except ImportError:   # pragma: no cover - reported when a summary is asked for
+  raw_to_tool_data = None
+
 DEVICE_PLANE = re.compile(r'^/device:(GPU|TPU)')
-
-
-@dataclasses.dataclass
-class OpInfo:
-  opcode: str = '?'
-  source: str = '(no source)'
+NOTABLE = ('dot', 'convolution', 'custom-call', 'scatter', 'gather', 'reduce', 'sort',
+           'dynamic-update-slice', 'dynamic-slice')
 
 
 @dataclasses.dataclass
@@ -70,122 +83,134 @@ def find_trace(path: str) -> str:
   return max(found, key=os.path.getmtime)
 
 
-def _stat_value(stat, names):
-  kind = stat.which()
-  if kind == 'ref_value':
-    return names.get(stat.ref_value)
-  return getattr(stat, kind) if kind else None
+@dataclasses.dataclass
+class OpInfo:
+  opcode: str = '?'
+  source: str = '(no source)'
 
 
-def _source(module, frame_id: int) -> str:
-  """The innermost frame of this project's code on the stack `frame_id` (1-based)."""
-  idx = module.stack_frame_index
-  while frame_id:
-    frame = idx.stack_frames[frame_id - 1]
-    loc = idx.file_locations[frame.file_location_id - 1]
-    fname = idx.file_names[loc.file_name_id - 1]
-    if OWN_CODE in fname and not fname.endswith(DISPATCH_SOURCE):
-      short = fname[fname.rindex(OWN_CODE) + 1:]
-      return f'{short}:{loc.line} {idx.function_names[loc.function_name_id - 1]}'
-    frame_id = frame.parent_frame_id
-  return '(outside mdt_jax)'
+def hlo_protos(trace: str) -> dict[str, bytes]:
+  """'<module>(<program id>)' -> the serialized HloProto of every HLO module stored in the trace
+  file `trace` (as xprof extracts them)."""
+  if raw_to_tool_data is None:
+    raise ImportError('reading the HLO modules of a trace needs xprof: pip install xprof==2.24.2 '
+                      '(requirements-test.txt)')
+  out = {}
+  with tempfile.TemporaryDirectory() as scratch:   # xprof writes beside the trace it reads
+    link = os.path.join(scratch, os.path.basename(trace))
+    os.symlink(os.path.abspath(trace), link)
+    raw_to_tool_data.xspace_to_tool_names([link])
+    for path in glob.glob(os.path.join(scratch, '*.hlo_proto.pb')):
+      with open(path, 'rb') as f:
+        out[os.path.basename(path)[:-len('.hlo_proto.pb')]] = f.read()
+  return out
 
 
-def hlo_op_info(space) -> dict[tuple[str, str], OpInfo]:
-  """(module name, instruction name) -> opcode and source line, from the HLO in the trace."""
+def hlo_text(hlo_proto: bytes) -> str:
+  """An HloProto's module as text with its metadata and stack frames (XLA's HLO printer)."""
+  # HloProto's field 1 is the HloModuleProto: read as BytesValue's field 1 (the same wire form)
+  module = wrappers_pb2.BytesValue.FromString(hlo_proto).value
+  options = xla_client.hlo.HloPrintOptions()
+  options.print_metadata = True
+  return xla_client.hlo.HloModule.from_serialized_hlo_module_proto(module).to_string(options)
+
+
+def hlo_modules(trace: str) -> dict[str, str]:
+  """'<module>(<program id>)' -> the module's HLO text (`hlo_text`), for every HLO module stored
+  in the trace file `trace`."""
+  return {name: hlo_text(proto) for name, proto in hlo_protos(trace).items()
+          if wrappers_pb2.BytesValue.FromString(proto).value}
+
+
+def hlo_op_info(modules: dict[str, str]) -> dict[tuple[str, str], OpInfo]:
+  """(module name, instruction name) -> opcode and source line, from `hlo_modules`' texts."""
   info = {}
-  for plane in space.planes:
-    if plane.name != '/host:metadata':
-      continue
-    names = {k: v.name for k, v in plane.stat_metadata.items()}
-    for meta in plane.event_metadata.values():
-      for stat in meta.stats:
-        if names.get(stat.metadata_id) != 'Hlo Proto':
-          continue
-        module = trace_proto.HloProto(stat.bytes_value).hlo_module
-        comps = {c.id: c for c in module.computations}
-        for comp in module.computations:
-          for ins in comp.instructions:
-            src = (_source(module, ins.metadata.stack_frame_id)
-                   if ins.metadata.stack_frame_id else '(no source)')
-            info[(module.name, ins.name)] = OpInfo(_category(ins, comps), src)
+  for name, text in modules.items():
+    module = traffic.parse(text)
+    for instrs in module.comps.values():
+      for ins in instrs:
+        src = '(no source)'
+        if ins.frame:
+          src = hlo.own_frame(module.stack(ins.frame))
+          src = '(outside mdt_jax)' if src is None else 'mdt_jax/' + src
+        info[(_module_name(name), ins.name)] = OpInfo(_category(ins, module.comps), src)
   return info
 
 
-NOTABLE = ('dot', 'convolution', 'custom-call', 'scatter', 'gather', 'reduce', 'sort',
-           'dynamic-update-slice', 'dynamic-slice')
-
-
-def _category(ins, comps) -> str:
+def _category(ins: traffic.Instr, comps: dict) -> str:
   """The opcode; for a fusion, the notable ops fused in it, e.g. 'fusion[dot]'."""
   if ins.opcode != 'fusion':
     return ins.opcode
-  inner, todo = set(), list(ins.called_computation_ids)
+  inner, todo, seen = set(), list(ins.called), set()
   while todo:
-    comp = comps.get(todo.pop())
-    if comp is None:
+    name = todo.pop()
+    if name in seen:
       continue
-    for sub in comp.instructions:
+    seen.add(name)
+    for sub in comps.get(name, []):
       if sub.opcode in NOTABLE:
         inner.add(sub.opcode)
-      todo.extend(sub.called_computation_ids)
+      todo.extend(sub.called)
   return f'fusion[{",".join(sorted(inner))}]' if inner else 'fusion[elementwise]'
 
 
 def _module_name(name: str) -> str:
-  """'jit_train_step(22)' -> 'jit_train_step' (the XLA Modules line appends the program id)."""
+  """'jit_train_step(22)' -> 'jit_train_step' (traces append the program id)."""
   return re.sub(r'\(\d+\)$', '', name)
 
 
-def program_modules(space) -> dict[int, str]:
-  """program id -> module name, from the metadata plane's 'jit_train_step(22)' entries."""
+def program_modules(modules: dict[str, str]) -> dict[int, str]:
+  """program id -> module name, from `hlo_modules`' 'jit_train_step(22)' keys."""
   out = {}
-  for plane in space.planes:
-    if plane.name == '/host:metadata':
-      for meta in plane.event_metadata.values():
-        m = re.fullmatch(r'(.*)\((\d+)\)', meta.name)
-        if m:
-          out[int(m.group(2))] = m.group(1)
+  for name in modules:
+    m = re.fullmatch(r'(.*)\((\d+)\)', name)
+    if m:
+      out[int(m.group(2))] = m.group(1)
   return out
 
 
-def _line_events(plane, line, names, programs=None):
+def _ps(ns: float) -> int:
+  return round(ns * 1000)
+
+
+def _slack(events) -> int:
+  """The resolution of the events' starts in ps: ProfileData gives them as float nanoseconds,
+  exact on lines timed from the trace's start (CPU), to 256 ns on absolute clocks."""
+  return math.ceil(math.ulp(max((e[0] for e in events), default=0) / 1000) * 1000)
+
+
+def _line_events(line, programs=None):
   """(start ps, duration ps, hlo_op or None, hlo_module or None, event name) of one line; the
   module comes from the program id where an event names no module."""
   out = []
   for e in line.events:
-    meta = plane.event_metadata[e.metadata_id]
-    stats = {names.get(s.metadata_id): _stat_value(s, names)
-             for s in list(meta.stats) + list(e.stats)}
+    stats = dict(e.stats)
     op, module = stats.get('hlo_op'), stats.get('hlo_module')
     if module is None and programs and stats.get('program_id') is not None:
       module = programs.get(int(stats['program_id']))
-    out.append((e.offset_ps, e.duration_ps, None if op is None else str(op),
-                None if module is None else str(module), meta.name))
+    out.append((_ps(e.start_ns), _ps(e.duration_ns), None if op is None else str(op),
+                None if module is None else str(module), e.name))
   return out
 
 
-def _op_events(space):
+def _op_events(data: ProfileData, programs: dict[int, str]):
   """Yield (plane name, [(start, duration, hlo_op, hlo_module)]) per timeline of executed ops.
 
   GPU: kernels on the 'Stream #...' lines carry hlo_op / hlo_module (the derived 'XLA Ops' line
   repeats them and is skipped). TPU (no streams): the 'XLA Ops' line, each op's module taken from
   the 'XLA Modules' event that contains it. CPU backend: thunks on the host threads.
   """
-  programs = program_modules(space)
-  for plane in space.planes:
+  for plane in data.planes:
     device = bool(DEVICE_PLANE.match(plane.name))
     if not device and plane.name != '/host:CPU':
       continue
-    names = {k: v.name for k, v in plane.stat_metadata.items()}
     lines = {line.name: line for line in plane.lines}
     streams = [l for n, l in lines.items() if n.startswith('Stream')] if device else \
-        list(plane.lines)
+        list(lines.values())
     found = False
     for line in streams:
       events = [(s, d, op, _module_name(mod or '?'))
-                for s, d, op, mod, _ in _line_events(plane, line, names, programs)
-                if op is not None]
+                for s, d, op, mod, _ in _line_events(line, programs) if op is not None]
       if events:
         found = True
         yield plane.name, events
@@ -193,26 +218,28 @@ def _op_events(space):
       modules = []
       if 'XLA Modules' in lines:
         modules = sorted((s, s + d, _module_name(n))
-                         for s, d, _, _, n in _line_events(plane, lines['XLA Modules'], names))
+                         for s, d, _, _, n in _line_events(lines['XLA Modules']))
       starts = [m[0] for m in modules]
-      events = []
-      for s, d, op, mod, name in _line_events(plane, lines['XLA Ops'], names, programs):
+      slack, events = _slack(modules), []
+      for s, d, op, mod, name in _line_events(lines['XLA Ops'], programs):
         if mod is None:
-          i = bisect.bisect_right(starts, s) - 1
+          i = bisect.bisect_right(starts, s + slack) - 1
           mod = modules[i][2] if i >= 0 and s < modules[i][1] else '?'
         events.append((s, d, op or name, _module_name(mod)))
       if events:
         yield plane.name, events
 
 
-def self_times(events) -> list[int]:
-  """Self time of each (start, duration, ...) event of one timeline (nesting by containment)."""
+def self_times(events, slack: int = 0) -> list[int]:
+  """Self time of each (start, duration, ...) event of one timeline (nesting by containment).
+  An event that ends within `slack` (the resolution of the starts) of the next one's start has
+  ended: neighbours whose rounded starts overlap are not nested."""
   order = sorted(range(len(events)), key=lambda i: (events[i][0], -events[i][1]))
   own = [e[1] for e in events]
   stack: list[int] = []
   for i in order:
     start, dur = events[i][0], events[i][1]
-    while stack and events[stack[-1]][0] + events[stack[-1]][1] <= start:
+    while stack and events[stack[-1]][0] + events[stack[-1]][1] <= start + slack:
       stack.pop()
     if stack:
       own[stack[-1]] -= min(dur, events[stack[-1]][0] + events[stack[-1]][1] - start)
@@ -223,15 +250,14 @@ def self_times(events) -> list[int]:
 def summarize(path: str, module_filter: str | None = None) -> Summary:
   """Aggregate the executed ops of the trace at `path` (only modules containing `module_filter`)."""
   trace = find_trace(path)
-  with open(trace, 'rb') as f:
-    space = trace_proto.XSpace(f.read())
-  info = hlo_op_info(space)
+  modules = hlo_modules(trace)
+  info = hlo_op_info(modules)
   op_time, op_count = collections.Counter(), collections.Counter()
   opcode_of: dict[str, str] = {}
   by_source, by_opcode = collections.Counter(), collections.Counter()
   planes = []
-  for plane, events in _op_events(space):
-    for ev, t in zip(events, self_times(events)):
+  for plane, events in _op_events(ProfileData.from_file(trace), program_modules(modules)):
+    for ev, t in zip(events, self_times(events, _slack(events))):
       _, _, op, module = ev
       if module_filter and module_filter not in module:
         continue
