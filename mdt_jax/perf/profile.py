@@ -106,10 +106,13 @@ def hlo_protos(trace: str) -> dict[str, bytes]:
   return out
 
 
-def hlo_text(hlo_proto: bytes) -> str:
-  """An HloProto's module as text with its metadata and stack frames (XLA's HLO printer)."""
+def hlo_text(hlo_proto: bytes) -> str | None:
+  """An HloProto's module as text with its metadata and stack frames (XLA's HLO printer); None
+  for a proto without a module."""
   # HloProto's field 1 is the HloModuleProto: read as BytesValue's field 1 (the same wire form)
   module = wrappers_pb2.BytesValue.FromString(hlo_proto).value
+  if not module:
+    return None
   options = xla_client.hlo.HloPrintOptions()
   options.print_metadata = True
   return xla_client.hlo.HloModule.from_serialized_hlo_module_proto(module).to_string(options)
@@ -118,8 +121,8 @@ def hlo_text(hlo_proto: bytes) -> str:
 def hlo_modules(trace: str) -> dict[str, str]:
   """'<module>(<program id>)' -> the module's HLO text (`hlo_text`), for every HLO module stored
   in the trace file `trace`."""
-  return {name: hlo_text(proto) for name, proto in hlo_protos(trace).items()
-          if wrappers_pb2.BytesValue.FromString(proto).value}
+  texts = {name: hlo_text(proto) for name, proto in hlo_protos(trace).items()}
+  return {name: text for name, text in texts.items() if text is not None}
 
 
 def hlo_op_info(modules: dict[str, str]) -> dict[tuple[str, str], OpInfo]:
