@@ -162,8 +162,8 @@ def _module_name(name: str) -> str:
   return re.sub(r'\(\d+\)$', '', name)
 
 
-def program_modules(modules: dict[str, str]) -> dict[int, str]:
-  """program id -> module name, from `hlo_modules`' 'jit_train_step(22)' keys."""
+def program_modules(modules) -> dict[int, str]:
+  """program id -> module name, from `hlo_protos`' 'jit_train_step(22)' keys."""
   out = {}
   for name in modules:
     m = re.fullmatch(r'(.*)\((\d+)\)', name)
@@ -253,30 +253,33 @@ def self_times(events, slack: int = 0) -> list[int]:
 def summarize(path: str, module_filter: str | None = None) -> Summary:
   """Aggregate the executed ops of the trace at `path` (only modules containing `module_filter`)."""
   trace = find_trace(path)
-  modules = hlo_modules(trace)
-  info = hlo_op_info(modules)
+  protos = hlo_protos(trace)
+  timed = []                                # (plane, module, op, self ps) of the kept ops
+  for plane, events in _op_events(ProfileData.from_file(trace), program_modules(protos)):
+    for (_, _, op, module), t in zip(events, self_times(events, _slack(events))):
+      if not module_filter or module_filter in module:
+        timed.append((plane, module, op, t))
+  if not timed:
+    which = f' of modules matching {module_filter!r}' if module_filter else ''
+    raise ValueError(f'no executed XLA ops{which} in {trace!r}: was the trace taken '
+                     'while a jitted step ran?')
+  ran = {module for _, module, _, _ in timed}       # only these modules' HLO is read
+  texts = {name: hlo_text(proto) for name, proto in protos.items() if _module_name(name) in ran}
+  info = hlo_op_info({name: text for name, text in texts.items() if text is not None})
   op_time, op_count = collections.Counter(), collections.Counter()
   opcode_of: dict[str, str] = {}
   by_source, by_opcode = collections.Counter(), collections.Counter()
   planes = []
-  for plane, events in _op_events(ProfileData.from_file(trace), program_modules(modules)):
-    for ev, t in zip(events, self_times(events, _slack(events))):
-      _, _, op, module = ev
-      if module_filter and module_filter not in module:
-        continue
-      meta = info.get((module, op), OpInfo())
-      key = f'{module}:{op}'
-      op_time[key] += t
-      op_count[key] += 1
-      opcode_of[key] = meta.opcode
-      by_source[meta.source] += t
-      by_opcode[meta.opcode] += t
-      if plane not in planes:
-        planes.append(plane)
-  if not op_time:
-    which = f' of modules matching {module_filter!r}' if module_filter else ''
-    raise ValueError(f'no executed XLA ops{which} in {trace!r}: was the trace taken '
-                     'while a jitted step ran?')
+  for plane, module, op, t in timed:
+    meta = info.get((module, op), OpInfo())
+    key = f'{module}:{op}'
+    op_time[key] += t
+    op_count[key] += 1
+    opcode_of[key] = meta.opcode
+    by_source[meta.source] += t
+    by_opcode[meta.opcode] += t
+    if plane not in planes:
+      planes.append(plane)
   return Summary(
       total_ps=sum(op_time.values()),
       by_op=[(k, opcode_of[k], op_count[k], t) for k, t in op_time.most_common()],
