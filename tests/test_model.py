@@ -231,7 +231,9 @@ def test_one_hot_relative_position_bias_is_the_gather():
     assert want.shape == ((3, 25, 25) if sel is None else (2, 3, 7, 7))
     np.testing.assert_array_equal(rpb(sel, 'onehot'), want)
   np.testing.assert_array_equal(rpb(ids, 'onehot', jnp.bfloat16),
-                                want.astype(jnp.bfloat16))
+                                rpb(ids, 'gather', jnp.bfloat16))
+  # chosen by backend (all branches traced: their outputs must agree in shape and dtype)
+  assert jax.jit(lambda i: rpb(i, None, jnp.bfloat16))(ids).dtype == jnp.bfloat16
   with pytest.raises(ValueError, match="impl 'take': expected one of"):
     rpb(ids, 'take')
   with pytest.raises(ValueError, match="rel_pos_bias_impl must be one of .* got 'take'"):

@@ -180,10 +180,9 @@ class RelativePositionBias(nnx.Module):
   def __call__(self, ids: Array | None, impl: str | None = None,
                dtype=jnp.float32) -> Array:
     """Bias among the tokens `ids` [B, K] (grid positions; None: all, in order) -> [B, H, K, K]
-    (or [H, L, L]); the one-hot path returns the per-sample bias in `dtype` (where attention
-    rounds it anyway), the gather float32."""
+    in `dtype` (attention rounds it to that anyway), or [H, L, L] in float32."""
     table = self.relative_position_bias_table[...]
-    gather = lambda t, i: self._gather(t, i)
+    gather = lambda t, i: self._gather(t, i, dtype)
     onehot = lambda t, i: self._onehot(t, i, dtype)
     if impl == 'gather':
       return gather(table, ids)
@@ -194,11 +193,12 @@ class RelativePositionBias(nnx.Module):
                        f'{REL_POS_BIAS_IMPLS}')
     return platform.by_backend(table, ids, tpu=onehot, default=gather)
 
-  def _gather(self, table: Array, ids: Array | None) -> Array:
+  def _gather(self, table: Array, ids: Array | None, dtype) -> Array:
     index = jnp.asarray(relative_position_index(self.grid))
-    if ids is not None:
-      index = index[ids[:, :, None], ids[:, None, :]]              # [B, K, K]
-    return jnp.moveaxis(table[index], -1, -3)
+    if ids is None:
+      return jnp.moveaxis(table[index], -1, -3)
+    index = index[ids[:, :, None], ids[:, None, :]]                # [B, K, K]
+    return jnp.moveaxis(table[index], -1, -3).astype(dtype)
 
   def _onehot(self, table: Array, ids: Array | None, dtype) -> Array:
     g = self.grid
