@@ -242,7 +242,8 @@ def test_one_hot_relative_position_bias_is_the_gather():
   x, t, y = (jnp.asarray(a) for a in _inputs())
   results = []
   for impl in ('gather', 'onehot'):
-    _, model = _load_random(tiny(mask_ratio=0.3, rel_pos_bias_impl=impl), seed=3)
+    _, model = _load_random(tiny(mask_ratio=0.3, depth=3, decode_layer=1,
+                                 rel_pos_bias_impl=impl), seed=3)
     graphdef, params = nnx.split(model)
 
     def loss(params):
