@@ -226,24 +226,28 @@ def test_one_hot_relative_position_bias_is_the_gather():
   rpb = RelativePositionBias(5, 3, rngs=nnx.Rngs(2))
   ids = jax.random.permutation(jax.random.key(0), jnp.tile(jnp.arange(25), (2, 1)), axis=1,
                                independent=True)[:, :7]
-  for sel in (None, ids):
-    want = rpb(sel, 'gather')
-    assert want.shape == ((3, 25, 25) if sel is None else (2, 3, 7, 7))
-    np.testing.assert_array_equal(rpb(sel, 'onehot'), want)
-  np.testing.assert_array_equal(rpb(ids, 'onehot', jnp.bfloat16),
-                                rpb(ids, 'gather', jnp.bfloat16))
-  # chosen by backend (all branches traced: their outputs must agree in shape and dtype)
-  assert jax.jit(lambda i: rpb(i, None, jnp.bfloat16))(ids).dtype == jnp.bfloat16
+
+  @jax.jit           # one compile for all of them; None: chosen by backend (all branches traced)
+  def biases(ids):
+    return [[rpb(sel, impl, dt) for impl in ('gather', 'onehot', None)]
+            for sel, dt in ((None, jnp.float32), (ids, jnp.float32), (ids, jnp.bfloat16))]
+
+  for (want, onehot, auto), shape, dt in zip(biases(ids), ((3, 25, 25), (2, 3, 7, 7),
+                                                           (2, 3, 7, 7)),
+                                             (jnp.float32, jnp.float32, jnp.bfloat16)):
+    assert want.shape == shape and want.dtype == onehot.dtype == auto.dtype == dt
+    np.testing.assert_array_equal(onehot, want)
   with pytest.raises(ValueError, match="impl 'take': expected one of"):
     rpb(ids, 'take')
   with pytest.raises(ValueError, match="rel_pos_bias_impl must be one of .* got 'take'"):
     MDTConfig(rel_pos_bias_impl='take')
 
   x, t, y = (jnp.asarray(a) for a in _inputs())
+  cfg = tiny(mask_ratio=0.3, depth=3, decode_layer=1)
+  sd, _ = _load_random(cfg, seed=3)
   results = []
   for impl in ('gather', 'onehot'):
-    _, model = _load_random(tiny(mask_ratio=0.3, depth=3, decode_layer=1,
-                                 rel_pos_bias_impl=impl), seed=3)
+    model = official.model_from_state(sd, MDTConfig.from_dict({**cfg, 'rel_pos_bias_impl': impl}))
     graphdef, params = nnx.split(model)
 
     def loss(params):
