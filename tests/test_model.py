@@ -196,11 +196,10 @@ def test_bfloat16_residual_stream_dtype_is_one_choice(residual, stream):
   assert cfg.stream_dtype == stream
   blk = MDTBlock(32, 4, 4.0, 4, skip=True, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
                  stream_dtype=cfg.stream_dtype)
-  index = jnp.asarray(relative_position_index(4))
   c = jnp.ones((2, 32), jnp.float32)
   for x_dtype in (jnp.float32, jnp.bfloat16):      # whatever comes in (after a skip fusion too)
     x = jnp.ones((2, 16, 32), x_dtype)
-    assert blk(x, c, index, skip=x).dtype == stream
+    assert blk(x, c, None, skip=x).dtype == stream
   # The whole model: the choice moves a bfloat16 forward by rounding only
   x, t, y = (jnp.asarray(a) for a in _inputs())
   sd, model = _load_random(cfg.to_dict())
@@ -216,6 +215,51 @@ def test_residual_dtype_is_a_no_op_in_float32():
   _, m1 = _load_random(tiny(mask_ratio=0.3))
   _, m2 = _load_random(tiny(mask_ratio=0.3, residual_dtype='compute'))
   np.testing.assert_array_equal(np.asarray(m1(x, t, y)), np.asarray(m2(x, t, y)))
+
+
+def test_one_hot_relative_position_bias_is_the_gather():
+  """The bias built by one-hot contractions (the TPU's) is the table's gather: the same values in
+  float32 and bfloat16 (one nonzero term per sum), and in float32 the masked pass's output and
+  gradients (the encoder with the kept tokens' per-sample bias, the side block and decoder with
+  the full one) are the gather's."""
+  from mdt_jax.models.layers import RelativePositionBias
+  rpb = RelativePositionBias(5, 3, rngs=nnx.Rngs(2))
+  ids = jax.random.permutation(jax.random.key(0), jnp.tile(jnp.arange(25), (2, 1)), axis=1,
+                               independent=True)[:, :7]
+
+  @jax.jit           # one compile for all of them; None: chosen by backend (all branches traced)
+  def biases(ids):
+    return [[rpb(sel, impl, dt) for impl in ('gather', 'onehot', None)]
+            for sel, dt in ((None, jnp.float32), (ids, jnp.float32), (ids, jnp.bfloat16))]
+
+  for (want, onehot, auto), shape, dt in zip(biases(ids), ((3, 25, 25), (2, 3, 7, 7),
+                                                           (2, 3, 7, 7)),
+                                             (jnp.float32, jnp.float32, jnp.bfloat16)):
+    assert want.shape == shape and want.dtype == onehot.dtype == auto.dtype == dt
+    np.testing.assert_array_equal(onehot, want)
+  with pytest.raises(ValueError, match="impl 'take': expected one of"):
+    rpb(ids, 'take')
+  with pytest.raises(ValueError, match="rel_pos_bias_impl must be one of .* got 'take'"):
+    MDTConfig(rel_pos_bias_impl='take')
+
+  x, t, y = (jnp.asarray(a) for a in _inputs())
+  cfg = tiny(mask_ratio=0.3, depth=3, decode_layer=1)
+  sd, _ = _load_random(cfg, seed=3)
+  results = []
+  for impl in ('gather', 'onehot'):
+    model = official.model_from_state(sd, MDTConfig.from_dict({**cfg, 'rel_pos_bias_impl': impl}))
+    graphdef, params = nnx.split(model)
+
+    def loss(params):
+      out = nnx.merge(graphdef, params)(x, t, y, rng=jax.random.key(1), enable_mask=True)
+      return jnp.mean(jnp.sin(out) * out), out
+
+    results.append(jax.jit(jax.grad(loss, has_aux=True))(params))
+  (g1, out1), (g2, out2) = results
+  assert float(jnp.abs(out1).max()) > 0.5
+  np.testing.assert_allclose(out2, out1, rtol=1e-6, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-7)
 
 
 def test_remat_gives_same_output_and_gradient():

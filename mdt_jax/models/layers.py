@@ -150,8 +150,26 @@ class LabelEmbedder(nnx.Module):
     return self.embedding_table(y)
 
 
+REL_POS_BIAS_IMPLS = (None, 'gather', 'onehot')   # None: one-hot on a TPU, gather elsewhere
+
+
+def _one_hot_offsets(grid: int) -> np.ndarray:
+  """[G, G, 2G-1] one-hot of the offset a - b + G - 1 between rows (or columns) a and b."""
+  a = np.arange(grid)
+  return (a[:, None, None] - a[None, :, None] + grid - 1 == np.arange(2 * grid - 1)).astype(
+      np.float32)
+
+
 class RelativePositionBias(nnx.Module):
-  """BEiT relative position bias, one table per attention module ((2G-1)^2 + 3 rows, h columns)."""
+  """BEiT relative position bias, one table per attention module ((2G-1)^2 + 3 rows, h columns).
+
+  Two computations of the same values (`impl`): 'gather' indexes the table (the BEiT code);
+  'onehot' contracts it with one-hot matrices, which run on the matrix units: gathers, and the
+  scatter-adds of their gradients, are while loops on a TPU, and on the masked encoder's
+  per-sample [B, H, K, K] bias they grew with depth to 26.5 GB of the XL/2 step's traffic per
+  chip (BENCHMARKS.md, "TPU, compiled without hardware"). None: one-hot on a TPU, the gather
+  elsewhere (`mdt_jax.models.platform`).
+  """
 
   def __init__(self, grid: int, heads: int, *, rngs: nnx.Rngs):
     self.grid = grid
@@ -159,29 +177,71 @@ class RelativePositionBias(nnx.Module):
     init = nnx.with_partitioning(clipped_normal(0.02, 2.0), (None, 'heads'))
     self.relative_position_bias_table = nnx.Param(init(rngs.params(), (rows, heads)))
 
-  def __call__(self, index: Array) -> Array:
-    """Bias for an index array [..., Q, K] -> [..., heads, Q, K]."""
-    bias = self.relative_position_bias_table[...][index]
-    return jnp.moveaxis(bias, -1, -3)
+  def __call__(self, ids: Array | None, impl: str | None = None,
+               dtype=jnp.float32) -> Array:
+    """Bias among the tokens `ids` [B, K] (grid positions; None: all, in order) -> [B, H, K, K]
+    in `dtype` (attention rounds it to that anyway), or [H, L, L] in float32."""
+    table = self.relative_position_bias_table[...]
+    gather = lambda t, i: self._gather(t, i, dtype)
+    onehot = lambda t, i: self._onehot(t, i, dtype)
+    if impl == 'gather':
+      return gather(table, ids)
+    if impl == 'onehot':
+      return onehot(table, ids)
+    if impl is not None:
+      raise ValueError(f'relative position bias impl {impl!r}: expected one of '
+                       f'{REL_POS_BIAS_IMPLS}')
+    return platform.by_backend(table, ids, tpu=onehot, default=gather)
+
+  def _gather(self, table: Array, ids: Array | None, dtype) -> Array:
+    index = jnp.asarray(relative_position_index(self.grid))
+    if ids is None:
+      return jnp.moveaxis(table[index], -1, -3)
+    index = index[ids[:, :, None], ids[:, None, :]]                # [B, K, K]
+    return jnp.moveaxis(table[index], -1, -3).astype(dtype)
+
+  def _onehot(self, table: Array, ids: Array | None, dtype) -> Array:
+    g = self.grid
+    span = 2 * g - 1
+    offsets = jnp.asarray(_one_hot_offsets(g))
+    # [H, L, L] from the table by two small contractions (rows, then columns), in float32 at
+    # full precision: exactly the table's values, its gradient summed in float32
+    t = table[:span * span].reshape(span, span, -1)
+    hp = jax.lax.Precision.HIGHEST
+    rows = jnp.einsum('ard,deh->areh', offsets, t, precision=hp)           # [G, G, 2G-1, H]
+    full = jnp.einsum('areh,cse->hacrs', rows, offsets, precision=hp)      # [H, G, G, G, G]
+    full = full.reshape(-1, g * g, g * g)
+    if ids is None:
+      return full
+    # per sample, rows and columns of the kept tokens: [B, K, L] one-hot products. Exact in
+    # any dtype (one nonzero term per sum); float32 at full precision, else in `dtype`.
+    prec = hp if dtype == jnp.float32 else None
+    sel = jax.nn.one_hot(ids, g * g, dtype=dtype)
+    part = jnp.einsum('bil,hlm->bhim', sel, full.astype(dtype), precision=prec)
+    return jnp.einsum('bhim,bjm->bhij', part, sel, precision=prec)
 
 
 class Attention(nnx.Module):
   def __init__(self, dim: int, heads: int, grid: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               attention_impl: str | None = None, masked_attention_impl: str | None = None):
+               attention_impl: str | None = None, masked_attention_impl: str | None = None,
+               rel_pos_bias_impl: str | None = None):
     if dim % heads:
       raise ValueError(f'hidden_size {dim} is not divisible by num_heads {heads}')
     self.heads = heads
     self.dtype = dtype
     self.attention_impl = attention_impl
     self.masked_attention_impl = masked_attention_impl   # for calls with a key mask
+    self.rel_pos_bias_impl = rel_pos_bias_impl
     self.qkv = dense(dim, 3 * dim, ('embed', 'heads'), rngs=rngs, dtype=dtype)
     self.proj = dense(dim, dim, ('heads', 'embed'), rngs=rngs, dtype=dtype)
     self.rel_pos_bias = RelativePositionBias(grid, heads, rngs=rngs)
 
-  def __call__(self, x: Array, rel_index: Array, key_mask: Array | None = None) -> Array:
-    """x [B, N, D]; rel_index [N, N] or [B, N, N]; key_mask [B, N] True for real tokens."""
+  def __call__(self, x: Array, ids: Array | None, key_mask: Array | None = None) -> Array:
+    """x [B, N, D]; ids [B, N] grid positions of x's tokens (None: all, in grid order); key_mask
+    [B, N] True for real tokens."""
     impl = self.attention_impl if key_mask is None else self.masked_attention_impl
-    out = attend(self.qkv(x), self.rel_pos_bias(rel_index), key_mask, self.heads, impl)
+    bias = self.rel_pos_bias(ids, self.rel_pos_bias_impl, self.dtype)
+    out = attend(self.qkv(x), bias, key_mask, self.heads, impl)
     return self.proj(out)
 
 
@@ -200,19 +260,22 @@ class MDTBlock(nnx.Module):
 
   def __init__(self, dim: int, heads: int, mlp_ratio: float, grid: int, *, skip: bool,
                rngs: nnx.Rngs, dtype=jnp.float32, attention_impl: str | None = None,
-               masked_attention_impl: str | None = None, stream_dtype=jnp.float32):
+               masked_attention_impl: str | None = None, stream_dtype=jnp.float32,
+               rel_pos_bias_impl: str | None = None):
     self.stream_dtype = stream_dtype     # the residual stream's dtype, in and out of the block
     self.skip_linear = (dense(2 * dim, dim, ('embed2', 'embed'), rngs=rngs, dtype=dtype)
                         if skip else None)
     self.attn = Attention(dim, heads, grid, rngs=rngs, dtype=dtype,
                           attention_impl=attention_impl,
-                          masked_attention_impl=masked_attention_impl)
+                          masked_attention_impl=masked_attention_impl,
+                          rel_pos_bias_impl=rel_pos_bias_impl)
     self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dtype=dtype)
     self.adaLN_modulation_1 = dense(dim, 6 * dim, ('embed', 'ada'), rngs=rngs, dtype=dtype,
                                     zero=True)
 
-  def __call__(self, x: Array, c: Array, rel_index: Array, key_mask: Array | None = None,
+  def __call__(self, x: Array, c: Array, ids: Array | None, key_mask: Array | None = None,
                skip: Array | None = None) -> Array:
+    """x [B, N, D]; ids [B, N] grid positions of x's tokens (None: all, in grid order)."""
     if self.skip_linear is not None:
       if skip is None:
         raise ValueError('this block fuses a skip connection but none was given')
@@ -221,7 +284,7 @@ class MDTBlock(nnx.Module):
     mod = self.adaLN_modulation_1(jax.nn.silu(c))
     sh_msa, sc_msa, g_msa, sh_mlp, sc_mlp, g_mlp = jnp.split(mod, 6, axis=-1)
     h = modulate(layer_norm(x), sh_msa, sc_msa)
-    x = x + (g_msa[:, None] * self.attn(h, rel_index, key_mask)).astype(x.dtype)
+    x = x + (g_msa[:, None] * self.attn(h, ids, key_mask)).astype(x.dtype)
     h = modulate(layer_norm(x), sh_mlp, sc_mlp)
     return x + (g_mlp[:, None] * self.mlp(h)).astype(x.dtype)
 

@@ -15,8 +15,8 @@ import numpy as np
 from flax import nnx
 
 from mdt_jax.models import attention, masking
-from mdt_jax.models.layers import (FinalLayer, LabelEmbedder, MDTBlock, PatchEmbed,
-                                   TimestepEmbedder, normal, relative_position_index, sincos_2d)
+from mdt_jax.models.layers import (REL_POS_BIAS_IMPLS, FinalLayer, LabelEmbedder, MDTBlock,
+                                   PatchEmbed, TimestepEmbedder, normal, sincos_2d)
 
 Array = jax.Array
 
@@ -55,9 +55,10 @@ class MDTConfig:
   masked_attention_impl: str | None = 'same'  # the masked encoder's ('same': attention_impl's)
   mask_buffer_multiple: int = 1     # round the masked encoder's static buffer up (cuDNN: even)
   residual_dtype: str = 'float32'   # the residual stream between blocks: 'float32' or 'compute'
+  rel_pos_bias_impl: str | None = None  # models/layers.py: None (auto), gather or onehot
 
   def __post_init__(self):
-    for name in ('attention_impl', 'masked_attention_impl'):
+    for name in ('attention_impl', 'masked_attention_impl', 'rel_pos_bias_impl'):
       if getattr(self, name) == '':
         object.__setattr__(self, name, None)
     if self.arch not in ARCHS:
@@ -85,6 +86,9 @@ class MDTConfig:
     if self.masked_attention_impl not in ATTENTION_IMPLS + ('same',):
       raise ValueError(f'model.masked_attention_impl must be "same" or one of {ATTENTION_IMPLS} '
                        f'("" = auto), got {self.masked_attention_impl!r}')
+    if self.rel_pos_bias_impl not in REL_POS_BIAS_IMPLS:
+      raise ValueError(f'model.rel_pos_bias_impl must be one of {REL_POS_BIAS_IMPLS} ("" = auto), '
+                       f'got {self.rel_pos_bias_impl!r}')
     self._check_cudnn_lengths()
 
   @property
@@ -153,7 +157,7 @@ class MDTConfig:
 COMPUTE_OPTIONS = {'dtype': 'float32', 'remat': False, 'remat_policy': 'nothing_saveable',
                    'attention_impl': None, 'masked_attention_impl': 'same',
                    'mask_buffer_multiple': 1,
-                   'residual_dtype': 'float32'}
+                   'residual_dtype': 'float32', 'rel_pos_bias_impl': None}
 
 
 class MDT(nnx.Module):
@@ -165,7 +169,8 @@ class MDT(nnx.Module):
     self.config = cfg
     dt, d, g = cfg.compute_dtype, cfg.hidden_size, cfg.grid
     kw = dict(rngs=rngs, dtype=dt, attention_impl=cfg.attention_impl,
-              masked_attention_impl=cfg.masked_impl, stream_dtype=cfg.stream_dtype)
+              masked_attention_impl=cfg.masked_impl, stream_dtype=cfg.stream_dtype,
+              rel_pos_bias_impl=cfg.rel_pos_bias_impl)
     block = lambda skip: MDTBlock(d, cfg.num_heads, cfg.mlp_ratio, g, skip=skip, **kw)
 
     self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d, rngs=rngs, dtype=dt)
@@ -255,45 +260,44 @@ class MDT(nnx.Module):
 
     u = self.x_embedder(x) + self.pos_embed[...]
     c = self.t_embedder(t) + self.y_embedder(y, drop_key if train else None)
-    full_index = jnp.asarray(relative_position_index(cfg.grid))
     if ids_shuffle is None:
-      return self._plain(u, c, full_index)
+      return self._plain(u, c)
     if keep_buffer is not None and not 1 <= keep_buffer <= cfg.num_tokens:
       raise ValueError(f'keep_buffer must be in [1, {cfg.num_tokens}], got {keep_buffer}')
-    return self._masked(u, c, full_index, ids_shuffle, jnp.asarray(len_keep, jnp.int32),
+    return self._masked(u, c, ids_shuffle, jnp.asarray(len_keep, jnp.int32),
                         keep_buffer)
 
   def _finish(self, x: Array, c: Array) -> Array:
     return self.unpatchify(self.final_layer(x, c)).astype(jnp.float32)
 
-  def _encoder(self, x: Array, c: Array, index: Array, key_mask: Array | None) -> Array:
+  def _encoder(self, x: Array, c: Array, ids: Array | None, key_mask: Array | None) -> Array:
     if self.config.arch == 'mdt_v1':
       for blk in self.blocks[:self.config.depth - self.config.decode_layer]:
-        x = self._run(blk, x, c, index, key_mask)
+        x = self._run(blk, x, c, ids, key_mask)
       return x
     stack = []
     for blk in self.en_inblocks:
-      x = self._run(blk, x, c, index, key_mask)
+      x = self._run(blk, x, c, ids, key_mask)
       stack.append(x)
     for blk in self.en_outblocks:
-      x = self._run(blk, x, c, index, key_mask, stack.pop())
+      x = self._run(blk, x, c, ids, key_mask, stack.pop())
     return x
 
-  def _decoder(self, x: Array, c: Array, index: Array, input_skip: Array) -> Array:
+  def _decoder(self, x: Array, c: Array, ids: Array | None, input_skip: Array) -> Array:
     if self.config.arch == 'mdt_v1':
       for blk in self.blocks[self.config.depth - self.config.decode_layer:]:
-        x = self._run(blk, x, c, index)
+        x = self._run(blk, x, c, ids)
       return x
     for blk in self.de_blocks:
-      x = self._run(blk, x, c, index, None, input_skip)
+      x = self._run(blk, x, c, ids, None, input_skip)
     return x
 
-  def _plain(self, u: Array, c: Array, index: Array) -> Array:
-    x = self._encoder(u, c, index, None)
+  def _plain(self, u: Array, c: Array) -> Array:
+    x = self._encoder(u, c, None, None)
     x = x + self.decoder_pos_embed[...]
-    return self._finish(self._decoder(x, c, index, u), c)
+    return self._finish(self._decoder(x, c, None, u), c)
 
-  def _masked(self, u: Array, c: Array, index: Array, ids_shuffle: Array,
+  def _masked(self, u: Array, c: Array, ids_shuffle: Array,
               len_keep: Array, keep_buffer: int | None = None) -> Array:
     cfg = self.config
     b, n, d = u.shape
@@ -302,8 +306,7 @@ class MDT(nnx.Module):
     ids_keep = ids_shuffle[:, :k]
     slot_valid = jnp.arange(k)[None, :] < len_keep                       # [1, K]
     x = jnp.take_along_axis(u, ids_keep[:, :, None], axis=1)             # [B, K, D]
-    keep_index = index[ids_keep[:, :, None], ids_keep[:, None, :]]       # [B, K, K]
-    x = self._encoder(x, c, keep_index, jnp.broadcast_to(slot_valid, (b, k)))
+    x = self._encoder(x, c, ids_keep, jnp.broadcast_to(slot_valid, (b, k)))
 
     # Side-interpolater: mask tokens in every slot past len_keep, back to the original order.
     token = jnp.broadcast_to(self.mask_token[...].astype(x.dtype), (b, n, d))
@@ -314,9 +317,9 @@ class MDT(nnx.Module):
     x = jnp.take_along_axis(x, ids_restore[:, :, None], axis=1)
     masked = ~jnp.take_along_axis(jnp.broadcast_to(kept_shuffled, (b, n)), ids_restore, axis=1)
     q = x + self.decoder_pos_embed[...]
-    side = self._run(self.sideblocks[0], q, c, index)
+    side = self._run(self.sideblocks[0], q, c, None)
     x = jnp.where(masked[..., None], side, q)                             # masked shortcut
-    return self._finish(self._decoder(x, c, index, u), c)
+    return self._finish(self._decoder(x, c, None, u), c)
 
 
 MDTv2 = MDT

@@ -9,7 +9,9 @@ Its users:
   ``[batch, tokens, features]`` operands XLA:CPU canonicalises it with a transpose of the
   activations that it fuses into their producers);
 - `mdt_jax.models.attention.attend`: on XLA:CPU attention written out with einsums, on a TPU the
-  fused Pallas kernel, elsewhere (GPU) `jax.nn.dot_product_attention`.
+  fused Pallas kernel, elsewhere (GPU) `jax.nn.dot_product_attention`;
+- `mdt_jax.models.layers.RelativePositionBias`: on a TPU one-hot contractions (gathers and
+  scatters are while loops there), elsewhere the table's gather.
 Measured in BENCHMARKS.md, section "The train step on the CPU".
 """
 from __future__ import annotations

@@ -24,7 +24,8 @@ def model_config(name: str = 'XL/2', **overrides) -> ml_collections.ConfigDict:
       depth=depth, num_heads=heads, mlp_ratio=4.0, decode_layer=4, num_classes=1000,
       class_dropout_prob=0.1, learn_sigma=True, mask_ratio=0.3, mask_ratio_span=0.2,
       dtype='float32', remat=False, remat_policy='nothing_saveable', attention_impl='',
-      masked_attention_impl='same', mask_buffer_multiple=1, residual_dtype='float32'))
+      masked_attention_impl='same', mask_buffer_multiple=1, residual_dtype='float32',
+      rel_pos_bias_impl=''))
   for k, v in overrides.items():
     if k not in cfg:
       raise ValueError(f'unknown model config key {k!r}')
