@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from micro_config import get_config
-from mdt_jax import parity
+from mdt_jax.perf import parity
 
 
 @pytest.fixture(scope='module')

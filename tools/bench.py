@@ -27,7 +27,8 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from mdt_jax import benchmark, parity, profile_summary
+from mdt_jax import profile_summary
+from mdt_jax.perf import benchmark, parity
 from mdt_jax.models import attention
 
 config_flags.DEFINE_config_file('config', None, 'experiment config', lock_config=True)

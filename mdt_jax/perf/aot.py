@@ -10,7 +10,7 @@ With the generation's peak figures (`mdt_jax.perf.tpu`) they give a roofline:
 
 The bound is what the step cannot beat if the estimates hold (perfect overlap of the three); the
 MFU bound uses the analytic model FLOPs (masked encoder at the mean kept count), as MFU does in
-`mdt_jax.benchmark`. XLA's ``bytes accessed`` also counts the on-chip (VMEM) copies of buffers
+`mdt_jax.perf.benchmark`. XLA's ``bytes accessed`` also counts the on-chip (VMEM) copies of buffers
 that XLA prefetches, so the report adds an HBM-only estimate (`mdt_jax.perf.traffic`: the HBM
 operands and results of the top-level instructions) and its time. How far each can be trusted:
 BENCHMARKS.md, "TPU, compiled without hardware".
@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mdt_jax import benchmark
+from mdt_jax.perf import benchmark
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.perf import hlo, traffic
 from mdt_jax.perf.tpu import Slice
