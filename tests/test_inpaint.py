@@ -10,7 +10,8 @@ from flax import nnx
 
 import mdt_jax
 from mdt_jax.sampling import SamplerConfig, build_sampler, data_mesh, generate
-from mdt_jax.sampling import cli_io, inpaint as inp
+from mdt_jax.images import to_uint8
+from mdt_jax.sampling import inpaint as inp
 
 NUM_CLASSES = 10
 
@@ -216,7 +217,7 @@ def test_study_masks_and_report_tables():
   assert not np.array_equal(tokens[0], tokens[1])                     # one draw per image
   x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 1)).astype(np.float32)
   np.testing.assert_array_equal(study.decode_examples(study.encode_examples(x)),
-                                np.repeat(cli_io.to_uint8(x)[..., :1], 3, -1))
+                                np.repeat(to_uint8(x)[..., :1], 3, -1))
   methods = study.method_names([0.5])
   cells = {f'{c}/{k}/{m}/{s}': dict(class_accuracy=0.5 + s / 10, fd=1.0, known_mae=0.0,
                                     unknown_rmse=0.3)

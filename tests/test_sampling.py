@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 import mdt_jax
-from mdt_jax.sampling import cli_io, guidance as guidance_lib, labels as labels_lib
+from mdt_jax.images import to_uint8
+from mdt_jax.sampling import guidance as guidance_lib, labels as labels_lib, postprocess
 from mdt_jax.sampling import samplers as smp
 from mdt_jax.sampling.run import run_sampling
 from mdt_jax.sampling.sampler import build_sampler, data_mesh, generate
@@ -405,7 +406,7 @@ def test_run_sampling_shards_resume_and_npz(tmp_path, pixel_sampler):
   np.testing.assert_array_equal(ys, [0, 1, 2, 3, 4])
   assert images.std() > 0 and os.path.isfile(os.path.join(out, 'samples_grid.png'))
   raw = generate(sampler, ys, seed=1, batch_size=8, log_every=0)
-  np.testing.assert_array_equal(cli_io.to_uint8(raw), images)
+  np.testing.assert_array_equal(to_uint8(raw), images)
   # A restart skips finished shards: a sampler that cannot run must not be called.
   real_fn = sampler.fn
   try:
@@ -473,8 +474,8 @@ def test_cli_end_to_end_with_model_folder(tmp_path, pixel_sampler, monkeypatch):
 
 
 def test_latent_model_needs_a_vae(tmp_path, mdt):
-  sm = cli_io.SamplingModel(model=mdt, space='latent', vae_dir=None)
+  sm = postprocess.SamplingModel(model=mdt, space='latent', vae_dir=None)
   with pytest.raises(ValueError, match='--vae'):
-    cli_io.make_postprocess(sm)
+    postprocess.make_postprocess(sm)
   with pytest.raises(FileNotFoundError, match='not found'):
-    cli_io.make_postprocess(sm, str(tmp_path / 'missing'))
+    postprocess.make_postprocess(sm, str(tmp_path / 'missing'))

@@ -135,7 +135,8 @@ def test_train_step_matches_the_jax_step_on_the_same_draws():
   from mdt_jax.models import masking
   from mdt_jax.torch_reference.train import TorchTrainStep
   from mdt_jax.training import step as step_lib
-  from mdt_jax.training.state import TrainState, abstract_model, make_optimizer
+  from mdt_jax.models.params import abstract_model
+  from mdt_jax.training.state import TrainState, make_optimizer
   config = _train_config()
   cfg = MDTConfig.from_dict(config.model.to_dict())
   lr = config.optimizer.learning_rate

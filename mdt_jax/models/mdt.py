@@ -11,7 +11,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from mdt_jax.models import attention, masking
@@ -321,9 +320,3 @@ class MDT(nnx.Module):
 
 MDTv2 = MDT
 
-
-def count_params(config: MDTConfig | dict) -> int:
-  """Parameter count without allocating weights."""
-  abstract = nnx.eval_shape(lambda: MDT(config, rngs=nnx.Rngs(0)))
-  state = nnx.state(abstract, nnx.Param)
-  return int(sum(np.prod(v.shape) for v in jax.tree.leaves(state)))

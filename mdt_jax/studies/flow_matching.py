@@ -27,7 +27,8 @@ import numpy as np
 from absl import logging
 
 from mdt_jax.evaluation import digits_classifier as dc
-from mdt_jax.models.mdt import MDTConfig, count_params
+from mdt_jax.models.mdt import MDTConfig
+from mdt_jax.models.params import count_params
 from mdt_jax.studies import learning_curves as lc
 from mdt_jax.training.config import validate
 from mdt_jax.training.state import TrainState

@@ -27,11 +27,12 @@ from absl import logging
 from flax import nnx
 
 from mdt_jax.evaluation import digits_classifier as dc
-from mdt_jax.models.mdt import MDTConfig, count_params
+from mdt_jax.models.mdt import MDTConfig
+from mdt_jax.models.params import abstract_model, count_params
 from mdt_jax.training.config import validate
 from mdt_jax.training.loop import train_and_evaluate
 from mdt_jax.training.samples import GridSampler, sampler_config
-from mdt_jax.training.state import TrainState, abstract_model
+from mdt_jax.training.state import TrainState
 
 VARIANTS = {'mdt': True, 'dit': False}     # name -> config.mask_branch
 BASELINE = 'dit'
