@@ -37,7 +37,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mdt_jax import paths
+from mdt_jax import atomic, paths
 # the train / test split is fixed, whatever the seed
 from mdt_jax.data.digits import load_digits_images, split_indices
 from mdt_jax.evaluation.metrics import feature_statistics, frechet_distance
@@ -222,9 +222,7 @@ def save(clf: DigitsClassifier, path: str) -> None:
   """Writes the classifier (weights, config, test accuracy) to an .npz file."""
   meta = {'config': dataclasses.asdict(clf.config), 'test_accuracy': clf.test_accuracy}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, __meta__=np.array(json.dumps(meta)), **clf.params())
-  os.replace(tmp, path)
+  atomic.save_npz(path, __meta__=np.array(json.dumps(meta)), **clf.params())
 
 
 def load(path: str, config: TrainConfig | None = None) -> DigitsClassifier:

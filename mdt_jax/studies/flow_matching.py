@@ -26,6 +26,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from mdt_jax import atomic
 from mdt_jax.evaluation import digits_classifier as dc
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.models.params import count_params
@@ -200,12 +201,12 @@ def run_study(study: ml_collections.ConfigDict, out: str, *, fresh: bool = False
       logging.info('training %s, seed %d', variant, seed)
       runs.append(run_one(study, variant, seed, evaluators, workdir_root))
       results['study_seconds'] = float(sum(r['wall_seconds'] for r in runs))
-      lc.write_json(results, path)
+      atomic.write_json(path, results, indent=1)
       if progress:
         progress(results)
   results['summary'] = lc.summarize(runs, list(study.seeds), variants, study.baseline)
   results['sweep'] = summarize_sweep(runs, variants)
   results['target'] = target_check(results['sweep'], study)
   results['study_seconds'] = float(sum(r['wall_seconds'] for r in runs))
-  lc.write_json(results, path)
+  atomic.write_json(path, results, indent=1)
   return results

@@ -220,7 +220,7 @@ def _load(path: str, setup: dict) -> dict | None:
 
 def _write_json(results: dict, path: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  atomic.write_text(path, json.dumps(results, indent=1))
+  atomic.write_json(path, results, indent=1)
 
 
 # ------------------------------------------------------------------ report

@@ -26,6 +26,7 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from mdt_jax import atomic
 from mdt_jax.evaluation import digits_classifier as dc
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.models.params import abstract_model, count_params
@@ -304,17 +305,12 @@ def run_study(study: ml_collections.ConfigDict, out: str, *, fresh: bool = False
       logging.info('training %s, seed %d', variant, seed)
       runs.append(run_one(study, variant, seed, evaluator, workdir_root))
       results['study_seconds'] = float(sum(r['wall_seconds'] for r in runs))
-      write_json(results, path)
+      atomic.write_json(path, results, indent=1)
       if progress:
         progress(results)
   results['summary'] = summarize(runs, list(study.seeds))
   results['study_seconds'] = float(sum(r['wall_seconds'] for r in runs))
-  write_json(results, path)
+  atomic.write_json(path, results, indent=1)
   return results
 
 
-def write_json(results: dict, path: str) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(results, f, indent=1)
-  os.replace(tmp, path)

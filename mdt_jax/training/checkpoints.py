@@ -25,7 +25,7 @@ from etils import epath
 
 from mdt_jax import paths
 from mdt_jax.diffusion import objective_of
-from mdt_jax.models.mdt import COMPUTE_OPTIONS, MDTConfig
+from mdt_jax.models.mdt import COMPUTE, COMPUTE_OPTIONS, TRAINING, MDTConfig, field_names
 from mdt_jax.models.params import leaf_shapes, param_shapes
 from mdt_jax.training.state import TrainState
 
@@ -158,11 +158,11 @@ class Checkpointer:
             'opt_state': state.opt_state, 'meta': {'step': state.step, 'rng': state.rng}}
 
 
-# Model fields a resumed run may change: how the model is computed (COMPUTE_OPTIONS) and the
-# training-time regularisers. A change of one of them that changes a parameter's shape
+# Model fields a resumed run may change: how the model is computed and the training-time
+# regularisers (their role in MDTConfig). A change of one of them that changes a parameter's shape
 # (class_dropout_prob 0 <-> > 0 adds or removes the label table's null row) is still refused:
 # check_workdir compares the parameter shapes themselves.
-RESUMABLE_FIELDS = (*COMPUTE_OPTIONS, 'class_dropout_prob', 'mask_ratio', 'mask_ratio_span')
+RESUMABLE_FIELDS = field_names(COMPUTE, TRAINING)
 
 
 def shape_changes(old: MDTConfig, new: MDTConfig) -> list[str]:

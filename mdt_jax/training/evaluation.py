@@ -29,7 +29,7 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from mdt_jax import paths
+from mdt_jax import atomic, paths
 from mdt_jax.evaluation import evaluator, features, inception, metrics
 from mdt_jax.sampling import postprocess
 from mdt_jax.training import samples
@@ -142,9 +142,8 @@ class Evaluator:
   def _write_history(self) -> None:
     if jax.process_index() != 0:
       return
-    tmp = self.history_path.parent / (HISTORY_FILE + '.tmp')
-    tmp.write_text(json.dumps({'evaluations': self.history}, indent=1))
-    tmp.replace(self.history_path)                  # never a half-written history
+    # never a half-written history
+    atomic.write_json(str(self.history_path), {'evaluations': self.history}, indent=1)
 
   def resume(self, step: int) -> None:
     """Forget evaluations past the restored step: those steps are trained again."""

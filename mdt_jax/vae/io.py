@@ -98,7 +98,8 @@ def save(model: AutoencoderKL, out_dir: str, overwrite: bool = False) -> str:
   return write_folder(out_dir, model.config, to_params(model), overwrite)
 
 
-def read_config(vae_dir: str, name: str = CONFIG_FILE) -> dict:
+def read_vae_config(vae_dir: str, name: str = CONFIG_FILE) -> dict:
+  """A VAE folder's config.json (ours or diffusers': the same AutoencoderKL fields)."""
   path = paths.path(vae_dir) / name
   if not path.is_file():
     raise FileNotFoundError(f'no {name} in VAE folder {vae_dir!r}')
@@ -107,7 +108,7 @@ def read_config(vae_dir: str, name: str = CONFIG_FILE) -> dict:
 
 def load_model(vae_dir: str, dtype=jnp.float32) -> AutoencoderKL:
   """The AutoencoderKL NNX module stored in `vae_dir` (as written by ``save``/convert_vae)."""
-  config = VAEConfig.from_dict(read_config(vae_dir))
+  config = VAEConfig.from_dict(read_vae_config(vae_dir))
   path = paths.path(vae_dir) / WEIGHTS_FILE
   if not path.is_file():
     raise FileNotFoundError(f'no {WEIGHTS_FILE} in VAE folder {vae_dir!r} '
