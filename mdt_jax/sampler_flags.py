@@ -53,7 +53,7 @@ _RECOMMENDABLE = {'sampler': 'sampler', 'steps': 'steps', 'respacing': 'respacin
 
 def sampler_config(recommended: dict, objective: str = 'ddpm', num_train_timesteps: int = 1000):
   """SamplerConfig from the flags; flags not given take the model's recommendation."""
-  from mdt_jax.sampling.samplers import SamplerConfig
+  from mdt_jax.sampling.config import SamplerConfig
   values = {}
   for flag, field in _RECOMMENDABLE.items():
     if not FLAGS[flag].present and field in recommended:
@@ -78,7 +78,7 @@ def load_model_and_config():
   """(model path, SamplingModel, SamplerConfig) of --model and the sampler flags."""
   from mdt_jax.diffusion import objective_of
   from mdt_jax.hub.pretrained import load_for_sampling
-  from mdt_jax.sampling.settings import recommended_fields
+  from mdt_jax.sampling.config import recommended_fields
   for name in ('model', 'out'):
     if not FLAGS[name].value:
       raise app.UsageError(f'--{name} is required')

@@ -9,7 +9,7 @@ from mdt_jax import MDTConfig
 from mdt_jax.hub import official
 from mdt_jax.sampling import SamplerConfig, build_sampler
 from mdt_jax.sampling import labels as labels_lib
-from mdt_jax.sampling.samplers import per_sample_normal, sample_keys
+from mdt_jax.sampling.loops import per_sample_normal, sample_keys
 from mdt_jax.torch_reference import TorchMDT, from_official_state, sample_ddpm
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=6, num_heads=4,

@@ -27,7 +27,7 @@ from mdt_jax.hub.folder import is_model_folder, write_model_files
 from mdt_jax.hub.workdir import load_workdir
 from mdt_jax.models.mdt import COMPUTE_OPTIONS, MDTConfig
 from mdt_jax.models.params import count_params
-from mdt_jax.sampling.settings import make_sampler_config, recommended_sampling
+from mdt_jax.sampling.config import make_sampler_config, recommended_sampling
 from mdt_jax.training.checkpoints import read_train_config
 
 LIBRARY_NAME = 'mdt_jax'

@@ -8,9 +8,8 @@ from mdt_jax.diffusion import objective_of
 from mdt_jax.hub.folder import Pretrained, is_model_folder, load_model_folder
 from mdt_jax.hub.workdir import is_workdir, load_workdir
 from mdt_jax.models.mdt import MDT
+from mdt_jax.sampling.config import SamplerConfig, make_sampler_config
 from mdt_jax.sampling.postprocess import SamplingModel
-from mdt_jax.sampling.samplers import SamplerConfig
-from mdt_jax.sampling.settings import make_sampler_config
 from mdt_jax.vae.model import LATENT_SCALE
 
 

@@ -32,7 +32,7 @@ from mdt_jax.perf import benchmark, hlo, traffic
 from mdt_jax.perf.tpu import Slice
 from mdt_jax.sampling.guidance import guided_model
 from mdt_jax.sampling.sampler import data_mesh, functional_model
-from mdt_jax.sampling.settings import make_sampler_config
+from mdt_jax.sampling.config import make_sampler_config
 from mdt_jax.training import sharding
 
 STEPS = {'train': 'train: plain+masked (MDT)', 'dit': 'train: plain (DiT-style)',

@@ -20,8 +20,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mdt_jax.sampling import labels as labels_lib
 from mdt_jax.sampling.guidance import guided_model
-from mdt_jax.sampling.samplers import (SamplerConfig, per_sample_normal, run_loop,
-                                       sample_keys)
+from mdt_jax.sampling.config import SamplerConfig
+from mdt_jax.sampling.loops import per_sample_normal, run_loop, sample_keys
 
 Array = jax.Array
 

@@ -34,7 +34,7 @@ from mdt_jax.diffusion import objective_of
 from mdt_jax.hub.pretrained import load_for_sampling
 from mdt_jax.images import grid_image, to_uint8
 from mdt_jax.sampling import inpaint as inp
-from mdt_jax.sampling.settings import make_sampler_config
+from mdt_jax.sampling.config import make_sampler_config
 
 MASKS = ('lower_half', 'right_half', 'random_tokens')
 # 'class': conditioned on the true class (guided as the model recommends); 'none': the null class,

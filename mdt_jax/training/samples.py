@@ -16,7 +16,7 @@ from mdt_jax.diffusion import objective_of
 from mdt_jax.evaluation import digits_classifier as dc
 from mdt_jax.images import save_grid, to_uint8
 from mdt_jax.sampling import SamplerConfig, build_sampler, generate
-from mdt_jax.sampling.settings import make_sampler_config
+from mdt_jax.sampling.config import make_sampler_config
 
 
 def sampler_config(config: ml_collections.ConfigDict) -> SamplerConfig:
