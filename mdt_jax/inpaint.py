@@ -109,7 +109,9 @@ def main(argv):
     raise ValueError(f'{labels.size} labels for {n} images')
   if cfg.cfg_scale is not None and (labels == mc.num_classes).all():
     cfg = dataclasses.replace(cfg, cfg_scale=None)   # null vs null: guidance would change nothing
-  vae = postprocess_lib.load_vae(sm, paths.resolve_optional(FLAGS.vae)) if sm.space == 'latent' else None
+  vae = None
+  if sm.space == 'latent':
+    vae = postprocess_lib.load_vae(sm, paths.resolve_optional(FLAGS.vae))
   postprocess = postprocess_lib.make_postprocess(sm, vae=vae)
   x, model_masks = images, masks
   if vae is not None:

@@ -6,8 +6,8 @@ One ArrayRecord record per image, msgpack-encoded::
      'moments_flip': same for the horizontally flipped image,
      'label': int}
 
-Training samples z = (mean + exp(logvar / 2) * eps) * 0.18215 (``mdt_jax.vae.model.LATENT_SCALE``) on the fly, as the original does
-with the VAE encoder in the loop (see ``mdt_jax.data.pipeline``).
+Training samples z = (mean + exp(logvar / 2) * eps) * LATENT_SCALE (``mdt_jax.vae.model``) on the
+fly, as the original does with the VAE encoder in the loop (see ``mdt_jax.data.pipeline``).
 """
 from __future__ import annotations
 

@@ -277,39 +277,57 @@ def environment() -> dict:
           'cpu_count': os.cpu_count(), 'niceness': os.nice(0)}
 
 
+def open_study(study: ml_collections.ConfigDict, out: str, fresh: bool
+               ) -> tuple[str, list[dict], dc.DigitsClassifier]:
+  """(``out``.json, the finished runs it holds for the same study config unless ``fresh``, the
+  digits classifier that scores the samples)."""
+  path = out + '.json'
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  runs = [] if fresh else load_previous(path, study)
+  if runs:
+    logging.info('resuming: %d finished runs in %s', len(runs), path)
+  return path, runs, dc.load_digits_classifier(seed=int(study.classifier_seed))
+
+
+def run_all(study: ml_collections.ConfigDict, variants, results: dict, path: str,
+            run: Callable[[str, int], dict],
+            progress: Callable[[dict], None] | None = None) -> list[dict]:
+  """``run(variant, seed)`` for every pair not in ``results['runs']`` yet, writing ``path`` after
+  each. The variants alternate within each seed, so slow spells of a shared machine fall on all
+  alike. ``progress`` is called with the results after each run."""
+  runs = results['runs']
+  for seed in study.seeds:
+    for variant in variants:
+      if any(r['variant'] == variant and r['seed'] == seed for r in runs):
+        continue
+      logging.info('training %s, seed %d', variant, seed)
+      runs.append(run(variant, seed))
+      results['study_seconds'] = float(sum(r['wall_seconds'] for r in runs))
+      atomic.write_json(path, results, indent=1)
+      if progress:
+        progress(results)
+  results['study_seconds'] = float(sum(r['wall_seconds'] for r in runs))
+  return runs
+
+
 def run_study(study: ml_collections.ConfigDict, out: str, *, fresh: bool = False,
               workdir_root: str | None = None,
               progress: Callable[[dict], None] | None = None) -> dict:
   """Train every (seed, variant), write ``out``.json after each run; return the results.
 
   Runs already in ``out``.json for the same study config are kept (an interrupted study resumes)
-  unless ``fresh``. The variants alternate within each seed, so slow spells of a shared machine
-  fall on both alike. ``progress`` is called with the results after each run.
+  unless ``fresh``.
   """
   check_study(study)
-  path = out + '.json'
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  runs = [] if fresh else load_previous(path, study)
-  if runs:
-    logging.info('resuming: %d finished runs in %s', len(runs), path)
-  classifier = dc.load_digits_classifier(seed=int(study.classifier_seed))
+  path, runs, classifier = open_study(study, out, fresh)
   evaluator = Evaluator(study, classifier)
   results = {'version': RESULTS_VERSION, 'study': study_record(study),
              'num_params': count_params(MDTConfig.from_dict(study.train.model.to_dict())),
              'environment': environment(), 'reference': data_reference(study, classifier),
              'runs': runs}
-  for seed in study.seeds:
-    for variant in VARIANTS:
-      if any(r['variant'] == variant and r['seed'] == seed for r in runs):
-        continue
-      logging.info('training %s, seed %d', variant, seed)
-      runs.append(run_one(study, variant, seed, evaluator, workdir_root))
-      results['study_seconds'] = float(sum(r['wall_seconds'] for r in runs))
-      atomic.write_json(path, results, indent=1)
-      if progress:
-        progress(results)
+  run_all(study, VARIANTS, results, path,
+          lambda variant, seed: run_one(study, variant, seed, evaluator, workdir_root), progress)
   results['summary'] = summarize(runs, list(study.seeds))
-  results['study_seconds'] = float(sum(r['wall_seconds'] for r in runs))
   atomic.write_json(path, results, indent=1)
   return results
 
