@@ -38,7 +38,7 @@ from mdt_jax import diffusion as gd
 from mdt_jax.sampling import flow_loops
 from mdt_jax.sampling import labels as labels_lib
 from mdt_jax.sampling.guidance import guided_model
-from mdt_jax.sampling.sampler import data_mesh, functional_model
+from mdt_jax.sampling.sampler import sharded_model
 from mdt_jax.sampling.config import SamplerConfig
 from mdt_jax.sampling.loops import ddim_step, p_sample_step, per_sample_normal, sample_keys
 
@@ -338,18 +338,9 @@ def build_inpainter(model: Any, config: SamplerConfig, inpaint: InpaintConfig = 
   if inpaint.method == 'mdt' and not isinstance(model, nnx.Module):
     raise ValueError("the 'mdt' method needs an MDT model (its masked pass); a plain model_fn "
                      "takes the 'repaint' method")
-  if cfg is not None:
-    image_shape = image_shape or (cfg.input_size, cfg.input_size, cfg.in_channels)
-    num_classes = num_classes or cfg.num_classes
-  if image_shape is None or num_classes is None:
-    raise ValueError('image_shape and num_classes are needed for a plain model_fn')
-  image_shape = tuple(int(s) for s in image_shape)
-  mesh = mesh or data_mesh()
-  if mesh.axis_names != ('data',):
-    raise ValueError(f'the sampling mesh must be 1-D with axis "data", got {mesh.axis_names}')
-  apply, params = functional_model(model)
+  image_shape, num_classes, mesh, apply, params = sharded_model(model, mesh, image_shape,
+                                                                num_classes)
   masked = _masked_apply(model) if isinstance(model, nnx.Module) else None
-  params = jax.device_put(params, NamedSharding(mesh, P()))
   patch = cfg.patch_size if cfg is not None else 1
   g = config.guidance
 
