@@ -27,6 +27,7 @@ from absl import logging
 from flax import nnx
 
 from mdt_jax import atomic
+from mdt_jax.data.digits import load_digits_images
 from mdt_jax.evaluation import digits_classifier as dc
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.models.params import abstract_model, count_params
@@ -122,7 +123,6 @@ class Evaluator:
 def data_reference(study: ml_collections.ConfigDict, classifier: dc.DigitsClassifier) -> dict:
   """What real data scores with the same number of images: the floor of the Frechet distance
   (it is biased upwards at small sizes) and the classifier's held-out accuracy."""
-  from mdt_jax.data.digits import load_digits_images
   images, _ = load_digits_images(classifier.config.size)
   n = min(int(study.eval_num_samples), len(images))
   pick = np.random.default_rng(0).choice(len(images), n, replace=False)
