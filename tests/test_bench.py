@@ -9,7 +9,8 @@ import pytest
 
 import reference_mdt as ref
 from micro_config import get_config
-from mdt_jax import MDTConfig, benchmark, model_config, profile_summary
+from mdt_jax import MDTConfig, model_config, profile_summary
+from mdt_jax.perf import benchmark
 from mdt_jax.hub import official
 
 TINY_SAMPLING = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4,
