@@ -18,7 +18,7 @@ from mdt_jax.vae.model import LATENT_SCALE
 
 
 def is_workdir(path: str) -> bool:
-  return (paths.path(path) / 'checkpoints').is_dir()
+  return (paths.path(path) / checkpoints.CHECKPOINT_DIR).is_dir()
 
 
 def load_workdir(workdir: str, step: int | None = None, weights: str = 'ema_params',
@@ -28,7 +28,7 @@ def load_workdir(workdir: str, step: int | None = None, weights: str = 'ema_para
     raise ValueError(f"weights must be 'ema_params' or 'params', got {weights!r}")
   config = checkpoints.read_train_config(workdir)
   model_cfg = MDTConfig.from_dict({**config.model.to_dict(), **model_overrides})
-  manager = ocp.CheckpointManager(epath.Path(paths.resolve(workdir)) / 'checkpoints',
+  manager = ocp.CheckpointManager(epath.Path(paths.resolve(workdir)) / checkpoints.CHECKPOINT_DIR,
                                   item_handlers={weights: ocp.StandardCheckpointHandler()},
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step() if step is None else step

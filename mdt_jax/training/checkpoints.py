@@ -30,6 +30,7 @@ from mdt_jax.models.params import leaf_shapes, param_shapes
 from mdt_jax.training.state import TrainState
 
 CONFIG_FILE = 'config.json'
+CHECKPOINT_DIR = 'checkpoints'
 ITEMS = ('params', 'ema_params', 'opt_state', 'meta')
 
 
@@ -104,7 +105,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
     # orbax refuses relative paths
-    self.directory = epath.Path(paths.resolve(workdir)) / 'checkpoints'
+    self.directory = epath.Path(paths.resolve(workdir)) / CHECKPOINT_DIR
     handlers = {k: ocp.StandardCheckpointHandler() for k in ITEMS}
     handlers['data'] = _DataHandler()
     self.manager = ocp.CheckpointManager(
