@@ -91,7 +91,7 @@ def test_token_masks_need_every_pixel_of_a_patch():
       np.arange(4) < 3)[None, None], 2)[0], [[1, 0], [1, 0]])
 
 
-def test_flow_loops_resampling_and_device_count(model):
+def test_flow_samplers_resampling_and_device_count(model):
   images, labels, masks = data(n=3)
   shape, kw = images.shape[1:], dict(image_shape=images.shape[1:], num_classes=NUM_CLASSES)
   em = SamplerConfig(sampler='euler_maruyama', steps=4, objective='flow', cfg_scale=1.5)
