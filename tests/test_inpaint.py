@@ -11,6 +11,7 @@ from flax import nnx
 from mdt_jax.images import to_uint8
 from mdt_jax.sampling import SamplerConfig, build_sampler, data_mesh, generate
 from mdt_jax.sampling import inpaint as inp
+import launch
 from micro_config import random_mdt, save_pixel_folder
 
 NUM_CLASSES = 10
@@ -135,11 +136,7 @@ def test_bad_input_is_refused(model):
 
 def _run_cli(*argv):
   from mdt_jax import inpaint
-  inpaint.FLAGS(['inpaint', *argv])
-  try:
-    inpaint.main(['inpaint'])
-  finally:
-    inpaint.FLAGS.unparse_flags()
+  launch.run_main(inpaint, *argv)
 
 
 def test_cli_pixel_and_latent_model_folders(tmp_path, model, monkeypatch):

@@ -14,6 +14,7 @@ from mdt_jax.sampling import loops as smp
 from mdt_jax.sampling.config import SamplerConfig
 from mdt_jax.sampling.run import run_sampling
 from mdt_jax.sampling.sampler import build_sampler, data_mesh, generate
+import launch
 from micro_config import random_mdt, save_pixel_folder
 
 T = 1000
@@ -420,11 +421,7 @@ def test_cli_end_to_end_with_model_folder(tmp_path, pixel_sampler, monkeypatch):
   monkeypatch.chdir(tmp_path)                 # every path relative, as typed in that folder
 
   def run(*argv):
-    sample.FLAGS(['sample', *argv])
-    try:
-      sample.main(['sample'])
-    finally:
-      sample.FLAGS.unparse_flags()
+    launch.run_main(sample, *argv)
 
   args = ['--model=model', '--out=out', '--num_samples=3', '--batch_size=8', '--seed=0',
           '--labels=4,5', '--steps=2', '--shard_size=2']
