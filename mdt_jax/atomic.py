@@ -133,3 +133,15 @@ def write_text(path: str, text: str) -> None:
   """A text file (UTF-8) written whole or not at all."""
   with atomic_file(path) as f:
     f.write(text.encode())
+
+
+def write_json(path: str, obj, indent: int = 2) -> None:
+  """A JSON file written whole or not at all."""
+  write_text(path, json.dumps(obj, indent=indent))
+
+
+def save_npz(path: str, **arrays) -> None:
+  """np.savez written whole or not at all (a killed run leaves no partial file)."""
+  import numpy as np   # the rest of this module needs no numpy
+  with atomic_file(path) as f:
+    np.savez(f, **arrays)

@@ -26,7 +26,7 @@ import os
 from absl import app, flags, logging
 import numpy as np
 
-from mdt_jax import atomic, paths, sampler_flags
+from mdt_jax import atomic, images as images_lib, paths, sampler_flags
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(sampler_flags)
@@ -83,7 +83,7 @@ def main(argv):
   for name in ('images', 'masks'):
     if not FLAGS[name].value:
       raise app.UsageError(f'--{name} is required')
-  from mdt_jax.sampling import cli_io, labels as labels_lib
+  from mdt_jax.sampling import labels as labels_lib, postprocess as postprocess_lib
   from mdt_jax.sampling import inpaint as inp
 
   data = read_npz(paths.resolve(FLAGS.images), 'images')
@@ -109,8 +109,10 @@ def main(argv):
     raise ValueError(f'{labels.size} labels for {n} images')
   if cfg.cfg_scale is not None and (labels == mc.num_classes).all():
     cfg = dataclasses.replace(cfg, cfg_scale=None)   # null vs null: guidance would change nothing
-  vae = cli_io.load_vae(sm, paths.resolve_optional(FLAGS.vae)) if sm.space == 'latent' else None
-  postprocess = cli_io.make_postprocess(sm, vae=vae)
+  vae = None
+  if sm.space == 'latent':
+    vae = postprocess_lib.load_vae(sm, paths.resolve_optional(FLAGS.vae))
+  postprocess = postprocess_lib.make_postprocess(sm, vae=vae)
   x, model_masks = images, masks
   if vae is not None:
     x, model_masks = encode_latents(vae, sm.latent_scale, images, masks)
@@ -119,7 +121,7 @@ def main(argv):
                inpainter.num_devices)
   out = inp.inpaint(inpainter, x, model_masks, labels, seed=FLAGS.seed,
                     batch_size=FLAGS.batch_size, postprocess=postprocess)
-  write_outputs(paths.resolve(FLAGS.out), out, labels, cli_io.to_uint8(images), masks,
+  write_outputs(paths.resolve(FLAGS.out), out, labels, images_lib.to_uint8(images), masks,
                 dict(model=model_path, space=sm.space, sampler=cfg.record(),
                      inpaint=dataclasses.asdict(icfg),
                      seed=FLAGS.seed, images=FLAGS.images, masks=FLAGS.masks))
@@ -136,16 +138,15 @@ def encode_latents(vae, latent_scale: float, images: np.ndarray,
 
 def write_outputs(out_dir: str, completions: np.ndarray, labels: np.ndarray,
                   originals: np.ndarray, masks: np.ndarray, settings: dict) -> None:
-  from mdt_jax.sampling import cli_io
   paths.path(out_dir).mkdir(parents=True, exist_ok=True)
-  cli_io.save_npz_atomic(os.path.join(out_dir, 'inpainted.npz'), arr_0=completions, arr_1=labels)
+  atomic.save_npz(os.path.join(out_dir, 'inpainted.npz'), arr_0=completions, arr_1=labels)
   atomic.write_text(os.path.join(out_dir, 'run.json'),
                     json.dumps(json.loads(json.dumps(settings)), indent=2))
   k = min(FLAGS.grid_size, len(completions))
   if k:
     rows = np.stack([originals[:k], masked_view(originals[:k], masks[:k]), completions[:k]], 1)
-    cli_io.save_grid(rows.reshape((-1,) + rows.shape[2:]),
-                     os.path.join(out_dir, 'inpaint_grid.png'), ncols=3)
+    images_lib.save_grid(rows.reshape((-1,) + rows.shape[2:]),
+                         os.path.join(out_dir, 'inpaint_grid.png'), ncols=3)
   logging.info('wrote %s: %s completions', out_dir, completions.shape)
 
 

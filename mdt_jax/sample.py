@@ -27,14 +27,14 @@ flags.DEFINE_integer('shard_size', 1000, 'Samples per shard file.')
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
-  from mdt_jax.sampling import cli_io, labels as labels_lib
+  from mdt_jax.sampling import labels as labels_lib, postprocess as postprocess_lib
   from mdt_jax.sampling.run import run_sampling
   from mdt_jax.sampling.sampler import build_sampler
 
   labels = labels_lib.parse_labels(FLAGS.labels)
   model_path, sm, cfg = sampler_flags.load_model_and_config()
   labels_lib.make_labels(labels, FLAGS.num_samples, sm.model.config.num_classes, FLAGS.seed)
-  postprocess = cli_io.make_postprocess(sm, paths.resolve_optional(FLAGS.vae))
+  postprocess = postprocess_lib.make_postprocess(sm, paths.resolve_optional(FLAGS.vae))
   sampler = build_sampler(sm.model, cfg)
   logging.info('sampling %d images: %s on %d device(s)', FLAGS.num_samples, cfg,
                sampler.num_devices)

@@ -1,7 +1,8 @@
 """Flags shared by the sampling command lines (mdt_jax.sample, mdt_jax.inpaint): the model, the
 output folder, the sampler and its guidance, labels, seed, batch size and VAE.
 
-Defined once here, so both entry points can be imported in one process.
+Defined once here, so both entry points can be imported in one process. Like the entry points,
+this module imports jax and the package inside its functions: the flags (and --help) load fast.
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ _RECOMMENDABLE = {'sampler': 'sampler', 'steps': 'steps', 'respacing': 'respacin
 
 def sampler_config(recommended: dict, objective: str = 'ddpm', num_train_timesteps: int = 1000):
   """SamplerConfig from the flags; flags not given take the model's recommendation."""
-  from mdt_jax.sampling.samplers import SamplerConfig
+  from mdt_jax.sampling.config import SamplerConfig
   values = {}
   for flag, field in _RECOMMENDABLE.items():
     if not FLAGS[flag].present and field in recommended:
@@ -76,13 +77,13 @@ def sampler_config(recommended: dict, objective: str = 'ddpm', num_train_timeste
 def load_model_and_config():
   """(model path, SamplingModel, SamplerConfig) of --model and the sampler flags."""
   from mdt_jax.diffusion import objective_of
-  from mdt_jax.hub.pretrained import recommended_fields
-  from mdt_jax.sampling import cli_io
+  from mdt_jax.hub.pretrained import load_for_sampling
+  from mdt_jax.sampling.config import recommended_fields
   for name in ('model', 'out'):
     if not FLAGS[name].value:
       raise app.UsageError(f'--{name} is required')
   model_path = FLAGS.model if not os.path.exists(FLAGS.model) else paths.resolve(FLAGS.model)
-  sm = cli_io.load_for_sampling(model_path)
+  sm = load_for_sampling(model_path)
   cfg = sampler_config(recommended_fields(sm.sampling, sm.model.config.in_channels),
                        objective_of(sm.diffusion), int(sm.diffusion.get('num_timesteps', 1000)))
   return model_path, sm, cfg

@@ -58,3 +58,14 @@ def steps_saved(workdir: str) -> list[int]:
   """The committed checkpoints of a workdir (orbax writes into a temporary name, then renames)."""
   d = os.path.join(workdir, 'checkpoints')
   return sorted(int(s) for s in os.listdir(d) if s.isdigit()) if os.path.isdir(d) else []
+
+
+def run_main(module, *argv: str) -> None:
+  """An absl entry point (mdt_jax.sample, mdt_jax.inpaint) in this process: its flags parsed
+  from ``argv``, its main run, the flags reset afterwards (also when main raises)."""
+  name = module.__name__.rsplit('.', 1)[-1]
+  module.FLAGS([name, *argv])
+  try:
+    module.main([name])
+  finally:
+    module.FLAGS.unparse_flags()

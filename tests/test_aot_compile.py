@@ -13,7 +13,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from micro_config import get_config
-from mdt_jax import benchmark
+from mdt_jax.perf import benchmark
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.perf import hlo, tpu
 from mdt_jax.training import sharding

@@ -9,7 +9,8 @@ import pytest
 
 import reference_mdt as ref
 from micro_config import get_config
-from mdt_jax import MDTConfig, benchmark, model_config
+from mdt_jax import MDTConfig, model_config
+from mdt_jax.perf import benchmark
 from mdt_jax.hub import official
 from mdt_jax.perf import profile
 

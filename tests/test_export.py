@@ -21,7 +21,7 @@ from mdt_jax.hub import export, official
 from mdt_jax.hub.convert import convert_official
 from mdt_jax.hub import Pretrained, sampler_config
 from mdt_jax.hub.folder import load_model_folder
-from mdt_jax.training.checkpoints import load_workdir
+from mdt_jax.hub.workdir import load_workdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_ID = 'mdt-jax-tests/mdt-micro'

@@ -3,15 +3,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import mdt_jax
 from mdt_jax.diffusion import flow
 from mdt_jax.diffusion.objectives import folder_record, make_process, objective_of
-from mdt_jax.sampling import flow_samplers, labels as labels_lib
-from mdt_jax.sampling import samplers as smp
+from mdt_jax.sampling import flow_loops, labels as labels_lib
+from mdt_jax.sampling import loops as smp
+from mdt_jax.sampling.config import SamplerConfig
 from mdt_jax.sampling.sampler import build_sampler, data_mesh, generate
 from mdt_jax.training import step as step_lib
+from micro_config import random_mdt
 
 T = 1000
 # Gaussian data, independent per channel: x_0 ~ N(MU, S^2). Its exact flow is known.
@@ -154,7 +155,7 @@ def test_ode_samplers_reach_the_exact_flow_map():
   exact = MU + S * z
   err = {}
   for sampler, steps in [('euler', 8), ('euler', 32), ('heun', 8), ('heun', 32)]:
-    x = flow_sample(smp.SamplerConfig(sampler=sampler, steps=steps, objective='flow'))
+    x = flow_sample(SamplerConfig(sampler=sampler, steps=steps, objective='flow'))
     err[sampler, steps] = np.abs(x - exact).max()
   assert err['heun', 32] < 0.01 and err['heun', 8] < err['euler', 8] / 4
   assert 3 < err['euler', 8] / err['euler', 32] < 5.5          # first order: 4x for 4x steps
@@ -162,27 +163,27 @@ def test_ode_samplers_reach_the_exact_flow_map():
 
 
 def test_time_grids():
-  np.testing.assert_allclose(flow_samplers.time_grid(5), [1, 0.75, 0.5, 0.25, 0])
-  np.testing.assert_allclose(flow_samplers.time_grid(3, 3.0), [1, 0.75, 0])
-  np.testing.assert_allclose(flow_samplers.time_grid(3, end=0.04), [1, 0.52, 0.04])
+  np.testing.assert_allclose(flow_loops.time_grid(5), [1, 0.75, 0.5, 0.25, 0])
+  np.testing.assert_allclose(flow_loops.time_grid(3, 3.0), [1, 0.75, 0])
+  np.testing.assert_allclose(flow_loops.time_grid(3, end=0.04), [1, 0.52, 0.04])
 
 
 def test_euler_maruyama_without_noise_is_euler_on_its_grid():
   """diffusion 0: SiT's SDE sampler is the ODE's Euler steps from 1 to the last step, then one
   Euler step to 0 (the score term vanishes with w)."""
-  cfg = smp.SamplerConfig(sampler='euler_maruyama', steps=6, objective='flow',
+  cfg = SamplerConfig(sampler='euler_maruyama', steps=6, objective='flow',
                           sde_diffusion='constant', sde_diffusion_norm=0.0, sde_last_step=0.1)
   sde = flow_sample(cfg, n=8)
-  grid = np.append(flow_samplers.time_grid(6, end=0.1), 0.0)
+  grid = np.append(flow_loops.time_grid(6, end=0.1), 0.0)
   vel = lambda x, t: exact_velocity(x, t, None)
-  want = flow_samplers.euler_loop(vel, grid, jnp.asarray(start_noise(8), jnp.float32), T)
+  want = flow_loops.euler_loop(vel, grid, jnp.asarray(start_noise(8), jnp.float32), T)
   np.testing.assert_allclose(sde, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize('form, norm', [('sigma', 1.0), ('constant', 0.2)])
 def test_euler_maruyama_samples_the_data_distribution(form, norm):
   """Stochastic paths, but the marginal at t = 0 is the data's: N(MU, S^2) per channel."""
-  cfg = smp.SamplerConfig(sampler='euler_maruyama', steps=100, objective='flow',
+  cfg = SamplerConfig(sampler='euler_maruyama', steps=100, objective='flow',
                           sde_diffusion=form, sde_diffusion_norm=norm, sde_last_step=0.01)
   x = flow_sample(cfg, n=256, seed=3)
   z = start_noise(256, seed=3)
@@ -203,7 +204,7 @@ def test_guidance_schedules_and_interval_on_flow_time():
       (dict(guidance_schedule='constant', guidance_interval=(0, 500)), [1, 1, 3, 3]),
       (dict(guidance_schedule='power_cosine', scale_pow=1.0),
        [1 + 2 * 0.5 * (1 - np.cos(np.pi * (1 - t))) for t in (1, 0.75, 0.5, 0.25)])]:
-    cfg = smp.SamplerConfig(sampler='euler', steps=4, objective='flow', cfg_scale=3.0,
+    cfg = SamplerConfig(sampler='euler', steps=4, objective='flow', cfg_scale=3.0,
                             guided_channels='all', **kwargs)
     x = flow_sample(cfg, n=4, model=vel, labels=y)
     # guided velocity at step k: 2 + s_k (1 - 2), each step of size 1/4 towards t = 0
@@ -213,21 +214,11 @@ def test_guidance_schedules_and_interval_on_flow_time():
 
 # ----------------------------------------------------------------- an MDT: devices, refusals
 
-def tiny_flow_mdt(seed=0):
-  cfg = mdt_jax.model_config('S/2', input_size=4, in_channels=2, hidden_size=32, depth=2,
-                             decode_layer=0, num_heads=2, num_classes=3, mask_ratio=None,
-                             learn_sigma=False)
-  abstract = nnx.eval_shape(lambda: mdt_jax.MDT(cfg.to_dict(), rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  rng = np.random.default_rng(seed)
-  draw = lambda v: jnp.asarray(rng.normal(size=v.shape) * 0.1, jnp.float32)
-  return nnx.merge(graphdef, jax.tree.map(draw, params), rest)
-
-
 def test_flow_sampling_is_the_same_on_eight_devices_and_one():
   """The SDE sampler (per-sample noise at every step) on 8 devices and on 1, other batches."""
-  model = tiny_flow_mdt()
-  cfg = smp.SamplerConfig(sampler='euler_maruyama', steps=4, objective='flow', cfg_scale=2.0,
+  model = random_mdt(label_std=0.1, input_size=4, in_channels=2, num_classes=3,
+                     learn_sigma=False)
+  cfg = SamplerConfig(sampler='euler_maruyama', steps=4, objective='flow', cfg_scale=2.0,
                           guidance_schedule='constant')
   y = np.array([0, 1, 2, 0, 1, 2, 0, 1], np.int32)
   a = build_sampler(model, cfg)(np.arange(8), y, 5)
@@ -250,14 +241,14 @@ def test_flow_sampling_is_the_same_on_eight_devices_and_one():
 ])
 def test_bad_flow_sampler_config(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    smp.SamplerConfig(**kwargs)
+    SamplerConfig(**kwargs)
 
 
 def test_flow_sampler_refuses_a_learned_variance_model():
   two_c = lambda x, t, y: jnp.concatenate([x, x], axis=-1)
   with pytest.raises(ValueError, match='not trained with the flow objective'):
-    build_sampler(two_c, smp.SamplerConfig(sampler='euler', steps=2, objective='flow'),
+    build_sampler(two_c, SamplerConfig(sampler='euler', steps=2, objective='flow'),
                   image_shape=SHAPE, num_classes=3)
   # A DDPM run's record is what it was before the flow fields existed.
-  assert 'time_shift' not in smp.SamplerConfig().record()
-  assert 'eta' not in smp.SamplerConfig(sampler='heun', steps=2, objective='flow').record()
+  assert 'time_shift' not in SamplerConfig().record()
+  assert 'eta' not in SamplerConfig(sampler='heun', steps=2, objective='flow').record()

@@ -18,7 +18,8 @@ from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.studies import flow_matching as fm
 from mdt_jax.studies import flow_report
 from mdt_jax.studies import learning_curves as lc
-from mdt_jax.training.state import TrainState, abstract_model
+from mdt_jax.models.params import abstract_model
+from mdt_jax.training.state import TrainState
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import launch
 import mdt_jax.vae as vae_lib
 from micro_config import get_config
 from mdt_jax.data import extract
@@ -113,15 +114,11 @@ def test_flow_run_fid_preemption_export_and_sampling_cli(latent_flow_run, tmp_pa
   with pytest.raises(ValueError, match="diffusion.objective: workdir 'flow' vs config 'ddpm'"):
     checkpoints.check_workdir(work, ddpm)                 # a resume cannot switch objectives
   samples_dir = tmp_path / 'samples'
-  argv = ['sample', f'--model={folder}', f'--out={samples_dir}', '--num_samples=3',
+  argv = [f'--model={folder}', f'--out={samples_dir}', '--num_samples=3',
           '--sampler=heun', '--steps=2', '--batch_size=16']   # the evaluation's program
 
   def run_cli():
-    sample.FLAGS(argv)
-    try:
-      sample.main(['sample'])
-    finally:
-      sample.FLAGS.unparse_flags()
+    launch.run_main(sample, *argv)
 
   run_cli()
   shard = samples_dir / 'shards' / 'shard_00000.npz'
@@ -134,12 +131,8 @@ def test_flow_run_fid_preemption_export_and_sampling_cli(latent_flow_run, tmp_pa
   assert run['cfg_scale'] == 2.0 and 'eta' not in run
   with np.load(samples_dir / 'samples.npz') as f:
     assert f['arr_0'].shape == (3, 16, 16, 3) and f['arr_0'].std() > 0
-  sample.FLAGS(['sample', f'--model={folder}', f'--out={tmp_path / "bad"}', '--sampler=ddpm'])
-  try:
-    with pytest.raises(ValueError, match='samplers that fit: euler, heun, euler_maruyama'):
-      sample.main(['sample'])
-  finally:
-    sample.FLAGS.unparse_flags()
+  with pytest.raises(ValueError, match='samplers that fit: euler, heun, euler_maruyama'):
+    launch.run_main(sample, f'--model={folder}', f'--out={tmp_path / "bad"}', '--sampler=ddpm')
   assert not os.path.exists(tmp_path / 'bad')
 
 

@@ -8,24 +8,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-import mdt_jax
+from mdt_jax.images import to_uint8
 from mdt_jax.sampling import SamplerConfig, build_sampler, data_mesh, generate
-from mdt_jax.sampling import cli_io, inpaint as inp
+from mdt_jax.sampling import inpaint as inp
+import launch
+from micro_config import random_mdt, save_pixel_folder
 
 NUM_CLASSES = 10
-
-
-def tiny_mdt(in_channels=1, input_size=8, learn_sigma=True, seed=0):
-  """A tiny MDTv2 with masking (side-interpolater), every parameter random."""
-  cfg = mdt_jax.model_config('S/2', input_size=input_size, hidden_size=32, depth=2,
-                             decode_layer=0, num_heads=2, num_classes=NUM_CLASSES,
-                             mask_ratio=0.3, in_channels=in_channels, learn_sigma=learn_sigma)
-  abstract = nnx.eval_shape(lambda: mdt_jax.MDT(cfg.to_dict(), rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  rng = np.random.default_rng(seed)
-  draw = lambda v: jnp.asarray(rng.normal(size=v.shape) * (1.0 if v.shape[0] == NUM_CLASSES + 1
-                                                           else 0.1), jnp.float32)
-  return nnx.merge(graphdef, jax.tree.map(draw, params), rest)
 
 
 def velocity_fn(x, t, y):
@@ -47,7 +36,7 @@ def data(n=5, size=8, channels=1, seed=0):
 
 @pytest.fixture(scope='module')
 def model():
-  return tiny_mdt()
+  return random_mdt(in_channels=1, mask_ratio=0.3)   # masking: the side-interpolater runs
 
 
 def test_mdt_method_keeps_known_pixels_and_reduces_to_plain_sampling(model):
@@ -147,11 +136,7 @@ def test_bad_input_is_refused(model):
 
 def _run_cli(*argv):
   from mdt_jax import inpaint
-  inpaint.FLAGS(['inpaint', *argv])
-  try:
-    inpaint.main(['inpaint'])
-  finally:
-    inpaint.FLAGS.unparse_flags()
+  launch.run_main(inpaint, *argv)
 
 
 def test_cli_pixel_and_latent_model_folders(tmp_path, model, monkeypatch):
@@ -160,10 +145,8 @@ def test_cli_pixel_and_latent_model_folders(tmp_path, model, monkeypatch):
   from mdt_jax import vae as vae_lib
   from mdt_jax.hub.folder import save_model_folder
   from test_extract import TINY
-  save_model_folder(str(tmp_path / 'model'), nnx.state(model, nnx.Param), model.config,
-                    data=dict(space='pixel', image_size=8, image_channels=1, vae=None),
-                    sampling=dict(sampler='ddpm', steps=3, cfg_scale=2.0, scale_pow=4.0,
-                                  guidance_channels=1))      # guided channels: all
+  save_pixel_folder(tmp_path / 'model', model, sampler='ddpm', steps=3, cfg_scale=2.0,
+                    scale_pow=4.0, guidance_channels=1)      # guided channels: all
   images, labels, masks = data(n=3)
   u8 = np.repeat(np.round((images + 1) * 127.5).astype(np.uint8), 3, axis=-1)   # RGB grey
   np.savez(tmp_path / 'images.npz', u8, labels)
@@ -190,7 +173,7 @@ def test_cli_pixel_and_latent_model_folders(tmp_path, model, monkeypatch):
   # A latent model (4x4x4 latents of the TINY VAE's 8x8 RGB images).
   config = vae_lib.VAEConfig.from_dict(TINY)
   vae_lib.io.write_folder(str(tmp_path / 'vae'), config, vae_lib.random_params(config, seed=1))
-  latent = tiny_mdt(in_channels=4, input_size=4, learn_sigma=False, seed=1)
+  latent = random_mdt(seed=1, in_channels=4, input_size=4, learn_sigma=False, mask_ratio=0.3)
   save_model_folder(str(tmp_path / 'latent'), nnx.state(latent, nnx.Param), latent.config,
                     data=dict(space='latent', image_size=8, vae='vae'),
                     diffusion=dict(objective='flow', num_timesteps=1000),
@@ -216,7 +199,7 @@ def test_study_masks_and_report_tables():
   assert not np.array_equal(tokens[0], tokens[1])                     # one draw per image
   x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 1)).astype(np.float32)
   np.testing.assert_array_equal(study.decode_examples(study.encode_examples(x)),
-                                np.repeat(cli_io.to_uint8(x)[..., :1], 3, -1))
+                                np.repeat(to_uint8(x)[..., :1], 3, -1))
   methods = study.method_names([0.5])
   cells = {f'{c}/{k}/{m}/{s}': dict(class_accuracy=0.5 + s / 10, fd=1.0, known_mae=0.0,
                                     unknown_rmse=0.3)

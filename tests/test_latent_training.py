@@ -11,7 +11,8 @@ import launch
 import mdt_jax.vae as vae_lib
 from micro_config import get_config
 from mdt_jax.data import pipeline
-from mdt_jax.data.records import LATENT_SCALE, decode_latent_record, encode_latent_record
+from mdt_jax.data.records import decode_latent_record, encode_latent_record
+from mdt_jax.vae.model import LATENT_SCALE
 from mdt_jax.training.loop import train_and_evaluate
 from test_extract import TINY, make_folder
 
@@ -85,7 +86,8 @@ def test_latent_samples_are_decoded_by_the_vae(tmp_path):
   from flax import nnx
   from mdt_jax import MDT, model_config
   from mdt_jax.sampling import SamplerConfig, build_sampler, generate
-  from mdt_jax.sampling import cli_io
+  from mdt_jax.images import to_uint8
+  from mdt_jax.sampling import postprocess
   config = vae_lib.VAEConfig.from_dict(TINY)
   vae_lib.io.write_folder(str(tmp_path / 'vae'), config, vae_lib.random_params(config, seed=1))
   mdt = MDT(model_config('S/2', input_size=4, hidden_size=16, depth=2, num_heads=2,
@@ -94,14 +96,14 @@ def test_latent_samples_are_decoded_by_the_vae(tmp_path):
   keys = jax.random.split(jax.random.key(0), len(jax.tree.leaves(params)))
   nnx.update(mdt, jax.tree.unflatten(jax.tree.structure(params), [
       0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, jax.tree.leaves(params))]))
-  sm = cli_io.SamplingModel(model=mdt, space='latent', vae_dir=str(tmp_path / 'vae'))
-  post = cli_io.make_postprocess(sm)
+  sm = postprocess.SamplingModel(model=mdt, space='latent', vae_dir=str(tmp_path / 'vae'))
+  post = postprocess.make_postprocess(sm)
   sampler = build_sampler(mdt, SamplerConfig(sampler='ddim', steps=3))
   labels = np.array([0, 1, 2, 1], np.int32)
   images = generate(sampler, labels, postprocess=post, batch_size=8)
   latents = generate(sampler, labels, batch_size=8)
   assert images.shape == (4, 8, 8, 3) and images.dtype == np.uint8      # TINY VAE: 2x upsampling
-  want = cli_io.to_uint8(np.asarray(vae_lib.load(str(tmp_path / 'vae')).decode(
+  want = to_uint8(np.asarray(vae_lib.load(str(tmp_path / 'vae')).decode(
       latents / LATENT_SCALE)))
   assert np.abs(images.astype(int) - want.astype(int)).max() <= 1
   assert images.std() > 0

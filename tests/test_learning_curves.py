@@ -9,7 +9,7 @@ import pytest
 
 import launch
 from mdt_jax.studies import learning_curves as lc
-from mdt_jax.studies import report
+from mdt_jax.studies import page, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -103,12 +103,12 @@ def test_report_png_markdown_and_kept_discussion(finished):
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   text = open(md).read()
   assert '![learning curves](speed.png)' in text
-  assert '| 4 |' in text and 'Conclusion' in text and report.DISCUSSION_MARK in text
+  assert '| 4 |' in text and 'Conclusion' in text and page.DISCUSSION_MARK in text
   with open(md, 'a') as f:
     f.write('\nHand-written discussion.\n')
   report.write(results, out, 'python tools/learning_curves.py --out=x')
   text = open(md).read()
-  assert text.count(report.DISCUSSION_MARK) == 1 and text.endswith('Hand-written discussion.\n')
+  assert text.count(page.DISCUSSION_MARK) == 1 and text.endswith('Hand-written discussion.\n')
 
 
 def test_variants_differ_only_in_mask_branch():

@@ -1,4 +1,5 @@
 """MDTv2 model: sizes, embeddings, initialisation, masking, parity with the NumPy reference."""
+import dataclasses
 import math
 
 import jax
@@ -287,6 +288,29 @@ def test_bad_inputs_are_named(bad, match):
   args.update(bad)
   with pytest.raises((ValueError, TypeError), match=match):
     jax.jit(lambda x, t, y: m(x, t, y))(**{k: jnp.asarray(v) for k, v in args.items()})
+
+
+# A non-default value of every compute and training field (their role in MDTConfig).
+OTHER_VALUES = dict(dtype='bfloat16', remat=True, remat_policy='dots_saveable',
+                    attention_impl='xla', masked_attention_impl='xla', mask_buffer_multiple=8,
+                    residual_dtype='compute', class_dropout_prob=0.2, mask_ratio=0.4,
+                    mask_ratio_span=0.1)
+
+
+def test_field_roles_say_which_fields_keep_the_parameters():
+  """What resume, export and parity rely on: a compute or training field changes no parameter
+  (class_dropout_prob 0 <-> > 0 does, and check_workdir compares shapes for it); the presets
+  and COMPUTE_OPTIONS come from MDTConfig's own fields and defaults."""
+  from mdt_jax.models.mdt import COMPUTE, COMPUTE_OPTIONS, TRAINING, field_names
+  from mdt_jax.models.params import param_shapes
+  assert set(OTHER_VALUES) == set(field_names(COMPUTE, TRAINING))
+  base = MDTConfig.from_dict(tiny(depth=2, decode_layer=0))
+  assert all(v != getattr(base, k) for k, v in OTHER_VALUES.items())
+  shapes = param_shapes(base)
+  assert param_shapes(dataclasses.replace(base, **OTHER_VALUES)) == shapes
+  assert param_shapes(dataclasses.replace(base, hidden_size=16)) != shapes   # a shape field
+  assert COMPUTE_OPTIONS == {k: getattr(MDTConfig(), k) for k in field_names(COMPUTE)}
+  assert set(model_config('B/4')) == {f.name for f in dataclasses.fields(MDTConfig)}
 
 
 def test_unknown_and_invalid_config_values_are_refused():

@@ -144,7 +144,7 @@ def test_export_to_gcs_then_load_and_sample_with_resume(gcs, full_run):
   into a gs:// folder, and a restart that skips the finished shards."""
   from mdt_jax.hub import export
   from mdt_jax.sampling import SamplerConfig, build_sampler, generate
-  from mdt_jax.sampling.cli_io import to_uint8
+  from mdt_jax.images import to_uint8
   from mdt_jax.sampling.run import run_sampling
   out = f'{gcs}/export/mdt-micro'
   assert export.export_workdir(str(full_run[0]), out) == out

@@ -6,13 +6,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import mdt_jax
-from mdt_jax.sampling import cli_io, guidance as guidance_lib, labels as labels_lib
-from mdt_jax.sampling import samplers as smp
+from mdt_jax.images import to_uint8
+from mdt_jax.sampling import guidance as guidance_lib, labels as labels_lib, postprocess
+from mdt_jax.sampling import loops as smp
+from mdt_jax.sampling.config import SamplerConfig
 from mdt_jax.sampling.run import run_sampling
 from mdt_jax.sampling.sampler import build_sampler, data_mesh, generate
+import launch
+from micro_config import random_mdt, save_pixel_folder
 
 T = 1000
 NUM_CLASSES = 10
@@ -47,26 +50,9 @@ def fixed_jax(x, t, y):
   return analytic_jax(x, t, y, fixed_variance=True)
 
 
-def tiny_mdt(in_channels=4, seed=0):
-  """A tiny MDTv2 with every parameter random (the zero init would output zeros).
-
-  Built abstractly and filled from numpy: eager initialisation costs seconds of op dispatch.
-  """
-  cfg = mdt_jax.model_config('S/2', input_size=8, hidden_size=32, depth=2, decode_layer=0,
-                             num_heads=2, num_classes=NUM_CLASSES, mask_ratio=None,
-                             in_channels=in_channels)
-  abstract = nnx.eval_shape(lambda: mdt_jax.MDT(cfg.to_dict(), rngs=nnx.Rngs(0)))
-  graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
-  rng = np.random.default_rng(seed)
-  # Label table N(0, 1) so that the class visibly matters; everything else N(0, 0.1).
-  draw = lambda v: jnp.asarray(rng.normal(size=v.shape) * (1.0 if v.shape[0] == NUM_CLASSES + 1
-                                                           else 0.1), jnp.float32)
-  return nnx.merge(graphdef, jax.tree.map(draw, params), rest)
-
-
 @pytest.fixture(scope='module')
 def mdt():
-  return tiny_mdt()
+  return random_mdt(in_channels=4)
 
 
 def sample_noise(seed, i, stream, shape):
@@ -121,10 +107,10 @@ def test_guided_model_single_batched_pass(channels):
 def test_cfg_scale_one_equals_unguided():
   kw = dict(image_shape=SHAPE, num_classes=NUM_CLASSES)
   base = dict(sampler='ddpm', steps=10)
-  unguided = build_sampler(analytic_jax, smp.SamplerConfig(**base), **kw)
-  one = build_sampler(analytic_jax, smp.SamplerConfig(cfg_scale=1.0, guidance_schedule='constant',
+  unguided = build_sampler(analytic_jax, SamplerConfig(**base), **kw)
+  one = build_sampler(analytic_jax, SamplerConfig(cfg_scale=1.0, guidance_schedule='constant',
                                                       **base), **kw)
-  guided = build_sampler(analytic_jax, smp.SamplerConfig(cfg_scale=4.0, **base), **kw)
+  guided = build_sampler(analytic_jax, SamplerConfig(cfg_scale=4.0, **base), **kw)
   idx, y = np.arange(8), np.arange(8) % NUM_CLASSES
   a, b, c = unguided(idx, y, 3), one(idx, y, 3), guided(idx, y, 3)
   np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
@@ -169,7 +155,7 @@ def _respaced(steps):
 
 def test_ddpm_loop_matches_numpy():
   """Three respaced steps (original 999, 500, 0) through the jitted loop vs a numpy loop."""
-  cfg = smp.SamplerConfig(sampler='ddpm', steps=3)
+  cfg = SamplerConfig(sampler='ddpm', steps=3)
   sampler = build_sampler(analytic_jax, cfg, image_shape=SHAPE, num_classes=NUM_CLASSES)
   idx, y = np.array([0, 5, 11]), np.array([2, 7, 1])
   got = sampler(idx, y, seed=4)
@@ -194,7 +180,7 @@ def test_ddpm_loop_matches_numpy():
 
 
 def test_ddim_eta0_deterministic_and_matches_numpy():
-  cfg = smp.SamplerConfig(sampler='ddim', steps=4, eta=0.0)
+  cfg = SamplerConfig(sampler='ddim', steps=4, eta=0.0)
   sampler = build_sampler(analytic_jax, cfg, image_shape=SHAPE, num_classes=NUM_CLASSES)
   idx, y = np.arange(4), np.array([1, 2, 3, 4])
   a, b = sampler(idx, y, 7), sampler(idx, y, 7)
@@ -215,13 +201,13 @@ def test_ddim_eta0_deterministic_and_matches_numpy():
 def test_ddim_eta1_equals_ddpm_with_fixed_small_variance():
   """DDIM with eta=1 is the ancestral sampler with the posterior variance (same noise streams)."""
   kw = dict(image_shape=SHAPE, num_classes=NUM_CLASSES)
-  ddim = build_sampler(fixed_jax, smp.SamplerConfig(sampler='ddim', steps=6, eta=1.0), **kw)
-  ddpm = build_sampler(fixed_jax, smp.SamplerConfig(sampler='ddpm', steps=6), **kw)
+  ddim = build_sampler(fixed_jax, SamplerConfig(sampler='ddim', steps=6, eta=1.0), **kw)
+  ddpm = build_sampler(fixed_jax, SamplerConfig(sampler='ddpm', steps=6), **kw)
   assert not ddpm.learn_sigma
   idx, y = np.arange(8), np.arange(8)
   a, b = ddim(idx, y, 2), ddpm(idx, y, 2)
   np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
-  c = build_sampler(fixed_jax, smp.SamplerConfig(sampler='ddim', steps=6), **kw)(idx, y, 2)
+  c = build_sampler(fixed_jax, SamplerConfig(sampler='ddim', steps=6), **kw)(idx, y, 2)
   assert np.abs(c - a).max() > 0.1              # eta matters
 
 
@@ -243,7 +229,7 @@ def test_dpm_solver_solves_the_gaussian_ode():
   want = m + s * (x_T - a_T * m) / np.sqrt(a_T ** 2 * s ** 2 + 1 - a_T ** 2)
   err = {}
   for name, steps in [('dpm_solver++', 50), ('dpm_solver++', 200), ('ddim', 50), ('ddim', 200)]:
-    got = build_sampler(exact, smp.SamplerConfig(sampler=name, steps=steps), **kw)(idx, y, 0)
+    got = build_sampler(exact, SamplerConfig(sampler=name, steps=steps), **kw)(idx, y, 0)
     err[name, steps] = np.abs(got - want).max()
   # Time-uniform steps: 4x the steps cut the error ~16x (second order) vs ~4x for DDIM.
   assert err['dpm_solver++', 200] < 5e-3, err
@@ -291,7 +277,7 @@ def test_dpm_solver_matches_diffusers_scheduler(steps):
   x_T = np.stack([sample_noise(1, i, 0, SHAPE) for i in idx])
   want = diffusers_dpm_solver(steps, 2, x_T, y)
   model = lambda x, t, y: class_gaussian_eps(x, t, y, jnp).astype(jnp.float32)
-  got = build_sampler(model, smp.SamplerConfig(sampler='dpm_solver++', steps=steps),
+  got = build_sampler(model, SamplerConfig(sampler='dpm_solver++', steps=steps),
                       image_shape=SHAPE, num_classes=NUM_CLASSES)(idx, y, 1)
   assert 0.3 < np.abs(want).max() < 3                  # samples in the data range
   # float32 vs float64: seen within 3.2e-7
@@ -313,7 +299,7 @@ def test_dpm_solver_plan():
 # ----------------------------------------------------------------- sharding and batch size
 
 def test_eight_devices_equal_one_device(mdt):
-  cfg = smp.SamplerConfig(sampler='ddpm', steps=8, cfg_scale=4.0, scale_pow=1.0)
+  cfg = SamplerConfig(sampler='ddpm', steps=8, cfg_scale=4.0, scale_pow=1.0)
   y = labels_lib.make_labels('uniform', 8, NUM_CLASSES, seed=0)
   s8 = build_sampler(mdt, cfg)
   assert s8.num_devices == 8 and s8.learn_sigma
@@ -364,7 +350,7 @@ def test_label_modes():
 ])
 def test_bad_sampler_config(kwargs, match):
   with pytest.raises(ValueError, match=match):
-    smp.SamplerConfig(**kwargs)
+    SamplerConfig(**kwargs)
 
 
 def test_bad_model_and_labels_fail_before_sampling():
@@ -372,11 +358,11 @@ def test_bad_model_and_labels_fail_before_sampling():
     raise AssertionError('the model must not run')
 
   with pytest.raises(ValueError, match='image_shape'):
-    build_sampler(analytic_jax, smp.SamplerConfig())
+    build_sampler(analytic_jax, SamplerConfig())
   bad_out = lambda x, t, y: jnp.zeros(x.shape[:-1] + (3,))
   with pytest.raises(ValueError, match='does not fit'):
-    build_sampler(bad_out, smp.SamplerConfig(), image_shape=SHAPE, num_classes=NUM_CLASSES)
-  sampler = build_sampler(analytic_jax, smp.SamplerConfig(steps=2), image_shape=SHAPE,
+    build_sampler(bad_out, SamplerConfig(), image_shape=SHAPE, num_classes=NUM_CLASSES)
+  sampler = build_sampler(analytic_jax, SamplerConfig(steps=2), image_shape=SHAPE,
                           num_classes=NUM_CLASSES)
   sampler.fn = never
   with pytest.raises(ValueError, match=r'class ids must be in \[0, 10\)'):
@@ -389,8 +375,8 @@ def test_bad_model_and_labels_fail_before_sampling():
 
 @pytest.fixture(scope='module')
 def pixel_sampler():
-  model = tiny_mdt(in_channels=1, seed=3)
-  return model, build_sampler(model, smp.SamplerConfig(sampler='ddim', steps=3, cfg_scale=2.0))
+  model = random_mdt(seed=3, in_channels=1)
+  return model, build_sampler(model, SamplerConfig(sampler='ddim', steps=3, cfg_scale=2.0))
 
 
 def test_run_sampling_shards_resume_and_npz(tmp_path, pixel_sampler):
@@ -405,7 +391,7 @@ def test_run_sampling_shards_resume_and_npz(tmp_path, pixel_sampler):
   np.testing.assert_array_equal(ys, [0, 1, 2, 3, 4])
   assert images.std() > 0 and os.path.isfile(os.path.join(out, 'samples_grid.png'))
   raw = generate(sampler, ys, seed=1, batch_size=8, log_every=0)
-  np.testing.assert_array_equal(cli_io.to_uint8(raw), images)
+  np.testing.assert_array_equal(to_uint8(raw), images)
   # A restart skips finished shards: a sampler that cannot run must not be called.
   real_fn = sampler.fn
   try:
@@ -429,20 +415,13 @@ def test_run_sampling_shards_resume_and_npz(tmp_path, pixel_sampler):
 
 def test_cli_end_to_end_with_model_folder(tmp_path, pixel_sampler, monkeypatch):
   from mdt_jax import sample
-  from mdt_jax.hub.folder import save_model_folder
   model, _ = pixel_sampler
-  save_model_folder(str(tmp_path / 'model'), nnx.state(model, nnx.Param), model.config,
-                    data=dict(space='pixel', image_size=8, image_channels=1, vae=None),
-                    sampling=dict(sampler='ddim', steps=3, cfg_scale=2.0, scale_pow=4.0,
-                                  guidance_channels=3))
+  save_pixel_folder(tmp_path / 'model', model, sampler='ddim', steps=3, cfg_scale=2.0,
+                    scale_pow=4.0, guidance_channels=3)
   monkeypatch.chdir(tmp_path)                 # every path relative, as typed in that folder
 
   def run(*argv):
-    sample.FLAGS(['sample', *argv])
-    try:
-      sample.main(['sample'])
-    finally:
-      sample.FLAGS.unparse_flags()
+    launch.run_main(sample, *argv)
 
   args = ['--model=model', '--out=out', '--num_samples=3', '--batch_size=8', '--seed=0',
           '--labels=4,5', '--steps=2', '--shard_size=2']
@@ -473,8 +452,8 @@ def test_cli_end_to_end_with_model_folder(tmp_path, pixel_sampler, monkeypatch):
 
 
 def test_latent_model_needs_a_vae(tmp_path, mdt):
-  sm = cli_io.SamplingModel(model=mdt, space='latent', vae_dir=None)
+  sm = postprocess.SamplingModel(model=mdt, space='latent', vae_dir=None)
   with pytest.raises(ValueError, match='--vae'):
-    cli_io.make_postprocess(sm)
+    postprocess.make_postprocess(sm)
   with pytest.raises(FileNotFoundError, match='not found'):
-    cli_io.make_postprocess(sm, str(tmp_path / 'missing'))
+    postprocess.make_postprocess(sm, str(tmp_path / 'missing'))

@@ -9,7 +9,7 @@ from mdt_jax import MDTConfig
 from mdt_jax.hub import official
 from mdt_jax.sampling import SamplerConfig, build_sampler
 from mdt_jax.sampling import labels as labels_lib
-from mdt_jax.sampling.samplers import per_sample_normal, sample_keys
+from mdt_jax.sampling.loops import per_sample_normal, sample_keys
 from mdt_jax.torch_reference import TorchMDT, from_official_state, sample_ddpm
 
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=6, num_heads=4,
@@ -135,7 +135,8 @@ def test_train_step_matches_the_jax_step_on_the_same_draws():
   from mdt_jax.models import masking
   from mdt_jax.torch_reference.train import TorchTrainStep
   from mdt_jax.training import step as step_lib
-  from mdt_jax.training.state import TrainState, abstract_model, make_optimizer
+  from mdt_jax.models.params import abstract_model
+  from mdt_jax.training.state import TrainState, make_optimizer
   config = _train_config()
   cfg = MDTConfig.from_dict(config.model.to_dict())
   lr = config.optimizer.learning_rate

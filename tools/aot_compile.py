@@ -43,7 +43,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   from mdt_jax import paths
-  from mdt_jax.benchmark import markdown_table
+  from mdt_jax.perf.benchmark import markdown_table
   from mdt_jax.perf import aot, tpu, traffic
   try:
     slc = tpu.parse_slice(FLAGS.topology)

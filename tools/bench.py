@@ -27,7 +27,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from mdt_jax import benchmark, parity
+from mdt_jax.perf import benchmark, parity
 from mdt_jax.models import attention
 from mdt_jax.perf.profile import summarize as summarize_profile
 

@@ -8,37 +8,18 @@ samplers at the end; writes OUT.json (resumable: finished runs of the same confi
 unless --fresh), OUT.png and OUT.md. Config values can be overridden, e.g.
 --config.train.total_steps=300.
 """
+import functools
 import os
-import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
 
-from mdt_jax.training.logs import quiet_orbax
+from mdt_jax.studies import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-config_flags.DEFINE_config_file('config', os.path.join(ROOT, 'configs', 'flow_matching.py'),
-                                'study config', lock_config=True)
-flags.DEFINE_string('out', 'docs/flow_matching', 'path prefix of the .json, .png and .md')
-flags.DEFINE_bool('fresh', False, 'ignore finished runs in OUT.json and start again')
-flags.DEFINE_string('workdir_root', None, 'where the temporary training workdirs go')
-FLAGS = flags.FLAGS
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  quiet_orbax()
-  from mdt_jax import paths
-  from mdt_jax.studies import flow_matching, flow_report
-  out = paths.resolve(FLAGS.out)
-  results = flow_matching.run_study(FLAGS.config, out, fresh=FLAGS.fresh,
-                                    workdir_root=paths.resolve_optional(FLAGS.workdir_root))
-  command = 'python tools/flow_matching.py ' + ' '.join(
-      a for a in sys.argv[1:] if not a.startswith('--workdir_root'))
-  png, md = flow_report.write(results, out, command.strip())
-  logging.info('wrote %s.json, %s and %s', out, png, md)
-  print('\n'.join(flow_report.conclusion(results)))
+cli.define_flags(os.path.join(ROOT, 'configs', 'flow_matching.py'), 'docs/flow_matching')
+flags.adopt_module_key_flags(cli)     # --help lists them
+main = functools.partial(cli.study_main, tool='flow_matching.py', study='flow_matching',
+                         report='flow_report')
 
 
 if __name__ == '__main__':

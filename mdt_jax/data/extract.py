@@ -36,7 +36,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
 
-from mdt_jax import paths
+from mdt_jax import atomic, paths
 from mdt_jax.data.records import encode_latent_record
 from mdt_jax.vae.io import VAE, encode_fn
 
@@ -166,13 +166,6 @@ def _vae_fingerprint(vae: VAE) -> str:
   return h.hexdigest()[:16]
 
 
-def _write_json(path: str, obj: Any) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
 def _check_run(progress_dir: str, settings: dict) -> None:
   """Record the run settings, or refuse a restart whose settings differ."""
   path = os.path.join(progress_dir, 'run.json')
@@ -185,7 +178,7 @@ def _check_run(progress_dir: str, settings: dict) -> None:
       raise ValueError(f'{path} was written by a run with other settings ({diff}: {was} vs now '
                        f'{now}); use a new output folder or the same settings')
   else:
-    _write_json(path, settings)
+    atomic.write_json(path, settings)
 
 
 def make_pair_encoder(vae: VAE, batch_size: int):
@@ -345,7 +338,7 @@ def extract(source: ImageSource, vae: VAE, out_dir: str, *, image_size: int = 25
       info = _write_shard(source, indices, encode, pool, image_size, batch_size, tmp, progress,
                           s, num_shards)
       info.update(file=os.path.basename(final), bytes=os.path.getsize(tmp))
-      _write_json(info_path, info)   # before the rename: a finished shard always has its info
+      atomic.write_json(info_path, info)   # before the rename: a finished shard always has its info
       os.replace(tmp, final)
   return _finish(out_dir, progress_dir, source, vae, num_shards, image_size)
 
@@ -371,7 +364,7 @@ def _finish(out_dir, progress_dir, source, vae, num_shards, image_size) -> dict:
       'class_names': source.class_names,
       'images_per_class': {c: per_class.get(c, 0) for c in source.class_names},
       'shards': shards}
-  _write_json(os.path.join(out_dir, 'manifest.json'), manifest)
+  atomic.write_json(os.path.join(out_dir, 'manifest.json'), manifest)
   counts = list(manifest['images_per_class'].values())
   logging.info('done: %d images in %d shards, %.2f MB, %d classes (per class min %d, max %d), '
                '%d skipped (listed in %s)', manifest['num_images'], num_shards,

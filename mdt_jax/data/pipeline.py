@@ -22,7 +22,8 @@ import numpy as np
 
 from mdt_jax import paths
 from mdt_jax.data.digits import load_digits_images, select_split
-from mdt_jax.data.records import LATENT_SCALE, decode_latent_record
+from mdt_jax.data.records import decode_latent_record
+from mdt_jax.vae.model import LATENT_SCALE
 
 SOURCES = ('digits', 'latents')
 

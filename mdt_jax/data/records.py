@@ -6,15 +6,14 @@ One ArrayRecord record per image, msgpack-encoded::
      'moments_flip': same for the horizontally flipped image,
      'label': int}
 
-Training samples z = (mean + exp(logvar / 2) * eps) * 0.18215 on the fly, as the original does
-with the VAE encoder in the loop (see ``mdt_jax.data.pipeline``).
+Training samples z = (mean + exp(logvar / 2) * eps) * LATENT_SCALE (``mdt_jax.vae.model``) on the
+fly, as the original does with the VAE encoder in the loop (see ``mdt_jax.data.pipeline``).
 """
 from __future__ import annotations
 
 import numpy as np
 from flax import serialization
 
-LATENT_SCALE = 0.18215
 RECORD_KEYS = ('label', 'moments', 'moments_flip')
 
 

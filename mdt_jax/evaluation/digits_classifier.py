@@ -37,9 +37,11 @@ import numpy as np
 import optax
 from flax import nnx
 
-from mdt_jax import paths
-from mdt_jax.data.digits import split_indices  # the train / test split is fixed, whatever the seed
+from mdt_jax import atomic, paths
+# the train / test split is fixed, whatever the seed
+from mdt_jax.data.digits import load_digits_images, split_indices
 from mdt_jax.evaluation.metrics import feature_statistics, frechet_distance
+from mdt_jax.models.params import param_name
 
 VERSION = 1
 NUM_CLASSES = 10
@@ -137,7 +139,6 @@ def _train_step(graphdef, config: TrainConfig):
 
 def train(config: TrainConfig = TrainConfig()) -> tuple[DigitsCNN, float]:
   """Trains on the fixed 80% split; returns (model, accuracy on the held-out 20%)."""
-  from mdt_jax.data.digits import load_digits_images
   images, labels = load_digits_images(config.size)
   train_idx, test_idx = split_indices(len(images))
   x_train, y_train = images[train_idx], labels[train_idx]
@@ -204,7 +205,7 @@ class DigitsClassifier:
     return self._run(images, 'images')[1].argmax(axis=1).astype(np.int32)
 
   def params(self) -> dict[str, np.ndarray]:
-    return {'.'.join(str(k) for k in path): np.asarray(v.get_value())
+    return {param_name(path): np.asarray(v.get_value())
             for path, v in nnx.to_flat_state(self._params)}
 
 
@@ -221,9 +222,7 @@ def save(clf: DigitsClassifier, path: str) -> None:
   """Writes the classifier (weights, config, test accuracy) to an .npz file."""
   meta = {'config': dataclasses.asdict(clf.config), 'test_accuracy': clf.test_accuracy}
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, __meta__=np.array(json.dumps(meta)), **clf.params())
-  os.replace(tmp, path)
+  atomic.save_npz(path, __meta__=np.array(json.dumps(meta)), **clf.params())
 
 
 def load(path: str, config: TrainConfig | None = None) -> DigitsClassifier:
@@ -237,7 +236,7 @@ def load(path: str, config: TrainConfig | None = None) -> DigitsClassifier:
   graphdef, state = nnx.split(nnx.eval_shape(lambda: DigitsCNN(saved.size, rngs=nnx.Rngs(0))))
   flat = []
   for path_, var in nnx.to_flat_state(state):
-    name = '.'.join(str(k) for k in path_)
+    name = param_name(path_)
     if name not in arrays or arrays[name].shape != var.get_value().shape:
       raise ValueError(f'{path}: parameter {name} is missing or has the wrong shape')
     flat.append((path_, var.replace(jnp.asarray(arrays[name]))))
@@ -270,7 +269,6 @@ def digits_frechet_distance(samples, reference_images=None,
   clf = classifier or load_digits_classifier()
   x = check_images(samples, clf.config.size, 'samples')
   if reference_images is None:
-    from mdt_jax.data.digits import load_digits_images
     reference_images = load_digits_images(clf.config.size)[0]
   ref = check_images(reference_images, clf.config.size, 'reference_images')
   for name, arr in (('samples', x), ('reference_images', ref)):

@@ -21,6 +21,7 @@ import zipfile
 
 import numpy as np
 
+from mdt_jax import atomic
 from mdt_jax.evaluation import metrics
 from mdt_jax.evaluation.features import FeatureExtractor, NpzImages
 from mdt_jax.evaluation.inception import load_inception, weights_fingerprint
@@ -54,10 +55,8 @@ def statistics_from_features(feats: dict[str, np.ndarray], weights: str = '',
 def save_statistics(path: str, stats: Statistics) -> None:
   """Writes statistics as an .npz that ``--reference`` accepts."""
   arrays = {k: v for k, v in dataclasses.asdict(stats).items() if isinstance(v, np.ndarray)}
-  tmp = path + '.tmp.npz'
-  np.savez(tmp, format=np.array(STATS_FORMAT), num_images=np.array(stats.num_images),
-           weights=np.array(stats.weights), source=np.array(stats.source), **arrays)
-  os.replace(tmp, path)
+  atomic.save_npz(path, format=np.array(STATS_FORMAT), num_images=np.array(stats.num_images),
+                  weights=np.array(stats.weights), source=np.array(stats.source), **arrays)
 
 
 def load_statistics(path: str) -> Statistics:

@@ -29,6 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mdt_jax.models.params import param_name
+
 Array = jax.Array
 
 INPUT_SIZE = 299
@@ -257,7 +259,7 @@ class InceptionV3(nnx.Module):
 # Weights files: flat {'mixed_6.tower_1.conv_2.kernel': array} in .safetensors or .npz.
 
 def _flat(state) -> list[tuple[str, nnx.Variable]]:
-  return [('.'.join(str(k) for k in path), var) for path, var in nnx.to_flat_state(state)]
+  return [(param_name(path), var) for path, var in nnx.to_flat_state(state)]
 
 
 def flat_params(model: InceptionV3) -> dict[str, np.ndarray]:

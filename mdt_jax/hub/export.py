@@ -23,8 +23,12 @@ from mdt_jax.atomic import MARKER, atomic_folder, check_writable, require_comple
 from mdt_jax.diffusion import folder_record, objective_of
 from mdt_jax.diffusion.objectives import flow_matching
 from mdt_jax.hub import official
-from mdt_jax.hub.folder import write_model_files
-from mdt_jax.models.mdt import COMPUTE_OPTIONS, MDTConfig, count_params
+from mdt_jax.hub.folder import is_model_folder, write_model_files
+from mdt_jax.hub.workdir import load_workdir
+from mdt_jax.models.mdt import COMPUTE_OPTIONS, MDTConfig
+from mdt_jax.models.params import count_params
+from mdt_jax.sampling.config import make_sampler_config, recommended_sampling
+from mdt_jax.training.checkpoints import read_train_config
 
 LIBRARY_NAME = 'mdt_jax'
 # The Hub has no class-conditional generation task; class-conditional image models (DiT, MAR,
@@ -176,7 +180,7 @@ def usage_code(model_ref: str, space: str, num_classes: int) -> str:
       'import numpy as np',
       'from mdt_jax.hub import load, sampler_config',
       'from mdt_jax.sampling import build_sampler, generate',
-      'from mdt_jax.sampling.cli_io import save_grid, to_uint8',
+      'from mdt_jax.images import save_grid, to_uint8',
       '',
       '# a model folder or a Hub repo id (downloaded once, then read from the cache offline)',
       f'pretrained = load({model_ref!r})',
@@ -381,10 +385,9 @@ def checked_sampling(train_sampling: Mapping[str, Any], in_channels: int,
                      num_timesteps: int, objective: str = 'ddpm') -> dict:
   """The folder's recommended sampler settings from the training config's `sampling` section,
   checked by building the SamplerConfig they describe."""
-  from mdt_jax.hub import pretrained
-  out = pretrained.recommended_sampling(dict(train_sampling), in_channels)
+  out = recommended_sampling(dict(train_sampling), in_channels)
   try:
-    pretrained.make_sampler_config(out, in_channels, num_timesteps, objective)
+    make_sampler_config(out, in_channels, num_timesteps, objective)
   except (TypeError, ValueError) as e:
     raise ValueError(f'the training config\'s sampling settings {out} are not usable: {e}') from e
   return out
@@ -402,7 +405,6 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, weights: 
   Every input is checked before the weights are read; the folder appears only when complete.
   ``repo_id`` names the model in the card's usage code (default: the folder's name).
   """
-  from mdt_jax.training import checkpoints
   if weights not in WEIGHTS:
     raise ValueError(f'weights must be one of {sorted(WEIGHTS)}, got {weights!r}')
   check_license(license, license_name, license_link)
@@ -410,7 +412,7 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, weights: 
     _check_repo_id(repo_id)
   formats = check_official_formats(official_formats) if official_layout else ()
   check_writable(out, overwrite)
-  train_cfg = checkpoints.read_config(workdir)        # raises for a folder that is not a workdir
+  train_cfg = read_train_config(workdir)       # raises for a folder that is not a workdir
   evaluation = read_evaluation(eval_json) if eval_json else None
   # Port options (dtype, remat, attention kernel, ...) are the loader's choice, not the folder's.
   config = MDTConfig.from_dict({**train_cfg.model.to_dict(), **COMPUTE_OPTIONS})
@@ -419,7 +421,7 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, weights: 
                               config.in_channels, diffusion['num_timesteps'],
                               objective_of(diffusion))
 
-  loaded = checkpoints.load_workdir(workdir, step=step, weights=WEIGHTS[weights])
+  loaded = load_workdir(workdir, step=step, weights=WEIGHTS[weights])
   step = loaded.meta['step']
   params = nnx.state(loaded.model, nnx.Param)
   folder_name = os.path.basename(paths.resolve(out).rstrip('/'))
@@ -449,8 +451,7 @@ def push_to_hub(folder: str, repo_id: str, *, private: bool | None = None,
                 token: str | None = None, commit_message: str | None = None,
                 api: Any = None) -> str:
   """Create the repo if needed and upload the folder; return the repo URL."""
-  import huggingface_hub
-  from mdt_jax.hub.folder import is_model_folder
+  import huggingface_hub   # optional: only pushing needs it
   _check_repo_id(repo_id)
   if not is_model_folder(folder):
     raise FileNotFoundError(f'{folder} is not a model folder (config.json + model.safetensors)')

@@ -24,9 +24,6 @@ import json
 import os
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
@@ -34,6 +31,8 @@ from mdt_jax import paths
 from mdt_jax.atomic import atomic_folder, require_complete
 from mdt_jax.diffusion import objective_of
 from mdt_jax.models.mdt import MDT, MDTConfig
+from mdt_jax.models.params import flat_params, model_from_flat
+from mdt_jax.vae.model import LATENT_SCALE
 
 FORMAT = 'mdt_jax.model'
 VERSION = 1
@@ -44,7 +43,7 @@ WEIGHTS_FILE = 'model.safetensors'
 OFFICIAL_SAMPLING = dict(sampler='ddpm', steps=250, cfg_scale=3.8, scale_pow=4.0,
                          guidance_channels=3)
 IMAGENET_LATENT_DATA = dict(space='latent', image_size=256, image_channels=3,
-                            latent_scale=0.18215, vae='stabilityai/sd-vae-ft-ema')
+                            latent_scale=LATENT_SCALE, vae='stabilityai/sd-vae-ft-ema')
 
 
 @dataclasses.dataclass
@@ -56,39 +55,6 @@ class Pretrained:
   diffusion: dict
   sampling: dict
   meta: dict
-
-
-def flat_params(params: nnx.State) -> dict[str, np.ndarray]:
-  """nnx.State of parameters -> {'a.b.0.kernel': float32 array}."""
-  out = {}
-  for path, v in nnx.to_flat_state(params):
-    value = v.get_value() if hasattr(v, 'get_value') else v
-    out['.'.join(str(p) for p in path)] = np.asarray(jax.device_get(value), np.float32)
-  return out
-
-
-def _abstract_model(config: MDTConfig) -> MDT:
-  return nnx.eval_shape(lambda: MDT(config, rngs=nnx.Rngs(0)))
-
-
-def model_from_flat(flat: dict[str, np.ndarray], config: MDTConfig, where: str = 'weights') -> MDT:
-  """Build the model from flat parameters, refusing missing, unexpected or mismatched keys."""
-  model = _abstract_model(config)
-  expected = {'.'.join(str(p) for p in path): (path, tuple(v.shape))
-              for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  missing = sorted(set(expected) - set(flat))
-  unexpected = sorted(set(flat) - set(expected))
-  mismatched = sorted(f'{k}: file {tuple(flat[k].shape)} vs model {expected[k][1]}'
-                      for k in expected if k in flat and tuple(flat[k].shape) != expected[k][1])
-  if missing or unexpected or mismatched:
-    parts = [f'{len(v)} {n} keys: ' + ', '.join(v[:12]) + (' ...' if len(v) > 12 else '')
-             for n, v in (('missing', missing), ('unexpected', unexpected),
-                          ('mismatched', mismatched)) if v]
-    raise ValueError(f'{where} do not match the model config:\n  ' + '\n  '.join(parts))
-  state = nnx.from_flat_state([(expected[k][0], nnx.Param(jnp.asarray(flat[k], jnp.float32)))
-                               for k in expected])
-  nnx.update(model, state)
-  return model
 
 
 def write_model_files(folder: str, params: nnx.State | dict, config: MDTConfig, *,
@@ -118,7 +84,8 @@ def save_model_folder(out_dir: str, params: nnx.State | dict, config: MDTConfig,
   return out_dir
 
 
-def read_config(path: str) -> dict[str, Any]:
+def read_folder_config(path: str) -> dict[str, Any]:
+  """A model folder's config.json (format mdt_jax.model), checked for format and version."""
   cfg_path = paths.path(path) / CONFIG_FILE
   if not cfg_path.is_file():
     raise FileNotFoundError(f'{path} is not a model folder: {CONFIG_FILE} is missing')
@@ -150,7 +117,7 @@ def is_model_folder(path: str) -> bool:
 def load_model_folder(path: str, **model_overrides) -> Pretrained:
   """Load a model folder (local or on object storage). ``model_overrides`` change port options
   (e.g. dtype='bfloat16')."""
-  cfg = read_config(path)
+  cfg = read_folder_config(path)
   weights = os.fspath(paths.path(path) / WEIGHTS_FILE)
   if not paths.path(weights).is_file():
     raise FileNotFoundError(f'{path} has no weights: {WEIGHTS_FILE} is missing')

@@ -18,6 +18,7 @@ from flax import nnx
 
 from mdt_jax.models.layers import relative_position_index
 from mdt_jax.models.mdt import MDT, MDTConfig
+from mdt_jax.models.params import abstract_model
 
 INDEX_SUFFIX = 'attn.rel_pos_bias.relative_position_index'
 
@@ -52,7 +53,7 @@ def _official_shape(kind: str, shape: tuple) -> tuple:
 
 def layout(config: MDTConfig | dict) -> dict[str, Entry]:
   """Official parameter keys of a model of this config (no weights are allocated)."""
-  abstract = nnx.eval_shape(lambda: MDT(config, rngs=nnx.Rngs(0)))
+  abstract = abstract_model(config)
   flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
   out = {}
   for path, var in flat:
@@ -180,6 +181,6 @@ def model_from_state(state: Mapping[str, Any], config: MDTConfig | dict | None =
   """Build a ready MDT from an official state dict."""
   config = infer_config(state) if config is None else config
   params = to_flax_params(state, config)
-  model = nnx.eval_shape(lambda: MDT(config, rngs=nnx.Rngs(0)))
+  model = abstract_model(config)
   nnx.update(model, jax.tree.map(lambda x: jax.numpy.asarray(x), params))
   return model

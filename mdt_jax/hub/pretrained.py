@@ -6,11 +6,11 @@ import os
 from mdt_jax import paths
 from mdt_jax.diffusion import objective_of
 from mdt_jax.hub.folder import Pretrained, is_model_folder, load_model_folder
+from mdt_jax.hub.workdir import is_workdir, load_workdir
 from mdt_jax.models.mdt import MDT
-
-
-def _is_workdir(path: str) -> bool:
-  return (paths.path(path) / 'checkpoints').is_dir()
+from mdt_jax.sampling.config import SamplerConfig, make_sampler_config
+from mdt_jax.sampling.postprocess import SamplingModel
+from mdt_jax.vae.model import LATENT_SCALE
 
 
 # Only what loading needs: a repo may also hold official-layout copies of the weights.
@@ -44,8 +44,7 @@ def load(path_or_repo_id: str, **model_overrides) -> Pretrained:
   p = paths.resolve(typed)
   if is_model_folder(p):
     return load_model_folder(p, **model_overrides)
-  if _is_workdir(p):
-    from mdt_jax.training.checkpoints import load_workdir
+  if is_workdir(p):
     return load_workdir(p, **model_overrides)
   if paths.is_remote(p) or paths.path(p).exists():
     raise FileNotFoundError(f'{p} is neither a model folder (config.json + model.safetensors) '
@@ -58,33 +57,7 @@ def load_pretrained(path_or_repo_id: str, **model_overrides) -> MDT:
   return load(path_or_repo_id, **model_overrides).model
 
 
-def recommended_sampling(sampling: dict, in_channels: int) -> dict:
-  """A folder's or training config's `sampling` settings in the form every loader reads.
-
-  guidance_channels becomes 'first3' or 'all' (with 3 or fewer channels both guide every channel,
-  so any value means 'all'); scale_pow <= 0 makes the power-cosine weight 1 at every step, i.e.
-  constant guidance, and becomes guidance_schedule='constant'.
-  """
-  keys = ('sampler', 'steps', 'respacing', 'eta', 'cfg_scale', 'scale_pow', 'guidance_schedule',
-          'guidance_channels', 'time_shift', 'sde_diffusion', 'sde_diffusion_norm',
-          'sde_last_step')
-  out = {k: sampling[k] for k in keys if sampling.get(k) is not None}
-  ch = out.get('guidance_channels', sampling.get('guided_channels'))
-  if ch is not None:
-    if in_channels <= 3 or ch in ('all', in_channels):
-      out['guidance_channels'] = 'all'
-    elif ch in ('first3', 3):
-      out['guidance_channels'] = 'first3'
-    else:
-      raise ValueError(f'sampling.guidance_channels {ch!r} is not 3, "first3", "all" or '
-                       f'{in_channels} (the model\'s channels)')
-  if out.get('scale_pow') is not None and out['scale_pow'] <= 0:
-    del out['scale_pow']
-    out['guidance_schedule'] = 'constant'
-  return out
-
-
-def sampler_config(pretrained: Pretrained, **overrides):
+def sampler_config(pretrained: Pretrained, **overrides) -> SamplerConfig:
   """The recommended `SamplerConfig` of a loaded model; keyword arguments (its fields) win."""
   diffusion = pretrained.diffusion or {}
   return make_sampler_config(pretrained.sampling or {}, pretrained.config.in_channels,
@@ -92,22 +65,15 @@ def sampler_config(pretrained: Pretrained, **overrides):
                              objective=objective_of(diffusion), **overrides)
 
 
-def recommended_fields(sampling: dict, in_channels: int) -> dict:
-  """`recommended_sampling` under `SamplerConfig`'s field names (guidance_channels ->
-  guided_channels)."""
-  fields = recommended_sampling(sampling, in_channels)
-  if 'guidance_channels' in fields:
-    fields['guided_channels'] = fields.pop('guidance_channels')
-  return fields
-
-
-def make_sampler_config(sampling: dict, in_channels: int, num_timesteps: int,
-                        objective: str = 'ddpm', **overrides):
-  """`SamplerConfig` from `sampling` settings (see recommended_sampling) and overrides, for a
-  model of the given training objective."""
-  from mdt_jax.sampling.samplers import SamplerConfig
-  values = recommended_fields(sampling, in_channels)
-  values['num_train_timesteps'] = num_timesteps
-  values['objective'] = objective
-  values.update(overrides)
-  return SamplerConfig(**values)
+def load_for_sampling(path: str) -> SamplingModel:
+  """Load a model folder, training workdir or Hub id through `mdt_jax.hub.pretrained.load`."""
+  loaded = load(path)
+  data = getattr(loaded, 'data', None) or {}
+  space = getattr(loaded, 'space', None) or data.get('space', 'latent')
+  if space not in ('latent', 'pixel'):
+    raise ValueError(f'{path}: data space must be "latent" or "pixel", got {space!r}')
+  vae = getattr(loaded, 'vae_dir', None) or data.get('vae')
+  return SamplingModel(model=loaded.model, space=space, vae_dir=vae,
+                       latent_scale=float(data.get('latent_scale', LATENT_SCALE)),
+                       sampling=dict(getattr(loaded, 'sampling', None) or {}),
+                       diffusion=dict(getattr(loaded, 'diffusion', None) or {}))

@@ -5,7 +5,8 @@ import flax
 # out_shardings from the rules), so variables are never sharded eagerly at construction.
 flax.config.update('flax_always_shard_variable', False)
 
-from mdt_jax.models.mdt import MDT, MDTConfig, MDTv2, count_params
+from mdt_jax.models.mdt import MDT, MDTConfig, MDTv2
+from mdt_jax.models.params import count_params
 from mdt_jax.models.presets import model_config
 
 __all__ = ['MDT', 'MDTv2', 'MDTConfig', 'count_params', 'model_config']

@@ -11,7 +11,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from mdt_jax.models import attention, masking
@@ -31,6 +30,17 @@ REMAT_POLICIES = {
 }
 
 
+# What a field of MDTConfig is for (its `role` metadata). 'compute': how the model is computed,
+# not what it computes: a run may resume, and a checkpoint be exported or loaded, with another
+# value (COMPUTE_OPTIONS). 'training': a training-time regulariser a resumed run may change. Every
+# other field is the model's shape.
+COMPUTE, TRAINING = 'compute', 'training'
+
+
+def _field(default, role: str):
+  return dataclasses.field(default=default, metadata={'role': role})
+
+
 @dataclasses.dataclass(frozen=True)
 class MDTConfig:
   """Hyperparameters, named as the official constructor names them (plus port options)."""
@@ -43,19 +53,26 @@ class MDTConfig:
   mlp_ratio: float = 4.0
   decode_layer: int = 4
   num_classes: int = 1000
-  class_dropout_prob: float = 0.1
+  class_dropout_prob: float = _field(0.1, TRAINING)
   learn_sigma: bool = True
-  mask_ratio: float | None = None
-  mask_ratio_span: float = 0.2      # r ~ U[mask_ratio, mask_ratio + span); v1 used a fixed 0.3
+  mask_ratio: float | None = _field(None, TRAINING)
+  # r ~ U[mask_ratio, mask_ratio + span); v1 used a fixed 0.3
+  mask_ratio_span: float = _field(0.2, TRAINING)
   arch: str = 'mdtv2'
-  dtype: str = 'float32'            # compute dtype of matmuls; parameters are always float32
-  remat: bool = False               # rematerialise each block in the backward pass
-  remat_policy: str = 'nothing_saveable'
-  attention_impl: str | None = None  # models/attention.py: None (auto), xla, cudnn or pallas
-  masked_attention_impl: str | None = 'same'  # the masked encoder's ('same': attention_impl's)
-  mask_buffer_multiple: int = 1     # round the masked encoder's static buffer up (cuDNN: even)
-  residual_dtype: str = 'float32'   # the residual stream between blocks: 'float32' or 'compute'
-  rel_pos_bias_impl: str | None = None  # models/layers.py: None (auto), gather or onehot
+  # compute dtype of matmuls; parameters are always float32
+  dtype: str = _field('float32', COMPUTE)
+  remat: bool = _field(False, COMPUTE)   # rematerialise each block in the backward pass
+  remat_policy: str = _field('nothing_saveable', COMPUTE)
+  # models/attention.py: None (auto), xla, cudnn or pallas
+  attention_impl: str | None = _field(None, COMPUTE)
+  # the masked encoder's ('same': attention_impl's)
+  masked_attention_impl: str | None = _field('same', COMPUTE)
+  # round the masked encoder's static buffer up (cuDNN: even)
+  mask_buffer_multiple: int = _field(1, COMPUTE)
+  # the residual stream between blocks: 'float32' or 'compute'
+  residual_dtype: str = _field('float32', COMPUTE)
+  # models/layers.py: None (auto), gather or onehot
+  rel_pos_bias_impl: str | None = _field(None, COMPUTE)
 
   def __post_init__(self):
     for name in ('attention_impl', 'masked_attention_impl', 'rel_pos_bias_impl'):
@@ -152,12 +169,17 @@ class MDTConfig:
     return jnp.float32 if self.residual_dtype == 'float32' else self.compute_dtype
 
 
-# How the model is computed, not what it computes: a run may resume, and a checkpoint be exported
-# or loaded, with other values of these (here the float32 reference's).
-COMPUTE_OPTIONS = {'dtype': 'float32', 'remat': False, 'remat_policy': 'nothing_saveable',
-                   'attention_impl': None, 'masked_attention_impl': 'same',
-                   'mask_buffer_multiple': 1,
-                   'residual_dtype': 'float32', 'rel_pos_bias_impl': None}
+def field_names(*roles: str) -> tuple[str, ...]:
+  """The MDTConfig fields of the given roles (COMPUTE, TRAINING; '' for the shape fields)."""
+  return tuple(f.name for f in dataclasses.fields(MDTConfig) if f.metadata.get('role', '') in roles)
+
+
+# The compute options at their defaults (the float32 reference): what export writes, what parity
+# may vary.
+COMPUTE_OPTIONS = {f.name: f.default for f in dataclasses.fields(MDTConfig)
+                   if f.metadata.get('role') == COMPUTE}
+  # models/layers.py: None (auto), gather or onehot
+  rel_pos_bias_impl: str | None = _field(None, COMPUTE)
 
 
 class MDT(nnx.Module):
@@ -324,9 +346,3 @@ class MDT(nnx.Module):
 
 MDTv2 = MDT
 
-
-def count_params(config: MDTConfig | dict) -> int:
-  """Parameter count without allocating weights."""
-  abstract = nnx.eval_shape(lambda: MDT(config, rngs=nnx.Rngs(0)))
-  state = nnx.state(abstract, nnx.Param)
-  return int(sum(np.prod(v.shape) for v in jax.tree.leaves(state)))

@@ -10,7 +10,7 @@ With the generation's peak figures (`mdt_jax.perf.tpu`) they give a roofline:
 
 The bound is what the step cannot beat if the estimates hold (perfect overlap of the three); the
 MFU bound uses the analytic model FLOPs (masked encoder at the mean kept count), as MFU does in
-`mdt_jax.benchmark`. XLA's ``bytes accessed`` also counts the on-chip (VMEM) copies of buffers
+`mdt_jax.perf.benchmark`. XLA's ``bytes accessed`` also counts the on-chip (VMEM) copies of buffers
 that XLA prefetches, so the report adds an HBM-only estimate (`mdt_jax.perf.traffic`: the HBM
 operands and results of the top-level instructions) and its time. How far each can be trusted:
 BENCHMARKS.md, "TPU, compiled without hardware".
@@ -26,10 +26,14 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from mdt_jax import benchmark
 from mdt_jax.models.mdt import MDTConfig
-from mdt_jax.perf import hlo, traffic
+from mdt_jax.models.params import abstract_model
+from mdt_jax.perf import benchmark, hlo, traffic
 from mdt_jax.perf.tpu import Slice
+from mdt_jax.sampling.guidance import guided_model
+from mdt_jax.sampling.sampler import data_mesh, functional_model
+from mdt_jax.sampling.config import make_sampler_config
+from mdt_jax.training import sharding
 
 STEPS = {'train': 'train: plain+masked (MDT)', 'dit': 'train: plain (DiT-style)',
          'sample': 'sample: one guided model call'}
@@ -103,10 +107,6 @@ def lower_sample_step(config: ml_collections.ConfigDict, devices, batch: int):
   """One guided model call of the sampler ([x; x] with labels [y; null], guided eps) as the
   sampler runs it: weights replicated, the batch split over a 1-D 'data' mesh (no
   communication), the guidance settings of `config.sampling`."""
-  from mdt_jax.hub.pretrained import make_sampler_config
-  from mdt_jax.sampling.guidance import guided_model
-  from mdt_jax.sampling.sampler import data_mesh, functional_model
-  from mdt_jax.training.state import abstract_model
   mc = MDTConfig.from_dict(config.model.to_dict())
   scfg = make_sampler_config(config.sampling.to_dict(), mc.in_channels,
                              config.diffusion.num_timesteps)
@@ -139,7 +139,6 @@ def _model_flops(mc: MDTConfig, step: str, batch: int) -> tuple[float, float]:
 
 
 def _mesh_text(config: ml_collections.ConfigDict, devices) -> str:
-  from mdt_jax.training import sharding
   mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
   return ','.join(f'{k}={v}' for k, v in mesh.shape.items())
 

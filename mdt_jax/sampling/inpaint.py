@@ -18,7 +18,7 @@ its patch is known. A partially known patch is unknown to the encoder (its unkno
 show it the current sample, not the image); its known pixels are still replaced at every step.
 A sample without one fully known patch runs the plain pass (its masked pass would see nothing).
 
-Randomness is the sampler's (samplers.py): sample i owns key_i, its starting noise is stream 0
+Randomness is the sampler's (loops.py): sample i owns key_i, its starting noise is stream 0
 and the step noise of loop iteration j stream j + 1, so an all-unknown mask draws exactly the
 plain sample. The noise of the known region, of resampling passes and of noising back use
 streams of their own (``_stream``).
@@ -35,12 +35,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mdt_jax import diffusion as gd
-from mdt_jax.sampling import flow_samplers
+from mdt_jax.sampling import flow_loops
 from mdt_jax.sampling import labels as labels_lib
 from mdt_jax.sampling.guidance import guided_model
-from mdt_jax.sampling.sampler import data_mesh, functional_model
-from mdt_jax.sampling.samplers import (SamplerConfig, ddim_step, p_sample_step,
-                                       per_sample_normal, sample_keys)
+from mdt_jax.sampling.sampler import sharded_model
+from mdt_jax.sampling.config import SamplerConfig
+from mdt_jax.sampling.loops import ddim_step, p_sample_step, per_sample_normal, sample_keys
 
 Array = jax.Array
 
@@ -170,15 +170,15 @@ def _ddpm_process(cfg: SamplerConfig) -> _Process:
 def _flow_process(cfg: SamplerConfig) -> _Process:
   scale = float(cfg.num_train_timesteps)
   if cfg.sampler == 'euler':
-    grid = flow_samplers.time_grid(cfg.steps + 1, cfg.time_shift)
+    grid = flow_loops.time_grid(cfg.steps + 1, cfg.time_shift)
   elif cfg.sampler == 'heun':
-    grid = flow_samplers.time_grid(cfg.steps // 2 + 1, cfg.time_shift)
+    grid = flow_loops.time_grid(cfg.steps // 2 + 1, cfg.time_shift)
   else:   # SDE steps to sde_last_step, then the noise-free step to 0
-    grid = np.append(flow_samplers.time_grid(cfg.steps, cfg.time_shift, end=cfg.sde_last_step),
+    grid = np.append(flow_loops.time_grid(cfg.steps, cfg.time_shift, end=cfg.sde_last_step),
                      0.0)
   ts = jnp.asarray(grid, jnp.float32)
   num = len(grid) - 1
-  velocity = lambda f, x, t: flow_samplers._velocity(f, x, t, scale)
+  velocity = lambda f, x, t: flow_loops._velocity(f, x, t, scale)
 
   def step(eval_fn, x, i, noise):
     h = ts[i + 1] - ts[i]
@@ -187,8 +187,8 @@ def _flow_process(cfg: SamplerConfig) -> _Process:
       return x + h * u0
     if cfg.sampler == 'heun':
       return x + 0.5 * h * (u0 + velocity(eval_fn, x + h * u0, ts[i + 1]))
-    w = flow_samplers.sde_diffusion(cfg.sde_diffusion, cfg.sde_diffusion_norm, ts[i])
-    drift = flow_samplers._sde_drift(u0, x, ts[i], w)
+    w = flow_loops.sde_diffusion(cfg.sde_diffusion, cfg.sde_diffusion_norm, ts[i])
+    drift = flow_loops._sde_drift(u0, x, ts[i], w)
     sde = jnp.where(i < num - 1, jnp.sqrt(2.0 * w * -h), 0.0)     # the last step is noise-free
     return x - h * drift + sde * noise
 
@@ -338,18 +338,9 @@ def build_inpainter(model: Any, config: SamplerConfig, inpaint: InpaintConfig = 
   if inpaint.method == 'mdt' and not isinstance(model, nnx.Module):
     raise ValueError("the 'mdt' method needs an MDT model (its masked pass); a plain model_fn "
                      "takes the 'repaint' method")
-  if cfg is not None:
-    image_shape = image_shape or (cfg.input_size, cfg.input_size, cfg.in_channels)
-    num_classes = num_classes or cfg.num_classes
-  if image_shape is None or num_classes is None:
-    raise ValueError('image_shape and num_classes are needed for a plain model_fn')
-  image_shape = tuple(int(s) for s in image_shape)
-  mesh = mesh or data_mesh()
-  if mesh.axis_names != ('data',):
-    raise ValueError(f'the sampling mesh must be 1-D with axis "data", got {mesh.axis_names}')
-  apply, params = functional_model(model)
+  image_shape, num_classes, mesh, apply, params = sharded_model(model, mesh, image_shape,
+                                                                num_classes)
   masked = _masked_apply(model) if isinstance(model, nnx.Module) else None
-  params = jax.device_put(params, NamedSharding(mesh, P()))
   patch = cfg.patch_size if cfg is not None else 1
   g = config.guidance
 

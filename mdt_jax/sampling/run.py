@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -13,7 +12,7 @@ import jax
 import numpy as np
 
 from mdt_jax import atomic, paths
-from mdt_jax.sampling import cli_io
+from mdt_jax.images import save_grid, to_uint8
 from mdt_jax.sampling import labels as labels_lib
 from mdt_jax.sampling.sampler import Sampler, generate
 
@@ -58,7 +57,7 @@ def _check_run_file(out_dir: str, settings: dict) -> None:
 
 def run_sampling(sampler: Sampler, *, out_dir: str, num_samples: int,
                  labels: str | list[int] = 'uniform', seed: int = 0, batch_size: int = 64,
-                 shard_size: int = 1000, postprocess: Callable = cli_io.to_uint8,
+                 shard_size: int = 1000, postprocess: Callable = to_uint8,
                  grid_size: int = 64, run_info: dict | None = None) -> str:
   """Sample `num_samples` images into OUT/shards, skip finished shards, merge OUT/samples.npz.
 
@@ -87,7 +86,7 @@ def run_sampling(sampler: Sampler, *, out_dir: str, num_samples: int,
     images = generate(sampler, y, seed=seed, batch_size=batch_size, start=lo,
                       postprocess=postprocess)
     if jax.process_index() == 0:
-      cli_io.save_npz_atomic(path, arr_0=images, arr_1=y, indices=idx)
+      atomic.save_npz(path, arr_0=images, arr_1=y, indices=idx)
     done_now += hi - lo
     left = sum(min(num_samples, (j + 1) * shard_size) - j * shard_size
                for j in range(k + 1, num_shards))
@@ -103,8 +102,8 @@ def run_sampling(sampler: Sampler, *, out_dir: str, num_samples: int,
         images.append(f['arr_0'])
         ys.append(f['arr_1'])
     images = np.concatenate(images)
-    cli_io.save_npz_atomic(out, arr_0=images, arr_1=np.concatenate(ys))
+    atomic.save_npz(out, arr_0=images, arr_1=np.concatenate(ys))
     if grid_size:
-      cli_io.save_grid(images[:grid_size], os.path.join(out_dir, 'samples_grid.png'))
+      save_grid(images[:grid_size], os.path.join(out_dir, 'samples_grid.png'))
     logging.info('wrote %s: %s uint8 images and labels', out, images.shape)
   return out

@@ -20,8 +20,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mdt_jax.sampling import labels as labels_lib
 from mdt_jax.sampling.guidance import guided_model
-from mdt_jax.sampling.samplers import (SamplerConfig, per_sample_normal, run_loop,
-                                       sample_keys)
+from mdt_jax.sampling.config import SamplerConfig
+from mdt_jax.sampling.loops import per_sample_normal, run_loop, sample_keys
 
 Array = jax.Array
 
@@ -93,14 +93,11 @@ def draw_samples(model_fn: Callable, config: SamplerConfig, image_shape: tuple[i
   return run_loop(config, lambda x, t: model_fn(x, t, y), x, keys)
 
 
-def build_sampler(model: Any, config: SamplerConfig, *, mesh: jax.sharding.Mesh | None = None,
-                  image_shape: tuple[int, int, int] | None = None,
-                  num_classes: int | None = None) -> Sampler:
-  """A `Sampler` for an MDT (shape and classes from model.config) or a model_fn (give both).
-
-  Checks the model output channels with an abstract evaluation (nothing runs) and compiles once
-  per batch shape.
-  """
+def sharded_model(model: Any, mesh: jax.sharding.Mesh | None,
+                  image_shape: tuple[int, int, int] | None, num_classes: int | None
+                  ) -> tuple[tuple[int, int, int], int, jax.sharding.Mesh, Callable, Any]:
+  """(image shape, classes, 'data' mesh, apply, weights replicated on the mesh) of an MDT (shape
+  and classes from model.config) or of a model_fn (give both)."""
   cfg = getattr(model, 'config', None)
   if image_shape is None:
     if cfg is None:
@@ -110,13 +107,25 @@ def build_sampler(model: Any, config: SamplerConfig, *, mesh: jax.sharding.Mesh 
     if cfg is None:
       raise ValueError('num_classes is needed for a plain model_fn')
     num_classes = cfg.num_classes
-  image_shape = tuple(int(s) for s in image_shape)
   mesh = mesh or data_mesh()
   if mesh.axis_names != ('data',):
     raise ValueError(f'the sampling mesh must be 1-D with axis "data", got {mesh.axis_names}')
   apply, params = functional_model(model)
   # Replicate the weights once, not on every call.
   params = jax.device_put(params, NamedSharding(mesh, P()))
+  return tuple(int(s) for s in image_shape), num_classes, mesh, apply, params
+
+
+def build_sampler(model: Any, config: SamplerConfig, *, mesh: jax.sharding.Mesh | None = None,
+                  image_shape: tuple[int, int, int] | None = None,
+                  num_classes: int | None = None) -> Sampler:
+  """A `Sampler` for an MDT (shape and classes from model.config) or a model_fn (give both).
+
+  Checks the model output channels with an abstract evaluation (nothing runs) and compiles once
+  per batch shape.
+  """
+  image_shape, num_classes, mesh, apply, params = sharded_model(model, mesh, image_shape,
+                                                                num_classes)
   c = image_shape[-1]
   one = jnp.zeros((1,), jnp.int32)
   probe = jax.eval_shape(lambda p: apply(p, jnp.zeros((1,) + image_shape), one, one), params)

@@ -18,7 +18,6 @@ mdt_jax.studies.learning_curves, whose run and curve machinery this reuses).
 """
 from __future__ import annotations
 
-import os
 import time
 from typing import Callable
 
@@ -26,8 +25,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from mdt_jax import atomic
 from mdt_jax.evaluation import digits_classifier as dc
-from mdt_jax.models.mdt import MDTConfig, count_params
+from mdt_jax.models.mdt import MDTConfig
+from mdt_jax.models.params import count_params
 from mdt_jax.studies import learning_curves as lc
 from mdt_jax.training.config import validate
 from mdt_jax.training.state import TrainState
@@ -181,10 +182,7 @@ def run_study(study: ml_collections.ConfigDict, out: str, *, fresh: bool = False
   fall on all of them.
   """
   check_study(study)
-  path = out + '.json'
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  runs = [] if fresh else lc.load_previous(path, study)
-  classifier = dc.load_digits_classifier(seed=int(study.classifier_seed))
+  path, runs, classifier = lc.open_study(study, out, fresh)
   evaluators = Evaluators(study, classifier)
   variants = list(study.variants)
   results = {'version': RESULTS_VERSION, 'study': lc.study_record(study),
@@ -192,19 +190,11 @@ def run_study(study: ml_collections.ConfigDict, out: str, *, fresh: bool = False
                  variant_config(study, v, 0).model.to_dict())) for v in variants},
              'environment': lc.environment(), 'reference': lc.data_reference(study, classifier),
              'runs': runs}
-  for seed in study.seeds:
-    for variant in variants:
-      if any(r['variant'] == variant and r['seed'] == seed for r in runs):
-        continue
-      logging.info('training %s, seed %d', variant, seed)
-      runs.append(run_one(study, variant, seed, evaluators, workdir_root))
-      results['study_seconds'] = float(sum(r['wall_seconds'] for r in runs))
-      lc.write_json(results, path)
-      if progress:
-        progress(results)
+  lc.run_all(study, variants, results, path,
+             lambda variant, seed: run_one(study, variant, seed, evaluators, workdir_root),
+             progress)
   results['summary'] = lc.summarize(runs, list(study.seeds), variants, study.baseline)
   results['sweep'] = summarize_sweep(runs, variants)
   results['target'] = target_check(results['sweep'], study)
-  results['study_seconds'] = float(sum(r['wall_seconds'] for r in runs))
-  lc.write_json(results, path)
+  atomic.write_json(path, results, indent=1)
   return results

@@ -1,12 +1,12 @@
 """The flow-matching study's plot (PNG) and Markdown report, written from its results dict."""
 from __future__ import annotations
 
-import math
 import os
 
 import numpy as np
 
-from mdt_jax.studies.report import DISCUSSION_MARK, existing_discussion
+from mdt_jax.studies import page
+from mdt_jax.studies.page import fmt
 
 LABELS = {'mdt_ddpm': 'MDTv2, DDPM (as published)', 'mdt_flow': 'MDTv2 masking, flow',
           'dit_flow': 'flow, no masked branch'}
@@ -18,12 +18,6 @@ METRICS = ('fd', 'class_accuracy')
 
 def _label(variant: str) -> str:
   return LABELS.get(variant, variant)
-
-
-def _fmt(x, digits: int = 3) -> str:
-  if x is None or (isinstance(x, float) and math.isnan(x)):
-    return 'n/a'
-  return f'{x:.{digits}g}'
 
 
 def _order(results: dict) -> list[str]:
@@ -93,7 +87,7 @@ def plot(results: dict, path: str) -> str:
 # ----------------------------------------------------------------------------------- numbers
 
 def _cell(stats: dict, i: int = -1, digits: int = 3) -> str:
-  return f"{_fmt(stats['mean'][i], digits)} +- {_fmt(stats['std'][i], 2)}"
+  return f"{fmt(stats['mean'][i], digits)} +- {fmt(stats['std'][i], 2)}"
 
 
 def conclusion(results: dict) -> list[str]:
@@ -106,22 +100,22 @@ def conclusion(results: dict) -> list[str]:
     finals = {v: summary['variants'][v][metric]['mean'][-1] for v in _order(results)}
     best = (min if metric == 'fd' else max)(finals, key=finals.get)
     out.append(f'Final {name} with the curve samplers (20 model evaluations): ' + ', '.join(
-        f'{_label(v)} {_fmt(x)}' for v, x in finals.items()) + f'; best: {_label(best)}.')
+        f'{_label(v)} {fmt(x)}' for v, x in finals.items()) + f'; best: {_label(best)}.')
   target = results.get('target') or {}
   if target:
     for variant, t in target['variants'].items():
-      heun = ', '.join(f'{s} {_fmt(fd)}' for s, fd in t['heun_fd'].items())
+      heun = ', '.join(f'{s} {fmt(fd)}' for s, fd in t['heun_fd'].items())
       if t['reached_by']:
         verdict = f'reaches it with {t["reached_by"][0]} ({heun})'
       else:
         verdict = f'does not reach it with Heun at <= 50 model evaluations ({heun})'
       out.append(f"Target: {_label(base)} with {target['reference']} scores a Frechet distance "
-                 f"of {_fmt(target['target_fd'])}; {_label(variant)} {verdict}.")
+                 f"of {fmt(target['target_fd'])}; {_label(variant)} {verdict}.")
   for variant in _order(results):
     specs = sweep[variant]
     best = min(specs, key=lambda s: specs[s]['fd']['mean'][0])
     out.append(f"{_label(variant)}: lowest mean Frechet distance of the sweep with {best} "
-               f"({_fmt(specs[best]['fd']['mean'][0])}).")
+               f"({fmt(specs[best]['fd']['mean'][0])}).")
   ratio = {v: summary['variants'][v]['seconds_per_step']['mean'][0] for v in _order(results)}
   out.append('Seconds per training step (means over seeds): ' + ', '.join(
       f'{_label(v)} {r:.3f}' for v, r in ratio.items()) + '.')
@@ -158,11 +152,11 @@ def _setup(results: dict) -> list[str]:
       + ' (name: model evaluations per sample; each evaluation is one batched conditional + '
       'unconditional pass).',
       f"- Scores: Frechet distance of the digits classifier's features against all 1,797 "
-      f"images (500 real images score {_fmt(ref['fd_real_images'])}); class accuracy (the "
-      f"classifier's held-out accuracy is {_fmt(ref['classifier_test_accuracy'])}).",
+      f"images (500 real images score {fmt(ref['fd_real_images'])}); class accuracy (the "
+      f"classifier's held-out accuracy is {fmt(ref['classifier_test_accuracy'])}).",
       f"- Machine: {env['cpu_count']} CPU cores ({env['backend']}, jax {env['jax']}), niceness "
       f"{env['niceness']}, shared with other jobs (1-minute load average "
-      f"{_fmt(min(loads))}-{_fmt(max(loads))}). Whole study: "
+      f"{fmt(min(loads))}-{fmt(max(loads))}). Whole study: "
       f"{results['study_seconds'] / 60:.1f} min wall-clock.",
   ]
 
@@ -193,19 +187,14 @@ def _tables(results: dict) -> list[str]:
 
 
 def markdown(results: dict, png_name: str, command: str, discussion: str = '') -> str:
-  lines = [
-      '# Flow matching with MDT\'s masking: a study on digits', '',
-      'SiT-style flow matching (linear interpolant, velocity prediction, ODE/SDE samplers) '
+  return page.markdown(
+      title='Flow matching with MDT\'s masking: a study on digits',
+      intro='SiT-style flow matching (linear interpolant, velocity prediction, ODE/SDE samplers) '
       'with MDTv2\'s mask latent modeling, against MDTv2 as published (DDPM) and against flow '
-      'without the masked branch, on the bundled digits dataset (CPU, offline).', '',
-      f'Written by `{command}`; everything above the discussion is rewritten on each run.', '',
-      f'![flow matching vs DDPM]({png_name})', '', '## Setup', '', *_setup(results), '',
-      '## Results', '', *_tables(results), '',
-      '## Conclusion (computed from the numbers)', '',
-      *[f'- {s}' for s in conclusion(results)], '', DISCUSSION_MARK,
-  ]
-  text = '\n'.join(lines) + '\n'
-  return text + (discussion.lstrip('\n') if discussion else '')
+      'without the masked branch, on the bundled digits dataset (CPU, offline).',
+      command=command, figure='flow matching vs DDPM', png_name=png_name,
+      setup=_setup(results), results=_tables(results), conclusion=conclusion(results),
+      discussion=discussion)
 
 
 def write(results: dict, out: str,
@@ -213,9 +202,5 @@ def write(results: dict, out: str,
   """``out``.png and ``out``.md (keeping the discussion of an existing .md); their paths."""
   if 'summary' not in results or 'sweep' not in results:
     raise ValueError('results have no summary: the study did not finish')
-  png, md = out + '.png', out + '.md'
-  plot(results, png)
-  text = markdown(results, os.path.basename(png), command, existing_discussion(md))
-  with open(md, 'w') as f:
-    f.write(text)
-  return png, md
+  return page.write(out, lambda png: plot(results, png),
+                    lambda png_name, discussion: markdown(results, png_name, command, discussion))

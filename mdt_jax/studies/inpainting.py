@@ -30,8 +30,11 @@ from absl import logging
 from mdt_jax import atomic
 from mdt_jax.data.digits import load_digits_images, select_split
 from mdt_jax.evaluation import digits_classifier as dc
-from mdt_jax.sampling import cli_io
+from mdt_jax.diffusion import objective_of
+from mdt_jax.hub.pretrained import load_for_sampling
+from mdt_jax.images import grid_image, to_uint8
 from mdt_jax.sampling import inpaint as inp
+from mdt_jax.sampling.config import make_sampler_config
 
 MASKS = ('lower_half', 'right_half', 'random_tokens')
 # 'class': conditioned on the true class (guided as the model recommends); 'none': the null class,
@@ -96,12 +99,10 @@ def run_study(model_dir: str, out: str, *, seeds=(0, 1, 2), mdt_fractions=(0.5,)
               num_images: int | None = None, batch_size: int = 128, fresh: bool = False) -> dict:
   """Every (mask, method, seed) cell, written to OUT.json after each (a rerun skips done cells);
   the completions of the first seed's first examples are kept for the picture grid."""
-  sm = cli_io.load_for_sampling(model_dir)
+  sm = load_for_sampling(model_dir)
   if sm.space != 'pixel' or sm.model.config.input_size != 16:
     raise ValueError(f'{model_dir}: the study needs a 16x16 pixel digits model (the quickstart), '
                      f'got a {sm.space} model of size {sm.model.config.input_size}')
-  from mdt_jax.diffusion import objective_of
-  from mdt_jax.hub.pretrained import make_sampler_config
   cfg = make_sampler_config(sm.sampling, sm.model.config.in_channels,
                             int(sm.diffusion.get('num_timesteps', 1000)),
                             objective_of(sm.diffusion))
@@ -147,7 +148,7 @@ EXAMPLES = 8
 
 def encode_examples(x: np.ndarray) -> str:
   """Example completions [n, 16, 16, 1] as base64 of their uint8 pixels (compact JSON)."""
-  return base64.b64encode(cli_io.to_uint8(x)[..., 0].tobytes()).decode('ascii')
+  return base64.b64encode(to_uint8(x)[..., 0].tobytes()).decode('ascii')
 
 
 def decode_examples(text: str) -> np.ndarray:
@@ -219,7 +220,7 @@ def _load(path: str, setup: dict) -> dict | None:
 
 def _write_json(results: dict, path: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  atomic.write_text(path, json.dumps(results, indent=1))
+  atomic.write_json(path, results, indent=1)
 
 
 # ------------------------------------------------------------------ report
@@ -250,11 +251,11 @@ def plot_examples(results: dict, path: str, n: int = 6) -> str:
   for row, cond in enumerate(CONDITIONS):
     for ax, kind in zip(axes[row], MASKS):
       known = study_masks(kind, n, 16, 4)
-      cols = [cli_io.to_uint8(images[:n]),
-              cli_io.to_uint8(np.where(known[..., None], images[:n], 0.0))]
+      cols = [to_uint8(images[:n]),
+              to_uint8(np.where(known[..., None], images[:n], 0.0))]
       cols += [decode_examples(results['examples'][f'{cond}/{kind}/{m}'])[:n] for m in methods]
       tiles = np.stack(cols, 1).reshape((-1, 16, 16, 3))
-      ax.imshow(cli_io.grid_image(tiles, ncols=len(cols)), interpolation='nearest')
+      ax.imshow(grid_image(tiles, ncols=len(cols)), interpolation='nearest')
       ax.set_title(f'{MASK_TITLES[kind]}\n{CONDITION_TITLES[cond]}', fontsize=9)
       ax.set_xticks([(i + 0.5) * 18 - 1 for i in range(len(cols))])
       ax.set_xticklabels(['original', 'input'] + [_short(m) for m in methods], fontsize=8,

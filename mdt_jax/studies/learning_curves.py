@@ -26,12 +26,15 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from mdt_jax import atomic
+from mdt_jax.data.digits import load_digits_images
 from mdt_jax.evaluation import digits_classifier as dc
-from mdt_jax.models.mdt import MDTConfig, count_params
+from mdt_jax.models.mdt import MDTConfig
+from mdt_jax.models.params import abstract_model, count_params
 from mdt_jax.training.config import validate
 from mdt_jax.training.loop import train_and_evaluate
 from mdt_jax.training.samples import GridSampler, sampler_config
-from mdt_jax.training.state import TrainState, abstract_model
+from mdt_jax.training.state import TrainState
 
 VARIANTS = {'mdt': True, 'dit': False}     # name -> config.mask_branch
 BASELINE = 'dit'
@@ -120,7 +123,6 @@ class Evaluator:
 def data_reference(study: ml_collections.ConfigDict, classifier: dc.DigitsClassifier) -> dict:
   """What real data scores with the same number of images: the floor of the Frechet distance
   (it is biased upwards at small sizes) and the classifier's held-out accuracy."""
-  from mdt_jax.data.digits import load_digits_images
   images, _ = load_digits_images(classifier.config.size)
   n = min(int(study.eval_num_samples), len(images))
   pick = np.random.default_rng(0).choice(len(images), n, replace=False)
@@ -275,45 +277,58 @@ def environment() -> dict:
           'cpu_count': os.cpu_count(), 'niceness': os.nice(0)}
 
 
+def open_study(study: ml_collections.ConfigDict, out: str, fresh: bool
+               ) -> tuple[str, list[dict], dc.DigitsClassifier]:
+  """(``out``.json, the finished runs it holds for the same study config unless ``fresh``, the
+  digits classifier that scores the samples)."""
+  path = out + '.json'
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  runs = [] if fresh else load_previous(path, study)
+  if runs:
+    logging.info('resuming: %d finished runs in %s', len(runs), path)
+  return path, runs, dc.load_digits_classifier(seed=int(study.classifier_seed))
+
+
+def run_all(study: ml_collections.ConfigDict, variants, results: dict, path: str,
+            run: Callable[[str, int], dict],
+            progress: Callable[[dict], None] | None = None) -> list[dict]:
+  """``run(variant, seed)`` for every pair not in ``results['runs']`` yet, writing ``path`` after
+  each. The variants alternate within each seed, so slow spells of a shared machine fall on all
+  alike. ``progress`` is called with the results after each run."""
+  runs = results['runs']
+  for seed in study.seeds:
+    for variant in variants:
+      if any(r['variant'] == variant and r['seed'] == seed for r in runs):
+        continue
+      logging.info('training %s, seed %d', variant, seed)
+      runs.append(run(variant, seed))
+      results['study_seconds'] = float(sum(r['wall_seconds'] for r in runs))
+      atomic.write_json(path, results, indent=1)
+      if progress:
+        progress(results)
+  results['study_seconds'] = float(sum(r['wall_seconds'] for r in runs))
+  return runs
+
+
 def run_study(study: ml_collections.ConfigDict, out: str, *, fresh: bool = False,
               workdir_root: str | None = None,
               progress: Callable[[dict], None] | None = None) -> dict:
   """Train every (seed, variant), write ``out``.json after each run; return the results.
 
   Runs already in ``out``.json for the same study config are kept (an interrupted study resumes)
-  unless ``fresh``. The variants alternate within each seed, so slow spells of a shared machine
-  fall on both alike. ``progress`` is called with the results after each run.
+  unless ``fresh``.
   """
   check_study(study)
-  path = out + '.json'
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  runs = [] if fresh else load_previous(path, study)
-  if runs:
-    logging.info('resuming: %d finished runs in %s', len(runs), path)
-  classifier = dc.load_digits_classifier(seed=int(study.classifier_seed))
+  path, runs, classifier = open_study(study, out, fresh)
   evaluator = Evaluator(study, classifier)
   results = {'version': RESULTS_VERSION, 'study': study_record(study),
              'num_params': count_params(MDTConfig.from_dict(study.train.model.to_dict())),
              'environment': environment(), 'reference': data_reference(study, classifier),
              'runs': runs}
-  for seed in study.seeds:
-    for variant in VARIANTS:
-      if any(r['variant'] == variant and r['seed'] == seed for r in runs):
-        continue
-      logging.info('training %s, seed %d', variant, seed)
-      runs.append(run_one(study, variant, seed, evaluator, workdir_root))
-      results['study_seconds'] = float(sum(r['wall_seconds'] for r in runs))
-      write_json(results, path)
-      if progress:
-        progress(results)
+  run_all(study, VARIANTS, results, path,
+          lambda variant, seed: run_one(study, variant, seed, evaluator, workdir_root), progress)
   results['summary'] = summarize(runs, list(study.seeds))
-  results['study_seconds'] = float(sum(r['wall_seconds'] for r in runs))
-  write_json(results, path)
+  atomic.write_json(path, results, indent=1)
   return results
 
 
-def write_json(results: dict, path: str) -> None:
-  tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(results, f, indent=1)
-  os.replace(tmp, path)

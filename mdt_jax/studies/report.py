@@ -6,14 +6,13 @@ import os
 
 import numpy as np
 
+from mdt_jax.studies import page
 from mdt_jax.studies.learning_curves import BASELINE, METRICS, VARIANTS
+from mdt_jax.studies.page import fmt
 
 LABELS = {'mdt': 'MDTv2 (masked branch)', 'dit': 'DiT-style (no masked branch)'}
 COLORS = {'mdt': 'tab:red', 'dit': 'tab:blue'}
 TITLES = {'fd': 'Frechet distance (classifier features)', 'class_accuracy': 'class accuracy'}
-DISCUSSION_MARK = '<!-- discussion: text below this line is kept when the report is rewritten -->'
-
-
 def plot(results: dict, path: str) -> str:
   """Both metrics against steps and against training seconds: seed mean, +-1 std band, seeds."""
   import matplotlib
@@ -57,12 +56,6 @@ def plot(results: dict, path: str) -> str:
 
 # ----------------------------------------------------------------------------------- numbers
 
-def _fmt(x: float | None, digits: int = 3) -> str:
-  if x is None or (isinstance(x, float) and math.isnan(x)):
-    return 'n/a'
-  return f'{x:.{digits}g}'
-
-
 def _final(s: dict, metric: str) -> tuple[float, float, float, float]:
   m = s[metric]
   return m['mean'][-1], m['std'][-1], m['min'][-1], m['max'][-1]
@@ -87,30 +80,30 @@ def conclusion(results: dict) -> list[str]:
     mdt_better = diff < 0 if better == 'lower' else diff > 0
     if n > 1 and abs(diff) > 2 * se:
       verdict = (f"MDTv2's final {name} is {'better' if mdt_better else 'worse'} than the "
-                 f"baseline's by {_fmt(abs(diff))} (more than twice the standard error of the "
-                 f'difference, {_fmt(se)}, over {n} seeds).')
+                 f"baseline's by {fmt(abs(diff))} (more than twice the standard error of the "
+                 f'difference, {fmt(se)}, over {n} seeds).')
     else:
-      verdict = (f'The final values of the {name} differ by {_fmt(abs(diff))} '
+      verdict = (f'The final values of the {name} differ by {fmt(abs(diff))} '
                  f"({'MDTv2' if mdt_better else 'the baseline'} ahead), within twice the "
-                 f'standard error of the difference ({_fmt(se)}, {n} seed(s)): no clear '
+                 f'standard error of the difference ({fmt(se)}, {n} seed(s)): no clear '
                  'difference at the end of training.')
     reach = summary['reach_baseline_final'][metric]
     m, d = reach['mdt'], reach[BASELINE]
     if m['step'] is None:
       speed = (f"MDTv2's mean curve does not reach the baseline's final {name} "
-               f"({_fmt(reach['target'])}) within {total} steps.")
+               f"({fmt(reach['target'])}) within {total} steps.")
     else:
       speed = (f"MDTv2's mean curve reaches the baseline's final {name} "
-               f"({_fmt(reach['target'])}) at step ~{m['step']:.0f}, the baseline at "
-               f"~{d['step']:.0f}: {_fmt(d['step'] / m['step'])}x the steps for the baseline; "
-               f"in training seconds {_fmt(m['train_seconds'])} vs "
-               f"{_fmt(d['train_seconds'])} s "
-               f"({_fmt(d['train_seconds'] / m['train_seconds'])}x).")
+               f"({fmt(reach['target'])}) at step ~{m['step']:.0f}, the baseline at "
+               f"~{d['step']:.0f}: {fmt(d['step'] / m['step'])}x the steps for the baseline; "
+               f"in training seconds {fmt(m['train_seconds'])} vs "
+               f"{fmt(d['train_seconds'])} s "
+               f"({fmt(d['train_seconds'] / m['train_seconds'])}x).")
     out.append(f'{verdict} {speed}')
   ratio = lambda k: (summary['variants']['mdt'][k]['mean'][0] /
                      summary['variants'][BASELINE][k]['mean'][0])
-  out.append(f"An MDTv2 step cost {_fmt(ratio('seconds_per_step'))}x a baseline step in "
-             f"wall-clock and {_fmt(ratio('cpu_seconds_per_step'))}x in CPU time here (two "
+  out.append(f"An MDTv2 step cost {fmt(ratio('seconds_per_step'))}x a baseline step in "
+             f"wall-clock and {fmt(ratio('cpu_seconds_per_step'))}x in CPU time here (two "
              'forward/backward branches; means over seeds).')
   return out
 
@@ -146,13 +139,13 @@ def _setup(results: dict) -> list[str]:
       'classifier\'s 64-d features against all 1,797 digits images; class accuracy = the '
       'fraction the classifier assigns to the conditioning label.',
       f"- For scale: {ref['num_real_images']} real digits images score a Frechet distance of "
-      f"{_fmt(ref['fd_real_images'])} (its floor at this sample size); the classifier's "
-      f"held-out accuracy is {_fmt(ref['classifier_test_accuracy'])}.",
+      f"{fmt(ref['fd_real_images'])} (its floor at this sample size); the classifier's "
+      f"held-out accuracy is {fmt(ref['classifier_test_accuracy'])}.",
       f"- Clock: training seconds (wall-clock) after the first (compiling) step, evaluations "
       f"excluded; CPU seconds: the same span in CPU time of the process, all threads. "
       f"{env['cpu_count']} CPU cores ({env['backend']}, jax {env['jax']}), niceness "
       f"{env['niceness']}, shared with other jobs: 1-minute load average "
-      f"{_fmt(min(loads))}-{_fmt(max(loads))} during the runs. Whole study: "
+      f"{fmt(min(loads))}-{fmt(max(loads))} during the runs. Whole study: "
       f"{results['study_seconds'] / 60:.1f} min wall-clock (training, evaluation, compilation).",
   ]
 
@@ -166,56 +159,40 @@ def _results_tables(results: dict) -> list[str]:
     cells = []
     for metric in METRICS:
       mean, std, lo, hi = _final(s, metric)
-      cells.append(f'{_fmt(mean)} +- {_fmt(std, 2)} [{_fmt(lo)}, {_fmt(hi)}]')
+      cells.append(f'{fmt(mean)} +- {fmt(std, 2)} [{fmt(lo)}, {fmt(hi)}]')
     per_step = [f"{s[k]['mean'][0]:.3f} +- {s[k]['std'][0]:.3f}"
                 for k in ('seconds_per_step', 'cpu_seconds_per_step')]
     lines.append(f"| {LABELS[v]} | {' | '.join(cells + per_step)} | "
-                 f"{_fmt(s['train_seconds']['mean'][-1])} |")
+                 f"{fmt(s['train_seconds']['mean'][-1])} |")
   lines += ['', "Steps (and training seconds) until the seed-mean curve first reaches the "
             "baseline's final mean, linear between evaluations; per seed in brackets:", '',
             '| metric | target | MDTv2 step | DiT-style step | MDTv2 s | DiT-style s |',
             '|---|---|---|---|---|---|']
   for metric in METRICS:
     r = summary['reach_baseline_final'][metric]
-    seeds = lambda v: ', '.join(_fmt(x, 4) for x in r[v]['per_seed_steps'])
-    lines.append(f"| {metric} | {_fmt(r['target'])} | {_fmt(r['mdt']['step'], 4)} "
-                 f"[{seeds('mdt')}] | {_fmt(r[BASELINE]['step'], 4)} [{seeds(BASELINE)}] | "
-                 f"{_fmt(r['mdt']['train_seconds'])} | {_fmt(r[BASELINE]['train_seconds'])} |")
+    seeds = lambda v: ', '.join(fmt(x, 4) for x in r[v]['per_seed_steps'])
+    lines.append(f"| {metric} | {fmt(r['target'])} | {fmt(r['mdt']['step'], 4)} "
+                 f"[{seeds('mdt')}] | {fmt(r[BASELINE]['step'], 4)} [{seeds(BASELINE)}] | "
+                 f"{fmt(r['mdt']['train_seconds'])} | {fmt(r[BASELINE]['train_seconds'])} |")
   m, d = summary['variants']['mdt'], summary['variants'][BASELINE]
   lines += ['', 'The curves (seed means +- std):', '',
             '| step | MDTv2 FD | DiT-style FD | MDTv2 accuracy | DiT-style accuracy |',
             '|---|---|---|---|---|']
   for i, step in enumerate(m['steps']):
-    cell = lambda s, k: f"{_fmt(s[k]['mean'][i])} +- {_fmt(s[k]['std'][i], 2)}"
+    cell = lambda s, k: f"{fmt(s[k]['mean'][i])} +- {fmt(s[k]['std'][i], 2)}"
     lines.append(f"| {step} | {cell(m, 'fd')} | {cell(d, 'fd')} | "
                  f"{cell(m, 'class_accuracy')} | {cell(d, 'class_accuracy')} |")
   return lines
 
 
 def markdown(results: dict, png_name: str, command: str, discussion: str = '') -> str:
-  lines = [
-      '# Learning speed: MDTv2 vs the DiT-style baseline on digits', '',
-      'The MDTv2 paper reports that mask latent modeling makes diffusion transformers learn much '
-      'faster than DiT (">10x" on ImageNet 256x256). This study checks the claim at a scale '
-      'anyone can run offline on a CPU: the bundled digits dataset.', '',
-      f'Written by `{command}`; everything above the discussion is rewritten on each run.', '',
-      f'![learning curves]({png_name})', '', '## Setup', '', *_setup(results), '',
-      '## Results', '', *_results_tables(results), '',
-      '## Conclusion (computed from the numbers)', '',
-      *[f'- {s}' for s in conclusion(results)], '', DISCUSSION_MARK,
-  ]
-  text = '\n'.join(lines) + '\n'
-  return text + (discussion.lstrip('\n') if discussion else '')
-
-
-def existing_discussion(md_path: str) -> str:
-  """The hand-written text after the discussion mark of an existing report, or ''."""
-  if not os.path.isfile(md_path):
-    return ''
-  with open(md_path) as f:
-    text = f.read()
-  _, mark, rest = text.partition(DISCUSSION_MARK)
-  return rest if mark else ''
+  return page.markdown(
+      title='Learning speed: MDTv2 vs the DiT-style baseline on digits',
+      intro='The MDTv2 paper reports that mask latent modeling makes diffusion transformers learn '
+      'much faster than DiT (">10x" on ImageNet 256x256). This study checks the claim at a '
+      'scale anyone can run offline on a CPU: the bundled digits dataset.',
+      command=command, figure='learning curves', png_name=png_name, setup=_setup(results),
+      results=_results_tables(results), conclusion=conclusion(results), discussion=discussion)
 
 
 def write(results: dict, out: str,
@@ -223,9 +200,5 @@ def write(results: dict, out: str,
   """``out``.png and ``out``.md (keeping the discussion of an existing .md); their paths."""
   if 'summary' not in results:
     raise ValueError('results have no summary: the study did not finish')
-  png, md = out + '.png', out + '.md'
-  plot(results, png)
-  text = markdown(results, os.path.basename(png), command, existing_discussion(md))
-  with open(md, 'w') as f:
-    f.write(text)
-  return png, md
+  return page.write(out, lambda png: plot(results, png),
+                    lambda png_name, discussion: markdown(results, png_name, command, discussion))

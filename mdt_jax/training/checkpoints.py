@@ -7,7 +7,8 @@ Layout of a workdir::
                                 iterator state, one file per process)
     tensorboard events, samples/
 
-Each item is saved separately so that ``load_workdir`` reads only the EMA weights.
+Each item is saved separately so that ``mdt_jax.hub.workdir.load_workdir`` reads only the EMA
+weights.
 """
 from __future__ import annotations
 
@@ -21,15 +22,15 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from flax import nnx
 
 from mdt_jax import paths
-from mdt_jax.diffusion import folder_record, objective_of
-from mdt_jax.hub.folder import Pretrained, model_from_flat
-from mdt_jax.models.mdt import COMPUTE_OPTIONS, MDTConfig
-from mdt_jax.training.state import TrainState, abstract_model
+from mdt_jax.diffusion import objective_of
+from mdt_jax.models.mdt import COMPUTE, COMPUTE_OPTIONS, TRAINING, MDTConfig, field_names
+from mdt_jax.models.params import leaf_shapes, param_shapes
+from mdt_jax.training.state import TrainState
 
 CONFIG_FILE = 'config.json'
+CHECKPOINT_DIR = 'checkpoints'
 ITEMS = ('params', 'ema_params', 'opt_state', 'meta')
 
 
@@ -104,7 +105,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, *, keep: int, async_save: bool = True):
     # orbax refuses relative paths
-    self.directory = epath.Path(paths.resolve(workdir)) / 'checkpoints'
+    self.directory = epath.Path(paths.resolve(workdir)) / CHECKPOINT_DIR
     handlers = {k: ocp.StandardCheckpointHandler() for k in ITEMS}
     handlers['data'] = _DataHandler()
     self.manager = ocp.CheckpointManager(
@@ -158,16 +159,11 @@ class Checkpointer:
             'opt_state': state.opt_state, 'meta': {'step': state.step, 'rng': state.rng}}
 
 
-# Model fields a resumed run may change: how the model is computed (COMPUTE_OPTIONS) and the
-# training-time regularisers. A change of one of them that changes a parameter's shape
+# Model fields a resumed run may change: how the model is computed and the training-time
+# regularisers (their role in MDTConfig). A change of one of them that changes a parameter's shape
 # (class_dropout_prob 0 <-> > 0 adds or removes the label table's null row) is still refused:
 # check_workdir compares the parameter shapes themselves.
-RESUMABLE_FIELDS = (*COMPUTE_OPTIONS, 'class_dropout_prob', 'mask_ratio', 'mask_ratio_span')
-
-
-def param_shapes(model_cfg: MDTConfig) -> dict[str, tuple[int, ...]]:
-  """Every parameter of the model (dotted name -> shape), from its abstract init."""
-  return _leaf_shapes(nnx.to_pure_dict(nnx.state(abstract_model(model_cfg))), sep='.')
+RESUMABLE_FIELDS = field_names(COMPUTE, TRAINING)
 
 
 def shape_changes(old: MDTConfig, new: MDTConfig) -> list[str]:
@@ -176,14 +172,6 @@ def shape_changes(old: MDTConfig, new: MDTConfig) -> list[str]:
   missing = '(absent)'
   return [f'{k}: workdir {a.get(k, missing)} vs config {b.get(k, missing)}'
           for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
-
-
-def _leaf_shapes(tree, sep: str = '/') -> dict[str, tuple[int, ...]]:
-  """'a/b/0/c' -> shape of every array (or array metadata) of a tree."""
-  def name(k):
-    return str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
-  return {sep.join(name(k) for k in path): tuple(x.shape)
-          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def saved_mismatch(manager: ocp.CheckpointManager, step: int, items: dict[str, Any]) -> str:
@@ -198,7 +186,7 @@ def saved_mismatch(manager: ocp.CheckpointManager, step: int, items: dict[str, A
   for name, tree in items.items():
     if name not in saved:
       continue
-    want, have = _leaf_shapes(tree), _leaf_shapes(saved[name])
+    want, have = leaf_shapes(tree), leaf_shapes(saved[name])
     bad = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
     if bad:
       out.append(f'{name}: {len(bad)} array(s) differ, e.g. ' + ', '.join(
@@ -264,57 +252,9 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
     path.write_text(config.to_json_best_effort(indent=2))
 
 
-def read_config(workdir: str) -> ml_collections.ConfigDict:
+def read_train_config(workdir: str) -> ml_collections.ConfigDict:
+  """A training workdir's config.json: the run's whole training config."""
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(f'{workdir} has no {CONFIG_FILE}: not a training workdir')
   return ml_collections.ConfigDict(json.loads(path.read_text()))
-
-
-def load_workdir(workdir: str, step: int | None = None, weights: str = 'ema_params',
-                 **model_overrides) -> Pretrained:
-  """The model with the EMA (or raw) weights of the latest (or given) checkpoint of a workdir."""
-  if weights not in ('ema_params', 'params'):
-    raise ValueError(f"weights must be 'ema_params' or 'params', got {weights!r}")
-  config = read_config(workdir)
-  model_cfg = MDTConfig.from_dict({**config.model.to_dict(), **model_overrides})
-  manager = ocp.CheckpointManager(epath.Path(paths.resolve(workdir)) / 'checkpoints',
-                                  item_handlers={weights: ocp.StandardCheckpointHandler()},
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f'{workdir} has no checkpoint yet')
-  if step not in manager.all_steps():
-    raise FileNotFoundError(f'{workdir} has no checkpoint at step {step}; it has steps '
-                            f'{manager.all_steps()}')
-  abstract = nnx.to_pure_dict(nnx.state(abstract_model(model_cfg)))
-  dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract)
-  try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        **{weights: ocp.args.StandardRestore(target)}))[weights]
-  except Exception as e:  # noqa: BLE001 - orbax and TensorStore raise many types
-    where = f'{weights} of the checkpoint at step {step} in {workdir}'
-    mismatch = saved_mismatch(manager, step, {weights: target})
-    if mismatch:
-      raise ValueError(f'{where} do not match the model config: {mismatch}') from e
-    raise damaged_error(where, manager.directory, step, manager.all_steps(), e,
-                        loading=True) from e
-  finally:
-    manager.close()
-  flat = {'.'.join(str(k.key) for k in path): jax.device_get(v)
-          for path, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
-  model = model_from_flat(flat, model_cfg, where=f'{workdir} step {step}')
-  return Pretrained(model=model, config=model_cfg, data=data_meta(config),
-                    diffusion=folder_record(config.diffusion),
-                    sampling=dict(config.sampling.to_dict()) if 'sampling' in config else {},
-                    meta={'workdir': workdir, 'step': int(step), 'weights': weights})
-
-
-def data_meta(config: ml_collections.ConfigDict) -> dict:
-  """The model folder's `data` section for a training config."""
-  d = config.data
-  if d.name == 'digits':
-    return dict(space='pixel', image_size=d.image_size, image_channels=1, vae=None)
-  return dict(space='latent', image_size=d.image_size, image_channels=3, latent_scale=0.18215,
-              vae=d.get('vae_decoder', None))

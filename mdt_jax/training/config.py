@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from mdt_jax import diffusion as diff
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.models.presets import model_config
 from mdt_jax.training.sharding import DEFAULT_RULES
@@ -80,6 +81,8 @@ def validate(config: ml_collections.ConfigDict) -> MDTConfig:
   if config.mask_branch and model.mask_ratio is None:
     raise ValueError('mask_branch=True needs model.mask_ratio (the official value is 0.3)')
   check_objective(config, model)
+  # Imported here, not above: every configs/*.py imports base_config, and loading a config should
+  # not load grain and the evaluation stack (about 1 s).
   from mdt_jax.training.evaluation import check_config
   check_config(config)
   if not 0.0 <= config.ema_decay < 1.0:
@@ -99,7 +102,6 @@ def validate(config: ml_collections.ConfigDict) -> MDTConfig:
 
 def check_objective(config: ml_collections.ConfigDict, model: MDTConfig) -> None:
   """The diffusion section fits the model and the sampler settings fit the objective."""
-  from mdt_jax import diffusion as diff
   objective = diff.objective_of(config.diffusion)
   if objective == 'flow':
     if model.learn_sigma:
@@ -113,5 +115,5 @@ def check_objective(config: ml_collections.ConfigDict, model: MDTConfig) -> None
   diff.make_process(config.diffusion)          # raises for bad flow settings
   if objective == 'flow' or config.sample_every_steps or config.eval_num_samples or \
       config.get('eval_every_steps'):
-    from mdt_jax.training.samples import sampler_config
+    from mdt_jax.training.samples import sampler_config   # light configs: see validate
     sampler_config(config)                     # raises for a sampler that does not fit

@@ -29,7 +29,9 @@ import numpy as np
 from absl import logging
 from etils import epath
 
-from mdt_jax import paths
+from mdt_jax import atomic, paths
+from mdt_jax.evaluation import evaluator, features, inception, metrics
+from mdt_jax.sampling import postprocess
 from mdt_jax.training import samples
 
 HISTORY_FILE = 'eval_history.json'
@@ -49,7 +51,6 @@ class InceptionScorer:
   """uint8 images -> FID / sFID / precision / recall against reference statistics."""
 
   def __init__(self, reference: str, weights: str, batch_size: int = 64):
-    from mdt_jax.evaluation import evaluator
     if not os.path.isfile(weights):
       raise FileNotFoundError(
           f'eval: no FID Inception weights at {weights}; write them with `python '
@@ -59,7 +60,6 @@ class InceptionScorer:
     self._extractor = self._ref = self._fp = None
 
   def _setup(self):
-    from mdt_jax.evaluation import evaluator, features, inception
     if self._extractor is None:
       model = inception.load_inception(self.weights)
       self._fp = inception.weights_fingerprint(self.weights)
@@ -73,7 +73,6 @@ class InceptionScorer:
     return extractor(iter([images]), len(images), 'eval samples', False)
 
   def score(self, feats: dict[str, np.ndarray]) -> dict:
-    from mdt_jax.evaluation import evaluator, metrics
     _, ref = self._setup()
     stats = evaluator.statistics_from_features(feats, self._fp)
     out = {'fid': float('nan'), 'sfid': float('nan')}
@@ -119,9 +118,8 @@ class Evaluator:
     self.history = self._read_history()
     self.postprocess = self.scorer = None
     if not self.digits:       # fail now, not after hours of training
-      from mdt_jax.sampling import cli_io
-      sm = cli_io.SamplingModel(model=None, space='latent', vae_dir=config.data.vae_decoder)
-      self.postprocess = cli_io.make_postprocess(sm)
+      sm = postprocess.SamplingModel(model=None, space='latent', vae_dir=config.data.vae_decoder)
+      self.postprocess = postprocess.make_postprocess(sm)
       self.scorer = scorer or InceptionScorer(
           paths.resolve(config.eval_reference),
           paths.resolve(config.get('eval_inception') or paths.default_inception_weights()))
@@ -144,9 +142,8 @@ class Evaluator:
   def _write_history(self) -> None:
     if jax.process_index() != 0:
       return
-    tmp = self.history_path.parent / (HISTORY_FILE + '.tmp')
-    tmp.write_text(json.dumps({'evaluations': self.history}, indent=1))
-    tmp.replace(self.history_path)                  # never a half-written history
+    # never a half-written history
+    atomic.write_json(str(self.history_path), {'evaluations': self.history}, indent=1)
 
   def resume(self, step: int) -> None:
     """Forget evaluations past the restored step: those steps are trained again."""

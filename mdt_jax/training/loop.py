@@ -16,7 +16,7 @@ from clu import periodic_actions
 
 from mdt_jax.data import pipeline
 from mdt_jax.data.device_prefetch import DevicePrefetch
-from mdt_jax.sampling.cli_io import grid_image
+from mdt_jax.images import grid_image
 from mdt_jax.training import checkpoints, evaluation, logdir, samples, sharding
 from mdt_jax.training.config import validate
 from mdt_jax.training.state import TrainState, create_train_state, make_optimizer

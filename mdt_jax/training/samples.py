@@ -13,9 +13,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mdt_jax import paths
 from mdt_jax.diffusion import objective_of
+from mdt_jax.evaluation import digits_classifier as dc
+from mdt_jax.images import save_grid, to_uint8
 from mdt_jax.sampling import SamplerConfig, build_sampler, generate
-from mdt_jax.hub.pretrained import make_sampler_config
-from mdt_jax.sampling.cli_io import save_grid, to_uint8
+from mdt_jax.sampling.config import make_sampler_config
 
 
 def sampler_config(config: ml_collections.ConfigDict) -> SamplerConfig:
@@ -66,7 +67,6 @@ def save(images: np.ndarray, workdir: str, step: int, ncols: int) -> str:
 
 def evaluate_digits(grids: GridSampler, ema_params, num_samples: int, seed: int = 1) -> dict:
   """Frechet distance (digits-classifier features) and class accuracy of guided samples."""
-  from mdt_jax.evaluation import digits_classifier as dc
   if grids.config.data.name != 'digits' or grids.config.data.image_size != 16:
     raise ValueError('the digits evaluation needs data.name="digits" at image_size 16, got '
                      f'{grids.config.data.name!r} at {grids.config.data.image_size}')

@@ -11,6 +11,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding
 
 from mdt_jax.models.mdt import MDT, MDTConfig
+from mdt_jax.models.params import abstract_model
 from mdt_jax.training import sharding
 from mdt_jax.training.adan import adan
 
@@ -37,10 +38,6 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
   if cfg.clip_norm:
     return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt)
   return opt
-
-
-def abstract_model(model_cfg: MDTConfig) -> MDT:
-  return nnx.eval_shape(lambda: MDT(model_cfg, rngs=nnx.Rngs(0)))
 
 
 def state_shardings(abstract: TrainState, model: MDT, optimizer: optax.GradientTransformation,

@@ -57,7 +57,7 @@ def read_diffusers(diffusers_dir: str) -> tuple[VAEConfig, dict[str, np.ndarray]
 
   Raises ValueError naming every missing, unexpected and mis-shaped key (diffusers' names).
   """
-  config = VAEConfig.from_dict(io.read_config(diffusers_dir))
+  config = VAEConfig.from_dict(io.read_vae_config(diffusers_dir))
   path = os.path.join(diffusers_dir, DIFFUSERS_WEIGHTS)
   if not os.path.isfile(path):
     others = sorted(f for f in os.listdir(diffusers_dir) if 'diffusion_pytorch_model' in f)

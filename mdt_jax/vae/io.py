@@ -18,21 +18,18 @@ from safetensors.numpy import save_file
 
 from mdt_jax import paths
 from mdt_jax.atomic import atomic_folder, require_complete
+from mdt_jax.models.params import param_name
 from mdt_jax.vae.model import AutoencoderKL, VAEConfig
 
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
 
 
-def _name(path: tuple) -> str:
-  return '.'.join(str(p) for p in path)
-
-
 def param_shapes(config: VAEConfig, dtype=jnp.float32) -> tuple[nnx.GraphDef, dict]:
   """GraphDef and {name: (shape, Variable)} of an abstract (unallocated) model."""
   abstract = nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0), dtype=dtype))
   graphdef, state = nnx.split(abstract)
-  return graphdef, {_name(p): v for p, v in nnx.to_flat_state(state)}
+  return graphdef, {param_name(p): v for p, v in nnx.to_flat_state(state)}
 
 
 def check_params(config: VAEConfig, params: dict[str, np.ndarray], what: str) -> None:
@@ -80,7 +77,7 @@ def random_params(config: VAEConfig, seed: int = 0) -> dict[str, np.ndarray]:
 
 def to_params(model: AutoencoderKL) -> dict[str, np.ndarray]:
   """{name: float32 numpy array} of every parameter."""
-  return {_name(p): np.asarray(v[...], np.float32)
+  return {param_name(p): np.asarray(v[...], np.float32)
           for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
@@ -101,7 +98,8 @@ def save(model: AutoencoderKL, out_dir: str, overwrite: bool = False) -> str:
   return write_folder(out_dir, model.config, to_params(model), overwrite)
 
 
-def read_config(vae_dir: str, name: str = CONFIG_FILE) -> dict:
+def read_vae_config(vae_dir: str, name: str = CONFIG_FILE) -> dict:
+  """A VAE folder's config.json (ours or diffusers': the same AutoencoderKL fields)."""
   path = paths.path(vae_dir) / name
   if not path.is_file():
     raise FileNotFoundError(f'no {name} in VAE folder {vae_dir!r}')
@@ -110,7 +108,7 @@ def read_config(vae_dir: str, name: str = CONFIG_FILE) -> dict:
 
 def load_model(vae_dir: str, dtype=jnp.float32) -> AutoencoderKL:
   """The AutoencoderKL NNX module stored in `vae_dir` (as written by ``save``/convert_vae)."""
-  config = VAEConfig.from_dict(read_config(vae_dir))
+  config = VAEConfig.from_dict(read_vae_config(vae_dir))
   path = paths.path(vae_dir) / WEIGHTS_FILE
   if not path.is_file():
     raise FileNotFoundError(f'no {WEIGHTS_FILE} in VAE folder {vae_dir!r} '

@@ -24,6 +24,8 @@ UP_BLOCK = 'UpDecoderBlock2D'
 # Config keys that do not change encode/decode (diffusers bookkeeping, pipeline hints).
 IGNORED_KEYS = frozenset({'force_upcast', 'shift_factor', 'latents_mean', 'latents_std'})
 LOGVAR_RANGE = (-30.0, 20.0)
+# SD-VAE's latent scale: diffusion models see latents * LATENT_SCALE (about unit variance).
+LATENT_SCALE = 0.18215
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +38,7 @@ class VAEConfig:
   latent_channels: int = 4
   norm_num_groups: int = 32
   sample_size: int = 32
-  scaling_factor: float = 0.18215
+  scaling_factor: float = LATENT_SCALE
   act_fn: str = 'silu'
   use_quant_conv: bool = True
   use_post_quant_conv: bool = True

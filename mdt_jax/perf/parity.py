@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from mdt_jax.models.mdt import COMPUTE_OPTIONS, MDT, MDTConfig
-from mdt_jax.training.state import abstract_model
+from mdt_jax.models.params import abstract_model, param_name
 from mdt_jax.training.step import loss_fn, loss_settings
 
 
@@ -118,8 +118,7 @@ class Comparison:
     ref_model = abstract_model(MDTConfig.from_dict({**self.fields, **reference}))
     metrics, grads = self.result
     ref_metrics, ref_grads = self._run(ref_model)
-    names = ['/'.join(str(getattr(k, 'key', k)) for k in path)
-             for path, _ in jax.tree_util.tree_flatten_with_path(grads)[0]]
+    names = [param_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(grads)[0]]
     per_param = [_rel(a, b) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads))]
     worst = int(np.argmax(per_param))
     flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])  # noqa: E731

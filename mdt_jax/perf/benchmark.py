@@ -15,9 +15,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
+from mdt_jax.hub import official
 from mdt_jax.models import masking
-from mdt_jax.models.mdt import MDTConfig
+from mdt_jax.models.mdt import MDT, MDTConfig
+from mdt_jax.perf.tpu import compiler_memory_figures
+from mdt_jax.sampling import SamplerConfig, build_sampler, labels as labels_lib
+from mdt_jax.sampling.sampler import draw_samples
 from mdt_jax.training import sharding
 from mdt_jax.training.state import abstract_train_state, create_train_state, make_optimizer
 from mdt_jax.training.step import jit_step_from_config
@@ -223,9 +228,7 @@ def _torch_train_run(config: ml_collections.ConfigDict, state, data: dict, mask_
     import torch
   except ImportError as e:
     raise ImportError('the PyTorch train baseline needs torch (pip install torch)') from e
-  from flax import nnx
-  from mdt_jax.hub import official
-  from mdt_jax.torch_reference.train import TorchTrainStep
+  from mdt_jax.torch_reference.train import TorchTrainStep   # needs torch: imported when used
   mc = MDTConfig.from_dict(config.model.to_dict())
   sd = official.from_flax_params(nnx.State(jax.device_get(state.params)), mc)
   torch.manual_seed(0)                           # the step's draws come from torch's RNG
@@ -272,7 +275,6 @@ def memory_estimate_gb(config: ml_collections.ConfigDict, *, mask_branch: bool,
   try:
     compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
-    from mdt_jax.perf.tpu import compiler_memory_figures
     figures = compiler_memory_figures(str(e))
     if figures is None:
       raise
@@ -367,9 +369,6 @@ FIT_KEYS = ['branches', 'device_kind', 'dtype', 'remat', 'budget_gb', 'fixed_gb'
 def bench_sampling(config: ml_collections.ConfigDict, *, sampler: str, steps: int,
                    batch: int, cfg_scale: float | None = 4.0, repeats: int = 1) -> dict:
   """Images/s of a full sampling run (compile excluded) on randomly initialised weights."""
-  from flax import nnx
-  from mdt_jax.models.mdt import MDT
-  from mdt_jax.sampling import SamplerConfig, build_sampler
   mc = MDTConfig.from_dict(config.model.to_dict())
   model = MDT(mc, rngs=nnx.Rngs(0))
   scfg = SamplerConfig(sampler=sampler, steps=steps, cfg_scale=cfg_scale,
@@ -399,10 +398,7 @@ def bench_sampling_torch(config: ml_collections.ConfigDict, *, steps: int, batch
   except ImportError as e:
     raise ImportError('the PyTorch baseline needs torch (pip install torch); --eager_baseline '
                       'is the float32 eager baseline without it') from e
-  from flax import nnx
-  from mdt_jax.hub import official
-  from mdt_jax.models.mdt import MDT
-  from mdt_jax.torch_reference import from_official_state, sample_ddpm
+  from mdt_jax.torch_reference import from_official_state, sample_ddpm   # needs torch
   mc = MDTConfig.from_dict(config.model.to_dict())
   if mc.in_channels < 3:
     raise ValueError('the original sampler guides eps channels 0..2; the torch baseline needs '
@@ -432,9 +428,6 @@ def eager_ddpm(model, labels: np.ndarray, *, steps: int, cfg_scale: float,
   The jitted sampler's own code (`draw_samples`: guidance, the DDPM loop, per-sample noise),
   each primitive dispatched on its own as in an eager framework.
   """
-  from mdt_jax.sampling import SamplerConfig
-  from mdt_jax.sampling import labels as labels_lib
-  from mdt_jax.sampling.sampler import draw_samples
   mc = model.config
   scfg = SamplerConfig(sampler='ddpm', steps=steps, cfg_scale=cfg_scale,
                        guided_channels='first3' if mc.in_channels > 3 else 'all')
@@ -451,8 +444,6 @@ def bench_sampling_eager(config: ml_collections.ConfigDict, *, steps: int, batch
 
   A float32 eager baseline that needs no PyTorch (for machines without it); warm-up: 2 steps.
   """
-  from flax import nnx
-  from mdt_jax.models.mdt import MDT
   mc = MDTConfig.from_dict({**config.model.to_dict(), 'dtype': 'float32'})
   model = MDT(mc, rngs=nnx.Rngs(0))
   labels = np.arange(batch) % mc.num_classes

@@ -1,0 +1,75 @@
+"""The model's parameters by name: the abstract model, flat {name: array} dicts and back.
+
+A parameter's name is its nnx path joined by dots (``en_inblocks.0.attn.qkv.kernel``): the
+keys of a model folder's ``model.safetensors`` and of every message that names a parameter.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from mdt_jax.models.mdt import MDT, MDTConfig
+
+SEP = '.'
+
+
+def param_name(path: Iterable[Any]) -> str:
+  """An nnx state path or a jax tree key path -> 'a.b.0.kernel'."""
+  def part(k):
+    return str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
+  return SEP.join(part(k) for k in path)
+
+
+def abstract_model(config: MDTConfig | dict) -> MDT:
+  """The model with shapes and dtypes but no weights (nothing is allocated)."""
+  return nnx.eval_shape(lambda: MDT(config, rngs=nnx.Rngs(0)))
+
+
+def count_params(config: MDTConfig | dict) -> int:
+  """Parameter count without allocating weights."""
+  state = nnx.state(abstract_model(config), nnx.Param)
+  return int(sum(np.prod(v.shape) for v in jax.tree.leaves(state)))
+
+
+def leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
+  """'a.b.0.c' -> shape of every array (or array metadata) of a pytree."""
+  return {param_name(path): tuple(x.shape)
+          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def param_shapes(config: MDTConfig) -> dict[str, tuple[int, ...]]:
+  """Every parameter of the model (name -> shape), from its abstract init."""
+  return leaf_shapes(nnx.to_pure_dict(nnx.state(abstract_model(config))))
+
+
+def flat_params(params: nnx.State) -> dict[str, np.ndarray]:
+  """nnx.State of parameters -> {'a.b.0.kernel': float32 array}."""
+  out = {}
+  for path, v in nnx.to_flat_state(params):
+    value = v.get_value() if hasattr(v, 'get_value') else v
+    out[param_name(path)] = np.asarray(jax.device_get(value), np.float32)
+  return out
+
+
+def model_from_flat(flat: dict[str, np.ndarray], config: MDTConfig, where: str = 'weights') -> MDT:
+  """Build the model from flat parameters, refusing missing, unexpected or mismatched keys."""
+  model = abstract_model(config)
+  expected = {param_name(path): (path, tuple(v.shape))
+              for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  missing = sorted(set(expected) - set(flat))
+  unexpected = sorted(set(flat) - set(expected))
+  mismatched = sorted(f'{k}: file {tuple(flat[k].shape)} vs model {expected[k][1]}'
+                      for k in expected if k in flat and tuple(flat[k].shape) != expected[k][1])
+  if missing or unexpected or mismatched:
+    parts = [f'{len(v)} {n} keys: ' + ', '.join(v[:12]) + (' ...' if len(v) > 12 else '')
+             for n, v in (('missing', missing), ('unexpected', unexpected),
+                          ('mismatched', mismatched)) if v]
+    raise ValueError(f'{where} do not match the model config:\n  ' + '\n  '.join(parts))
+  state = nnx.from_flat_state([(expected[k][0], nnx.Param(jnp.asarray(flat[k], jnp.float32)))
+                               for k in expected])
+  nnx.update(model, state)
+  return model
