@@ -178,8 +178,6 @@ def field_names(*roles: str) -> tuple[str, ...]:
 # may vary.
 COMPUTE_OPTIONS = {f.name: f.default for f in dataclasses.fields(MDTConfig)
                    if f.metadata.get('role') == COMPUTE}
-  # models/layers.py: None (auto), gather or onehot
-  rel_pos_bias_impl: str | None = _field(None, COMPUTE)
 
 
 class MDT(nnx.Module):
