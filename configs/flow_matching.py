@@ -10,6 +10,7 @@ objectives (DPM-Solver++(2M) for DDPM, Heun for flow); at the last step every ru
 again with each of its objective's ``final_samplers`` ("name:model evaluations"). Guidance:
 constant scale 2 on every channel throughout.
 """
+
 import importlib.util
 import os
 
@@ -27,16 +28,24 @@ def _learning_curves_config() -> ml_collections.ConfigDict:
 def get_config() -> ml_collections.ConfigDict:
   c = _learning_curves_config()
   c.variants = {
-      'mdt_ddpm': dict(objective='ddpm', mask_branch=True),    # MDTv2 as published
-      'mdt_flow': dict(objective='flow', mask_branch=True),    # MDT's masking, flow objective
-      'dit_flow': dict(objective='flow', mask_branch=False),   # flow without the masked branch
+      'mdt_ddpm': dict(objective='ddpm', mask_branch=True),  # MDTv2 as published
+      'mdt_flow': dict(objective='flow', mask_branch=True),  # MDT's masking, flow objective
+      'dit_flow': dict(objective='flow', mask_branch=False),  # flow without the masked branch
   }
   c.baseline = 'mdt_ddpm'
   c.flow = dict(t_sampling='uniform', t_logit_mean=0.0, t_logit_scale=1.0, t_shift=1.0)
   c.curve_samplers = dict(ddpm='dpm_solver++:20', flow='heun:20')
   c.final_samplers = dict(
       ddpm=['ddpm:250', 'ddpm:50', 'dpm_solver++:20'],
-      flow=['euler:10', 'euler:20', 'euler:50', 'heun:10', 'heun:20', 'heun:50',
-            'euler_maruyama:50'])
-  c.target_reference = 'ddpm:250'   # the distance flow + Heun (<= 50 evaluations) should reach
+      flow=[
+          'euler:10',
+          'euler:20',
+          'euler:50',
+          'heun:10',
+          'heun:20',
+          'heun:50',
+          'euler_maruyama:50',
+      ],
+  )
+  c.target_reference = 'ddpm:250'  # the distance flow + Heun (<= 50 evaluations) should reach
   return c

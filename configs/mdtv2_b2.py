@@ -3,6 +3,7 @@
 decode_layer 4 and learning rate 3e-4 as the official scripts use them for this size (the
 repository's defaults where its scripts are silent: spec section 1.1 and 5).
 """
+
 from mdt_jax.models.presets import model_config
 from mdt_jax.training.config import base_config
 

@@ -6,6 +6,7 @@ Global batch 256, Adan (0.98, 0.92, 0.99) lr 3e-4 constant, grad clip 1.0, EMA 0
 mask ratio U[0.3, 0.5), decode_layer 4, class dropout 0.1. The original trains in float32;
 bfloat16 compute (float32 master weights) is the fast option: --config.model.dtype=bfloat16.
 """
+
 from mdt_jax.models.presets import model_config
 from mdt_jax.training.config import base_config
 

@@ -5,6 +5,7 @@
 Sample grids and the evaluation use Heun with 20 model evaluations; no learned variance and no
 min-SNR weight (both are DDPM settings). See docs/flow_matching.md.
 """
+
 import importlib.util
 import os
 

@@ -6,6 +6,7 @@ published by one small marker object (``MARKER``, listing the files) written las
 it with ``require_complete``. A single object needs no marker: it appears only when its upload
 completes, and an upload stopped by an error is discarded.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,9 @@ def share_modes(folder: str) -> None:
 def check_writable(out_dir: str, overwrite: bool) -> None:
   p = paths.path(out_dir)
   if p.exists() and (not p.is_dir() or any(p.iterdir())) and not overwrite:
-    raise FileExistsError(f'{out_dir} exists and is not empty (pass overwrite=True, or '
-                          '--overwrite, to replace it)')
+    raise FileExistsError(
+        f'{out_dir} exists and is not empty (pass overwrite=True, or ' '--overwrite, to replace it)'
+    )
 
 
 @contextlib.contextmanager
@@ -100,7 +102,8 @@ def require_complete(folder: str, what: str = 'folder') -> None:
     raise FileNotFoundError(
         f'{what} {folder} has no {MARKER} marker: on object storage a folder is published by '
         f'writing {MARKER} after all its files, so this one is being written, or its writer '
-        'stopped before it finished; write it again')
+        'stopped before it finished; write it again'
+    )
 
 
 @contextlib.contextmanager
@@ -113,8 +116,8 @@ def atomic_file(path: str) -> Iterator[IO[bytes]]:
     try:
       yield f
     except BaseException:
-      f.discard()         # fsspec: abandon a started (resumable) upload
-      f.closed = True     # and never commit the buffer of a small one when the file is collected
+      f.discard()  # fsspec: abandon a started (resumable) upload
+      f.closed = True  # and never commit the buffer of a small one when the file is collected
       raise
     f.close()
     return
@@ -142,6 +145,7 @@ def write_json(path: str, obj, indent: int = 2) -> None:
 
 def save_npz(path: str, **arrays) -> None:
   """np.savez written whole or not at all (a killed run leaves no partial file)."""
-  import numpy as np   # the rest of this module needs no numpy
+  import numpy as np  # the rest of this module needs no numpy
+
   with atomic_file(path) as f:
     np.savez(f, **arrays)

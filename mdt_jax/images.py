@@ -1,4 +1,5 @@
 """Image arrays and files: [-1, 1] floats to uint8, grids of images, grid image files."""
+
 from __future__ import annotations
 
 import math
@@ -27,13 +28,14 @@ def grid_image(images: np.ndarray, ncols: int | None = None) -> np.ndarray:
   grid = np.full((nrows * (h + gap) - gap, ncols * (w + gap) - gap, c), 255, np.uint8)
   for i, img in enumerate(images):
     r, col = divmod(i, ncols)
-    grid[r * (h + gap):r * (h + gap) + h, col * (w + gap):col * (w + gap) + w] = img
+    grid[r * (h + gap) : r * (h + gap) + h, col * (w + gap) : col * (w + gap) + w] = img
   return grid
 
 
 def save_grid(images: np.ndarray, path: str, ncols: int | None = None) -> str:
   """A grid image file (format from the suffix, e.g. .png), local or on object storage."""
   from PIL import Image
+
   fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
   if fmt is None:
     raise ValueError(f'{path}: unknown image file suffix (expected e.g. .png)')

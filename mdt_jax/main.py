@@ -8,6 +8,7 @@ Every config value can be overridden as --config.a.b=value. On several processes
 or multi-node GPUs) run the same command on every host; jax.distributed is initialised from the
 environment, or from --coordinator_address/--num_processes/--process_id.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,10 +20,12 @@ from mdt_jax import paths
 from mdt_jax.training.logs import quiet_orbax
 
 config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_config=True)
-flags.DEFINE_string('workdir', None, 'directory for checkpoints, TensorBoard, samples',
-                    required=True)
-flags.DEFINE_bool('multiprocess', False,
-                  'call jax.distributed.initialize() (implied by the flags below)')
+flags.DEFINE_string(
+    'workdir', None, 'directory for checkpoints, TensorBoard, samples', required=True
+)
+flags.DEFINE_bool(
+    'multiprocess', False, 'call jax.distributed.initialize() (implied by the flags below)'
+)
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0')
 flags.DEFINE_integer('num_processes', None, 'number of processes')
 flags.DEFINE_integer('process_id', None, 'index of this process')
@@ -36,20 +39,30 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   quiet_orbax()
   import jax
+
   if FLAGS.cpu_collectives:
     jax.config.update('jax_cpu_collectives_implementation', FLAGS.cpu_collectives)
   if FLAGS.multiprocess or FLAGS.coordinator_address:
-    jax.distributed.initialize(coordinator_address=FLAGS.coordinator_address,
-                               num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    jax.distributed.initialize(
+        coordinator_address=FLAGS.coordinator_address,
+        num_processes=FLAGS.num_processes,
+        process_id=FLAGS.process_id,
+    )
   from mdt_jax.training.loop import train_and_evaluate
+
   config = FLAGS.config
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=configs/quickstart.py')
   if FLAGS.profile and not config.profile_steps:
     with config.unlocked():
       config.profile_steps = 5
-  logging.info('process %d/%d, %d local / %d global devices', jax.process_index(),
-               jax.process_count(), jax.local_device_count(), jax.device_count())
+  logging.info(
+      'process %d/%d, %d local / %d global devices',
+      jax.process_index(),
+      jax.process_count(),
+      jax.local_device_count(),
+      jax.device_count(),
+  )
   workdir = paths.resolve(FLAGS.workdir)
   if not paths.is_remote(workdir):
     os.makedirs(workdir, exist_ok=True)

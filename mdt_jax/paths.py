@@ -8,6 +8,7 @@ the library underneath expects (orbax refuses relative checkpoint paths).
 Path, which reads and writes gs:// through fsspec/gcsfs (see docs/training_at_scale.md for why
 gcsfs and not TensorFlow's gfile, and for the environment each library reads).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,8 +66,9 @@ def require_local(p: str | os.PathLike, what: str, why: str) -> str:
   """``resolve(p)``, refusing object storage for a use that needs a local file system."""
   r = resolve(p)
   if is_remote(r):
-    raise ValueError(f'{what} {r!r} is on object storage, which this cannot use ({why}); give '
-                     'a local path')
+    raise ValueError(
+        f'{what} {r!r} is on object storage, which this cannot use ({why}); give ' 'a local path'
+    )
   return r
 
 
@@ -80,15 +82,16 @@ def emulator_env(url: str) -> dict[str, str]:
   machine.
   """
   return {
-      'STORAGE_EMULATOR_HOST': url,                      # gcsfs, google-cloud-storage
-      'FSSPEC_GCS_TOKEN': 'anon',                        # gcsfs: no credential lookup
+      'STORAGE_EMULATOR_HOST': url,  # gcsfs, google-cloud-storage
+      'FSSPEC_GCS_TOKEN': 'anon',  # gcsfs: no credential lookup
       # gcsfs: the plain client; the default one first asks a gRPC API for the bucket's kind
       'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT': 'false',
       'EPATH_USE_TF': 'false',
-      'TENSORSTORE_GCS_HTTP_URL': url,                   # TensorStore
-      'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator',       # TensorStore: a fixed token
-      'CLOUD_STORAGE_EMULATOR_ENDPOINT': url,            # google-cloud-cpp (ArrayRecord)
-      'GCE_METADATA_HOST': '127.0.0.1:9', 'GCE_METADATA_IP': '127.0.0.1:9',
+      'TENSORSTORE_GCS_HTTP_URL': url,  # TensorStore
+      'GOOGLE_AUTH_TOKEN_FOR_TESTING': 'emulator',  # TensorStore: a fixed token
+      'CLOUD_STORAGE_EMULATOR_ENDPOINT': url,  # google-cloud-cpp (ArrayRecord)
+      'GCE_METADATA_HOST': '127.0.0.1:9',
+      'GCE_METADATA_IP': '127.0.0.1:9',
       'NO_GCE_CHECK': 'true',
   }
 
@@ -97,6 +100,7 @@ def load_safetensors(p: str | os.PathLike) -> dict:
   """The arrays of a .safetensors file (numpy), local (memory-mapped read) or on object storage
   (read whole)."""
   from safetensors.numpy import load, load_file
+
   r = resolve(p)
   return load(path(r).read_bytes()) if is_remote(r) else load_file(r)
 
@@ -113,7 +117,7 @@ def local_folder(p: str | os.PathLike, exclude: tuple[str, ...] = ()) -> Iterato
   src = path(r)
   with tempfile.TemporaryDirectory(prefix='mdt_jax-copy-') as tmp:
     for f in src.rglob('*'):
-      rel = os.fspath(f)[len(os.fspath(src)):].lstrip('/')
+      rel = os.fspath(f)[len(os.fspath(src)) :].lstrip('/')
       if rel.split('/')[0] in exclude or not f.is_file():
         continue
       dst = os.path.join(tmp, *rel.split('/'))
@@ -121,6 +125,8 @@ def local_folder(p: str | os.PathLike, exclude: tuple[str, ...] = ()) -> Iterato
       with f.open('rb') as a, open(dst, 'wb') as b:
         shutil.copyfileobj(a, b, 16 << 20)
     yield tmp
+
+
 INCEPTION_WEIGHTS_FILE = 'inception_fid.safetensors'
 
 

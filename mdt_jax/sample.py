@@ -12,6 +12,7 @@ come from the model's recommended 'sampling' settings, then from the defaults be
 OUT/shards/*.npz (a restarted run skips finished shards), OUT/samples.npz (arr_0 uint8
 [N, H, W, 3], arr_1 labels) and OUT/samples_grid.png. --cfg_scale=1 samples without guidance.
 """
+
 from __future__ import annotations
 
 from absl import app, flags, logging
@@ -36,12 +37,21 @@ def main(argv):
   labels_lib.make_labels(labels, FLAGS.num_samples, sm.model.config.num_classes, FLAGS.seed)
   postprocess = postprocess_lib.make_postprocess(sm, paths.resolve_optional(FLAGS.vae))
   sampler = build_sampler(sm.model, cfg)
-  logging.info('sampling %d images: %s on %d device(s)', FLAGS.num_samples, cfg,
-               sampler.num_devices)
-  run_sampling(sampler, out_dir=paths.resolve(FLAGS.out), num_samples=FLAGS.num_samples,
-               labels=labels, seed=FLAGS.seed, batch_size=FLAGS.batch_size,
-               shard_size=FLAGS.shard_size, postprocess=postprocess, grid_size=FLAGS.grid_size,
-               run_info=dict(model=model_path, space=sm.space))
+  logging.info(
+      'sampling %d images: %s on %d device(s)', FLAGS.num_samples, cfg, sampler.num_devices
+  )
+  run_sampling(
+      sampler,
+      out_dir=paths.resolve(FLAGS.out),
+      num_samples=FLAGS.num_samples,
+      labels=labels,
+      seed=FLAGS.seed,
+      batch_size=FLAGS.batch_size,
+      shard_size=FLAGS.shard_size,
+      postprocess=postprocess,
+      grid_size=FLAGS.grid_size,
+      run_info=dict(model=model_path, space=sm.space),
+  )
 
 
 if __name__ == '__main__':

@@ -1,12 +1,17 @@
 """Every test sees 8 simulated CPU devices (set before jax is imported anywhere)."""
+
 import os
 import tempfile
 
 # Tests compile many small programs and run them briefly: LLVM's cheapest optimisation level
 # compiles about a third faster.
 TEST_XLA_FLAGS = '--xla_backend_optimization_level=0'
-os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') + ' ' + TEST_XLA_FLAGS +
-                           ' --xla_force_host_platform_device_count=8').strip()
+os.environ['XLA_FLAGS'] = (
+    os.environ.get('XLA_FLAGS', '')
+    + ' '
+    + TEST_XLA_FLAGS
+    + ' --xla_force_host_platform_device_count=8'
+).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 # The suite is dominated by compiling the same small programs again (resumed runs, subprocess
@@ -50,6 +55,7 @@ def pytest_configure(config):
   into skips or collection errors further down."""
   del config
   from importlib import metadata
+
   missing = []
   for name in required_distributions():
     try:
@@ -59,7 +65,8 @@ def pytest_configure(config):
   if missing:
     raise pytest.UsageError(
         f'test dependencies not installed: {", ".join(missing)} (pinned in '
-        'requirements-test.txt); run: python -m pip install -r requirements-test.txt -e .')
+        'requirements-test.txt); run: python -m pip install -r requirements-test.txt -e .'
+    )
 
 
 @pytest.fixture(scope='session')
@@ -69,6 +76,7 @@ def full_run(tmp_path_factory):
   the profile test: it profiles steps 3 and 4 (profiling does not change what is computed)."""
   from micro_config import get_config
   from mdt_jax.training.loop import train_and_evaluate
+
   work = tmp_path_factory.mktemp('full')
   config = get_config()
   config.profile_steps = 2
@@ -82,6 +90,7 @@ def gcs(tmp_path_factory):
   subprocesses the tests start. Skipped only where the emulator binary cannot run."""
   import gcs_emulator
   from mdt_jax import paths
+
   try:
     server = gcs_emulator.Server(str(tmp_path_factory.mktemp('gcs')))
   except gcs_emulator.CannotRun as e:
@@ -92,8 +101,9 @@ def gcs(tmp_path_factory):
   import fsspec
   # fsspec read FSSPEC_GCS_TOKEN when it was imported, maybe before this fixture set it
   fsspec.config.conf.setdefault('gcs', {})['token'] = 'anon'
-  assert fsspec.get_filesystem_class('gs').__name__ == 'GCSFileSystem', \
-      'gcsfs was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false was set'
+  assert (
+      fsspec.get_filesystem_class('gs').__name__ == 'GCSFileSystem'
+  ), 'gcsfs was imported before GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false was set'
   try:
     yield 'gs://mdt-test'
   finally:
@@ -109,6 +119,7 @@ def gcs(tmp_path_factory):
 def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   import shutil
+
   for folder in (_OWN_CACHE, _DATA_CACHE):
     if folder:
       shutil.rmtree(folder, ignore_errors=True)

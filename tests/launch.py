@@ -5,6 +5,7 @@ polled folder). Here the run signals itself from a `train_and_evaluate` step cal
 of a chosen step, so the interruption lands at the same point every time; the rest is the
 command users run (`python -m mdt_jax.main`, its flags, multi-process setup and all).
 """
+
 from __future__ import annotations
 
 import os
@@ -15,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MICRO_CONFIG = os.path.join(ROOT, 'tests', 'micro_config.py')
 
 # argv: STEP SIGNAL_NAME, then mdt_jax.main's flags.
-_SIGNAL_AT_STEP = r'''
+_SIGNAL_AT_STEP = r"""
 import os, signal, sys
 from absl import app
 from mdt_jax import main
@@ -29,18 +30,23 @@ def send(s, state):
 train = loop.train_and_evaluate
 loop.train_and_evaluate = lambda config, workdir: train(config, workdir, callbacks=[send])
 app.run(main.main)
-'''
+"""
 
 
-def main_command(workdir: str, total_steps: int, *flags: str,
-                 signal_at: tuple[int, str] | None = None) -> list[str]:
+def main_command(
+    workdir: str, total_steps: int, *flags: str, signal_at: tuple[int, str] | None = None
+) -> list[str]:
   """`python -m mdt_jax.main` on tests/micro_config.py; `signal_at=(step, 'SIGKILL')` makes the
   run send itself that signal after that step's update (before its checkpoint, if any)."""
   head = [sys.executable, '-m', 'mdt_jax.main']
   if signal_at is not None:
     head = [sys.executable, '-c', _SIGNAL_AT_STEP, str(signal_at[0]), signal_at[1]]
-  return head + [f'--config={MICRO_CONFIG}', f'--workdir={workdir}',
-                 f'--config.total_steps={total_steps}', *flags]
+  return head + [
+      f'--config={MICRO_CONFIG}',
+      f'--workdir={workdir}',
+      f'--config.total_steps={total_steps}',
+      *flags,
+  ]
 
 
 def env(**extra: str) -> dict:
@@ -50,8 +56,15 @@ def env(**extra: str) -> dict:
 
 def run(cmd: list[str], timeout: float = 600, **kw) -> subprocess.CompletedProcess:
   """Run to the end; stdout and stderr together in .stdout."""
-  return subprocess.run(cmd, env=kw.pop('env', env()), stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT, text=True, timeout=timeout, **kw)
+  return subprocess.run(
+      cmd,
+      env=kw.pop('env', env()),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      timeout=timeout,
+      **kw,
+  )
 
 
 def steps_saved(workdir: str) -> list[int]:

@@ -1,6 +1,7 @@
 """An independent float64 NumPy implementation of the IDDPM formulas MDTv2 trains with (spec
 section 3): the diffusion tables, q_sample and the per-sample hybrid loss. Loops and plain NumPy,
 no code shared with the package."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -19,19 +20,24 @@ def ref_tables(betas):
   ac = np.empty(n)
   prod = 1.0
   for i, b in enumerate(betas):
-    prod *= (1.0 - b)
+    prod *= 1.0 - b
     ac[i] = prod
   ac_prev = np.array([1.0] + list(ac[:-1]))
   pv = np.array([betas[i] * (1 - ac_prev[i]) / (1 - ac[i]) for i in range(n)])
   return dict(
-      alphas_cumprod=ac, alphas_cumprod_prev=ac_prev,
-      sqrt_alphas_cumprod=np.sqrt(ac), sqrt_one_minus_alphas_cumprod=np.sqrt(1 - ac),
-      sqrt_recip_alphas_cumprod=1 / np.sqrt(ac), sqrt_recipm1_alphas_cumprod=np.sqrt((1 - ac) / ac),
+      alphas_cumprod=ac,
+      alphas_cumprod_prev=ac_prev,
+      sqrt_alphas_cumprod=np.sqrt(ac),
+      sqrt_one_minus_alphas_cumprod=np.sqrt(1 - ac),
+      sqrt_recip_alphas_cumprod=1 / np.sqrt(ac),
+      sqrt_recipm1_alphas_cumprod=np.sqrt((1 - ac) / ac),
       posterior_variance=pv,
       posterior_log_variance_clipped=np.log(np.where(np.arange(n) == 0, pv[1], pv)),
       posterior_mean_coef1=betas * np.sqrt(ac_prev) / (1 - ac),
       posterior_mean_coef2=(1 - ac_prev) * np.sqrt(1 - betas) / (1 - ac),
-      log_betas=np.log(betas), snr=ac / (1 - ac))
+      log_betas=np.log(betas),
+      snr=ac / (1 - ac),
+  )
 
 
 def q_sample(betas, x0, t, noise):
@@ -58,9 +64,10 @@ def ref_losses(betas, out, x0, xt, t, noise, gamma, frozen_eps=None):
   logvar = frac * g('log_betas') + (1 - frac) * g('posterior_log_variance_clipped')
   mu_q = g('posterior_mean_coef1') * x0 + g('posterior_mean_coef2') * xt
   logvar_q = g('posterior_log_variance_clipped')
-  kl = 0.5 * (-1 + logvar - logvar_q + np.exp(logvar_q - logvar)
-              + (mu_q - mu) ** 2 / np.exp(logvar))
-  cdf = lambda z: 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z ** 3)))
+  kl = 0.5 * (
+      -1 + logvar - logvar_q + np.exp(logvar_q - logvar) + (mu_q - mu) ** 2 / np.exp(logvar)
+  )
+  cdf = lambda z: 0.5 * (1 + np.tanh(np.sqrt(2 / np.pi) * (z + 0.044715 * z**3)))
   sd = np.exp(0.5 * logvar)
   hi, lo = cdf((x0 - mu + 1 / 255) / sd), cdf((x0 - mu - 1 / 255) / sd)
   logp = np.log(np.maximum(hi - lo, 1e-12))

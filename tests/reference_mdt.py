@@ -4,6 +4,7 @@ It reads an official-layout state dict (PyTorch key names and shapes, NCHW input
 forward pass in float64, the masked pass on exactly the kept tokens (no padding), so it checks
 both the port's model and its checkpoint mapping.
 """
+
 from __future__ import annotations
 
 import math
@@ -26,7 +27,7 @@ def silu(x):
 
 
 def gelu_tanh(x):
-  return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+  return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def softmax(x):
@@ -55,10 +56,10 @@ def block(sd, pre, x, c, heads, keep=None, skip=None):
   h = layer_norm(x) * (1 + sc1[:, None]) + sh1[:, None]
   qkv = linear(sd, pre + 'attn.qkv', h).reshape(b, n, 3, heads, hd).transpose(2, 0, 3, 1, 4)
   q, k, v = qkv[0], qkv[1], qkv[2]
-  logits = q @ k.transpose(0, 1, 3, 2) * hd ** -0.5
+  logits = q @ k.transpose(0, 1, 3, 2) * hd**-0.5
   table = sd[pre + 'attn.rel_pos_bias.relative_position_bias_table']
   index = sd[pre + 'attn.rel_pos_bias.relative_position_index']
-  bias = table[index].transpose(2, 0, 1)                                  # [h, L, L]
+  bias = table[index].transpose(2, 0, 1)  # [h, L, L]
   if keep is None:
     logits = logits + bias[None]
   else:
@@ -86,11 +87,13 @@ def sincos_check(d, g):
   return out
 
 
-def forward(sd, x_nchw, t, y, *, heads, decode_layer, arch='mdtv2', ids_shuffle=None,
-            len_keep=None):
+def forward(
+    sd, x_nchw, t, y, *, heads, decode_layer, arch='mdtv2', ids_shuffle=None, len_keep=None
+):
   """Official forward; ids_shuffle [B, L] and len_keep select the masked pass. Returns NCHW."""
-  sd = {k: np.asarray(v, np.float64) if v.dtype.kind == 'f' else np.asarray(v)
-        for k, v in sd.items()}
+  sd = {
+      k: np.asarray(v, np.float64) if v.dtype.kind == 'f' else np.asarray(v) for k, v in sd.items()
+  }
   x_nchw = np.asarray(x_nchw, np.float64)
   w = sd['x_embedder.proj.weight']
   d, cin, p, _ = w.shape
@@ -127,7 +130,7 @@ def forward(sd, x_nchw, t, y, *, heads, decode_layer, arch='mdtv2', ids_shuffle=
       x = block(sd, f'blocks.{i}.', x, c, heads, keep)
   if masked:
     n = g * g
-    full = np.repeat(sd['mask_token'], b, axis=0).repeat(n, axis=1)   # [B, L, D]
+    full = np.repeat(sd['mask_token'], b, axis=0).repeat(n, axis=1)  # [B, L, D]
     mask = np.ones((b, n))
     for i in range(b):
       full[i, keep[i]] = x[i]
@@ -151,8 +154,9 @@ def forward(sd, x_nchw, t, y, *, heads, decode_layer, arch='mdtv2', ids_shuffle=
   return out.reshape(b, cout, g * p, g * p)
 
 
-def random_state_dict(layout: dict, index_buffers: list, grid: int, seed: int = 0,
-                      scale: float = 0.1) -> dict:
+def random_state_dict(
+    layout: dict, index_buffers: list, grid: int, seed: int = 0, scale: float = 0.1
+) -> dict:
   """Random official-layout weights (every parameter nonzero) plus the index buffers."""
   rng = np.random.default_rng(seed)
   sd = {k: (scale * rng.standard_normal(e.shape)).astype(np.float32) for k, e in layout.items()}

@@ -1,4 +1,5 @@
 """Reading back what a run wrote to TensorBoard (the event files in its workdir)."""
+
 from __future__ import annotations
 
 import collections
@@ -12,6 +13,7 @@ def read_events(workdir: str) -> dict[str, dict[int, list]]:
   scalars as floats, images as their encoded bytes."""
   from tensorboard.backend.event_processing import event_file_loader
   from tensorboard.util import tensor_util
+
   out = collections.defaultdict(lambda: collections.defaultdict(list))
   files = sorted(f for f in os.listdir(workdir) if f.startswith('events.out.tfevents'))
   assert files, f'no TensorBoard event file in {workdir}'

@@ -1,5 +1,6 @@
 """tools/aot_compile.py: the real steps compiled for a TPU slice on this CPU host (libtpu from
 requirements-test.txt), their figures checked against the analytic FLOPs and state bytes."""
+
 import importlib.util
 import json
 import os
@@ -25,18 +26,28 @@ WIDE = ['--config.model.hidden_size=128', '--config.mesh.data=1', '--config.mesh
 
 
 def test_slice_names_map_to_compiler_topologies():
-  expect = {'v4-8': ('v4:2x2x1', 4), 'v4-128': ('v4:4x4x4', 64), 'v5p-8': ('v5p:2x2x1', 4),
-            'v5p-16': ('v5p:2x2x2', 8), 'v5p-128': ('v5p:4x4x4', 64),
-            'v5p-1024': ('v5p:8x8x8', 512), 'v5e-1': ('v5e:1x1', 1), 'v5e-8': ('v5e:2x4', 8),
-            'v5e-16': ('v5e:4x4', 16), 'v5e-256': ('v5e:16x16', 256), 'v6e-8': ('v6e:2x4', 8),
-            'v6e-32': ('v6e:4x8', 32), 'V5P-8 ': ('v5p:2x2x1', 4),
-            'v5p:4x4x12': ('v5p:4x4x12', 192)}
+  expect = {
+      'v4-8': ('v4:2x2x1', 4),
+      'v4-128': ('v4:4x4x4', 64),
+      'v5p-8': ('v5p:2x2x1', 4),
+      'v5p-16': ('v5p:2x2x2', 8),
+      'v5p-128': ('v5p:4x4x4', 64),
+      'v5p-1024': ('v5p:8x8x8', 512),
+      'v5e-1': ('v5e:1x1', 1),
+      'v5e-8': ('v5e:2x4', 8),
+      'v5e-16': ('v5e:4x4', 16),
+      'v5e-256': ('v5e:16x16', 256),
+      'v6e-8': ('v6e:2x4', 8),
+      'v6e-32': ('v6e:4x8', 32),
+      'V5P-8 ': ('v5p:2x2x1', 4),
+      'v5p:4x4x12': ('v5p:4x4x12', 192),
+  }
   for name, (topology, chips) in expect.items():
     s = tpu.parse_slice(name)
     assert (s.topology, s.chips) == (topology, chips), name
   assert tpu.parse_slice('v5p:4x4x12').name == 'v5p-384'
-  assert tpu.parse_slice('v5p-128').wraparound == (True,) * 3          # whole 4x4x4 cube
-  assert tpu.parse_slice('v5p-64').wraparound == (False,) * 3          # 2x4x4
+  assert tpu.parse_slice('v5p-128').wraparound == (True,) * 3  # whole 4x4x4 cube
+  assert tpu.parse_slice('v5p-64').wraparound == (False,) * 3  # 2x4x4
   assert tpu.parse_slice('v5e-128').wraparound == (False, True, False)  # 8x16
   for bad in ('v5p-12', 'v5e-2', 'v7-8', 'tpu', 'v4:2x2', 'v5e-512'):
     with pytest.raises(ValueError, match='known slices: v4-8, v4-16') as e:
@@ -48,18 +59,32 @@ def test_collectives_are_read_from_optimized_hlo():
   mesh = jax.make_mesh((4, 2), ('a', 'b'), axis_types=(jax.sharding.AxisType.Auto,) * 2)
 
   def f(x, y, z, w):
-    return (jax.lax.psum(x, 'a'),                                   # f32[16], groups of 4
-            jax.lax.all_gather(y, ('a', 'b'), tiled=True),          # f32[3] -> [24], all 8
-            jax.lax.psum_scatter(z, 'b', tiled=True),               # f32[64] -> [32], pairs
-            jax.lax.ppermute(w, 'a', [(i, (i + 1) % 4) for i in range(4)]),
-            jax.lax.all_to_all(w.reshape(4, 5), 'a', 0, 0, tiled=True))
+    return (
+        jax.lax.psum(x, 'a'),  # f32[16], groups of 4
+        jax.lax.all_gather(y, ('a', 'b'), tiled=True),  # f32[3] -> [24], all 8
+        jax.lax.psum_scatter(z, 'b', tiled=True),  # f32[64] -> [32], pairs
+        jax.lax.ppermute(w, 'a', [(i, (i + 1) % 4) for i in range(4)]),
+        jax.lax.all_to_all(w.reshape(4, 5), 'a', 0, 0, tiled=True),
+    )
 
-  fn = jax.jit(jax.shard_map(f, mesh=mesh, in_specs=(P(), P(('a', 'b')), P(), P()),
-                             out_specs=(P(),) * 5, check_vma=False))
+  fn = jax.jit(
+      jax.shard_map(
+          f,
+          mesh=mesh,
+          in_specs=(P(), P(('a', 'b')), P(), P()),
+          out_specs=(P(),) * 5,
+          check_vma=False,
+      )
+  )
   text = fn.lower(jnp.zeros(16), jnp.zeros(24), jnp.zeros(64), jnp.zeros(20)).compile().as_text()
   got = {c.kind: (c.full_bytes, c.group) for c in hlo.parse_collectives(text, 8)}
-  assert got == {'all-reduce': (64, 4), 'all-gather': (96, 8), 'reduce-scatter': (256, 2),
-                 'collective-permute': (80, 2), 'all-to-all': (80, 4)}
+  assert got == {
+      'all-reduce': (64, 4),
+      'all-gather': (96, 8),
+      'reduce-scatter': (256, 2),
+      'collective-permute': (80, 2),
+      'all-to-all': (80, 4),
+  }
   summary = hlo.summarize(hlo.parse_collectives(text, 8))
   assert summary['all-reduce']['wire_gb'] == pytest.approx(2 * 3 / 4 * 64 / 1e9)
   assert summary['all-gather']['wire_gb'] == pytest.approx(7 / 8 * 96 / 1e9)
@@ -70,24 +95,40 @@ def tpu_report(tmp_path_factory):
   """One launch of the tool: the micro config's MDT train step (FSDP over the 4 chips) and a
   guided sampler call compiled for v5p-8, plus the proxy programs."""
   if importlib.util.find_spec('libtpu') is None:
-    pytest.fail('libtpu is not installed; these tests compile for a TPU slice with it: '
-                'pip install -r requirements-test.txt')
+    pytest.fail(
+        'libtpu is not installed; these tests compile for a TPU slice with it: '
+        'pip install -r requirements-test.txt'
+    )
   out = tmp_path_factory.mktemp('aot') / 'aot.json'
   env = dict(os.environ, PYTHONPATH=ROOT)
   proc = subprocess.run(
-      [sys.executable, 'tools/aot_compile.py', f'--config={ROOT}/tests/micro_config.py',
-       *WIDE, '--topology=v5p-8', '--steps=train,sample', '--proxy_checks', '--traffic=8',
-       f'--out={out}'],
-      env=env, cwd=ROOT, capture_output=True, text=True, timeout=900)
+      [
+          sys.executable,
+          'tools/aot_compile.py',
+          f'--config={ROOT}/tests/micro_config.py',
+          *WIDE,
+          '--topology=v5p-8',
+          '--steps=train,sample',
+          '--proxy_checks',
+          '--traffic=8',
+          f'--out={out}',
+      ],
+      env=env,
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(out.read_text()), proc.stdout
 
 
 def _state_bytes_per_chip(config):
   mc = MDTConfig.from_dict(config.model.to_dict())
-  mesh = sharding.make_mesh(config.mesh.to_dict(), jax.devices()[:4])   # v5p-8's 4 chips' shape
-  structs, _, _ = abstract_train_state(mc, make_optimizer(config.optimizer), mesh,
-                                       config.sharding_rules)
+  mesh = sharding.make_mesh(config.mesh.to_dict(), jax.devices()[:4])  # v5p-8's 4 chips' shape
+  structs, _, _ = abstract_train_state(
+      mc, make_optimizer(config.optimizer), mesh, config.sharding_rules
+  )
   per_chip = lambda s: int(np.prod(s.sharding.shard_shape(s.shape))) * s.dtype.itemsize  # noqa
   state = sum(per_chip(s) for s in jax.tree.leaves(structs))
   # the token matmuls' weights (qkv, proj, fc1, fc2, skip fusion): FSDP gathers them, since
@@ -95,8 +136,9 @@ def _state_bytes_per_chip(config):
   token_weights = sum(
       int(np.prod(s.shape)) * s.dtype.itemsize
       for path, s in jax.tree_util.tree_flatten_with_path(structs.params)[0]
-      if path[-1].key == 'kernel' and any(
-          getattr(k, 'key', None) in ('qkv', 'proj', 'fc1', 'fc2', 'skip_linear') for k in path))
+      if path[-1].key == 'kernel'
+      and any(getattr(k, 'key', None) in ('qkv', 'proj', 'fc1', 'fc2', 'skip_linear') for k in path)
+  )
   return mc, state, token_weights
 
 
@@ -117,7 +159,7 @@ def test_tpu_train_step_figures_match_analytic_counts(tpu_report):
   assert executed <= train['xla_tflop_per_chip'] <= 1.3 * executed
   # arguments: the train state's shard (params, EMA, optimizer) and the batch's, per chip;
   # the TPU's (8, 128) tiles pad a few small arrays (relative position tables, biases)
-  batch_bytes = batch // n * (mc.input_size ** 2 * mc.in_channels * 4 + 4)
+  batch_bytes = batch // n * (mc.input_size**2 * mc.in_channels * 4 + 4)
   assert 1.0 <= train['memory_args_gb'] * 1e9 / (state + batch_bytes) < 1.05
   # the donated state is written in place (aliased), not held twice
   assert 1.0 <= train['memory_alias_gb'] * 1e9 / state < 1.05
@@ -127,8 +169,9 @@ def test_tpu_train_step_figures_match_analytic_counts(tpu_report):
   assert 0 < train['hbm_estimate_gb'] <= train['bytes_accessed_gb']
   peak = res['peak_bf16_tflops'] * 1e12
   bound_s = max(train['compute_ms'], train['hbm_ms'], train['ici_ms']) / 1e3
-  assert train['mfu_bound'] == pytest.approx(train['model_tflop_per_chip'] * 1e12 /
-                                             (bound_s * peak))
+  assert train['mfu_bound'] == pytest.approx(
+      train['model_tflop_per_chip'] * 1e12 / (bound_s * peak)
+  )
   # the sampler: one guided call runs the model on [x; x] (2B rows), weights replicated and
   # the batch split, so no chip talks to another
   fwd = 2 * benchmark.forward_flops(mc) * batch / n / 1e12

@@ -1,4 +1,5 @@
 """Folders are written whole or not at all."""
+
 import os
 
 import pytest

@@ -1,5 +1,6 @@
 """Bad inputs, each with what it gets: a clear error that names the value and what was expected,
 raised before work or data is lost. One test (or parameter) per row of docs/bad_inputs.md."""
+
 import hashlib
 import json
 import os
@@ -33,12 +34,17 @@ def micro_config(**kw):
 
 def _snapshot(folder) -> dict:
   """Every file under a folder and a hash of its bytes: 'nothing lost' is 'nothing changed'."""
-  return {os.path.relpath(os.path.join(d, f), folder):
-          hashlib.sha1(open(os.path.join(d, f), 'rb').read()).hexdigest()
-          for d, _, fs in os.walk(folder) for f in fs}
+  return {
+      os.path.relpath(os.path.join(d, f), folder): hashlib.sha1(
+          open(os.path.join(d, f), 'rb').read()
+      ).hexdigest()
+      for d, _, fs in os.walk(folder)
+      for f in fs
+  }
 
 
 # -------------------------------------------------------------------------------- checkpoints
+
 
 @pytest.fixture
 def workdir(full_run, tmp_path):
@@ -60,7 +66,7 @@ def _zero(path):
 
 def _truncate(path):
   data = open(path, 'rb').read()
-  open(path, 'wb').write(data[:len(data) // 2])
+  open(path, 'wb').write(data[: len(data) // 2])
 
 
 DAMAGE = {
@@ -75,23 +81,29 @@ DAMAGE = {
 def test_damaged_checkpoint_is_refused_and_left_as_it_is(workdir, damage):
   DAMAGE[damage](workdir / 'checkpoints' / '6')
   before = _snapshot(workdir)
-  with pytest.raises(ValueError, match=r'checkpoint at step 6 in .*checkpoints cannot be read: '
-                                       r'a file in it is damaged or missing .* Nothing was '
-                                       r'changed; to resume from the checkpoint before it \(step '
-                                       r'3\), move .*checkpoints/6 out of'):
+  with pytest.raises(
+      ValueError,
+      match=r'checkpoint at step 6 in .*checkpoints cannot be read: '
+      r'a file in it is damaged or missing .* Nothing was '
+      r'changed; to resume from the checkpoint before it \(step '
+      r'3\), move .*checkpoints/6 out of',
+  ):
     train_and_evaluate(micro_config(total_steps=9), str(workdir))
   assert _snapshot(workdir) == before
-  if damage == 'zeroed array file':       # the EMA weights: loading them fails as clearly
-    with pytest.raises(ValueError, match=r'ema_params of the checkpoint at step 6 .* cannot be '
-                                         r'read: .* the checkpoint before it is step 3'):
+  if damage == 'zeroed array file':  # the EMA weights: loading them fails as clearly
+    with pytest.raises(
+        ValueError,
+        match=r'ema_params of the checkpoint at step 6 .* cannot be '
+        r'read: .* the checkpoint before it is step 3',
+    ):
       mdt_jax.load_pretrained(str(workdir))
 
 
 def test_after_moving_the_damaged_checkpoint_away_the_run_resumes(workdir, full_run):
   _zero(_largest_file(workdir / 'checkpoints' / '6' / 'params'))
-  shutil.move(workdir / 'checkpoints' / '6', workdir.parent / 'damaged_6')   # as the error says
+  shutil.move(workdir / 'checkpoints' / '6', workdir.parent / 'damaged_6')  # as the error says
   out = train_and_evaluate(micro_config(total_steps=6), str(workdir))
-  assert out['step'] == 6            # steps 4-6 redone from step 3: the same weights (same mesh)
+  assert out['step'] == 6  # steps 4-6 redone from step 3: the same weights (same mesh)
   for a, b in zip(_leaves(out['state'].params), _leaves(full_run[1]['state'].params)):
     np.testing.assert_array_equal(a, b)
 
@@ -103,28 +115,43 @@ def test_a_killed_save_is_ignored(workdir):
   shutil.copytree(ckpts / '6', ckpts / '9.orbax-checkpoint-tmp')
   shutil.rmtree(ckpts / '9.orbax-checkpoint-tmp' / 'opt_state')
   out = train_and_evaluate(micro_config(total_steps=6), str(workdir))
-  assert out['step'] == 6            # resumed from step 6, the last complete checkpoint
+  assert out['step'] == 6  # resumed from step 6, the last complete checkpoint
 
 
 def _leaves(tree):
   import jax
+
   return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
 
 
 # --------------------------------------------------------------------- changed config, resume
 
-@pytest.mark.parametrize('old, new, match', [
-    # the label table's null row comes and goes with label dropout
-    (dict(class_dropout_prob=0.1), dict(class_dropout_prob=0.0),
-     r'class_dropout_prob: workdir 0.1 vs config 0.0; parameter shapes '
-     r'y_embedder.embedding_table.embedding: workdir \(11, 32\) vs config \(10, 32\)'),
-    (dict(class_dropout_prob=0.0), dict(class_dropout_prob=0.2),
-     r'y_embedder.embedding_table.embedding: workdir \(10, 32\) vs config \(11, 32\)'),
-    (dict(), dict(learn_sigma=False), r'final_layer.linear.bias: workdir \(8,\) vs config \(4,\)'),
-    # depth 3 -> 4 with decode_layer 1 keeps every parameter shape (half_depth stays 1), yet it
-    # is another model: fields other than compute options and regularisers are compared too
-    (dict(), dict(depth=4), r'depth: workdir 3 vs config 4\); use a new workdir'),
-])
+
+@pytest.mark.parametrize(
+    'old, new, match',
+    [
+        # the label table's null row comes and goes with label dropout
+        (
+            dict(class_dropout_prob=0.1),
+            dict(class_dropout_prob=0.0),
+            r'class_dropout_prob: workdir 0.1 vs config 0.0; parameter shapes '
+            r'y_embedder.embedding_table.embedding: workdir \(11, 32\) vs config \(10, 32\)',
+        ),
+        (
+            dict(class_dropout_prob=0.0),
+            dict(class_dropout_prob=0.2),
+            r'y_embedder.embedding_table.embedding: workdir \(10, 32\) vs config \(11, 32\)',
+        ),
+        (
+            dict(),
+            dict(learn_sigma=False),
+            r'final_layer.linear.bias: workdir \(8,\) vs config \(4,\)',
+        ),
+        # depth 3 -> 4 with decode_layer 1 keeps every parameter shape (half_depth stays 1), yet it
+        # is another model: fields other than compute options and regularisers are compared too
+        (dict(), dict(depth=4), r'depth: workdir 3 vs config 4\); use a new workdir'),
+    ],
+)
 def test_a_changed_model_is_refused(tmp_path, old, new, match):
   c = micro_config()
   c.model.update(old)
@@ -137,8 +164,9 @@ def test_a_changed_model_is_refused(tmp_path, old, new, match):
 def test_resumable_changes_are_let_through(tmp_path):
   c = micro_config()
   checkpoints.write_config(str(tmp_path), c)
-  c.model.update(class_dropout_prob=0.2, mask_ratio=0.4, mask_ratio_span=0.1, dtype='bfloat16',
-                 remat=True)
+  c.model.update(
+      class_dropout_prob=0.2, mask_ratio=0.4, mask_ratio_span=0.1, dtype='bfloat16', remat=True
+  )
   checkpoints.check_workdir(str(tmp_path), c)
 
 
@@ -146,13 +174,16 @@ def test_label_dropout_switched_off_on_resume_fails_before_any_work(workdir):
   before = _snapshot(workdir)
   c = micro_config(total_steps=9)
   c.model.class_dropout_prob = 0.0
-  with pytest.raises(ValueError, match=r'y_embedder.embedding_table.embedding: workdir '
-                                       r'\(11, 32\) vs config \(10, 32\)'):
+  with pytest.raises(
+      ValueError,
+      match=r'y_embedder.embedding_table.embedding: workdir ' r'\(11, 32\) vs config \(10, 32\)',
+  ):
     train_and_evaluate(c, str(workdir))
   assert _snapshot(workdir) == before
 
 
 # ------------------------------------------------------------------------------ latent data
+
 
 def _write_shard(path, n=16, size=4, label=lambda i: i % 2, nan_at=None, foreign=False):
   writer = ArrayRecordWriter(str(path), 'group_size:1')
@@ -161,15 +192,21 @@ def _write_shard(path, n=16, size=4, label=lambda i: i % 2, nan_at=None, foreign
     m = rng.standard_normal((size, size, 8)).astype(np.float32)
     if i == nan_at:
       m[1, 2, 3] = np.nan
-    writer.write(b'some other record' if foreign else
-                 encode_latent_record(m, m[:, ::-1], label(i)))
+    writer.write(b'some other record' if foreign else encode_latent_record(m, m[:, ::-1], label(i)))
   writer.close()
 
 
 def _latent_config(path):
   c = micro_config()
-  c.data = dict(name='latents', path=str(path), image_size=32, flip=True, num_threads=1,
-                prefetch=2, vae_decoder='')
+  c.data = dict(
+      name='latents',
+      path=str(path),
+      image_size=32,
+      flip=True,
+      num_threads=1,
+      prefetch=2,
+      vae_decoder='',
+  )
   c.model.update(input_size=4, in_channels=4, num_classes=2)
   c.global_batch_size, c.total_steps = 8, 2
   return c
@@ -186,14 +223,20 @@ def _zero_shard(path):
 
 
 SHARDS = {
-    'truncated shard': (_truncate_shard, r'latent shard .*b.array_record cannot be read '
-                                         r'\(truncated, overwritten or not an ArrayRecord'),
+    'truncated shard': (
+        _truncate_shard,
+        r'latent shard .*b.array_record cannot be read '
+        r'\(truncated, overwritten or not an ArrayRecord',
+    ),
     'zeroed shard': (_zero_shard, r'latent shard .*b.array_record cannot be read'),
-    'foreign shard': (lambda p: _write_shard(p, foreign=True),
-                      r'latent shard .*b.array_record does not hold latent records'),
-    'shard of another latent size': (lambda p: _write_shard(p, size=8),
-                                     r'latent shard .*b.array_record holds 8x8x4 latents but '
-                                     r'.*a.array_record holds 4x4x4'),
+    'foreign shard': (
+        lambda p: _write_shard(p, foreign=True),
+        r'latent shard .*b.array_record does not hold latent records',
+    ),
+    'shard of another latent size': (
+        lambda p: _write_shard(p, size=8),
+        r'latent shard .*b.array_record holds 8x8x4 latents but ' r'.*a.array_record holds 4x4x4',
+    ),
     'empty data folder': (None, r"no \*.array_record latent shards found at '.*lat'"),
 }
 
@@ -210,26 +253,39 @@ def test_bad_shards_are_refused_before_any_work(tmp_path, case):
   assert not (tmp_path / 'work').exists()
 
 
-@pytest.mark.parametrize('case, match', [
-    ('nan', r'an input batch from .*lat holds NaN or inf in 1 example\(s\) \(class ids \[1\]\)'),
-    ('class ids', r'class id [234] in an input batch from .*lat is outside \[0, 2\) '
-                  r'\(model.num_classes=2\)'),
-])
+@pytest.mark.parametrize(
+    'case, match',
+    [
+        (
+            'nan',
+            r'an input batch from .*lat holds NaN or inf in 1 example\(s\) \(class ids \[1\]\)',
+        ),
+        (
+            'class ids',
+            r'class id [234] in an input batch from .*lat is outside \[0, 2\) '
+            r'\(model.num_classes=2\)',
+        ),
+    ],
+)
 def test_bad_values_stop_the_run_before_a_step_uses_them(tmp_path, case, match):
   os.makedirs(tmp_path / 'lat')
-  _write_shard(tmp_path / 'lat' / 'a.array_record', nan_at=3 if case == 'nan' else None,
-               label=(lambda i: i % 5) if case == 'class ids' else (lambda i: i % 2))
+  _write_shard(
+      tmp_path / 'lat' / 'a.array_record',
+      nan_at=3 if case == 'nan' else None,
+      label=(lambda i: i % 5) if case == 'class ids' else (lambda i: i % 2),
+  )
   with pytest.raises(ValueError, match=match):
     train_and_evaluate(_latent_config(tmp_path / 'lat'), str(tmp_path / 'work'))
-  assert not os.listdir(tmp_path / 'work' / 'checkpoints')      # no step was taken or saved
+  assert not os.listdir(tmp_path / 'work' / 'checkpoints')  # no step was taken or saved
 
 
 def test_more_classes_in_the_manifest_than_the_model_has(tmp_path):
   os.makedirs(tmp_path / 'lat')
   _write_shard(tmp_path / 'lat' / 'a.array_record')
   (tmp_path / 'lat' / 'manifest.json').write_text(json.dumps({'class_names': list('abcde')}))
-  with pytest.raises(ValueError, match=r'hold 5 classes \(manifest.json\) but '
-                                       r'model.num_classes=2'):
+  with pytest.raises(
+      ValueError, match=r'hold 5 classes \(manifest.json\) but ' r'model.num_classes=2'
+  ):
     train_and_evaluate(_latent_config(tmp_path / 'lat'), str(tmp_path / 'work'))
   assert not (tmp_path / 'work').exists()
 
@@ -246,12 +302,19 @@ def test_images_of_mixed_sizes_are_cropped_to_one_size():
 
 # --------------------------------------------------------------------------------- configs
 
-@pytest.mark.parametrize('override, error, match', [
-    ('--config.modle.depth=2', KeyError, 'Did you mean "model" instead of "modle"'),
-    ('--config.model.hidden_sizee=3', AttributeError, 'Did you mean "hidden_size"'),
-    ('--config.total_steps=abc', flags.IllegalFlagValueError,
-     "--config.total_steps=abc: invalid literal for int"),
-])
+
+@pytest.mark.parametrize(
+    'override, error, match',
+    [
+        ('--config.modle.depth=2', KeyError, 'Did you mean "model" instead of "modle"'),
+        ('--config.model.hidden_sizee=3', AttributeError, 'Did you mean "hidden_size"'),
+        (
+            '--config.total_steps=abc',
+            flags.IllegalFlagValueError,
+            '--config.total_steps=abc: invalid literal for int',
+        ),
+    ],
+)
 def test_mistyped_command_line_config_keys_are_refused(override, error, match):
   """The command line of mdt_jax.main (its config flag, parsed the same way)."""
   argv = ['main', f'--config={ROOT}/tests/micro_config.py', override]
@@ -271,29 +334,36 @@ def test_unknown_config_keys_in_a_config_file_are_refused(tmp_path):
 
 
 def test_a_batch_that_does_not_divide_over_the_devices(tmp_path):
-  with pytest.raises(ValueError, match='global_batch_size 12 is not divisible by the '
-                                       r'data-parallel size 8 \(mesh'):
+  with pytest.raises(
+      ValueError,
+      match='global_batch_size 12 is not divisible by the ' r'data-parallel size 8 \(mesh',
+  ):
     train_and_evaluate(micro_config(global_batch_size=12), str(tmp_path / 'work'))
   assert not (tmp_path / 'work').exists()
 
 
 # ------------------------------------------------------------------------------ model folders
 
+
 @pytest.fixture(scope='module')
 def model_folder(tmp_path_factory):
   from flax import nnx
   from mdt_jax import MDT, MDTConfig
   from mdt_jax.hub.folder import save_model_folder
+
   cfg = MDTConfig.from_dict(get_config().model.to_dict())
   folder = str(tmp_path_factory.mktemp('model') / 'm')
   save_model_folder(folder, nnx.state(MDT(cfg, rngs=nnx.Rngs(0)), nnx.Param), cfg)
   return folder
 
 
-@pytest.mark.parametrize('edit, match', [
-    ('missing', r'1 missing keys: final_layer.linear.bias'),
-    ('extra', r'1 unexpected keys: extra.kernel'),
-])
+@pytest.mark.parametrize(
+    'edit, match',
+    [
+        ('missing', r'1 missing keys: final_layer.linear.bias'),
+        ('extra', r'1 unexpected keys: extra.kernel'),
+    ],
+)
 def test_model_folder_with_a_missing_or_extra_tensor(model_folder, tmp_path, edit, match):
   folder = tmp_path / 'm'
   shutil.copytree(model_folder, folder)
@@ -309,12 +379,24 @@ def test_model_folder_with_a_missing_or_extra_tensor(model_folder, tmp_path, edi
 
 # -------------------------------------------------------------------------------- evaluation
 
+
 def test_reference_batch_of_another_image_size(tmp_path):
   rng = np.random.default_rng(0)
   np.savez(tmp_path / 'samples.npz', rng.integers(0, 256, (4, 16, 16, 3), dtype=np.uint8))
   np.savez(tmp_path / 'ref.npz', rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
-  with pytest.raises(ValueError, match=r"samples '.*samples.npz' are 16x16 images but the "
-                                       r"reference batch '.*ref.npz' holds 32x32 ones"):
-    evaluate_cli.main(['--samples', str(tmp_path / 'samples.npz'), '--reference',
-                       str(tmp_path / 'ref.npz'), '--inception', str(tmp_path / 'absent'),
-                       '--quiet'])
+  with pytest.raises(
+      ValueError,
+      match=r"samples '.*samples.npz' are 16x16 images but the "
+      r"reference batch '.*ref.npz' holds 32x32 ones",
+  ):
+    evaluate_cli.main(
+        [
+            '--samples',
+            str(tmp_path / 'samples.npz'),
+            '--reference',
+            str(tmp_path / 'ref.npz'),
+            '--inception',
+            str(tmp_path / 'absent'),
+            '--quiet',
+        ]
+    )

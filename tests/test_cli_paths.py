@@ -8,6 +8,7 @@ take relative paths in their own tests: mdt_jax.main (test_readme), mdt_jax.samp
 (test_sampling), mdt_jax.evaluate and tools/convert_inception.py (test_inception),
 tools/export_hub.py (test_export), tools/convert_official.py (test_official).
 """
+
 import json
 import os
 import re
@@ -23,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Runs [argv, ...] in this process: ['tools/x.py', ...] as `python tools/x.py ...`,
 # ['-m', 'pkg.mod', ...] as `python -m pkg.mod ...`, ['rm', path] removes a file.
-RUNNER = r'''
+RUNNER = r"""
 import importlib.util, json, os, runpy, sys
 from absl import flags
 for argv in json.loads(sys.argv[1]):
@@ -47,40 +48,67 @@ for argv in json.loads(sys.argv[1]):
   own = flags.FLAGS.flags_by_module_dict().get(script, [])
   for name in {f.name for f in own} | {n for n in flags.FLAGS if n.startswith('config.')}:
     delattr(flags.FLAGS, name)
-'''
+"""
 
 # As tests/test_latent_training.py trains (8x8x4 latents of 16x16 images, 2 classes, batch 8):
 # the compiled programs are shared through the session's compilation cache.
-TRAIN = ['-m', 'mdt_jax.main', f'--config={ROOT}/tests/micro_config.py', '--workdir=runs/lat',
-         '--config.data.name=latents', '--config.data.path=latents', '--config.data.flip=True',
-         '--config.data.image_size=16', '--config.data.vae_decoder=vae',
-         '--config.model.input_size=8', '--config.model.in_channels=4',
-         '--config.model.num_classes=2', '--config.global_batch_size=8']
-EXTRACT = [f'{ROOT}/tools/extract_latents.py', '--source=folder', '--image_dir=images',
-           '--vae_dir=vae', '--out=latents', '--image_size=16', '--batch_size=8',
-           '--images_per_shard=8', '--num_workers=2']
+TRAIN = [
+    '-m',
+    'mdt_jax.main',
+    f'--config={ROOT}/tests/micro_config.py',
+    '--workdir=runs/lat',
+    '--config.data.name=latents',
+    '--config.data.path=latents',
+    '--config.data.flip=True',
+    '--config.data.image_size=16',
+    '--config.data.vae_decoder=vae',
+    '--config.model.input_size=8',
+    '--config.model.in_channels=4',
+    '--config.model.num_classes=2',
+    '--config.global_batch_size=8',
+]
+EXTRACT = [
+    f'{ROOT}/tools/extract_latents.py',
+    '--source=folder',
+    '--image_dir=images',
+    '--vae_dir=vae',
+    '--out=latents',
+    '--image_size=16',
+    '--batch_size=8',
+    '--images_per_shard=8',
+    '--num_workers=2',
+]
 
 
 @pytest.mark.slow
 def test_vae_latent_and_training_commands_take_relative_paths(tmp_path):
   torch_vae(TINY, seed=0).save_pretrained(tmp_path / 'diffusers', safe_serialization=True)
-  make_folder(tmp_path / 'images')                # 21 readable images of 2 classes, 1 corrupt
+  make_folder(tmp_path / 'images')  # 21 readable images of 2 classes, 1 corrupt
   shard = 'latents/latents-00001-of-00003.array_record'
   commands = [
       [f'{ROOT}/tools/convert_vae.py', '--diffusers_dir=diffusers', '--out=vae'],
-      EXTRACT, ['rm', shard], EXTRACT,
-      TRAIN + ['--config.total_steps=2'], TRAIN + ['--config.total_steps=3'],
+      EXTRACT,
+      ['rm', shard],
+      EXTRACT,
+      TRAIN + ['--config.total_steps=2'],
+      TRAIN + ['--config.total_steps=3'],
   ]
   env = dict(os.environ, PYTHONPATH=ROOT)
-  proc = subprocess.run([sys.executable, '-c', RUNNER, json.dumps(commands)], cwd=tmp_path,
-                        env=env, capture_output=True, text=True, timeout=900)
+  proc = subprocess.run(
+      [sys.executable, '-c', RUNNER, json.dumps(commands)],
+      cwd=tmp_path,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   assert sorted(os.listdir(tmp_path / 'vae')) == ['config.json', 'model.safetensors']
   manifest = json.loads((tmp_path / 'latents' / 'manifest.json').read_text())
   assert manifest['num_images'] == 21 and manifest['num_shards'] == 3
   # the second extraction redid only the removed shard
   log = proc.stderr
-  runs = re.split(r'^\$ python ', log, flags=re.M)          # one log per command, as echoed
+  runs = re.split(r'^\$ python ', log, flags=re.M)  # one log per command, as echoed
   first, second = [r for r in runs if r.startswith(EXTRACT[0])]
   assert (tmp_path / shard).is_file() and 'already finished' not in first
   done = [f'shard {i}/3 already finished, skipped' in second for i in (1, 2, 3)]

@@ -1,5 +1,6 @@
 """Every shipped config (configs/*.py) loads as the command line loads it and passes the checks a
 run makes before any work: a typo in a config file fails here, not an hour into a pod job."""
+
 import os
 
 import pytest
@@ -14,8 +15,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(f for f in os.listdir(os.path.join(ROOT, 'configs')) if f.endswith('.py'))
 # the study configs of tools/learning_curves.py and tools/flow_matching.py (a `train` inside), with
 # the check each study makes of its variants' training configs
-STUDIES = {'learning_curves.py': learning_curves.check_study,
-           'flow_matching.py': flow_matching.check_study}
+STUDIES = {
+    'learning_curves.py': learning_curves.check_study,
+    'flow_matching.py': flow_matching.check_study,
+}
 # ml_collections loads config files with importlib's deprecated load_module()
 pytestmark = pytest.mark.filterwarnings('ignore:the load_module\\(\\) method is deprecated')
 
@@ -36,10 +39,10 @@ def test_every_config_file_is_checked():
 def test_shipped_config_passes_the_checks_of_a_run(name):
   config = load(name)
   if name in STUDIES:
-    STUDIES[name](config)                    # validates every variant's training config
+    STUDIES[name](config)  # validates every variant's training config
     config = config.train
   model = validate(config)
-  samples.sampler_config(config)             # the grid / evaluation sampler settings
-  mesh = sharding.make_mesh(config.mesh.to_dict())                # 8 test devices
+  samples.sampler_config(config)  # the grid / evaluation sampler settings
+  mesh = sharding.make_mesh(config.mesh.to_dict())  # 8 test devices
   assert config.global_batch_size % sharding.data_parallel_size(mesh) == 0
   assert model.num_classes == (10 if config.data.name == 'digits' else 1000)

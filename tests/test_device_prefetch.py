@@ -1,4 +1,5 @@
 """Batches placed on the devices ahead of the step; checkpoints hold the loop's position."""
+
 import json
 
 import jax
@@ -32,7 +33,7 @@ def test_same_batches_as_the_reader_and_resume_at_the_loop_position(size):
   it, bsh = _placed(size)
   got = [next(it) for _ in range(3)]
   assert all(isinstance(v, jax.Array) and v.sharding == bsh for v in got[0].values())
-  saved = it.get_state()           # the reader is `size` batches further on
+  saved = it.get_state()  # the reader is `size` batches further on
   got += [next(it) for _ in range(3)]
   for g, w in zip(got, want):
     for k in w:

@@ -1,4 +1,5 @@
 """Gaussian diffusion against an independent float64 numpy implementation of the IDDPM formulas."""
+
 import math
 
 import jax
@@ -9,8 +10,8 @@ import pytest
 from mdt_jax import diffusion as gd
 from reference_diffusion import T, ref_losses, ref_tables
 
-
 # ----------------------------------------------------------------- tables and respacing
+
 
 def test_linear_betas_and_tables():
   d = gd.create_diffusion()
@@ -62,15 +63,18 @@ def test_space_timesteps_sections_and_ddim():
   assert gd.space_timesteps(10, '2,2,2') == [0, 3, 4, 6, 7, 9]
 
 
-@pytest.mark.parametrize('bad, message', [
-    ('1001', "cannot respace a section of 1000 steps into 1001 steps"),
-    ('ddim999', 'cannot respace 1000 steps to exactly 999 steps with an integer stride'),
-    ('abc', "cannot parse step counts 'abc'; expected comma-separated integers"),
-    ('0', "step counts must be positive integers, got '0'"),
-    ('10,x', "cannot parse step counts '10,x'"),
-    ('ddimfoo', 'cannot parse \'ddimfoo\'; expected "ddimN" with an integer N'),
-    ('1', "respacing '1' keeps 1 step\\(s\\); at least 2 are needed"),
-])
+@pytest.mark.parametrize(
+    'bad, message',
+    [
+        ('1001', 'cannot respace a section of 1000 steps into 1001 steps'),
+        ('ddim999', 'cannot respace 1000 steps to exactly 999 steps with an integer stride'),
+        ('abc', "cannot parse step counts 'abc'; expected comma-separated integers"),
+        ('0', "step counts must be positive integers, got '0'"),
+        ('10,x', "cannot parse step counts '10,x'"),
+        ('ddimfoo', 'cannot parse \'ddimfoo\'; expected "ddimN" with an integer N'),
+        ('1', "respacing '1' keeps 1 step\\(s\\); at least 2 are needed"),
+    ],
+)
 def test_bad_respacing(bad, message):
   """Each bad value is named with what was expected (the message, not just any error)."""
   with pytest.raises(ValueError, match=message):
@@ -78,6 +82,7 @@ def test_bad_respacing(bad, message):
 
 
 # ----------------------------------------------------------------- q / p distributions
+
 
 def test_q_sample_posterior_and_p_mean_variance():
   d = gd.create_diffusion()
@@ -89,9 +94,12 @@ def test_q_sample_posterior_and_p_mean_variance():
   g = lambda name: tb[name][t][:, None, None, None]
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   xt = np.asarray(gd.q_sample(d, f32(x0), jnp.asarray(t), f32(noise)))
-  np.testing.assert_allclose(xt, g('sqrt_alphas_cumprod') * x0
-                             + g('sqrt_one_minus_alphas_cumprod') * noise,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      xt,
+      g('sqrt_alphas_cumprod') * x0 + g('sqrt_one_minus_alphas_cumprod') * noise,
+      rtol=1e-5,
+      atol=1e-6,
+  )
   out = rng.normal(size=(b, 4, 4, 2 * c))
   res = gd.p_mean_variance(d, jnp.asarray(out, jnp.float32), jnp.asarray(xt), jnp.asarray(t))
   eps, v = out[..., :c], out[..., c:]
@@ -105,19 +113,23 @@ def test_q_sample_posterior_and_p_mean_variance():
   frac = (v + 1) / 2
   logvar = frac * np.log(beta) + (1 - frac) * g('posterior_log_variance_clipped')
   np.testing.assert_allclose(np.asarray(res['log_variance']), logvar, rtol=1e-5, atol=1e-5)
-  clipped = gd.p_mean_variance(d, jnp.asarray(out, jnp.float32), jnp.asarray(xt), jnp.asarray(t),
-                               clip_denoised=True)['pred_xstart']
+  clipped = gd.p_mean_variance(
+      d, jnp.asarray(out, jnp.float32), jnp.asarray(xt), jnp.asarray(t), clip_denoised=True
+  )['pred_xstart']
   np.testing.assert_allclose(np.asarray(clipped), np.clip(x0_hat, -1, 1), rtol=1e-4, atol=2e-4)
   # Fixed (small) variance when the model outputs only C channels.
   fixed = gd.p_mean_variance(d, jnp.asarray(eps, jnp.float32), jnp.asarray(xt), jnp.asarray(t))
-  np.testing.assert_allclose(np.asarray(fixed['log_variance']),
-                             np.broadcast_to(g('posterior_log_variance_clipped'), xt.shape),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      np.asarray(fixed['log_variance']),
+      np.broadcast_to(g('posterior_log_variance_clipped'), xt.shape),
+      rtol=1e-5,
+  )
   with pytest.raises(ValueError, match='channels'):
     gd.p_mean_variance(d, jnp.zeros((b, 4, 4, 5)), jnp.asarray(xt), jnp.asarray(t))
 
 
 # ----------------------------------------------------------------- losses
+
 
 @pytest.mark.parametrize('gamma', [5.0, None])
 def test_training_losses_match_reference(gamma):
@@ -129,19 +141,23 @@ def test_training_losses_match_reference(gamma):
   x0 = np.clip(rng.normal(scale=0.8, size=(b, 4, 4, c)), -1, 1)
   noise = rng.normal(size=x0.shape)
   tb = ref_tables(np.linspace(1e-4, 0.02, T))
-  xt = tb['sqrt_alphas_cumprod'][t][:, None, None, None] * x0 + \
-      tb['sqrt_one_minus_alphas_cumprod'][t][:, None, None, None] * noise
-  out = np.concatenate([noise + 0.3 * rng.normal(size=x0.shape),
-                        rng.uniform(-1, 1, size=x0.shape)], axis=-1)
+  xt = (
+      tb['sqrt_alphas_cumprod'][t][:, None, None, None] * x0
+      + tb['sqrt_one_minus_alphas_cumprod'][t][:, None, None, None] * noise
+  )
+  out = np.concatenate(
+      [noise + 0.3 * rng.normal(size=x0.shape), rng.uniform(-1, 1, size=x0.shape)], axis=-1
+  )
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   got = jax.jit(gd.training_losses, static_argnames='min_snr_gamma')(
-      d, f32(out), f32(x0), f32(xt), jnp.asarray(t), f32(noise), min_snr_gamma=gamma)
+      d, f32(out), f32(x0), f32(xt), jnp.asarray(t), f32(noise), min_snr_gamma=gamma
+  )
   loss, mse, vb = ref_losses(np.linspace(1e-4, 0.02, T), out, x0, xt, t, noise, gamma)
   assert set(got) == {'loss', 'mse', 'vb'}
   np.testing.assert_allclose(np.asarray(got['mse']), mse, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(got['vb']), vb, rtol=5e-5, atol=1e-7)
   np.testing.assert_allclose(np.asarray(got['loss']), loss, rtol=5e-5, atol=1e-7)
-  assert np.all(np.asarray(got['vb'])[:2] > 1.0)   # t=0: the decoder NLL, several bits/dim
+  assert np.all(np.asarray(got['vb'])[:2] > 1.0)  # t=0: the decoder NLL, several bits/dim
 
 
 def test_fixed_variance_has_no_vb():
@@ -152,8 +168,9 @@ def test_fixed_variance_has_no_vb():
   xt = gd.q_sample(d, x0, t, noise)
   got = gd.training_losses(d, eps, x0, xt, t, noise, min_snr_gamma=None)
   np.testing.assert_array_equal(np.asarray(got['vb']), 0.0)
-  np.testing.assert_allclose(np.asarray(got['loss']), np.mean((noise - eps) ** 2, axis=(1, 2, 3)),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      np.asarray(got['loss']), np.mean((noise - eps) ** 2, axis=(1, 2, 3)), rtol=1e-6
+  )
 
 
 def test_vb_gradient_reaches_only_variance_channels():
@@ -164,8 +181,9 @@ def test_vb_gradient_reaches_only_variance_channels():
   t = jnp.array([0, 3, 250, 999])
   xt = gd.q_sample(d, x0, t, noise)
   out = jnp.asarray(rng.normal(size=(b, 2, 2, 2 * c)), jnp.float32)
-  term = lambda name: jax.grad(
-      lambda o: gd.training_losses(d, o, x0, xt, t, noise)[name].sum())(out)
+  term = lambda name: jax.grad(lambda o: gd.training_losses(d, o, x0, xt, t, noise)[name].sum())(
+      out
+  )
   g_vb, g_mse = term('vb'), term('mse')
   np.testing.assert_array_equal(np.asarray(g_vb[..., :c]), 0.0)
   assert np.all(np.abs(np.asarray(g_vb[..., c:])).sum(axis=(1, 2, 3)) > 0)
@@ -194,8 +212,9 @@ def test_losses_are_jittable_with_sharded_batch():
   mesh = jax.make_mesh((8,), ('data',), axis_types=(jax.sharding.AxisType.Explicit,))
   sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('data'))
   rng = np.random.default_rng(4)
-  x0, noise = (jax.device_put(jnp.asarray(a, jnp.float32), sh)
-               for a in rng.normal(size=(2, 8, 2, 2, 4)))
+  x0, noise = (
+      jax.device_put(jnp.asarray(a, jnp.float32), sh) for a in rng.normal(size=(2, 8, 2, 2, 4))
+  )
   out = jax.device_put(jnp.asarray(rng.normal(size=(8, 2, 2, 8)), jnp.float32), sh)
   t = jax.device_put(jnp.arange(0, 800, 100), sh)
 

@@ -1,4 +1,5 @@
 """Input checks of the evaluation command and the .npz reader (no Inception weights needed)."""
+
 import numpy as np
 import pytest
 
@@ -19,20 +20,35 @@ def files(tmp_path):
 
 
 def _run(samples, reference, tmp_path):
-  return evaluate_cli.main(['--samples', samples, '--reference', reference, '--inception',
-                            str(tmp_path / 'absent.safetensors'), '--quiet'])
+  return evaluate_cli.main(
+      [
+          '--samples',
+          samples,
+          '--reference',
+          reference,
+          '--inception',
+          str(tmp_path / 'absent.safetensors'),
+          '--quiet',
+      ]
+  )
 
 
-@pytest.mark.parametrize('arrays, match', [
-    ({'arr_0': _images(dtype=np.float32)}, 'dtype float32, expected uint8'),
-    ({'arr_0': _images()[..., :1]}, r'expected \[N, H, W, 3\]'),
-    ({'arr_0': _images()[0]}, r'expected \[N, H, W, 3\]'),
-    ({'arr_0': _images(size=4)}, 'at least 8x8'),
-    ({'arr_0': _images(n=1)}, 'at least 2'),
-    ({'images': _images()}, 'expected arr_0'),
-    ({'arr_0': _images(n=5), 'arr_1': np.zeros(4, np.int64)}, 'arr_1 must hold integer labels'),
-    ({'arr_0': _images(n=5), 'arr_1': np.zeros(5, np.float32)}, 'arr_1 must hold integer labels'),
-])
+@pytest.mark.parametrize(
+    'arrays, match',
+    [
+        ({'arr_0': _images(dtype=np.float32)}, 'dtype float32, expected uint8'),
+        ({'arr_0': _images()[..., :1]}, r'expected \[N, H, W, 3\]'),
+        ({'arr_0': _images()[0]}, r'expected \[N, H, W, 3\]'),
+        ({'arr_0': _images(size=4)}, 'at least 8x8'),
+        ({'arr_0': _images(n=1)}, 'at least 2'),
+        ({'images': _images()}, 'expected arr_0'),
+        ({'arr_0': _images(n=5), 'arr_1': np.zeros(4, np.int64)}, 'arr_1 must hold integer labels'),
+        (
+            {'arr_0': _images(n=5), 'arr_1': np.zeros(5, np.float32)},
+            'arr_1 must hold integer labels',
+        ),
+    ],
+)
 def test_bad_samples(files, arrays, match):
   tmp_path, good = files
   bad = str(tmp_path / 'bad.npz')
@@ -41,12 +57,15 @@ def test_bad_samples(files, arrays, match):
     _run(bad, good, tmp_path)
 
 
-@pytest.mark.parametrize('arrays, match', [
-    ({'features': np.zeros((4, 2048))}, 'expected an ADM reference batch'),
-    ({'arr_0': _images(), 'mu': np.zeros(2048)}, 'not all of'),
-    ({'arr_0': _images(dtype=np.int16)}, 'expected uint8'),
-    ({'format': np.array('something else'), 'mu': np.zeros(3)}, 'not a statistics file'),
-])
+@pytest.mark.parametrize(
+    'arrays, match',
+    [
+        ({'features': np.zeros((4, 2048))}, 'expected an ADM reference batch'),
+        ({'arr_0': _images(), 'mu': np.zeros(2048)}, 'not all of'),
+        ({'arr_0': _images(dtype=np.int16)}, 'expected uint8'),
+        ({'format': np.array('something else'), 'mu': np.zeros(3)}, 'not a statistics file'),
+    ],
+)
 def test_bad_reference(files, arrays, match):
   tmp_path, good = files
   bad = str(tmp_path / 'bad_ref.npz')
@@ -77,8 +96,9 @@ def test_reference_kinds(files):
   np.savez(stats_only, mu=np.zeros(2), sigma=np.eye(2), mu_s=np.zeros(2), sigma_s=np.eye(2))
   assert evaluator.reference_kind(stats_only) == 'adm'
   saved = str(tmp_path / 'saved.npz')
-  evaluator.save_statistics(saved, evaluator.Statistics(np.zeros(2), np.eye(2), np.ones(3),
-                                                        np.eye(3), None, 7, 'w', 's'))
+  evaluator.save_statistics(
+      saved, evaluator.Statistics(np.zeros(2), np.eye(2), np.ones(3), np.eye(3), None, 7, 'w', 's')
+  )
   assert evaluator.reference_kind(saved) == 'stats'
   loaded = evaluator.load_statistics(saved)
   assert loaded.num_images == 7 and loaded.pool is None and loaded.weights == 'w'
@@ -98,7 +118,14 @@ def test_npz_images_streams_batches(tmp_path, compressed):
 
 
 def test_format_table():
-  table = evaluator.format_table({'num_samples': 3, 'num_reference': 4, 'fid': 1.23456,
-                                  'inception_score': None, 'notes': ['n']})
+  table = evaluator.format_table(
+      {
+          'num_samples': 3,
+          'num_reference': 4,
+          'fid': 1.23456,
+          'inception_score': None,
+          'notes': ['n'],
+      }
+  )
   assert 'FID              1.2346' in table and 'Inception Score  n/a' in table
   assert 'note: n' in table

@@ -1,4 +1,5 @@
 """The digits classifier: accuracy, determinism, cache, Frechet distance and class accuracy."""
+
 import dataclasses
 import os
 import warnings
@@ -42,7 +43,7 @@ def test_cache_file_round_trip(clf, cache_dir, data):
   path = dc.cache_file(cache_dir, clf.config)
   assert os.path.isfile(path)
   loaded = dc.load(path, clf.config)
-  images = data[0][:600]   # more than one batch of 512: padded last batch
+  images = data[0][:600]  # more than one batch of 512: padded last batch
   np.testing.assert_array_equal(loaded.features(images), clf.features(images))
   assert loaded.test_accuracy == clf.test_accuracy
   with pytest.raises(ValueError, match='trained with'):
@@ -65,7 +66,7 @@ def test_frechet_distance(clf, data):
   a, b = clf.features(images[test_idx]).astype(np.float64), clf.features(images[train_idx])
   s1, s2 = np.cov(a, rowvar=False), np.cov(b.astype(np.float64), rowvar=False)
   with warnings.catch_warnings():
-    warnings.simplefilter('ignore', linalg.LinAlgWarning)   # dead ReLU units: singular covs
+    warnings.simplefilter('ignore', linalg.LinAlgWarning)  # dead ReLU units: singular covs
     root = linalg.sqrtm(s1 @ s2).real
   want = np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(s1 + s2) - 2 * np.trace(root)
   assert real == pytest.approx(want, rel=1e-5, abs=1e-4)
@@ -75,7 +76,8 @@ def test_frechet_distance(clf, data):
   assert blurred_noise > 10 * real
   # default reference: the whole dataset
   assert dc.digits_frechet_distance(images[test_idx], classifier=clf) == pytest.approx(
-      dc.digits_frechet_distance(images[test_idx], images, clf))
+      dc.digits_frechet_distance(images[test_idx], images, clf)
+  )
 
 
 def test_class_accuracy_of_wrong_labels(clf, data):

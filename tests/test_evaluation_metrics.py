@@ -1,4 +1,5 @@
 """FID / IS / precision-recall against independent NumPy / SciPy computations and known cases."""
+
 import numpy as np
 import pytest
 from scipy import linalg, stats
@@ -37,12 +38,13 @@ def test_frechet_distance_identical_sets_is_zero_and_symmetric():
   assert abs(metrics.frechet_distance(mu, sigma, mu, sigma)) < 1e-9
   mu2, sigma2 = metrics.feature_statistics(feats[:100] + 0.5)
   assert metrics.frechet_distance(mu, sigma, mu2, sigma2) == pytest.approx(
-      metrics.frechet_distance(mu2, sigma2, mu, sigma), rel=1e-9)
+      metrics.frechet_distance(mu2, sigma2, mu, sigma), rel=1e-9
+  )
 
 
 def test_frechet_distance_singular_covariances_agree():
   rng = np.random.default_rng(2)
-  x, y = rng.standard_normal((6, 12)), rng.standard_normal((5, 12)) + 1   # N < D: rank-deficient
+  x, y = rng.standard_normal((6, 12)), rng.standard_normal((5, 12)) + 1  # N < D: rank-deficient
   with pytest.warns(UserWarning, match='singular'):
     (mu1, s1), (mu2, s2) = metrics.feature_statistics(x), metrics.feature_statistics(y)
   got = metrics.frechet_distance(mu1, s1, mu2, s2)
@@ -69,10 +71,11 @@ def test_statistics_and_frechet_errors():
 def _is_reference(logits, split):
   """Independent IS: scipy softmax and entropy-based KL, per split."""
   from scipy.special import softmax
+
   p = softmax(logits.astype(np.float64), axis=1)
   scores = []
   for i in range(0, len(p), split):
-    part = p[i:i + split]
+    part = p[i : i + split]
     scores.append(np.exp(np.mean([stats.entropy(row, part.mean(0)) for row in part])))
   return np.mean(scores)
 
@@ -84,9 +87,10 @@ def test_inception_score():
   onehot = np.repeat(np.eye(7) * 60.0, 6, axis=0)
   assert metrics.inception_score(onehot) == pytest.approx(7.0, rel=1e-9)
   logits = rng.standard_normal((23, 12)) * 3
-  for split in (5000, 5, 7):   # the last split is shorter when N is not a multiple
-    assert metrics.inception_score(logits, split) == pytest.approx(_is_reference(logits, split),
-                                                                   rel=1e-9)
+  for split in (5000, 5, 7):  # the last split is shorter when N is not a multiple
+    assert metrics.inception_score(logits, split) == pytest.approx(
+        _is_reference(logits, split), rel=1e-9
+    )
   assert metrics.inception_score(logits, 5) != pytest.approx(metrics.inception_score(logits))
   # probabilities that underflow in float32 do not give NaN
   assert np.isfinite(metrics.inception_score(onehot * 100))
@@ -141,5 +145,6 @@ def test_sqrtm_route_matches_scipy_directly():
   mu2, s2 = _random_stats(rng, 100, 10)
   root = linalg.sqrtm(s1 @ s2).real
   want = np.sum((mu1 - mu2) ** 2) + np.trace(s1 + s2 - 2 * root)
-  assert metrics.frechet_distance(mu1, s1, mu2, s2, method='sqrtm') == pytest.approx(want,
-                                                                                   rel=1e-12)
+  assert metrics.frechet_distance(mu1, s1, mu2, s2, method='sqrtm') == pytest.approx(
+      want, rel=1e-12
+  )

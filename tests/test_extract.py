@@ -1,6 +1,6 @@
 """Latent extraction end to end on a small image folder with a small random VAE."""
+
 import glob
-import io
 import json
 import os
 
@@ -38,7 +38,8 @@ def make_folder(root) -> dict:
       chans = {'RGB': 3, 'L': 1, 'RGBA': 4}[mode]
       arr = rng.integers(0, 256, (h, w, chans), dtype=np.uint8)
       Image.fromarray(arr.squeeze(-1) if chans == 1 else arr, mode).save(
-          root / cls / f'{cls}_{k:02d}.png')
+          root / cls / f'{cls}_{k:02d}.png'
+      )
   (root / 'dog' / 'dog_99.png').write_bytes(b'not a png at all')
   (root / 'dog' / 'notes.txt').write_text('ignored: not an image extension')
   return files
@@ -64,7 +65,9 @@ def test_extract_folder_end_to_end(tmp_path, vae):
 
   names = sorted(os.listdir(out))
   assert [s for s in names if s.startswith('latents')] == [
-      'latents-00000-of-00002.array_record', 'latents-00001-of-00002.array_record']
+      'latents-00000-of-00002.array_record',
+      'latents-00001-of-00002.array_record',
+  ]
   assert not [s for s in names if s.endswith('.tmp')]
   records = read_shards(out)
   good = [f'cat/cat_{k:02d}.png' for k in range(12)] + [f'dog/dog_{k:02d}.png' for k in range(9)]
@@ -76,11 +79,13 @@ def test_extract_folder_end_to_end(tmp_path, vae):
   mean_f, logvar_f = vae.encode(x[:, :, ::-1])
   for k, r in enumerate(records):
     assert r['moments'].shape == (SIZE // 2, SIZE // 2, 8) and r['moments'].dtype == np.float32
-    np.testing.assert_allclose(r['moments'], np.concatenate([mean[k], logvar[k]], -1),
-                               rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(r['moments_flip'], np.concatenate([mean_f[k], logvar_f[k]], -1),
-                               rtol=1e-5, atol=1e-5)
-    assert not np.allclose(r['moments'], r['moments_flip'])   # the flip really is another input
+    np.testing.assert_allclose(
+        r['moments'], np.concatenate([mean[k], logvar[k]], -1), rtol=1e-5, atol=1e-5
+    )
+    np.testing.assert_allclose(
+        r['moments_flip'], np.concatenate([mean_f[k], logvar_f[k]], -1), rtol=1e-5, atol=1e-5
+    )
+    assert not np.allclose(r['moments'], r['moments_flip'])  # the flip really is another input
 
   skipped = (out / 'skipped.txt').read_text().splitlines()
   assert len(skipped) == 1 and skipped[0].startswith('dog/dog_99.png\t')
@@ -138,17 +143,24 @@ def test_center_crop_follows_adm():
   # Landscape: the short side becomes SIZE, then the centre columns are kept.
   wide = Image.fromarray(rng.integers(0, 256, (SIZE, 3 * SIZE + 1, 3), dtype=np.uint8))
   out = extract.center_crop_arr(wide, SIZE)
-  np.testing.assert_array_equal(out, np.asarray(wide)[:, SIZE:2 * SIZE])
+  np.testing.assert_array_equal(out, np.asarray(wide)[:, SIZE : 2 * SIZE])
 
 
 class MdtJaxTinyImages(tfds.core.GeneratorBasedBuilder):
   """Five tiny images in two classes, prepared in array_record format like imagenet2012."""
+
   VERSION = tfds.core.Version('1.0.0')
 
   def _info(self):
-    return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-        'image': tfds.features.Image(shape=(None, None, 3)),
-        'label': tfds.features.ClassLabel(names=['n01', 'n02'])}))
+    return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+            {
+                'image': tfds.features.Image(shape=(None, None, 3)),
+                'label': tfds.features.ClassLabel(names=['n01', 'n02']),
+            }
+        ),
+    )
 
   def _split_generators(self, dl_manager):
     return {'train': self._generate_examples()}
@@ -165,21 +177,29 @@ def test_tfds_source_end_to_end(tmp_path, vae, monkeypatch):
   builder.download_and_prepare()
   source = extract.tfds_source('mdt_jax_tiny_images', 'train', data_dir)
   assert source.class_names == ['n01', 'n02'] and len(source) == 5
-  stored = list(builder.as_data_source(split='train'))   # TFDS's order (shuffled by key)
+  stored = list(builder.as_data_source(split='train'))  # TFDS's order (shuffled by key)
   labels = [int(ex['label']) for ex in stored]
   assert sorted(labels) == [0, 0, 0, 1, 1]
   image, label = source.load(3)
   assert label == labels[3] and np.array_equal(np.asarray(image), stored[3]['image'])  # lossless
 
-  manifest = extract.extract(source, vae, str(tmp_path / 'out'), image_size=SIZE, batch_size=8,
-                             images_per_shard=8, num_workers=2)
+  manifest = extract.extract(
+      source,
+      vae,
+      str(tmp_path / 'out'),
+      image_size=SIZE,
+      batch_size=8,
+      images_per_shard=8,
+      num_workers=2,
+  )
   assert manifest['images_per_class'] == {'n01': 3, 'n02': 2}
   records = read_shards(tmp_path / 'out')
   assert [r['label'] for r in records] == labels
   x = extract.preprocess(Image.fromarray(stored[4]['image']), SIZE)[None] / 127.5 - 1
   mean, logvar = vae.encode(x.astype(np.float32))
-  np.testing.assert_allclose(records[4]['moments'], np.concatenate([mean[0], logvar[0]], -1),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      records[4]['moments'], np.concatenate([mean[0], logvar[0]], -1), rtol=1e-5, atol=1e-5
+  )
 
   with pytest.raises(FileNotFoundError, match='cannot open TFDS dataset'):
     extract.tfds_source('mdt_jax_tiny_images', 'train', str(tmp_path / 'nowhere'))

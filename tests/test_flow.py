@@ -1,4 +1,5 @@
 """The flow-matching objective and its samplers, against NumPy and closed-form references."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,8 +26,8 @@ def exact_velocity(x, t_model, y):
   """E[eps - x_0 | x_t = x] for the Gaussian data (t_model = t * T)."""
   del y
   t = (t_model / T)[:, None, None, None]
-  m, v = (1 - t) * MU, (1 - t) ** 2 * S ** 2 + t ** 2
-  return (x - m) * (t - (1 - t) * S ** 2) / v - MU
+  m, v = (1 - t) * MU, (1 - t) ** 2 * S**2 + t**2
+  return (x - m) * (t - (1 - t) * S**2) / v - MU
 
 
 def start_noise(n, seed=0):
@@ -43,6 +44,7 @@ def flow_sample(cfg, n=64, seed=0, model=exact_velocity, labels=None):
 
 # ----------------------------------------------------------------- the objective
 
+
 def test_interpolant_velocity_and_loss_match_numpy():
   rng = np.random.default_rng(0)
   x0, eps, out = (rng.normal(size=(5, 4, 4, 3)).astype(np.float32) for _ in range(3))
@@ -50,8 +52,9 @@ def test_interpolant_velocity_and_loss_match_numpy():
   tb = t[:, None, None, None].astype(np.float64)
   want_xt = (1 - tb) * x0 + tb * eps
   np.testing.assert_allclose(flow.interpolate(x0, eps, t), want_xt, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(flow.velocity_target(x0, eps), eps - x0.astype(np.float64),
-                             rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(
+      flow.velocity_target(x0, eps), eps - x0.astype(np.float64), rtol=1e-6, atol=1e-6
+  )
   terms = flow.training_losses(jnp.asarray(out), x0, eps)
   want = ((out.astype(np.float64) - (eps - x0)) ** 2).mean(axis=(1, 2, 3))
   np.testing.assert_allclose(terms['loss'], want, rtol=1e-5)
@@ -72,10 +75,13 @@ def test_time_draws_and_shift():
   logit = np.log(ln / (1 - ln))
   assert abs(logit.mean() + 0.5) < 0.02 and abs(logit.std() - 0.7) < 0.02
   shifted = np.asarray(flow.sample_time(flow.FlowMatching(t_shift=3.0), key, 20000))
-  np.testing.assert_allclose(shifted, 3 * u / (1 + 2 * u), rtol=1e-5)     # same draws, shifted
+  np.testing.assert_allclose(shifted, 3 * u / (1 + 2 * u), rtol=1e-5)  # same draws, shifted
   np.testing.assert_allclose(flow.shift_time(jnp.array([0.0, 0.5, 1.0]), 3.0), [0, 0.75, 1])
-  for kwargs, match in [(dict(t_sampling='beta'), 't_sampling'), (dict(t_shift=0.0), 't_shift'),
-                        (dict(t_logit_scale=-1.0), 't_logit_scale')]:
+  for kwargs, match in [
+      (dict(t_sampling='beta'), 't_sampling'),
+      (dict(t_shift=0.0), 't_shift'),
+      (dict(t_logit_scale=-1.0), 't_logit_scale'),
+  ]:
     with pytest.raises(ValueError, match=match):
       flow.FlowMatching(**kwargs)
 
@@ -101,7 +107,7 @@ def test_flow_branch_loss_matches_numpy():
   out = 0.5 * x_t + 0.001 * T * tb
   want = ((out - (noise - x0)) ** 2).mean()
   np.testing.assert_allclose(got['loss'], want, rtol=1e-5)
-  np.testing.assert_allclose(seen['t'], t * T, rtol=1e-6)    # the embedder's range
+  np.testing.assert_allclose(seen['t'], t * T, rtol=1e-6)  # the embedder's range
   assert seen['train'] and seen['masked']
   with pytest.raises(ValueError, match='DDPM setting'):
     step_lib.flow_branch_loss(model, fm, x0, y, t, key, masked=False, min_snr_gamma=5.0)
@@ -114,8 +120,14 @@ def test_objective_records():
   assert folder_record(ddpm) == {'num_timesteps': 1000, 'beta_schedule': 'linear'}
   fl = dict(ddpm, objective='flow', min_snr_gamma=None, t_sampling='logit_normal', t_shift=2.0)
   rec = folder_record(fl)
-  assert rec == {'objective': 'flow', 'num_timesteps': 1000, 't_sampling': 'logit_normal',
-                 't_logit_mean': 0.0, 't_logit_scale': 1.0, 't_shift': 2.0}
+  assert rec == {
+      'objective': 'flow',
+      'num_timesteps': 1000,
+      't_sampling': 'logit_normal',
+      't_logit_mean': 0.0,
+      't_logit_scale': 1.0,
+      't_shift': 2.0,
+  }
   assert make_process(rec) == flow.FlowMatching('logit_normal', 0.0, 1.0, 2.0, 1000.0)
   assert isinstance(make_process(ddpm), mdt_jax.diffusion.Diffusion)
   with pytest.raises(ValueError, match='objective must be one of'):
@@ -125,6 +137,7 @@ def test_objective_records():
 def test_config_refusals():
   from micro_config import get_config
   from mdt_jax.training.config import validate
+
   c = get_config()
   c.diffusion.objective = 'flow'
   with pytest.raises(ValueError, match='learn_sigma=False'):
@@ -134,19 +147,20 @@ def test_config_refusals():
     validate(c)
   c.diffusion.min_snr_gamma = None
   with pytest.raises(ValueError, match='samplers that fit: euler, heun, euler_maruyama'):
-    validate(c)                              # the base config's sampler is DDPM's
+    validate(c)  # the base config's sampler is DDPM's
   c.sampling.sampler, c.sampling.steps = 'heun', 4
   validate(c)
   c.diffusion.t_sampling = 'cosine'
   with pytest.raises(ValueError, match='t_sampling'):
     validate(c)
-  c = get_config()                           # 8x8 digits: the classifier takes 16x16
+  c = get_config()  # 8x8 digits: the classifier takes 16x16
   c.eval_num_samples = 10
   with pytest.raises(ValueError, match='data.image_size is 8'):
     validate(c)
 
 
 # ----------------------------------------------------------------- samplers: closed form
+
 
 def test_ode_samplers_reach_the_exact_flow_map():
   """The exact flow maps x_1 = z to x_0 = MU + S z; Euler converges at first order, Heun at
@@ -158,8 +172,8 @@ def test_ode_samplers_reach_the_exact_flow_map():
     x = flow_sample(SamplerConfig(sampler=sampler, steps=steps, objective='flow'))
     err[sampler, steps] = np.abs(x - exact).max()
   assert err['heun', 32] < 0.01 and err['heun', 8] < err['euler', 8] / 4
-  assert 3 < err['euler', 8] / err['euler', 32] < 5.5          # first order: 4x for 4x steps
-  assert err['heun', 8] / err['heun', 32] > 12                 # second order: 16x
+  assert 3 < err['euler', 8] / err['euler', 32] < 5.5  # first order: 4x for 4x steps
+  assert err['heun', 8] / err['heun', 32] > 12  # second order: 16x
 
 
 def test_time_grids():
@@ -171,8 +185,14 @@ def test_time_grids():
 def test_euler_maruyama_without_noise_is_euler_on_its_grid():
   """diffusion 0: SiT's SDE sampler is the ODE's Euler steps from 1 to the last step, then one
   Euler step to 0 (the score term vanishes with w)."""
-  cfg = SamplerConfig(sampler='euler_maruyama', steps=6, objective='flow',
-                          sde_diffusion='constant', sde_diffusion_norm=0.0, sde_last_step=0.1)
+  cfg = SamplerConfig(
+      sampler='euler_maruyama',
+      steps=6,
+      objective='flow',
+      sde_diffusion='constant',
+      sde_diffusion_norm=0.0,
+      sde_last_step=0.1,
+  )
   sde = flow_sample(cfg, n=8)
   grid = np.append(flow_loops.time_grid(6, end=0.1), 0.0)
   vel = lambda x, t: exact_velocity(x, t, None)
@@ -183,11 +203,17 @@ def test_euler_maruyama_without_noise_is_euler_on_its_grid():
 @pytest.mark.parametrize('form, norm', [('sigma', 1.0), ('constant', 0.2)])
 def test_euler_maruyama_samples_the_data_distribution(form, norm):
   """Stochastic paths, but the marginal at t = 0 is the data's: N(MU, S^2) per channel."""
-  cfg = SamplerConfig(sampler='euler_maruyama', steps=100, objective='flow',
-                          sde_diffusion=form, sde_diffusion_norm=norm, sde_last_step=0.01)
+  cfg = SamplerConfig(
+      sampler='euler_maruyama',
+      steps=100,
+      objective='flow',
+      sde_diffusion=form,
+      sde_diffusion_norm=norm,
+      sde_last_step=0.01,
+  )
   x = flow_sample(cfg, n=256, seed=3)
   z = start_noise(256, seed=3)
-  assert np.abs(x - (MU + S * z)).mean() > 0.1                 # not the ODE's map
+  assert np.abs(x - (MU + S * z)).mean() > 0.1  # not the ODE's map
   np.testing.assert_allclose(x.mean(axis=(0, 1, 2)), MU, atol=0.05)
   np.testing.assert_allclose(x.std(axis=(0, 1, 2)), S, rtol=0.04)
 
@@ -195,17 +221,22 @@ def test_euler_maruyama_samples_the_data_distribution(form, norm):
 def test_guidance_schedules_and_interval_on_flow_time():
   """Constant velocities per class: Euler sums them exactly, so the guided result is closed
   form; the interval is read in model time (t * T)."""
-  vel = lambda x, t, y: jnp.broadcast_to((y.astype(jnp.float32) - 1.0)[:, None, None, None],
-                                         x.shape)
-  y = np.full(4, 2, np.int32)                   # class 2: +1; the null label (3): +2
+  vel = lambda x, t, y: jnp.broadcast_to(
+      (y.astype(jnp.float32) - 1.0)[:, None, None, None], x.shape
+  )
+  y = np.full(4, 2, np.int32)  # class 2: +1; the null label (3): +2
   z = start_noise(4)
   for kwargs, weights in [
       (dict(guidance_schedule='constant'), np.full(4, 3.0)),
       (dict(guidance_schedule='constant', guidance_interval=(0, 500)), [1, 1, 3, 3]),
-      (dict(guidance_schedule='power_cosine', scale_pow=1.0),
-       [1 + 2 * 0.5 * (1 - np.cos(np.pi * (1 - t))) for t in (1, 0.75, 0.5, 0.25)])]:
-    cfg = SamplerConfig(sampler='euler', steps=4, objective='flow', cfg_scale=3.0,
-                            guided_channels='all', **kwargs)
+      (
+          dict(guidance_schedule='power_cosine', scale_pow=1.0),
+          [1 + 2 * 0.5 * (1 - np.cos(np.pi * (1 - t))) for t in (1, 0.75, 0.5, 0.25)],
+      ),
+  ]:
+    cfg = SamplerConfig(
+        sampler='euler', steps=4, objective='flow', cfg_scale=3.0, guided_channels='all', **kwargs
+    )
     x = flow_sample(cfg, n=4, model=vel, labels=y)
     # guided velocity at step k: 2 + s_k (1 - 2), each step of size 1/4 towards t = 0
     want = z - sum(0.25 * (2.0 - w) for w in weights)
@@ -214,12 +245,17 @@ def test_guidance_schedules_and_interval_on_flow_time():
 
 # ----------------------------------------------------------------- an MDT: devices, refusals
 
+
 def test_flow_sampling_is_the_same_on_eight_devices_and_one():
   """The SDE sampler (per-sample noise at every step) on 8 devices and on 1, other batches."""
-  model = random_mdt(label_std=0.1, input_size=4, in_channels=2, num_classes=3,
-                     learn_sigma=False)
-  cfg = SamplerConfig(sampler='euler_maruyama', steps=4, objective='flow', cfg_scale=2.0,
-                          guidance_schedule='constant')
+  model = random_mdt(label_std=0.1, input_size=4, in_channels=2, num_classes=3, learn_sigma=False)
+  cfg = SamplerConfig(
+      sampler='euler_maruyama',
+      steps=4,
+      objective='flow',
+      cfg_scale=2.0,
+      guidance_schedule='constant',
+  )
   y = np.array([0, 1, 2, 0, 1, 2, 0, 1], np.int32)
   a = build_sampler(model, cfg)(np.arange(8), y, 5)
   s1 = build_sampler(model, cfg, mesh=data_mesh(jax.devices()[:1]))
@@ -228,17 +264,20 @@ def test_flow_sampling_is_the_same_on_eight_devices_and_one():
   np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
 
 
-@pytest.mark.parametrize('kwargs, match', [
-    (dict(sampler='ddpm', objective='flow'), 'samplers that fit: euler, heun, euler_maruyama'),
-    (dict(sampler='dpm_solver++', objective='flow'), "for ddpm-objective models"),
-    (dict(sampler='heun'), 'samplers that fit: ddpm, ddim, dpm_solver\\+\\+'),
-    (dict(sampler='heun', steps=5, objective='flow'), 'steps must be even'),
-    (dict(sampler='euler', objective='flow', respacing='ddim5'), 'DDPM-sampler setting'),
-    (dict(sampler='euler', objective='flow', time_shift=-1.0), 'time_shift'),
-    (dict(sampler='euler_maruyama', objective='flow', sde_diffusion='SBDM'), 'sde_diffusion'),
-    (dict(sampler='ddim', time_shift=2.0), 'flow-sampler setting'),
-    (dict(sampler='euler', objective='edm'), 'objective must be one of'),
-])
+@pytest.mark.parametrize(
+    'kwargs, match',
+    [
+        (dict(sampler='ddpm', objective='flow'), 'samplers that fit: euler, heun, euler_maruyama'),
+        (dict(sampler='dpm_solver++', objective='flow'), 'for ddpm-objective models'),
+        (dict(sampler='heun'), 'samplers that fit: ddpm, ddim, dpm_solver\\+\\+'),
+        (dict(sampler='heun', steps=5, objective='flow'), 'steps must be even'),
+        (dict(sampler='euler', objective='flow', respacing='ddim5'), 'DDPM-sampler setting'),
+        (dict(sampler='euler', objective='flow', time_shift=-1.0), 'time_shift'),
+        (dict(sampler='euler_maruyama', objective='flow', sde_diffusion='SBDM'), 'sde_diffusion'),
+        (dict(sampler='ddim', time_shift=2.0), 'flow-sampler setting'),
+        (dict(sampler='euler', objective='edm'), 'objective must be one of'),
+    ],
+)
 def test_bad_flow_sampler_config(kwargs, match):
   with pytest.raises(ValueError, match=match):
     SamplerConfig(**kwargs)
@@ -247,8 +286,12 @@ def test_bad_flow_sampler_config(kwargs, match):
 def test_flow_sampler_refuses_a_learned_variance_model():
   two_c = lambda x, t, y: jnp.concatenate([x, x], axis=-1)
   with pytest.raises(ValueError, match='not trained with the flow objective'):
-    build_sampler(two_c, SamplerConfig(sampler='euler', steps=2, objective='flow'),
-                  image_shape=SHAPE, num_classes=3)
+    build_sampler(
+        two_c,
+        SamplerConfig(sampler='euler', steps=2, objective='flow'),
+        image_shape=SHAPE,
+        num_classes=3,
+    )
   # A DDPM run's record is what it was before the flow fields existed.
   assert 'time_shift' not in SamplerConfig().record()
   assert 'eta' not in SamplerConfig(sampler='heun', steps=2, objective='flow').record()

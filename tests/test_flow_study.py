@@ -4,6 +4,7 @@ Training is stood in for (random weights handed to the step callbacks): both obj
 training runs are tested in test_flow_training.py and test_training.py, and compiling two train
 steps here would double this test's time.
 """
+
 import importlib.util
 import json
 import os
@@ -28,13 +29,13 @@ def study_config():
   """configs/flow_matching.py shrunk to seconds: tiny model, 4 steps, 20 samples, 1 seed, the
   DDPM baseline and flow without the masked branch, one sampler each in the sweep."""
   spec = importlib.util.spec_from_file_location(
-      'fm_config', os.path.join(ROOT, 'configs', 'flow_matching.py'))
+      'fm_config', os.path.join(ROOT, 'configs', 'flow_matching.py')
+  )
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
   c = mod.get_config()
   c.train.model.update(hidden_size=32, depth=2, num_heads=2, decode_layer=0)
-  c.train.update(global_batch_size=16, total_steps=4, checkpoint_every_steps=4,
-                 log_every_steps=2)
+  c.train.update(global_batch_size=16, total_steps=4, checkpoint_every_steps=4, log_every_steps=2)
   c.seeds, c.eval_every_steps, c.eval_num_samples = (1,), 2, 20
   del c.variants['mdt_flow']
   c.curve_samplers = dict(ddpm='dpm_solver++:2', flow='heun:2')
@@ -46,12 +47,18 @@ def study_config():
 def stand_in_training(config, workdir, callbacks=()):
   """train_and_evaluate's contract for the study: the callbacks see every step's state."""
   del workdir
-  abstract = nnx.to_pure_dict(nnx.state(abstract_model(MDTConfig.from_dict(
-      config.model.to_dict()))))
+  abstract = nnx.to_pure_dict(
+      nnx.state(abstract_model(MDTConfig.from_dict(config.model.to_dict())))
+  )
   rng = np.random.default_rng(config.seed)
   params = jax.tree.map(lambda a: jnp.asarray(rng.normal(size=a.shape) * 0.1, a.dtype), abstract)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                     opt_state=(), rng=jnp.zeros((2,), jnp.uint32))
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      ema_params=params,
+      opt_state=(),
+      rng=jnp.zeros((2,), jnp.uint32),
+  )
   for step in range(1, config.total_steps + 1):
     for cb in callbacks:
       cb(step, state)
@@ -79,8 +86,9 @@ def test_tiny_study_runs_sweeps_resumes_and_reports(tmp_path, monkeypatch):
   assert saved['sweep']['dit_flow']['heun:2']['fd']['mean'] == [sweep['fd']]
   target = saved['target']
   assert target['reference'] == 'dpm_solver++:2' and 'dit_flow' in target['variants']
-  assert results['summary']['reach_baseline_final']['fd']['target'] == \
-      pytest.approx(runs['mdt_ddpm']['fd'][-1])
+  assert results['summary']['reach_baseline_final']['fd']['target'] == pytest.approx(
+      runs['mdt_ddpm']['fd'][-1]
+  )
 
   # A second invocation with the same config keeps the finished runs: nothing is trained.
   monkeypatch.setattr(fm, 'run_one', lambda *a, **k: pytest.fail('trained again'))

@@ -1,5 +1,6 @@
 """A flow-objective latent run end to end: FID during training (a random VAE, a small random
 stand-in for the Inception), a preemption inside an evaluation, export, and the sampling CLI."""
+
 import json
 import os
 import signal
@@ -42,12 +43,25 @@ def latent_flow_run(tmp_path_factory):
   vae_cfg = vae_lib.VAEConfig.from_dict(TINY)
   vae_lib.io.write_folder(str(root / 'vae'), vae_cfg, vae_lib.random_params(vae_cfg, seed=0))
   make_folder(root / 'images')
-  extract.extract(extract.folder_source(str(root / 'images')), vae_lib.load(str(root / 'vae')),
-                  str(root / 'latents'), image_size=16, batch_size=8, images_per_shard=8)
+  extract.extract(
+      extract.folder_source(str(root / 'images')),
+      vae_lib.load(str(root / 'vae')),
+      str(root / 'latents'),
+      image_size=16,
+      batch_size=8,
+      images_per_shard=8,
+  )
   (root / 'weights.npz').write_bytes(b'stand-in')
   c = get_config()
-  c.data = dict(name='latents', path=str(root / 'latents'), image_size=16, flip=False,
-                num_threads=1, prefetch=2, vae_decoder=str(root / 'vae'))
+  c.data = dict(
+      name='latents',
+      path=str(root / 'latents'),
+      image_size=16,
+      flip=False,
+      num_threads=1,
+      prefetch=2,
+      vae_decoder=str(root / 'vae'),
+  )
   c.model.input_size, c.model.in_channels, c.model.num_classes = 8, 4, 2
   c.model.learn_sigma = False
   c.diffusion.update(objective='flow', min_snr_gamma=None, t_sampling='logit_normal')
@@ -69,15 +83,18 @@ def test_flow_run_fid_preemption_export_and_sampling_cli(latent_flow_run, tmp_pa
   model = TinyFeatures(nnx.Rngs(0))
   monkeypatch.setattr(inception, 'load_inception', lambda path: model)
   from mdt_jax.evaluation.features import FeatureExtractor
+
   reference_file(c.eval_reference, FeatureExtractor(model, 8))
   work = str(tmp_path / 'work')
 
   # A preemption notice while the step-2 evaluation computes features: the evaluation is
   # abandoned, the loop saves step 2 (not a checkpoint step) and stops.
   real = evaluation.InceptionScorer.features
+
   def preempted(self, images):
     os.kill(os.getpid(), signal.SIGTERM)
     return real(self, images)
+
   monkeypatch.setattr(evaluation.InceptionScorer, 'features', preempted)
   out = train_and_evaluate(c, work)
   assert out['step'] == 2
@@ -88,7 +105,7 @@ def test_flow_run_fid_preemption_export_and_sampling_cli(latent_flow_run, tmp_pa
   monkeypatch.setattr(evaluation.InceptionScorer, 'features', real)
   out = train_and_evaluate(c, work)
   assert out['step'] == 3 and np.isfinite(out['loss']) and 'plain/mse' in out
-  assert 'plain/vb' not in out and 'masked/loss' in out           # the flow loss, both branches
+  assert 'plain/vb' not in out and 'masked/loss' in out  # the flow loss, both branches
   with open(os.path.join(work, evaluation.HISTORY_FILE)) as f:
     history = json.load(f)['evaluations']
   assert [e['step'] for e in history] == [2, 3]
@@ -102,6 +119,7 @@ def test_flow_run_fid_preemption_export_and_sampling_cli(latent_flow_run, tmp_pa
   # Export reads the objective; the sampling CLI takes a flow sampler and refuses DDPM's.
   from mdt_jax import sample
   from mdt_jax.hub import export, load
+
   folder = str(tmp_path / 'folder')
   export.export_workdir(work, folder)
   with open(os.path.join(folder, 'config.json')) as f:
@@ -112,10 +130,16 @@ def test_flow_run_fid_preemption_export_and_sampling_cli(latent_flow_run, tmp_pa
   ddpm = c.copy_and_resolve_references()
   ddpm.diffusion.objective = 'ddpm'
   with pytest.raises(ValueError, match="diffusion.objective: workdir 'flow' vs config 'ddpm'"):
-    checkpoints.check_workdir(work, ddpm)                 # a resume cannot switch objectives
+    checkpoints.check_workdir(work, ddpm)  # a resume cannot switch objectives
   samples_dir = tmp_path / 'samples'
-  argv = [f'--model={folder}', f'--out={samples_dir}', '--num_samples=3',
-          '--sampler=heun', '--steps=2', '--batch_size=16']   # the evaluation's program
+  argv = [
+      f'--model={folder}',
+      f'--out={samples_dir}',
+      '--num_samples=3',
+      '--sampler=heun',
+      '--steps=2',
+      '--batch_size=16',
+  ]  # the evaluation's program
 
   def run_cli():
     launch.run_main(sample, *argv)
@@ -123,7 +147,7 @@ def test_flow_run_fid_preemption_export_and_sampling_cli(latent_flow_run, tmp_pa
   run_cli()
   shard = samples_dir / 'shards' / 'shard_00000.npz'
   mtime = shard.stat().st_mtime_ns
-  run_cli()                          # a restart keeps the finished shard (same run settings)
+  run_cli()  # a restart keeps the finished shard (same run settings)
   assert shard.stat().st_mtime_ns == mtime
   with open(samples_dir / 'run.json') as f:
     run = json.load(f)['sampler']
@@ -142,8 +166,8 @@ def test_evaluation_settings_are_refused_before_training(latent_flow_run, tmp_pa
       (dict(eval_reference=''), ValueError, 'needs eval_reference'),
       (dict(eval_num_samples=0), ValueError, 'needs eval_num_samples'),
       (dict(eval_reference=str(root / 'missing.npz')), FileNotFoundError, 'missing.npz'),
-      (dict(eval_inception=str(root / 'none.safetensors')), FileNotFoundError,
-       'convert_inception')]:
+      (dict(eval_inception=str(root / 'none.safetensors')), FileNotFoundError, 'convert_inception'),
+  ]:
     bad = c.copy_and_resolve_references()
     bad.update(change)
     with pytest.raises(error, match=match):
@@ -163,12 +187,13 @@ def test_a_failing_evaluation_is_recorded_and_training_goes_on(tmp_path):
       raise RuntimeError('out of memory')
 
   class Writer:
+
     def write_scalars(self, step, scalars):
       raise AssertionError('nothing to log')
 
   ev.attach(Broken(), Writer())
   assert ev.missing(2) and ev(2, {}) == {}
   assert ev.history == [{'step': 2, 'error': 'RuntimeError: out of memory'}]
-  assert not ev.missing(2)                 # a resume does not retry it forever
+  assert not ev.missing(2)  # a resume does not retry it forever
   with open(tmp_path / evaluation.HISTORY_FILE) as f:
     assert json.load(f)['evaluations'] == ev.history

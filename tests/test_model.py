@@ -1,4 +1,5 @@
 """MDTv2 model: sizes, embeddings, initialisation, masking, parity with the NumPy reference."""
+
 import dataclasses
 import math
 
@@ -11,11 +12,19 @@ from flax import nnx
 import reference_mdt as ref
 from mdt_jax import MDT, MDTConfig, count_params, model_config
 from mdt_jax.hub import official
-from mdt_jax.models import layers, masking, platform
+from mdt_jax.models import masking, platform
 from mdt_jax.models.layers import relative_position_index, sincos_2d
 
-TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=6, num_heads=4,
-            decode_layer=2, num_classes=10)
+TINY = dict(
+    input_size=8,
+    patch_size=2,
+    in_channels=4,
+    hidden_size=32,
+    depth=6,
+    num_heads=4,
+    decode_layer=2,
+    num_classes=10,
+)
 
 
 # A bfloat16 forward of the tiny model vs the float64 reference, largest error / largest output:
@@ -28,9 +37,17 @@ def tiny(**kw):
   return model_config('S/2', **{**TINY, **kw}).to_dict()
 
 
-@pytest.mark.parametrize('name,decode_layer,expected', [
-    ('S/2', 6, 38_454_872), ('B/2', 4, 150_931_856), ('L/2', 4, 507_015_776),
-    ('XL/2', 4, 742_263_904), ('XL/2', 2, 739_608_544), ('S/2', 4, 38_159_576)])
+@pytest.mark.parametrize(
+    'name,decode_layer,expected',
+    [
+        ('S/2', 6, 38_454_872),
+        ('B/2', 4, 150_931_856),
+        ('L/2', 4, 507_015_776),
+        ('XL/2', 4, 742_263_904),
+        ('XL/2', 2, 739_608_544),
+        ('S/2', 4, 38_159_576),
+    ],
+)
 def test_official_parameter_counts(name, decode_layer, expected):
   assert count_params(model_config(name, decode_layer=decode_layer).to_dict()) == expected
 
@@ -58,7 +75,7 @@ def test_init_follows_the_spec():
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 4))
   out = m(x, jnp.array([3, 700]), jnp.array([1, 10]))
   assert out.shape == (2, 8, 8, 8) and out.dtype == jnp.float32
-  assert float(jnp.abs(out).max()) == 0.0          # adaLN-Zero + zero final layer
+  assert float(jnp.abs(out).max()) == 0.0  # adaLN-Zero + zero final layer
   np.testing.assert_allclose(m.pos_embed[...][0], sincos_2d(32, 4), atol=1e-7)
   np.testing.assert_allclose(m.decoder_pos_embed[...][0], sincos_2d(32, 4), atol=1e-7)
   assert float(jnp.std(m.mask_token[...])) > 0.005
@@ -67,7 +84,7 @@ def test_init_follows_the_spec():
     assert float(jnp.abs(blk.attn.qkv.kernel[...]).max()) > 0.0
   limit = math.sqrt(6 / (32 + 96))
   assert float(jnp.abs(m.en_inblocks[0].attn.qkv.kernel[...]).max()) <= limit
-  assert m.y_embedder.embedding_table.embedding.shape == (11, 32)   # null class row
+  assert m.y_embedder.embedding_table.embedding.shape == (11, 32)  # null class row
   no_mask = MDT(tiny(mask_ratio=None), rngs=nnx.Rngs(0))
   assert float(jnp.abs(no_mask.mask_token[...]).max()) == 0.0
 
@@ -106,11 +123,21 @@ def test_static_buffer_masked_pass_equals_exact_kept_tokens(arch, multiple):
   fn = jax.jit(lambda x, t, y, ids, k: model(x, t, y, ids_shuffle=ids, len_keep=k))
   for k in (kmax, 9, 7, 1):
     got = fn(jnp.asarray(x), jnp.asarray(t), jnp.asarray(y), jnp.asarray(ids), k)
-    want = ref.forward(sd, x.transpose(0, 3, 1, 2), t, y, heads=4, decode_layer=2, arch=arch,
-                       ids_shuffle=ids, len_keep=k)
-    np.testing.assert_allclose(np.asarray(got).transpose(0, 3, 1, 2), want, atol=2e-5,
-                               rtol=1e-4, err_msg=f'len_keep={k}')
-  assert fn._cache_size() == 1    # one compilation for every kept count
+    want = ref.forward(
+        sd,
+        x.transpose(0, 3, 1, 2),
+        t,
+        y,
+        heads=4,
+        decode_layer=2,
+        arch=arch,
+        ids_shuffle=ids,
+        len_keep=k,
+    )
+    np.testing.assert_allclose(
+        np.asarray(got).transpose(0, 3, 1, 2), want, atol=2e-5, rtol=1e-4, err_msg=f'len_keep={k}'
+    )
+  assert fn._cache_size() == 1  # one compilation for every kept count
 
 
 def test_masked_pass_differs_from_plain_and_keeps_unmasked_path():
@@ -138,8 +165,8 @@ def test_mask_draw_follows_official_distribution():
   assert np.abs(observed - expected).max() < 0.01
   assert abs(keep.mean() - (n * (1 - r)).mean() + 0.5) < 0.5
   ids = np.asarray(ids)
-  assert (np.sort(ids, axis=-1) == np.arange(n)).all()           # permutations
-  assert (ids[:, 0] != ids[:, 1]).any(axis=-1).mean() > 0.99      # per-sample orders
+  assert (np.sort(ids, axis=-1) == np.arange(n)).all()  # permutations
+  assert (ids[:, 0] != ids[:, 1]).any(axis=-1).mean() > 0.99  # per-sample orders
   assert masking.max_kept(256, 0.3) == 179
 
 
@@ -158,22 +185,22 @@ def test_drawn_masks_compile_once_over_many_steps():
     k = jax.random.key(i)
     fn(state, k)
     lens.add(int(masking.draw_mask(jax.random.split(k)[1], 3, 16, 0.3)[1]))
-  assert len(lens) > 1                 # the kept count did vary ...
-  assert fn._cache_size() == 1         # ... and the step compiled once
+  assert len(lens) > 1  # the kept count did vary ...
+  assert fn._cache_size() == 1  # ... and the step compiled once
 
 
 def test_label_dropout_uses_null_class_at_the_configured_rate():
-  m = MDT(tiny(class_dropout_prob=0.1), rngs=nnx.Rngs(0))      # the official rate
+  m = MDT(tiny(class_dropout_prob=0.1), rngs=nnx.Rngs(0))  # the official rate
   n = 20_000
   y = jnp.arange(n) % 10
   emb = m.y_embedder(y, jax.random.key(0))
   table = m.y_embedder.embedding_table.embedding[...]
   dropped = np.asarray(jnp.all(emb == table[10], axis=-1))
   kept = np.asarray(jnp.all(emb == table[y], axis=-1))
-  assert (dropped ^ kept).all()                 # each label: its own row or the null row
+  assert (dropped ^ kept).all()  # each label: its own row or the null row
   # Binomial(20000, 0.1): 2000 +- 42 (one sd); 5 sd either side
   assert abs(int(dropped.sum()) - 0.1 * n) < 5 * np.sqrt(n * 0.1 * 0.9), int(dropped.sum())
-  assert bool(jnp.all(m.y_embedder(y) == table[y]))       # no drop without a key
+  assert bool(jnp.all(m.y_embedder(y) == table[y]))  # no drop without a key
 
 
 def test_bfloat16_compute_keeps_float32_params():
@@ -189,23 +216,25 @@ def test_bfloat16_compute_keeps_float32_params():
   assert BF16_ERR[0] < err < BF16_ERR[1], err
 
 
-@pytest.mark.parametrize('residual, stream', [('float32', jnp.float32),
-                                              ('compute', jnp.bfloat16)])
+@pytest.mark.parametrize('residual, stream', [('float32', jnp.float32), ('compute', jnp.bfloat16)])
 def test_bfloat16_residual_stream_dtype_is_one_choice(residual, stream):
   from mdt_jax.models.layers import MDTBlock
+
   cfg = MDTConfig.from_dict(tiny(dtype='bfloat16', residual_dtype=residual))
   assert cfg.stream_dtype == stream
-  blk = MDTBlock(32, 4, 4.0, 4, skip=True, rngs=nnx.Rngs(0), dtype=jnp.bfloat16,
-                 stream_dtype=cfg.stream_dtype)
+  blk = MDTBlock(
+      32, 4, 4.0, 4, skip=True, rngs=nnx.Rngs(0), dtype=jnp.bfloat16, stream_dtype=cfg.stream_dtype
+  )
   c = jnp.ones((2, 32), jnp.float32)
-  for x_dtype in (jnp.float32, jnp.bfloat16):      # whatever comes in (after a skip fusion too)
+  for x_dtype in (jnp.float32, jnp.bfloat16):  # whatever comes in (after a skip fusion too)
     x = jnp.ones((2, 16, 32), x_dtype)
     assert blk(x, c, None, skip=x).dtype == stream
   # The whole model: the choice moves a bfloat16 forward by rounding only
   x, t, y = (jnp.asarray(a) for a in _inputs())
   sd, model = _load_random(cfg.to_dict())
-  want = ref.forward(sd, np.asarray(x).transpose(0, 3, 1, 2), np.asarray(t), np.asarray(y),
-                     heads=4, decode_layer=2)
+  want = ref.forward(
+      sd, np.asarray(x).transpose(0, 3, 1, 2), np.asarray(t), np.asarray(y), heads=4, decode_layer=2
+  )
   out = np.asarray(model(x, t, y)).transpose(0, 3, 1, 2)
   err = np.abs(out - want).max() / np.abs(want).max()
   assert BF16_ERR[0] < err < BF16_ERR[1], err
@@ -224,18 +253,24 @@ def test_one_hot_relative_position_bias_is_the_gather():
   gradients (the encoder with the kept tokens' per-sample bias, the side block and decoder with
   the full one) are the gather's."""
   from mdt_jax.models.layers import RelativePositionBias
+
   rpb = RelativePositionBias(5, 3, rngs=nnx.Rngs(2))
-  ids = jax.random.permutation(jax.random.key(0), jnp.tile(jnp.arange(25), (2, 1)), axis=1,
-                               independent=True)[:, :7]
+  ids = jax.random.permutation(
+      jax.random.key(0), jnp.tile(jnp.arange(25), (2, 1)), axis=1, independent=True
+  )[:, :7]
 
-  @jax.jit           # one compile for all of them; None: chosen by backend (all branches traced)
+  @jax.jit  # one compile for all of them; None: chosen by backend (all branches traced)
   def biases(ids):
-    return [[rpb(sel, impl, dt) for impl in ('gather', 'onehot', None)]
-            for sel, dt in ((None, jnp.float32), (ids, jnp.float32), (ids, jnp.bfloat16))]
+    return [
+        [rpb(sel, impl, dt) for impl in ('gather', 'onehot', None)]
+        for sel, dt in ((None, jnp.float32), (ids, jnp.float32), (ids, jnp.bfloat16))
+    ]
 
-  for (want, onehot, auto), shape, dt in zip(biases(ids), ((3, 25, 25), (2, 3, 7, 7),
-                                                           (2, 3, 7, 7)),
-                                             (jnp.float32, jnp.float32, jnp.bfloat16)):
+  for (want, onehot, auto), shape, dt in zip(
+      biases(ids),
+      ((3, 25, 25), (2, 3, 7, 7), (2, 3, 7, 7)),
+      (jnp.float32, jnp.float32, jnp.bfloat16),
+  ):
     assert want.shape == shape and want.dtype == onehot.dtype == auto.dtype == dt
     np.testing.assert_array_equal(onehot, want)
   with pytest.raises(ValueError, match="impl 'take': expected one of"):
@@ -244,7 +279,7 @@ def test_one_hot_relative_position_bias_is_the_gather():
     MDTConfig(rel_pos_bias_impl='take')
 
   x, t, y = (jnp.asarray(a) for a in _inputs())
-  cfg = tiny(mask_ratio=0.3, depth=3, decode_layer=1)
+  cfg = tiny(mask_ratio=0.3, depth=2, decode_layer=1)
   sd, _ = _load_random(cfg, seed=3)
   results = []
   for impl in ('gather', 'onehot'):
@@ -275,26 +310,38 @@ def test_remat_gives_same_output_and_gradient():
     np.testing.assert_allclose(a, b, atol=1e-6)
 
 
-@pytest.mark.parametrize('bad,match', [
-    (dict(x=np.zeros((2, 8, 8, 3), np.float32)), r'x must be NHWC \[B, 8, 8, 4\]'),
-    (dict(x=np.zeros((2, 4, 8, 8), np.float32)), r'x must be NHWC'),
-    (dict(t=np.zeros((3,), np.int32)), r't must have shape \[B\]=\(2,\)'),
-    (dict(y=np.zeros((2,), np.float32)), r'y must hold integer class ids'),
-])
+@pytest.mark.parametrize(
+    'bad,match',
+    [
+        (dict(x=np.zeros((2, 8, 8, 3), np.float32)), r'x must be NHWC \[B, 8, 8, 4\]'),
+        (dict(x=np.zeros((2, 4, 8, 8), np.float32)), r'x must be NHWC'),
+        (dict(t=np.zeros((3,), np.int32)), r't must have shape \[B\]=\(2,\)'),
+        (dict(y=np.zeros((2,), np.float32)), r'y must hold integer class ids'),
+    ],
+)
 def test_bad_inputs_are_named(bad, match):
   m = MDT(tiny(), rngs=nnx.Rngs(0))
-  args = dict(x=np.zeros((2, 8, 8, 4), np.float32), t=np.zeros((2,), np.int32),
-              y=np.zeros((2,), np.int32))
+  args = dict(
+      x=np.zeros((2, 8, 8, 4), np.float32), t=np.zeros((2,), np.int32), y=np.zeros((2,), np.int32)
+  )
   args.update(bad)
   with pytest.raises((ValueError, TypeError), match=match):
     jax.jit(lambda x, t, y: m(x, t, y))(**{k: jnp.asarray(v) for k, v in args.items()})
 
 
 # A non-default value of every compute and training field (their role in MDTConfig).
-OTHER_VALUES = dict(dtype='bfloat16', remat=True, remat_policy='dots_saveable',
-                    attention_impl='xla', masked_attention_impl='xla', mask_buffer_multiple=8,
-                    residual_dtype='compute', class_dropout_prob=0.2, mask_ratio=0.4,
-                    mask_ratio_span=0.1)
+OTHER_VALUES = dict(
+    dtype='bfloat16',
+    remat=True,
+    remat_policy='dots_saveable',
+    attention_impl='xla',
+    masked_attention_impl='xla',
+    mask_buffer_multiple=8,
+    residual_dtype='compute',
+    class_dropout_prob=0.2,
+    mask_ratio=0.4,
+    mask_ratio_span=0.1,
+)
 
 
 def test_field_roles_say_which_fields_keep_the_parameters():
@@ -303,12 +350,13 @@ def test_field_roles_say_which_fields_keep_the_parameters():
   and COMPUTE_OPTIONS come from MDTConfig's own fields and defaults."""
   from mdt_jax.models.mdt import COMPUTE, COMPUTE_OPTIONS, TRAINING, field_names
   from mdt_jax.models.params import param_shapes
+
   assert set(OTHER_VALUES) == set(field_names(COMPUTE, TRAINING))
   base = MDTConfig.from_dict(tiny(depth=2, decode_layer=0))
   assert all(v != getattr(base, k) for k, v in OTHER_VALUES.items())
   shapes = param_shapes(base)
   assert param_shapes(dataclasses.replace(base, **OTHER_VALUES)) == shapes
-  assert param_shapes(dataclasses.replace(base, hidden_size=16)) != shapes   # a shape field
+  assert param_shapes(dataclasses.replace(base, hidden_size=16)) != shapes  # a shape field
   assert COMPUTE_OPTIONS == {k: getattr(MDTConfig(), k) for k in field_names(COMPUTE)}
   assert set(model_config('B/4')) == {f.name for f in dataclasses.fields(MDTConfig)}
 
@@ -320,33 +368,36 @@ def test_unknown_and_invalid_config_values_are_refused():
     MDTConfig(input_size=30, patch_size=4)
   with pytest.raises(ValueError, match='unknown model size'):
     model_config('XXL/2')
-  with pytest.raises(ValueError, match=r"residual_dtype must be one of \('float32', 'compute'\), "
-                                       r"got 'bfloat16'"):
+  with pytest.raises(
+      ValueError,
+      match=r"residual_dtype must be one of \('float32', 'compute'\), " r"got 'bfloat16'",
+  ):
     MDTConfig(residual_dtype='bfloat16')
 
 
 def test_cudnn_attention_needs_even_lengths_and_says_how_to_pad():
-  xl = dict(mask_ratio=0.3, attention_impl='cudnn')           # XL/2 sizes: 256 tokens, keep 179
+  xl = dict(mask_ratio=0.3, attention_impl='cudnn')  # XL/2 sizes: 256 tokens, keep 179
   with pytest.raises(ValueError, match=r"masked encoder buffer': 179.*mask_buffer_multiple=8"):
     MDTConfig(**xl)
   assert masking.buffer_size(256, 0.3, 8) == 184
-  MDTConfig(**xl, mask_buffer_multiple=8)                      # 184: accepted
-  MDTConfig(**xl, mask_buffer_multiple=2)                      # 180: accepted
-  MDTConfig(mask_ratio=0.3)                                    # odd buffer is fine for XLA
-  with pytest.raises(ValueError, match="'tokens': 225"):       # 15 x 15 grid
+  MDTConfig(**xl, mask_buffer_multiple=8)  # 184: accepted
+  MDTConfig(**xl, mask_buffer_multiple=2)  # 180: accepted
+  MDTConfig(mask_ratio=0.3)  # odd buffer is fine for XLA
+  with pytest.raises(ValueError, match="'tokens': 225"):  # 15 x 15 grid
     MDTConfig(input_size=30, attention_impl='cudnn')
   with pytest.raises(ValueError, match="attention_impl must be one of .* got 'flash'"):
     MDTConfig(attention_impl='flash')
   assert MDTConfig(attention_impl='').attention_impl is None
   # cuDNN for the full-length passes only: the masked buffer may stay odd
   assert MDTConfig(**xl, masked_attention_impl='xla').masked_impl == 'xla'
-  with pytest.raises(ValueError, match=r"got \{'masked encoder buffer': 179\}.*"
-                                       "masked_attention_impl=xla"):
+  with pytest.raises(
+      ValueError, match=r"got \{'masked encoder buffer': 179\}.*" 'masked_attention_impl=xla'
+  ):
     MDTConfig(mask_ratio=0.3, masked_attention_impl='cudnn')
   with pytest.raises(ValueError, match="masked_attention_impl must be .* got 'flash'"):
     MDTConfig(masked_attention_impl='flash')
   assert MDTConfig(masked_attention_impl='').masked_impl is None
-  assert MDTConfig(attention_impl='xla').masked_impl == 'xla'            # 'same' by default
+  assert MDTConfig(attention_impl='xla').masked_impl == 'xla'  # 'same' by default
 
 
 def test_cpu_code_computes_what_the_accelerator_code_computes():
@@ -359,8 +410,7 @@ def test_cpu_code_computes_what_the_accelerator_code_computes():
   graphdef, params = nnx.split(model)
 
   def loss(params):
-    out = nnx.merge(graphdef, params)(x, t, y, rng=jax.random.key(1), train=True,
-                                      enable_mask=True)
+    out = nnx.merge(graphdef, params)(x, t, y, rng=jax.random.key(1), train=True, enable_mask=True)
     return jnp.mean(jnp.sin(out) * out), out
 
   results = []
@@ -381,41 +431,44 @@ def test_the_cpu_compiles_the_cpu_branches_only():
   x, t, y = (jnp.asarray(a) for a in _inputs())
   graphdef, state = nnx.split(m)
 
-  def lowered():                           # a new function each time: no cached trace
+  def lowered():  # a new function each time: no cached trace
     fn = lambda s: nnx.merge(graphdef, s)(x, t, y, rng=jax.random.key(0), enable_mask=True)
     return jax.jit(fn).lower(state).as_text()
 
   text = lowered()
   assert 'tpu_custom_call' not in text
 
-  def dense_ranks(text):                   # operand ranks of the products without batch axes
+  def dense_ranks(text):  # operand ranks of the products without batch axes
     dots = [line for line in text.splitlines() if 'stablehlo.dot_general' in line]
     batched = [d for d in dots if 'batching_dims' in d]
     lhs = [d.split(' : (tensor<', 1)[1].split(',')[0] for d in dots if d not in batched]
     return len(batched), [t.count('x') for t in lhs]
 
   batched, ranks = dense_ranks(text)
-  assert batched == 14                     # attention's 2 einsums x 7 blocks (4 + side + 2)
+  assert batched == 14  # attention's 2 einsums x 7 blocks (4 + side + 2)
   assert len(ranks) > 7 * 4 and set(ranks) == {2}, ranks
   with platform.assume_backend('default'):
     _, ranks = dense_ranks(lowered())
-  assert 3 in ranks                        # the general code: [batch, tokens, features]
+  assert 3 in ranks  # the general code: [batch, tokens, features]
 
 
 def test_masked_encoder_uses_its_own_attention_implementation(monkeypatch):
   seen = []
   real = jax.nn.dot_product_attention
-  monkeypatch.setattr(jax.nn, 'dot_product_attention',
-                      lambda *a, implementation=None, mask=None, **k: seen.append(
-                          (implementation, mask is not None)) or
-                      real(*a, implementation=implementation, mask=mask, **k))
-  m = MDT(tiny(mask_ratio=0.3, attention_impl='xla', masked_attention_impl=''),
-          rngs=nnx.Rngs(0))
+  monkeypatch.setattr(
+      jax.nn,
+      'dot_product_attention',
+      lambda *a, implementation=None, mask=None, **k: seen.append(
+          (implementation, mask is not None)
+      )
+      or real(*a, implementation=implementation, mask=mask, **k),
+  )
+  m = MDT(tiny(mask_ratio=0.3, attention_impl='xla', masked_attention_impl=''), rngs=nnx.Rngs(0))
   x, t, y = (jnp.asarray(a) for a in _inputs())
   m(x, t, y)
-  assert set(seen) == {('xla', False)} and len(seen) == 6          # plain pass: 6 blocks
+  assert set(seen) == {('xla', False)} and len(seen) == 6  # plain pass: 6 blocks
   seen.clear()
-  with platform.assume_backend('default'):    # on the CPU, auto is the einsum form (no call)
+  with platform.assume_backend('default'):  # on the CPU, auto is the einsum form (no call)
     m(x, t, y, rng=jax.random.key(0), enable_mask=True)
   # encoder (4 blocks) on the kept tokens with a key mask; side block and decoder (1 + 2) not
   assert seen == [(None, True)] * 4 + [('xla', False)] * 3

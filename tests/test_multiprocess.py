@@ -6,6 +6,7 @@ checkpoint to step 6, the pair must end with the weights of the 1-process run on
 (conftest's full_run): each process loads only its half of every global batch, and every
 checkpoint (asynchronous, the default) is written and read by both processes.
 """
+
 import os
 import re
 import socket
@@ -29,13 +30,28 @@ def _free_port() -> int:
 def _run_two_processes(workdir: str, total: int, signal_at: dict | None = None) -> list[str]:
   """Both processes to the end; `signal_at` = {process_id: (step, signal name)}."""
   port = _free_port()
-  env = launch.env(JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_backend_optimization_level=0 '
-                                                  '--xla_force_host_platform_device_count=4')
-  procs = [subprocess.Popen(
-      launch.main_command(workdir, total, f'--coordinator_address=127.0.0.1:{port}',
-                          '--num_processes=2', f'--process_id={i}', '--cpu_collectives=gloo',
-                          signal_at=(signal_at or {}).get(i)),
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+  env = launch.env(
+      JAX_PLATFORMS='cpu',
+      XLA_FLAGS='--xla_backend_optimization_level=0 ' '--xla_force_host_platform_device_count=4',
+  )
+  procs = [
+      subprocess.Popen(
+          launch.main_command(
+              workdir,
+              total,
+              f'--coordinator_address=127.0.0.1:{port}',
+              '--num_processes=2',
+              f'--process_id={i}',
+              '--cpu_collectives=gloo',
+              signal_at=(signal_at or {}).get(i),
+          ),
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
+      for i in range(2)
+  ]
   outs = []
   for p in procs:
     try:

@@ -1,4 +1,5 @@
 """--parity: the loss and gradients of two compute settings of one model, same weights and draws."""
+
 import numpy as np
 import pytest
 
@@ -34,8 +35,10 @@ def test_zero_weights_are_filled_and_others_kept(comparison):
   from flax import nnx
   from mdt_jax.models.mdt import MDT, MDTConfig
   import jax
-  init = nnx.to_pure_dict(nnx.state(MDT(MDTConfig.from_dict(comparison.fields),
-                                        rngs=nnx.Rngs(comparison.config.seed))))
+
+  init = nnx.to_pure_dict(
+      nnx.state(MDT(MDTConfig.from_dict(comparison.fields), rngs=nnx.Rngs(comparison.config.seed)))
+  )
   for a, b in zip(jax.tree.leaves(init), jax.tree.leaves(comparison.params)):
     a, b = np.asarray(a), np.asarray(b)
     if a.any():
@@ -44,26 +47,31 @@ def test_zero_weights_are_filled_and_others_kept(comparison):
       assert 0.01 < b.std() < 0.03
 
 
-@pytest.mark.parametrize('spec, match', [
-    ('attention_impl', 'not of the form field=value'),
-    ('=xla', 'not of the form field=value'),
-    (',', 'names no field=value'),
-])
+@pytest.mark.parametrize(
+    'spec, match',
+    [
+        ('attention_impl', 'not of the form field=value'),
+        ('=xla', 'not of the form field=value'),
+        (',', 'names no field=value'),
+    ],
+)
 def test_bad_specs_are_refused(spec, match):
   with pytest.raises(ValueError, match=match):
     parity.parse_overrides(spec)
 
 
 def test_spec_values_and_unknown_fields(comparison):
-  assert parity.parse_overrides('remat=true, mask_buffer_multiple=8,attention_impl=xla,'
-                                'dtype=bfloat16,attention_impl=none') == {
-      'remat': True, 'mask_buffer_multiple': 8, 'attention_impl': None, 'dtype': 'bfloat16'}
+  assert parity.parse_overrides(
+      'remat=true, mask_buffer_multiple=8,attention_impl=xla,' 'dtype=bfloat16,attention_impl=none'
+  ) == {'remat': True, 'mask_buffer_multiple': 8, 'attention_impl': None, 'dtype': 'bfloat16'}
   with pytest.raises(ValueError, match=r"unknown model fields \['atention_impl'\]"):
     comparison.against({'atention_impl': 'xla'})
 
 
-@pytest.mark.parametrize('spec', ['hidden_size=64', 'mask_ratio=0.5',
-                                  'dtype=bfloat16,mask_ratio=0.5', 'class_dropout_prob=0.0'])
+@pytest.mark.parametrize(
+    'spec',
+    ['hidden_size=64', 'mask_ratio=0.5', 'dtype=bfloat16,mask_ratio=0.5', 'class_dropout_prob=0.0'],
+)
 def test_only_compute_options_are_compared(comparison, spec):
   # mask_ratio keeps every shape yet changes what is computed: refused like a new width, when
   # the spec is read (before any compile) and by the comparison itself

@@ -1,4 +1,5 @@
 """One resolver for every path a user types: relative to the current folder, URLs as typed."""
+
 import os
 
 import pytest
@@ -12,7 +13,7 @@ def test_relative_and_home_paths_become_absolute(tmp_path, monkeypatch):
   assert paths.resolve('runs/quickstart') == str(tmp_path / 'runs' / 'quickstart')
   assert paths.resolve('./a/../b') == str(tmp_path / 'b')
   assert paths.resolve('~/cache/x') == str(tmp_path / 'home' / 'cache' / 'x')
-  assert paths.resolve(tmp_path / 'p') == str(tmp_path / 'p')     # PathLike too
+  assert paths.resolve(tmp_path / 'p') == str(tmp_path / 'p')  # PathLike too
   assert paths.resolve_optional(None) is None and paths.resolve_optional('') is None
   assert paths.resolve_optional('y') == os.path.join(str(tmp_path), 'y')
 
@@ -34,6 +35,7 @@ def test_an_empty_path_is_refused():
 def test_the_cache_folder_is_read_when_used_and_may_be_relative(tmp_path, monkeypatch):
   from mdt_jax import evaluate
   from mdt_jax.evaluation import digits_classifier
+
   monkeypatch.chdir(tmp_path)
   monkeypatch.setenv('MDT_JAX_CACHE', 'cache')
   assert paths.cache_dir() == str(tmp_path / 'cache')

@@ -1,6 +1,7 @@
 """tools/profile_summary.py's reading of traces (mdt_jax/perf/profile.py): a real CPU trace reads
 as the hand-written decoder it replaced read it; GPU- and TPU-shaped traces are built here as
 text protos (jax.profiler's own converter), holding the real trace's HLO module."""
+
 import gzip
 import json
 import os
@@ -54,6 +55,7 @@ def _escape(data: bytes) -> str:
 class _Plane:
   """One device plane of a text-proto XSpace: lines of events with string stats, stamped with
   an absolute clock as device tracers stamp them (starts then read to 256 ns)."""
+
   CLOCK_NS = 1_796_142_957_489_532_123
 
   def __init__(self, name):
@@ -63,19 +65,28 @@ class _Plane:
     """An event from `start` for `dur` nanoseconds (ProfileData reads whole nanoseconds)."""
     start, dur = start * 1000, dur * 1000
     mid = self.events.setdefault(name, len(self.events) + 1)
-    body = ''.join(f' stats {{ metadata_id: {self.stats.setdefault(k, len(self.stats) + 1)} '
-                   f'str_value: "{v}" }}' for k, v in stats.items())
+    body = ''.join(
+        f' stats {{ metadata_id: {self.stats.setdefault(k, len(self.stats) + 1)} '
+        f'str_value: "{v}" }}'
+        for k, v in stats.items()
+    )
     self.lines.setdefault(line, []).append(
-        f'events {{ metadata_id: {mid} offset_ps: {start} duration_ps: {dur}{body} }}')
+        f'events {{ metadata_id: {mid} offset_ps: {start} duration_ps: {dur}{body} }}'
+    )
 
   def text(self, pid):
-    lines = ''.join(f' lines {{ id: {i} name: "{n}" timestamp_ns: {self.CLOCK_NS} '
-                    f'{" ".join(evs)} }}'
-                    for i, (n, evs) in enumerate(self.lines.items(), 1))
-    meta = ''.join(f' event_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }}'
-                   for n, i in self.events.items())
-    stats = ''.join(f' stat_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }}'
-                    for n, i in self.stats.items())
+    lines = ''.join(
+        f' lines {{ id: {i} name: "{n}" timestamp_ns: {self.CLOCK_NS} ' f'{" ".join(evs)} }}'
+        for i, (n, evs) in enumerate(self.lines.items(), 1)
+    )
+    meta = ''.join(
+        f' event_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }}'
+        for n, i in self.events.items()
+    )
+    stats = ''.join(
+        f' stat_metadata {{ key: {i} value {{ id: {i} name: "{n}" }} }}'
+        for n, i in self.stats.items()
+    )
     return f'planes {{ id: {pid} name: "{self.name}"{lines}{meta}{stats} }}'
 
 
@@ -84,10 +95,12 @@ def hlo_metadata(micro_trace):
   """The /host:metadata plane of a trace holding the real train step's module, program id 7."""
   protos = profile.hlo_protos(profile.find_trace(micro_trace[0]))
   (name,) = [n for n in protos if n.startswith('jit_train_step(')]
-  return ('planes { id: 1 name: "/host:metadata" '
-          'stat_metadata { key: 1 value { id: 1 name: "Hlo Proto" } } '
-          'event_metadata { key: 1 value { id: 1 name: "jit_train_step(7)" '
-          f'stats {{ metadata_id: 1 bytes_value: "{_escape(protos[name])}" }} }} }} }}')
+  return (
+      'planes { id: 1 name: "/host:metadata" '
+      'stat_metadata { key: 1 value { id: 1 name: "Hlo Proto" } } '
+      'event_metadata { key: 1 value { id: 1 name: "jit_train_step(7)" '
+      f'stats {{ metadata_id: 1 bytes_value: "{_escape(protos[name])}" }} }} }} }}'
+  )
 
 
 def _write(hlo_metadata, plane, tmp_path):
@@ -101,13 +114,13 @@ def _write(hlo_metadata, plane, tmp_path):
 def _check(summary, micro_trace):
   ops = micro_trace[1]['executed_ops']
   (fusion_op, fusion_src), (dot_op, dot_src), (copy_op, copy_src) = (
-      ops[f'jit_train_step:{n}'] for n in (FUSION, DOT, COPY))
+      ops[f'jit_train_step:{n}'] for n in (FUSION, DOT, COPY)
+  )
   assert (fusion_op, dot_op, copy_op) == ('fusion[scatter]', 'dot', 'copy')
   ns = 1000
   assert summary.total_ps == 700 * ns
   assert dict(summary.by_source) == {fusion_src: 500 * ns, dot_src: 100 * ns, copy_src: 100 * ns}
-  assert dict(summary.by_opcode) == {'fusion[scatter]': 500 * ns, 'dot': 100 * ns,
-                                     'copy': 100 * ns}
+  assert dict(summary.by_opcode) == {'fusion[scatter]': 500 * ns, 'dot': 100 * ns, 'copy': 100 * ns}
   assert summary.by_op[0] == (f'jit_train_step:{FUSION}', 'fusion[scatter]', 2, 500 * ns)
 
 
@@ -117,9 +130,9 @@ def test_gpu_trace_counts_stream_kernels_once(hlo_metadata, micro_trace, tmp_pat
   gpu.event(stream, 'loop_scatter_kernel', 0, 300, hlo_op=FUSION, hlo_module=mod)
   gpu.event(stream, 'sm90_gemm', 400, 100, hlo_op=DOT, hlo_module=mod)
   gpu.event(stream, 'loop_scatter_kernel', 600, 200, hlo_op=FUSION, hlo_module=mod)
-  gpu.event(stream, 'copy_kernel', 900, 100, hlo_op=COPY, program_id='7')   # the id only
+  gpu.event(stream, 'copy_kernel', 900, 100, hlo_op=COPY, program_id='7')  # the id only
   gpu.event(stream, 'other', 1000, 50, hlo_op='add.9', hlo_module='jit_other')
-  for start, dur in ((0, 300), (400, 100), (600, 200)):    # the derived line repeats the ops
+  for start, dur in ((0, 300), (400, 100), (600, 200)):  # the derived line repeats the ops
     gpu.event('XLA Ops', FUSION, start, dur, hlo_op=FUSION, hlo_module=mod)
   path = _write(hlo_metadata, gpu, tmp_path)
   summary = profile.summarize(path, 'train_step')
@@ -129,13 +142,19 @@ def test_gpu_trace_counts_stream_kernels_once(hlo_metadata, micro_trace, tmp_pat
   assert everything.total_ps == 750_000 and ('jit_other:add.9', '?', 1, 50_000) in everything.by_op
 
 
-def test_tpu_trace_takes_ops_and_modules_from_the_derived_lines(hlo_metadata, micro_trace,
-                                                                tmp_path):
+def test_tpu_trace_takes_ops_and_modules_from_the_derived_lines(
+    hlo_metadata, micro_trace, tmp_path
+):
   tpu = _Plane('/device:TPU:0')
   tpu.event('XLA Modules', 'jit_train_step(7)', 0, 1000)
   tpu.event('XLA Modules', 'jit_other(3)', 2000, 100)
-  for name, start, dur in ((FUSION, 0, 300), (DOT, 300, 100), (FUSION, 500, 200),
-                           (COPY, 800, 100), ('add.9', 2000, 100)):
+  for name, start, dur in (
+      (FUSION, 0, 300),
+      (DOT, 300, 100),
+      (FUSION, 500, 200),
+      (COPY, 800, 100),
+      ('add.9', 2000, 100),
+  ):
     tpu.event('XLA Ops', name, start, dur)
   _check(profile.summarize(_write(hlo_metadata, tpu, tmp_path), 'train_step'), micro_trace)
 

@@ -4,6 +4,7 @@ Every other test hands the code absolute temporary paths; a relative --workdir o
 first checkpoint (orbax wants absolute paths) while the whole suite passed. This test reads the
 command out of README.md, so the README and the code cannot drift apart.
 """
+
 import json
 import os
 import re
@@ -20,9 +21,14 @@ from tensorboard_events import read_events, scalar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Cut the 4,000-step run to a few steps that still save, resume, draw a grid and evaluate.
-SHORT = ['--config.total_steps=4', '--config.checkpoint_every_steps=2',
-         '--config.log_every_steps=2', '--config.sample_every_steps=4',
-         '--config.sampling.steps=5', '--config.eval_num_samples=20']
+SHORT = [
+    '--config.total_steps=4',
+    '--config.checkpoint_every_steps=2',
+    '--config.log_every_steps=2',
+    '--config.sample_every_steps=4',
+    '--config.sampling.steps=5',
+    '--config.eval_num_samples=20',
+]
 
 
 def readme_commands(section: str) -> list[list[str]]:
@@ -53,20 +59,31 @@ def test_readme_quickstart_runs_as_printed_from_a_fresh_folder(tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT)
 
   def run(*extra):
-    proc = subprocess.run(cmd + SHORT + list(extra), cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        cmd + SHORT + list(extra),
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc.stderr
 
   run('--config.total_steps=2')
-  out = run()                                 # resumes the relative workdir and finishes
+  out = run()  # resumes the relative workdir and finishes
   assert 'resuming from step 2' in out
   work = tmp_path / workdir
   assert sorted(os.listdir(work / 'checkpoints')) == ['2', '4']
   check_grid(work / 'samples' / 'grid_00000004.png')
   result = json.loads((work / 'eval.json').read_text())
-  assert sorted(result) == ['digits_class_accuracy', 'digits_fd', 'eval_num_samples',
-                            'eval_seconds', 'step']
+  assert sorted(result) == [
+      'digits_class_accuracy',
+      'digits_fd',
+      'eval_num_samples',
+      'eval_seconds',
+      'step',
+  ]
   assert result['step'] == 4 and result['eval_num_samples'] == 20 and result['eval_seconds'] > 0
   # accuracy of 20 samples: a multiple of 1/20 in [0, 1]; the Frechet distance of features
   # of a 4-step model's samples: finite and positive
@@ -81,9 +98,9 @@ def check_grid(path):
   sample (not blank, not one flat value)."""
   grid = np.asarray(Image.open(path))
   assert grid.dtype == np.uint8 and grid.shape == (10 * 18 - 2, 8 * 18 - 2, 3), grid.shape
-  assert (grid[16::18] == 255).all() and (grid[:, 16::18] == 255).all()      # gutters
+  assert (grid[16::18] == 255).all() and (grid[:, 16::18] == 255).all()  # gutters
   assert (grid[..., 0] == grid[..., 1]).all() and (grid[..., 0] == grid[..., 2]).all()
-  tiles = [grid[r * 18:r * 18 + 16, c * 18:c * 18 + 16, 0] for r in range(10) for c in range(8)]
+  tiles = [grid[r * 18 : r * 18 + 16, c * 18 : c * 18 + 16, 0] for r in range(10) for c in range(8)]
   assert all(t.std() > 5 for t in tiles), min(t.std() for t in tiles)
   # tiles differ from each other (distinct noise per sample)
   assert len({t.tobytes() for t in tiles}) == len(tiles)
@@ -97,7 +114,7 @@ def check_tensorboard(workdir: str, result: dict):
     assert sorted(events[tag]) == [2, 4], (tag, sorted(events[tag]))
     for step in (2, 4):
       assert np.isfinite(scalar(events, tag, step)) and scalar(events, tag, step) > 0
-  assert scalar(events, 'learning_rate', 4) == pytest.approx(1.5e-3, rel=1e-6)   # the config's
+  assert scalar(events, 'learning_rate', 4) == pytest.approx(1.5e-3, rel=1e-6)  # the config's
   for tag in ('digits_fd', 'digits_class_accuracy'):
     assert scalar(events, tag, 4) == pytest.approx(result[tag], rel=1e-6)
   assert len(events['samples'][4]) == 1

@@ -1,4 +1,5 @@
 """Samplers, guidance, labels, sharding and the sampling CLI."""
+
 import json
 import os
 
@@ -19,7 +20,7 @@ from micro_config import random_mdt, save_pixel_folder
 
 T = 1000
 NUM_CLASSES = 10
-SHAPE = (4, 4, 4)     # analytic-model images (H, W, C)
+SHAPE = (4, 4, 4)  # analytic-model images (H, W, C)
 
 
 def ref_alphas_cumprod():
@@ -64,6 +65,7 @@ def sample_noise(seed, i, stream, shape):
 
 # ----------------------------------------------------------------- guidance
 
+
 def test_power_cosine_scale_matches_formula():
   t = np.arange(T)
   g = guidance_lib.Guidance(scale=3.8, schedule='power_cosine', scale_pow=4.0)
@@ -71,7 +73,7 @@ def test_power_cosine_scale_matches_formula():
   w = 0.5 * (1 - np.cos(np.pi * (1 - t / T) ** 4))
   np.testing.assert_allclose(got, 1 + 2.8 * w, rtol=1e-5, atol=1e-6)
   assert abs(got[0] - 3.8) < 1e-4 and abs(got[999] - 1.0) < 1e-6
-  assert abs(got[500] - 1.0 - 2.8 * 0.5 * (1 - np.cos(np.pi / 16))) < 1e-5    # ~1.034
+  assert abs(got[500] - 1.0 - 2.8 * 0.5 * (1 - np.cos(np.pi / 16))) < 1e-5  # ~1.034
   const = guidance_lib.Guidance(scale=2.5, schedule='constant')
   np.testing.assert_allclose(np.asarray(guidance_lib.guidance_scale(const, jnp.asarray(t))), 2.5)
   interval = guidance_lib.Guidance(scale=2.5, schedule='constant', interval=(100, 600))
@@ -98,8 +100,9 @@ def test_guided_model_single_batched_pass(channels):
   cond, uncond = analytic_np(x, t, y), analytic_np(x, t, np.full(3, NUM_CLASSES))
   s = (1 + 2.0 * 0.5 * (1 - np.cos(np.pi * (1 - t / T))))[:, None, None, None]
   n = 3 if channels == 'first3' else 4
-  np.testing.assert_allclose(got[..., :n], uncond[..., :n] + s * (cond[..., :n] - uncond[..., :n]),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      got[..., :n], uncond[..., :n] + s * (cond[..., :n] - uncond[..., :n]), rtol=1e-5, atol=1e-5
+  )
   # Unguided eps channels and the variance channels: the conditional half.
   np.testing.assert_allclose(got[..., n:], cond[..., n:], rtol=1e-5, atol=1e-6)
 
@@ -108,16 +111,18 @@ def test_cfg_scale_one_equals_unguided():
   kw = dict(image_shape=SHAPE, num_classes=NUM_CLASSES)
   base = dict(sampler='ddpm', steps=10)
   unguided = build_sampler(analytic_jax, SamplerConfig(**base), **kw)
-  one = build_sampler(analytic_jax, SamplerConfig(cfg_scale=1.0, guidance_schedule='constant',
-                                                      **base), **kw)
+  one = build_sampler(
+      analytic_jax, SamplerConfig(cfg_scale=1.0, guidance_schedule='constant', **base), **kw
+  )
   guided = build_sampler(analytic_jax, SamplerConfig(cfg_scale=4.0, **base), **kw)
   idx, y = np.arange(8), np.arange(8) % NUM_CLASSES
   a, b, c = unguided(idx, y, 3), one(idx, y, 3), guided(idx, y, 3)
   np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
-  assert np.abs(c - a).max() > 1e-2           # guidance does change the samples
+  assert np.abs(c - a).max() > 1e-2  # guidance does change the samples
 
 
 # ----------------------------------------------------------------- single steps and loops
+
 
 def test_one_ddpm_step_is_the_closed_form_posterior():
   d = mdt_jax.diffusion.create_diffusion()
@@ -128,23 +133,32 @@ def test_one_ddpm_step_is_the_closed_form_posterior():
   y = np.array([0, 3, 4, 9])
   out = analytic_np(x, t, y)
   noise = rng.normal(size=x.shape)
-  got = np.asarray(smp.p_sample_step(d, jnp.asarray(out, jnp.float32), jnp.asarray(x, jnp.float32),
-                                     jnp.asarray(t), jnp.asarray(noise, jnp.float32)))
+  got = np.asarray(
+      smp.p_sample_step(
+          d,
+          jnp.asarray(out, jnp.float32),
+          jnp.asarray(x, jnp.float32),
+          jnp.asarray(t),
+          jnp.asarray(noise, jnp.float32),
+      )
+  )
   a_t, a_prev = ac[t], np.where(t > 0, ac[np.maximum(t - 1, 0)], 1.0)
   beta = 1 - a_t / a_prev
   b4 = lambda v: v[:, None, None, None]
   eps, v = out[..., :4], out[..., 4:]
   x0 = (x - b4(np.sqrt(1 - a_t)) * eps) / b4(np.sqrt(a_t))
   # Gaussian posterior q(x_{t-1} | x_t, x0): precision-weighted means.
-  mean = (b4(np.sqrt(a_prev) * beta / (1 - a_t)) * x0
-          + b4(np.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x)
+  mean = (
+      b4(np.sqrt(a_prev) * beta / (1 - a_t)) * x0
+      + b4(np.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x
+  )
   post_var = beta * (1 - a_prev) / (1 - a_t)
   post_var[t == 0] = (lambda k: (1 - ac[k] / ac[k - 1]) * (1 - ac[k - 1]) / (1 - ac[k]))(1)
   frac = (v + 1) / 2
   std = np.exp(0.5 * (frac * b4(np.log(beta)) + (1 - frac) * b4(np.log(post_var))))
   want = mean + b4((t != 0).astype(float)) * std * noise
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(got[0], x0[0], rtol=1e-4, atol=1e-4)   # t=0: the x0 prediction
+  np.testing.assert_allclose(got[0], x0[0], rtol=1e-4, atol=1e-4)  # t=0: the x0 prediction
 
 
 def _respaced(steps):
@@ -170,8 +184,9 @@ def test_ddpm_loop_matches_numpy():
     for j, k in enumerate([2, 1, 0]):
       out = analytic_np(x, np.array([kept[k]]), np.array([label]))
       x0 = (x - np.sqrt(1 - ac[k]) * out[..., :4]) / np.sqrt(ac[k])
-      mean = (np.sqrt(ac_prev[k]) * beta[k] * x0
-              + np.sqrt(1 - beta[k]) * (1 - ac_prev[k]) * x) / (1 - ac[k])
+      mean = (np.sqrt(ac_prev[k]) * beta[k] * x0 + np.sqrt(1 - beta[k]) * (1 - ac_prev[k]) * x) / (
+          1 - ac[k]
+      )
       frac = (out[..., 4:] + 1) / 2
       logvar = frac * np.log(beta[k]) + (1 - frac) * log_post[k]
       x = mean + (k > 0) * np.exp(0.5 * logvar) * sample_noise(4, i, j + 1, SHAPE)[None]
@@ -208,7 +223,7 @@ def test_ddim_eta1_equals_ddpm_with_fixed_small_variance():
   a, b = ddim(idx, y, 2), ddpm(idx, y, 2)
   np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
   c = build_sampler(fixed_jax, SamplerConfig(sampler='ddim', steps=6), **kw)(idx, y, 2)
-  assert np.abs(c - a).max() > 0.1              # eta matters
+  assert np.abs(c - a).max() > 0.1  # eta matters
 
 
 def test_dpm_solver_solves_the_gaussian_ode():
@@ -220,13 +235,13 @@ def test_dpm_solver_solves_the_gaussian_ode():
   def exact(x, t, y):
     a = jnp.sqrt(ac[t])[:, None, None, None]
     sig = jnp.sqrt(1 - ac[t])[:, None, None, None]
-    return sig * (x - a * m) / (a ** 2 * s ** 2 + sig ** 2)
+    return sig * (x - a * m) / (a**2 * s**2 + sig**2)
 
   kw = dict(image_shape=SHAPE, num_classes=NUM_CLASSES)
   idx, y = np.arange(16), np.zeros(16, int)
   a_T = np.sqrt(ref_alphas_cumprod()[999])
   x_T = np.stack([sample_noise(0, i, 0, SHAPE) for i in idx])
-  want = m + s * (x_T - a_T * m) / np.sqrt(a_T ** 2 * s ** 2 + 1 - a_T ** 2)
+  want = m + s * (x_T - a_T * m) / np.sqrt(a_T**2 * s**2 + 1 - a_T**2)
   err = {}
   for name, steps in [('dpm_solver++', 50), ('dpm_solver++', 200), ('ddim', 50), ('ddim', 200)]:
     got = build_sampler(exact, SamplerConfig(sampler=name, steps=steps), **kw)(idx, y, 0)
@@ -244,7 +259,7 @@ def class_gaussian_eps(x, t, y, xp=np):
   ac = xp.asarray(ref_alphas_cumprod())[t][:, None, None, None]
   a, sig = xp.sqrt(ac), xp.sqrt(1 - ac)
   m = 0.1 * xp.asarray(y)[:, None, None, None] - 0.4
-  return sig * (x - a * m) / (a ** 2 * 0.09 + sig ** 2) + 0.05 * xp.tanh(2 * x)
+  return sig * (x - a * m) / (a**2 * 0.09 + sig**2) + 0.05 * xp.tanh(2 * x)
 
 
 def diffusers_dpm_solver(steps: int, order: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -253,11 +268,20 @@ def diffusers_dpm_solver(steps: int, order: int, x: np.ndarray, y: np.ndarray) -
   second-order to the end, as this port's plan does)."""
   import torch
   from diffusers import DPMSolverMultistepScheduler
+
   sched = DPMSolverMultistepScheduler(
-      num_train_timesteps=T, beta_start=1e-4, beta_end=0.02, beta_schedule='linear',
-      algorithm_type='dpmsolver++', solver_order=order, solver_type='midpoint',
-      prediction_type='epsilon', timestep_spacing='linspace', final_sigmas_type='zero',
-      lower_order_final=False)
+      num_train_timesteps=T,
+      beta_start=1e-4,
+      beta_end=0.02,
+      beta_schedule='linear',
+      algorithm_type='dpmsolver++',
+      solver_order=order,
+      solver_type='midpoint',
+      prediction_type='epsilon',
+      timestep_spacing='linspace',
+      final_sigmas_type='zero',
+      lower_order_final=False,
+  )
   sched.set_timesteps(steps)
   np.testing.assert_array_equal(sched.timesteps.numpy(), smp.dpm_solver_plan(steps)['timesteps'])
   x = torch.from_numpy(x)
@@ -269,7 +293,7 @@ def diffusers_dpm_solver(steps: int, order: int, x: np.ndarray, y: np.ndarray) -
 
 # 5 and 25 steps: k * 999 / N never ends in .5, where diffusers' linspace rounds half to even and
 # the IDDPM spacing (a running float sum) may round the other way (N=20: 500 vs 499)
-@pytest.mark.filterwarnings('ignore:__array__ implementation')   # diffusers' own np.array call
+@pytest.mark.filterwarnings('ignore:__array__ implementation')  # diffusers' own np.array call
 @pytest.mark.parametrize('steps', [5, 25])
 def test_dpm_solver_matches_diffusers_scheduler(steps):
   """The same model function and starting noise through both: equal timesteps and samples."""
@@ -277,9 +301,13 @@ def test_dpm_solver_matches_diffusers_scheduler(steps):
   x_T = np.stack([sample_noise(1, i, 0, SHAPE) for i in idx])
   want = diffusers_dpm_solver(steps, 2, x_T, y)
   model = lambda x, t, y: class_gaussian_eps(x, t, y, jnp).astype(jnp.float32)
-  got = build_sampler(model, SamplerConfig(sampler='dpm_solver++', steps=steps),
-                      image_shape=SHAPE, num_classes=NUM_CLASSES)(idx, y, 1)
-  assert 0.3 < np.abs(want).max() < 3                  # samples in the data range
+  got = build_sampler(
+      model,
+      SamplerConfig(sampler='dpm_solver++', steps=steps),
+      image_shape=SHAPE,
+      num_classes=NUM_CLASSES,
+  )(idx, y, 1)
+  assert 0.3 < np.abs(want).max() < 3  # samples in the data range
   # float32 vs float64: seen within 3.2e-7
   atol = 2e-6
   np.testing.assert_allclose(got, want, atol=atol, rtol=0)
@@ -290,13 +318,14 @@ def test_dpm_solver_matches_diffusers_scheduler(steps):
 def test_dpm_solver_plan():
   plan = smp.dpm_solver_plan(5)
   np.testing.assert_array_equal(plan['timesteps'], [999, 799, 599, 400, 200])
-  assert plan['ratio'][-1] == 0 and plan['coef'][-1] == 1    # last step returns x0
+  assert plan['ratio'][-1] == 0 and plan['coef'][-1] == 1  # last step returns x0
   assert plan['b'][0] == 0 and np.all(plan['b'][1:-1] < 0)
   one = smp.dpm_solver_plan(1)
   np.testing.assert_array_equal(one['timesteps'], [999])
 
 
 # ----------------------------------------------------------------- sharding and batch size
+
 
 def test_eight_devices_equal_one_device(mdt):
   cfg = SamplerConfig(sampler='ddpm', steps=8, cfg_scale=4.0, scale_pow=1.0)
@@ -305,7 +334,7 @@ def test_eight_devices_equal_one_device(mdt):
   assert s8.num_devices == 8 and s8.learn_sigma
   a = s8(np.arange(8), y, 5)
   s1 = build_sampler(mdt, cfg, mesh=data_mesh(jax.devices()[:1]))
-  b = generate(s1, y, seed=5, batch_size=3, log_every=0)    # other device count AND batch size
+  b = generate(s1, y, seed=5, batch_size=3, log_every=0)  # other device count AND batch size
   assert np.isfinite(a).all() and a.std() > 0.1
   np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-4 * np.abs(a).max())
   # A sample depends on its global index, not its place in the batch.
@@ -314,6 +343,7 @@ def test_eight_devices_equal_one_device(mdt):
 
 
 # ----------------------------------------------------------------- labels
+
 
 def test_label_modes():
   u = labels_lib.make_labels('uniform', 500, 7, seed=3)
@@ -335,19 +365,23 @@ def test_label_modes():
 
 # ----------------------------------------------------------------- bad input
 
-@pytest.mark.parametrize('kwargs, match', [
-    (dict(sampler='plms'), 'unknown sampler'),
-    (dict(steps=0), 'positive integer'),
-    (dict(steps=1001), 'cannot respace'),
-    (dict(sampler='ddim', respacing='ddim999'), 'integer stride'),
-    (dict(sampler='dpm_solver++', steps=1000), 'steps <= 999'),
-    (dict(sampler='dpm_solver++', respacing='50'), 'respacing must be empty'),
-    (dict(eta=0.5), 'DDIM setting'),
-    (dict(cfg_scale=2.0, guided_channels='some'), 'guided channels'),
-    (dict(cfg_scale=2.0, guidance_schedule='linear'), 'guidance schedule'),
-    (dict(cfg_scale=2.0, guidance_interval=(600, 100)), 'interval'),
-    (dict(cfg_scale=float('nan')), 'finite'),
-])
+
+@pytest.mark.parametrize(
+    'kwargs, match',
+    [
+        (dict(sampler='plms'), 'unknown sampler'),
+        (dict(steps=0), 'positive integer'),
+        (dict(steps=1001), 'cannot respace'),
+        (dict(sampler='ddim', respacing='ddim999'), 'integer stride'),
+        (dict(sampler='dpm_solver++', steps=1000), 'steps <= 999'),
+        (dict(sampler='dpm_solver++', respacing='50'), 'respacing must be empty'),
+        (dict(eta=0.5), 'DDIM setting'),
+        (dict(cfg_scale=2.0, guided_channels='some'), 'guided channels'),
+        (dict(cfg_scale=2.0, guidance_schedule='linear'), 'guidance schedule'),
+        (dict(cfg_scale=2.0, guidance_interval=(600, 100)), 'interval'),
+        (dict(cfg_scale=float('nan')), 'finite'),
+    ],
+)
 def test_bad_sampler_config(kwargs, match):
   with pytest.raises(ValueError, match=match):
     SamplerConfig(**kwargs)
@@ -362,8 +396,9 @@ def test_bad_model_and_labels_fail_before_sampling():
   bad_out = lambda x, t, y: jnp.zeros(x.shape[:-1] + (3,))
   with pytest.raises(ValueError, match='does not fit'):
     build_sampler(bad_out, SamplerConfig(), image_shape=SHAPE, num_classes=NUM_CLASSES)
-  sampler = build_sampler(analytic_jax, SamplerConfig(steps=2), image_shape=SHAPE,
-                          num_classes=NUM_CLASSES)
+  sampler = build_sampler(
+      analytic_jax, SamplerConfig(steps=2), image_shape=SHAPE, num_classes=NUM_CLASSES
+  )
   sampler.fn = never
   with pytest.raises(ValueError, match=r'class ids must be in \[0, 10\)'):
     sampler(np.arange(2), np.array([3, 10]))
@@ -372,6 +407,7 @@ def test_bad_model_and_labels_fail_before_sampling():
 
 
 # ----------------------------------------------------------------- the run and the CLI
+
 
 @pytest.fixture(scope='module')
 def pixel_sampler():
@@ -382,12 +418,20 @@ def pixel_sampler():
 def test_run_sampling_shards_resume_and_npz(tmp_path, pixel_sampler):
   _, sampler = pixel_sampler
   out = str(tmp_path / 'run')
-  path = run_sampling(sampler, out_dir=out, num_samples=5, labels='balanced', seed=1,
-                      batch_size=4, shard_size=3, grid_size=4)
+  path = run_sampling(
+      sampler,
+      out_dir=out,
+      num_samples=5,
+      labels='balanced',
+      seed=1,
+      batch_size=4,
+      shard_size=3,
+      grid_size=4,
+  )
   with np.load(path) as f:
     images, ys = f['arr_0'], f['arr_1']
   assert images.shape == (5, 8, 8, 3) and images.dtype == np.uint8
-  np.testing.assert_array_equal(images[..., 0], images[..., 2])      # 1 channel -> 3
+  np.testing.assert_array_equal(images[..., 0], images[..., 2])  # 1 channel -> 3
   np.testing.assert_array_equal(ys, [0, 1, 2, 3, 4])
   assert images.std() > 0 and os.path.isfile(os.path.join(out, 'samples_grid.png'))
   raw = generate(sampler, ys, seed=1, batch_size=8, log_every=0)
@@ -397,16 +441,32 @@ def test_run_sampling_shards_resume_and_npz(tmp_path, pixel_sampler):
   try:
     sampler.fn = lambda *a: (_ for _ in ()).throw(AssertionError('shard resampled'))
     os.remove(path)
-    run_sampling(sampler, out_dir=out, num_samples=5, labels='balanced', seed=1,
-                 batch_size=4, shard_size=3, grid_size=4)
+    run_sampling(
+        sampler,
+        out_dir=out,
+        num_samples=5,
+        labels='balanced',
+        seed=1,
+        batch_size=4,
+        shard_size=3,
+        grid_size=4,
+    )
   finally:
     sampler.fn = real_fn
   with np.load(path) as f:
     np.testing.assert_array_equal(f['arr_0'], images)
   # A missing shard is sampled again, identically.
   os.remove(os.path.join(out, 'shards', 'shard_00001.npz'))
-  run_sampling(sampler, out_dir=out, num_samples=5, labels='balanced', seed=1, batch_size=2,
-               shard_size=3, grid_size=0)
+  run_sampling(
+      sampler,
+      out_dir=out,
+      num_samples=5,
+      labels='balanced',
+      seed=1,
+      batch_size=2,
+      shard_size=3,
+      grid_size=0,
+  )
   with np.load(path) as f:
     np.testing.assert_array_equal(f['arr_0'], images)
   with pytest.raises(ValueError, match='other settings'):
@@ -415,22 +475,38 @@ def test_run_sampling_shards_resume_and_npz(tmp_path, pixel_sampler):
 
 def test_cli_end_to_end_with_model_folder(tmp_path, pixel_sampler, monkeypatch):
   from mdt_jax import sample
+
   model, _ = pixel_sampler
-  save_pixel_folder(tmp_path / 'model', model, sampler='ddim', steps=3, cfg_scale=2.0,
-                    scale_pow=4.0, guidance_channels=3)
-  monkeypatch.chdir(tmp_path)                 # every path relative, as typed in that folder
+  save_pixel_folder(
+      tmp_path / 'model',
+      model,
+      sampler='ddim',
+      steps=3,
+      cfg_scale=2.0,
+      scale_pow=4.0,
+      guidance_channels=3,
+  )
+  monkeypatch.chdir(tmp_path)  # every path relative, as typed in that folder
 
   def run(*argv):
     launch.run_main(sample, *argv)
 
-  args = ['--model=model', '--out=out', '--num_samples=3', '--batch_size=8', '--seed=0',
-          '--labels=4,5', '--steps=2', '--shard_size=2']
+  args = [
+      '--model=model',
+      '--out=out',
+      '--num_samples=3',
+      '--batch_size=8',
+      '--seed=0',
+      '--labels=4,5',
+      '--steps=2',
+      '--shard_size=2',
+  ]
   run(*args)
   out = tmp_path / 'out'
   with open(out / 'run.json') as f:
     info = json.load(f)
-  assert info['sampler']['sampler'] == 'ddim'                  # recommended by the folder
-  assert info['sampler']['steps'] == 2                         # given on the command line
+  assert info['sampler']['sampler'] == 'ddim'  # recommended by the folder
+  assert info['sampler']['steps'] == 2  # given on the command line
   assert info['sampler']['cfg_scale'] == 2.0 and info['sampler']['guided_channels'] == 'all'
   with np.load(out / 'samples.npz') as f:
     np.testing.assert_array_equal(f['arr_1'], [4, 5, 4])

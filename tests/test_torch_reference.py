@@ -1,4 +1,5 @@
 """The PyTorch float32 eager reference (the speed baseline) against the JAX model and sampler."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -12,13 +13,23 @@ from mdt_jax.sampling import labels as labels_lib
 from mdt_jax.sampling.loops import per_sample_normal, sample_keys
 from mdt_jax.torch_reference import TorchMDT, from_official_state, sample_ddpm
 
-TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=6, num_heads=4,
-            decode_layer=2, num_classes=10, mask_ratio=0.3)
+TINY = dict(
+    input_size=8,
+    patch_size=2,
+    in_channels=4,
+    hidden_size=32,
+    depth=6,
+    num_heads=4,
+    decode_layer=2,
+    num_classes=10,
+    mask_ratio=0.3,
+)
 
 
 def _weights(cfg, scale, seed=1):
-  return ref.random_state_dict(official.layout(cfg), official.index_buffers(cfg), cfg.grid,
-                               seed=seed, scale=scale)
+  return ref.random_state_dict(
+      official.layout(cfg), official.index_buffers(cfg), cfg.grid, seed=seed, scale=scale
+  )
 
 
 def test_module_tree_has_exactly_the_official_keys_and_shapes():
@@ -39,12 +50,14 @@ def test_forward_matches_the_jax_model(arch):
   sd = _weights(cfg, 0.2)
   rng = np.random.default_rng(0)
   x = rng.standard_normal((3, 8, 8, 4)).astype(np.float32)
-  t, y = np.array([0, 500, 999]), np.array([1, 10, 3])        # 10 = the null label
-  want = np.asarray(official.model_from_state(sd, cfg)(jnp.asarray(x), jnp.asarray(t),
-                                                         jnp.asarray(y)))
+  t, y = np.array([0, 500, 999]), np.array([1, 10, 3])  # 10 = the null label
+  want = np.asarray(
+      official.model_from_state(sd, cfg)(jnp.asarray(x), jnp.asarray(t), jnp.asarray(y))
+  )
   with torch.no_grad():
-    got = from_official_state(sd, cfg)(torch.from_numpy(x.transpose(0, 3, 1, 2)),
-                                        torch.from_numpy(t), torch.from_numpy(y))
+    got = from_official_state(sd, cfg)(
+        torch.from_numpy(x.transpose(0, 3, 1, 2)), torch.from_numpy(t), torch.from_numpy(y)
+    )
   got = got.numpy().transpose(0, 2, 3, 1)
   assert np.abs(want).max() > 1.0
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
@@ -56,10 +69,11 @@ def test_guided_ddpm_matches_the_jax_sampler_on_the_same_noise():
   jax_model, torch_model = official.model_from_state(sd, cfg), from_official_state(sd, cfg)
   idx, labels, seed = np.arange(4), np.array([1, 2, 3, 9]), 7
   want = build_sampler(jax_model, SamplerConfig(sampler='ddpm', steps=6, cfg_scale=4.0))(
-      idx, labels, seed)
+      idx, labels, seed
+  )
   keys = sample_keys(labels_lib.noise_key(seed), jnp.asarray(idx, jnp.int32))
 
-  def replay(j, shape):      # the JAX sampler's per-sample noise streams, NCHW
+  def replay(j, shape):  # the JAX sampler's per-sample noise streams, NCHW
     z = np.asarray(per_sample_normal(keys, j, (8, 8, 4))).transpose(0, 3, 1, 2)
     assert z.shape == shape
     return torch.from_numpy(z.copy())
@@ -81,8 +95,10 @@ def test_sampler_refuses_a_fixed_variance_model():
 
 # ------------------------------------------------------------------------------ train step
 
+
 def _train_config():
   from mdt_jax.training.config import base_config
+
   c = base_config()
   # Small enough to compile in seconds: one block of each kind (encoder in/out, decoder, side).
   c.model.update(TINY, depth=3, decode_layer=1, class_dropout_prob=0.3)
@@ -96,6 +112,7 @@ def _jax_draws(state, x, cfg, dif):
   import jax
   from mdt_jax.models import masking
   from mdt_jax.torch_reference.train import BranchDraws, StepDraws
+
   b = x.shape[0]
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   t_key, plain_key, mask_key = jax.random.split(key, 3)
@@ -108,13 +125,13 @@ def _jax_draws(state, x, cfg, dif):
     drop = np.asarray(jax.random.uniform(drop_key, (b,)) < cfg.class_dropout_prob)
     mask = None
     if masked:
-      ids, keep = masking.draw_mask(m_key, b, cfg.num_tokens, cfg.mask_ratio,
-                                    cfg.mask_ratio_span)
+      ids, keep = masking.draw_mask(m_key, b, cfg.num_tokens, cfg.mask_ratio, cfg.mask_ratio_span)
       mask = (torch.from_numpy(np.asarray(ids, np.int64)), int(keep))
     return BranchDraws(torch.from_numpy(noise.copy()), torch.from_numpy(drop.copy()), mask)
 
-  return StepDraws(torch.from_numpy(np.asarray(t, np.int64)), branch(plain_key, False),
-                   branch(mask_key, True))
+  return StepDraws(
+      torch.from_numpy(np.asarray(t, np.int64)), branch(plain_key, False), branch(mask_key, True)
+  )
 
 
 def _close_but_for_noise_grads(got, want, lr, steps, what):
@@ -137,6 +154,7 @@ def test_train_step_matches_the_jax_step_on_the_same_draws():
   from mdt_jax.training import step as step_lib
   from mdt_jax.models.params import abstract_model
   from mdt_jax.training.state import TrainState, make_optimizer
+
   config = _train_config()
   cfg = MDTConfig.from_dict(config.model.to_dict())
   lr = config.optimizer.learning_rate
@@ -144,13 +162,24 @@ def test_train_step_matches_the_jax_step_on_the_same_draws():
   params = nnx.to_pure_dict(official.to_flax_params(sd, cfg))
   opt = make_optimizer(config.optimizer)
   graphdef, _ = nnx.split(abstract_model(cfg))
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                     ema_params=jax.tree.map(jnp.copy, params), opt_state=opt.init(params),
-                     rng=jax.random.key_data(jax.random.key(5)))
+  state = TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      ema_params=jax.tree.map(jnp.copy, params),
+      opt_state=opt.init(params),
+      rng=jax.random.key_data(jax.random.key(5)),
+  )
   settings = step_lib.loss_settings(config)
-  jax_step = jax.jit(functools.partial(
-      step_lib.train_step, graphdef=graphdef, optimizer=opt, ema_decay=config.ema_decay,
-      learning_rate=lr, **settings))
+  jax_step = jax.jit(
+      functools.partial(
+          step_lib.train_step,
+          graphdef=graphdef,
+          optimizer=opt,
+          ema_decay=config.ema_decay,
+          learning_rate=lr,
+          **settings,
+      )
+  )
   torch_step = TorchTrainStep.from_config(config, sd)
   rng = np.random.default_rng(0)
   x = rng.standard_normal((6, 8, 8, 4)).astype(np.float32)
@@ -166,7 +195,7 @@ def test_train_step_matches_the_jax_step_on_the_same_draws():
     got = torch_step(xt, yt, draws)
     for k in ('loss', 'plain/loss', 'masked/loss'):
       np.testing.assert_allclose(got[k], float(metrics[k]), rtol=2e-5, err_msg=k)
-  assert dropped > 0                                       # label dropout is in play
+  assert dropped > 0  # label dropout is in play
   as_official = lambda tree: official.from_flax_params(nnx.State(tree), cfg, with_buffers=False)
   adan_state = state.opt_state[-1]
   names = [n for n, p in torch_step.model.named_parameters() if p.requires_grad]
@@ -175,8 +204,9 @@ def test_train_step_matches_the_jax_step_on_the_same_draws():
     got = dict(zip(names, (v.numpy() for v in getattr(torch_step.optimizer, moment))))
     scale = max(np.abs(v).max() for v in want.values())
     for k in want:
-      np.testing.assert_allclose(got[k], want[k], rtol=1e-4, atol=1e-5 * scale,
-                                 err_msg=f'{moment} {k}')
+      np.testing.assert_allclose(
+          got[k], want[k], rtol=1e-4, atol=1e-5 * scale, err_msg=f'{moment} {k}'
+      )
   want_params, want_ema = as_official(state.params), as_official(state.ema_params)
   got_params, got_ema = torch_step.state_dicts()
   assert max(np.abs(want_params[k] - sd[k]).max() for k in sd if k in want_params) > lr

@@ -1,4 +1,5 @@
 """Training: optimizer, sharded step, config checks, checkpoints, exact resume, preemption, NaN stop."""
+
 import json
 import os
 import shutil
@@ -15,14 +16,15 @@ import launch
 import mdt_jax
 from micro_config import get_config
 from tensorboard_events import read_events, scalar
-from mdt_jax import MDTConfig, model_config
+from mdt_jax import MDTConfig
 from mdt_jax import diffusion as diff
 from mdt_jax.training import checkpoints, sharding
 from mdt_jax.training import state as st
 from mdt_jax.training import step as stp
-from mdt_jax.training.config import base_config, validate
+from mdt_jax.training.config import validate
 from mdt_jax.perf import profile
 from mdt_jax.training.loop import PROFILE_AFTER_STEPS, train_and_evaluate
+
 
 def micro_config(**kw) -> ml_collections.ConfigDict:
   c = get_config()
@@ -37,10 +39,21 @@ def _leaves(tree):
 
 # ----------------------------------------------------------------------------------- optimizer
 
+
 def test_adan_matches_the_spec_update():
   """Global clipping then Adan = the update written in the spec (optax.adan is not: see adan.py)."""
-  cfg = ml_collections.ConfigDict(dict(name='adan', learning_rate=0.01, b1=0.98, b2=0.92,
-                                       b3=0.99, eps=1e-8, weight_decay=0.0, clip_norm=1.0))
+  cfg = ml_collections.ConfigDict(
+      dict(
+          name='adan',
+          learning_rate=0.01,
+          b1=0.98,
+          b2=0.92,
+          b3=0.99,
+          eps=1e-8,
+          weight_decay=0.0,
+          clip_norm=1.0,
+      )
+  )
   opt = st.make_optimizer(cfg)
   rng = np.random.default_rng(0)
   theta = rng.standard_normal(5)
@@ -57,13 +70,14 @@ def test_adan_matches_the_spec_update():
     m = 0.98 * m + 0.02 * g
     d = 0.92 * d + 0.08 * diff_g
     n = 0.99 * n + 0.01 * (g + 0.92 * diff_g) ** 2
-    denom = np.sqrt(n) / np.sqrt(1 - 0.99 ** k) + 1e-8
-    theta = theta - 0.01 * (m / (1 - 0.98 ** k) + 0.92 * d / (1 - 0.92 ** k)) / denom
+    denom = np.sqrt(n) / np.sqrt(1 - 0.99**k) + 1e-8
+    theta = theta - 0.01 * (m / (1 - 0.98**k) + 0.92 * d / (1 - 0.92**k)) / denom
     g_prev = g
   np.testing.assert_allclose(np.asarray(params), theta, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------- sharded train step
+
 
 @pytest.fixture(scope='module')
 def step_setup():
@@ -71,19 +85,29 @@ def step_setup():
   mc = MDTConfig.from_dict(c.model.to_dict())
   opt = st.make_optimizer(c.optimizer)
   rng = np.random.default_rng(0)
-  batch = {'x': rng.standard_normal((16, 8, 8, 1)).astype(np.float32),
-           'y': rng.integers(0, 10, 16).astype(np.int32)}
+  batch = {
+      'x': rng.standard_normal((16, 8, 8, 1)).astype(np.float32),
+      'y': rng.integers(0, 10, 16).astype(np.int32),
+  }
   return c, mc, opt, batch
 
 
 def _run_steps(setup, mesh_shape, n=3, mask_branch=True):
   c, mc, opt, batch = setup
-  devices = jax.devices()[:int(np.prod(mesh_shape))]
+  devices = jax.devices()[: int(np.prod(mesh_shape))]
   mesh = sharding.make_mesh(dict(zip(('data', 'fsdp', 'tensor'), mesh_shape)), devices)
   state, shardings, graphdef = st.create_train_state(mc, opt, 0, mesh, sharding.DEFAULT_RULES)
-  fn = stp.jit_train_step(shardings, sharding.batch_sharding(mesh), graphdef=graphdef,
-                          dif=diff.create_diffusion(), optimizer=opt, ema_decay=0.9,
-                          mask_branch=mask_branch, min_snr_gamma=5.0, learning_rate=1e-3)
+  fn = stp.jit_train_step(
+      shardings,
+      sharding.batch_sharding(mesh),
+      graphdef=graphdef,
+      dif=diff.create_diffusion(),
+      optimizer=opt,
+      ema_decay=0.9,
+      mask_branch=mask_branch,
+      min_snr_gamma=5.0,
+      learning_rate=1e-3,
+  )
   b = jax.device_put(batch, sharding.batch_sharding(mesh))
   losses = []
   for _ in range(n):
@@ -98,7 +122,7 @@ def single_device(step_setup):
   return _run_steps(step_setup, (1, 1, 1))
 
 
-@pytest.mark.parametrize('shape', [(8, 1, 1), (4, 1, 1), (2, 2, 2)])   # (4, 1, 1): 4 devices
+@pytest.mark.parametrize('shape', [(8, 1, 1), (4, 1, 1), (2, 2, 2)])  # (4, 1, 1): 4 devices
 def test_mesh_matches_single_device(step_setup, single_device, shape):
   ref_state, ref_losses = single_device
   assert np.isfinite(ref_losses).all() and ref_losses[0] != ref_losses[-1]
@@ -116,17 +140,18 @@ def test_param_shardings_follow_the_rules(step_setup):
   state, shardings, _ = st.create_train_state(mc, opt, 0, mesh, sharding.DEFAULT_RULES)
   P = jax.sharding.PartitionSpec
   blk = state.params['en_outblocks'][0]
-  assert blk['attn']['qkv']['kernel'].sharding.spec == P('fsdp', 'tensor')     # embed, heads
-  assert blk['attn']['proj']['kernel'].sharding.spec == P('tensor', 'fsdp')    # heads, embed
-  assert blk['mlp']['fc1']['kernel'].sharding.spec == P('fsdp', 'tensor')      # embed, mlp
-  assert blk['skip_linear']['kernel'].sharding.spec == P('fsdp', None)         # embed2 | embed
-  assert blk['adaLN_modulation_1']['bias'].sharding.spec == P('tensor')        # ada
+  assert blk['attn']['qkv']['kernel'].sharding.spec == P('fsdp', 'tensor')  # embed, heads
+  assert blk['attn']['proj']['kernel'].sharding.spec == P('tensor', 'fsdp')  # heads, embed
+  assert blk['mlp']['fc1']['kernel'].sharding.spec == P('fsdp', 'tensor')  # embed, mlp
+  assert blk['skip_linear']['kernel'].sharding.spec == P('fsdp', None)  # embed2 | embed
+  assert blk['adaLN_modulation_1']['bias'].sharding.spec == P('tensor')  # ada
   # the 11-row class table (10 + null) cannot be split in 2: replicated
   assert state.params['y_embedder']['embedding_table']['embedding'].sharding.spec == P(None, 'fsdp')
   assert state.ema_params['final_layer']['linear']['kernel'].sharding.spec == P('fsdp', None)
   # optimizer moments are sharded like their parameters
-  moments = [x for x in jax.tree.leaves(state.opt_state)
-             if x.shape == blk['mlp']['fc1']['kernel'].shape]
+  moments = [
+      x for x in jax.tree.leaves(state.opt_state) if x.shape == blk['mlp']['fc1']['kernel'].shape
+  ]
   assert moments and all(x.sharding.spec == P('fsdp', 'tensor') for x in moments)
   with pytest.raises(ValueError, match='needs 16 devices, 8 are available'):
     sharding.make_mesh({'data': 4, 'fsdp': 4})
@@ -143,9 +168,11 @@ def test_a_rule_that_cannot_apply_is_named(step_setup, caplog):
     got = sharding.param_shardings(params, mesh, {**rules, 'vocab': 'tensor'}.items())
   P = jax.sharding.PartitionSpec
   assert got['y_embedder']['embedding_table']['embedding'].spec == P(None, 'fsdp')
-  assert ('parameter y_embedder.embedding_table.embedding dimension 0 (size 11, logical axis '
-          "'vocab') is replicated: mesh axis tensor of size 2 does not divide it") in caplog.text
-  assert caplog.text.count('is replicated') == 1         # the default rules all apply here
+  assert (
+      'parameter y_embedder.embedding_table.embedding dimension 0 (size 11, logical axis '
+      "'vocab') is replicated: mesh axis tensor of size 2 does not divide it"
+  ) in caplog.text
+  assert caplog.text.count('is replicated') == 1  # the default rules all apply here
   del rules['vocab']
   with pytest.raises(ValueError, match="embedding dimension 0: logical axis 'vocab' has no "):
     sharding.param_shardings(params, mesh, rules.items())
@@ -156,10 +183,11 @@ def test_a_rule_that_cannot_apply_is_named(step_setup, caplog):
 def test_dit_baseline_has_no_masked_branch(step_setup, single_device):
   _, losses = _run_steps(step_setup, (1, 1, 1), n=1, mask_branch=False)
   _, both = single_device
-  assert losses[0] < both[0]          # one branch's loss vs the sum of two
+  assert losses[0] < both[0]  # one branch's loss vs the sum of two
 
 
 # ------------------------------------------------------------------------------ config checks
+
 
 def test_bad_configs_are_refused_before_training(tmp_path):
   c = micro_config()
@@ -172,8 +200,9 @@ def test_bad_configs_are_refused_before_training(tmp_path):
   with pytest.raises(ValueError, match=r"unknown config keys \['learning_rate'\]"):
     validate(c)
   c = micro_config(global_batch_size=12)
-  with pytest.raises(ValueError, match='global_batch_size 12 is not divisible by the '
-                                       'data-parallel size 8'):
+  with pytest.raises(
+      ValueError, match='global_batch_size 12 is not divisible by the ' 'data-parallel size 8'
+  ):
     train_and_evaluate(c, str(tmp_path / 'a'))
   c = micro_config()
   c.model.input_size = 16
@@ -187,22 +216,30 @@ def test_workdir_of_another_model_is_refused(full_run, tmp_path):
   shutil.copytree(full_run[0], work)
   c = micro_config(total_steps=9)
   c.model.hidden_size = 64
-  with pytest.raises(ValueError, match='holds a run of another model shape .*hidden_size: '
-                                       'workdir 32 vs config 64'):
+  with pytest.raises(
+      ValueError,
+      match='holds a run of another model shape .*hidden_size: ' 'workdir 32 vs config 64',
+  ):
     train_and_evaluate(c, str(work))
   # compute options are not the model's shape: a run may resume with cuDNN's padded buffer etc.
   c = micro_config(total_steps=9)
-  c.model.update(dtype='bfloat16', remat=True, attention_impl='xla', mask_buffer_multiple=8,
-                 residual_dtype='compute')
+  c.model.update(
+      dtype='bfloat16',
+      remat=True,
+      attention_impl='xla',
+      mask_buffer_multiple=8,
+      residual_dtype='compute',
+  )
   checkpoints.check_workdir(str(work), c)
   c = micro_config(total_steps=9)
-  c.optimizer.clip_norm = 0.0            # another optimizer-state structure
+  c.optimizer.clip_norm = 0.0  # another optimizer-state structure
   with pytest.raises(ValueError, match='checkpoint at step 6 .* does not match this config'):
     train_and_evaluate(c, str(work))
 
 
-def test_synchronous_checkpoints_resume_exactly_and_load_pretrained_reads_workdir(full_run,
-                                                                                    tmp_path):
+def test_synchronous_checkpoints_resume_exactly_and_load_pretrained_reads_workdir(
+    full_run, tmp_path
+):
   """The synchronous mode's own test (every other run checkpoints asynchronously, the default):
   stopped at 3 and resumed to 6, it equals the uninterrupted asynchronous run."""
   work, full = full_run
@@ -229,8 +266,11 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(full_run, tmp_path):
   before = {p: p.stat().st_mtime for p in ckpt.rglob('*')}
   c = micro_config(total_steps=12)
   c.optimizer.learning_rate = 1e30
-  with pytest.raises(FloatingPointError, match=r'loss is (nan|inf) at step \d+; training stopped.'
-                                               r' The last good checkpoint \(step 6\)'):
+  with pytest.raises(
+      FloatingPointError,
+      match=r'loss is (nan|inf) at step \d+; training stopped.'
+      r' The last good checkpoint \(step 6\)',
+  ):
     train_and_evaluate(c, str(work))
   assert launch.steps_saved(str(work))[-1] == 6
   assert before == {p: p.stat().st_mtime for p in ckpt.rglob('*')}
@@ -241,12 +281,22 @@ def test_metrics_are_written_to_tensorboard(full_run):
   equal to what the run returned, the total loss the sum of the branches'."""
   work, out = full_run
   events = read_events(str(work))
-  for k in ('loss', 'plain/loss', 'plain/mse', 'plain/vb', 'masked/loss', 'masked/mse',
-            'masked/vb', 'grad_norm', 'learning_rate', 'images_per_sec'):
-    assert sorted(events[k]) == [3, 6], (k, sorted(events[k]))   # log_every_steps=3
+  for k in (
+      'loss',
+      'plain/loss',
+      'plain/mse',
+      'plain/vb',
+      'masked/loss',
+      'masked/mse',
+      'masked/vb',
+      'grad_norm',
+      'learning_rate',
+      'images_per_sec',
+  ):
+    assert sorted(events[k]) == [3, 6], (k, sorted(events[k]))  # log_every_steps=3
     for step in (3, 6):
       assert np.isfinite(scalar(events, k, step)), (k, step)
-    assert scalar(events, k, 6) == pytest.approx(out[k], rel=1e-6), k    # float32 in the file
+    assert scalar(events, k, 6) == pytest.approx(out[k], rel=1e-6), k  # float32 in the file
   for step in (3, 6):
     assert scalar(events, 'learning_rate', step) == pytest.approx(1e-3, rel=1e-6)
     branches = scalar(events, 'plain/loss', step) + scalar(events, 'masked/loss', step)
@@ -281,7 +331,9 @@ def test_preempted_killed_and_resumed_run_matches_uninterrupted_run(full_run, tm
   full = full_run[1]
   assert resumed['step'] == 6 and launch.steps_saved(work)[-1] == 6
   for name in ('params', 'ema_params', 'opt_state'):
-    for a, b in zip(_leaves(getattr(full['state'], name)), _leaves(getattr(resumed['state'], name))):
+    for a, b in zip(
+        _leaves(getattr(full['state'], name)), _leaves(getattr(resumed['state'], name))
+    ):
       np.testing.assert_array_equal(a, b, err_msg=name)
 
 

@@ -1,4 +1,5 @@
 """mdt_jax.vae against diffusers' PyTorch AutoencoderKL (random weights, CPU, float32)."""
+
 import json
 import os
 import subprocess
@@ -14,10 +15,20 @@ from safetensors.numpy import load_file, save_file
 import mdt_jax.vae as vae_lib
 from mdt_jax.vae.convert import DIFFUSERS_WEIGHTS, diffusers_name
 
-SMALL = dict(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8,
-             latent_channels=4, sample_size=16)
-SD = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
-          latent_channels=4, sample_size=256)
+SMALL = dict(
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    norm_num_groups=8,
+    latent_channels=4,
+    sample_size=16,
+)
+SD = dict(
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    norm_num_groups=32,
+    latent_channels=4,
+    sample_size=256,
+)
 # The SD VAE's structure (4 levels, 2 layers per block, 32 groups, mid-block attention) at a
 # width whose random PyTorch reference runs in a second; the full width is checked from shapes.
 SD_NARROW = dict(SD, block_out_channels=(32, 32, 64, 64))
@@ -28,8 +39,9 @@ def torch_vae(cfg: dict, seed: int) -> TorchAutoencoderKL:
   """diffusers AutoencoderKL with every parameter drawn afresh (norms and biases included)."""
   n = len(cfg['block_out_channels'])
   torch.manual_seed(seed)
-  model = TorchAutoencoderKL(down_block_types=('DownEncoderBlock2D',) * n,
-                             up_block_types=('UpDecoderBlock2D',) * n, **cfg).eval()
+  model = TorchAutoencoderKL(
+      down_block_types=('DownEncoderBlock2D',) * n, up_block_types=('UpDecoderBlock2D',) * n, **cfg
+  ).eval()
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -39,7 +51,7 @@ def torch_vae(cfg: dict, seed: int) -> TorchAutoencoderKL:
         p.copy_(1 + 0.3 * noise if is_norm_scale else 0.3 * noise)
       else:
         fan_in = p[0].numel()
-        p.copy_(noise * (1.3 / fan_in ** 0.5))
+        p.copy_(noise * (1.3 / fan_in**0.5))
   return model
 
 
@@ -58,11 +70,19 @@ def assert_close(ours, ref):
 def check_parity(tmp_path, cfg: dict, size: int, seed: int, with_tool: bool = False):
   model = torch_vae(cfg, seed)
   model.save_pretrained(tmp_path / 'diffusers', safe_serialization=True)
-  if with_tool:      # the converter as users run it
+  if with_tool:  # the converter as users run it
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, 'tools', 'convert_vae.py'),
-         f'--diffusers_dir={tmp_path / "diffusers"}', f'--out={tmp_path / "ours"}'],
-        env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            os.path.join(ROOT, 'tools', 'convert_vae.py'),
+            f'--diffusers_dir={tmp_path / "diffusers"}',
+            f'--out={tmp_path / "ours"}',
+        ],
+        env=dict(os.environ, PYTHONPATH=ROOT),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f'wrote {tmp_path / "ours"}' in proc.stdout
     vae = vae_lib.load(str(tmp_path / 'ours'))
@@ -99,15 +119,21 @@ def test_sd_vae_layout_and_parameter_count_from_shapes():
   sd-vae-ft-mse parameters."""
   n = len(SD['block_out_channels'])
   with torch.device('meta'):
-    model = TorchAutoencoderKL(down_block_types=('DownEncoderBlock2D',) * n,
-                               up_block_types=('UpDecoderBlock2D',) * n, **SD)
+    model = TorchAutoencoderKL(
+        down_block_types=('DownEncoderBlock2D',) * n, up_block_types=('UpDecoderBlock2D',) * n, **SD
+    )
   theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()}
   _, ours = vae_lib.io.param_shapes(vae_lib.VAEConfig.from_dict(SD))
   ours = {diffusers_name(k): tuple(v.shape) for k, v in ours.items()}
   assert sorted(ours) == sorted(theirs)
   for k, shape in theirs.items():
-    want = {4: lambda o, i, h, w: (h, w, i, o), 2: lambda o, i: (i, o)}.get(
-        len(shape), lambda *a: a)(*shape) if k.endswith('weight') and len(shape) > 1 else shape
+    want = (
+        {4: lambda o, i, h, w: (h, w, i, o), 2: lambda o, i: (i, o)}.get(len(shape), lambda *a: a)(
+            *shape
+        )
+        if k.endswith('weight') and len(shape) > 1
+        else shape
+    )
     assert ours[k] == want, (k, shape, ours[k])
   assert sum(int(np.prod(s)) for s in theirs.values()) == 83_653_863
   assert sum(int(np.prod(s)) for s in ours.values()) == 83_653_863
@@ -140,7 +166,7 @@ def test_old_attention_names_and_bfloat16(tmp_path):
   m32, m16 = f32.encode(x)[0], bf16.encode(x)[0]
   assert m16.dtype == jnp.float32
   err = float(jnp.abs(m32 - m16).max() / jnp.abs(m32).max())
-  assert 0 < err < 0.1, err   # bfloat16 compute really happened, and stayed close
+  assert 0 < err < 0.1, err  # bfloat16 compute really happened, and stayed close
 
 
 def test_mismatched_folder_is_refused(tmp_path):
@@ -157,7 +183,7 @@ def test_mismatched_folder_is_refused(tmp_path):
   msg = str(e.value)
   assert 'decoder.conv_out.bias' in msg and 'encoder.extra.weight' in msg
   assert 'quant_conv.weight' in msg
-  assert not out.exists() and os.listdir(tmp_path) == ['d']   # nothing half-written
+  assert not out.exists() and os.listdir(tmp_path) == ['d']  # nothing half-written
 
 
 def test_config_mismatch_and_missing_files_are_refused(tmp_path):

@@ -10,6 +10,7 @@ HBM and ICI times, the bottleneck, the MFU bound), memory against the chip's HBM
 by kind and the compile time. Prints Markdown tables (as tools/bench.py) and writes JSON.
 See mdt_jax/perf/aot.py for what each figure means and BENCHMARKS.md for recorded figures.
 """
+
 import json
 import os
 
@@ -20,20 +21,42 @@ from absl import app, flags
 from ml_collections import config_flags
 
 config_flags.DEFINE_config_file('config', None, 'experiment config', lock_config=True)
-flags.DEFINE_string('topology', None, 'TPU slice as named by Cloud TPU (v4-8, v5e-16, v5p-128, '
-                    'v6e-8, ...) or the compiler\'s topology (v5p:4x4x12)')
-flags.DEFINE_list('steps', ['train', 'dit', 'sample'], 'steps to compile: train (MDT two '
-                  'branches), dit (plain branch only), sample (one guided model call)')
-flags.DEFINE_integer('sample_batch', None, 'global batch of the sampling step (default: the '
-                     'config\'s global_batch_size)')
-flags.DEFINE_bool('fit', False, 'also find the largest batch per chip whose train steps fit '
-                  'the HBM the compiler allows')
+flags.DEFINE_string(
+    'topology',
+    None,
+    'TPU slice as named by Cloud TPU (v4-8, v5e-16, v5p-128, '
+    "v6e-8, ...) or the compiler's topology (v5p:4x4x12)",
+)
+flags.DEFINE_list(
+    'steps',
+    ['train', 'dit', 'sample'],
+    'steps to compile: train (MDT two '
+    'branches), dit (plain branch only), sample (one guided model call)',
+)
+flags.DEFINE_integer(
+    'sample_batch',
+    None,
+    'global batch of the sampling step (default: the ' "config's global_batch_size)",
+)
+flags.DEFINE_bool(
+    'fit',
+    False,
+    'also find the largest batch per chip whose train steps fit ' 'the HBM the compiler allows',
+)
 flags.DEFINE_integer('fit_max_compiles', 4, 'compiles per --fit search')
-flags.DEFINE_bool('proxy_checks', False, 'also compile programs whose answer is known (a bf16 '
-                  'matmul, elementwise chains, an in-place update, a loop) and report what the '
-                  'roofline makes of them')
-flags.DEFINE_integer('traffic', 0, 'also print where the HBM bytes go: this many source lines '
-                     'and ops with the most traffic (mdt_jax/perf/traffic.py)')
+flags.DEFINE_bool(
+    'proxy_checks',
+    False,
+    'also compile programs whose answer is known (a bf16 '
+    'matmul, elementwise chains, an in-place update, a loop) and report what the '
+    'roofline makes of them',
+)
+flags.DEFINE_integer(
+    'traffic',
+    0,
+    'also print where the HBM bytes go: this many source lines '
+    'and ops with the most traffic (mdt_jax/perf/traffic.py)',
+)
 flags.DEFINE_string('out', None, 'JSON file for the results')
 flags.DEFINE_string('hlo_out', None, 'folder for the optimized HLO of each step')
 flags.mark_flags_as_required(['config', 'topology'])
@@ -45,6 +68,7 @@ def main(argv):
   from mdt_jax import paths
   from mdt_jax.perf.benchmark import markdown_table
   from mdt_jax.perf import aot, tpu, traffic
+
   try:
     slc = tpu.parse_slice(FLAGS.topology)
   except ValueError as e:
@@ -61,10 +85,20 @@ def main(argv):
   devices = slc.devices()
   usable = tpu.usable_hbm_gb(devices[0])
   g = slc.generation
-  results = {'slice': slc.name, 'topology': slc.topology, 'chips': slc.chips,
-             'device_kind': devices[0].device_kind, 'peak_bf16_tflops': g.peak_bf16_tflops,
-             'hbm_gbps': g.hbm_gbps, 'ici_link_gbps': g.ici_link_gbps, 'hbm_spec_gb': g.hbm_gb,
-             'hbm_usable_gb': usable, 'steps': [], 'fit': [], 'proxy': []}
+  results = {
+      'slice': slc.name,
+      'topology': slc.topology,
+      'chips': slc.chips,
+      'device_kind': devices[0].device_kind,
+      'peak_bf16_tflops': g.peak_bf16_tflops,
+      'hbm_gbps': g.hbm_gbps,
+      'ici_link_gbps': g.ici_link_gbps,
+      'hbm_spec_gb': g.hbm_gb,
+      'hbm_usable_gb': usable,
+      'steps': [],
+      'fit': [],
+      'proxy': [],
+  }
 
   def record(section, row):
     results[section].append(row)
@@ -77,15 +111,27 @@ def main(argv):
     for row in aot.proxy_checks(slc, devices[0]):
       record('proxy', row)
   for step in FLAGS.steps:
-    record('steps', aot.compile_step(FLAGS.config, slc, devices, step,
-                                     sample_batch=FLAGS.sample_batch, hbm_usable_gb=usable,
-                                     hlo_dir=hlo_dir, traffic_top=FLAGS.traffic))
+    record(
+        'steps',
+        aot.compile_step(
+            FLAGS.config,
+            slc,
+            devices,
+            step,
+            sample_batch=FLAGS.sample_batch,
+            hbm_usable_gb=usable,
+            hlo_dir=hlo_dir,
+            traffic_top=FLAGS.traffic,
+        ),
+    )
   if FLAGS.fit:
     budget = usable or g.hbm_gb
     for step in FLAGS.steps:
       if step != 'sample':
-        record('fit', aot.fit(FLAGS.config, slc, devices, step, budget,
-                              max_compiles=FLAGS.fit_max_compiles))
+        record(
+            'fit',
+            aot.fit(FLAGS.config, slc, devices, step, budget, max_compiles=FLAGS.fit_max_compiles),
+        )
   if results['proxy']:
     print(markdown_table(results['proxy'], aot.PROXY_KEYS))
   print(markdown_table(results['steps'], aot.AOT_KEYS))

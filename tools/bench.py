@@ -19,6 +19,7 @@
 
 Prints Markdown tables and writes JSON. See BENCHMARKS.md for recorded figures.
 """
+
 import contextlib
 import json
 import os
@@ -40,45 +41,86 @@ flags.DEFINE_bool('sampling', False, 'also measure sampling throughput')
 flags.DEFINE_integer('sample_batch', 16, 'images per sampling run')
 flags.DEFINE_integer('ddpm_steps', 250, 'DDPM steps (the original FID setting)')
 flags.DEFINE_integer('dpm_steps', 20, 'DPM-Solver++ steps')
-flags.DEFINE_bool('torch_baseline', False, 'with --sampling: also time the same guided '
-                  'DDPM sampler in PyTorch, float32 and eager (the original\'s way), and report '
-                  'the speed-up over it')
-flags.DEFINE_bool('torch_train_baseline', False, 'also time the original\'s train step in '
-                  'PyTorch, float32 and eager (both branches, Adan, EMA; '
-                  'mdt_jax/torch_reference/train.py) on the same weights and batch, interleaved '
-                  'with the JAX step\'s repeats, and report the speed-up over it')
-flags.DEFINE_integer('torch_threads', None, 'PyTorch\'s thread count for the baselines '
-                     '(default: torch\'s own)')
-flags.DEFINE_bool('single_thread', False, 'run XLA:CPU single-threaded (and PyTorch with '
-                  '--torch_threads=1): with `taskset -c 0`, both on one core, where the CPU-time '
-                  'ratio holds however busy the other cores are')
-flags.DEFINE_bool('eager_baseline', False, 'with --sampling: also time the same guided DDPM '
-                  'sampler in JAX, float32, op by op without jit (a float32 eager baseline '
-                  'that needs no PyTorch)')
-flags.DEFINE_integer('baseline_steps', None, 'time the eager baselines over this many steps '
-                     'and scale to --ddpm_steps (every step costs the same; default: all)')
+flags.DEFINE_bool(
+    'torch_baseline',
+    False,
+    'with --sampling: also time the same guided '
+    "DDPM sampler in PyTorch, float32 and eager (the original's way), and report "
+    'the speed-up over it',
+)
+flags.DEFINE_bool(
+    'torch_train_baseline',
+    False,
+    "also time the original's train step in "
+    'PyTorch, float32 and eager (both branches, Adan, EMA; '
+    'mdt_jax/torch_reference/train.py) on the same weights and batch, interleaved '
+    "with the JAX step's repeats, and report the speed-up over it",
+)
+flags.DEFINE_integer(
+    'torch_threads', None, "PyTorch's thread count for the baselines " "(default: torch's own)"
+)
+flags.DEFINE_bool(
+    'single_thread',
+    False,
+    'run XLA:CPU single-threaded (and PyTorch with '
+    '--torch_threads=1): with `taskset -c 0`, both on one core, where the CPU-time '
+    'ratio holds however busy the other cores are',
+)
+flags.DEFINE_bool(
+    'eager_baseline',
+    False,
+    'with --sampling: also time the same guided DDPM '
+    'sampler in JAX, float32, op by op without jit (a float32 eager baseline '
+    'that needs no PyTorch)',
+)
+flags.DEFINE_integer(
+    'baseline_steps',
+    None,
+    'time the eager baselines over this many steps '
+    'and scale to --ddpm_steps (every step costs the same; default: all)',
+)
 flags.DEFINE_float('cfg_scale', 3.8, 'guidance scale for the sampling runs')
-flags.DEFINE_float('fit_memory_gb', None, 'also find the largest batch per device whose '
-                   'compiled step fits this many GB (e.g. 80 for an H100), with and without '
-                   'rematerialisation')
-flags.DEFINE_integer('fit_max_compiles', 8, 'compiles per --fit_memory_gb search (2 give the '
-                     'affine estimate; on near-affine memory 4 settle the exact batch)')
-flags.DEFINE_enum('fit_remat', 'both', ['both', 'off', 'on'], 'rematerialisation settings the '
-                  '--fit_memory_gb search covers')
-flags.DEFINE_multi_string('parity', [], 'compare the training loss and its gradients with '
-                          'those of the config\'s model with these compute options replaced (same '
-                          'weights, batch and draws), e.g. attention_impl=xla; repeatable')
+flags.DEFINE_float(
+    'fit_memory_gb',
+    None,
+    'also find the largest batch per device whose '
+    'compiled step fits this many GB (e.g. 80 for an H100), with and without '
+    'rematerialisation',
+)
+flags.DEFINE_integer(
+    'fit_max_compiles',
+    8,
+    'compiles per --fit_memory_gb search (2 give the '
+    'affine estimate; on near-affine memory 4 settle the exact batch)',
+)
+flags.DEFINE_enum(
+    'fit_remat',
+    'both',
+    ['both', 'off', 'on'],
+    'rematerialisation settings the ' '--fit_memory_gb search covers',
+)
+flags.DEFINE_multi_string(
+    'parity',
+    [],
+    'compare the training loss and its gradients with '
+    "those of the config's model with these compute options replaced (same "
+    'weights, batch and draws), e.g. attention_impl=xla; repeatable',
+)
 flags.DEFINE_integer('parity_batch', 8, 'batch of the --parity comparison')
-flags.DEFINE_bool('interpret_kernels', False, 'run the Pallas TPU attention kernel in interpret '
-                  'mode (any backend: its results, not its speed), e.g. --parity of '
-                  'attention_impl=pallas on a CPU')
+flags.DEFINE_bool(
+    'interpret_kernels',
+    False,
+    'run the Pallas TPU attention kernel in interpret '
+    'mode (any backend: its results, not its speed), e.g. --parity of '
+    'attention_impl=pallas on a CPU',
+)
 flags.DEFINE_string('out', None, 'JSON file for the results')
 flags.DEFINE_string('profile', None, 'write a jax.profiler trace of a few MDT steps here')
 FLAGS = flags.FLAGS
 
 
 def parity_checks(config, record):
-  references = [parity.parse_overrides(spec) for spec in FLAGS.parity]   # bad specs fail first
+  references = [parity.parse_overrides(spec) for spec in FLAGS.parity]  # bad specs fail first
   comparison = parity.Comparison(config, batch_size=FLAGS.parity_batch)
   for reference in references:
     record('parity', comparison.against(reference))
@@ -88,39 +130,59 @@ def train_steps(config, record):
   for mode in FLAGS.modes:
     if mode not in ('mdt', 'dit'):
       raise app.UsageError(f'unknown mode {mode!r}; expected mdt or dit')
-    record('train', benchmark.bench_train_step(
-        config, mask_branch=mode == 'mdt', steps=FLAGS.steps, repeats=FLAGS.repeats,
-        compile_only=FLAGS.compile_only, torch_baseline=FLAGS.torch_train_baseline))
+    record(
+        'train',
+        benchmark.bench_train_step(
+            config,
+            mask_branch=mode == 'mdt',
+            steps=FLAGS.steps,
+            repeats=FLAGS.repeats,
+            compile_only=FLAGS.compile_only,
+            torch_baseline=FLAGS.torch_train_baseline,
+        ),
+    )
 
 
 def memory_fit(config, record):
   for remat in {'both': (False, True), 'off': (False,), 'on': (True,)}[FLAGS.fit_remat]:
     with config.unlocked():
       config.model.remat = remat
-    record('fit', benchmark.fit_batch(config, mask_branch=True, budget_gb=FLAGS.fit_memory_gb,
-                                      max_compiles=FLAGS.fit_max_compiles))
+    record(
+        'fit',
+        benchmark.fit_batch(
+            config,
+            mask_branch=True,
+            budget_gb=FLAGS.fit_memory_gb,
+            max_compiles=FLAGS.fit_max_compiles,
+        ),
+    )
 
 
 def profile(config, results):
   os.makedirs(FLAGS.profile, exist_ok=True)
-  benchmark.bench_train_step(config, mask_branch=True, steps=3, repeats=1, warmup=1,
-                             trace_dir=FLAGS.profile)
-  print(f'profile written to {FLAGS.profile} (open with TensorBoard\'s profile plugin)')
+  benchmark.bench_train_step(
+      config, mask_branch=True, steps=3, repeats=1, warmup=1, trace_dir=FLAGS.profile
+  )
+  print(f"profile written to {FLAGS.profile} (open with TensorBoard's profile plugin)")
   try:
     summary = summarize_profile(FLAGS.profile, 'train_step')
-  except (ValueError, FileNotFoundError) as e:   # the trace stays for TensorBoard / XProf
+  except (ValueError, FileNotFoundError) as e:  # the trace stays for TensorBoard / XProf
     print(f'no summary of {FLAGS.profile}: {e}')
     return
   print(summary.markdown(15))
-  results['profile'] = {k: v[:30] if isinstance(v, list) else v
-                        for k, v in summary.to_json().items()}
+  results['profile'] = {
+      k: v[:30] if isinstance(v, list) else v for k, v in summary.to_json().items()
+  }
 
 
 def sampling(config, record):
   for name, steps in (('ddpm', FLAGS.ddpm_steps), ('dpm_solver++', FLAGS.dpm_steps)):
-    record('sampling', benchmark.bench_sampling(config, sampler=name, steps=steps,
-                                                batch=FLAGS.sample_batch,
-                                                cfg_scale=FLAGS.cfg_scale))
+    record(
+        'sampling',
+        benchmark.bench_sampling(
+            config, sampler=name, steps=steps, batch=FLAGS.sample_batch, cfg_scale=FLAGS.cfg_scale
+        ),
+    )
   ddpm = record.results['sampling'][0]
   baselines = [('torch', benchmark.bench_sampling_torch)] if FLAGS.torch_baseline else []
   if FLAGS.eager_baseline:
@@ -128,9 +190,10 @@ def sampling(config, record):
   timed = FLAGS.baseline_steps or FLAGS.ddpm_steps
   for name, bench_fn in baselines:
     r = bench_fn(config, steps=timed, batch=FLAGS.sample_batch, cfg_scale=FLAGS.cfg_scale)
-    if timed != FLAGS.ddpm_steps:     # per-step cost is constant: scale to the full run
-      r.update(timed_steps=timed, steps=FLAGS.ddpm_steps,
-               run_s=r['run_s'] * FLAGS.ddpm_steps / timed)
+    if timed != FLAGS.ddpm_steps:  # per-step cost is constant: scale to the full run
+      r.update(
+          timed_steps=timed, steps=FLAGS.ddpm_steps, run_s=r['run_s'] * FLAGS.ddpm_steps / timed
+      )
       r['images_per_s'] = FLAGS.sample_batch / r['run_s']
     ddpm[f'speedup_vs_{name}_eager_f32'] = ddpm['images_per_s'] / r['images_per_s']
     record('sampling', r)
@@ -141,10 +204,15 @@ class Recorder:
 
   def __init__(self, path):
     self.path = path
-    self.results = {'backend': jax.default_backend(),
-                    'device_kind': jax.devices()[0].device_kind,
-                    'device_count': jax.device_count(), 'parity': [], 'train': [], 'sampling': [],
-                    'fit': []}
+    self.results = {
+        'backend': jax.default_backend(),
+        'device_kind': jax.devices()[0].device_kind,
+        'device_count': jax.device_count(),
+        'parity': [],
+        'train': [],
+        'sampling': [],
+        'fit': [],
+    }
 
   def __call__(self, section, row):
     self.results[section].append(row)
@@ -162,19 +230,24 @@ def main(argv):
   config = FLAGS.config
   for flag in ('torch_baseline', 'eager_baseline'):
     if FLAGS[flag].value and not FLAGS.sampling:
-      raise app.UsageError(f'--{flag} compares samplers: add --sampling (the train step\'s '
-                           'baseline is --torch_train_baseline)')
+      raise app.UsageError(
+          f"--{flag} compares samplers: add --sampling (the train step's "
+          'baseline is --torch_train_baseline)'
+      )
   if FLAGS.torch_train_baseline and (FLAGS.compile_only or not FLAGS.modes):
-    raise app.UsageError('--torch_train_baseline times train steps: it needs --modes and no '
-                         '--compile_only')
-  if FLAGS.single_thread:       # read when the CPU backend starts, which is still to come
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                               ' --xla_cpu_multi_thread_eigen=false').strip()
+    raise app.UsageError(
+        '--torch_train_baseline times train steps: it needs --modes and no ' '--compile_only'
+    )
+  if FLAGS.single_thread:  # read when the CPU backend starts, which is still to come
+    os.environ['XLA_FLAGS'] = (
+        os.environ.get('XLA_FLAGS', '') + ' --xla_cpu_multi_thread_eigen=false'
+    ).strip()
     if FLAGS.torch_threads not in (None, 1):
       raise app.UsageError(f'--single_thread with --torch_threads={FLAGS.torch_threads}')
     FLAGS.torch_threads = 1
   if FLAGS.torch_threads:
     import torch
+
     torch.set_num_threads(FLAGS.torch_threads)
   record = Recorder(FLAGS.out)
   if FLAGS.parity:

@@ -8,6 +8,7 @@ The checkpoint is a torch.save'd state dict (.pt, needs torch) or the same state
 Every hyperparameter is inferred from the key names and shapes; v1 checkpoints need
 --decode_layer if it is not the released value (2).
 """
+
 from absl import app, flags
 
 from mdt_jax import paths
@@ -23,10 +24,12 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   overrides = {} if FLAGS.decode_layer is None else {'decode_layer': FLAGS.decode_layer}
-  src = paths.require_local(FLAGS.checkpoint, '--checkpoint',
-                            'torch and safetensors read the official file from a local disk')
-  out = convert_official(src, paths.resolve(FLAGS.out),
-                         FLAGS.overwrite, **overrides)
+  src = paths.require_local(
+      FLAGS.checkpoint,
+      '--checkpoint',
+      'torch and safetensors read the official file from a local disk',
+  )
+  out = convert_official(src, paths.resolve(FLAGS.out), FLAGS.overwrite, **overrides)
   print(f'wrote {out}')
 
 

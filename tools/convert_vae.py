@@ -6,6 +6,7 @@ DIR holds config.json and diffusion_pytorch_model.safetensors; torch is not need
 config.json and model.safetensors, read back by ``mdt_jax.vae.load(VAE_DIR)``. A folder whose keys
 or shapes do not match its config is refused with the keys named, and nothing is written.
 """
+
 from absl import app, flags
 
 from mdt_jax import paths
@@ -20,10 +21,10 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  src = paths.require_local(FLAGS.diffusers_dir, '--diffusers_dir',
-                            'the diffusers folder is read from a local disk')
-  out = convert(src, paths.resolve(FLAGS.out),
-                overwrite=FLAGS.overwrite)
+  src = paths.require_local(
+      FLAGS.diffusers_dir, '--diffusers_dir', 'the diffusers folder is read from a local disk'
+  )
+  out = convert(src, paths.resolve(FLAGS.out), overwrite=FLAGS.overwrite)
   print(f'wrote {out}')
 
 

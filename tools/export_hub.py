@@ -8,13 +8,13 @@ Writes model.safetensors + config.json + README.md (model card); --official_layo
 official/mdt_official.safetensors (and .pt with --official_formats=safetensors,pt) under the
 original PyTorch key names. The logic is mdt_jax.hub.export.
 """
+
 from absl import app, flags
 
 from mdt_jax import paths
 from mdt_jax.hub import export
 
-flags.DEFINE_string('workdir', None, 'training workdir (config.json + checkpoints/)',
-                    required=True)
+flags.DEFINE_string('workdir', None, 'training workdir (config.json + checkpoints/)', required=True)
 flags.DEFINE_string('out', None, 'folder to write', required=True)
 flags.DEFINE_integer('step', None, 'checkpoint step (default: the latest)')
 flags.DEFINE_enum('weights', 'ema', sorted(export.WEIGHTS), 'EMA or raw training weights')
@@ -36,13 +36,21 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments {argv[1:]}')
   out = export.export_workdir(
-      paths.resolve(FLAGS.workdir), paths.resolve(FLAGS.out), step=FLAGS.step,
-      weights=FLAGS.weights, eval_json=paths.resolve_optional(FLAGS.eval_json),
+      paths.resolve(FLAGS.workdir),
+      paths.resolve(FLAGS.out),
+      step=FLAGS.step,
+      weights=FLAGS.weights,
+      eval_json=paths.resolve_optional(FLAGS.eval_json),
       official_layout=FLAGS.official_layout,
-      official_formats=FLAGS.official_formats, license=FLAGS.license,
-      license_name=FLAGS.license_name, license_link=FLAGS.license_link,
-      repo_id=FLAGS.push_to_hub, dataset_id=FLAGS.dataset, model_name=FLAGS.model_name,
-      overwrite=FLAGS.overwrite)
+      official_formats=FLAGS.official_formats,
+      license=FLAGS.license,
+      license_name=FLAGS.license_name,
+      license_link=FLAGS.license_link,
+      repo_id=FLAGS.push_to_hub,
+      dataset_id=FLAGS.dataset,
+      model_name=FLAGS.model_name,
+      overwrite=FLAGS.overwrite,
+  )
   print(f'wrote {out}')
   if FLAGS.push_to_hub:
     url = export.push_to_hub(out, FLAGS.push_to_hub, private=FLAGS.private)

@@ -8,6 +8,7 @@ samplers at the end; writes OUT.json (resumable: finished runs of the same confi
 unless --fresh), OUT.png and OUT.md. Config values can be overridden, e.g.
 --config.train.total_steps=300.
 """
+
 import functools
 import os
 
@@ -17,9 +18,10 @@ from mdt_jax.studies import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 cli.define_flags(os.path.join(ROOT, 'configs', 'flow_matching.py'), 'docs/flow_matching')
-flags.adopt_module_key_flags(cli)     # --help lists them
-main = functools.partial(cli.study_main, tool='flow_matching.py', study='flow_matching',
-                         report='flow_report')
+flags.adopt_module_key_flags(cli)  # --help lists them
+main = functools.partial(
+    cli.study_main, tool='flow_matching.py', study='flow_matching', report='flow_report'
+)
 
 
 if __name__ == '__main__':

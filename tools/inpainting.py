@@ -8,6 +8,7 @@ Inpaints the held-out digits (which --config.data.split=train keeps out of train
 masks with every method and seed; writes OUT.json (resumable: finished cells of the same setup
 are kept unless --fresh), OUT.png (examples) and OUT.md (the table).
 """
+
 import sys
 
 from absl import app, flags, logging
@@ -29,13 +30,20 @@ def main(argv):
     raise app.UsageError('--model is required')
   from mdt_jax import paths
   from mdt_jax.studies import inpainting
+
   out = paths.require_local(FLAGS.out, '--out', 'the study writes its report on a local disk')
   results = inpainting.run_study(
-      paths.resolve(FLAGS.model), out, seeds=[int(s) for s in FLAGS.seeds],
-      mdt_fractions=[float(f) for f in FLAGS.mdt_fractions], num_images=FLAGS.num_images,
-      batch_size=FLAGS.batch_size, fresh=FLAGS.fresh)
-  png, md = inpainting.write_report(results, out, 'python tools/inpainting.py ' +
-                                    ' '.join(sys.argv[1:]))
+      paths.resolve(FLAGS.model),
+      out,
+      seeds=[int(s) for s in FLAGS.seeds],
+      mdt_fractions=[float(f) for f in FLAGS.mdt_fractions],
+      num_images=FLAGS.num_images,
+      batch_size=FLAGS.batch_size,
+      fresh=FLAGS.fresh,
+  )
+  png, md = inpainting.write_report(
+      results, out, 'python tools/inpainting.py ' + ' '.join(sys.argv[1:])
+  )
   logging.info('wrote %s.json, %s and %s', out, png, md)
 
 

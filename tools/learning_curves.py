@@ -6,6 +6,7 @@ Trains both variants for every seed of the config, evaluates along the way and w
 OUT.json (resumable: finished runs of the same config are kept unless --fresh), OUT.png and
 OUT.md. Config values can be overridden, e.g. --config.train.total_steps=300.
 """
+
 import functools
 import os
 
@@ -15,9 +16,10 @@ from mdt_jax.studies import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 cli.define_flags(os.path.join(ROOT, 'configs', 'learning_curves.py'), 'docs/learning_speed')
-flags.adopt_module_key_flags(cli)     # --help lists them
-main = functools.partial(cli.study_main, tool='learning_curves.py', study='learning_curves',
-                         report='report')
+flags.adopt_module_key_flags(cli)  # --help lists them
+main = functools.partial(
+    cli.study_main, tool='learning_curves.py', study='learning_curves', report='report'
+)
 
 
 if __name__ == '__main__':

@@ -6,6 +6,7 @@ DIR is the folder given to `--profile` (of tools/bench.py or mdt_jax.main); the 
 it is read (mdt_jax/perf/profile.py: jax.profiler.ProfileData and xprof). For the full picture
 open DIR in TensorBoard's profile plugin (XProf).
 """
+
 import json
 
 from absl import app, flags
@@ -13,8 +14,9 @@ from absl import app, flags
 from mdt_jax import paths
 from mdt_jax.perf import profile
 
-flags.DEFINE_string('module', 'train_step', 'only XLA modules whose name contains this '
-                    '("" for all)')
+flags.DEFINE_string(
+    'module', 'train_step', 'only XLA modules whose name contains this ' '("" for all)'
+)
 flags.DEFINE_integer('top', 20, 'rows per table')
 flags.DEFINE_string('out', None, 'also write the whole summary as JSON here')
 FLAGS = flags.FLAGS
@@ -23,8 +25,11 @@ FLAGS = flags.FLAGS
 def main(argv):
   if len(argv) != 2:
     raise app.UsageError('usage: profile_summary.py TRACE_DIR')
-  trace = paths.require_local(argv[1], 'the trace', 'traces are searched and read on a local '
-                              'disk: copy the plugins/profile folder down')
+  trace = paths.require_local(
+      argv[1],
+      'the trace',
+      'traces are searched and read on a local ' 'disk: copy the plugins/profile folder down',
+  )
   summary = profile.summarize(trace, FLAGS.module or None)
   print(summary.markdown(FLAGS.top))
   if FLAGS.out:

@@ -8,6 +8,7 @@ not taken yet, so a resumed run reads exactly the batches an uninterrupted one w
 The object is what `grain.checkpoint.CheckpointHandler` saves and restores (get_state/set_state
 with the reader's JSON state as bytes; the file holds the same JSON as a bare grain iterator's).
 """
+
 from __future__ import annotations
 
 import collections
@@ -22,7 +23,7 @@ class DevicePrefetch:
     if size < 0:
       raise ValueError(f'data.device_prefetch must be >= 0 batches, got {size}')
     self._it, self._place, self._size = it, place, size
-    self._queue: collections.deque = collections.deque()   # (reader state before, placed batch)
+    self._queue: collections.deque = collections.deque()  # (reader state before, placed batch)
 
   def _fill(self, n: int) -> None:
     while len(self._queue) < n:
@@ -35,7 +36,7 @@ class DevicePrefetch:
   def __next__(self):
     self._fill(1)
     _, batch = self._queue.popleft()
-    self._fill(self._size)        # the next copies start now, behind this batch's step
+    self._fill(self._size)  # the next copies start now, behind this batch's step
     return batch
 
   def get_state(self) -> bytes:
@@ -43,7 +44,7 @@ class DevicePrefetch:
     return json.dumps(state, indent=4).encode()
 
   def set_state(self, state: bytes) -> None:
-    self._queue.clear()           # batches read past the restored position are dropped
+    self._queue.clear()  # batches read past the restored position are dropped
     self._it.set_state(json.loads(state))
 
   def start_prefetch(self) -> None:

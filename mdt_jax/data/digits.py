@@ -3,13 +3,14 @@
 It ships inside the scikit-learn wheel, so the quickstart runs offline. The 8x8 images (16 grey
 levels) are upsampled bilinearly to ``size`` x ``size`` and scaled to [-1, 1], NHWC, 1 channel.
 """
+
 from __future__ import annotations
 
 import numpy as np
 
 NUM_CLASSES = 10
 SPLITS = ('all', 'train', 'test')
-SPLIT_SEED = 0          # one fixed train / test split for every user (classifier, studies)
+SPLIT_SEED = 0  # one fixed train / test split for every user (classifier, studies)
 TEST_FRACTION = 0.2
 
 
@@ -20,8 +21,9 @@ def split_indices(n: int) -> tuple[np.ndarray, np.ndarray]:
   return np.sort(perm[n_test:]), np.sort(perm[:n_test])
 
 
-def select_split(images: np.ndarray, labels: np.ndarray, split: str = 'all'
-                 ) -> tuple[np.ndarray, np.ndarray]:
+def select_split(
+    images: np.ndarray, labels: np.ndarray, split: str = 'all'
+) -> tuple[np.ndarray, np.ndarray]:
   """The images and labels of one split: 'all', 'train' (80%) or 'test' (the held-out 20%)."""
   if split not in SPLITS:
     raise ValueError(f'digits split must be one of {SPLITS}, got {split!r}')
@@ -39,10 +41,13 @@ def load_digits_images(size: int = 16) -> tuple[np.ndarray, np.ndarray]:
   if size < 8:
     raise ValueError(f'digits image size must be >= 8, got {size}')
   data = load_digits()
-  imgs = data.images.astype(np.float32) / 16.0          # [N, 8, 8] in [0, 1]
+  imgs = data.images.astype(np.float32) / 16.0  # [N, 8, 8] in [0, 1]
   if size != 8:
-    imgs = np.stack([np.asarray(Image.fromarray(im, mode='F').resize((size, size),
-                                                                     Image.BILINEAR))
-                     for im in imgs])
+    imgs = np.stack(
+        [
+            np.asarray(Image.fromarray(im, mode='F').resize((size, size), Image.BILINEAR))
+            for im in imgs
+        ]
+    )
   imgs = np.clip(imgs, 0.0, 1.0) * 2.0 - 1.0
   return imgs[..., None].astype(np.float32), data.target.astype(np.int32)

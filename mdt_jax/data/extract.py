@@ -14,6 +14,7 @@ Output folder::
 
 A restarted run skips the shards already finished. Single-process only (one host).
 """
+
 from __future__ import annotations
 
 import collections
@@ -40,13 +41,15 @@ from mdt_jax import atomic, paths
 from mdt_jax.data.records import encode_latent_record
 from mdt_jax.vae.io import VAE, encode_fn
 
-IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'gif')   # the ADM loader's list
+IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'gif')  # the ADM loader's list
 SHARD_PATTERN = 'latents-{i:05d}-of-{n:05d}.array_record'
 # ArrayRecord writes local files only, and a restart resumes from shards renamed into place
-LOCAL_OUT_REASON = ('shards are written and renamed into place on a local disk; extract '
-                    'locally, then copy the folder to the bucket (gcloud storage cp -r) and train '
-                    'with --config.data.path=gs://BUCKET/FOLDER')
-PREFETCH = 4   # batches of images read ahead of the device
+LOCAL_OUT_REASON = (
+    'shards are written and renamed into place on a local disk; extract '
+    'locally, then copy the folder to the bucket (gcloud storage cp -r) and train '
+    'with --config.data.path=gs://BUCKET/FOLDER'
+)
+PREFETCH = 4  # batches of images read ahead of the device
 
 
 def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
@@ -58,7 +61,7 @@ def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
   image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
   arr = np.asarray(image)
   top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-  return arr[top:top + size, left:left + size]
+  return arr[top : top + size, left : left + size]
 
 
 def preprocess(image: Image.Image, size: int) -> np.ndarray:
@@ -70,6 +73,7 @@ def preprocess(image: Image.Image, size: int) -> np.ndarray:
 @dataclasses.dataclass
 class ImageSource:
   """Random-access images: ``load(i)`` -> (PIL image, label), which may raise on a bad image."""
+
   keys: Callable[[int], str]
   load: Callable[[int], tuple[Image.Image, int]]
   size: int
@@ -103,8 +107,10 @@ def folder_source(root: str, label_from: str = 'folder') -> ImageSource:
   if label_from == 'folder':
     loose = [f for f in files if os.sep not in f]
     if loose:
-      raise ValueError(f'{len(loose)} images lie directly in {root!r} (e.g. {loose[:3]}), not in '
-                       "a class sub-folder; move them or use label_from='prefix'")
+      raise ValueError(
+          f'{len(loose)} images lie directly in {root!r} (e.g. {loose[:3]}), not in '
+          "a class sub-folder; move them or use label_from='prefix'"
+      )
     classes = [f.split(os.sep, 1)[0] for f in files]
   else:
     classes = [os.path.basename(f).split('_', 1)[0] for f in files]
@@ -116,13 +122,18 @@ def folder_source(root: str, label_from: str = 'folder') -> ImageSource:
     with open(os.path.join(root, files[i]), 'rb') as f:
       return Image.open(io.BytesIO(f.read())), labels[i]
 
-  return ImageSource(keys=files.__getitem__, load=load, size=len(files), class_names=class_names,
-                     description={'source': 'folder', 'root': os.path.abspath(root),
-                                  'label_from': label_from})
+  return ImageSource(
+      keys=files.__getitem__,
+      load=load,
+      size=len(files),
+      class_names=class_names,
+      description={'source': 'folder', 'root': os.path.abspath(root), 'label_from': label_from},
+  )
 
 
-def tfds_source(name: str = 'imagenet2012', split: str = 'train',
-                data_dir: str | None = None) -> ImageSource:
+def tfds_source(
+    name: str = 'imagenet2012', split: str = 'train', data_dir: str | None = None
+) -> ImageSource:
   """A prepared TFDS dataset (array_record file format) through ``tfds.data_source``.
 
   Images are read as the stored bytes and decoded with PIL, as the ADM loader decodes files.
@@ -132,12 +143,18 @@ def tfds_source(name: str = 'imagenet2012', split: str = 'train',
   except ImportError as e:
     raise ImportError('the TFDS source needs tensorflow-datasets (see requirements.txt)') from e
   try:
-    ds = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
-                          decoders={'image': tfds.decode.SkipDecoding()})
+    ds = tfds.data_source(
+        name,
+        split=split,
+        data_dir=data_dir,
+        download=False,
+        decoders={'image': tfds.decode.SkipDecoding()},
+    )
   except Exception as e:  # tfds raises several types for a missing / unprepared dataset
     raise FileNotFoundError(
         f'cannot open TFDS dataset {name!r} split {split!r} in data_dir {data_dir!r} '
-        f'(it must be prepared in array_record format): {e}') from e
+        f'(it must be prepared in array_record format): {e}'
+    ) from e
   if len(ds) == 0:
     raise ValueError(f'TFDS dataset {name!r} split {split!r} in {data_dir!r} is empty')
   class_names = list(ds.dataset_info.features['label'].names)
@@ -154,9 +171,18 @@ def tfds_source(name: str = 'imagenet2012', split: str = 'train',
       img = Image.fromarray(np.asarray(img))
     return img, int(ex['label'])
 
-  return ImageSource(keys=key, load=load, size=len(ds), class_names=class_names,
-                     description={'source': 'tfds', 'name': name, 'split': split,
-                                  'data_dir': os.path.abspath(data_dir) if data_dir else None})
+  return ImageSource(
+      keys=key,
+      load=load,
+      size=len(ds),
+      class_names=class_names,
+      description={
+          'source': 'tfds',
+          'name': name,
+          'split': split,
+          'data_dir': os.path.abspath(data_dir) if data_dir else None,
+      },
+  )
 
 
 def _vae_fingerprint(vae: VAE) -> str:
@@ -175,8 +201,10 @@ def _check_run(progress_dir: str, settings: dict) -> None:
     diff = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
     if diff:
       was, now = [before.get(k) for k in diff], [settings.get(k) for k in diff]
-      raise ValueError(f'{path} was written by a run with other settings ({diff}: {was} vs now '
-                       f'{now}); use a new output folder or the same settings')
+      raise ValueError(
+          f'{path} was written by a run with other settings ({diff}: {was} vs now '
+          f'{now}); use a new output folder or the same settings'
+      )
   else:
     atomic.write_json(path, settings)
 
@@ -189,8 +217,9 @@ def make_pair_encoder(vae: VAE, batch_size: int):
   devices = jax.local_devices()
   if batch_size % len(devices):
     raise ValueError(f'batch_size {batch_size} must be a multiple of the {len(devices)} devices')
-  mesh = jax.make_mesh((len(devices),), ('data',), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
+  mesh = jax.make_mesh(
+      (len(devices),), ('data',), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
+  )
   batch, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
 
   def pair(state, images):
@@ -207,6 +236,7 @@ def make_pair_encoder(vae: VAE, batch_size: int):
 
 
 class _Progress:
+
   def __init__(self, total: int, every_s: float):
     self.total, self.every_s, self.done = total, every_s, 0
     self.start = self.last = time.time()
@@ -220,18 +250,35 @@ class _Progress:
       self.last = now
       rate = self.rate_done / max(now - self.start, 1e-9)
       eta = (self.total - self.done) / rate if rate > 0 else float('nan')
-      logging.info('shard %d/%d  images %d/%d (%.1f%%)  %.1f img/s  ETA %.0f min', shard + 1,
-                   num_shards, self.done, self.total, 100 * self.done / self.total, rate, eta / 60)
+      logging.info(
+          'shard %d/%d  images %d/%d (%.1f%%)  %.1f img/s  ETA %.0f min',
+          shard + 1,
+          num_shards,
+          self.done,
+          self.total,
+          100 * self.done / self.total,
+          rate,
+          eta / 60,
+      )
 
 
 def _chunks(indices: Sequence[int], size: int):
   for s in range(0, len(indices), size):
-    yield indices[s:s + size]
+    yield indices[s : s + size]
 
 
-def _write_shard(source: ImageSource, indices: range, encode, pool, image_size: int,
-                 batch_size: int, tmp_path: str, progress: _Progress, shard: int,
-                 num_shards: int) -> dict:
+def _write_shard(
+    source: ImageSource,
+    indices: range,
+    encode,
+    pool,
+    image_size: int,
+    batch_size: int,
+    tmp_path: str,
+    progress: _Progress,
+    shard: int,
+    num_shards: int,
+) -> dict:
   """Encode `indices` into `tmp_path`; returns the shard's counts and skipped images."""
 
   def submit(chunk):
@@ -258,9 +305,9 @@ def _write_shard(source: ImageSource, indices: range, encode, pool, image_size: 
       images, labels = _gather(source, chunk, futures, skipped)
       result = None
       if images:
-        batch = np.zeros((batch_size, image_size, image_size, 3), np.uint8)   # one static shape
-        batch[:len(images)] = np.stack(images)
-        result = (encode(batch), labels)   # dispatched asynchronously; written next iteration
+        batch = np.zeros((batch_size, image_size, image_size, 3), np.uint8)  # one static shape
+        batch[: len(images)] = np.stack(images)
+        result = (encode(batch), labels)  # dispatched asynchronously; written next iteration
       if pending is not None:
         flush(pending)
       pending = result
@@ -269,8 +316,11 @@ def _write_shard(source: ImageSource, indices: range, encode, pool, image_size: 
       flush(pending)
   finally:
     writer.close()
-  return {'records': sum(counts.values()), 'images_per_class': dict(sorted(counts.items())),
-          'skipped': skipped}
+  return {
+      'records': sum(counts.values()),
+      'images_per_class': dict(sorted(counts.items())),
+      'skipped': skipped,
+  }
 
 
 def _gather(source: ImageSource, chunk, futures, skipped: list) -> tuple[list, list]:
@@ -297,9 +347,17 @@ def _load_one(source: ImageSource, i: int, image_size: int):
     return e
 
 
-def extract(source: ImageSource, vae: VAE, out_dir: str, *, image_size: int = 256,
-            batch_size: int = 64, images_per_shard: int = 10_000, num_workers: int = 16,
-            log_every_s: float = 30.0) -> dict:
+def extract(
+    source: ImageSource,
+    vae: VAE,
+    out_dir: str,
+    *,
+    image_size: int = 256,
+    batch_size: int = 64,
+    images_per_shard: int = 10_000,
+    num_workers: int = 16,
+    log_every_s: float = 30.0,
+) -> dict:
   """Encode every image of `source` (and its flip) into ArrayRecord shards under `out_dir`.
 
   Returns the manifest (also written to ``out_dir/manifest.json``).
@@ -307,8 +365,12 @@ def extract(source: ImageSource, vae: VAE, out_dir: str, *, image_size: int = 25
   paths.require_local(out_dir, 'the latent output folder', LOCAL_OUT_REASON)
   if jax.process_count() > 1:
     raise ValueError(f'extraction runs on one host; got {jax.process_count()} processes')
-  for name, v in (('image_size', image_size), ('batch_size', batch_size),
-                  ('images_per_shard', images_per_shard), ('num_workers', num_workers)):
+  for name, v in (
+      ('image_size', image_size),
+      ('batch_size', batch_size),
+      ('images_per_shard', images_per_shard),
+      ('num_workers', num_workers),
+  ):
     if int(v) < 1:
       raise ValueError(f'{name} must be a positive integer, got {v}')
   n = len(source)
@@ -317,11 +379,20 @@ def extract(source: ImageSource, vae: VAE, out_dir: str, *, image_size: int = 25
   num_shards = math.ceil(n / images_per_shard)
   progress_dir = os.path.join(out_dir, 'progress')
   os.makedirs(progress_dir, exist_ok=True)
-  _check_run(progress_dir, {
-      'source': source.description, 'num_images': n, 'num_shards': num_shards,
-      'images_per_shard': images_per_shard, 'image_size': image_size,
-      'class_names': source.class_names, 'vae_config': vae.config.to_dict(),
-      'vae_dtype': jnp.dtype(vae.dtype).name, 'vae_fingerprint': _vae_fingerprint(vae)})
+  _check_run(
+      progress_dir,
+      {
+          'source': source.description,
+          'num_images': n,
+          'num_shards': num_shards,
+          'images_per_shard': images_per_shard,
+          'image_size': image_size,
+          'class_names': source.class_names,
+          'vae_config': vae.config.to_dict(),
+          'vae_dtype': jnp.dtype(vae.dtype).name,
+          'vae_fingerprint': _vae_fingerprint(vae),
+      },
+  )
 
   encode = make_pair_encoder(vae, batch_size)
   progress = _Progress(n, log_every_s)
@@ -335,10 +406,11 @@ def extract(source: ImageSource, vae: VAE, out_dir: str, *, image_size: int = 25
         progress.update(len(indices), s, num_shards, counted=False)
         continue
       tmp = os.path.join(out_dir, '.' + os.path.basename(final) + '.tmp')
-      info = _write_shard(source, indices, encode, pool, image_size, batch_size, tmp, progress,
-                          s, num_shards)
+      info = _write_shard(
+          source, indices, encode, pool, image_size, batch_size, tmp, progress, s, num_shards
+      )
       info.update(file=os.path.basename(final), bytes=os.path.getsize(tmp))
-      atomic.write_json(info_path, info)   # before the rename: a finished shard always has its info
+      atomic.write_json(info_path, info)  # before the rename: a finished shard always has its info
       os.replace(tmp, final)
   return _finish(out_dir, progress_dir, source, vae, num_shards, image_size)
 
@@ -356,18 +428,30 @@ def _finish(out_dir, progress_dir, source, vae, num_shards, image_size) -> dict:
   f = vae.config.downsample_factor
   manifest = {
       'format': 'mdt_jax latent records (mdt_jax.data.records), moments = mean ++ logvar, NHWC',
-      'source': source.description, 'image_size': image_size,
+      'source': source.description,
+      'image_size': image_size,
       'moments_shape': [image_size // f, image_size // f, 2 * vae.config.latent_channels],
       'scaling_factor': vae.config.scaling_factor,
-      'num_images': sum(sh['records'] for sh in shards), 'num_skipped': len(skipped),
-      'num_shards': num_shards, 'bytes': sum(sh['bytes'] for sh in shards),
+      'num_images': sum(sh['records'] for sh in shards),
+      'num_skipped': len(skipped),
+      'num_shards': num_shards,
+      'bytes': sum(sh['bytes'] for sh in shards),
       'class_names': source.class_names,
       'images_per_class': {c: per_class.get(c, 0) for c in source.class_names},
-      'shards': shards}
+      'shards': shards,
+  }
   atomic.write_json(os.path.join(out_dir, 'manifest.json'), manifest)
   counts = list(manifest['images_per_class'].values())
-  logging.info('done: %d images in %d shards, %.2f MB, %d classes (per class min %d, max %d), '
-               '%d skipped (listed in %s)', manifest['num_images'], num_shards,
-               manifest['bytes'] / 1e6, len(counts), min(counts), max(counts), len(skipped),
-               os.path.join(out_dir, 'skipped.txt'))
+  logging.info(
+      'done: %d images in %d shards, %.2f MB, %d classes (per class min %d, max %d), '
+      '%d skipped (listed in %s)',
+      manifest['num_images'],
+      num_shards,
+      manifest['bytes'] / 1e6,
+      len(counts),
+      min(counts),
+      max(counts),
+      len(skipped),
+      os.path.join(out_dir, 'skipped.txt'),
+  )
   return manifest

@@ -8,6 +8,7 @@ The global stream is cut into per-process batches in order, and process p takes 
 them, so the global batch of a step is the same whatever the number of processes, and every
 random transform is seeded by the element's index (grain), not by the process.
 """
+
 from __future__ import annotations
 
 import glob
@@ -49,11 +50,16 @@ def latent_files(path: str) -> list[str]:
     found = p.glob('*.array_record') if p.is_dir() else p.parent.glob(p.name)
     files = sorted(os.fspath(f) for f in found)
   else:
-    files = sorted(glob.glob(os.path.join(path, '*.array_record'))) if os.path.isdir(path) \
+    files = (
+        sorted(glob.glob(os.path.join(path, '*.array_record')))
+        if os.path.isdir(path)
         else sorted(glob.glob(path))
+    )
   if not files:
-    raise FileNotFoundError(f'no *.array_record latent shards found at {path!r} '
-                            '(write them with tools/extract_latents.py)')
+    raise FileNotFoundError(
+        f'no *.array_record latent shards found at {path!r} '
+        '(write them with tools/extract_latents.py)'
+    )
   return files
 
 
@@ -76,7 +82,7 @@ def make_source(cfg: ml_collections.ConfigDict):
     files = latent_files(cfg.path)
     try:
       return grain.sources.ArrayRecordDataSource(files)
-    except RuntimeError:    # names no file (a truncated shard gives an empty message)
+    except RuntimeError:  # names no file (a truncated shard gives an empty message)
       for f in files:
         _open_shard(f)
       raise
@@ -87,8 +93,10 @@ def _open_shard(path: str) -> grain.sources.ArrayRecordDataSource:
   try:
     return grain.sources.ArrayRecordDataSource([path])
   except RuntimeError as e:
-    raise ValueError(f'latent shard {path} cannot be read (truncated, overwritten or not an '
-                     f'ArrayRecord file?): {str(e) or "no readable index at its end"}') from e
+    raise ValueError(
+        f'latent shard {path} cannot be read (truncated, overwritten or not an '
+        f'ArrayRecord file?): {str(e) or "no readable index at its end"}'
+    ) from e
 
 
 def latent_shape(path: str) -> tuple[int, int]:
@@ -103,13 +111,17 @@ def latent_shape(path: str) -> tuple[int, int]:
     try:
       h, _, c2 = decode_latent_record(src[0])['moments'].shape
     except ValueError as e:
-      raise ValueError(f'latent shard {f} does not hold latent records (as '
-                       f'tools/extract_latents.py writes them): {e}') from e
+      raise ValueError(
+          f'latent shard {f} does not hold latent records (as '
+          f'tools/extract_latents.py writes them): {e}'
+      ) from e
     if spec is None:
       spec, first = (h, c2 // 2), f
     elif (h, c2 // 2) != spec:
-      raise ValueError(f'latent shard {f} holds {h}x{h}x{c2 // 2} latents but {first} holds '
-                       f'{spec[0]}x{spec[0]}x{spec[1]}: one data.path must hold one latent size')
+      raise ValueError(
+          f'latent shard {f} holds {h}x{h}x{c2 // 2} latents but {first} holds '
+          f'{spec[0]}x{spec[0]}x{spec[1]}: one data.path must hold one latent size'
+      )
   if spec is None:
     raise ValueError(f'every latent shard under {path!r} is empty')
   return spec
@@ -129,15 +141,19 @@ def check_batch(batch: dict, num_classes: int, source: str) -> dict:
   y = np.asarray(batch['y'])
   bad = (y < 0) | (y >= num_classes)
   if bad.any():
-    raise ValueError(f'class id {int(y[bad][0])} in an input batch from {source} is outside '
-                     f'[0, {num_classes}) (model.num_classes={num_classes}); the data has more '
-                     'classes than the model')
+    raise ValueError(
+        f'class id {int(y[bad][0])} in an input batch from {source} is outside '
+        f'[0, {num_classes}) (model.num_classes={num_classes}); the data has more '
+        'classes than the model'
+    )
   x = np.asarray(batch['x'])
   finite = np.isfinite(x.reshape(len(x), -1)).all(axis=1)
   if not finite.all():
-    raise ValueError(f'an input batch from {source} holds NaN or inf in {int((~finite).sum())} '
-                     f'example(s) (class ids {y[~finite][:8].tolist()}): the data is damaged; '
-                     'training stopped before using it')
+    raise ValueError(
+        f'an input batch from {source} holds NaN or inf in {int((~finite).sum())} '
+        f'example(s) (class ids {y[~finite][:8].tolist()}): the data is damaged; '
+        'training stopped before using it'
+    )
   return batch
 
 
@@ -147,24 +163,33 @@ def element_spec(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
     return cfg.image_size, 1
   if cfg.name == 'latents' and cfg.path:
     return latent_shape(cfg.path)
-  return cfg.image_size // 8, 4     # SD-VAE: 8x downsampling, 4 channels
+  return cfg.image_size // 8, 4  # SD-VAE: 8x downsampling, 4 channels
 
 
-def make_dataset(cfg: ml_collections.ConfigDict, *, seed: int, local_batch: int,
-                 process_index: int = 0, process_count: int = 1) -> grain.IterDataset:
+def make_dataset(
+    cfg: ml_collections.ConfigDict,
+    *,
+    seed: int,
+    local_batch: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> grain.IterDataset:
   source = make_source(cfg)
   if len(source) == 0:
     raise ValueError(f'dataset {cfg.name!r} is empty')
   if len(source) < local_batch * process_count:
-    raise ValueError(f'dataset {cfg.name!r} has {len(source)} examples, fewer than one global '
-                     f'batch ({local_batch * process_count})')
+    raise ValueError(
+        f'dataset {cfg.name!r} has {len(source)} examples, fewer than one global '
+        f'batch ({local_batch * process_count})'
+    )
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
   if cfg.name == 'latents':
     ds = ds.random_map(lambda r, rng: sample_latent(r, rng, cfg.get('flip', True)))
   ds = ds.batch(local_batch, drop_remainder=True)
   ds = ds[process_index::process_count]
-  opts = grain.ReadOptions(num_threads=cfg.get('num_threads', 4),
-                           prefetch_buffer_size=cfg.get('prefetch', 8))
+  opts = grain.ReadOptions(
+      num_threads=cfg.get('num_threads', 4), prefetch_buffer_size=cfg.get('prefetch', 8)
+  )
   return ds.to_iter_dataset(opts)
 
 
@@ -173,12 +198,18 @@ def make_iterator(cfg: ml_collections.ConfigDict, *, seed: int, global_batch: in
   pc = jax.process_count()
   if global_batch % pc:
     raise ValueError(f'global_batch_size {global_batch} is not divisible by the process count {pc}')
-  ds = make_dataset(cfg, seed=seed, local_batch=global_batch // pc,
-                    process_index=jax.process_index(), process_count=pc)
+  ds = make_dataset(
+      cfg,
+      seed=seed,
+      local_batch=global_batch // pc,
+      process_index=jax.process_index(),
+      process_count=pc,
+  )
   return iter(ds)
 
 
 def to_global(batch: dict, sharding: jax.sharding.NamedSharding) -> dict:
   """This process's numpy batch -> global jax arrays sharded over the data axes."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-          for k, v in batch.items()}
+  return {
+      k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()
+  }

@@ -9,6 +9,7 @@ One ArrayRecord record per image, msgpack-encoded::
 Training samples z = (mean + exp(logvar / 2) * eps) * LATENT_SCALE (``mdt_jax.vae.model``) on the
 fly, as the original does with the VAE encoder in the loop (see ``mdt_jax.data.pipeline``).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -26,7 +27,8 @@ def encode_latent_record(moments: np.ndarray, moments_flip: np.ndarray, label: i
   if int(label) < 0:
     raise ValueError(f'label must be a non-negative class id, got {label}')
   return serialization.msgpack_serialize(
-      {'moments': moments, 'moments_flip': moments_flip, 'label': int(label)})
+      {'moments': moments, 'moments_flip': moments_flip, 'label': int(label)}
+  )
 
 
 def decode_latent_record(data: bytes) -> dict:

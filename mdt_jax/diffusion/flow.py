@@ -8,6 +8,7 @@ middle times) and optionally shifted, t -> k t / (1 + (k - 1) t) (k > 1 moves ti
 noise). The network's timestep embedder was built for the DDPM's integer timesteps in [0, T):
 it is given t * time_scale (time_scale = T, 1000 by default).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,6 +25,7 @@ T_SAMPLINGS = ('uniform', 'logit_normal')
 @dataclasses.dataclass(frozen=True)
 class FlowMatching:
   """Settings of the flow objective (hashable: closed over by jitted train steps)."""
+
   t_sampling: str = 'uniform'
   t_logit_mean: float = 0.0
   t_logit_scale: float = 1.0
@@ -32,8 +34,9 @@ class FlowMatching:
 
   def __post_init__(self):
     if self.t_sampling not in T_SAMPLINGS:
-      raise ValueError(f'diffusion.t_sampling must be one of {T_SAMPLINGS}, got '
-                       f'{self.t_sampling!r}')
+      raise ValueError(
+          f'diffusion.t_sampling must be one of {T_SAMPLINGS}, got ' f'{self.t_sampling!r}'
+      )
     if not math.isfinite(self.t_logit_mean):
       raise ValueError(f'diffusion.t_logit_mean must be a finite number, got {self.t_logit_mean}')
     if not (math.isfinite(self.t_logit_scale) and self.t_logit_scale > 0):
@@ -95,11 +98,14 @@ def predict_noise(x_t: Array, t: Array, velocity: Array) -> Array:
 def training_losses(model_output: Array, x0: Array, noise: Array) -> dict[str, Array]:
   """Per-sample loss terms [B]: the velocity MSE (unweighted, as SiT), as 'loss' and 'mse'."""
   if x0.shape != noise.shape:
-    raise ValueError(f'x_0 {tuple(x0.shape)} and noise {tuple(noise.shape)} must have the same '
-                     'shape')
+    raise ValueError(
+        f'x_0 {tuple(x0.shape)} and noise {tuple(noise.shape)} must have the same ' 'shape'
+    )
   if model_output.shape != x0.shape:
-    raise ValueError(f'the flow objective needs a velocity output of the input\'s shape '
-                     f'{tuple(x0.shape)} (learn_sigma off), got {tuple(model_output.shape)}')
+    raise ValueError(
+        f"the flow objective needs a velocity output of the input's shape "
+        f'{tuple(x0.shape)} (learn_sigma off), got {tuple(model_output.shape)}'
+    )
   err = model_output.astype(jnp.float32) - velocity_target(x0, noise)
-  mse = jnp.mean(err ** 2, axis=tuple(range(1, err.ndim)))
+  mse = jnp.mean(err**2, axis=tuple(range(1, err.ndim)))
   return {'loss': mse, 'mse': mse}

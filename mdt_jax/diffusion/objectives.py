@@ -4,6 +4,7 @@ One place reads the section for training (``make_process``) and writes what a mo
 checkpoint records of it (``folder_record``); ``objective_of`` reads either back (a section
 without 'objective' is a DDPM one: every folder written before the flow objective existed).
 """
+
 from __future__ import annotations
 
 from typing import Any, Mapping
@@ -26,18 +27,21 @@ def objective_of(diffusion: Mapping[str, Any] | None) -> str:
 def flow_matching(diffusion: Mapping[str, Any]) -> FlowMatching:
   """The flow settings of a diffusion section (its num_timesteps is the model's time scale)."""
   defaults = FlowMatching()
-  values = {k: diffusion.get(k) if diffusion.get(k) is not None else getattr(defaults, k)
-            for k in FLOW_KEYS}
-  return FlowMatching(**{k: v if k == 't_sampling' else float(v) for k, v in values.items()},
-                      time_scale=float(diffusion.get('num_timesteps', 1000)))
+  values = {
+      k: diffusion.get(k) if diffusion.get(k) is not None else getattr(defaults, k)
+      for k in FLOW_KEYS
+  }
+  return FlowMatching(
+      **{k: v if k == 't_sampling' else float(v) for k, v in values.items()},
+      time_scale=float(diffusion.get('num_timesteps', 1000)),
+  )
 
 
 def make_process(diffusion: Mapping[str, Any]) -> Diffusion | FlowMatching:
   """The training process: the Gaussian diffusion's tables, or the flow settings."""
   if objective_of(diffusion) == 'flow':
     return flow_matching(diffusion)
-  return create_diffusion(num_timesteps=diffusion['num_timesteps'],
-                          schedule=diffusion['schedule'])
+  return create_diffusion(num_timesteps=diffusion['num_timesteps'], schedule=diffusion['schedule'])
 
 
 def folder_record(diffusion: Mapping[str, Any]) -> dict:
@@ -47,8 +51,12 @@ def folder_record(diffusion: Mapping[str, Any]) -> dict:
   scale (num_timesteps) and the training-time settings.
   """
   if objective_of(diffusion) == 'ddpm':
-    return dict(num_timesteps=int(diffusion['num_timesteps']),
-                beta_schedule=str(diffusion['schedule']))
+    return dict(
+        num_timesteps=int(diffusion['num_timesteps']), beta_schedule=str(diffusion['schedule'])
+    )
   fm = flow_matching(diffusion)
-  return dict(objective='flow', num_timesteps=int(diffusion['num_timesteps']),
-              **{k: getattr(fm, k) for k in FLOW_KEYS})
+  return dict(
+      objective='flow',
+      num_timesteps=int(diffusion['num_timesteps']),
+      **{k: getattr(fm, k) for k in FLOW_KEYS},
+  )

@@ -1,4 +1,5 @@
 """Noise schedules, their derived tables (float64 numpy) and timestep respacing (IDDPM rules)."""
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -56,8 +57,10 @@ def _parse_counts(section_counts: str | int | Sequence[int]) -> list[int]:
     try:
       return [int(p) for p in parts]
     except ValueError:
-      raise ValueError(f'cannot parse step counts {section_counts!r}; expected comma-separated '
-                       'integers like "250" or "10,15,20", or "ddimN"') from None
+      raise ValueError(
+          f'cannot parse step counts {section_counts!r}; expected comma-separated '
+          'integers like "250" or "10,15,20", or "ddimN"'
+      ) from None
   return [int(c) for c in section_counts]
 
 
@@ -73,13 +76,16 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
     try:
       want = int(text)
     except ValueError:
-      raise ValueError(f'cannot parse {section_counts!r}; expected "ddimN" with an integer '
-                       'N') from None
+      raise ValueError(
+          f'cannot parse {section_counts!r}; expected "ddimN" with an integer ' 'N'
+      ) from None
     for stride in range(1, num_timesteps):
       if len(range(0, num_timesteps, stride)) == want:
         return list(range(0, num_timesteps, stride))
-    raise ValueError(f'cannot respace {num_timesteps} steps to exactly {want} steps with an '
-                     f'integer stride ({section_counts!r}); pick another count or use "{want}"')
+    raise ValueError(
+        f'cannot respace {num_timesteps} steps to exactly {want} steps with an '
+        f'integer stride ({section_counts!r}); pick another count or use "{want}"'
+    )
   counts = _parse_counts(section_counts)
   if not counts or any(c < 1 for c in counts):
     raise ValueError(f'step counts must be positive integers, got {section_counts!r}')
@@ -88,8 +94,10 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
   for i, count in enumerate(counts):
     size = size_per + (1 if i < extra else 0)
     if count > size:
-      raise ValueError(f'cannot respace a section of {size} steps into {count} steps '
-                       f'(step counts {section_counts!r} for {num_timesteps} steps)')
+      raise ValueError(
+          f'cannot respace a section of {size} steps into {count} steps '
+          f'(step counts {section_counts!r} for {num_timesteps} steps)'
+      )
     stride = (size - 1) / (count - 1) if count > 1 else 1.0
     # Accumulate the stride the way the original does (round of a running float sum), so the
     # kept steps are the very same set.
@@ -109,8 +117,10 @@ def respace_betas(betas: np.ndarray, use_timesteps: Sequence[int]) -> tuple[np.n
   ac = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
   steps = np.array(sorted(set(int(s) for s in use_timesteps)), dtype=np.int64)
   if steps.size == 0 or steps[0] < 0 or steps[-1] >= ac.shape[0]:
-    raise ValueError(f'use_timesteps must be non-empty and within [0, {ac.shape[0]}), got '
-                     f'{list(use_timesteps)[:8]}...')
+    raise ValueError(
+        f'use_timesteps must be non-empty and within [0, {ac.shape[0]}), got '
+        f'{list(use_timesteps)[:8]}...'
+    )
   kept = ac[steps]
   prev = np.concatenate([[1.0], kept[:-1]])
   return 1.0 - kept / prev, steps

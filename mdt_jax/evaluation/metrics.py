@@ -15,6 +15,7 @@
   references inside some sample ball (``<=``). Distances are squared Euclidean, computed in blocks
   of rows against all columns in float32 (the ADM evaluator first tries float16).
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,15 +46,16 @@ def feature_statistics(features) -> tuple[np.ndarray, np.ndarray]:
   if n < 2:
     raise ValueError(f'a covariance needs at least 2 feature vectors, got {n}')
   if n <= d:
-    warnings.warn(f'{n} feature vectors for {d} dimensions: the covariance is singular, so the '
-                  'Frechet distance is biased upwards (the ADM protocol uses 50,000 samples)',
-                  stacklevel=2)
+    warnings.warn(
+        f'{n} feature vectors for {d} dimensions: the covariance is singular, so the '
+        'Frechet distance is biased upwards (the ADM protocol uses 50,000 samples)',
+        stacklevel=2,
+    )
   features = features.astype(np.float64)
   return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6,
-                     method: str = 'eigh') -> float:
+def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6, method: str = 'eigh') -> float:
   """Frechet distance between Gaussians (mu1, sigma1) and (mu2, sigma2).
 
   ``method='sqrtm'`` takes the ADM evaluator's route (``scipy.linalg.sqrtm`` of sigma1 @ sigma2,
@@ -67,8 +69,10 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6,
   sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
   d = mu1.shape[0]
   if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-    raise ValueError(f'statistics do not match: means {mu1.shape} and {mu2.shape}, '
-                     f'covariances {sigma1.shape} and {sigma2.shape}')
+    raise ValueError(
+        f'statistics do not match: means {mu1.shape} and {mu2.shape}, '
+        f'covariances {sigma1.shape} and {sigma2.shape}'
+    )
   diff = mu1 - mu2
   if method == 'eigh':
     tr_covmean = _trace_sqrt_product(sigma1, sigma2)
@@ -84,10 +88,10 @@ def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
   # One BLAS thread: OpenBLAS' threaded eigensolvers slow down many-fold when the cores are
   # shared, while single-threaded 2048-d decompositions take about a second.
   with threadpoolctl.threadpool_limits(1, user_api='blas'):
-    try:   # S1 = L L^T: L^T S2 L is similar to S2 S1
+    try:  # S1 = L L^T: L^T S2 L is similar to S2 S1
       root = np.linalg.cholesky(sigma1)
       product = root.T @ sigma2 @ root
-    except np.linalg.LinAlgError:   # singular S1 (e.g. fewer samples than dimensions)
+    except np.linalg.LinAlgError:  # singular S1 (e.g. fewer samples than dimensions)
       # S1 = H H^T on its range; eigenvalues under 1e-10 tr(S1) are rounding noise, and asking
       # only for the others skips most of the eigenvector work
       cut = 1e-10 * max(float(np.trace(sigma1)), np.finfo(np.float64).tiny)
@@ -100,7 +104,7 @@ def _trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
 
 def _trace_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
   with warnings.catch_warnings():
-    warnings.simplefilter('ignore', linalg.LinAlgWarning)   # singular products: handled below
+    warnings.simplefilter('ignore', linalg.LinAlgWarning)  # singular products: handled below
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
       warnings.warn(f'singular covariance product; adding {eps} to the diagonals', stacklevel=3)
@@ -108,8 +112,10 @@ def _trace_sqrtm(sigma1: np.ndarray, sigma2: np.ndarray, eps: float) -> float:
       covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
   if np.iscomplexobj(covmean):
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-      raise ValueError(f'sqrtm of the covariance product has an imaginary component of '
-                       f'{np.max(np.abs(covmean.imag)):.3g}')
+      raise ValueError(
+          f'sqrtm of the covariance product has an imaginary component of '
+          f'{np.max(np.abs(covmean.imag)):.3g}'
+      )
     covmean = covmean.real
   return float(np.trace(covmean))
 
@@ -123,7 +129,7 @@ def inception_score(logits, split_size: int = 5000) -> float:
   logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
   scores = []
   for start in range(0, len(logp), split_size):
-    part = logp[start:start + split_size]
+    part = logp[start : start + split_size]
     p = np.exp(part)
     log_marginal = np.log(p.mean(axis=0, keepdims=True))
     kl = (p * (part - log_marginal)).sum(axis=1).mean()
@@ -154,7 +160,7 @@ def _row_blocks(fn, rows: np.ndarray, block: int, *args) -> np.ndarray:
   block = max(1, min(block, len(rows)))
   out = []
   for start in range(0, len(rows), block):
-    chunk = rows[start:start + block]
+    chunk = rows[start : start + block]
     n = len(chunk)
     if n < block:
       chunk = np.concatenate([chunk, np.zeros((block - n,) + chunk.shape[1:], chunk.dtype)])
@@ -166,8 +172,9 @@ def manifold_radii(features, k: int = 3, block: int = 1024) -> np.ndarray:
   """Squared distance of each feature vector to its k-th nearest neighbour in the set [N]."""
   features = _features_2d(features).astype(np.float32)
   if len(features) <= k:
-    raise ValueError(f'k={k} nearest neighbours need more than {k} feature vectors, '
-                     f'got {len(features)}')
+    raise ValueError(
+        f'k={k} nearest neighbours need more than {k} feature vectors, ' f'got {len(features)}'
+    )
   points = jnp.asarray(features)
   return _row_blocks(lambda r: _kth_distance(r, points, k), features, block)
 

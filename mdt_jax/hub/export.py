@@ -7,6 +7,7 @@ results). With ``official_layout`` it also holds the weights under the official 
 (``official/mdt_official.safetensors`` and/or ``official/mdt_official.pt``), relative_position_index
 buffers included, which the original code loads with ``load_state_dict(strict=True)``.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -53,17 +54,21 @@ HUB_LICENSES = frozenset("""
 # Hub dataset ids and card names of the training data (data.name of the training config).
 DATASETS = {
     'latents': dict(hub_id='ILSVRC/imagenet-1k', type='imagenet-1k', name='ImageNet'),
-    'digits': dict(hub_id=None, type='digits',
-                   name='scikit-learn digits (UCI optical recognition of handwritten digits)'),
+    'digits': dict(
+        hub_id=None,
+        type='digits',
+        name='scikit-learn digits (UCI optical recognition of handwritten digits)',
+    ),
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Metric:
   """One metric of the evaluation JSON and how the model card reports it."""
-  keys: tuple[str, ...]       # accepted names in the JSON, first match wins
-  type: str                   # model-index metric type
-  name: str                   # shown name
+
+  keys: tuple[str, ...]  # accepted names in the JSON, first match wins
+  type: str  # model-index metric type
+  name: str  # shown name
   lower_is_better: bool
 
 
@@ -79,6 +84,7 @@ EVAL_METRICS = (
 
 
 # ---------------------------------------------------------------------------- evaluation results
+
 
 def read_evaluation(path: str) -> dict[str, Any]:
   """The metrics of an evaluation JSON: {'metrics': [(Metric, value)], 'num_samples', ...}.
@@ -101,40 +107,66 @@ def read_evaluation(path: str) -> dict[str, Any]:
     if key is None or source[key] is None:
       continue
     value = source[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-        not math.isfinite(value):
-      raise ValueError(f'evaluation JSON {path}: {key!r} must be a finite number or null, '
-                       f'got {value!r}')
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+      raise ValueError(
+          f'evaluation JSON {path}: {key!r} must be a finite number or null, ' f'got {value!r}'
+      )
     found.append((m, float(value)))
   if not found:
     names = ', '.join(m.keys[0] for m in EVAL_METRICS)
-    raise ValueError(f'evaluation JSON {path} holds none of the metrics {names} '
-                     f'(keys found: {sorted(source)})')
+    raise ValueError(
+        f'evaluation JSON {path} holds none of the metrics {names} '
+        f'(keys found: {sorted(source)})'
+    )
   num = raw.get('num_samples')
-  return dict(metrics=found, num_samples=int(num) if isinstance(num, (int, float)) else None,
-              reference=raw.get('reference'), path=path)
+  return dict(
+      metrics=found,
+      num_samples=int(num) if isinstance(num, (int, float)) else None,
+      reference=raw.get('reference'),
+      path=path,
+  )
 
 
-def eval_results(evaluation: Mapping[str, Any], dataset: Mapping[str, Any], image_size: int,
-                 class_conditional: bool) -> list:
+def eval_results(
+    evaluation: Mapping[str, Any],
+    dataset: Mapping[str, Any],
+    image_size: int,
+    class_conditional: bool,
+) -> list:
   """huggingface_hub EvalResult entries (the card's model-index) of `read_evaluation`'s output."""
   from huggingface_hub import EvalResult
+
   n = evaluation.get('num_samples')
   suffix = f' ({n} samples)' if n else ''
-  task_name = ('Class-conditional image generation' if class_conditional
-               else 'Unconditional image generation')
-  return [EvalResult(task_type=PIPELINE_TAG, task_name=task_name,
-                     dataset_type=dataset['type'], dataset_name=f'{dataset["name"]} '
-                     f'{image_size}x{image_size}', metric_type=m.type,
-                     metric_name=m.name + suffix, metric_value=round(v, 4))
-          for m, v in evaluation['metrics']]
+  task_name = (
+      'Class-conditional image generation'
+      if class_conditional
+      else 'Unconditional image generation'
+  )
+  return [
+      EvalResult(
+          task_type=PIPELINE_TAG,
+          task_name=task_name,
+          dataset_type=dataset['type'],
+          dataset_name=f'{dataset["name"]} ' f'{image_size}x{image_size}',
+          metric_type=m.type,
+          metric_name=m.name + suffix,
+          metric_value=round(v, 4),
+      )
+      for m, v in evaluation['metrics']
+  ]
 
 
 # ------------------------------------------------------------------------------------ model card
 
+
 def _dataset_info(data_cfg: Mapping[str, Any], dataset_id: str | None) -> dict:
-  info = dict(DATASETS.get(data_cfg.get('name'), dict(hub_id=None, type=str(data_cfg.get('name')),
-                                                      name=str(data_cfg.get('name')))))
+  info = dict(
+      DATASETS.get(
+          data_cfg.get('name'),
+          dict(hub_id=None, type=str(data_cfg.get('name')), name=str(data_cfg.get('name'))),
+      )
+  )
   if dataset_id:
     info.update(hub_id=dataset_id, type=dataset_id)
   return info
@@ -142,35 +174,60 @@ def _dataset_info(data_cfg: Mapping[str, Any], dataset_id: str | None) -> dict:
 
 def check_license(license: str, license_name: str | None, license_link: str | None) -> None:
   if license not in HUB_LICENSES:
-    raise ValueError(f'license {license!r} is not a Hub license identifier (e.g. apache-2.0, '
-                     'mit, cc-by-nc-4.0); use license "other" with a license name and link')
+    raise ValueError(
+        f'license {license!r} is not a Hub license identifier (e.g. apache-2.0, '
+        'mit, cc-by-nc-4.0); use license "other" with a license name and link'
+    )
   if license == 'other' and not (license_name and license_link):
     raise ValueError('license "other" needs license_name and license_link')
 
 
-def card_metadata(*, config: MDTConfig, data_cfg: Mapping[str, Any], license: str,
-                  model_name: str, evaluation: Mapping[str, Any] | None = None,
-                  dataset_id: str | None = None, license_name: str | None = None,
-                  license_link: str | None = None, extra_tags: Sequence[str] = ()):
+def card_metadata(
+    *,
+    config: MDTConfig,
+    data_cfg: Mapping[str, Any],
+    license: str,
+    model_name: str,
+    evaluation: Mapping[str, Any] | None = None,
+    dataset_id: str | None = None,
+    license_name: str | None = None,
+    license_link: str | None = None,
+    extra_tags: Sequence[str] = (),
+):
   """The card's YAML metadata as a huggingface_hub.ModelCardData."""
   from huggingface_hub import ModelCardData
+
   check_license(license, license_name, license_link)
   ds = _dataset_info(data_cfg, dataset_id)
   conditional = config.num_classes > 0
-  tags = [LIBRARY_NAME, 'jax', 'flax', 'diffusion', 'image-generation',
-          'masked-diffusion-transformer', 'mdtv2' if config.arch == 'mdtv2' else 'mdt']
+  tags = [
+      LIBRARY_NAME,
+      'jax',
+      'flax',
+      'diffusion',
+      'image-generation',
+      'masked-diffusion-transformer',
+      'mdtv2' if config.arch == 'mdtv2' else 'mdt',
+  ]
   tags.append('class-conditional-image-generation' if conditional else 'unconditional')
   tags += list(extra_tags)
   results = None
   if evaluation:
-    results = eval_results(evaluation, ds, int(data_cfg.get('image_size', config.input_size)),
-                           conditional)
+    results = eval_results(
+        evaluation, ds, int(data_cfg.get('image_size', config.input_size)), conditional
+    )
   return ModelCardData(
-      license=license, license_name=license_name if license == 'other' else None,
-      license_link=license_link if license == 'other' else None, library_name=LIBRARY_NAME,
-      pipeline_tag=PIPELINE_TAG, tags=tags, datasets=[ds['hub_id']] if ds['hub_id'] else None,
+      license=license,
+      license_name=license_name if license == 'other' else None,
+      license_link=license_link if license == 'other' else None,
+      library_name=LIBRARY_NAME,
+      pipeline_tag=PIPELINE_TAG,
+      tags=tags,
+      datasets=[ds['hub_id']] if ds['hub_id'] else None,
       metrics=[m.type for m, _ in evaluation['metrics']] if evaluation else None,
-      model_name=model_name, eval_results=results)
+      model_name=model_name,
+      eval_results=results,
+  )
 
 
 def usage_code(model_ref: str, space: str, num_classes: int) -> str:
@@ -190,97 +247,159 @@ def usage_code(model_ref: str, space: str, num_classes: int) -> str:
       'samples = generate(sampler, labels, seed=0, batch_size=8)   # NHWC float32',
   ]
   if space == 'pixel':
-    lines += ['images = to_uint8(samples)   # [-1, 1] pixels -> uint8',
-              "save_grid(images, 'samples.png', ncols=8)",
-              "print('wrote samples.png', images.shape)"]
+    lines += [
+        'images = to_uint8(samples)   # [-1, 1] pixels -> uint8',
+        "save_grid(images, 'samples.png', ncols=8)",
+        "print('wrote samples.png', images.shape)",
+    ]
   else:
-    lines += ["np.save('latents.npy', samples)   # decode with the VAE named in config.json",
-              "print('wrote latents.npy', samples.shape)"]
+    lines += [
+        "np.save('latents.npy', samples)   # decode with the VAE named in config.json",
+        "print('wrote latents.npy', samples.shape)",
+    ]
   return '\n'.join(lines)
 
 
 def _official_constructor(config: MDTConfig) -> str:
   cls = 'MDTv2' if config.arch == 'mdtv2' else 'MDT'
-  args = dict(input_size=config.input_size, patch_size=config.patch_size,
-              in_channels=config.in_channels, hidden_size=config.hidden_size,
-              depth=config.depth, num_heads=config.num_heads, mlp_ratio=config.mlp_ratio,
-              num_classes=config.num_classes, learn_sigma=config.learn_sigma,
-              decode_layer=config.decode_layer)
+  args = dict(
+      input_size=config.input_size,
+      patch_size=config.patch_size,
+      in_channels=config.in_channels,
+      hidden_size=config.hidden_size,
+      depth=config.depth,
+      num_heads=config.num_heads,
+      mlp_ratio=config.mlp_ratio,
+      num_classes=config.num_classes,
+      learn_sigma=config.learn_sigma,
+      decode_layer=config.decode_layer,
+  )
   return f'{cls}(' + ', '.join(f'{k}={v!r}' for k, v in args.items()) + ')'
 
 
 def _table(rows: Sequence[tuple[str, Any]]) -> str:
-  return '\n'.join(['| setting | value |', '|---|---|'] +
-                   [f'| {k} | `{v}` |' for k, v in rows])
+  return '\n'.join(['| setting | value |', '|---|---|'] + [f'| {k} | `{v}` |' for k, v in rows])
 
 
-def card_text(*, metadata, config: MDTConfig, model_ref: str, title: str, data: Mapping,
-              diffusion: Mapping, sampling: Mapping, training: Mapping,
-              evaluation: Mapping | None, official_files: Sequence[str]) -> str:
+def card_text(
+    *,
+    metadata,
+    config: MDTConfig,
+    model_ref: str,
+    title: str,
+    data: Mapping,
+    diffusion: Mapping,
+    sampling: Mapping,
+    training: Mapping,
+    evaluation: Mapping | None,
+    official_files: Sequence[str],
+) -> str:
   """The whole README.md: YAML metadata block + markdown body."""
   arch = 'MDTv2' if config.arch == 'mdtv2' else 'MDT (v1)'
   space = data.get('space', 'latent')
-  what = (f'{data.get("image_size")}x{data.get("image_size")} images through the VAE latents '
-          f'({config.input_size}x{config.input_size}x{config.in_channels}, decoder '
-          f'`{data.get("vae")}`)' if space == 'latent' else
-          f'{config.input_size}x{config.input_size}x{config.in_channels} pixels')
-  cond = (f'class-conditional ({config.num_classes} classes, classifier-free guidance)'
-          if config.num_classes > 0 else 'unconditional')
+  what = (
+      f'{data.get("image_size")}x{data.get("image_size")} images through the VAE latents '
+      f'({config.input_size}x{config.input_size}x{config.in_channels}, decoder '
+      f'`{data.get("vae")}`)'
+      if space == 'latent'
+      else f'{config.input_size}x{config.input_size}x{config.in_channels} pixels'
+  )
+  cond = (
+      f'class-conditional ({config.num_classes} classes, classifier-free guidance)'
+      if config.num_classes > 0
+      else 'unconditional'
+  )
   parts = [
-      f'# {title}', '',
+      f'# {title}',
+      '',
       f'An {arch} (Masked Diffusion Transformer) trained with mdt_jax '
-      f'(MDTv2 in JAX / Flax NNX): {cond}, generating {what}.', '',
-      '## Model', '',
-      _table([('architecture', config.arch), ('parameters', f'{count_params(config):,}'),
+      f'(MDTv2 in JAX / Flax NNX): {cond}, generating {what}.',
+      '',
+      '## Model',
+      '',
+      _table(
+          [
+              ('architecture', config.arch),
+              ('parameters', f'{count_params(config):,}'),
               ('depth (decoder layers)', f'{config.depth} ({config.decode_layer})'),
               ('hidden size / heads', f'{config.hidden_size} / {config.num_heads}'),
-              ('patch size', config.patch_size), ('input', what),
-              ('learned variance', config.learn_sigma)]), '',
-      '## Training', '',
-      _table(list(training.items())), '',
-      '## Diffusion and recommended sampling', '',
-      _table([(f'diffusion.{k}', v) for k, v in diffusion.items()] +
-             [(f'sampling.{k}', v) for k, v in sampling.items()]), '',
+              ('patch size', config.patch_size),
+              ('input', what),
+              ('learned variance', config.learn_sigma),
+          ]
+      ),
+      '',
+      '## Training',
+      '',
+      _table(list(training.items())),
+      '',
+      '## Diffusion and recommended sampling',
+      '',
+      _table(
+          [(f'diffusion.{k}', v) for k, v in diffusion.items()]
+          + [(f'sampling.{k}', v) for k, v in sampling.items()]
+      ),
+      '',
   ]
   if evaluation:
     details = [f'{evaluation["num_samples"]} samples'] if evaluation.get('num_samples') else []
     if evaluation.get('reference'):
       details.append(f'reference `{os.path.basename(str(evaluation["reference"]))}`')
-    parts += ['## Evaluation', '',
-              f'From `{os.path.basename(evaluation["path"])}`'
-              + (f' ({", ".join(details)})' if details else '') + ':', '',
-              '| metric | value |', '|---|---|']
-    parts += [f'| {m.name} ({"lower" if m.lower_is_better else "higher"} is better) | {v:.4f} |'
-              for m, v in evaluation['metrics']]
+    parts += [
+        '## Evaluation',
+        '',
+        f'From `{os.path.basename(evaluation["path"])}`'
+        + (f' ({", ".join(details)})' if details else '')
+        + ':',
+        '',
+        '| metric | value |',
+        '|---|---|',
+    ]
+    parts += [
+        f'| {m.name} ({"lower" if m.lower_is_better else "higher"} is better) | {v:.4f} |'
+        for m, v in evaluation['metrics']
+    ]
     parts.append('')
   parts += [
-      '## Usage', '',
-      'Install mdt_jax from its repository (`pip install -e .` in a checkout), then:', '',
-      '```python', usage_code(model_ref, space, config.num_classes), '```', '',
-      'Or from the command line (writes the ADM evaluator\'s `.npz` and a grid):', '',
+      '## Usage',
+      '',
+      'Install mdt_jax from its repository (`pip install -e .` in a checkout), then:',
+      '',
+      '```python',
+      usage_code(model_ref, space, config.num_classes),
+      '```',
+      '',
+      "Or from the command line (writes the ADM evaluator's `.npz` and a grid):",
+      '',
       '```bash',
       f'python -m mdt_jax.sample --model={model_ref} --num_samples=64 --out=samples'
       + ('' if space == 'pixel' else ' --vae=VAE_FOLDER'),
-      '```', '',
+      '```',
+      '',
   ]
   if official_files:
     files = ', '.join(f'`{f}`' for f in official_files)
     parts += [
-        '## Official PyTorch layout', '',
+        '## Official PyTorch layout',
+        '',
         f'{files} hold the same weights under the key names and layouts of the original code '
         '(github.com/sail-sg/MDT), `relative_position_index` buffers included, so they load with '
         f'strict key matching into `{_official_constructor(config)}`, e.g. '
         '`model.load_state_dict(safetensors.torch.load_file(path), strict=True)` or '
         '`model.load_state_dict(torch.load(path))`. `tools/convert_official.py` converts them '
         'back.',
-        '']
+        '',
+    ]
   parts += [
-      '## Files', '',
+      '## Files',
+      '',
       '- `model.safetensors`: float32 parameters under mdt_jax names '
       '(nnx parameter paths joined by dots)',
       '- `config.json`: model hyperparameters, data space, diffusion and recommended sampling '
-      'settings', '',
-      '## Citation', '',
+      'settings',
+      '',
+      '## Citation',
+      '',
       '```bibtex',
       '@inproceedings{gao2023masked,',
       '  title={Masked Diffusion Transformer is a Strong Image Synthesizer},',
@@ -288,13 +407,16 @@ def card_text(*, metadata, config: MDTConfig, model_ref: str, title: str, data: 
       '  booktitle={Proceedings of the IEEE/CVF International Conference on Computer Vision},',
       '  year={2023}',
       '}',
-      '```', '']
+      '```',
+      '',
+  ]
   return f'---\n{metadata.to_yaml()}\n---\n\n' + '\n'.join(parts)
 
 
 def parse_card(text: str):
   """Parse a card with huggingface_hub's own ModelCard (strict: metadata errors raise)."""
   from huggingface_hub import ModelCard
+
   card = ModelCard(text, ignore_metadata_errors=False)
   data = card.data
   missing = [k for k in ('license', 'library_name', 'pipeline_tag', 'tags') if not data.get(k)]
@@ -306,8 +428,10 @@ def parse_card(text: str):
 
 # ---------------------------------------------------------------------------- official layout
 
-def write_official(folder: str, params: nnx.State, config: MDTConfig,
-                   formats: Sequence[str] = ('safetensors',)) -> list[str]:
+
+def write_official(
+    folder: str, params: nnx.State, config: MDTConfig, formats: Sequence[str] = ('safetensors',)
+) -> list[str]:
   """Write the official-layout state dict into folder/official/; return the relative paths."""
   state = official.from_flax_params(params, config)
   os.makedirs(os.path.join(folder, OFFICIAL_DIR), exist_ok=True)
@@ -317,10 +441,19 @@ def write_official(folder: str, params: nnx.State, config: MDTConfig,
     path = os.path.join(folder, rel)
     if fmt == 'safetensors':
       from safetensors.numpy import save_file
-      save_file(state, path, metadata={'format': 'pt', 'source': LIBRARY_NAME,
-                                       'constructor': _official_constructor(config)})
+
+      save_file(
+          state,
+          path,
+          metadata={
+              'format': 'pt',
+              'source': LIBRARY_NAME,
+              'constructor': _official_constructor(config),
+          },
+      )
     else:
       import torch
+
       torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, path)
     written.append(rel)
   return written
@@ -330,21 +463,27 @@ def check_official_formats(formats: Sequence[str]) -> tuple[str, ...]:
   formats = tuple(dict.fromkeys(formats))
   bad = [f for f in formats if f not in OFFICIAL_FILES]
   if bad or not formats:
-    raise ValueError(f'official formats must be a non-empty subset of {sorted(OFFICIAL_FILES)}, '
-                     f'got {list(formats)}')
+    raise ValueError(
+        f'official formats must be a non-empty subset of {sorted(OFFICIAL_FILES)}, '
+        f'got {list(formats)}'
+    )
   if 'pt' in formats:
     try:
       import torch  # noqa: F401
     except ImportError as e:
-      raise ImportError('the official .pt file needs PyTorch (CPU build is enough); or write '
-                        'only the safetensors file') from e
+      raise ImportError(
+          'the official .pt file needs PyTorch (CPU build is enough); or write '
+          'only the safetensors file'
+      ) from e
   return formats
 
 
 # ------------------------------------------------------------------------------------- export
 
+
 def _check_repo_id(repo_id: str) -> None:
   from huggingface_hub.utils import HFValidationError, validate_repo_id
+
   try:
     validate_repo_id(repo_id)
   except HFValidationError as e:
@@ -362,44 +501,64 @@ def _mask_ratio(model) -> str | None:
 
 def _training_summary(config, step: int, weights: str) -> dict:
   opt = config.optimizer
-  return {'steps': step, 'weights': 'EMA' if weights == 'ema' else 'raw (not EMA)',
-          'EMA decay': config.ema_decay, 'global batch size': config.global_batch_size,
-          'optimizer': f'{opt.name}, lr {opt.learning_rate}, clip {opt.get("clip_norm")}',
-          'masked branch': config.mask_branch,
-          'mask ratio': _mask_ratio(config.model),
-          **_objective_summary(config.diffusion),
-          'data': config.data.name}
+  return {
+      'steps': step,
+      'weights': 'EMA' if weights == 'ema' else 'raw (not EMA)',
+      'EMA decay': config.ema_decay,
+      'global batch size': config.global_batch_size,
+      'optimizer': f'{opt.name}, lr {opt.learning_rate}, clip {opt.get("clip_norm")}',
+      'masked branch': config.mask_branch,
+      'mask ratio': _mask_ratio(config.model),
+      **_objective_summary(config.diffusion),
+      'data': config.data.name,
+  }
 
 
 def _objective_summary(diffusion) -> dict:
   if objective_of(diffusion) == 'flow':
     fm = flow_matching(diffusion)
-    times = fm.t_sampling if fm.t_sampling == 'uniform' else \
-        f'logit-normal({fm.t_logit_mean}, {fm.t_logit_scale})'
-    return {'objective': 'flow matching (velocity MSE)',
-            'training times': times + (f', shift {fm.t_shift}' if fm.t_shift != 1 else '')}
+    times = (
+        fm.t_sampling
+        if fm.t_sampling == 'uniform'
+        else f'logit-normal({fm.t_logit_mean}, {fm.t_logit_scale})'
+    )
+    return {
+        'objective': 'flow matching (velocity MSE)',
+        'training times': times + (f', shift {fm.t_shift}' if fm.t_shift != 1 else ''),
+    }
   return {'loss weighting': f'min-SNR-{diffusion.get("min_snr_gamma")}'}
 
 
-def checked_sampling(train_sampling: Mapping[str, Any], in_channels: int,
-                     num_timesteps: int, objective: str = 'ddpm') -> dict:
+def checked_sampling(
+    train_sampling: Mapping[str, Any], in_channels: int, num_timesteps: int, objective: str = 'ddpm'
+) -> dict:
   """The folder's recommended sampler settings from the training config's `sampling` section,
   checked by building the SamplerConfig they describe."""
   out = recommended_sampling(dict(train_sampling), in_channels)
   try:
     make_sampler_config(out, in_channels, num_timesteps, objective)
   except (TypeError, ValueError) as e:
-    raise ValueError(f'the training config\'s sampling settings {out} are not usable: {e}') from e
+    raise ValueError(f"the training config's sampling settings {out} are not usable: {e}") from e
   return out
 
 
-def export_workdir(workdir: str, out: str, *, step: int | None = None, weights: str = 'ema',
-                   eval_json: str | None = None, official_layout: bool = False,
-                   official_formats: Sequence[str] = ('safetensors',),
-                   license: str = 'apache-2.0', license_name: str | None = None,
-                   license_link: str | None = None, repo_id: str | None = None,
-                   dataset_id: str | None = None, model_name: str | None = None,
-                   overwrite: bool = False) -> str:
+def export_workdir(
+    workdir: str,
+    out: str,
+    *,
+    step: int | None = None,
+    weights: str = 'ema',
+    eval_json: str | None = None,
+    official_layout: bool = False,
+    official_formats: Sequence[str] = ('safetensors',),
+    license: str = 'apache-2.0',
+    license_name: str | None = None,
+    license_link: str | None = None,
+    repo_id: str | None = None,
+    dataset_id: str | None = None,
+    model_name: str | None = None,
+    overwrite: bool = False,
+) -> str:
   """Write the Hub folder of a training workdir's checkpoint; return its path.
 
   Every input is checked before the weights are read; the folder appears only when complete.
@@ -412,14 +571,17 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, weights: 
     _check_repo_id(repo_id)
   formats = check_official_formats(official_formats) if official_layout else ()
   check_writable(out, overwrite)
-  train_cfg = read_train_config(workdir)       # raises for a folder that is not a workdir
+  train_cfg = read_train_config(workdir)  # raises for a folder that is not a workdir
   evaluation = read_evaluation(eval_json) if eval_json else None
   # Port options (dtype, remat, attention kernel, ...) are the loader's choice, not the folder's.
   config = MDTConfig.from_dict({**train_cfg.model.to_dict(), **COMPUTE_OPTIONS})
   diffusion = folder_record(train_cfg.diffusion)
-  sampling = checked_sampling(train_cfg.sampling.to_dict() if 'sampling' in train_cfg else {},
-                              config.in_channels, diffusion['num_timesteps'],
-                              objective_of(diffusion))
+  sampling = checked_sampling(
+      train_cfg.sampling.to_dict() if 'sampling' in train_cfg else {},
+      config.in_channels,
+      diffusion['num_timesteps'],
+      objective_of(diffusion),
+  )
 
   loaded = load_workdir(workdir, step=step, weights=WEIGHTS[weights])
   step = loaded.meta['step']
@@ -427,31 +589,59 @@ def export_workdir(workdir: str, out: str, *, step: int | None = None, weights: 
   folder_name = os.path.basename(paths.resolve(out).rstrip('/'))
   name = model_name or (repo_id.split('/')[-1] if repo_id else folder_name)
   model_ref = repo_id or folder_name
-  metadata = card_metadata(config=config, data_cfg=train_cfg.data.to_dict(), license=license,
-                           model_name=name, evaluation=evaluation, dataset_id=dataset_id,
-                           license_name=license_name, license_link=license_link)
+  metadata = card_metadata(
+      config=config,
+      data_cfg=train_cfg.data.to_dict(),
+      license=license,
+      model_name=name,
+      evaluation=evaluation,
+      dataset_id=dataset_id,
+      license_name=license_name,
+      license_link=license_link,
+  )
   official_files = [f'{OFFICIAL_DIR}/{OFFICIAL_FILES[f]}' for f in formats]
-  card = card_text(metadata=metadata, config=config, model_ref=model_ref, title=name,
-                   data=loaded.data, diffusion=diffusion, sampling=sampling,
-                   training=_training_summary(train_cfg, step, weights), evaluation=evaluation,
-                   official_files=official_files)
-  parse_card(card)                                   # refuse a card the Hub tools cannot read
+  card = card_text(
+      metadata=metadata,
+      config=config,
+      model_ref=model_ref,
+      title=name,
+      data=loaded.data,
+      diffusion=diffusion,
+      sampling=sampling,
+      training=_training_summary(train_cfg, step, weights),
+      evaluation=evaluation,
+      official_files=official_files,
+  )
+  parse_card(card)  # refuse a card the Hub tools cannot read
 
   with atomic_folder(out, overwrite) as folder:
-    write_model_files(folder, params, config, data=loaded.data, diffusion=diffusion,
-                      sampling=sampling,
-                      source=f'{paths.resolve(workdir)} step {step} ({WEIGHTS[weights]})',
-                      extra_files={CARD_FILE: card})
+    write_model_files(
+        folder,
+        params,
+        config,
+        data=loaded.data,
+        diffusion=diffusion,
+        sampling=sampling,
+        source=f'{paths.resolve(workdir)} step {step} ({WEIGHTS[weights]})',
+        extra_files={CARD_FILE: card},
+    )
     if formats:
       write_official(folder, params, config, formats)
   return out
 
 
-def push_to_hub(folder: str, repo_id: str, *, private: bool | None = None,
-                token: str | None = None, commit_message: str | None = None,
-                api: Any = None) -> str:
+def push_to_hub(
+    folder: str,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    token: str | None = None,
+    commit_message: str | None = None,
+    api: Any = None,
+) -> str:
   """Create the repo if needed and upload the folder; return the repo URL."""
-  import huggingface_hub   # optional: only pushing needs it
+  import huggingface_hub  # optional: only pushing needs it
+
   _check_repo_id(repo_id)
   if not is_model_folder(folder):
     raise FileNotFoundError(f'{folder} is not a model folder (config.json + model.safetensors)')
@@ -464,8 +654,11 @@ def push_to_hub(folder: str, repo_id: str, *, private: bool | None = None,
   url = api.create_repo(repo_id, repo_type='model', private=private, exist_ok=True)
   # huggingface_hub uploads local files: a folder on object storage is copied down first
   with paths.local_folder(folder, exclude=(MARKER,)) as local:
-    api.upload_folder(repo_id=repo_id, repo_type='model', folder_path=local,
-                      commit_message=commit_message or
-                      f'Upload {os.path.basename(paths.resolve(folder).rstrip("/"))} '
-                      f'({LIBRARY_NAME})')
+    api.upload_folder(
+        repo_id=repo_id,
+        repo_type='model',
+        folder_path=local,
+        commit_message=commit_message
+        or f'Upload {os.path.basename(paths.resolve(folder).rstrip("/"))} ' f'({LIBRARY_NAME})',
+    )
   return str(url)

@@ -17,6 +17,7 @@ A flow-matching model's diffusion section says so (a section without "objective"
                    "t_sampling": "uniform", "t_logit_mean": 0.0, "t_logit_scale": 1.0,
                    "t_shift": 1.0}
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,15 +41,22 @@ CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
 
 # The original's FID setting (scripts/image_sample.py defaults; spec section 4).
-OFFICIAL_SAMPLING = dict(sampler='ddpm', steps=250, cfg_scale=3.8, scale_pow=4.0,
-                         guidance_channels=3)
-IMAGENET_LATENT_DATA = dict(space='latent', image_size=256, image_channels=3,
-                            latent_scale=LATENT_SCALE, vae='stabilityai/sd-vae-ft-ema')
+OFFICIAL_SAMPLING = dict(
+    sampler='ddpm', steps=250, cfg_scale=3.8, scale_pow=4.0, guidance_channels=3
+)
+IMAGENET_LATENT_DATA = dict(
+    space='latent',
+    image_size=256,
+    image_channels=3,
+    latent_scale=LATENT_SCALE,
+    vae='stabilityai/sd-vae-ft-ema',
+)
 
 
 @dataclasses.dataclass
 class Pretrained:
   """A loaded model folder: the ready model and what is needed to sample from it."""
+
   model: MDT
   config: MDTConfig
   data: dict
@@ -57,17 +65,29 @@ class Pretrained:
   meta: dict
 
 
-def write_model_files(folder: str, params: nnx.State | dict, config: MDTConfig, *,
-                      data: dict | None = None, diffusion: dict | None = None,
-                      sampling: dict | None = None, source: str = '',
-                      extra_files: dict[str, str] | None = None) -> None:
+def write_model_files(
+    folder: str,
+    params: nnx.State | dict,
+    config: MDTConfig,
+    *,
+    data: dict | None = None,
+    diffusion: dict | None = None,
+    sampling: dict | None = None,
+    source: str = '',
+    extra_files: dict[str, str] | None = None,
+) -> None:
   """config.json + model.safetensors (+ extra text files) into an existing folder."""
   flat = params if isinstance(params, dict) else flat_params(params)
-  model_from_flat(flat, config, where='parameters to save')      # validate before writing
-  cfg = dict(format=FORMAT, version=VERSION, model=config.to_dict(),
-             data=dict(data or IMAGENET_LATENT_DATA),
-             diffusion=dict(diffusion or dict(num_timesteps=1000, beta_schedule='linear')),
-             sampling=dict(sampling or OFFICIAL_SAMPLING), source=source)
+  model_from_flat(flat, config, where='parameters to save')  # validate before writing
+  cfg = dict(
+      format=FORMAT,
+      version=VERSION,
+      model=config.to_dict(),
+      data=dict(data or IMAGENET_LATENT_DATA),
+      diffusion=dict(diffusion or dict(num_timesteps=1000, beta_schedule='linear')),
+      sampling=dict(sampling or OFFICIAL_SAMPLING),
+      source=source,
+  )
   save_file(flat, os.path.join(folder, WEIGHTS_FILE), metadata={'format': FORMAT})
   with open(os.path.join(folder, CONFIG_FILE), 'w') as f:
     json.dump(cfg, f, indent=2)
@@ -76,8 +96,9 @@ def write_model_files(folder: str, params: nnx.State | dict, config: MDTConfig, 
       f.write(text)
 
 
-def save_model_folder(out_dir: str, params: nnx.State | dict, config: MDTConfig, *,
-                      overwrite: bool = False, **meta) -> str:
+def save_model_folder(
+    out_dir: str, params: nnx.State | dict, config: MDTConfig, *, overwrite: bool = False, **meta
+) -> str:
   """Write a model folder atomically (see ``write_model_files`` for ``meta``)."""
   with atomic_folder(out_dir, overwrite) as tmp:
     write_model_files(tmp, params, config, **meta)
@@ -104,8 +125,10 @@ def check_objective(diffusion: dict, config: MDTConfig, cfg_path: str = '') -> s
   except ValueError as e:
     raise ValueError(f'{cfg_path}: {e}') from None
   if objective == 'flow' and config.learn_sigma:
-    raise ValueError(f'{cfg_path}: diffusion.objective is "flow" but the model has '
-                     'learn_sigma=True (a flow model predicts a velocity, C output channels)')
+    raise ValueError(
+        f'{cfg_path}: diffusion.objective is "flow" but the model has '
+        'learn_sigma=True (a flow model predicts a velocity, C output channels)'
+    )
   return objective
 
 
@@ -129,6 +152,11 @@ def load_model_folder(path: str, **model_overrides) -> Pretrained:
   except Exception as e:
     raise ValueError(f'{weights} is not a readable safetensors file: {e}') from e
   model = model_from_flat(flat, config, where=weights)
-  return Pretrained(model=model, config=config, data=cfg.get('data', {}),
-                    diffusion=cfg.get('diffusion', {}), sampling=cfg.get('sampling', {}),
-                    meta=cfg)
+  return Pretrained(
+      model=model,
+      config=config,
+      data=cfg.get('data', {}),
+      diffusion=cfg.get('diffusion', {}),
+      sampling=cfg.get('sampling', {}),
+      meta=cfg,
+  )

@@ -5,6 +5,7 @@ Official key -> our parameter path: ``en_outblocks.3.adaLN_modulation.1.weight``
 [p, p, C, D]; embeddings keep their layout. The ``relative_position_index`` buffers are not
 parameters here: they are recomputed and, on import, checked against the file.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,9 +26,9 @@ INDEX_SUFFIX = 'attn.rel_pos_bias.relative_position_index'
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-  path: tuple           # path of the parameter in nnx.state(model, nnx.Param)
-  kind: str             # 'linear' (transpose), 'conv' (OIHW <-> HWIO) or 'copy'
-  shape: tuple          # official (PyTorch) shape
+  path: tuple  # path of the parameter in nnx.state(model, nnx.Param)
+  kind: str  # 'linear' (transpose), 'conv' (OIHW <-> HWIO) or 'copy'
+  shape: tuple  # official (PyTorch) shape
 
 
 class CheckpointMismatch(ValueError):
@@ -69,8 +70,13 @@ def layout(config: MDTConfig | dict) -> dict[str, Entry]:
 def index_buffers(config: MDTConfig | dict) -> list[str]:
   """Names of the relative_position_index buffers the official state dict also holds."""
   keys = layout(config)
-  prefixes = sorted({k[:-len('attn.rel_pos_bias.relative_position_bias_table')]
-                     for k in keys if k.endswith('relative_position_bias_table')})
+  prefixes = sorted(
+      {
+          k[: -len('attn.rel_pos_bias.relative_position_bias_table')]
+          for k in keys
+          if k.endswith('relative_position_bias_table')
+      }
+  )
   return [p + INDEX_SUFFIX for p in prefixes]
 
 
@@ -80,6 +86,7 @@ def infer_config(state: Mapping[str, Any], **overrides) -> MDTConfig:
   What the keys cannot tell (``class_dropout_prob`` beyond "has a null row", ``mask_ratio``,
   v1's ``decode_layer``) takes the released checkpoints' values unless overridden.
   """
+
   def shape(k):
     if k not in state:
       raise CheckpointMismatch(f'not an MDT state dict: key {k!r} is missing')
@@ -107,10 +114,22 @@ def infer_config(state: Mapping[str, Any], **overrides) -> MDTConfig:
   hidden_mlp = shape('sideblocks.0.mlp.fc1.weight')[0]
   rows = shape('y_embedder.embedding_table.weight')[0]
   out_ch = shape('final_layer.linear.weight')[0] // (p * p)
-  cfg = dict(arch=arch, input_size=grid * p, patch_size=p, in_channels=c, hidden_size=d,
-             depth=depth, num_heads=heads, mlp_ratio=hidden_mlp / d, decode_layer=decode_layer,
-             num_classes=rows - 1, class_dropout_prob=0.1, learn_sigma=out_ch == 2 * c,
-             mask_ratio=0.3, mask_ratio_span=0.2 if arch == 'mdtv2' else 0.0)
+  cfg = dict(
+      arch=arch,
+      input_size=grid * p,
+      patch_size=p,
+      in_channels=c,
+      hidden_size=d,
+      depth=depth,
+      num_heads=heads,
+      mlp_ratio=hidden_mlp / d,
+      decode_layer=decode_layer,
+      num_classes=rows - 1,
+      class_dropout_prob=0.1,
+      learn_sigma=out_ch == 2 * c,
+      mask_ratio=0.3,
+      mask_ratio_span=0.2 if arch == 'mdtv2' else 0.0,
+  )
   cfg.update(overrides)
   if not cfg['class_dropout_prob'] > 0:
     cfg['num_classes'] = rows
@@ -123,8 +142,11 @@ def check_state(state: Mapping[str, Any], config: MDTConfig | dict) -> dict[str,
   buffers = set(index_buffers(config))
   missing = sorted(set(keys) - set(state))
   unexpected = sorted(set(state) - set(keys) - buffers)
-  mismatched = sorted(f'{k}: file {tuple(state[k].shape)} vs model {e.shape}'
-                      for k, e in keys.items() if k in state and tuple(state[k].shape) != e.shape)
+  mismatched = sorted(
+      f'{k}: file {tuple(state[k].shape)} vs model {e.shape}'
+      for k, e in keys.items()
+      if k in state and tuple(state[k].shape) != e.shape
+  )
   g = MDTConfig.from_dict(config).grid if isinstance(config, dict) else config.grid
   want_index = relative_position_index(g)
   for b in sorted(buffers & set(state)):
@@ -132,13 +154,18 @@ def check_state(state: Mapping[str, Any], config: MDTConfig | dict) -> dict[str,
       mismatched.append(f'{b}: index buffer differs from the recomputed BEiT index')
   if missing or unexpected or mismatched:
     lines = []
-    for title, items in (('missing', missing), ('unexpected', unexpected),
-                         ('mismatched', mismatched)):
+    for title, items in (
+        ('missing', missing),
+        ('unexpected', unexpected),
+        ('mismatched', mismatched),
+    ):
       if items:
-        lines.append(f'{len(items)} {title} keys: ' + ', '.join(items[:20]) +
-                     (' ...' if len(items) > 20 else ''))
-    raise CheckpointMismatch('checkpoint does not match the model layout:\n  ' +
-                             '\n  '.join(lines))
+        lines.append(
+            f'{len(items)} {title} keys: '
+            + ', '.join(items[:20])
+            + (' ...' if len(items) > 20 else '')
+        )
+    raise CheckpointMismatch('checkpoint does not match the model layout:\n  ' + '\n  '.join(lines))
   return keys
 
 
@@ -156,11 +183,14 @@ def to_flax_params(state: Mapping[str, Any], config: MDTConfig | dict) -> nnx.St
   return nnx.from_flat_state(flat)
 
 
-def from_flax_params(params: nnx.State, config: MDTConfig | dict,
-                     with_buffers: bool = True) -> dict[str, np.ndarray]:
+def from_flax_params(
+    params: nnx.State, config: MDTConfig | dict, with_buffers: bool = True
+) -> dict[str, np.ndarray]:
   """nnx.State of parameters -> official state dict of numpy arrays (float32, index int64)."""
-  by_path = {tuple(p): np.asarray(v.get_value() if hasattr(v, 'get_value') else v)
-             for p, v in nnx.to_flat_state(params)}
+  by_path = {
+      tuple(p): np.asarray(v.get_value() if hasattr(v, 'get_value') else v)
+      for p, v in nnx.to_flat_state(params)
+  }
   out = {}
   for name, e in layout(config).items():
     w = by_path[e.path].astype(np.float32)

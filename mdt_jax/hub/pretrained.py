@@ -1,4 +1,5 @@
 """``load_pretrained``: a model folder, a training workdir, or a Hugging Face Hub repo id."""
+
 from __future__ import annotations
 
 import os
@@ -12,14 +13,14 @@ from mdt_jax.sampling.config import SamplerConfig, make_sampler_config
 from mdt_jax.sampling.postprocess import SamplingModel
 from mdt_jax.vae.model import LATENT_SCALE
 
-
 # Only what loading needs: a repo may also hold official-layout copies of the weights.
 HUB_FILES = ['config.json', 'model.safetensors', 'README.md']
 
 
 def _hub_download(repo_id: str) -> str:
   from huggingface_hub import snapshot_download
-  try:   # the cache first: works offline once downloaded
+
+  try:  # the cache first: works offline once downloaded
     path = snapshot_download(repo_id, local_files_only=True, allow_patterns=HUB_FILES)
     if is_model_folder(path):
       return path
@@ -30,10 +31,13 @@ def _hub_download(repo_id: str) -> str:
   except Exception as e:
     raise FileNotFoundError(
         f'{repo_id!r} is neither a local model folder or training workdir nor a Hub repo that '
-        f'could be downloaded or found in the Hub cache ({type(e).__name__}: {e})') from e
+        f'could be downloaded or found in the Hub cache ({type(e).__name__}: {e})'
+    ) from e
   if not is_model_folder(path):
-    raise FileNotFoundError(f'Hub repo {repo_id!r} (at {path}) is not an mdt_jax model folder: '
-                            'config.json and model.safetensors are expected')
+    raise FileNotFoundError(
+        f'Hub repo {repo_id!r} (at {path}) is not an mdt_jax model folder: '
+        'config.json and model.safetensors are expected'
+    )
   return path
 
 
@@ -47,8 +51,10 @@ def load(path_or_repo_id: str, **model_overrides) -> Pretrained:
   if is_workdir(p):
     return load_workdir(p, **model_overrides)
   if paths.is_remote(p) or paths.path(p).exists():
-    raise FileNotFoundError(f'{p} is neither a model folder (config.json + model.safetensors) '
-                            f'nor a training workdir (checkpoints/)')
+    raise FileNotFoundError(
+        f'{p} is neither a model folder (config.json + model.safetensors) '
+        f'nor a training workdir (checkpoints/)'
+    )
   return load_model_folder(_hub_download(typed), **model_overrides)
 
 
@@ -60,9 +66,13 @@ def load_pretrained(path_or_repo_id: str, **model_overrides) -> MDT:
 def sampler_config(pretrained: Pretrained, **overrides) -> SamplerConfig:
   """The recommended `SamplerConfig` of a loaded model; keyword arguments (its fields) win."""
   diffusion = pretrained.diffusion or {}
-  return make_sampler_config(pretrained.sampling or {}, pretrained.config.in_channels,
-                             int(diffusion.get('num_timesteps', 1000)),
-                             objective=objective_of(diffusion), **overrides)
+  return make_sampler_config(
+      pretrained.sampling or {},
+      pretrained.config.in_channels,
+      int(diffusion.get('num_timesteps', 1000)),
+      objective=objective_of(diffusion),
+      **overrides,
+  )
 
 
 def load_for_sampling(path: str) -> SamplingModel:
@@ -73,7 +83,11 @@ def load_for_sampling(path: str) -> SamplingModel:
   if space not in ('latent', 'pixel'):
     raise ValueError(f'{path}: data space must be "latent" or "pixel", got {space!r}')
   vae = getattr(loaded, 'vae_dir', None) or data.get('vae')
-  return SamplingModel(model=loaded.model, space=space, vae_dir=vae,
-                       latent_scale=float(data.get('latent_scale', LATENT_SCALE)),
-                       sampling=dict(getattr(loaded, 'sampling', None) or {}),
-                       diffusion=dict(getattr(loaded, 'diffusion', None) or {}))
+  return SamplingModel(
+      model=loaded.model,
+      space=space,
+      vae_dir=vae,
+      latent_scale=float(data.get('latent_scale', LATENT_SCALE)),
+      sampling=dict(getattr(loaded, 'sampling', None) or {}),
+      diffusion=dict(getattr(loaded, 'diffusion', None) or {}),
+  )

@@ -1,5 +1,6 @@
 """Loading a training workdir's weights as a model (``load_workdir``): the EMA (or raw) parameters
 of one checkpoint, with the model-folder metadata its training config implies."""
+
 from __future__ import annotations
 
 import jax
@@ -21,44 +22,56 @@ def is_workdir(path: str) -> bool:
   return (paths.path(path) / checkpoints.CHECKPOINT_DIR).is_dir()
 
 
-def load_workdir(workdir: str, step: int | None = None, weights: str = 'ema_params',
-                 **model_overrides) -> Pretrained:
+def load_workdir(
+    workdir: str, step: int | None = None, weights: str = 'ema_params', **model_overrides
+) -> Pretrained:
   """The model with the EMA (or raw) weights of the latest (or given) checkpoint of a workdir."""
   if weights not in ('ema_params', 'params'):
     raise ValueError(f"weights must be 'ema_params' or 'params', got {weights!r}")
   config = checkpoints.read_train_config(workdir)
   model_cfg = MDTConfig.from_dict({**config.model.to_dict(), **model_overrides})
-  manager = ocp.CheckpointManager(epath.Path(paths.resolve(workdir)) / checkpoints.CHECKPOINT_DIR,
-                                  item_handlers={weights: ocp.StandardCheckpointHandler()},
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  manager = ocp.CheckpointManager(
+      epath.Path(paths.resolve(workdir)) / checkpoints.CHECKPOINT_DIR,
+      item_handlers={weights: ocp.StandardCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(read_only=True),
+  )
   step = manager.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f'{workdir} has no checkpoint yet')
   if step not in manager.all_steps():
-    raise FileNotFoundError(f'{workdir} has no checkpoint at step {step}; it has steps '
-                            f'{manager.all_steps()}')
+    raise FileNotFoundError(
+        f'{workdir} has no checkpoint at step {step}; it has steps ' f'{manager.all_steps()}'
+    )
   abstract = nnx.to_pure_dict(nnx.state(abstract_model(model_cfg)))
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract)
   try:
-    restored = manager.restore(step, args=ocp.args.Composite(
-        **{weights: ocp.args.StandardRestore(target)}))[weights]
+    restored = manager.restore(
+        step, args=ocp.args.Composite(**{weights: ocp.args.StandardRestore(target)})
+    )[weights]
   except Exception as e:  # noqa: BLE001 - orbax and TensorStore raise many types
     where = f'{weights} of the checkpoint at step {step} in {workdir}'
     mismatch = checkpoints.saved_mismatch(manager, step, {weights: target})
     if mismatch:
       raise ValueError(f'{where} do not match the model config: {mismatch}') from e
-    raise checkpoints.damaged_error(where, manager.directory, step, manager.all_steps(), e,
-                        loading=True) from e
+    raise checkpoints.damaged_error(
+        where, manager.directory, step, manager.all_steps(), e, loading=True
+    ) from e
   finally:
     manager.close()
-  flat = {param_name(path): jax.device_get(v)
-          for path, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+  flat = {
+      param_name(path): jax.device_get(v)
+      for path, v in jax.tree_util.tree_flatten_with_path(restored)[0]
+  }
   model = model_from_flat(flat, model_cfg, where=f'{workdir} step {step}')
-  return Pretrained(model=model, config=model_cfg, data=data_meta(config),
-                    diffusion=folder_record(config.diffusion),
-                    sampling=dict(config.sampling.to_dict()) if 'sampling' in config else {},
-                    meta={'workdir': workdir, 'step': int(step), 'weights': weights})
+  return Pretrained(
+      model=model,
+      config=model_cfg,
+      data=data_meta(config),
+      diffusion=folder_record(config.diffusion),
+      sampling=dict(config.sampling.to_dict()) if 'sampling' in config else {},
+      meta={'workdir': workdir, 'step': int(step), 'weights': weights},
+  )
 
 
 def data_meta(config: ml_collections.ConfigDict) -> dict:
@@ -66,5 +79,10 @@ def data_meta(config: ml_collections.ConfigDict) -> dict:
   d = config.data
   if d.name == 'digits':
     return dict(space='pixel', image_size=d.image_size, image_channels=1, vae=None)
-  return dict(space='latent', image_size=d.image_size, image_channels=3, latent_scale=LATENT_SCALE,
-              vae=d.get('vae_decoder', None))
+  return dict(
+      space='latent',
+      image_size=d.image_size,
+      image_channels=3,
+      latent_scale=LATENT_SCALE,
+      vae=d.get('vae_decoder', None),
+  )

@@ -17,6 +17,7 @@ probabilities rounded to the value dtype before the product with v; in the backw
 gradient of the probabilities rounded likewise, and the logits' gradient rounded for the
 matmuls with q and k (tests compare both on the CPU, the kernel in Pallas interpret mode).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -34,11 +35,12 @@ from jax.sharding import PartitionSpec as P
 from mdt_jax.models import platform
 
 Array = jax.Array
-IMPLEMENTATIONS = (None, 'xla', 'cudnn', 'pallas')   # None: chosen by backend (`attend`)
+IMPLEMENTATIONS = (None, 'xla', 'cudnn', 'pallas')  # None: chosen by backend (`attend`)
 
 
-def attend(qkv: Array, bias: Array, key_mask: Array | None, heads: int,
-           implementation: str | None = None) -> Array:
+def attend(
+    qkv: Array, bias: Array, key_mask: Array | None, heads: int, implementation: str | None = None
+) -> Array:
   """Multi-head attention of the qkv projection [B, N, 3D] (q, k, v, each heads x head_dim)
   -> [B, N, D]. bias: [H, N, N] (shared by the batch) or [B, H, N, N], added to the scaled
   logits; key_mask: [B, N] (True: attend to this key) or None."""
@@ -48,10 +50,13 @@ def attend(qkv: Array, bias: Array, key_mask: Array | None, heads: int,
   if implementation is not None:
     return _xla(qkv, bias, key_mask, heads, implementation)
   return platform.by_backend(
-      qkv, bias, key_mask,
+      qkv,
+      bias,
+      key_mask,
       cpu=lambda *a: _einsum(*a, heads),
       tpu=lambda *a: _kernel(*a, heads),
-      default=lambda *a: _xla(*a, heads, None))
+      default=lambda *a: _xla(*a, heads, None),
+  )
 
 
 _SHARDING = threading.local()
@@ -94,8 +99,7 @@ def _kernel(qkv, bias, key_mask, heads):
   local = lambda q, b, *m: fused_attention(q, b, m[0] if m else None, heads)  # noqa: E731
   # check_vma=False: pallas_call states no varying axes; the shared bias's gradient is still
   # summed over the shards (tested against XLA's on 8 CPU devices)
-  return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=batch,
-                       check_vma=False)(*args)
+  return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=batch, check_vma=False)(*args)
 
 
 def _split(qkv, bias, key_mask, heads):
@@ -108,8 +112,7 @@ def _split(qkv, bias, key_mask, heads):
 
 def _xla(qkv, bias, key_mask, heads, implementation):
   q, k, v, bias, mask = _split(qkv, bias, key_mask, heads)
-  out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask,
-                                     implementation=implementation)
+  out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation=implementation)
   return out.reshape(qkv.shape[0], qkv.shape[1], -1)
 
 
@@ -117,9 +120,13 @@ def _einsum(qkv, bias, key_mask, heads):
   """What `_xla` computes (jax's XLA path), in the form XLA:CPU runs fastest: no vmapped group
   axis, the scale applied to q ([N, Dh]) rather than to the logits ([N, N])."""
   q, k, v, bias, mask = _split(qkv, bias, key_mask, heads)
-  logits = jnp.einsum('btnh,bsnh->bnts', q * (q.shape[-1] ** -0.5), k,
-                      preferred_element_type=jnp.float32) + bias
-  if mask is not None:                             # as jax.nn.dot_product_attention masks
+  logits = (
+      jnp.einsum(
+          'btnh,bsnh->bnts', q * (q.shape[-1] ** -0.5), k, preferred_element_type=jnp.float32
+      )
+      + bias
+  )
+  if mask is not None:  # as jax.nn.dot_product_attention masks
     logits = jnp.where(mask, logits, -0.7 * jnp.finfo(logits.dtype).max)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum('bnts,bsnh->btnh', probs, v).reshape(qkv.shape[0], qkv.shape[1], -1)
@@ -127,17 +134,17 @@ def _einsum(qkv, bias, key_mask, heads):
 
 # ------------------------------------------------------------------------------ Pallas kernel
 
-_NT = (((1,), (1,)), ((), ()))                     # a @ b^T
-_NN = (((1,), (0,)), ((), ()))                     # a @ b
-_TN = (((0,), (0,)), ((), ()))                     # a^T @ b
-VMEM_LIMIT = 48 << 20                              # the backward pass holds ~22 MB at N = 256
+_NT = (((1,), (1,)), ((), ()))  # a @ b^T
+_NN = (((1,), (0,)), ((), ()))  # a @ b
+_TN = (((0,), (0,)), ((), ()))  # a^T @ b
+VMEM_LIMIT = 48 << 20  # the backward pass holds ~22 MB at N = 256
 
 
 def _probs(q, k, bias, valid, scale):
   """Softmax probabilities (float32 [N, N]) of one head of one sample."""
   s = jax.lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)
   s = s * scale + bias.astype(jnp.float32)
-  if valid is not None:                            # as jax.nn.dot_product_attention masks
+  if valid is not None:  # as jax.nn.dot_product_attention masks
     s = jnp.where(valid > 0, s, -0.7 * float(jnp.finfo(jnp.float32).max))
   e = jnp.exp(s - jnp.max(s, axis=-1, keepdims=True))
   return e / jnp.sum(e, axis=-1, keepdims=True)
@@ -164,13 +171,15 @@ def _fwd_kernel(*refs, heads, scale, masked):
 def _bwd_kernel(*refs, heads, scale, masked, shared):
   qkv_ref, bias_ref = refs[:2]
   valid = refs[2][...] if masked else None
-  do_ref, dqkv_ref, dbias_ref = refs[2 + masked:]
+  do_ref, dqkv_ref, dbias_ref = refs[2 + masked :]
   d = do_ref.shape[-1]
   f32 = jnp.float32
-  if shared:                                       # this chunk's sum over its samples
+  if shared:  # this chunk's sum over its samples
+
     @pl.when(pl.program_id(1) == 0)
     def _():
       dbias_ref[...] = jnp.zeros_like(dbias_ref)
+
   for h in range(heads):
     cols = [_columns(d, heads, part, h) for part in range(3)]
     q, k, v = (qkv_ref[:, c] for c in cols)
@@ -179,8 +188,8 @@ def _bwd_kernel(*refs, heads, scale, masked, shared):
     dv = jax.lax.dot_general(p.astype(v.dtype), do, _TN, preferred_element_type=f32)
     dp = jax.lax.dot_general(do, v, _NT, preferred_element_type=f32)
     dp = dp.astype(v.dtype).astype(f32)
-    ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True))        # d(logits)
-    if masked:                                     # masked logits are constants (as in XLA's)
+    ds = p * (dp - jnp.sum(p * dp, axis=-1, keepdims=True))  # d(logits)
+    if masked:  # masked logits are constants (as in XLA's)
       ds = jnp.where(valid > 0, ds, 0.0)
     ds_low = (ds * scale).astype(q.dtype)
     dq = jax.lax.dot_general(ds_low, k, _NN, preferred_element_type=f32)
@@ -208,9 +217,9 @@ def _layout(qkv: Array, bias: Array, masked: bool):
   b, n, d3 = qkv.shape
   chunks = 2 if b % 2 == 0 else 1
   per = b // chunks
-  sample = lambda c, i: c * per + i                # noqa: E731
+  sample = lambda c, i: c * per + i  # noqa: E731
   rows = lambda w: pl.BlockSpec((None, n, w), lambda c, i: (sample(c, i), 0, 0))  # noqa: E731
-  if bias.ndim == 3:                               # same block every step: fetched once
+  if bias.ndim == 3:  # same block every step: fetched once
     bias_spec = pl.BlockSpec(bias.shape, lambda c, i: (0, 0, 0))
   else:
     bias_spec = pl.BlockSpec((None,) + bias.shape[1:], lambda c, i: (sample(c, i), 0, 0, 0))
@@ -231,13 +240,24 @@ def _forward(qkv, bias, valid, heads, interpret):
   args = (qkv, bias) + ((valid,) if masked else ())
   out = _like(qkv, (b, n, d3 // 3), qkv.dtype)
   # what the kernel moves: each input block read once, the output written once
-  cost = pl.CostEstimate(flops=4 * b * n * n * (d3 // 3), transcendentals=b * heads * n * n,
-                         bytes_accessed=_nbytes(*args, out))
-  kernel = functools.partial(_fwd_kernel, heads=heads, scale=(d3 // 3 // heads) ** -0.5,
-                             masked=masked)
-  return pl.pallas_call(kernel, grid=grid, in_specs=specs, out_specs=rows(d3 // 3),
-                        out_shape=out, compiler_params=_params(('parallel', 'parallel')),
-                        cost_estimate=cost, interpret=interpret)(*args)
+  cost = pl.CostEstimate(
+      flops=4 * b * n * n * (d3 // 3),
+      transcendentals=b * heads * n * n,
+      bytes_accessed=_nbytes(*args, out),
+  )
+  kernel = functools.partial(
+      _fwd_kernel, heads=heads, scale=(d3 // 3 // heads) ** -0.5, masked=masked
+  )
+  return pl.pallas_call(
+      kernel,
+      grid=grid,
+      in_specs=specs,
+      out_specs=rows(d3 // 3),
+      out_shape=out,
+      compiler_params=_params(('parallel', 'parallel')),
+      cost_estimate=cost,
+      interpret=interpret,
+  )(*args)
 
 
 def _backward(qkv, bias, valid, do, heads, interpret):
@@ -245,20 +265,30 @@ def _backward(qkv, bias, valid, do, heads, interpret):
   masked, shared = valid is not None, bias.ndim == 3
   grid, rows, bias_spec, specs = _layout(qkv, bias, masked)
   args = (qkv, bias) + ((valid,) if masked else ()) + (do,)
-  if shared:                                       # float32 partial sums, one per chunk
+  if shared:  # float32 partial sums, one per chunk
     dbias = _like(qkv, (grid[0],) + bias.shape, jnp.float32)
     dbias_spec = pl.BlockSpec((1,) + bias.shape, lambda c, i: (c, 0, 0, 0))
   else:
     dbias, dbias_spec = _like(qkv, bias.shape, bias.dtype), bias_spec
   outs = (_like(qkv, qkv.shape, qkv.dtype), dbias)
-  cost = pl.CostEstimate(flops=8 * b * n * n * (d3 // 3), transcendentals=b * heads * n * n,
-                         bytes_accessed=_nbytes(*args, *outs))
-  kernel = functools.partial(_bwd_kernel, heads=heads, scale=(d3 // 3 // heads) ** -0.5,
-                             masked=masked, shared=shared)
+  cost = pl.CostEstimate(
+      flops=8 * b * n * n * (d3 // 3),
+      transcendentals=b * heads * n * n,
+      bytes_accessed=_nbytes(*args, *outs),
+  )
+  kernel = functools.partial(
+      _bwd_kernel, heads=heads, scale=(d3 // 3 // heads) ** -0.5, masked=masked, shared=shared
+  )
   dqkv, dbias = pl.pallas_call(
-      kernel, grid=grid, in_specs=specs + [rows(d3 // 3)], out_specs=(rows(d3), dbias_spec),
-      out_shape=outs, compiler_params=_params(('parallel', 'arbitrary' if shared else 'parallel')),
-      cost_estimate=cost, interpret=interpret)(*args)
+      kernel,
+      grid=grid,
+      in_specs=specs + [rows(d3 // 3)],
+      out_specs=(rows(d3), dbias_spec),
+      out_shape=outs,
+      compiler_params=_params(('parallel', 'arbitrary' if shared else 'parallel')),
+      cost_estimate=cost,
+      interpret=interpret,
+  )(*args)
   if shared:
     dbias = dbias.sum(0)
   return dqkv, dbias.astype(bias.dtype)
@@ -282,8 +312,9 @@ def _fused_bwd(heads, interpret, residuals, do):
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def fused_attention(qkv: Array, bias: Array, key_mask: Array | None, heads: int, *,
-                    interpret: bool | None = None) -> Array:
+def fused_attention(
+    qkv: Array, bias: Array, key_mask: Array | None, heads: int, *, interpret: bool | None = None
+) -> Array:
   """`attend`'s computation as Pallas TPU kernels (``interpret=True``, or within
   `interpret_kernels`: on any backend)."""
   if qkv.shape[-1] % (3 * heads):

@@ -3,6 +3,7 @@
 Every parameter carries logical axis names (``sharding_names``) that the training mesh rules
 map onto mesh axes; the names are listed in ``mdt_jax.training.sharding``.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,10 @@ def normal(std: float):
 
 def clipped_normal(std: float, limit: float):
   """N(0, std) cut at +-limit (absolute), as timm's trunc_normal_(std, a=-limit, b=limit)."""
+
   def init(key, shape, dtype=jnp.float32):
     return jnp.clip(std * jax.random.normal(key, shape, dtype), -limit, limit)
+
   return init
 
 
@@ -46,22 +49,36 @@ class Dense(nnx.Linear):
     return y.reshape(*inputs.shape[:-1], y.shape[-1])
 
 
-def dense(din: int, dout: int, axes: tuple, *, rngs: nnx.Rngs, dtype=jnp.float32,
-          kernel_init=xavier, zero: bool = False) -> Dense:
+def dense(
+    din: int,
+    dout: int,
+    axes: tuple,
+    *,
+    rngs: nnx.Rngs,
+    dtype=jnp.float32,
+    kernel_init=xavier,
+    zero: bool = False,
+) -> Dense:
   """A Linear layer with float32 parameters, `dtype` compute and logical axis names."""
   kinit = zeros if zero else kernel_init
   return Dense(
-      din, dout, dtype=dtype, param_dtype=jnp.float32,
+      din,
+      dout,
+      dtype=dtype,
+      param_dtype=jnp.float32,
       kernel_init=nnx.with_partitioning(kinit, axes),
-      bias_init=nnx.with_partitioning(zeros, (axes[1],)), rngs=rngs)
+      bias_init=nnx.with_partitioning(zeros, (axes[1],)),
+      rngs=rngs,
+  )
 
 
 def sincos_2d(dim: int, grid: int) -> np.ndarray:
   """MAE 2-D sin-cos table [grid*grid, dim]: first half encodes the column, second the row."""
   if dim % 4:
     raise ValueError(f'hidden_size must be divisible by 4 for 2-D sin-cos embeddings, got {dim}')
-  rows, cols = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64),
-                           indexing='ij')
+  rows, cols = np.meshgrid(
+      np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing='ij'
+  )
   omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
 
   def one_axis(pos):
@@ -108,10 +125,18 @@ class PatchEmbed(nnx.Module):
   def __init__(self, patch: int, cin: int, dim: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
     # xavier on the [D, C*p*p] view of the kernel: fan_in = p*p*C, fan_out = D.
     init = jax.nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3)
-    self.proj = nnx.Conv(cin, dim, kernel_size=(patch, patch), strides=(patch, patch),
-                         padding='VALID', dtype=dtype, param_dtype=jnp.float32,
-                         kernel_init=nnx.with_partitioning(init, (None, None, None, 'embed')),
-                         bias_init=nnx.with_partitioning(zeros, ('embed',)), rngs=rngs)
+    self.proj = nnx.Conv(
+        cin,
+        dim,
+        kernel_size=(patch, patch),
+        strides=(patch, patch),
+        padding='VALID',
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=nnx.with_partitioning(init, (None, None, None, 'embed')),
+        bias_init=nnx.with_partitioning(zeros, ('embed',)),
+        rngs=rngs,
+    )
 
   def __call__(self, x: Array) -> Array:
     y = self.proj(x)
@@ -120,12 +145,15 @@ class PatchEmbed(nnx.Module):
 
 
 class TimestepEmbedder(nnx.Module):
+
   def __init__(self, dim: int, freq_dim: int = 256, *, rngs: nnx.Rngs, dtype=jnp.float32):
     self.freq_dim = freq_dim
-    self.mlp_0 = dense(freq_dim, dim, (None, 'embed'), rngs=rngs, dtype=dtype,
-                       kernel_init=normal(0.02))
-    self.mlp_2 = dense(dim, dim, ('embed', 'embed_out'), rngs=rngs, dtype=dtype,
-                       kernel_init=normal(0.02))
+    self.mlp_0 = dense(
+        freq_dim, dim, (None, 'embed'), rngs=rngs, dtype=dtype, kernel_init=normal(0.02)
+    )
+    self.mlp_2 = dense(
+        dim, dim, ('embed', 'embed_out'), rngs=rngs, dtype=dtype, kernel_init=normal(0.02)
+    )
 
   def __call__(self, t: Array) -> Array:
     h = self.mlp_0(timestep_embedding(t, self.freq_dim))
@@ -140,8 +168,12 @@ class LabelEmbedder(nnx.Module):
     self.dropout_prob = dropout_prob
     extra = 1 if dropout_prob > 0 else 0
     self.embedding_table = nnx.Embed(
-        num_classes + extra, dim, param_dtype=jnp.float32,
-        embedding_init=nnx.with_partitioning(normal(0.02), ('vocab', 'embed')), rngs=rngs)
+        num_classes + extra,
+        dim,
+        param_dtype=jnp.float32,
+        embedding_init=nnx.with_partitioning(normal(0.02), ('vocab', 'embed')),
+        rngs=rngs,
+    )
 
   def __call__(self, y: Array, drop_key: Array | None = None) -> Array:
     if drop_key is not None and self.dropout_prob > 0:
@@ -150,14 +182,15 @@ class LabelEmbedder(nnx.Module):
     return self.embedding_table(y)
 
 
-REL_POS_BIAS_IMPLS = (None, 'gather', 'onehot')   # None: one-hot on a TPU, gather elsewhere
+REL_POS_BIAS_IMPLS = (None, 'gather', 'onehot')  # None: one-hot on a TPU, gather elsewhere
 
 
 def _one_hot_offsets(grid: int) -> np.ndarray:
   """[G, G, 2G-1] one-hot of the offset a - b + G - 1 between rows (or columns) a and b."""
   a = np.arange(grid)
   return (a[:, None, None] - a[None, :, None] + grid - 1 == np.arange(2 * grid - 1)).astype(
-      np.float32)
+      np.float32
+  )
 
 
 class RelativePositionBias(nnx.Module):
@@ -177,8 +210,7 @@ class RelativePositionBias(nnx.Module):
     init = nnx.with_partitioning(clipped_normal(0.02, 2.0), (None, 'heads'))
     self.relative_position_bias_table = nnx.Param(init(rngs.params(), (rows, heads)))
 
-  def __call__(self, ids: Array | None, impl: str | None = None,
-               dtype=jnp.float32) -> Array:
+  def __call__(self, ids: Array | None, impl: str | None = None, dtype=jnp.float32) -> Array:
     """Bias among the tokens `ids` [B, K] (grid positions; None: all, in order) -> [B, H, K, K]
     in `dtype` (attention rounds it to that anyway), or [H, L, L] in float32."""
     table = self.relative_position_bias_table[...]
@@ -189,15 +221,16 @@ class RelativePositionBias(nnx.Module):
     if impl == 'onehot':
       return onehot(table, ids)
     if impl is not None:
-      raise ValueError(f'relative position bias impl {impl!r}: expected one of '
-                       f'{REL_POS_BIAS_IMPLS}')
+      raise ValueError(
+          f'relative position bias impl {impl!r}: expected one of ' f'{REL_POS_BIAS_IMPLS}'
+      )
     return platform.by_backend(table, ids, tpu=onehot, default=gather)
 
   def _gather(self, table: Array, ids: Array | None, dtype) -> Array:
     index = jnp.asarray(relative_position_index(self.grid))
     if ids is None:
       return jnp.moveaxis(table[index], -1, -3)
-    index = index[ids[:, :, None], ids[:, None, :]]                # [B, K, K]
+    index = index[ids[:, :, None], ids[:, None, :]]  # [B, K, K]
     return jnp.moveaxis(table[index], -1, -3).astype(dtype)
 
   def _onehot(self, table: Array, ids: Array | None, dtype) -> Array:
@@ -206,10 +239,10 @@ class RelativePositionBias(nnx.Module):
     offsets = jnp.asarray(_one_hot_offsets(g))
     # [H, L, L] from the table by two small contractions (rows, then columns), in float32 at
     # full precision: exactly the table's values, its gradient summed in float32
-    t = table[:span * span].reshape(span, span, -1)
+    t = table[: span * span].reshape(span, span, -1)
     hp = jax.lax.Precision.HIGHEST
-    rows = jnp.einsum('ard,deh->areh', offsets, t, precision=hp)           # [G, G, 2G-1, H]
-    full = jnp.einsum('areh,cse->hacrs', rows, offsets, precision=hp)      # [H, G, G, G, G]
+    rows = jnp.einsum('ard,deh->areh', offsets, t, precision=hp)  # [G, G, 2G-1, H]
+    full = jnp.einsum('areh,cse->hacrs', rows, offsets, precision=hp)  # [H, G, G, G, G]
     full = full.reshape(-1, g * g, g * g)
     if ids is None:
       return full
@@ -222,15 +255,25 @@ class RelativePositionBias(nnx.Module):
 
 
 class Attention(nnx.Module):
-  def __init__(self, dim: int, heads: int, grid: int, *, rngs: nnx.Rngs, dtype=jnp.float32,
-               attention_impl: str | None = None, masked_attention_impl: str | None = None,
-               rel_pos_bias_impl: str | None = None):
+
+  def __init__(
+      self,
+      dim: int,
+      heads: int,
+      grid: int,
+      *,
+      rngs: nnx.Rngs,
+      dtype=jnp.float32,
+      attention_impl: str | None = None,
+      masked_attention_impl: str | None = None,
+      rel_pos_bias_impl: str | None = None,
+  ):
     if dim % heads:
       raise ValueError(f'hidden_size {dim} is not divisible by num_heads {heads}')
     self.heads = heads
     self.dtype = dtype
     self.attention_impl = attention_impl
-    self.masked_attention_impl = masked_attention_impl   # for calls with a key mask
+    self.masked_attention_impl = masked_attention_impl  # for calls with a key mask
     self.rel_pos_bias_impl = rel_pos_bias_impl
     self.qkv = dense(dim, 3 * dim, ('embed', 'heads'), rngs=rngs, dtype=dtype)
     self.proj = dense(dim, dim, ('heads', 'embed'), rngs=rngs, dtype=dtype)
@@ -245,8 +288,8 @@ class Attention(nnx.Module):
     return self.proj(out)
 
 
-
 class Mlp(nnx.Module):
+
   def __init__(self, dim: int, hidden: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
     self.fc1 = dense(dim, hidden, ('embed', 'mlp'), rngs=rngs, dtype=dtype)
     self.fc2 = dense(hidden, dim, ('mlp', 'embed'), rngs=rngs, dtype=dtype)
@@ -258,23 +301,48 @@ class Mlp(nnx.Module):
 class MDTBlock(nnx.Module):
   """adaLN-Zero DiT block with relative position bias and an optional skip fusion (x first)."""
 
-  def __init__(self, dim: int, heads: int, mlp_ratio: float, grid: int, *, skip: bool,
-               rngs: nnx.Rngs, dtype=jnp.float32, attention_impl: str | None = None,
-               masked_attention_impl: str | None = None, stream_dtype=jnp.float32,
-               rel_pos_bias_impl: str | None = None):
-    self.stream_dtype = stream_dtype     # the residual stream's dtype, in and out of the block
-    self.skip_linear = (dense(2 * dim, dim, ('embed2', 'embed'), rngs=rngs, dtype=dtype)
-                        if skip else None)
-    self.attn = Attention(dim, heads, grid, rngs=rngs, dtype=dtype,
-                          attention_impl=attention_impl,
-                          masked_attention_impl=masked_attention_impl,
-                          rel_pos_bias_impl=rel_pos_bias_impl)
+  def __init__(
+      self,
+      dim: int,
+      heads: int,
+      mlp_ratio: float,
+      grid: int,
+      *,
+      skip: bool,
+      rngs: nnx.Rngs,
+      dtype=jnp.float32,
+      attention_impl: str | None = None,
+      masked_attention_impl: str | None = None,
+      stream_dtype=jnp.float32,
+      rel_pos_bias_impl: str | None = None,
+  ):
+    self.stream_dtype = stream_dtype  # the residual stream's dtype, in and out of the block
+    self.skip_linear = (
+        dense(2 * dim, dim, ('embed2', 'embed'), rngs=rngs, dtype=dtype) if skip else None
+    )
+    self.attn = Attention(
+        dim,
+        heads,
+        grid,
+        rngs=rngs,
+        dtype=dtype,
+        attention_impl=attention_impl,
+        masked_attention_impl=masked_attention_impl,
+        rel_pos_bias_impl=rel_pos_bias_impl,
+    )
     self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dtype=dtype)
-    self.adaLN_modulation_1 = dense(dim, 6 * dim, ('embed', 'ada'), rngs=rngs, dtype=dtype,
-                                    zero=True)
+    self.adaLN_modulation_1 = dense(
+        dim, 6 * dim, ('embed', 'ada'), rngs=rngs, dtype=dtype, zero=True
+    )
 
-  def __call__(self, x: Array, c: Array, ids: Array | None, key_mask: Array | None = None,
-               skip: Array | None = None) -> Array:
+  def __call__(
+      self,
+      x: Array,
+      c: Array,
+      ids: Array | None,
+      key_mask: Array | None = None,
+      skip: Array | None = None,
+  ) -> Array:
     """x [B, N, D]; ids [B, N] grid positions of x's tokens (None: all, in grid order)."""
     if self.skip_linear is not None:
       if skip is None:
@@ -290,11 +358,14 @@ class MDTBlock(nnx.Module):
 
 
 class FinalLayer(nnx.Module):
+
   def __init__(self, dim: int, patch: int, cout: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
-    self.adaLN_modulation_1 = dense(dim, 2 * dim, ('embed', 'ada'), rngs=rngs, dtype=dtype,
-                                    zero=True)
-    self.linear = dense(dim, patch * patch * cout, ('embed', None), rngs=rngs, dtype=dtype,
-                        zero=True)
+    self.adaLN_modulation_1 = dense(
+        dim, 2 * dim, ('embed', 'ada'), rngs=rngs, dtype=dtype, zero=True
+    )
+    self.linear = dense(
+        dim, patch * patch * cout, ('embed', None), rngs=rngs, dtype=dtype, zero=True
+    )
 
   def __call__(self, x: Array, c: Array) -> Array:
     shift, scale = jnp.split(self.adaLN_modulation_1(jax.nn.silu(c)), 2, axis=-1)

@@ -7,6 +7,7 @@ encoder's sequence length every step. Here the kept tokens live in a buffer of o
 count are excluded from attention by a key mask and replaced by the mask token afterwards. One
 compilation serves the whole run and the result equals the unpadded computation.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 Array = jax.Array
+
 
 def max_kept(num_tokens: int, mask_ratio: float) -> int:
   """Largest kept count the ratio distribution can produce (at r = mask_ratio)."""
@@ -32,8 +34,9 @@ def buffer_size(num_tokens: int, mask_ratio: float, multiple: int = 1) -> int:
   return min(num_tokens, -(-k // multiple) * multiple)
 
 
-def draw_mask(key: Array, batch: int, num_tokens: int, mask_ratio: float,
-              span: float = 0.2) -> tuple[Array, Array]:
+def draw_mask(
+    key: Array, batch: int, num_tokens: int, mask_ratio: float, span: float = 0.2
+) -> tuple[Array, Array]:
   """One ratio r ~ U[mask_ratio, mask_ratio + span) for the whole batch, a random order per sample.
 
   Returns ids_shuffle [B, L] int32 (kept tokens first) and len_keep, a scalar int32.

@@ -4,6 +4,7 @@ Attribute names follow the official PyTorch state-dict keys (``en_inblocks.3.att
 ``en_inblocks[3].attn.qkv``; ``adaLN_modulation.1`` -> ``adaLN_modulation_1``), so checkpoint
 conversion is a renaming plus transposes (see ``mdt_jax.hub.official``).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,15 +15,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mdt_jax.models import attention, masking
-from mdt_jax.models.layers import (REL_POS_BIAS_IMPLS, FinalLayer, LabelEmbedder, MDTBlock,
-                                   PatchEmbed, TimestepEmbedder, normal, sincos_2d)
+from mdt_jax.models.layers import (
+    REL_POS_BIAS_IMPLS,
+    FinalLayer,
+    LabelEmbedder,
+    MDTBlock,
+    PatchEmbed,
+    TimestepEmbedder,
+    normal,
+    sincos_2d,
+)
 
 Array = jax.Array
 
 ARCHS = ('mdtv2', 'mdt_v1')
-ATTENTION_IMPLS = attention.IMPLEMENTATIONS   # None: the Pallas kernel on TPU, XLA elsewhere
+ATTENTION_IMPLS = attention.IMPLEMENTATIONS  # None: the Pallas kernel on TPU, XLA elsewhere
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
-RESIDUAL_DTYPES = ('float32', 'compute')     # 'compute': the stream in model.dtype
+RESIDUAL_DTYPES = ('float32', 'compute')  # 'compute': the stream in model.dtype
 REMAT_POLICIES = {
     'nothing_saveable': jax.checkpoint_policies.nothing_saveable,
     'dots_saveable': jax.checkpoint_policies.dots_saveable,
@@ -44,6 +53,7 @@ def _field(default, role: str):
 @dataclasses.dataclass(frozen=True)
 class MDTConfig:
   """Hyperparameters, named as the official constructor names them (plus port options)."""
+
   input_size: int = 32
   patch_size: int = 2
   in_channels: int = 4
@@ -61,7 +71,7 @@ class MDTConfig:
   arch: str = 'mdtv2'
   # compute dtype of matmuls; parameters are always float32
   dtype: str = _field('float32', COMPUTE)
-  remat: bool = _field(False, COMPUTE)   # rematerialise each block in the backward pass
+  remat: bool = _field(False, COMPUTE)  # rematerialise each block in the backward pass
   remat_policy: str = _field('nothing_saveable', COMPUTE)
   # models/attention.py: None (auto), xla, cudnn or pallas
   attention_impl: str | None = _field(None, COMPUTE)
@@ -83,11 +93,14 @@ class MDTConfig:
     if self.dtype not in DTYPES:
       raise ValueError(f'model.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}')
     if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(f'model.remat_policy must be one of {sorted(REMAT_POLICIES)}, '
-                       f'got {self.remat_policy!r}')
+      raise ValueError(
+          f'model.remat_policy must be one of {sorted(REMAT_POLICIES)}, '
+          f'got {self.remat_policy!r}'
+      )
     if self.input_size % self.patch_size:
-      raise ValueError(f'input_size {self.input_size} is not divisible by patch_size '
-                       f'{self.patch_size}')
+      raise ValueError(
+          f'input_size {self.input_size} is not divisible by patch_size ' f'{self.patch_size}'
+      )
     if not 0 <= self.decode_layer <= self.depth:
       raise ValueError(f'decode_layer must be in [0, depth={self.depth}], got {self.decode_layer}')
     if self.mask_buffer_multiple < 1:
@@ -95,17 +108,24 @@ class MDTConfig:
     if self.mask_ratio is not None and not 0.0 <= self.mask_ratio < 1.0:
       raise ValueError(f'mask_ratio must be None or in [0, 1), got {self.mask_ratio}')
     if self.residual_dtype not in RESIDUAL_DTYPES:
-      raise ValueError(f'model.residual_dtype must be one of {RESIDUAL_DTYPES}, got '
-                       f'{self.residual_dtype!r}')
+      raise ValueError(
+          f'model.residual_dtype must be one of {RESIDUAL_DTYPES}, got ' f'{self.residual_dtype!r}'
+      )
     if self.attention_impl not in ATTENTION_IMPLS:
-      raise ValueError(f'model.attention_impl must be one of {ATTENTION_IMPLS} ("" = auto), got '
-                       f'{self.attention_impl!r}')
+      raise ValueError(
+          f'model.attention_impl must be one of {ATTENTION_IMPLS} ("" = auto), got '
+          f'{self.attention_impl!r}'
+      )
     if self.masked_attention_impl not in ATTENTION_IMPLS + ('same',):
-      raise ValueError(f'model.masked_attention_impl must be "same" or one of {ATTENTION_IMPLS} '
-                       f'("" = auto), got {self.masked_attention_impl!r}')
+      raise ValueError(
+          f'model.masked_attention_impl must be "same" or one of {ATTENTION_IMPLS} '
+          f'("" = auto), got {self.masked_attention_impl!r}'
+      )
     if self.rel_pos_bias_impl not in REL_POS_BIAS_IMPLS:
-      raise ValueError(f'model.rel_pos_bias_impl must be one of {REL_POS_BIAS_IMPLS} ("" = auto), '
-                       f'got {self.rel_pos_bias_impl!r}')
+      raise ValueError(
+          f'model.rel_pos_bias_impl must be one of {REL_POS_BIAS_IMPLS} ("" = auto), '
+          f'got {self.rel_pos_bias_impl!r}'
+      )
     self._check_cudnn_lengths()
 
   @property
@@ -123,14 +143,17 @@ class MDTConfig:
       lengths['tokens'] = self.num_tokens
     if self.masked_impl == 'cudnn' and self.mask_ratio is not None:
       lengths['masked encoder buffer'] = masking.buffer_size(
-          self.num_tokens, self.mask_ratio, self.mask_buffer_multiple)
+          self.num_tokens, self.mask_ratio, self.mask_buffer_multiple
+      )
     odd = {k: v for k, v in lengths.items() if v % 2}
     if odd:
-      raise ValueError(f'cuDNN attention needs even sequence lengths (cuDNN trains with a '
-                       f'relative position bias only then), got {odd}; set '
-                       'model.mask_buffer_multiple=8 to pad the masked buffer (the padding slots '
-                       'are masked out: results are unchanged), or '
-                       'model.masked_attention_impl=xla')
+      raise ValueError(
+          f'cuDNN attention needs even sequence lengths (cuDNN trains with a '
+          f'relative position bias only then), got {odd}; set '
+          'model.mask_buffer_multiple=8 to pad the masked buffer (the padding slots '
+          'are masked out: results are unchanged), or '
+          'model.masked_attention_impl=xla'
+      )
 
   @classmethod
   def from_dict(cls, d: Any) -> 'MDTConfig':
@@ -150,7 +173,7 @@ class MDTConfig:
 
   @property
   def num_tokens(self) -> int:
-    return self.grid ** 2
+    return self.grid**2
 
   @property
   def out_channels(self) -> int:
@@ -176,8 +199,9 @@ def field_names(*roles: str) -> tuple[str, ...]:
 
 # The compute options at their defaults (the float32 reference): what export writes, what parity
 # may vary.
-COMPUTE_OPTIONS = {f.name: f.default for f in dataclasses.fields(MDTConfig)
-                   if f.metadata.get('role') == COMPUTE}
+COMPUTE_OPTIONS = {
+    f.name: f.default for f in dataclasses.fields(MDTConfig) if f.metadata.get('role') == COMPUTE
+}
 
 
 class MDT(nnx.Module):
@@ -188,9 +212,14 @@ class MDT(nnx.Module):
     cfg = config if isinstance(config, MDTConfig) else MDTConfig.from_dict(config)
     self.config = cfg
     dt, d, g = cfg.compute_dtype, cfg.hidden_size, cfg.grid
-    kw = dict(rngs=rngs, dtype=dt, attention_impl=cfg.attention_impl,
-              masked_attention_impl=cfg.masked_impl, stream_dtype=cfg.stream_dtype,
-              rel_pos_bias_impl=cfg.rel_pos_bias_impl)
+    kw = dict(
+        rngs=rngs,
+        dtype=dt,
+        attention_impl=cfg.attention_impl,
+        masked_attention_impl=cfg.masked_impl,
+        stream_dtype=cfg.stream_dtype,
+        rel_pos_bias_impl=cfg.rel_pos_bias_impl,
+    )
     block = lambda skip: MDTBlock(d, cfg.num_heads, cfg.mlp_ratio, g, skip=skip, **kw)
 
     self.x_embedder = PatchEmbed(cfg.patch_size, cfg.in_channels, d, rngs=rngs, dtype=dt)
@@ -201,8 +230,9 @@ class MDT(nnx.Module):
     self.decoder_pos_embed = nnx.Param(pos, out_sharding=(None, None, 'embed'))
     # Always a parameter (it is in every official state dict); zeros when masking is off.
     mask_init = normal(0.02) if cfg.mask_ratio is not None else nnx.initializers.zeros_init()
-    self.mask_token = nnx.Param(mask_init(rngs.params(), (1, 1, d)),
-                                out_sharding=(None, None, 'embed'))
+    self.mask_token = nnx.Param(
+        mask_init(rngs.params(), (1, 1, d)), out_sharding=(None, None, 'embed')
+    )
     if cfg.arch == 'mdtv2':
       self.en_inblocks = nnx.List([block(False) for _ in range(cfg.half_depth)])
       self.en_outblocks = nnx.List([block(True) for _ in range(cfg.half_depth)])
@@ -224,8 +254,9 @@ class MDT(nnx.Module):
     cfg = self.config
     want = (cfg.input_size, cfg.input_size, cfg.in_channels)
     if x.ndim != 4 or tuple(x.shape[1:]) != want:
-      raise ValueError(f'x must be NHWC [B, {want[0]}, {want[1]}, {want[2]}], got shape '
-                       f'{tuple(x.shape)}')
+      raise ValueError(
+          f'x must be NHWC [B, {want[0]}, {want[1]}, {want[2]}], got shape ' f'{tuple(x.shape)}'
+      )
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise TypeError(f'x must be floating point, got dtype {x.dtype}')
     b = x.shape[0]
@@ -245,10 +276,19 @@ class MDT(nnx.Module):
 
   # ------------------------------------------------------------------ forward
 
-  def __call__(self, x: Array, t: Array, y: Array, *, rng: Array | None = None,
-               train: bool = False, enable_mask: bool = False,
-               ids_shuffle: Array | None = None, len_keep: Array | int | None = None,
-               keep_buffer: int | None = None) -> Array:
+  def __call__(
+      self,
+      x: Array,
+      t: Array,
+      y: Array,
+      *,
+      rng: Array | None = None,
+      train: bool = False,
+      enable_mask: bool = False,
+      ids_shuffle: Array | None = None,
+      len_keep: Array | int | None = None,
+      keep_buffer: int | None = None,
+  ) -> Array:
     """x [B, H, W, C], t [B] timesteps, y [B] labels -> [B, H, W, 2C] (C without learn_sigma).
 
     ``train=True`` applies label dropout (needs ``rng``). The masked pass runs when
@@ -270,13 +310,16 @@ class MDT(nnx.Module):
         raise ValueError('enable_mask=True but model.mask_ratio is None')
       if mask_key is None:
         raise ValueError('enable_mask=True needs rng (or an explicit ids_shuffle/len_keep)')
-      ids_shuffle, len_keep = masking.draw_mask(mask_key, x.shape[0], cfg.num_tokens,
-                                                cfg.mask_ratio, cfg.mask_ratio_span)
+      ids_shuffle, len_keep = masking.draw_mask(
+          mask_key, x.shape[0], cfg.num_tokens, cfg.mask_ratio, cfg.mask_ratio_span
+      )
     if (ids_shuffle is None) != (len_keep is None):
       raise ValueError('ids_shuffle and len_keep must be given together')
     if ids_shuffle is not None and ids_shuffle.shape != (x.shape[0], cfg.num_tokens):
-      raise ValueError(f'ids_shuffle must have shape [B, L]=({x.shape[0]}, {cfg.num_tokens}), '
-                       f'got {tuple(ids_shuffle.shape)}')
+      raise ValueError(
+          f'ids_shuffle must have shape [B, L]=({x.shape[0]}, {cfg.num_tokens}), '
+          f'got {tuple(ids_shuffle.shape)}'
+      )
 
     u = self.x_embedder(x) + self.pos_embed[...]
     c = self.t_embedder(t) + self.y_embedder(y, drop_key if train else None)
@@ -284,15 +327,14 @@ class MDT(nnx.Module):
       return self._plain(u, c)
     if keep_buffer is not None and not 1 <= keep_buffer <= cfg.num_tokens:
       raise ValueError(f'keep_buffer must be in [1, {cfg.num_tokens}], got {keep_buffer}')
-    return self._masked(u, c, ids_shuffle, jnp.asarray(len_keep, jnp.int32),
-                        keep_buffer)
+    return self._masked(u, c, ids_shuffle, jnp.asarray(len_keep, jnp.int32), keep_buffer)
 
   def _finish(self, x: Array, c: Array) -> Array:
     return self.unpatchify(self.final_layer(x, c)).astype(jnp.float32)
 
   def _encoder(self, x: Array, c: Array, ids: Array | None, key_mask: Array | None) -> Array:
     if self.config.arch == 'mdt_v1':
-      for blk in self.blocks[:self.config.depth - self.config.decode_layer]:
+      for blk in self.blocks[: self.config.depth - self.config.decode_layer]:
         x = self._run(blk, x, c, ids, key_mask)
       return x
     stack = []
@@ -305,7 +347,7 @@ class MDT(nnx.Module):
 
   def _decoder(self, x: Array, c: Array, ids: Array | None, input_skip: Array) -> Array:
     if self.config.arch == 'mdt_v1':
-      for blk in self.blocks[self.config.depth - self.config.decode_layer:]:
+      for blk in self.blocks[self.config.depth - self.config.decode_layer :]:
         x = self._run(blk, x, c, ids)
       return x
     for blk in self.de_blocks:
@@ -317,30 +359,30 @@ class MDT(nnx.Module):
     x = x + self.decoder_pos_embed[...]
     return self._finish(self._decoder(x, c, None, u), c)
 
-  def _masked(self, u: Array, c: Array, ids_shuffle: Array,
-              len_keep: Array, keep_buffer: int | None = None) -> Array:
+  def _masked(
+      self, u: Array, c: Array, ids_shuffle: Array, len_keep: Array, keep_buffer: int | None = None
+  ) -> Array:
     cfg = self.config
     b, n, d = u.shape
     ratio = cfg.mask_ratio if cfg.mask_ratio is not None else 0.0
     k = keep_buffer or masking.buffer_size(n, ratio, cfg.mask_buffer_multiple)
     ids_keep = ids_shuffle[:, :k]
-    slot_valid = jnp.arange(k)[None, :] < len_keep                       # [1, K]
-    x = jnp.take_along_axis(u, ids_keep[:, :, None], axis=1)             # [B, K, D]
+    slot_valid = jnp.arange(k)[None, :] < len_keep  # [1, K]
+    x = jnp.take_along_axis(u, ids_keep[:, :, None], axis=1)  # [B, K, D]
     x = self._encoder(x, c, ids_keep, jnp.broadcast_to(slot_valid, (b, k)))
 
     # Side-interpolater: mask tokens in every slot past len_keep, back to the original order.
     token = jnp.broadcast_to(self.mask_token[...].astype(x.dtype), (b, n, d))
     x = jnp.concatenate([x, token[:, k:]], axis=1)
-    kept_shuffled = jnp.arange(n)[None, :] < len_keep                    # [1, L]
+    kept_shuffled = jnp.arange(n)[None, :] < len_keep  # [1, L]
     x = jnp.where(kept_shuffled[..., None], x, token)
     ids_restore = masking.restore_order(ids_shuffle)
     x = jnp.take_along_axis(x, ids_restore[:, :, None], axis=1)
     masked = ~jnp.take_along_axis(jnp.broadcast_to(kept_shuffled, (b, n)), ids_restore, axis=1)
     q = x + self.decoder_pos_embed[...]
     side = self._run(self.sideblocks[0], q, c, None)
-    x = jnp.where(masked[..., None], side, q)                             # masked shortcut
+    x = jnp.where(masked[..., None], side, q)  # masked shortcut
     return self._finish(self._decoder(x, c, None, u), c)
 
 
 MDTv2 = MDT
-

@@ -3,6 +3,7 @@
 A parameter's name is its nnx path joined by dots (``en_inblocks.0.attn.qkv.kernel``): the
 keys of a model folder's ``model.safetensors`` and of every message that names a parameter.
 """
+
 from __future__ import annotations
 
 from typing import Any, Iterable
@@ -19,8 +20,10 @@ SEP = '.'
 
 def param_name(path: Iterable[Any]) -> str:
   """An nnx state path or a jax tree key path -> 'a.b.0.kernel'."""
+
   def part(k):
     return str(getattr(k, 'key', getattr(k, 'idx', getattr(k, 'name', k))))
+
   return SEP.join(part(k) for k in path)
 
 
@@ -37,8 +40,9 @@ def count_params(config: MDTConfig | dict) -> int:
 
 def leaf_shapes(tree) -> dict[str, tuple[int, ...]]:
   """'a.b.0.c' -> shape of every array (or array metadata) of a pytree."""
-  return {param_name(path): tuple(x.shape)
-          for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {
+      param_name(path): tuple(x.shape) for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+  }
 
 
 def param_shapes(config: MDTConfig) -> dict[str, tuple[int, ...]]:
@@ -58,18 +62,26 @@ def flat_params(params: nnx.State) -> dict[str, np.ndarray]:
 def model_from_flat(flat: dict[str, np.ndarray], config: MDTConfig, where: str = 'weights') -> MDT:
   """Build the model from flat parameters, refusing missing, unexpected or mismatched keys."""
   model = abstract_model(config)
-  expected = {param_name(path): (path, tuple(v.shape))
-              for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  expected = {
+      param_name(path): (path, tuple(v.shape))
+      for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
   missing = sorted(set(expected) - set(flat))
   unexpected = sorted(set(flat) - set(expected))
-  mismatched = sorted(f'{k}: file {tuple(flat[k].shape)} vs model {expected[k][1]}'
-                      for k in expected if k in flat and tuple(flat[k].shape) != expected[k][1])
+  mismatched = sorted(
+      f'{k}: file {tuple(flat[k].shape)} vs model {expected[k][1]}'
+      for k in expected
+      if k in flat and tuple(flat[k].shape) != expected[k][1]
+  )
   if missing or unexpected or mismatched:
-    parts = [f'{len(v)} {n} keys: ' + ', '.join(v[:12]) + (' ...' if len(v) > 12 else '')
-             for n, v in (('missing', missing), ('unexpected', unexpected),
-                          ('mismatched', mismatched)) if v]
+    parts = [
+        f'{len(v)} {n} keys: ' + ', '.join(v[:12]) + (' ...' if len(v) > 12 else '')
+        for n, v in (('missing', missing), ('unexpected', unexpected), ('mismatched', mismatched))
+        if v
+    ]
     raise ValueError(f'{where} do not match the model config:\n  ' + '\n  '.join(parts))
-  state = nnx.from_flat_state([(expected[k][0], nnx.Param(jnp.asarray(flat[k], jnp.float32)))
-                               for k in expected])
+  state = nnx.from_flat_state(
+      [(expected[k][0], nnx.Param(jnp.asarray(flat[k], jnp.float32))) for k in expected]
+  )
   nnx.update(model, state)
   return model

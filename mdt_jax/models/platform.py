@@ -14,6 +14,7 @@ Its users:
   scatters are while loops there), elsewhere the table's gather.
 Measured in BENCHMARKS.md, section "The train step on the CPU".
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -29,8 +30,7 @@ DISPATCH_SOURCE = 'mdt_jax' + os.sep + 'models' + os.sep + 'platform.py'
 _assumed: list[str] = []
 
 
-def by_backend(*args, cpu: Callable | None = None, tpu: Callable | None = None,
-               default: Callable):
+def by_backend(*args, cpu: Callable | None = None, tpu: Callable | None = None, default: Callable):
   """``branch(*args)`` of the platform the computation is lowered for; `default` where a
   platform has no branch of its own. All branches must compute the same thing."""
   branches = {'cpu': cpu, 'tpu': tpu}

@@ -1,4 +1,5 @@
 """Official model sizes as config dicts (names and defaults of the official factory functions)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,15 +25,23 @@ def model_config(name: str = 'XL/2', **overrides) -> ml_collections.ConfigDict:
     if patch not in PATCHES:
       raise KeyError(patch)
   except (ValueError, KeyError):
-    raise ValueError(f'unknown model size {name!r}; expected one of '
-                     f'{[f"{s}/{p}" for s in SIZES for p in PATCHES]}') from None
-  preset = MDTConfig(patch_size=patch, hidden_size=hidden, depth=depth, num_heads=heads,
-                     mask_ratio=MASK_RATIO)
+    raise ValueError(
+        f'unknown model size {name!r}; expected one of '
+        f'{[f"{s}/{p}" for s in SIZES for p in PATCHES]}'
+    ) from None
+  preset = MDTConfig(
+      patch_size=patch, hidden_size=hidden, depth=depth, num_heads=heads, mask_ratio=MASK_RATIO
+  )
   # A ConfigDict types a field by its value, so a None string field could not be set from the
   # command line: it is written '' (which MDTConfig reads as None, "auto").
-  cfg = ml_collections.ConfigDict({
-      f.name: '' if getattr(preset, f.name) is None and f.type.startswith('str') else
-      getattr(preset, f.name) for f in dataclasses.fields(preset)})
+  cfg = ml_collections.ConfigDict(
+      {
+          f.name: ''
+          if getattr(preset, f.name) is None and f.type.startswith('str')
+          else getattr(preset, f.name)
+          for f in dataclasses.fields(preset)
+      }
+  )
   for k, v in overrides.items():
     if k not in cfg:
       raise ValueError(f'unknown model config key {k!r}')

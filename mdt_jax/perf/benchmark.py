@@ -5,6 +5,7 @@ All timings: warm-up excluded (the step is compiled ahead of time and run ``warm
 FLOPs come from the compiled program's cost analysis and from the analytic count below; MFU uses
 the analytic *useful* FLOPs (masked encoder at the mean kept count) over the device's peak.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -28,8 +29,16 @@ from mdt_jax.training.state import abstract_train_state, create_train_state, mak
 from mdt_jax.training.step import jit_step_from_config
 
 # Dense bf16 peak TFLOP/s (no sparsity), by device kind substring.
-PEAK_BF16_TFLOPS = {'H200': 989.0, 'H100': 989.0, 'A100': 312.0, 'TPU v4': 275.0,
-                    'TPU v5 lite': 197.0, 'TPU v5e': 197.0, 'TPU v5p': 459.0, 'TPU v6': 918.0}
+PEAK_BF16_TFLOPS = {
+    'H200': 989.0,
+    'H100': 989.0,
+    'A100': 312.0,
+    'TPU v4': 275.0,
+    'TPU v5 lite': 197.0,
+    'TPU v5e': 197.0,
+    'TPU v5p': 459.0,
+    'TPU v6': 918.0,
+}
 
 
 def peak_tflops(device: jax.Device) -> float | None:
@@ -42,11 +51,12 @@ def peak_tflops(device: jax.Device) -> float | None:
 
 # ------------------------------------------------------------------------------ analytic FLOPs
 
+
 def block_flops(n: int, d: int, mlp_ratio: float, skip: bool) -> float:
   """Forward FLOPs (2 per multiply-add) of one MDTBlock on n tokens, per sample."""
-  f = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d          # qkv, attention, proj
-  f += 2 * 2 * n * d * int(d * mlp_ratio)                             # fc1, fc2
-  f += 2 * d * 6 * d                                                  # adaLN (per sample)
+  f = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d  # qkv, attention, proj
+  f += 2 * 2 * n * d * int(d * mlp_ratio)  # fc1, fc2
+  f += 2 * d * 6 * d  # adaLN (per sample)
   if skip:
     f += 2 * n * 2 * d * d
   return float(f)
@@ -55,19 +65,20 @@ def block_flops(n: int, d: int, mlp_ratio: float, skip: bool) -> float:
 def forward_flops(cfg: MDTConfig, kept: float | None = None) -> float:
   """Forward FLOPs per sample; ``kept`` tokens in the encoder for the masked pass."""
   d, n, p = cfg.hidden_size, cfg.num_tokens, cfg.patch_size
-  f = 2 * n * cfg.in_channels * p * p * d                             # patch embed
-  f += 2 * 256 * d + 2 * d * d                                        # timestep MLP
-  f += 2 * d * 2 * d + 2 * n * d * p * p * cfg.out_channels           # final layer
+  f = 2 * n * cfg.in_channels * p * p * d  # patch embed
+  f += 2 * 256 * d + 2 * d * d  # timestep MLP
+  f += 2 * d * 2 * d + 2 * n * d * p * p * cfg.out_channels  # final layer
   enc_n = n if kept is None else kept
   if cfg.arch == 'mdtv2':
-    f += cfg.half_depth * (block_flops(enc_n, d, cfg.mlp_ratio, False) +
-                           block_flops(enc_n, d, cfg.mlp_ratio, True))
+    f += cfg.half_depth * (
+        block_flops(enc_n, d, cfg.mlp_ratio, False) + block_flops(enc_n, d, cfg.mlp_ratio, True)
+    )
     f += cfg.decode_layer * block_flops(n, d, cfg.mlp_ratio, True)
   else:
     f += (cfg.depth - cfg.decode_layer) * block_flops(enc_n, d, cfg.mlp_ratio, False)
     f += cfg.decode_layer * block_flops(n, d, cfg.mlp_ratio, False)
   if kept is not None:
-    f += block_flops(n, d, cfg.mlp_ratio, False)                      # side-interpolater
+    f += block_flops(n, d, cfg.mlp_ratio, False)  # side-interpolater
   return float(f)
 
 
@@ -77,8 +88,9 @@ def mean_kept(cfg: MDTConfig) -> float:
   return float(np.floor(cfg.num_tokens * (1 - r)).mean())
 
 
-def train_step_flops(cfg: MDTConfig, batch: int, mask_branch: bool, executed: bool = False
-                     ) -> float:
+def train_step_flops(
+    cfg: MDTConfig, batch: int, mask_branch: bool, executed: bool = False
+) -> float:
   """Model FLOPs of one train step (forward + backward = 3x forward), whole global batch.
 
   ``executed=True`` counts the masked encoder at the static buffer size (what runs).
@@ -91,6 +103,7 @@ def train_step_flops(cfg: MDTConfig, batch: int, mask_branch: bool, executed: bo
 
 
 # ------------------------------------------------------------------------------ measurement
+
 
 def _timed(fn, repeats: int, cpu_times: list[float] | None = None) -> list[float]:
   """Wall seconds of each of `repeats` calls (this process's CPU seconds appended to
@@ -116,10 +129,14 @@ def memory_figures(compiled) -> dict:
   args, outs = m.argument_size_in_bytes, m.output_size_in_bytes
   temp, alias = m.temp_size_in_bytes, m.alias_size_in_bytes
   # alias: output buffers that reuse donated arguments (the train state), not counted twice
-  return {'memory_args_gb': args / 1e9, 'memory_output_gb': outs / 1e9,
-          'memory_temp_gb': temp / 1e9, 'memory_alias_gb': alias / 1e9,
-          'memory_code_gb': m.generated_code_size_in_bytes / 1e9,
-          'memory_peak_estimate_gb': (args + outs + temp - alias) / 1e9}
+  return {
+      'memory_args_gb': args / 1e9,
+      'memory_output_gb': outs / 1e9,
+      'memory_temp_gb': temp / 1e9,
+      'memory_alias_gb': alias / 1e9,
+      'memory_code_gb': m.generated_code_size_in_bytes / 1e9,
+      'memory_peak_estimate_gb': (args + outs + temp - alias) / 1e9,
+  }
 
 
 def _cost_flops(compiled) -> float | None:
@@ -132,9 +149,17 @@ def _cost_flops(compiled) -> float | None:
   return float(cost['flops']) if cost and 'flops' in cost else None
 
 
-def bench_train_step(config: ml_collections.ConfigDict, *, mask_branch: bool, steps: int = 10,
-                     repeats: int = 3, warmup: int = 2, compile_only: bool = False,
-                     trace_dir: str | None = None, torch_baseline: bool = False) -> dict:
+def bench_train_step(
+    config: ml_collections.ConfigDict,
+    *,
+    mask_branch: bool,
+    steps: int = 10,
+    repeats: int = 3,
+    warmup: int = 2,
+    compile_only: bool = False,
+    trace_dir: str | None = None,
+    torch_baseline: bool = False,
+) -> dict:
   """Compile and time the real train step on synthetic data of the config's shape.
 
   With `trace_dir`, the timed repeats (only: compilation and warm-up stay out of it) are
@@ -149,23 +174,31 @@ def bench_train_step(config: ml_collections.ConfigDict, *, mask_branch: bool, st
   opt = make_optimizer(config.optimizer)
   batch = config.global_batch_size
   t0 = time.perf_counter()
-  state, shardings, graphdef = create_train_state(mc, opt, config.seed, mesh,
-                                                  config.sharding_rules)
+  state, shardings, graphdef = create_train_state(mc, opt, config.seed, mesh, config.sharding_rules)
   init_s = time.perf_counter() - t0
   bsh = sharding.batch_sharding(mesh)
-  step = jit_step_from_config(config, shardings, bsh, graphdef=graphdef, optimizer=opt,
-                              mask_branch=mask_branch)
+  step = jit_step_from_config(
+      config, shardings, bsh, graphdef=graphdef, optimizer=opt, mask_branch=mask_branch
+  )
   shape = (batch, mc.input_size, mc.input_size, mc.in_channels)
-  data = {'x': jax.device_put(jax.random.normal(jax.random.key(0), shape), bsh),
-          'y': jax.device_put(jnp.arange(batch, dtype=jnp.int32) % mc.num_classes, bsh)}
+  data = {
+      'x': jax.device_put(jax.random.normal(jax.random.key(0), shape), bsh),
+      'y': jax.device_put(jnp.arange(batch, dtype=jnp.int32) % mc.num_classes, bsh),
+  }
   t0 = time.perf_counter()
   compiled = step.lower(state, data).compile()
-  out = {'branches': 'plain+masked (MDT)' if mask_branch else 'plain (DiT-style)',
-         'global_batch': batch, 'devices': jax.device_count(),
-         'device_kind': jax.devices()[0].device_kind, 'dtype': mc.dtype, 'remat': mc.remat,
-         'compile_s': time.perf_counter() - t0, 'init_s': init_s,
-         'model_tflop_per_step': train_step_flops(mc, batch, mask_branch) / 1e12,
-         'executed_tflop_per_step': train_step_flops(mc, batch, mask_branch, True) / 1e12}
+  out = {
+      'branches': 'plain+masked (MDT)' if mask_branch else 'plain (DiT-style)',
+      'global_batch': batch,
+      'devices': jax.device_count(),
+      'device_kind': jax.devices()[0].device_kind,
+      'dtype': mc.dtype,
+      'remat': mc.remat,
+      'compile_s': time.perf_counter() - t0,
+      'init_s': init_s,
+      'model_tflop_per_step': train_step_flops(mc, batch, mask_branch) / 1e12,
+      'executed_tflop_per_step': train_step_flops(mc, batch, mask_branch, True) / 1e12,
+  }
   flops = _cost_flops(compiled)
   if flops is not None:
     # XLA reports the per-device program; scale to the whole mesh.
@@ -180,8 +213,9 @@ def bench_train_step(config: ml_collections.ConfigDict, *, mask_branch: bool, st
       holder['s'], m = compiled(holder['s'], data)
     return m['loss']
 
-  torch_run = _torch_train_run(config, state, data, mask_branch, steps, warmup) \
-      if torch_baseline else None
+  torch_run = (
+      _torch_train_run(config, state, data, mask_branch, steps, warmup) if torch_baseline else None
+  )
   for _ in range(warmup):
     holder['s'], m = compiled(holder['s'], data)
     jax.block_until_ready(m['loss'])
@@ -207,31 +241,38 @@ def bench_train_step(config: ml_collections.ConfigDict, *, mask_branch: bool, st
     out['device_peak_memory_gb'] = stats['peak_bytes_in_use'] / 1e9
   if torch_run:
     import torch
+
     torch_s = statistics.median(torch_times) / steps
-    out.update(torch_step_s=torch_s, torch_images_per_s=batch / torch_s,
-               speedup_vs_torch_f32=torch_s / step_s,
-               cpu_s_per_step=statistics.median(cpu) / steps,
-               torch_cpu_s_per_step=statistics.median(torch_cpu) / steps,
-               speedup_vs_torch_f32_cpu_time=statistics.median(torch_cpu) / statistics.median(cpu),
-               speedup_vs_torch_f32_per_repeat=[b / a for a, b in zip(times, torch_times)],
-               jax_step_s_per_repeat=[t / steps for t in times],
-               torch_step_s_per_repeat=[t / steps for t in torch_times],
-               torch=torch.__version__, torch_threads=torch.get_num_threads())
+    out.update(
+        torch_step_s=torch_s,
+        torch_images_per_s=batch / torch_s,
+        speedup_vs_torch_f32=torch_s / step_s,
+        cpu_s_per_step=statistics.median(cpu) / steps,
+        torch_cpu_s_per_step=statistics.median(torch_cpu) / steps,
+        speedup_vs_torch_f32_cpu_time=statistics.median(torch_cpu) / statistics.median(cpu),
+        speedup_vs_torch_f32_per_repeat=[b / a for a, b in zip(times, torch_times)],
+        jax_step_s_per_repeat=[t / steps for t in times],
+        torch_step_s_per_repeat=[t / steps for t in torch_times],
+        torch=torch.__version__,
+        torch_threads=torch.get_num_threads(),
+    )
   return out
 
 
-def _torch_train_run(config: ml_collections.ConfigDict, state, data: dict, mask_branch: bool,
-                     steps: int, warmup: int):
+def _torch_train_run(
+    config: ml_collections.ConfigDict, state, data: dict, mask_branch: bool, steps: int, warmup: int
+):
   """A function running `steps` of the original's train step in PyTorch (float32, eager, CPU)
   from the JAX state's current weights on the same batch, warmed up `warmup` steps."""
   try:
     import torch
   except ImportError as e:
     raise ImportError('the PyTorch train baseline needs torch (pip install torch)') from e
-  from mdt_jax.torch_reference.train import TorchTrainStep   # needs torch: imported when used
+  from mdt_jax.torch_reference.train import TorchTrainStep  # needs torch: imported when used
+
   mc = MDTConfig.from_dict(config.model.to_dict())
   sd = official.from_flax_params(nnx.State(jax.device_get(state.params)), mc)
-  torch.manual_seed(0)                           # the step's draws come from torch's RNG
+  torch.manual_seed(0)  # the step's draws come from torch's RNG
   step = TorchTrainStep.from_config(config, sd, mask_branch=mask_branch)
   x = torch.from_numpy(np.asarray(data['x']).transpose(0, 3, 1, 2).copy())
   y = torch.from_numpy(np.asarray(data['y']).astype(np.int64))
@@ -246,8 +287,9 @@ def _torch_train_run(config: ml_collections.ConfigDict, state, data: dict, mask_
   return run
 
 
-def lower_train_step(config: ml_collections.ConfigDict, *, mask_branch: bool, global_batch: int,
-                     devices=None):
+def lower_train_step(
+    config: ml_collections.ConfigDict, *, mask_branch: bool, global_batch: int, devices=None
+):
   """The config's train step lowered on abstract inputs (nothing allocated) over `devices`
   (default: this host's), e.g. the compile-only devices of a TPU topology."""
   mc = MDTConfig.from_dict(config.model.to_dict())
@@ -255,23 +297,28 @@ def lower_train_step(config: ml_collections.ConfigDict, *, mask_branch: bool, gl
   opt = make_optimizer(config.optimizer)
   structs, shardings, graphdef = abstract_train_state(mc, opt, mesh, config.sharding_rules)
   bsh = sharding.batch_sharding(mesh)
-  step = jit_step_from_config(config, shardings, bsh, graphdef=graphdef, optimizer=opt,
-                              mask_branch=mask_branch)
+  step = jit_step_from_config(
+      config, shardings, bsh, graphdef=graphdef, optimizer=opt, mask_branch=mask_branch
+  )
   shape = (global_batch, mc.input_size, mc.input_size, mc.in_channels)
-  batch = {'x': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=bsh),
-           'y': jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=bsh)}
+  batch = {
+      'x': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=bsh),
+      'y': jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=bsh),
+  }
   return step.lower(structs, batch)
 
 
-def memory_estimate_gb(config: ml_collections.ConfigDict, *, mask_branch: bool,
-                       global_batch: int, devices=None) -> float:
+def memory_estimate_gb(
+    config: ml_collections.ConfigDict, *, mask_branch: bool, global_batch: int, devices=None
+) -> float:
   """Peak device memory of the compiled train step (compile only, nothing allocated).
 
   The TPU compiler refuses a program larger than the chip's HBM; its message's figure (total
   memory required) is returned then.
   """
-  lowered = lower_train_step(config, mask_branch=mask_branch, global_batch=global_batch,
-                             devices=devices)
+  lowered = lower_train_step(
+      config, mask_branch=mask_branch, global_batch=global_batch, devices=devices
+  )
   try:
     compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
@@ -285,8 +332,15 @@ def memory_estimate_gb(config: ml_collections.ConfigDict, *, mask_branch: bool,
   return mem['memory_peak_estimate_gb']
 
 
-def fit_batch(config: ml_collections.ConfigDict, *, mask_branch: bool, budget_gb: float,
-              probe: int | None = None, max_compiles: int = 8, devices=None) -> dict:
+def fit_batch(
+    config: ml_collections.ConfigDict,
+    *,
+    mask_branch: bool,
+    budget_gb: float,
+    probe: int | None = None,
+    max_compiles: int = 8,
+    devices=None,
+) -> dict:
   """Largest global batch whose compiled step fits ``budget_gb`` per device.
 
   Memory is roughly affine in the batch (weights and optimizer state + activations per sample):
@@ -302,8 +356,7 @@ def fit_batch(config: ml_collections.ConfigDict, *, mask_branch: bool, budget_gb
 
   def mem(b: int) -> float:
     if b not in seen:
-      seen[b] = memory_estimate_gb(config, mask_branch=mask_branch, global_batch=b,
-                                   devices=devices)
+      seen[b] = memory_estimate_gb(config, mask_branch=mask_branch, global_batch=b, devices=devices)
     return seen[b]
 
   def line_guess(x0: int, x1: int) -> int | None:
@@ -311,8 +364,8 @@ def fit_batch(config: ml_collections.ConfigDict, *, mask_branch: bool, budget_gb
     slope = (mem(x1) - mem(x0)) / (x1 - x0)
     return int(x0 + (budget_gb - mem(x0)) / slope) // dp * dp if slope > 0 else None
 
-  lo, hi = 0, None                                  # lo fits (0: nothing checked fits yet)
-  sides: list[bool] = []                            # did each probe fit?
+  lo, hi = 0, None  # lo fits (0: nothing checked fits yet)
+  sides: list[bool] = []  # did each probe fit?
 
   def check(b: int) -> None:
     nonlocal lo, hi
@@ -336,10 +389,15 @@ def fit_batch(config: ml_collections.ConfigDict, *, mask_branch: bool, budget_gb
   # Secant steps: the line through the two nearest probes (around the budget once one probe is
   # over it) says where the budget is; each next probe is its guess, at least one step past
   # what fits. Near-affine memory settles in 4-5 compiles; bisection if the line stalls.
-  b = None if guess is None else min(guess, 4 * b2)   # a line through two small batches may
-  while not settled():                                # be far off: no leaps past 4x
-    if b is None or b in seen or b <= lo or (hi is not None and b >= hi) or \
-        (hi is not None and sides[-2:] == [True, True]):
+  b = None if guess is None else min(guess, 4 * b2)  # a line through two small batches may
+  while not settled():  # be far off: no leaps past 4x
+    if (
+        b is None
+        or b in seen
+        or b <= lo
+        or (hi is not None and b >= hi)
+        or (hi is not None and sides[-2:] == [True, True])
+    ):
       b = max(2 * lo, dp) if hi is None else (lo + hi) // 2 // dp * dp
     check(b)
     if hi is None:
@@ -352,42 +410,86 @@ def fit_batch(config: ml_collections.ConfigDict, *, mask_branch: bool, budget_gb
     else:
       b = None
   mc = MDTConfig.from_dict(config.model.to_dict())
-  return {'branches': 'plain+masked (MDT)' if mask_branch else 'plain (DiT-style)',
-          'dtype': mc.dtype, 'remat': mc.remat, 'budget_gb': budget_gb,
-          'fixed_gb': fixed, 'per_sample_gb': per_sample * dp,
-          'affine_guess_global_batch': guess,
-          'max_global_batch': lo, 'max_per_device_batch': lo // dp,
-          'estimate_at_max_gb': seen.get(lo), 'exact': hi is not None and hi - lo <= dp,
-          'compiles': len(seen), 'device_kind': devices[0].device_kind}
+  return {
+      'branches': 'plain+masked (MDT)' if mask_branch else 'plain (DiT-style)',
+      'dtype': mc.dtype,
+      'remat': mc.remat,
+      'budget_gb': budget_gb,
+      'fixed_gb': fixed,
+      'per_sample_gb': per_sample * dp,
+      'affine_guess_global_batch': guess,
+      'max_global_batch': lo,
+      'max_per_device_batch': lo // dp,
+      'estimate_at_max_gb': seen.get(lo),
+      'exact': hi is not None and hi - lo <= dp,
+      'compiles': len(seen),
+      'device_kind': devices[0].device_kind,
+  }
 
 
-FIT_KEYS = ['branches', 'device_kind', 'dtype', 'remat', 'budget_gb', 'fixed_gb',
-            'per_sample_gb', 'affine_guess_global_batch', 'max_per_device_batch',
-            'estimate_at_max_gb', 'exact', 'compiles']
+FIT_KEYS = [
+    'branches',
+    'device_kind',
+    'dtype',
+    'remat',
+    'budget_gb',
+    'fixed_gb',
+    'per_sample_gb',
+    'affine_guess_global_batch',
+    'max_per_device_batch',
+    'estimate_at_max_gb',
+    'exact',
+    'compiles',
+]
 
 
-def bench_sampling(config: ml_collections.ConfigDict, *, sampler: str, steps: int,
-                   batch: int, cfg_scale: float | None = 4.0, repeats: int = 1) -> dict:
+def bench_sampling(
+    config: ml_collections.ConfigDict,
+    *,
+    sampler: str,
+    steps: int,
+    batch: int,
+    cfg_scale: float | None = 4.0,
+    repeats: int = 1,
+) -> dict:
   """Images/s of a full sampling run (compile excluded) on randomly initialised weights."""
   mc = MDTConfig.from_dict(config.model.to_dict())
   model = MDT(mc, rngs=nnx.Rngs(0))
-  scfg = SamplerConfig(sampler=sampler, steps=steps, cfg_scale=cfg_scale,
-                       guided_channels='first3' if mc.in_channels > 3 else 'all')
+  scfg = SamplerConfig(
+      sampler=sampler,
+      steps=steps,
+      cfg_scale=cfg_scale,
+      guided_channels='first3' if mc.in_channels > 3 else 'all',
+  )
   smp = build_sampler(model, scfg)
   idx = np.arange(batch)
   y = idx % mc.num_classes
   t0 = time.perf_counter()
-  jax.block_until_ready(smp(idx, y, 0))          # first call compiles
+  jax.block_until_ready(smp(idx, y, 0))  # first call compiles
   first = time.perf_counter() - t0
   times = _timed(lambda: smp(idx, y, 1), repeats)
   run_s = statistics.median(times)
-  return {'sampler': sampler, 'steps': steps, 'cfg_scale': cfg_scale, 'batch': batch,
-          'dtype': mc.dtype, 'device_kind': jax.devices()[0].device_kind,
-          'compile_and_first_run_s': first, 'run_s': run_s, 'images_per_s': batch / run_s}
+  return {
+      'sampler': sampler,
+      'steps': steps,
+      'cfg_scale': cfg_scale,
+      'batch': batch,
+      'dtype': mc.dtype,
+      'device_kind': jax.devices()[0].device_kind,
+      'compile_and_first_run_s': first,
+      'run_s': run_s,
+      'images_per_s': batch / run_s,
+  }
 
 
-def bench_sampling_torch(config: ml_collections.ConfigDict, *, steps: int, batch: int,
-                         cfg_scale: float = 4.0, device: str | None = None) -> dict:
+def bench_sampling_torch(
+    config: ml_collections.ConfigDict,
+    *,
+    steps: int,
+    batch: int,
+    cfg_scale: float = 4.0,
+    device: str | None = None,
+) -> dict:
   """Images/s of the original's guided DDPM sampler in PyTorch, float32 and eager.
 
   The same weights as `bench_sampling` (random init, seed 0) in the official module tree
@@ -396,13 +498,18 @@ def bench_sampling_torch(config: ml_collections.ConfigDict, *, steps: int, batch
   try:
     import torch
   except ImportError as e:
-    raise ImportError('the PyTorch baseline needs torch (pip install torch); --eager_baseline '
-                      'is the float32 eager baseline without it') from e
-  from mdt_jax.torch_reference import from_official_state, sample_ddpm   # needs torch
+    raise ImportError(
+        'the PyTorch baseline needs torch (pip install torch); --eager_baseline '
+        'is the float32 eager baseline without it'
+    ) from e
+  from mdt_jax.torch_reference import from_official_state, sample_ddpm  # needs torch
+
   mc = MDTConfig.from_dict(config.model.to_dict())
   if mc.in_channels < 3:
-    raise ValueError('the original sampler guides eps channels 0..2; the torch baseline needs '
-                     f'in_channels >= 3, got {mc.in_channels}')
+    raise ValueError(
+        'the original sampler guides eps channels 0..2; the torch baseline needs '
+        f'in_channels >= 3, got {mc.in_channels}'
+    )
   device = device or ('cuda' if torch.cuda.is_available() else 'cpu')
   sd = official.from_flax_params(nnx.state(MDT(mc, rngs=nnx.Rngs(0)), nnx.Param), mc)
   model = from_official_state(sd, mc, device)
@@ -415,31 +522,50 @@ def bench_sampling_torch(config: ml_collections.ConfigDict, *, steps: int, batch
   sample_ddpm(model, labels, steps=steps, cfg_scale=cfg_scale, generator=gen)
   sync()
   run_s = time.perf_counter() - t0
-  return {'sampler': 'ddpm (torch eager)', 'steps': steps, 'cfg_scale': cfg_scale,
-          'batch': batch, 'dtype': 'float32', 'torch': torch.__version__,
-          'device_kind': torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu',
-          'run_s': run_s, 'images_per_s': batch / run_s}
+  return {
+      'sampler': 'ddpm (torch eager)',
+      'steps': steps,
+      'cfg_scale': cfg_scale,
+      'batch': batch,
+      'dtype': 'float32',
+      'torch': torch.__version__,
+      'device_kind': torch.cuda.get_device_name() if device.startswith('cuda') else 'cpu',
+      'run_s': run_s,
+      'images_per_s': batch / run_s,
+  }
 
 
-def eager_ddpm(model, labels: np.ndarray, *, steps: int, cfg_scale: float,
-               seed: int = 0) -> jax.Array:
+def eager_ddpm(
+    model, labels: np.ndarray, *, steps: int, cfg_scale: float, seed: int = 0
+) -> jax.Array:
   """The guided DDPM sampler run op by op (no jit), float32 as the model computes.
 
   The jitted sampler's own code (`draw_samples`: guidance, the DDPM loop, per-sample noise),
   each primitive dispatched on its own as in an eager framework.
   """
   mc = model.config
-  scfg = SamplerConfig(sampler='ddpm', steps=steps, cfg_scale=cfg_scale,
-                       guided_channels='first3' if mc.in_channels > 3 else 'all')
+  scfg = SamplerConfig(
+      sampler='ddpm',
+      steps=steps,
+      cfg_scale=cfg_scale,
+      guided_channels='first3' if mc.in_channels > 3 else 'all',
+  )
   y = jnp.asarray(labels, jnp.int32)
   with jax.disable_jit():
-    return draw_samples(model, scfg, (mc.input_size, mc.input_size, mc.in_channels),
-                        mc.num_classes, labels_lib.noise_key(seed),
-                        jnp.arange(y.shape[0], dtype=jnp.int32), y)
+    return draw_samples(
+        model,
+        scfg,
+        (mc.input_size, mc.input_size, mc.in_channels),
+        mc.num_classes,
+        labels_lib.noise_key(seed),
+        jnp.arange(y.shape[0], dtype=jnp.int32),
+        y,
+    )
 
 
-def bench_sampling_eager(config: ml_collections.ConfigDict, *, steps: int, batch: int,
-                         cfg_scale: float = 4.0) -> dict:
+def bench_sampling_eager(
+    config: ml_collections.ConfigDict, *, steps: int, batch: int, cfg_scale: float = 4.0
+) -> dict:
   """Images/s of `eager_ddpm` in float32 on the same random weights as `bench_sampling`.
 
   A float32 eager baseline that needs no PyTorch (for machines without it); warm-up: 2 steps.
@@ -451,9 +577,16 @@ def bench_sampling_eager(config: ml_collections.ConfigDict, *, steps: int, batch
   t0 = time.perf_counter()
   jax.block_until_ready(eager_ddpm(model, labels, steps=steps, cfg_scale=cfg_scale))
   run_s = time.perf_counter() - t0
-  return {'sampler': 'ddpm (JAX eager)', 'steps': steps, 'cfg_scale': cfg_scale, 'batch': batch,
-          'dtype': 'float32', 'device_kind': jax.devices()[0].device_kind, 'run_s': run_s,
-          'images_per_s': batch / run_s}
+  return {
+      'sampler': 'ddpm (JAX eager)',
+      'steps': steps,
+      'cfg_scale': cfg_scale,
+      'batch': batch,
+      'dtype': 'float32',
+      'device_kind': jax.devices()[0].device_kind,
+      'run_s': run_s,
+      'images_per_s': batch / run_s,
+  }
 
 
 def markdown_table(rows: list[dict], keys: list[str]) -> str:
@@ -461,17 +594,42 @@ def markdown_table(rows: list[dict], keys: list[str]) -> str:
     if isinstance(v, float):
       return f'{v:.4g}'
     return str(v)
+
   lines = ['| ' + ' | '.join(keys) + ' |', '|' + '---|' * len(keys)]
   lines += ['| ' + ' | '.join(fmt(r.get(k, '')) for k in keys) + ' |' for r in rows]
   return '\n'.join(lines)
 
 
-TRAIN_KEYS = ['branches', 'device_kind', 'devices', 'global_batch', 'dtype', 'remat',
-              'steps_per_s', 'images_per_s', 'torch_images_per_s', 'speedup_vs_torch_f32',
-              'speedup_vs_torch_f32_cpu_time', 'model_tflop_per_step', 'xla_tflop_per_step',
-              'achieved_tflops_per_device', 'mfu', 'compile_s', 'memory_peak_estimate_gb',
-              'device_peak_memory_gb']
-SAMPLE_KEYS = ['sampler', 'steps', 'cfg_scale', 'batch', 'dtype', 'device_kind', 'images_per_s',
-               'run_s', 'compile_and_first_run_s', 'speedup_vs_torch_eager_f32',
-               'speedup_vs_jax_eager_f32']
-
+TRAIN_KEYS = [
+    'branches',
+    'device_kind',
+    'devices',
+    'global_batch',
+    'dtype',
+    'remat',
+    'steps_per_s',
+    'images_per_s',
+    'torch_images_per_s',
+    'speedup_vs_torch_f32',
+    'speedup_vs_torch_f32_cpu_time',
+    'model_tflop_per_step',
+    'xla_tflop_per_step',
+    'achieved_tflops_per_device',
+    'mfu',
+    'compile_s',
+    'memory_peak_estimate_gb',
+    'device_peak_memory_gb',
+]
+SAMPLE_KEYS = [
+    'sampler',
+    'steps',
+    'cfg_scale',
+    'batch',
+    'dtype',
+    'device_kind',
+    'images_per_s',
+    'run_s',
+    'compile_and_first_run_s',
+    'speedup_vs_torch_eager_f32',
+    'speedup_vs_jax_eager_f32',
+]

@@ -7,6 +7,7 @@ reduce-scatter then an all-gather), all-to-all (n-1)/n S, a collective-permute i
 An instruction inside a loop body is counted once, whatever the trip count (`while_loops` says
 whether the module has loops at all).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,9 +20,25 @@ from mdt_jax.models.platform import DISPATCH_SOURCE
 
 KINDS = ('all-gather', 'all-reduce', 'reduce-scatter', 'all-to-all', 'collective-permute')
 
-_BITS = {'pred': 8, 's4': 4, 'u4': 4, 's8': 8, 'u8': 8, 's16': 16, 'u16': 16, 's32': 32,
-         'u32': 32, 's64': 64, 'u64': 64, 'f16': 16, 'bf16': 16, 'f32': 32, 'f64': 64,
-         'c64': 64, 'c128': 128}
+_BITS = {
+    'pred': 8,
+    's4': 4,
+    'u4': 4,
+    's8': 8,
+    'u8': 8,
+    's16': 16,
+    'u16': 16,
+    's32': 32,
+    'u32': 32,
+    's64': 64,
+    'u64': 64,
+    'f16': 16,
+    'bf16': 16,
+    'f32': 32,
+    'f64': 64,
+    'c64': 64,
+    'c128': 128,
+}
 _ARRAY = re.compile(r'\b(pred|[suf]\d+|bf16|c\d+|f8e\w+?)\[([\d,]*)\](\{[^}]*\})?')
 _INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*')
 _OPCODE = re.compile(r'\s*([a-z][a-z0-9\-]*)\(')
@@ -41,9 +58,9 @@ def own_frame(stack: Iterable[tuple[str, int, str]]) -> str | None:
 
 @dataclasses.dataclass
 class Collective:
-  kind: str          # one of KINDS
-  full_bytes: int    # S: the whole array (gathered / reduced), per chip
-  group: int         # chips in each replica group
+  kind: str  # one of KINDS
+  full_bytes: int  # S: the whole array (gathered / reduced), per chip
+  group: int  # chips in each replica group
 
   @property
   def wire_bytes(self) -> float:
@@ -62,7 +79,7 @@ def arrays(text: str) -> list[tuple[int, int]]:
   another (on TPUs S(1) is the on-chip vector memory)."""
   out = []
   for dtype, dims, layout in _ARRAY.findall(text):
-    bits = _BITS.get(dtype, 8)      # float8 variants
+    bits = _BITS.get(dtype, 8)  # float8 variants
     n = math.prod(int(d) for d in dims.split(',') if d) if dims else 1
     space = re.search(r'S\((\d+)\)', layout or '')
     out.append((n * bits // 8, int(space.group(1)) if space else 0))
@@ -81,7 +98,7 @@ def _split_type(rest: str) -> tuple[str, str]:
       depth += ch == '('
       depth -= ch == ')'
       if depth == 0:
-        return rest[:i + 1], rest[i + 1:]
+        return rest[: i + 1], rest[i + 1 :]
   i = rest.find(' ')
   return rest[:i], rest[i:]
 
@@ -100,19 +117,19 @@ def _top_level_elements(tuple_type: str) -> list[str]:
 
 
 def _group_size(line: str, num_devices: int) -> int:
-  m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", line)
-  if m:                                         # mesh['axis_0'=4,'axis_1'=2] {'axis_0'}
+  m = re.search(r'replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}', line)
+  if m:  # mesh['axis_0'=4,'axis_1'=2] {'axis_0'}
     sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
     return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'", m.group(2)))
   m = re.search(r'replica_groups=\[(\d+),(\d+)\]<=', line)
-  if m:                                         # iota form [groups, size]<=[...]
+  if m:  # iota form [groups, size]<=[...]
     return int(m.group(2))
   m = re.search(r'replica_groups=\{\{([\d,]*)\}', line)
-  if m:                                         # explicit {{0,1,2,3},{...}}
+  if m:  # explicit {{0,1,2,3},{...}}
     return len([x for x in m.group(1).split(',') if x])
   if 'source_target_pairs' in line:
     return 2
-  return num_devices                            # empty groups: every device
+  return num_devices  # empty groups: every device
 
 
 def parse_collectives(hlo_text: str, num_devices: int) -> list[Collective]:
@@ -122,12 +139,12 @@ def parse_collectives(hlo_text: str, num_devices: int) -> list[Collective]:
     m = _INSTR.match(line)
     if not m:
       continue
-    type_text, rest = _split_type(line[m.end():])
+    type_text, rest = _split_type(line[m.end() :])
     op = _OPCODE.match(rest)
     if not op:
       continue
     opcode = op.group(1)
-    kind = opcode[:-len('-start')] if opcode.endswith('-start') else opcode
+    kind = opcode[: -len('-start')] if opcode.endswith('-start') else opcode
     if kind not in KINDS:
       continue
     if opcode.endswith('-start') and type_text.startswith('('):
@@ -137,7 +154,7 @@ def parse_collectives(hlo_text: str, num_devices: int) -> list[Collective]:
     group = _group_size(line, num_devices)
     size = sum(_array_bytes(type_text))
     if kind == 'reduce-scatter':
-      size *= group                             # the result is one shard of the reduced array
+      size *= group  # the result is one shard of the reduced array
     out.append(Collective(kind, size, group))
   return out
 

@@ -5,6 +5,7 @@ buffer, rematerialisation), compare it with a reference setting of the same mode
 float32 weights, the same batch, the same draws (timesteps, noise, label dropout, masks), the
 training loss of both branches and its gradient with respect to every parameter.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -43,14 +44,17 @@ def check_fields(reference: dict) -> None:
   known = {f.name for f in dataclasses.fields(MDTConfig)}
   unknown = sorted(set(reference) - known)
   if unknown:
-    raise ValueError(f'parity: unknown model fields {unknown}; expected some of '
-                     f'{sorted(COMPUTE_OPTIONS)}')
+    raise ValueError(
+        f'parity: unknown model fields {unknown}; expected some of ' f'{sorted(COMPUTE_OPTIONS)}'
+    )
   # A field outside the compute options may keep every shape (mask_ratio) yet change what is
   # computed: the comparison would report a difference that is no error of the computation.
   other = sorted(set(reference) - set(COMPUTE_OPTIONS))
   if other:
-    raise ValueError(f'parity: {other} are not compute options; a parity check compares the '
-                     f'compute settings ({", ".join(COMPUTE_OPTIONS)}) of one model')
+    raise ValueError(
+        f'parity: {other} are not compute options; a parity check compares the '
+        f'compute settings ({", ".join(COMPUTE_OPTIONS)}) of one model'
+    )
 
 
 def _literal(value: str):
@@ -77,8 +81,10 @@ def fill_zero_weights(params, key, std: float = 0.02):
   the output 0 whatever the compute, so a comparison there would test nothing but the backward."""
   leaves, tree = jax.tree.flatten(params)
   keys = jax.random.split(key, len(leaves))
-  leaves = [std * jax.random.normal(k, x.shape, x.dtype) if not np.any(np.asarray(x)) else x
-            for k, x in zip(keys, leaves)]
+  leaves = [
+      std * jax.random.normal(k, x.shape, x.dtype) if not np.any(np.asarray(x)) else x
+      for k, x in zip(keys, leaves)
+  ]
   return jax.tree.unflatten(tree, leaves)
 
 
@@ -102,14 +108,15 @@ class Comparison:
     n = batch_size or config.global_batch_size
     xkey, self.key = jax.random.split(jax.random.key(config.seed + 1))
     shape = (n, mc.input_size, mc.input_size, mc.in_channels)
-    self.batch = {'x': jax.random.normal(xkey, shape),
-                  'y': jnp.arange(n, dtype=jnp.int32) % mc.num_classes}
+    self.batch = {
+        'x': jax.random.normal(xkey, shape),
+        'y': jnp.arange(n, dtype=jnp.int32) % mc.num_classes,
+    }
     self.result = self._run(abstract_model(mc))
 
   def _run(self, abstract: MDT):
     graphdef = nnx.split(abstract)[0]
-    (_, metrics), grads = _loss_and_grads(graphdef, self.config)(self.params, self.batch,
-                                                                 self.key)
+    (_, metrics), grads = _loss_and_grads(graphdef, self.config)(self.params, self.batch, self.key)
     return jax.device_get(metrics), jax.device_get(grads)
 
   def against(self, reference: dict) -> dict:
@@ -123,10 +130,15 @@ class Comparison:
     worst = int(np.argmax(per_param))
     flat = lambda g: np.concatenate([np.ravel(x) for x in jax.tree.leaves(g)])  # noqa: E731
     tested = {k: v for k, v in self.fields.items() if k in reference}
-    out = {'setting': _spec(tested), 'reference': _spec(reference),
-           'loss': float(metrics['loss']), 'reference_loss': float(ref_metrics['loss']),
-           'grad_rel_diff': _rel(flat(grads), flat(ref_grads)),
-           'worst_param': names[worst], 'worst_param_rel_diff': per_param[worst]}
+    out = {
+        'setting': _spec(tested),
+        'reference': _spec(reference),
+        'loss': float(metrics['loss']),
+        'reference_loss': float(ref_metrics['loss']),
+        'grad_rel_diff': _rel(flat(grads), flat(ref_grads)),
+        'worst_param': names[worst],
+        'worst_param_rel_diff': per_param[worst],
+    }
     for branch in ('plain', 'masked'):
       key = f'{branch}/loss'
       if key in metrics:
@@ -138,5 +150,14 @@ def _spec(fields: dict) -> str:
   return ','.join(f'{k}={v}' for k, v in fields.items())
 
 
-PARITY_KEYS = ['setting', 'reference', 'loss', 'reference_loss', 'plain_loss_rel_diff',
-               'masked_loss_rel_diff', 'grad_rel_diff', 'worst_param', 'worst_param_rel_diff']
+PARITY_KEYS = [
+    'setting',
+    'reference',
+    'loss',
+    'reference_loss',
+    'plain_loss_rel_diff',
+    'masked_loss_rel_diff',
+    'grad_rel_diff',
+    'worst_param',
+    'worst_param_rel_diff',
+]

@@ -17,6 +17,7 @@ nanoseconds) and starts as float nanoseconds: exact on the CPU backend's host li
 on lines stamped with absolute times, a slack allowed for when telling nested ops from
 neighbours (`self_times`).
 """
+
 from __future__ import annotations
 
 import bisect
@@ -34,29 +35,42 @@ from jax.profiler import ProfileData
 
 from mdt_jax.perf import hlo, traffic
 
-try:      # optional: tools/profile_summary.py and bench --profile need it (requirements-test.txt)
+try:  # optional: tools/profile_summary.py and bench --profile need it (requirements-test.txt)
   from xprof.convert import raw_to_tool_data
-except ImportError:   # pragma: no cover - reported when a summary is asked for
+except ImportError:  # pragma: no cover - reported when a summary is asked for
   raw_to_tool_data = None
 
 DEVICE_PLANE = re.compile(r'^/device:(GPU|TPU)')
-NOTABLE = ('dot', 'convolution', 'custom-call', 'scatter', 'gather', 'reduce', 'sort',
-           'dynamic-update-slice', 'dynamic-slice')
+NOTABLE = (
+    'dot',
+    'convolution',
+    'custom-call',
+    'scatter',
+    'gather',
+    'reduce',
+    'sort',
+    'dynamic-update-slice',
+    'dynamic-slice',
+)
 
 
 @dataclasses.dataclass
 class Summary:
   total_ps: int
-  by_op: list[tuple[str, str, int, int]]            # (module:op, opcode, count, self ps)
-  by_source: list[tuple[str, int]]                  # (file:line function, self ps)
+  by_op: list[tuple[str, str, int, int]]  # (module:op, opcode, count, self ps)
+  by_source: list[tuple[str, int]]  # (file:line function, self ps)
   by_opcode: list[tuple[str, int]]
   planes: list[str]
 
   def markdown(self, top: int = 20) -> str:
     pct = lambda ps: f'{100.0 * ps / max(self.total_ps, 1):.1f}%'
     ms = lambda ps: f'{ps / 1e9:.2f}'
-    out = [f'Op time in the trace: {ms(self.total_ps)} ms (planes: {", ".join(self.planes)})', '',
-           '| source line (innermost mdt_jax frame) | self ms | share |', '|---|---|---|']
+    out = [
+        f'Op time in the trace: {ms(self.total_ps)} ms (planes: {", ".join(self.planes)})',
+        '',
+        '| source line (innermost mdt_jax frame) | self ms | share |',
+        '|---|---|---|',
+    ]
     out += [f'| {s} | {ms(t)} | {pct(t)} |' for s, t in self.by_source[:top]]
     out += ['', '| opcode | self ms | share |', '|---|---|---|']
     out += [f'| {o} | {ms(t)} | {pct(t)} |' for o, t in self.by_opcode[:top]]
@@ -65,11 +79,13 @@ class Summary:
     return '\n'.join(out)
 
   def to_json(self) -> dict:
-    return {'total_ms': self.total_ps / 1e9, 'planes': self.planes,
-            'by_source': [{'source': s, 'ms': t / 1e9} for s, t in self.by_source],
-            'by_opcode': [{'opcode': o, 'ms': t / 1e9} for o, t in self.by_opcode],
-            'by_op': [{'op': n, 'opcode': o, 'count': c, 'ms': t / 1e9}
-                      for n, o, c, t in self.by_op]}
+    return {
+        'total_ms': self.total_ps / 1e9,
+        'planes': self.planes,
+        'by_source': [{'source': s, 'ms': t / 1e9} for s, t in self.by_source],
+        'by_opcode': [{'opcode': o, 'ms': t / 1e9} for o, t in self.by_opcode],
+        'by_op': [{'op': n, 'opcode': o, 'count': c, 'ms': t / 1e9} for n, o, c, t in self.by_op],
+    }
 
 
 def find_trace(path: str) -> str:
@@ -78,8 +94,10 @@ def find_trace(path: str) -> str:
     return path
   found = glob.glob(os.path.join(path, '**', '*.xplane.pb'), recursive=True)
   if not found:
-    raise FileNotFoundError(f'no *.xplane.pb under {path!r}: expected the folder given to '
-                            '--profile (it holds plugins/profile/<run>/<host>.xplane.pb)')
+    raise FileNotFoundError(
+        f'no *.xplane.pb under {path!r}: expected the folder given to '
+        '--profile (it holds plugins/profile/<run>/<host>.xplane.pb)'
+    )
   return max(found, key=os.path.getmtime)
 
 
@@ -93,16 +111,18 @@ def hlo_protos(trace: str) -> dict[str, bytes]:
   """'<module>(<program id>)' -> the serialized HloProto of every HLO module stored in the trace
   file `trace` (as xprof extracts them)."""
   if raw_to_tool_data is None:
-    raise ImportError('reading the HLO modules of a trace needs xprof: pip install xprof==2.24.2 '
-                      '(requirements-test.txt)')
+    raise ImportError(
+        'reading the HLO modules of a trace needs xprof: pip install xprof==2.24.2 '
+        '(requirements-test.txt)'
+    )
   out = {}
-  with tempfile.TemporaryDirectory() as scratch:   # xprof writes beside the trace it reads
+  with tempfile.TemporaryDirectory() as scratch:  # xprof writes beside the trace it reads
     link = os.path.join(scratch, os.path.basename(trace))
     os.symlink(os.path.abspath(trace), link)
     raw_to_tool_data.xspace_to_tool_names([link])
     for path in glob.glob(os.path.join(scratch, '*.hlo_proto.pb')):
       with open(path, 'rb') as f:
-        out[os.path.basename(path)[:-len('.hlo_proto.pb')]] = f.read()
+        out[os.path.basename(path)[: -len('.hlo_proto.pb')]] = f.read()
   return out
 
 
@@ -191,8 +211,15 @@ def _line_events(line, programs=None):
     op, module = stats.get('hlo_op'), stats.get('hlo_module')
     if module is None and programs and stats.get('program_id') is not None:
       module = programs.get(int(stats['program_id']))
-    out.append((_ps(e.start_ns), _ps(e.duration_ns), None if op is None else str(op),
-                None if module is None else str(module), e.name))
+    out.append(
+        (
+            _ps(e.start_ns),
+            _ps(e.duration_ns),
+            None if op is None else str(op),
+            None if module is None else str(module),
+            e.name,
+        )
+    )
   return out
 
 
@@ -208,20 +235,27 @@ def _op_events(data: ProfileData, programs: dict[int, str]):
     if not device and plane.name != '/host:CPU':
       continue
     lines = {line.name: line for line in plane.lines}
-    streams = [l for n, l in lines.items() if n.startswith('Stream')] if device else \
-        list(lines.values())
+    streams = (
+        [ln for n, ln in lines.items() if n.startswith('Stream')]
+        if device
+        else list(lines.values())
+    )
     found = False
     for line in streams:
-      events = [(s, d, op, _module_name(mod or '?'))
-                for s, d, op, mod, _ in _line_events(line, programs) if op is not None]
+      events = [
+          (s, d, op, _module_name(mod or '?'))
+          for s, d, op, mod, _ in _line_events(line, programs)
+          if op is not None
+      ]
       if events:
         found = True
         yield plane.name, events
     if device and not found and 'XLA Ops' in lines:
       modules = []
       if 'XLA Modules' in lines:
-        modules = sorted((s, s + d, _module_name(n))
-                         for s, d, _, _, n in _line_events(lines['XLA Modules']))
+        modules = sorted(
+            (s, s + d, _module_name(n)) for s, d, _, _, n in _line_events(lines['XLA Modules'])
+        )
       starts = [m[0] for m in modules]
       slack, events = _slack(modules), []
       for s, d, op, mod, name in _line_events(lines['XLA Ops'], programs):
@@ -254,16 +288,17 @@ def summarize(path: str, module_filter: str | None = None) -> Summary:
   """Aggregate the executed ops of the trace at `path` (only modules containing `module_filter`)."""
   trace = find_trace(path)
   protos = hlo_protos(trace)
-  timed = []                                # (plane, module, op, self ps) of the kept ops
+  timed = []  # (plane, module, op, self ps) of the kept ops
   for plane, events in _op_events(ProfileData.from_file(trace), program_modules(protos)):
     for (_, _, op, module), t in zip(events, self_times(events, _slack(events))):
       if not module_filter or module_filter in module:
         timed.append((plane, module, op, t))
   if not timed:
     which = f' of modules matching {module_filter!r}' if module_filter else ''
-    raise ValueError(f'no executed XLA ops{which} in {trace!r}: was the trace taken '
-                     'while a jitted step ran?')
-  ran = {module for _, module, _, _ in timed}       # only these modules' HLO is read
+    raise ValueError(
+        f'no executed XLA ops{which} in {trace!r}: was the trace taken ' 'while a jitted step ran?'
+    )
+  ran = {module for _, module, _, _ in timed}  # only these modules' HLO is read
   texts = {name: hlo_text(proto) for name, proto in protos.items() if _module_name(name) in ran}
   info = hlo_op_info({name: text for name, text in texts.items() if text is not None})
   op_time, op_count = collections.Counter(), collections.Counter()
@@ -283,4 +318,7 @@ def summarize(path: str, module_filter: str | None = None) -> Summary:
   return Summary(
       total_ps=sum(op_time.values()),
       by_op=[(k, opcode_of[k], op_count[k], t) for k, t in op_time.most_common()],
-      by_source=by_source.most_common(), by_opcode=by_opcode.most_common(), planes=planes)
+      by_source=by_source.most_common(),
+      by_opcode=by_opcode.most_common(),
+      planes=planes,
+  )

@@ -11,6 +11,7 @@ pages (https://cloud.google.com/tpu/docs/v4, .../v5e, .../v5p, .../v6e; v5p: 459
 Your Model", chapter "How to Think About TPUs" (https://jax-ml.github.io/scaling-book/tpus/):
 v4p 9e10, v5p 1.8e11, v5e 9e10, v6e 1.8e11 bytes/s.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -23,13 +24,14 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class Generation:
   """One TPU generation's per-chip figures (see the module docstring for the sources)."""
-  name: str                  # as in slice names: v4, v5e, v5p, v6e
-  peak_bf16_tflops: float    # dense bf16 matrix-unit peak per chip
-  hbm_gb: float              # HBM capacity per chip, 1e9 bytes (the spec sheet's)
-  hbm_gbps: float            # HBM bandwidth per chip, 1e9 bytes/s
-  ici_link_gbps: float       # ICI bandwidth of one link, both directions, 1e9 bytes/s
-  torus_dims: int            # 3: v4/v5p (slice names count TensorCores, 2 per chip); 2: v5e/v6e
-  max_chips: int             # the largest single slice of power-of-two size listed here
+
+  name: str  # as in slice names: v4, v5e, v5p, v6e
+  peak_bf16_tflops: float  # dense bf16 matrix-unit peak per chip
+  hbm_gb: float  # HBM capacity per chip, 1e9 bytes (the spec sheet's)
+  hbm_gbps: float  # HBM bandwidth per chip, 1e9 bytes/s
+  ici_link_gbps: float  # ICI bandwidth of one link, both directions, 1e9 bytes/s
+  torus_dims: int  # 3: v4/v5p (slice names count TensorCores, 2 per chip); 2: v5e/v6e
+  max_chips: int  # the largest single slice of power-of-two size listed here
 
   @property
   def cores_per_chip(self) -> int:
@@ -37,12 +39,15 @@ class Generation:
     return 2 if self.torus_dims == 3 else 1
 
 
-GENERATIONS = {g.name: g for g in (
-    Generation('v4', 275.0, 32 * 2 ** 30 / 1e9, 1200.0, 90.0, 3, 2048),
-    Generation('v5e', 197.0, 16.0, 819.0, 90.0, 2, 256),
-    Generation('v5p', 459.0, 95.0, 2765.0, 180.0, 3, 4096),
-    Generation('v6e', 918.0, 32.0, 1638.0, 180.0, 2, 256),
-)}
+GENERATIONS = {
+    g.name: g
+    for g in (
+        Generation('v4', 275.0, 32 * 2**30 / 1e9, 1200.0, 90.0, 3, 2048),
+        Generation('v5e', 197.0, 16.0, 819.0, 90.0, 2, 256),
+        Generation('v5p', 459.0, 95.0, 2765.0, 180.0, 3, 4096),
+        Generation('v6e', 918.0, 32.0, 1638.0, 180.0, 2, 256),
+    )
+}
 
 
 def _shape_3d(chips: int) -> tuple[int, int, int]:
@@ -65,9 +70,10 @@ def _shape_2d(chips: int) -> tuple[int, int]:
 @dataclasses.dataclass(frozen=True)
 class Slice:
   """A TPU slice: its name as users write it and the compiler's topology."""
-  name: str                  # v5p-8
+
+  name: str  # v5p-8
   generation: Generation
-  shape: tuple[int, ...]     # chips along each torus axis
+  shape: tuple[int, ...]  # chips along each torus axis
 
   @property
   def chips(self) -> int:
@@ -91,7 +97,7 @@ class Slice:
     kw = {'wrap': self.wraparound}
     if self.generation.torus_dims == 3:
       kw.update(chip_config_name='megacore', chips_per_host_bounds=(2, 2, 1))
-    elif self.chips <= 8:          # v5e/v6e slices up to 8 chips sit on one host
+    elif self.chips <= 8:  # v5e/v6e slices up to 8 chips sit on one host
       kw['chips_per_host_bounds'] = (*self.shape, 1)
     else:
       kw['chips_per_host_bounds'] = (2, 2, 1)
@@ -105,15 +111,19 @@ class Slice:
     # otherwise refuse every process but the first).
     os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
     try:
-      desc = topologies.get_topology_desc(platform='tpu', topology_name=self.topology,
-                                          **self.topology_kwargs())
+      desc = topologies.get_topology_desc(
+          platform='tpu', topology_name=self.topology, **self.topology_kwargs()
+      )
     except Exception as e:  # noqa: BLE001 - libtpu missing or refusing
       raise RuntimeError(
           f'cannot build TPU topology {self.topology} for {self.name}: {e}. Compiling for TPUs '
-          'without one needs libtpu: pip install -e .[tpu]') from e
+          'without one needs libtpu: pip install -e .[tpu]'
+      ) from e
     if len(desc.devices) != self.chips:
-      raise RuntimeError(f'{self.topology} gave {len(desc.devices)} devices, expected one per '
-                         f'chip ({self.chips})')
+      raise RuntimeError(
+          f'{self.topology} gave {len(desc.devices)} devices, expected one per '
+          f'chip ({self.chips})'
+      )
     return list(desc.devices)
 
 
@@ -122,9 +132,9 @@ def known_slices() -> list[str]:
   out = []
   for g in GENERATIONS.values():
     if g.torus_dims == 3:
-      chips = [4 * 2 ** k for k in range(int(math.log2(g.max_chips // 4)) + 1)]
+      chips = [4 * 2**k for k in range(int(math.log2(g.max_chips // 4)) + 1)]
     else:
-      chips = [1] + [4 * 2 ** k for k in range(int(math.log2(g.max_chips // 4)) + 1)]
+      chips = [1] + [4 * 2**k for k in range(int(math.log2(g.max_chips // 4)) + 1)]
     out += [f'{g.name}-{c * g.cores_per_chip}' for c in chips]
   return out
 
@@ -142,8 +152,10 @@ def parse_slice(name: str) -> Slice:
     g = GENERATIONS[m.group(1)]
     shape = tuple(int(d) for d in m.group(2).split('x'))
     if len(shape) != g.torus_dims:
-      raise ValueError(f'TPU slice {name!r}: a {g.name} topology has {g.torus_dims} axes, got '
-                       f'{len(shape)}; known slices: {", ".join(known_slices())}')
+      raise ValueError(
+          f'TPU slice {name!r}: a {g.name} topology has {g.torus_dims} axes, got '
+          f'{len(shape)}; known slices: {", ".join(known_slices())}'
+      )
     return Slice(f'{g.name}-{math.prod(shape) * g.cores_per_chip}', g, shape)
   m = _NAME.match(text)
   if m and m.group(1) in GENERATIONS and f'{m.group(1)}-{int(m.group(2))}' in known_slices():
@@ -151,12 +163,14 @@ def parse_slice(name: str) -> Slice:
     chips = int(m.group(2)) // g.cores_per_chip
     shape = _shape_3d(chips) if g.torus_dims == 3 else _shape_2d(chips)
     return Slice(f'{g.name}-{int(m.group(2))}', g, shape)
-  raise ValueError(f'unknown TPU slice {name!r}; known slices: {", ".join(known_slices())} '
-                   '(or a topology such as v5p:4x4x12)')
+  raise ValueError(
+      f'unknown TPU slice {name!r}; known slices: {", ".join(known_slices())} '
+      '(or a topology such as v5p:4x4x12)'
+  )
 
 
 _AVAILABLE = re.compile(r'available HBM \(([\d.]+)([KMGT])\)')
-_UNITS = {'K': 2 ** 10, 'M': 2 ** 20, 'G': 2 ** 30, 'T': 2 ** 40}
+_UNITS = {'K': 2**10, 'M': 2**20, 'G': 2**30, 'T': 2**40}
 
 
 def compiler_memory_figures(message: str) -> tuple[float, float] | None:
@@ -175,6 +189,7 @@ def usable_hbm_gb(device) -> float | None:
   import jax
   import jax.numpy as jnp
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
   sh = NamedSharding(Mesh(np.array([device]), ('x',)), P())
   try:
     jax.jit(lambda: jnp.zeros((1 << 42,), jnp.int8), out_shardings=sh).lower().compile()

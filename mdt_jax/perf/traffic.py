@@ -8,6 +8,7 @@ its stack trace (the HLO text carries the stack frames). The sum approximates XL
 cannot see that a fusion reads only a slice of an operand, or updates a buffer in place);
 `markdown` prints both, so the coverage is visible.
 """
+
 from __future__ import annotations
 
 import collections
@@ -18,35 +19,53 @@ from typing import Callable, Iterator
 from mdt_jax.perf.hlo import _split_type, _top_level_elements, arrays, own_frame
 
 # no data moves: views, bookkeeping and the second half of async pairs (charged at the start)
-FREE = {'parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast', 'after-all',
-        'partition-id', 'replica-id', 'opt-barrier', 'iota', 'while', 'call', 'conditional'}
+FREE = {
+    'parameter',
+    'constant',
+    'get-tuple-element',
+    'tuple',
+    'bitcast',
+    'after-all',
+    'partition-id',
+    'replica-id',
+    'opt-barrier',
+    'iota',
+    'while',
+    'call',
+    'conditional',
+}
 _HEADER = re.compile(r'^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\)\s*->\s*.*\{\s*$')
 _INSTR = re.compile(r'^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*')
 _OPCODE = re.compile(r'\s*([a-z][a-z0-9\-]*)\(')
-_CALLED = re.compile(r'\b(body|condition|branch_computations|called_computations)=\{?([^,}]+'
-                     r'(?:,\s*%[\w.\-]+)*)\}?')
+_CALLED = re.compile(
+    r'\b(body|condition|branch_computations|called_computations)=\{?([^,}]+'
+    r'(?:,\s*%[\w.\-]+)*)\}?'
+)
 # every computation an instruction calls: fusions' bodies, reducers and comparators too
-_CALLS = re.compile(r'\b(?:calls|to_apply|body|condition|branch_computations|called_computations)'
-                    r'=(\{[^}]*\}|%?[\w.\-]+)')
+_CALLS = re.compile(
+    r'\b(?:calls|to_apply|body|condition|branch_computations|called_computations)'
+    r'=(\{[^}]*\}|%?[\w.\-]+)'
+)
 
 
 @dataclasses.dataclass
 class Instr:
   name: str
   opcode: str
-  out: list[tuple[int, int]]   # (bytes, memory space) of each array it writes
+  out: list[tuple[int, int]]  # (bytes, memory space) of each array it writes
   operands: list[str]
   frame: int | None
   op_name: str
-  calls: str | None        # a fusion's computation (its insides carry the stack frames)
+  calls: str | None  # a fusion's computation (its insides carry the stack frames)
   root: bool
-  called: list[str] = dataclasses.field(default_factory=list)   # every computation it calls
+  called: list[str] = dataclasses.field(default_factory=list)  # every computation it calls
 
 
 @dataclasses.dataclass
 class Module:
   """An HLO module's text, parsed: computations {name: [Instr]}, the entry computation's name,
   the top-level computations (entry, loop bodies, called branches) and the stack of a frame id."""
+
   comps: dict[str, list[Instr]]
   entry: str | None
   top: set[str]
@@ -110,7 +129,7 @@ def parse(text: str) -> Module:
     m = _INSTR.match(line)
     if not m or cur is None:
       continue
-    type_text, rest = _split_type(line[m.end():])
+    type_text, rest = _split_type(line[m.end() :])
     op = _OPCODE.match(rest)
     if not op:
       continue
@@ -120,10 +139,19 @@ def parse(text: str) -> Module:
     on = re.search(r'op_name="([^"]*)"', rest)
     calls = re.search(r'\bcalls=%([\w.\-]+)', rest)
     called = [n for group in _CALLS.findall(rest) for n in re.findall(r'%?([\w.\-]+)', group)]
-    comps[cur].append(Instr(m.group(2), op.group(1), _written(op.group(1), type_text),
-                            _operands(rest[op.end() - 1:]), int(sf.group(1)) if sf else None,
-                            on.group(1) if on else '', calls.group(1) if calls else None,
-                            bool(m.group(1)), called))
+    comps[cur].append(
+        Instr(
+            m.group(2),
+            op.group(1),
+            _written(op.group(1), type_text),
+            _operands(rest[op.end() - 1 :]),
+            int(sf.group(1)) if sf else None,
+            on.group(1) if on else '',
+            calls.group(1) if calls else None,
+            bool(m.group(1)),
+            called,
+        )
+    )
   top.add(entry)
 
   # This XLA prints each frame's parent one above its id (frame k's caller is k-1 when the
@@ -175,11 +203,20 @@ def traffic(text: str) -> list[dict]:
       if i.opcode in FREE or i.opcode.endswith('-done'):
         continue
       read = [a for o in i.operands for a in out.get(o, [])]
-      total = lambda xs: sum(b for b, _ in xs)                     # noqa: E731
-      hbm = lambda xs: sum(b for b, space in xs if space == 0)     # noqa: E731
-      rows.append({'instr': i.name, 'opcode': i.opcode, 'bytes': total(read) + total(i.out),
-                   'hbm_bytes': hbm(read) + hbm(i.out), 'read': total(read),
-                   'written': total(i.out), 'source': source(i), 'op_name': i.op_name})
+      total = lambda xs: sum(b for b, _ in xs)  # noqa: E731
+      hbm = lambda xs: sum(b for b, space in xs if space == 0)  # noqa: E731
+      rows.append(
+          {
+              'instr': i.name,
+              'opcode': i.opcode,
+              'bytes': total(read) + total(i.out),
+              'hbm_bytes': hbm(read) + hbm(i.out),
+              'read': total(read),
+              'written': total(i.out),
+              'source': source(i),
+              'op_name': i.op_name,
+          }
+      )
   return rows
 
 
@@ -193,16 +230,21 @@ def summarize(text: str, top: int = 25) -> dict:
     last = r['op_name'].rsplit('/', 1)[-1] if r['op_name'] else r['opcode']
     phase = 'bwd' if 'transpose(' in r['op_name'] else 'fwd'
     by_op[f'{r["opcode"]}[{last}] {phase}'] += r['bytes'] / 1e9
-  return {'total_gb': sum(r['bytes'] for r in rows) / 1e9,
-          'hbm_gb': sum(r['hbm_bytes'] for r in rows) / 1e9,
-          'by_source': by_source.most_common(top), 'by_op': by_op.most_common(top)}
+  return {
+      'total_gb': sum(r['bytes'] for r in rows) / 1e9,
+      'hbm_gb': sum(r['hbm_bytes'] for r in rows) / 1e9,
+      'by_source': by_source.most_common(top),
+      'by_op': by_op.most_common(top),
+  }
 
 
 def markdown(summary: dict, xla_gb: float | None = None) -> str:
   """The summary as Markdown tables, shares of the top-level instructions' total."""
   total = summary['total_gb'] or 1.0
-  head = (f'Traffic of the top-level instructions: {total:.2f} GB, {summary["hbm_gb"]:.2f} GB of '
-          'it in HBM')
+  head = (
+      f'Traffic of the top-level instructions: {total:.2f} GB, {summary["hbm_gb"]:.2f} GB of '
+      'it in HBM'
+  )
   if xla_gb:
     head += f' (XLA bytes accessed: {xla_gb:.2f} GB)'
   out = [head, '', '| source line (innermost mdt_jax frame) | GB | share |', '|---|---|---|']

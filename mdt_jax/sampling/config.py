@@ -1,6 +1,7 @@
 """The sampler settings: `SamplerConfig` (which sampler, its steps and guidance, checked when
 made), and the recommended settings of a model folder's or training config's `sampling` section
 that make one."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,6 +34,7 @@ class SamplerConfig:
   time_shift, sde_*: flow samplers only (see flow_loops.py). The guidance schedule and
     interval of a flow model are read in its model time, t * num_train_timesteps.
   """
+
   sampler: str = 'ddpm'
   steps: int = 250
   respacing: str | None = None
@@ -54,40 +56,50 @@ class SamplerConfig:
     if self.objective not in OBJECTIVES:
       raise ValueError(f'objective must be one of {OBJECTIVES}, got {self.objective!r}')
     if self.sampler not in SAMPLERS:
-      raise ValueError(f'unknown sampler {self.sampler!r}; expected one of '
-                       f'{SAMPLERS_OF[self.objective]} for a {self.objective} model')
+      raise ValueError(
+          f'unknown sampler {self.sampler!r}; expected one of '
+          f'{SAMPLERS_OF[self.objective]} for a {self.objective} model'
+      )
     fit = SAMPLERS_OF[self.objective]
     if self.sampler not in fit:
       other = 'flow' if self.objective == 'ddpm' else 'ddpm'
-      raise ValueError(f'sampler {self.sampler!r} is for {other}-objective models, but this model '
-                       f'was trained with the {self.objective!r} objective; samplers that fit: '
-                       f'{", ".join(fit)}')
+      raise ValueError(
+          f'sampler {self.sampler!r} is for {other}-objective models, but this model '
+          f'was trained with the {self.objective!r} objective; samplers that fit: '
+          f'{", ".join(fit)}'
+      )
     if isinstance(self.steps, bool) or int(self.steps) != self.steps or not 1 <= self.steps:
       raise ValueError(f'steps must be a positive integer, got {self.steps!r}')
     if self.objective == 'flow':
       self._check_flow()
     else:
       self._check_ddpm()
-    self.guidance   # validates the guidance fields
+    self.guidance  # validates the guidance fields
 
   def _check_ddpm(self):
     defaults = SamplerConfig.__dataclass_fields__
     for name in FLOW_FIELDS[1:]:
       if getattr(self, name) != defaults[name].default:
-        raise ValueError(f'{name} is a flow-sampler setting; got {name}={getattr(self, name)!r} '
-                         f'with the DDPM sampler {self.sampler!r}')
+        raise ValueError(
+            f'{name} is a flow-sampler setting; got {name}={getattr(self, name)!r} '
+            f'with the DDPM sampler {self.sampler!r}'
+        )
     t = self.num_train_timesteps
     if self.sampler == 'dpm_solver++':
       if self.respacing:
-        raise ValueError('dpm_solver++ picks its own timesteps; respacing must be empty, got '
-                         f'{self.respacing!r}')
+        raise ValueError(
+            'dpm_solver++ picks its own timesteps; respacing must be empty, got '
+            f'{self.respacing!r}'
+        )
       if self.steps > t - 1:
         raise ValueError(f'dpm_solver++ needs steps <= {t - 1}, got {self.steps}')
     else:
       kept = schedules.space_timesteps(t, self.respacing or str(self.steps))  # raises if bad
       if len(kept) < 2:
-        raise ValueError(f'{self.sampler} needs at least 2 steps, got {len(kept)} from '
-                         f'{self.respacing or self.steps!r}')
+        raise ValueError(
+            f'{self.sampler} needs at least 2 steps, got {len(kept)} from '
+            f'{self.respacing or self.steps!r}'
+        )
     if self.sampler == 'ddim' and not 0.0 <= self.eta:
       raise ValueError(f'eta must be >= 0, got {self.eta}')
     if self.sampler != 'ddim' and self.eta != 0.0:
@@ -96,19 +108,24 @@ class SamplerConfig:
   def _check_flow(self):
     for name, default in (('respacing', None), ('eta', 0.0), ('clip_denoised', False)):
       if getattr(self, name) not in (default, ''):
-        raise ValueError(f'{name} is a DDPM-sampler setting; got {name}={getattr(self, name)!r} '
-                         f'with the flow sampler {self.sampler!r}')
+        raise ValueError(
+            f'{name} is a DDPM-sampler setting; got {name}={getattr(self, name)!r} '
+            f'with the flow sampler {self.sampler!r}'
+        )
     if self.sampler == 'heun' and self.steps % 2:
-      raise ValueError(f'heun evaluates the model twice per step: steps must be even, got '
-                       f'{self.steps}')
+      raise ValueError(
+          f'heun evaluates the model twice per step: steps must be even, got ' f'{self.steps}'
+      )
     if self.sampler == 'euler_maruyama' and self.steps < 2:
-      raise ValueError(f'euler_maruyama needs steps >= 2 (SDE steps and the last step), got '
-                       f'{self.steps}')
+      raise ValueError(
+          f'euler_maruyama needs steps >= 2 (SDE steps and the last step), got ' f'{self.steps}'
+      )
     if not (math.isfinite(self.time_shift) and self.time_shift > 0):
       raise ValueError(f'time_shift must be > 0 (1: no shift), got {self.time_shift}')
     if self.sde_diffusion not in SDE_DIFFUSIONS:
-      raise ValueError(f'sde_diffusion must be one of {SDE_DIFFUSIONS}, got '
-                       f'{self.sde_diffusion!r}')
+      raise ValueError(
+          f'sde_diffusion must be one of {SDE_DIFFUSIONS}, got ' f'{self.sde_diffusion!r}'
+      )
     if not (math.isfinite(self.sde_diffusion_norm) and self.sde_diffusion_norm >= 0):
       raise ValueError(f'sde_diffusion_norm must be >= 0, got {self.sde_diffusion_norm}')
     if not 0.0 < self.sde_last_step < 1.0:
@@ -123,14 +140,20 @@ class SamplerConfig:
   def guidance(self) -> Guidance | None:
     if self.cfg_scale is None:
       return None
-    return Guidance(scale=float(self.cfg_scale), schedule=self.guidance_schedule,
-                    scale_pow=self.scale_pow, interval=self.guidance_interval,
-                    channels=self.guided_channels, num_train_timesteps=self.num_train_timesteps)
+    return Guidance(
+        scale=float(self.cfg_scale),
+        schedule=self.guidance_schedule,
+        scale_pow=self.scale_pow,
+        interval=self.guidance_interval,
+        channels=self.guided_channels,
+        num_train_timesteps=self.num_train_timesteps,
+    )
 
   def diffusion(self) -> gd.Diffusion:
     """The respaced process of DDPM / DDIM."""
-    return gd.create_diffusion(self.respacing or str(self.steps),
-                               num_timesteps=self.num_train_timesteps)
+    return gd.create_diffusion(
+        self.respacing or str(self.steps), num_timesteps=self.num_train_timesteps
+    )
 
 
 def recommended_sampling(sampling: dict, in_channels: int) -> dict:
@@ -140,9 +163,20 @@ def recommended_sampling(sampling: dict, in_channels: int) -> dict:
   so any value means 'all'); scale_pow <= 0 makes the power-cosine weight 1 at every step, i.e.
   constant guidance, and becomes guidance_schedule='constant'.
   """
-  keys = ('sampler', 'steps', 'respacing', 'eta', 'cfg_scale', 'scale_pow', 'guidance_schedule',
-          'guidance_channels', 'time_shift', 'sde_diffusion', 'sde_diffusion_norm',
-          'sde_last_step')
+  keys = (
+      'sampler',
+      'steps',
+      'respacing',
+      'eta',
+      'cfg_scale',
+      'scale_pow',
+      'guidance_schedule',
+      'guidance_channels',
+      'time_shift',
+      'sde_diffusion',
+      'sde_diffusion_norm',
+      'sde_last_step',
+  )
   out = {k: sampling[k] for k in keys if sampling.get(k) is not None}
   ch = out.get('guidance_channels', sampling.get('guided_channels'))
   if ch is not None:
@@ -151,8 +185,10 @@ def recommended_sampling(sampling: dict, in_channels: int) -> dict:
     elif ch in ('first3', 3):
       out['guidance_channels'] = 'first3'
     else:
-      raise ValueError(f'sampling.guidance_channels {ch!r} is not 3, "first3", "all" or '
-                       f'{in_channels} (the model\'s channels)')
+      raise ValueError(
+          f'sampling.guidance_channels {ch!r} is not 3, "first3", "all" or '
+          f"{in_channels} (the model's channels)"
+      )
   if out.get('scale_pow') is not None and out['scale_pow'] <= 0:
     del out['scale_pow']
     out['guidance_schedule'] = 'constant'
@@ -168,8 +204,9 @@ def recommended_fields(sampling: dict, in_channels: int) -> dict:
   return fields
 
 
-def make_sampler_config(sampling: dict, in_channels: int, num_timesteps: int,
-                        objective: str = 'ddpm', **overrides):
+def make_sampler_config(
+    sampling: dict, in_channels: int, num_timesteps: int, objective: str = 'ddpm', **overrides
+):
   """`SamplerConfig` from `sampling` settings (see recommended_sampling) and overrides, for a
   model of the given training objective."""
   values = recommended_fields(sampling, in_channels)

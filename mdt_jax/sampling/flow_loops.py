@@ -16,6 +16,7 @@ model evaluations:
   (SiT's ``diffusion_form`` with ``diffusion_norm`` n): 'sigma', w = n * sigma_t = n * t (SiT's
   sampling default), and 'constant', w = n.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -27,8 +28,8 @@ import numpy as np
 from mdt_jax.diffusion import flow
 
 Array = jax.Array
-EvalFn = Callable[[Array, Array], Array]     # (x, model time t * time_scale [B]) -> velocity
-NoiseFn = Callable[[Array], Array]           # loop iteration i -> per-sample normals like x
+EvalFn = Callable[[Array, Array], Array]  # (x, model time t * time_scale [B]) -> velocity
+NoiseFn = Callable[[Array], Array]  # loop iteration i -> per-sample normals like x
 
 FLOW_SAMPLERS = ('euler', 'heun', 'euler_maruyama')
 SDE_DIFFUSIONS = ('sigma', 'constant')
@@ -82,15 +83,21 @@ def _sde_drift(u: Array, x: Array, t: Array, w: Array) -> Array:
   return -u - w * (x + (1.0 - t) * u) / t
 
 
-def euler_maruyama_loop(eval_fn: EvalFn, ts: np.ndarray, x: Array, noise: NoiseFn,
-                        time_scale: float, form: str = 'sigma', norm: float = 1.0) -> Array:
+def euler_maruyama_loop(
+    eval_fn: EvalFn,
+    ts: np.ndarray,
+    x: Array,
+    noise: NoiseFn,
+    time_scale: float,
+    form: str = 'sigma',
+    norm: float = 1.0,
+) -> Array:
   """SiT's Euler-Maruyama sampler over the descending grid ``ts`` (ts[-1] > 0: the size of the
   final, noise-free step); len(ts) evaluations."""
   t = jnp.asarray(ts, jnp.float32)
 
   def drift(x, ti):
-    return _sde_drift(_velocity(eval_fn, x, ti, time_scale), x, ti,
-                      sde_diffusion(form, norm, ti))
+    return _sde_drift(_velocity(eval_fn, x, ti, time_scale), x, ti, sde_diffusion(form, norm, ti))
 
   def body(i, x):
     h = t[i] - t[i + 1]

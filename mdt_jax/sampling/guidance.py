@@ -1,4 +1,5 @@
 """Classifier-free guidance: scale schedules and the batched conditional/unconditional pass."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,6 +28,7 @@ class Guidance:
   channels: 'first3' guides eps channels 0..2 only (the original's DiT quirk), 'all' every eps
     channel. Unguided channels and the variance channels come from the conditional half.
   """
+
   scale: float
   schedule: str = 'power_cosine'
   scale_pow: float = 4.0
@@ -45,8 +47,9 @@ class Guidance:
       raise ValueError(f'guided channels must be one of {CHANNELS}, got {self.channels!r}')
     if self.interval is not None:
       if len(self.interval) != 2 or not 0 <= self.interval[0] <= self.interval[1]:
-        raise ValueError(f'guidance interval must be (lo, hi) with 0 <= lo <= hi, got '
-                         f'{self.interval!r}')
+        raise ValueError(
+            f'guidance interval must be (lo, hi) with 0 <= lo <= hi, got ' f'{self.interval!r}'
+        )
       object.__setattr__(self, 'interval', (int(self.interval[0]), int(self.interval[1])))
 
 
@@ -66,14 +69,19 @@ def guidance_scale(g: Guidance, t: Array) -> Array:
 
 def guided_model(model_fn: ModelFn, g: Guidance, null_label: int, channels: int) -> ModelFn:
   """A model_fn that runs `model_fn` once on [x; x] with labels [y; null] and guides eps."""
+
   def fn(x: Array, t: Array, y: Array) -> Array:
     b = x.shape[0]
-    out = model_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
-                   jnp.concatenate([y, jnp.full_like(y, null_label)]))
+    out = model_fn(
+        jnp.concatenate([x, x]),
+        jnp.concatenate([t, t]),
+        jnp.concatenate([y, jnp.full_like(y, null_label)]),
+    )
     out = out.astype(jnp.float32)
     cond, uncond = out[:b], out[b:]
     n = min(3, channels) if g.channels == 'first3' else channels
     s = guidance_scale(g, t)[:, None, None, None]
     guided = uncond[..., :n] + s * (cond[..., :n] - uncond[..., :n])
     return jnp.concatenate([guided, cond[..., n:]], axis=-1)
+
   return fn

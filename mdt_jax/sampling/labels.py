@@ -1,4 +1,5 @@
 """Class labels of a sampling run: uniform random, class-balanced, or given."""
+
 from __future__ import annotations
 
 import functools
@@ -13,17 +14,21 @@ MODES = ('uniform', 'balanced')
 def check_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
   labels = np.asarray(labels)
   if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f'labels must be a 1-D list of integer class ids, got {labels.dtype} '
-                     f'shape {labels.shape}')
+    raise ValueError(
+        f'labels must be a 1-D list of integer class ids, got {labels.dtype} '
+        f'shape {labels.shape}'
+    )
   bad = labels[(labels < 0) | (labels >= num_classes)]
   if bad.size:
-    raise ValueError(f'class ids must be in [0, {num_classes}), got '
-                     f'{sorted(set(bad.tolist()))[:10]}')
+    raise ValueError(
+        f'class ids must be in [0, {num_classes}), got ' f'{sorted(set(bad.tolist()))[:10]}'
+    )
   return labels.astype(np.int32)
 
 
-def make_labels(spec: str | Sequence[int] | np.ndarray, num_samples: int, num_classes: int,
-                seed: int = 0) -> np.ndarray:
+def make_labels(
+    spec: str | Sequence[int] | np.ndarray, num_samples: int, num_classes: int, seed: int = 0
+) -> np.ndarray:
   """int32 [num_samples] labels.
 
   'uniform': label i = randint(fold_in(label_key(seed), i)) in [0, num_classes) (the original's
@@ -40,8 +45,9 @@ def make_labels(spec: str | Sequence[int] | np.ndarray, num_samples: int, num_cl
     if spec == 'balanced':
       return (np.arange(num_samples) % num_classes).astype(np.int32)
     raise ValueError(f'labels must be one of {MODES} or a list of class ids, got {spec!r}')
-  given = check_labels(np.asarray(list(spec) if not isinstance(spec, np.ndarray) else spec),
-                       num_classes)
+  given = check_labels(
+      np.asarray(list(spec) if not isinstance(spec, np.ndarray) else spec), num_classes
+  )
   if given.size == 0:
     raise ValueError('the given label list is empty')
   return np.resize(given, num_samples).astype(np.int32)
@@ -58,8 +64,10 @@ def _uniform_chunk(key: jax.Array, indices: jax.Array, num_classes: int) -> jax.
 
 def _uniform(key: jax.Array, num_samples: int, num_classes: int) -> np.ndarray:
   # Fixed-size chunks: one compilation whatever the run length.
-  out = [np.asarray(_uniform_chunk(key, np.arange(lo, lo + _CHUNK), num_classes))
-         for lo in range(0, num_samples, _CHUNK)]
+  out = [
+      np.asarray(_uniform_chunk(key, np.arange(lo, lo + _CHUNK), num_classes))
+      for lo in range(0, num_samples, _CHUNK)
+  ]
   return np.concatenate(out)[:num_samples].astype(np.int32)
 
 
@@ -71,8 +79,9 @@ def parse_labels(text: str) -> str | list[int]:
   try:
     return [int(v) for v in text.split(',') if v.strip()]
   except ValueError:
-    raise ValueError(f'labels must be one of {MODES} or comma-separated class ids, '
-                     f'got {text!r}') from None
+    raise ValueError(
+        f'labels must be one of {MODES} or comma-separated class ids, ' f'got {text!r}'
+    ) from None
 
 
 def noise_key(seed: int) -> jax.Array:

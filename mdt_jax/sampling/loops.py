@@ -12,6 +12,7 @@ the solver works in log-SNR lambda = log(alpha/sigma) of the discrete training s
 steps, and the last step goes to clean data (sigma = 0) with the first-order update, i.e. it
 returns the x_0 prediction at the last timestep (as diffusers' final_sigmas_type='zero').
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -26,9 +27,10 @@ from mdt_jax.sampling import flow_loops
 from mdt_jax.sampling.config import SamplerConfig
 
 Array = jax.Array
-EvalFn = Callable[[Array, Array], Array]     # (x, original t) -> model output (guided)
+EvalFn = Callable[[Array, Array], Array]  # (x, original t) -> model output (guided)
 
 # ------------------------------------------------------------------ per-sample randomness
+
 
 def sample_keys(noise_key: Array, indices: Array) -> Array:
   """Per-sample keys [B] from the run's noise key and global sample indices [B]."""
@@ -47,35 +49,46 @@ def _full(b: int, value: Array) -> Array:
 
 # ------------------------------------------------------------------ single steps
 
-def p_sample_step(d: gd.Diffusion, out: Array, x: Array, t: Array, noise: Array,
-                  clip_denoised: bool = False) -> Array:
+
+def p_sample_step(
+    d: gd.Diffusion, out: Array, x: Array, t: Array, noise: Array, clip_denoised: bool = False
+) -> Array:
   """Ancestral step x_t -> x_{t-1} (t: respaced index); no noise where t == 0."""
   pm = gd.p_mean_variance(d, out, x, t, clip_denoised=clip_denoised)
   nonzero = (t != 0).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
   return pm['mean'] + nonzero * jnp.exp(0.5 * pm['log_variance']) * noise
 
 
-def ddim_step(d: gd.Diffusion, out: Array, x: Array, t: Array, noise: Array | None,
-              eta: float = 0.0, clip_denoised: bool = False) -> Array:
+def ddim_step(
+    d: gd.Diffusion,
+    out: Array,
+    x: Array,
+    t: Array,
+    noise: Array | None,
+    eta: float = 0.0,
+    clip_denoised: bool = False,
+) -> Array:
   """DDIM step (Song et al. eq. 12) on the respaced process; eta = 0 is deterministic."""
   pm = gd.p_mean_variance(d, out, x, t, clip_denoised=clip_denoised)
   x0 = pm['pred_xstart']
-  eps = gd.predict_eps_from_xstart(d, x, t, x0)   # re-derived so clipping is respected
+  eps = gd.predict_eps_from_xstart(d, x, t, x0)  # re-derived so clipping is respected
   ab = gd.extract(d.alphas_cumprod, t, x.ndim)
   ab_prev = gd.extract(d.alphas_cumprod_prev, t, x.ndim)
   mean = x0 * jnp.sqrt(ab_prev)
   if eta == 0.0 or noise is None:
     return mean + jnp.sqrt(1.0 - ab_prev) * eps
   sigma = eta * jnp.sqrt((1.0 - ab_prev) / (1.0 - ab)) * jnp.sqrt(1.0 - ab / ab_prev)
-  mean = mean + jnp.sqrt(1.0 - ab_prev - sigma ** 2) * eps
+  mean = mean + jnp.sqrt(1.0 - ab_prev - sigma**2) * eps
   nonzero = (t != 0).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
   return mean + nonzero * sigma * noise
 
 
 # ------------------------------------------------------------------ loops
 
-def ddpm_loop(eval_fn: EvalFn, d: gd.Diffusion, x: Array, keys: Array,
-              clip_denoised: bool = False) -> Array:
+
+def ddpm_loop(
+    eval_fn: EvalFn, d: gd.Diffusion, x: Array, keys: Array, clip_denoised: bool = False
+) -> Array:
   """The original p_sample_loop over the (respaced) process d, from x = x_T."""
   n, b = d.num_timesteps, x.shape[0]
 
@@ -88,8 +101,14 @@ def ddpm_loop(eval_fn: EvalFn, d: gd.Diffusion, x: Array, keys: Array,
   return jax.lax.fori_loop(0, n, body, x)
 
 
-def ddim_loop(eval_fn: EvalFn, d: gd.Diffusion, x: Array, keys: Array, eta: float = 0.0,
-              clip_denoised: bool = False) -> Array:
+def ddim_loop(
+    eval_fn: EvalFn,
+    d: gd.Diffusion,
+    x: Array,
+    keys: Array,
+    eta: float = 0.0,
+    clip_denoised: bool = False,
+) -> Array:
   n, b = d.num_timesteps, x.shape[0]
 
   def body(i, x):
@@ -107,12 +126,13 @@ def dpm_solver_plan(steps: int, num_train_timesteps: int = 1000) -> dict[str, np
   Step i (model at timesteps[i]) does x <- ratio[i] * x + coef[i] * (a[i] * x0_i + b[i] * x0_{i-1}).
   """
   ac = schedules.diffusion_tables(schedules.beta_schedule('linear', num_train_timesteps))[
-      'alphas_cumprod']
+      'alphas_cumprod'
+  ]
   kept = schedules.space_timesteps(num_train_timesteps, str(steps + 1))
-  ts = np.array(kept[1:][::-1], dtype=np.int64)                      # descending, no step 0
+  ts = np.array(kept[1:][::-1], dtype=np.int64)  # descending, no step 0
   alpha, sigma = np.sqrt(ac[ts]), np.sqrt(1.0 - ac[ts])
   lam = np.log(alpha) - np.log(sigma)
-  ratio, coef = np.zeros(steps), np.ones(steps)     # the last step returns x0 (sigma -> 0)
+  ratio, coef = np.zeros(steps), np.ones(steps)  # the last step returns x0 (sigma -> 0)
   a, b = np.ones(steps), np.zeros(steps)
   h = lam[1:] - lam[:-1]
   for i in range(steps - 1):
@@ -124,8 +144,9 @@ def dpm_solver_plan(steps: int, num_train_timesteps: int = 1000) -> dict[str, np
   return dict(timesteps=ts, alpha=alpha, sigma=sigma, ratio=ratio, coef=coef, a=a, b=b)
 
 
-def dpm_solver_loop(eval_fn: EvalFn, plan: dict[str, np.ndarray], x: Array,
-                    clip_denoised: bool = False) -> Array:
+def dpm_solver_loop(
+    eval_fn: EvalFn, plan: dict[str, np.ndarray], x: Array, clip_denoised: bool = False
+) -> Array:
   b, c = x.shape[0], x.shape[-1]
   p = {k: jnp.asarray(v, jnp.int32 if k == 'timesteps' else jnp.float32) for k, v in plan.items()}
 
@@ -146,15 +167,18 @@ def run_flow_loop(cfg: SamplerConfig, eval_fn: EvalFn, x: Array, keys: Array) ->
   """The flow sampler's loop: eval_fn gets the model time t * num_train_timesteps."""
   scale = float(cfg.num_train_timesteps)
   if cfg.sampler == 'euler':
-    return flow_loops.euler_loop(eval_fn, flow_loops.time_grid(cfg.steps + 1,
-                                                                     cfg.time_shift), x, scale)
+    return flow_loops.euler_loop(
+        eval_fn, flow_loops.time_grid(cfg.steps + 1, cfg.time_shift), x, scale
+    )
   if cfg.sampler == 'heun':
-    return flow_loops.heun_loop(eval_fn, flow_loops.time_grid(cfg.steps // 2 + 1,
-                                                                    cfg.time_shift), x, scale)
+    return flow_loops.heun_loop(
+        eval_fn, flow_loops.time_grid(cfg.steps // 2 + 1, cfg.time_shift), x, scale
+    )
   ts = flow_loops.time_grid(cfg.steps, cfg.time_shift, end=cfg.sde_last_step)
   noise = lambda i: per_sample_normal(keys, i + 1, x.shape[1:])
-  return flow_loops.euler_maruyama_loop(eval_fn, ts, x, noise, scale, cfg.sde_diffusion,
-                                           cfg.sde_diffusion_norm)
+  return flow_loops.euler_maruyama_loop(
+      eval_fn, ts, x, noise, scale, cfg.sde_diffusion, cfg.sde_diffusion_norm
+  )
 
 
 def run_loop(cfg: SamplerConfig, eval_fn: EvalFn, x: Array, keys: Array) -> Array:
@@ -165,5 +189,6 @@ def run_loop(cfg: SamplerConfig, eval_fn: EvalFn, x: Array, keys: Array) -> Arra
     return ddpm_loop(eval_fn, cfg.diffusion(), x, keys, cfg.clip_denoised)
   if cfg.sampler == 'ddim':
     return ddim_loop(eval_fn, cfg.diffusion(), x, keys, cfg.eta, cfg.clip_denoised)
-  return dpm_solver_loop(eval_fn, dpm_solver_plan(cfg.steps, cfg.num_train_timesteps), x,
-                         cfg.clip_denoised)
+  return dpm_solver_loop(
+      eval_fn, dpm_solver_plan(cfg.steps, cfg.num_train_timesteps), x, cfg.clip_denoised
+  )

@@ -1,4 +1,5 @@
 """A whole sampling run written in shards: resumable, merged into the ADM evaluator's .npz."""
+
 from __future__ import annotations
 
 import contextlib
@@ -36,8 +37,11 @@ def _shard_done(path: str, indices: np.ndarray, labels: np.ndarray) -> bool:
     return False
   try:
     with _load_npz(path) as f:
-      return (np.array_equal(f['indices'], indices) and np.array_equal(f['arr_1'], labels)
-              and f['arr_0'].shape[0] == indices.size)
+      return (
+          np.array_equal(f['indices'], indices)
+          and np.array_equal(f['arr_1'], labels)
+          and f['arr_0'].shape[0] == indices.size
+      )
   except Exception:  # unreadable: sample it again
     return False
 
@@ -49,16 +53,27 @@ def _check_run_file(out_dir: str, settings: dict) -> None:
     old = json.loads(path.read_text())
     if old != settings:
       diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
-      raise ValueError(f'{out_dir} holds samples of a run with other settings ({diff}); use a '
-                       'new --out folder or the same settings')
+      raise ValueError(
+          f'{out_dir} holds samples of a run with other settings ({diff}); use a '
+          'new --out folder or the same settings'
+      )
   elif jax.process_index() == 0:
     atomic.write_text(os.fspath(path), json.dumps(settings, indent=2))
 
 
-def run_sampling(sampler: Sampler, *, out_dir: str, num_samples: int,
-                 labels: str | list[int] = 'uniform', seed: int = 0, batch_size: int = 64,
-                 shard_size: int = 1000, postprocess: Callable = to_uint8,
-                 grid_size: int = 64, run_info: dict | None = None) -> str:
+def run_sampling(
+    sampler: Sampler,
+    *,
+    out_dir: str,
+    num_samples: int,
+    labels: str | list[int] = 'uniform',
+    seed: int = 0,
+    batch_size: int = 64,
+    shard_size: int = 1000,
+    postprocess: Callable = to_uint8,
+    grid_size: int = 64,
+    run_info: dict | None = None,
+) -> str:
   """Sample `num_samples` images into OUT/shards, skip finished shards, merge OUT/samples.npz.
 
   samples.npz: arr_0 uint8 [N, H, W, 3], arr_1 int labels [N] (the ADM evaluator layout);
@@ -67,10 +82,14 @@ def run_sampling(sampler: Sampler, *, out_dir: str, num_samples: int,
   if num_samples < 1 or shard_size < 1:
     raise ValueError(f'num_samples and shard_size must be >= 1, got {num_samples}, {shard_size}')
   all_labels = labels_lib.make_labels(labels, num_samples, sampler.num_classes, seed)
-  settings = dict(sampler=sampler.config.record(), seed=seed,
-                  labels=labels if isinstance(labels, str) else list(map(int, labels)),
-                  shard_size=shard_size, **(run_info or {}))
-  settings = json.loads(json.dumps(settings))     # tuples -> lists, as read back from the file
+  settings = dict(
+      sampler=sampler.config.record(),
+      seed=seed,
+      labels=labels if isinstance(labels, str) else list(map(int, labels)),
+      shard_size=shard_size,
+      **(run_info or {}),
+  )
+  settings = json.loads(json.dumps(settings))  # tuples -> lists, as read back from the file
   (paths.path(out_dir) / SHARD_DIR).mkdir(parents=True, exist_ok=True)
   _check_run_file(out_dir, settings)
 
@@ -83,16 +102,23 @@ def run_sampling(sampler: Sampler, *, out_dir: str, num_samples: int,
     if _shard_done(path, idx, y):
       logging.info('shard %d/%d already done, skipped', k + 1, num_shards)
       continue
-    images = generate(sampler, y, seed=seed, batch_size=batch_size, start=lo,
-                      postprocess=postprocess)
+    images = generate(
+        sampler, y, seed=seed, batch_size=batch_size, start=lo, postprocess=postprocess
+    )
     if jax.process_index() == 0:
       atomic.save_npz(path, arr_0=images, arr_1=y, indices=idx)
     done_now += hi - lo
-    left = sum(min(num_samples, (j + 1) * shard_size) - j * shard_size
-               for j in range(k + 1, num_shards))
+    left = sum(
+        min(num_samples, (j + 1) * shard_size) - j * shard_size for j in range(k + 1, num_shards)
+    )
     rate = done_now / (time.time() - t0)
-    logging.info('shard %d/%d written (%.2f samples/s, about %.0f s left)', k + 1, num_shards,
-                 rate, left / rate)
+    logging.info(
+        'shard %d/%d written (%.2f samples/s, about %.0f s left)',
+        k + 1,
+        num_shards,
+        rate,
+        left / rate,
+    )
 
   out = os.path.join(out_dir, 'samples.npz')
   if jax.process_index() == 0:

@@ -5,6 +5,7 @@ any callable model_fn(x [B,H,W,C], t [B] original timesteps, y [B]) -> [B,H,W,2C
 The batch is split over the 'data' axis of a 1-D mesh with shard_map (sampling is per sample by
 nature: no communication); each device runs the whole fori_loop on its slice.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,8 +30,9 @@ Array = jax.Array
 def data_mesh(devices=None) -> jax.sharding.Mesh:
   """1-D mesh ('data',) over `devices` (default: every device)."""
   devices = list(jax.devices() if devices is None else devices)
-  return jax.make_mesh((len(devices),), ('data',), axis_types=(jax.sharding.AxisType.Explicit,),
-                       devices=devices)
+  return jax.make_mesh(
+      (len(devices),), ('data',), axis_types=(jax.sharding.AxisType.Explicit,), devices=devices
+  )
 
 
 def functional_model(model: Any) -> tuple[Callable, Any]:
@@ -46,6 +48,7 @@ def functional_model(model: Any) -> tuple[Callable, Any]:
 @dataclasses.dataclass
 class Sampler:
   """Draws samples for given global indices and labels: `sampler(indices, labels, seed)`."""
+
   config: SamplerConfig
   image_shape: tuple[int, int, int]
   num_classes: int
@@ -63,9 +66,10 @@ class Sampler:
     indices = np.asarray(indices, np.int64)
     labels = labels_lib.check_labels(labels, self.num_classes)
     if indices.shape != labels.shape or indices.ndim != 1:
-      raise ValueError(f'indices {indices.shape} and labels {labels.shape} must be 1-D and of '
-                       'equal length')
-    if indices.size and (indices.min() < 0 or indices.max() >= 2 ** 31):
+      raise ValueError(
+          f'indices {indices.shape} and labels {labels.shape} must be 1-D and of ' 'equal length'
+      )
+    if indices.size and (indices.min() < 0 or indices.max() >= 2**31):
       raise ValueError('sample indices must lie in [0, 2**31)')
     n = indices.size
     pad = (-n) % self.num_devices
@@ -76,12 +80,20 @@ class Sampler:
     out = self.fn(self.params, labels_lib.noise_key(seed), put(idx), put(y))
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils
+
       out = multihost_utils.process_allgather(out, tiled=True)
     return np.asarray(out)[:n]
 
 
-def draw_samples(model_fn: Callable, config: SamplerConfig, image_shape: tuple[int, int, int],
-                 num_classes: int, key: Array, idx: Array, y: Array) -> Array:
+def draw_samples(
+    model_fn: Callable,
+    config: SamplerConfig,
+    image_shape: tuple[int, int, int],
+    num_classes: int,
+    key: Array,
+    idx: Array,
+    y: Array,
+) -> Array:
   """Samples [B, H, W, C] for global indices idx [B] and labels y [B]: per-sample starting
   noise, guidance (with `config.guidance`) and the sampler's loop. `build_sampler` jits and
   shards this; run under `jax.disable_jit()` it is the same sampler, op by op."""
@@ -93,9 +105,12 @@ def draw_samples(model_fn: Callable, config: SamplerConfig, image_shape: tuple[i
   return run_loop(config, lambda x, t: model_fn(x, t, y), x, keys)
 
 
-def sharded_model(model: Any, mesh: jax.sharding.Mesh | None,
-                  image_shape: tuple[int, int, int] | None, num_classes: int | None
-                  ) -> tuple[tuple[int, int, int], int, jax.sharding.Mesh, Callable, Any]:
+def sharded_model(
+    model: Any,
+    mesh: jax.sharding.Mesh | None,
+    image_shape: tuple[int, int, int] | None,
+    num_classes: int | None,
+) -> tuple[tuple[int, int, int], int, jax.sharding.Mesh, Callable, Any]:
   """(image shape, classes, 'data' mesh, apply, weights replicated on the mesh) of an MDT (shape
   and classes from model.config) or of a model_fn (give both)."""
   cfg = getattr(model, 'config', None)
@@ -116,40 +131,66 @@ def sharded_model(model: Any, mesh: jax.sharding.Mesh | None,
   return tuple(int(s) for s in image_shape), num_classes, mesh, apply, params
 
 
-def build_sampler(model: Any, config: SamplerConfig, *, mesh: jax.sharding.Mesh | None = None,
-                  image_shape: tuple[int, int, int] | None = None,
-                  num_classes: int | None = None) -> Sampler:
+def build_sampler(
+    model: Any,
+    config: SamplerConfig,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+    image_shape: tuple[int, int, int] | None = None,
+    num_classes: int | None = None,
+) -> Sampler:
   """A `Sampler` for an MDT (shape and classes from model.config) or a model_fn (give both).
 
   Checks the model output channels with an abstract evaluation (nothing runs) and compiles once
   per batch shape.
   """
-  image_shape, num_classes, mesh, apply, params = sharded_model(model, mesh, image_shape,
-                                                                num_classes)
+  image_shape, num_classes, mesh, apply, params = sharded_model(
+      model, mesh, image_shape, num_classes
+  )
   c = image_shape[-1]
   one = jnp.zeros((1,), jnp.int32)
   probe = jax.eval_shape(lambda p: apply(p, jnp.zeros((1,) + image_shape), one, one), params)
   if probe.shape[-1] not in (c, 2 * c) or probe.shape[:-1] != (1,) + image_shape[:-1]:
-    raise ValueError(f'model output {probe.shape} does not fit images {image_shape}: expected '
-                     f'[B, H, W, {c}] (fixed variance) or [B, H, W, {2 * c}] (learned variance)')
+    raise ValueError(
+        f'model output {probe.shape} does not fit images {image_shape}: expected '
+        f'[B, H, W, {c}] (fixed variance) or [B, H, W, {2 * c}] (learned variance)'
+    )
   learn_sigma = probe.shape[-1] == 2 * c
   if config.objective == 'flow' and learn_sigma:
-    raise ValueError(f'a flow model predicts a velocity of {c} channels, but this model outputs '
-                     f'{2 * c} (learned variance): it was not trained with the flow objective')
+    raise ValueError(
+        f'a flow model predicts a velocity of {c} channels, but this model outputs '
+        f'{2 * c} (learned variance): it was not trained with the flow objective'
+    )
 
   def local(params, key, idx, y):
-    return draw_samples(lambda x, t, yy: apply(params, x, t, yy), config, image_shape,
-                        num_classes, key, idx, y)
+    return draw_samples(
+        lambda x, t, yy: apply(params, x, t, yy), config, image_shape, num_classes, key, idx, y
+    )
 
-  sharded = jax.shard_map(local, mesh=mesh, in_specs=(P(), P(), P('data'), P('data')),
-                          out_specs=P('data'))
-  return Sampler(config=config, image_shape=image_shape, num_classes=num_classes,
-                 learn_sigma=learn_sigma, mesh=mesh, params=params, fn=jax.jit(sharded))
+  sharded = jax.shard_map(
+      local, mesh=mesh, in_specs=(P(), P(), P('data'), P('data')), out_specs=P('data')
+  )
+  return Sampler(
+      config=config,
+      image_shape=image_shape,
+      num_classes=num_classes,
+      learn_sigma=learn_sigma,
+      mesh=mesh,
+      params=params,
+      fn=jax.jit(sharded),
+  )
 
 
-def generate(sampler: Sampler, labels: np.ndarray, *, seed: int = 0, batch_size: int = 64,
-             start: int = 0, log_every: int = 1,
-             postprocess: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+def generate(
+    sampler: Sampler,
+    labels: np.ndarray,
+    *,
+    seed: int = 0,
+    batch_size: int = 64,
+    start: int = 0,
+    log_every: int = 1,
+    postprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> np.ndarray:
   """Samples for global indices start .. start+len(labels)-1, in batches of `batch_size`.
 
   Every batch is padded to the same size so the whole run compiles once. `postprocess` maps each
@@ -164,11 +205,10 @@ def generate(sampler: Sampler, labels: np.ndarray, *, seed: int = 0, batch_size:
   for b, lo in enumerate(range(0, n, batch_size)):
     hi = min(n, lo + batch_size)
     idx = np.arange(start + lo, start + lo + batch_size)
-    y = np.resize(labels[lo:hi], batch_size)       # padding rows repeat labels; dropped below
-    out = sampler(idx, y, seed)[:hi - lo]
+    y = np.resize(labels[lo:hi], batch_size)  # padding rows repeat labels; dropped below
+    out = sampler(idx, y, seed)[: hi - lo]
     outs.append(postprocess(out) if postprocess else out)
     if log_every and ((b + 1) % log_every == 0 or b + 1 == num_batches):
       dt = time.time() - t0
-      logging.info('sampled %d/%d (%.2f samples/s, ETA %.0f s)', hi, n, hi / dt,
-                   (n - hi) * dt / hi)
+      logging.info('sampled %d/%d (%.2f samples/s, ETA %.0f s)', hi, n, hi / dt, (n - hi) * dt / hi)
   return np.concatenate(outs)

@@ -1,5 +1,6 @@
 """The command line of a study (tools/learning_curves.py, tools/flow_matching.py): a study config,
 where the report goes, and a main that runs the study and writes its report."""
+
 from __future__ import annotations
 
 import importlib
@@ -29,16 +30,19 @@ def study_main(argv, tool: str, study: str, report: str) -> None:
   quiet_orbax()
   # imported here: the tool's flags and --help load without jax
   from mdt_jax import paths
+
   study_lib = importlib.import_module(f'mdt_jax.studies.{study}')
   report_lib = importlib.import_module(f'mdt_jax.studies.{report}')
   why = 'the study writes its report, plots and workdirs on a local disk'
   out = paths.require_local(FLAGS.out, '--out', why)
   if FLAGS.workdir_root:
     paths.require_local(FLAGS.workdir_root, '--workdir_root', why)
-  results = study_lib.run_study(FLAGS.config, out, fresh=FLAGS.fresh,
-                                workdir_root=paths.resolve_optional(FLAGS.workdir_root))
+  results = study_lib.run_study(
+      FLAGS.config, out, fresh=FLAGS.fresh, workdir_root=paths.resolve_optional(FLAGS.workdir_root)
+  )
   command = f'python tools/{tool} ' + ' '.join(
-      a for a in sys.argv[1:] if not a.startswith('--workdir_root'))
+      a for a in sys.argv[1:] if not a.startswith('--workdir_root')
+  )
   png, md = report_lib.write(results, out, command.strip())
   logging.info('wrote %s.json, %s and %s', out, png, md)
   print('\n'.join(report_lib.conclusion(results)))

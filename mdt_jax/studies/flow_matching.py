@@ -16,6 +16,7 @@ mdt_jax.studies.learning_curves, whose run and curve machinery this reuses).
     results = fm.run_study(study_config, 'docs/flow_matching')    # writes the .json
     flow_report.write(results, 'docs/flow_matching')              # the .png and the .md
 """
+
 from __future__ import annotations
 
 import time
@@ -39,6 +40,7 @@ OBJECTIVE_SETTINGS = ('objective', 'mask_branch')
 
 # ------------------------------------------------------------------------------------- configs
 
+
 def parse_sampler(spec: str) -> dict:
   """'heun:20' -> {'sampler': 'heun', 'steps': 20}."""
   name, _, steps = str(spec).partition(':')
@@ -48,8 +50,9 @@ def parse_sampler(spec: str) -> dict:
     raise ValueError(f'sampler spec must be "name:steps" (e.g. "heun:20"), got {spec!r}') from None
 
 
-def variant_config(study: ml_collections.ConfigDict, variant: str, seed: int,
-                   sampler: str | None = None) -> ml_collections.ConfigDict:
+def variant_config(
+    study: ml_collections.ConfigDict, variant: str, seed: int, sampler: str | None = None
+) -> ml_collections.ConfigDict:
   """The training config of one run: ``train`` with the seed, the variant's objective and mask
   branch, and the objective's curve sampler (or ``sampler``, "name:steps")."""
   if variant not in study.variants:
@@ -72,20 +75,26 @@ def check_study(study: ml_collections.ConfigDict) -> None:
   if not seeds or len(set(seeds)) != len(seeds) or any(int(s) != s or s < 0 for s in seeds):
     raise ValueError(f'seeds must be distinct non-negative integers, got {study.seeds!r}')
   if study.baseline not in study.variants:
-    raise ValueError(f'baseline {study.baseline!r} is not one of the variants '
-                     f'{sorted(study.variants)}')
+    raise ValueError(
+        f'baseline {study.baseline!r} is not one of the variants ' f'{sorted(study.variants)}'
+    )
   for variant, v in study.variants.items():
     if set(v.keys()) != set(OBJECTIVE_SETTINGS):
-      raise ValueError(f'variant {variant!r} must set exactly {OBJECTIVE_SETTINGS}, got '
-                       f'{sorted(v.keys())}')
+      raise ValueError(
+          f'variant {variant!r} must set exactly {OBJECTIVE_SETTINGS}, got ' f'{sorted(v.keys())}'
+      )
     for spec in [None, *study.final_samplers[v.objective]]:
-      validate(variant_config(study, variant, seeds[0], spec))   # the sampler fits, too
+      validate(variant_config(study, variant, seeds[0], spec))  # the sampler fits, too
   # The learning-speed checks (digits, eval settings) on the baseline's config.
-  lc.check_study(ml_collections.ConfigDict(dict(
-      study.to_dict(), train=variant_config(study, study.baseline, seeds[0]).to_dict())))
+  lc.check_study(
+      ml_collections.ConfigDict(
+          dict(study.to_dict(), train=variant_config(study, study.baseline, seeds[0]).to_dict())
+      )
+  )
 
 
 # ---------------------------------------------------------------------------------- evaluation
+
 
 class Evaluators:
   """One `learning_curves.Evaluator` (one compiled sampler) per (objective, sampler), shared by
@@ -119,18 +128,27 @@ class SamplerSweep:
     for spec in self.specs:
       t0 = time.perf_counter()
       metrics = self.evaluators.get(self.variant, spec)(state.ema_params)
-      self.results[spec] = {**metrics, 'model_evaluations': parse_sampler(spec)['steps'],
-                            'seconds': time.perf_counter() - t0}
+      self.results[spec] = {
+          **metrics,
+          'model_evaluations': parse_sampler(spec)['steps'],
+          'seconds': time.perf_counter() - t0,
+      }
       logging.info('%s at step %d: %s', spec, step, metrics)
 
 
-def run_one(study: ml_collections.ConfigDict, variant: str, seed: int, evaluators: Evaluators,
-            workdir_root: str | None = None) -> dict:
+def run_one(
+    study: ml_collections.ConfigDict,
+    variant: str,
+    seed: int,
+    evaluators: Evaluators,
+    workdir_root: str | None = None,
+) -> dict:
   """One run: its curve (learning_curves.run_one) and the final sampler sweep."""
   config = variant_config(study, variant, seed)
   sweep = SamplerSweep(evaluators, variant, config.total_steps)
-  run = lc.run_one(study, variant, seed, evaluators.get(variant), workdir_root, config=config,
-                   callbacks=[sweep])
+  run = lc.run_one(
+      study, variant, seed, evaluators.get(variant), workdir_root, config=config, callbacks=[sweep]
+  )
   if sorted(sweep.results) != sorted(sweep.specs):
     raise RuntimeError(f'run {variant}/seed {seed}: the sampler sweep did not run')
   run.update(objective=study.variants[variant].objective, sweep=sweep.results)
@@ -139,6 +157,7 @@ def run_one(study: ml_collections.ConfigDict, variant: str, seed: int, evaluator
 
 # ------------------------------------------------------------------------------------- results
 
+
 def summarize_sweep(runs: list[dict], variants) -> dict:
   """Per variant and sampler: mean, std, min, max over seeds of each metric."""
   out = {}
@@ -146,10 +165,15 @@ def summarize_sweep(runs: list[dict], variants) -> dict:
     mine = [r for r in runs if r['variant'] == variant]
     specs = list(mine[0]['sweep'])
     out[variant] = {
-        spec: {'model_evaluations': mine[0]['sweep'][spec]['model_evaluations'],
-               **{m: lc.seed_stats(np.array([[r['sweep'][spec][m]] for r in mine], np.float64))
-                  for m in lc.METRICS}}
-        for spec in specs}
+        spec: {
+            'model_evaluations': mine[0]['sweep'][spec]['model_evaluations'],
+            **{
+                m: lc.seed_stats(np.array([[r['sweep'][spec][m]] for r in mine], np.float64))
+                for m in lc.METRICS
+            },
+        }
+        for spec in specs
+    }
   return out
 
 
@@ -164,17 +188,26 @@ def target_check(sweep: dict, study: ml_collections.ConfigDict) -> dict:
   for variant, specs in sweep.items():
     if study.variants[variant].objective != 'flow':
       continue
-    heun = {s: v['fd']['mean'][0] for s, v in specs.items()
-            if s.startswith('heun:') and v['model_evaluations'] <= 50}
-    reached = sorted((s for s, fd in heun.items() if fd <= target),
-                     key=lambda s: specs[s]['model_evaluations'])
+    heun = {
+        s: v['fd']['mean'][0]
+        for s, v in specs.items()
+        if s.startswith('heun:') and v['model_evaluations'] <= 50
+    }
+    reached = sorted(
+        (s for s, fd in heun.items() if fd <= target), key=lambda s: specs[s]['model_evaluations']
+    )
     out['variants'][variant] = {'heun_fd': heun, 'reached_by': reached}
   return out
 
 
-def run_study(study: ml_collections.ConfigDict, out: str, *, fresh: bool = False,
-              workdir_root: str | None = None,
-              progress: Callable[[dict], None] | None = None) -> dict:
+def run_study(
+    study: ml_collections.ConfigDict,
+    out: str,
+    *,
+    fresh: bool = False,
+    workdir_root: str | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> dict:
   """Train every (seed, variant), write ``out``.json after each run; return the results.
 
   Runs already in ``out``.json for the same study config are kept (an interrupted study resumes)
@@ -185,14 +218,25 @@ def run_study(study: ml_collections.ConfigDict, out: str, *, fresh: bool = False
   path, runs, classifier = lc.open_study(study, out, fresh)
   evaluators = Evaluators(study, classifier)
   variants = list(study.variants)
-  results = {'version': RESULTS_VERSION, 'study': lc.study_record(study),
-             'num_params': {v: count_params(MDTConfig.from_dict(
-                 variant_config(study, v, 0).model.to_dict())) for v in variants},
-             'environment': lc.environment(), 'reference': lc.data_reference(study, classifier),
-             'runs': runs}
-  lc.run_all(study, variants, results, path,
-             lambda variant, seed: run_one(study, variant, seed, evaluators, workdir_root),
-             progress)
+  results = {
+      'version': RESULTS_VERSION,
+      'study': lc.study_record(study),
+      'num_params': {
+          v: count_params(MDTConfig.from_dict(variant_config(study, v, 0).model.to_dict()))
+          for v in variants
+      },
+      'environment': lc.environment(),
+      'reference': lc.data_reference(study, classifier),
+      'runs': runs,
+  }
+  lc.run_all(
+      study,
+      variants,
+      results,
+      path,
+      lambda variant, seed: run_one(study, variant, seed, evaluators, workdir_root),
+      progress,
+  )
   results['summary'] = lc.summarize(runs, list(study.seeds), variants, study.baseline)
   results['sweep'] = summarize_sweep(runs, variants)
   results['target'] = target_check(results['sweep'], study)

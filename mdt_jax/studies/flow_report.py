@@ -1,4 +1,5 @@
 """The flow-matching study's plot (PNG) and Markdown report, written from its results dict."""
+
 from __future__ import annotations
 
 import os
@@ -8,8 +9,11 @@ import numpy as np
 from mdt_jax.studies import page
 from mdt_jax.studies.page import fmt
 
-LABELS = {'mdt_ddpm': 'MDTv2, DDPM (as published)', 'mdt_flow': 'MDTv2 masking, flow',
-          'dit_flow': 'flow, no masked branch'}
+LABELS = {
+    'mdt_ddpm': 'MDTv2, DDPM (as published)',
+    'mdt_flow': 'MDTv2 masking, flow',
+    'dit_flow': 'flow, no masked branch',
+}
 COLORS = {'mdt_ddpm': 'tab:blue', 'mdt_flow': 'tab:red', 'dit_flow': 'tab:orange'}
 MARKERS = {'ddpm': 'o', 'dpm_solver++': 's', 'euler': 'v', 'heun': '^', 'euler_maruyama': 'x'}
 TITLES = {'fd': 'Frechet distance (classifier features)', 'class_accuracy': 'class accuracy'}
@@ -38,6 +42,7 @@ def plot(results: dict, path: str) -> str:
   """Both metrics against training steps (curve sampler) and against model evaluations of the
   final sampler sweep: seed means, +-1 std."""
   import matplotlib
+
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
 
@@ -59,16 +64,29 @@ def plot(results: dict, path: str) -> str:
         x = [specs[n]['model_evaluations'] for n in names]
         mean = [specs[n][metric]['mean'][0] for n in names]
         std = [specs[n][metric]['std'][0] for n in names]
-        ax.errorbar(x, mean, yerr=std, color=COLORS.get(variant), marker=MARKERS.get(family),
-                    capsize=2, label=f'{_label(variant)}: {family}')
+        ax.errorbar(
+            x,
+            mean,
+            yerr=std,
+            color=COLORS.get(variant),
+            marker=MARKERS.get(family),
+            capsize=2,
+            label=f'{_label(variant)}: {family}',
+        )
     ax.set_xscale('log')
-    ax.set_xlabel(f'model evaluations per sample (step {results["study"]["train"]["total_steps"]}'
-                  ' weights)')
+    ax.set_xlabel(
+        f'model evaluations per sample (step {results["study"]["train"]["total_steps"]}' ' weights)'
+    )
     for row in range(2):
       ax = axes[row, col]
       real = ref['fd_real_images'] if metric == 'fd' else ref['classifier_test_accuracy']
-      ax.axhline(real, color='gray', ls='--', lw=1,
-                 label='real images' if metric == 'fd' else 'classifier on held-out data')
+      ax.axhline(
+          real,
+          color='gray',
+          ls='--',
+          lw=1,
+          label='real images' if metric == 'fd' else 'classifier on held-out data',
+      )
       if metric == 'fd':
         ax.set_yscale('log')
       ax.set_ylabel(TITLES[metric])
@@ -76,8 +94,9 @@ def plot(results: dict, path: str) -> str:
   axes[0, 0].legend(fontsize=8)
   axes[1, 0].legend(fontsize=7, ncol=2)
   n = len(results['study']['seeds'])
-  fig.suptitle(f'Flow matching vs DDPM with MDT masking on digits ({n} seeds: mean, +-1 std)',
-               fontsize=11)
+  fig.suptitle(
+      f'Flow matching vs DDPM with MDT masking on digits ({n} seeds: mean, +-1 std)', fontsize=11
+  )
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -85,6 +104,7 @@ def plot(results: dict, path: str) -> str:
 
 
 # ----------------------------------------------------------------------------------- numbers
+
 
 def _cell(stats: dict, i: int = -1, digits: int = 3) -> str:
   return f"{fmt(stats['mean'][i], digits)} +- {fmt(stats['std'][i], 2)}"
@@ -99,8 +119,11 @@ def conclusion(results: dict) -> list[str]:
     name = 'Frechet distance' if metric == 'fd' else 'class accuracy'
     finals = {v: summary['variants'][v][metric]['mean'][-1] for v in _order(results)}
     best = (min if metric == 'fd' else max)(finals, key=finals.get)
-    out.append(f'Final {name} with the curve samplers (20 model evaluations): ' + ', '.join(
-        f'{_label(v)} {fmt(x)}' for v, x in finals.items()) + f'; best: {_label(best)}.')
+    out.append(
+        f'Final {name} with the curve samplers (20 model evaluations): '
+        + ', '.join(f'{_label(v)} {fmt(x)}' for v, x in finals.items())
+        + f'; best: {_label(best)}.'
+    )
   target = results.get('target') or {}
   if target:
     for variant, t in target['variants'].items():
@@ -109,16 +132,23 @@ def conclusion(results: dict) -> list[str]:
         verdict = f'reaches it with {t["reached_by"][0]} ({heun})'
       else:
         verdict = f'does not reach it with Heun at <= 50 model evaluations ({heun})'
-      out.append(f"Target: {_label(base)} with {target['reference']} scores a Frechet distance "
-                 f"of {fmt(target['target_fd'])}; {_label(variant)} {verdict}.")
+      out.append(
+          f"Target: {_label(base)} with {target['reference']} scores a Frechet distance "
+          f"of {fmt(target['target_fd'])}; {_label(variant)} {verdict}."
+      )
   for variant in _order(results):
     specs = sweep[variant]
     best = min(specs, key=lambda s: specs[s]['fd']['mean'][0])
-    out.append(f"{_label(variant)}: lowest mean Frechet distance of the sweep with {best} "
-               f"({fmt(specs[best]['fd']['mean'][0])}).")
+    out.append(
+        f'{_label(variant)}: lowest mean Frechet distance of the sweep with {best} '
+        f"({fmt(specs[best]['fd']['mean'][0])})."
+    )
   ratio = {v: summary['variants'][v]['seconds_per_step']['mean'][0] for v in _order(results)}
-  out.append('Seconds per training step (means over seeds): ' + ', '.join(
-      f'{_label(v)} {r:.3f}' for v, r in ratio.items()) + '.')
+  out.append(
+      'Seconds per training step (means over seeds): '
+      + ', '.join(f'{_label(v)} {r:.3f}' for v, r in ratio.items())
+      + '.'
+  )
   return out
 
 
@@ -126,16 +156,20 @@ def _setup(results: dict) -> list[str]:
   st, ref, env = results['study'], results['reference'], results['environment']
   tr, mdl = st['train'], st['train']['model']
   loads = [r[k] for r in results['runs'] for k in ('load_average_start', 'load_average_end')]
-  variants = '; '.join(f"**{_label(v)}** (`{v}`: objective {st['variants'][v]['objective']}, "
-                       f"mask_branch {st['variants'][v]['mask_branch']})" for v in _order(results))
+  variants = '; '.join(
+      f"**{_label(v)}** (`{v}`: objective {st['variants'][v]['objective']}, "
+      f"mask_branch {st['variants'][v]['mask_branch']})"
+      for v in _order(results)
+  )
   flow = st['flow']
   return [
       f"- Model: MDTv2, hidden size {mdl['hidden_size']}, depth {mdl['depth']} (decoder "
       f"{mdl['decode_layer']}), {mdl['num_heads']} heads, patch {mdl['patch_size']} on 16x16x1 "
       f"digits; mask ratio {mdl['mask_ratio']} +- {mdl['mask_ratio_span']}. Parameters: "
-      + ', '.join(f'{v} {n:,}' for v, n in results['num_params'].items()) + '.',
+      + ', '.join(f'{v} {n:,}' for v, n in results['num_params'].items())
+      + '.',
       f'- Variants: {variants}. Per seed all start from the same weights (apart from the final '
-      'layer\'s output width, C or 2C) and read the data in the same order; DDPM keeps min-SNR '
+      "layer's output width, C or 2C) and read the data in the same order; DDPM keeps min-SNR "
       'gamma '
       f"{tr['diffusion']['min_snr_gamma']} and the learned variance, flow trains the plain "
       f"velocity MSE with {flow['t_sampling']} times (shift {flow['t_shift']}) and no learned "
@@ -156,7 +190,7 @@ def _setup(results: dict) -> list[str]:
       f"classifier's held-out accuracy is {fmt(ref['classifier_test_accuracy'])}).",
       f"- Machine: {env['cpu_count']} CPU cores ({env['backend']}, jax {env['jax']}), niceness "
       f"{env['niceness']}, shared with other jobs (1-minute load average "
-      f"{fmt(min(loads))}-{fmt(max(loads))}). Whole study: "
+      f'{fmt(min(loads))}-{fmt(max(loads))}). Whole study: '
       f"{results['study_seconds'] / 60:.1f} min wall-clock.",
   ]
 
@@ -164,43 +198,69 @@ def _setup(results: dict) -> list[str]:
 def _tables(results: dict) -> list[str]:
   summary, sweep = results['summary'], results['sweep']
   variants = _order(results)
-  lines = ['Curves (curve samplers, seed means +- std):', '',
-           '| step | ' + ' | '.join(f'{_label(v)} FD' for v in variants) + ' | ' +
-           ' | '.join(f'{_label(v)} accuracy' for v in variants) + ' |',
-           '|---' * (1 + 2 * len(variants)) + '|']
+  lines = [
+      'Curves (curve samplers, seed means +- std):',
+      '',
+      '| step | '
+      + ' | '.join(f'{_label(v)} FD' for v in variants)
+      + ' | '
+      + ' | '.join(f'{_label(v)} accuracy' for v in variants)
+      + ' |',
+      '|---' * (1 + 2 * len(variants)) + '|',
+  ]
   steps = summary['variants'][variants[0]]['steps']
   for i, step in enumerate(steps):
     cells = [_cell(summary['variants'][v]['fd'], i) for v in variants]
     cells += [_cell(summary['variants'][v]['class_accuracy'], i) for v in variants]
     lines.append(f'| {step} | ' + ' | '.join(cells) + ' |')
-  lines += ['', f'Sampler sweep at step {steps[-1]} (seed means +- std):', '',
-            '| variant | sampler | model evaluations | FD | class accuracy |',
-            '|---|---|---|---|---|']
+  lines += [
+      '',
+      f'Sampler sweep at step {steps[-1]} (seed means +- std):',
+      '',
+      '| variant | sampler | model evaluations | FD | class accuracy |',
+      '|---|---|---|---|---|',
+  ]
   for v in variants:
     for spec, s in sweep[v].items():
-      lines.append(f"| {_label(v)} | {spec.split(':')[0]} | {s['model_evaluations']} | "
-                   f"{_cell(s['fd'], 0)} | {_cell(s['class_accuracy'], 0)} |")
-  per_step = ['', 'Seconds per training step (wall-clock, mean +- std over seeds): ' + ', '.join(
-      f"{_label(v)} {_cell(summary['variants'][v]['seconds_per_step'], 0)}"
-      for v in variants) + '.']
+      lines.append(
+          f"| {_label(v)} | {spec.split(':')[0]} | {s['model_evaluations']} | "
+          f"{_cell(s['fd'], 0)} | {_cell(s['class_accuracy'], 0)} |"
+      )
+  per_step = [
+      '',
+      'Seconds per training step (wall-clock, mean +- std over seeds): '
+      + ', '.join(
+          f"{_label(v)} {_cell(summary['variants'][v]['seconds_per_step'], 0)}" for v in variants
+      )
+      + '.',
+  ]
   return lines + per_step
 
 
 def markdown(results: dict, png_name: str, command: str, discussion: str = '') -> str:
   return page.markdown(
-      title='Flow matching with MDT\'s masking: a study on digits',
+      title="Flow matching with MDT's masking: a study on digits",
       intro='SiT-style flow matching (linear interpolant, velocity prediction, ODE/SDE samplers) '
-      'with MDTv2\'s mask latent modeling, against MDTv2 as published (DDPM) and against flow '
+      "with MDTv2's mask latent modeling, against MDTv2 as published (DDPM) and against flow "
       'without the masked branch, on the bundled digits dataset (CPU, offline).',
-      command=command, figure='flow matching vs DDPM', png_name=png_name,
-      setup=_setup(results), results=_tables(results), conclusion=conclusion(results),
-      discussion=discussion)
+      command=command,
+      figure='flow matching vs DDPM',
+      png_name=png_name,
+      setup=_setup(results),
+      results=_tables(results),
+      conclusion=conclusion(results),
+      discussion=discussion,
+  )
 
 
-def write(results: dict, out: str,
-          command: str = 'python tools/flow_matching.py') -> tuple[str, str]:
+def write(
+    results: dict, out: str, command: str = 'python tools/flow_matching.py'
+) -> tuple[str, str]:
   """``out``.png and ``out``.md (keeping the discussion of an existing .md); their paths."""
   if 'summary' not in results or 'sweep' not in results:
     raise ValueError('results have no summary: the study did not finish')
-  return page.write(out, lambda png: plot(results, png),
-                    lambda png_name, discussion: markdown(results, png_name, command, discussion))
+  return page.write(
+      out,
+      lambda png: plot(results, png),
+      lambda png_name, discussion: markdown(results, png_name, command, discussion),
+  )

@@ -12,6 +12,7 @@ are taken out.
     results = lc.run_study(study_config, 'docs/learning_speed')   # writes the .json
     report.write(results, 'docs/learning_speed')                  # the .png and the .md
 """
+
 from __future__ import annotations
 
 import json
@@ -36,16 +37,18 @@ from mdt_jax.training.loop import train_and_evaluate
 from mdt_jax.training.samples import GridSampler, sampler_config
 from mdt_jax.training.state import TrainState
 
-VARIANTS = {'mdt': True, 'dit': False}     # name -> config.mask_branch
+VARIANTS = {'mdt': True, 'dit': False}  # name -> config.mask_branch
 BASELINE = 'dit'
-METRICS = {'fd': 'lower', 'class_accuracy': 'higher'}   # which way is better
+METRICS = {'fd': 'lower', 'class_accuracy': 'higher'}  # which way is better
 RESULTS_VERSION = 1
 
 
 # ------------------------------------------------------------------------------------- configs
 
-def variant_config(study: ml_collections.ConfigDict, variant: str,
-                   seed: int) -> ml_collections.ConfigDict:
+
+def variant_config(
+    study: ml_collections.ConfigDict, variant: str, seed: int
+) -> ml_collections.ConfigDict:
   """The training config of one run: the study's ``train`` with the seed and mask_branch set."""
   if variant not in VARIANTS:
     raise ValueError(f'variant must be one of {sorted(VARIANTS)}, got {variant!r}')
@@ -68,22 +71,28 @@ def check_study(study: ml_collections.ConfigDict) -> None:
   if int(study.eval_every_steps) <= 0:
     raise ValueError(f'eval_every_steps must be positive, got {study.eval_every_steps}')
   if int(study.eval_num_samples) < 2:
-    raise ValueError(f'eval_num_samples must be >= 2 (a Frechet distance needs 2 images), got '
-                     f'{study.eval_num_samples}')
+    raise ValueError(
+        f'eval_num_samples must be >= 2 (a Frechet distance needs 2 images), got '
+        f'{study.eval_num_samples}'
+    )
   train = study.train
   if train.data.name != 'digits':
-    raise ValueError(f"the study evaluates with the digits classifier: train.data.name must be "
-                     f"'digits', got {train.data.name!r}")
+    raise ValueError(
+        f'the study evaluates with the digits classifier: train.data.name must be '
+        f"'digits', got {train.data.name!r}"
+    )
   size = dc.TrainConfig().size
   if train.model.input_size != size or train.model.in_channels != 1:
-    raise ValueError(f'the digits classifier takes {size}x{size}x1 images; got '
-                     f'train.model.input_size={train.model.input_size}, '
-                     f'in_channels={train.model.in_channels}')
+    raise ValueError(
+        f'the digits classifier takes {size}x{size}x1 images; got '
+        f'train.model.input_size={train.model.input_size}, '
+        f'in_channels={train.model.in_channels}'
+    )
   if train.model.mask_ratio is None:
     raise ValueError('train.model.mask_ratio is None: the MDT variant needs a mask ratio')
   for variant in VARIANTS:
     validate(variant_config(study, variant, seeds[0]))
-  sampler_config(train)   # raises on bad sampler settings
+  sampler_config(train)  # raises on bad sampler settings
 
 
 def study_record(study: ml_collections.ConfigDict) -> dict:
@@ -93,6 +102,7 @@ def study_record(study: ml_collections.ConfigDict) -> dict:
 
 # ---------------------------------------------------------------------------------- evaluation
 
+
 class Evaluator:
   """EMA weights -> guided samples of the fixed label set -> Frechet distance, class accuracy.
 
@@ -100,12 +110,16 @@ class Evaluator:
   only the weights are swapped in.
   """
 
-  def __init__(self, study: ml_collections.ConfigDict, classifier: dc.DigitsClassifier,
-               train: ml_collections.ConfigDict | None = None):
-    train = study.train if train is None else train     # model and sampler settings
+  def __init__(
+      self,
+      study: ml_collections.ConfigDict,
+      classifier: dc.DigitsClassifier,
+      train: ml_collections.ConfigDict | None = None,
+  ):
+    train = study.train if train is None else train  # model and sampler settings
     model_cfg = MDTConfig.from_dict(train.model.to_dict())
     graphdef, _ = nnx.split(abstract_model(model_cfg))
-    self.grids = GridSampler(train, graphdef)           # sampler settings: train.sampling
+    self.grids = GridSampler(train, graphdef)  # sampler settings: train.sampling
     self.labels = eval_labels(int(study.eval_num_samples))
     self.seed = int(study.eval_seed)
     self.classifier = classifier
@@ -116,8 +130,10 @@ class Evaluator:
       logging.warning('non-finite samples: metrics recorded as NaN')
       return {'fd': float('nan'), 'class_accuracy': float('nan')}
     x = np.clip(x, -1.0, 1.0)
-    return {'fd': dc.digits_frechet_distance(x, classifier=self.classifier),
-            'class_accuracy': dc.class_accuracy(x, self.labels, classifier=self.classifier)}
+    return {
+        'fd': dc.digits_frechet_distance(x, classifier=self.classifier),
+        'class_accuracy': dc.class_accuracy(x, self.labels, classifier=self.classifier),
+    }
 
 
 def data_reference(study: ml_collections.ConfigDict, classifier: dc.DigitsClassifier) -> dict:
@@ -126,8 +142,11 @@ def data_reference(study: ml_collections.ConfigDict, classifier: dc.DigitsClassi
   images, _ = load_digits_images(classifier.config.size)
   n = min(int(study.eval_num_samples), len(images))
   pick = np.random.default_rng(0).choice(len(images), n, replace=False)
-  return {'fd_real_images': dc.digits_frechet_distance(images[pick], classifier=classifier),
-          'num_real_images': n, 'classifier_test_accuracy': classifier.test_accuracy}
+  return {
+      'fd_real_images': dc.digits_frechet_distance(images[pick], classifier=classifier),
+      'num_real_images': n,
+      'classifier_test_accuracy': classifier.test_accuracy,
+  }
 
 
 class CurveRecorder:
@@ -162,17 +181,36 @@ class CurveRecorder:
     dt = time.perf_counter() - t
     self.eval_seconds += dt
     self.eval_cpu_seconds += time.process_time() - cpu
-    self.rows.append({'step': step, 'train_seconds': train_seconds,
-                      'train_cpu_seconds': train_cpu_seconds, 'eval_seconds': dt, **metrics})
-    logging.info('step %d: %s (train %.1f s, eval %.1f s)', step,
-                 ', '.join(f'{k} {v:.4g}' for k, v in metrics.items()), train_seconds, dt)
+    self.rows.append(
+        {
+            'step': step,
+            'train_seconds': train_seconds,
+            'train_cpu_seconds': train_cpu_seconds,
+            'eval_seconds': dt,
+            **metrics,
+        }
+    )
+    logging.info(
+        'step %d: %s (train %.1f s, eval %.1f s)',
+        step,
+        ', '.join(f'{k} {v:.4g}' for k, v in metrics.items()),
+        train_seconds,
+        dt,
+    )
 
 
 # ------------------------------------------------------------------------------------- runs
 
-def run_one(study: ml_collections.ConfigDict, variant: str, seed: int, evaluate: Callable,
-            workdir_root: str | None = None, config: ml_collections.ConfigDict | None = None,
-            callbacks=()) -> dict:
+
+def run_one(
+    study: ml_collections.ConfigDict,
+    variant: str,
+    seed: int,
+    evaluate: Callable,
+    workdir_root: str | None = None,
+    config: ml_collections.ConfigDict | None = None,
+    callbacks=(),
+) -> dict:
   """Train one variant for one seed in a temporary workdir; its curve and timings.
 
   ``config`` replaces ``variant_config``'s; ``callbacks`` run after the curve's (e.g. a sampler
@@ -184,11 +222,19 @@ def run_one(study: ml_collections.ConfigDict, variant: str, seed: int, evaluate:
     out = train_and_evaluate(config, wd, callbacks=[recorder, *callbacks])
   rows = recorder.rows
   if not rows or rows[-1]['step'] != config.total_steps:
-    raise RuntimeError(f'run {variant}/seed {seed} stopped before step {config.total_steps} '
-                       f'(evaluated steps: {[r["step"] for r in rows]})')
-  run = {'variant': variant, 'seed': int(seed), 'mask_branch': bool(config.mask_branch),
-         **{k: [r[k] for r in rows] for k in ('step', 'train_seconds', 'train_cpu_seconds',
-                                              'eval_seconds', *METRICS)}}
+    raise RuntimeError(
+        f'run {variant}/seed {seed} stopped before step {config.total_steps} '
+        f'(evaluated steps: {[r["step"] for r in rows]})'
+    )
+  run = {
+      'variant': variant,
+      'seed': int(seed),
+      'mask_branch': bool(config.mask_branch),
+      **{
+          k: [r[k] for r in rows]
+          for k in ('step', 'train_seconds', 'train_cpu_seconds', 'eval_seconds', *METRICS)
+      },
+  }
   run['steps'] = run.pop('step')
   run.update(
       startup_seconds=recorder.startup_seconds,
@@ -196,15 +242,21 @@ def run_one(study: ml_collections.ConfigDict, variant: str, seed: int, evaluate:
       cpu_seconds_per_step=rows[-1]['train_cpu_seconds'] / max(config.total_steps - 1, 1),
       wall_seconds=time.perf_counter() - t0,
       final_loss=float(out['loss']) if 'loss' in out else None,
-      load_average_start=load0[0], load_average_end=os.getloadavg()[0])
+      load_average_start=load0[0],
+      load_average_end=os.getloadavg()[0],
+  )
   return run
 
 
 def seed_stats(a: np.ndarray) -> dict:
   """Mean, standard deviation (n - 1; 0 for one seed), min and max over axis 0."""
   std = a.std(axis=0, ddof=1) if len(a) > 1 else np.zeros(a.shape[1:])
-  return {'mean': a.mean(axis=0).tolist(), 'std': std.tolist(),
-          'min': a.min(axis=0).tolist(), 'max': a.max(axis=0).tolist()}
+  return {
+      'mean': a.mean(axis=0).tolist(),
+      'std': std.tolist(),
+      'min': a.min(axis=0).tolist(),
+      'max': a.max(axis=0).tolist(),
+  }
 
 
 def crossing(values, target: float, better: str) -> float | None:
@@ -231,17 +283,19 @@ def summarize(runs: list[dict], seeds, variants=VARIANTS, baseline: str = BASELI
   for variant in variants:
     mine = sorted((r for r in runs if r['variant'] == variant), key=lambda r: r['seed'])
     if [r['seed'] for r in mine] != sorted(seeds):
-      raise ValueError(f'{variant}: runs for seeds {[r["seed"] for r in mine]}, expected '
-                       f'{sorted(seeds)}')
+      raise ValueError(
+          f'{variant}: runs for seeds {[r["seed"] for r in mine]}, expected ' f'{sorted(seeds)}'
+      )
     steps = mine[0]['steps']
     if any(r['steps'] != steps for r in mine):
       raise ValueError(f'{variant}: the seeds were evaluated at different steps')
-    s = {'steps': steps,
-         'train_seconds': seed_stats(np.array([r['train_seconds'] for r in mine])),
-         'seconds_per_step': seed_stats(np.array([[r['seconds_per_step']] for r in mine])),
-         'cpu_seconds_per_step': seed_stats(np.array([[r['cpu_seconds_per_step']]
-                                                      for r in mine])),
-         'wall_seconds': float(sum(r['wall_seconds'] for r in mine))}
+    s = {
+        'steps': steps,
+        'train_seconds': seed_stats(np.array([r['train_seconds'] for r in mine])),
+        'seconds_per_step': seed_stats(np.array([[r['seconds_per_step']] for r in mine])),
+        'cpu_seconds_per_step': seed_stats(np.array([[r['cpu_seconds_per_step']] for r in mine])),
+        'wall_seconds': float(sum(r['wall_seconds'] for r in mine)),
+    }
     for m in METRICS:
       s[m] = seed_stats(np.array([r[m] for r in mine], np.float64))
     summary[variant] = s
@@ -252,10 +306,16 @@ def summarize(runs: list[dict], seeds, variants=VARIANTS, baseline: str = BASELI
       s = summary[variant]
       secs = s['train_seconds']['mean']
       frac = crossing(s[m]['mean'], target, better)
-      per_seed = [_at(r['steps'], crossing(r[m], target, better))
-                  for r in sorted(runs, key=lambda r: r['seed']) if r['variant'] == variant]
-      reach[m][variant] = {'step': _at(s['steps'], frac), 'train_seconds': _at(secs, frac),
-                           'per_seed_steps': per_seed}
+      per_seed = [
+          _at(r['steps'], crossing(r[m], target, better))
+          for r in sorted(runs, key=lambda r: r['seed'])
+          if r['variant'] == variant
+      ]
+      reach[m][variant] = {
+          'step': _at(s['steps'], frac),
+          'train_seconds': _at(secs, frac),
+          'per_seed_steps': per_seed,
+      }
   return {'variants': summary, 'reach_baseline_final': reach}
 
 
@@ -272,13 +332,19 @@ def load_previous(path: str, study: ml_collections.ConfigDict) -> list[dict]:
 
 
 def environment() -> dict:
-  return {'jax': jax.__version__, 'backend': jax.default_backend(),
-          'device_kind': jax.devices()[0].device_kind, 'device_count': jax.device_count(),
-          'cpu_count': os.cpu_count(), 'niceness': os.nice(0)}
+  return {
+      'jax': jax.__version__,
+      'backend': jax.default_backend(),
+      'device_kind': jax.devices()[0].device_kind,
+      'device_count': jax.device_count(),
+      'cpu_count': os.cpu_count(),
+      'niceness': os.nice(0),
+  }
 
 
-def open_study(study: ml_collections.ConfigDict, out: str, fresh: bool
-               ) -> tuple[str, list[dict], dc.DigitsClassifier]:
+def open_study(
+    study: ml_collections.ConfigDict, out: str, fresh: bool
+) -> tuple[str, list[dict], dc.DigitsClassifier]:
   """(``out``.json, the finished runs it holds for the same study config unless ``fresh``, the
   digits classifier that scores the samples)."""
   path = out + '.json'
@@ -289,9 +355,14 @@ def open_study(study: ml_collections.ConfigDict, out: str, fresh: bool
   return path, runs, dc.load_digits_classifier(seed=int(study.classifier_seed))
 
 
-def run_all(study: ml_collections.ConfigDict, variants, results: dict, path: str,
-            run: Callable[[str, int], dict],
-            progress: Callable[[dict], None] | None = None) -> list[dict]:
+def run_all(
+    study: ml_collections.ConfigDict,
+    variants,
+    results: dict,
+    path: str,
+    run: Callable[[str, int], dict],
+    progress: Callable[[dict], None] | None = None,
+) -> list[dict]:
   """``run(variant, seed)`` for every pair not in ``results['runs']`` yet, writing ``path`` after
   each. The variants alternate within each seed, so slow spells of a shared machine fall on all
   alike. ``progress`` is called with the results after each run."""
@@ -310,9 +381,14 @@ def run_all(study: ml_collections.ConfigDict, variants, results: dict, path: str
   return runs
 
 
-def run_study(study: ml_collections.ConfigDict, out: str, *, fresh: bool = False,
-              workdir_root: str | None = None,
-              progress: Callable[[dict], None] | None = None) -> dict:
+def run_study(
+    study: ml_collections.ConfigDict,
+    out: str,
+    *,
+    fresh: bool = False,
+    workdir_root: str | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> dict:
   """Train every (seed, variant), write ``out``.json after each run; return the results.
 
   Runs already in ``out``.json for the same study config are kept (an interrupted study resumes)
@@ -321,14 +397,22 @@ def run_study(study: ml_collections.ConfigDict, out: str, *, fresh: bool = False
   check_study(study)
   path, runs, classifier = open_study(study, out, fresh)
   evaluator = Evaluator(study, classifier)
-  results = {'version': RESULTS_VERSION, 'study': study_record(study),
-             'num_params': count_params(MDTConfig.from_dict(study.train.model.to_dict())),
-             'environment': environment(), 'reference': data_reference(study, classifier),
-             'runs': runs}
-  run_all(study, VARIANTS, results, path,
-          lambda variant, seed: run_one(study, variant, seed, evaluator, workdir_root), progress)
+  results = {
+      'version': RESULTS_VERSION,
+      'study': study_record(study),
+      'num_params': count_params(MDTConfig.from_dict(study.train.model.to_dict())),
+      'environment': environment(),
+      'reference': data_reference(study, classifier),
+      'runs': runs,
+  }
+  run_all(
+      study,
+      VARIANTS,
+      results,
+      path,
+      lambda variant, seed: run_one(study, variant, seed, evaluator, workdir_root),
+      progress,
+  )
   results['summary'] = summarize(runs, list(study.seeds))
   atomic.write_json(path, results, indent=1)
   return results
-
-

@@ -1,6 +1,7 @@
 """The Markdown report page every study writes: title, introduction, the command that wrote it,
 the figure, setup, results and the computed conclusion, then a hand-written discussion that a
 rewrite keeps."""
+
 from __future__ import annotations
 
 import math
@@ -29,23 +30,48 @@ def existing_discussion(md_path: str) -> str:
   return rest if mark else ''
 
 
-def markdown(*, title: str, intro: str, command: str, figure: str, png_name: str,
-             setup: Sequence[str], results: Sequence[str], conclusion: Sequence[str],
-             discussion: str = '') -> str:
+def markdown(
+    *,
+    title: str,
+    intro: str,
+    command: str,
+    figure: str,
+    png_name: str,
+    setup: Sequence[str],
+    results: Sequence[str],
+    conclusion: Sequence[str],
+    discussion: str = '',
+) -> str:
   lines = [
-      f'# {title}', '', intro, '',
-      f'Written by `{command}`; everything above the discussion is rewritten on each run.', '',
-      f'![{figure}]({png_name})', '', '## Setup', '', *setup, '',
-      '## Results', '', *results, '',
-      '## Conclusion (computed from the numbers)', '',
-      *[f'- {s}' for s in conclusion], '', DISCUSSION_MARK,
+      f'# {title}',
+      '',
+      intro,
+      '',
+      f'Written by `{command}`; everything above the discussion is rewritten on each run.',
+      '',
+      f'![{figure}]({png_name})',
+      '',
+      '## Setup',
+      '',
+      *setup,
+      '',
+      '## Results',
+      '',
+      *results,
+      '',
+      '## Conclusion (computed from the numbers)',
+      '',
+      *[f'- {s}' for s in conclusion],
+      '',
+      DISCUSSION_MARK,
   ]
   text = '\n'.join(lines) + '\n'
   return text + (discussion.lstrip('\n') if discussion else '')
 
 
-def write(out: str, plot: Callable[[str], str], markdown_of: Callable[[str, str], str]
-          ) -> tuple[str, str]:
+def write(
+    out: str, plot: Callable[[str], str], markdown_of: Callable[[str, str], str]
+) -> tuple[str, str]:
   """``out``.png by ``plot(path)`` and ``out``.md by ``markdown_of(png name, discussion)``,
   keeping the discussion of an existing .md; their paths."""
   png, md = out + '.png', out + '.md'

@@ -11,6 +11,7 @@ and gathered on both axes at the kept ids, the side-interpolater with its masked
 Attention is written out (``softmax(q k^T / sqrt(d) + bias) v``), as the original's eager
 attention with a relative position bias.
 """
+
 from __future__ import annotations
 
 import math
@@ -24,6 +25,7 @@ from mdt_jax.models.mdt import MDTConfig
 
 
 class RelPosBias(nn.Module):
+
   def __init__(self, grid: int, heads: int):
     super().__init__()
     self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * grid - 1) ** 2 + 3, heads))
@@ -33,7 +35,7 @@ class RelPosBias(nn.Module):
   def forward(self) -> torch.Tensor:
     n = self.relative_position_index.shape[0]
     bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
-    return bias.reshape(n, n, -1).permute(2, 0, 1)                      # [heads, L, L]
+    return bias.reshape(n, n, -1).permute(2, 0, 1)  # [heads, L, L]
 
   def masked(self, ids_keep: torch.Tensor) -> torch.Tensor:
     """[B, heads, K, K]: the bias repeated per sample, gathered at the kept ids on both axes."""
@@ -48,6 +50,7 @@ class RelPosBias(nn.Module):
 
 
 class Attention(nn.Module):
+
   def __init__(self, dim: int, heads: int, grid: int):
     super().__init__()
     self.heads = heads
@@ -67,6 +70,7 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
+
   def __init__(self, dim: int, hidden: int):
     super().__init__()
     self.fc1 = nn.Linear(dim, hidden)
@@ -82,6 +86,7 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
 
 
 class Block(nn.Module):
+
   def __init__(self, dim: int, heads: int, mlp_ratio: float, grid: int, skip: bool):
     super().__init__()
     self.skip_linear = nn.Linear(2 * dim, dim) if skip else None
@@ -91,8 +96,13 @@ class Block(nn.Module):
     self.mlp = Mlp(dim, int(dim * mlp_ratio))
     self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
 
-  def forward(self, x: torch.Tensor, c: torch.Tensor, skip: torch.Tensor | None = None,
-              ids_keep: torch.Tensor | None = None):
+  def forward(
+      self,
+      x: torch.Tensor,
+      c: torch.Tensor,
+      skip: torch.Tensor | None = None,
+      ids_keep: torch.Tensor | None = None,
+  ):
     if self.skip_linear is not None:
       x = self.skip_linear(torch.cat([x, skip], dim=-1))
     sh1, sc1, g1, sh2, sc2, g2 = self.adaLN_modulation(c).chunk(6, dim=1)
@@ -101,15 +111,17 @@ class Block(nn.Module):
 
 
 class PatchEmbed(nn.Module):
+
   def __init__(self, patch: int, cin: int, dim: int):
     super().__init__()
     self.proj = nn.Conv2d(cin, dim, kernel_size=patch, stride=patch)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
-    return self.proj(x).flatten(2).transpose(1, 2)                     # [B, L, D], row-major
+    return self.proj(x).flatten(2).transpose(1, 2)  # [B, L, D], row-major
 
 
 class TimestepEmbedder(nn.Module):
+
   def __init__(self, dim: int, freq_dim: int = 256):
     super().__init__()
     self.freq_dim = freq_dim
@@ -117,13 +129,15 @@ class TimestepEmbedder(nn.Module):
 
   def forward(self, t: torch.Tensor) -> torch.Tensor:
     half = self.freq_dim // 2
-    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32,
-                                                         device=t.device) / half)
+    freqs = torch.exp(
+        -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )
     args = t.float()[:, None] * freqs[None]
     return self.mlp(torch.cat([torch.cos(args), torch.sin(args)], dim=-1))
 
 
 class LabelEmbedder(nn.Module):
+
   def __init__(self, num_classes: int, dim: int, dropout_prob: float):
     super().__init__()
     self.num_classes = num_classes
@@ -138,6 +152,7 @@ class LabelEmbedder(nn.Module):
 
 
 class FinalLayer(nn.Module):
+
   def __init__(self, dim: int, patch: int, cout: int):
     super().__init__()
     self.norm_final = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -162,11 +177,10 @@ class TorchMDT(nn.Module):
     self.t_embedder = TimestepEmbedder(d)
     self.y_embedder = LabelEmbedder(cfg.num_classes, d, cfg.class_dropout_prob)
     pos = torch.from_numpy(sincos_2d(d, g))[None]
-    self.pos_embed = nn.Parameter(pos.clone())          # learnable in MDTv2 (unlike DiT)
+    self.pos_embed = nn.Parameter(pos.clone())  # learnable in MDTv2 (unlike DiT)
     self.decoder_pos_embed = nn.Parameter(pos.clone())
     # learnable only when the model masks (as the original)
-    self.mask_token = nn.Parameter(torch.zeros(1, 1, d),
-                                   requires_grad=cfg.mask_ratio is not None)
+    self.mask_token = nn.Parameter(torch.zeros(1, 1, d), requires_grad=cfg.mask_ratio is not None)
     if cfg.arch == 'mdtv2':
       self.en_inblocks = nn.ModuleList([block(False) for _ in range(cfg.half_depth)])
       self.en_outblocks = nn.ModuleList([block(True) for _ in range(cfg.half_depth)])
@@ -191,8 +205,9 @@ class TorchMDT(nn.Module):
     noise = torch.rand(batch, cfg.num_tokens, device=device)
     return torch.argsort(noise, dim=1), len_keep
 
-  def side_interpolater(self, x: torch.Tensor, c: torch.Tensor, ids_shuffle: torch.Tensor,
-                        len_keep: int) -> torch.Tensor:
+  def side_interpolater(
+      self, x: torch.Tensor, c: torch.Tensor, ids_shuffle: torch.Tensor, len_keep: int
+  ) -> torch.Tensor:
     """Mask tokens appended, original order restored, decoder_pos_embed added, the side block
     on the full sequence, and the masked shortcut (kept tokens bypass the side block)."""
     b, n = ids_shuffle.shape
@@ -206,12 +221,19 @@ class TorchMDT(nn.Module):
       side = blk(side, c)
     mask = torch.ones(b, n, device=x.device)
     mask[:, :len_keep] = 0
-    mask = torch.gather(mask, 1, ids_restore)[..., None]                # 1 = masked token
+    mask = torch.gather(mask, 1, ids_restore)[..., None]  # 1 = masked token
     return side * mask + (1 - mask) * q
 
-  def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, enable_mask: bool = False,
-              *, drop: torch.Tensor | None = None,
-              mask: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+  def forward(
+      self,
+      x: torch.Tensor,
+      t: torch.Tensor,
+      y: torch.Tensor,
+      enable_mask: bool = False,
+      *,
+      drop: torch.Tensor | None = None,
+      mask: tuple[torch.Tensor, int] | None = None,
+  ) -> torch.Tensor:
     """x [B, C, H, W], t [B] original timesteps, y [B] labels -> [B, out_channels, H, W].
 
     In training mode labels are dropped with `class_dropout_prob` (or where `drop` [B] says);
@@ -255,8 +277,9 @@ class TorchMDT(nn.Module):
     return self.unpatchify(self.final_layer(h, c))
 
 
-def from_official_state(state: dict, config: MDTConfig | dict,
-                        device: str | torch.device = 'cpu') -> TorchMDT:
+def from_official_state(
+    state: dict, config: MDTConfig | dict, device: str | torch.device = 'cpu'
+) -> TorchMDT:
   """A float32 TorchMDT in eval mode holding an official state dict (numpy or torch values)."""
   model = TorchMDT(config)
   tensors = {k: torch.as_tensor(np.asarray(v)) for k, v in state.items()}

@@ -5,6 +5,7 @@ each step calls the model once on the doubled batch, guides the first three eps 
 the power-cosine scale schedule, takes an ancestral step with the learned-range variance on
 both halves (tables kept in float64 numpy and gathered per step), and the first half is returned.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,7 @@ import torch
 
 from mdt_jax.diffusion import schedules
 
-NoiseFn = Callable[[int, tuple], torch.Tensor]   # (step j, shape) -> noise; j = 0 is x_T
+NoiseFn = Callable[[int, tuple], torch.Tensor]  # (step j, shape) -> noise; j = 0 is x_T
 
 
 class RespacedDiffusion:
@@ -34,21 +35,29 @@ class RespacedDiffusion:
     return arr.reshape(-1, *([1] * (like.ndim - 1))).expand(like.shape)
 
 
-def forward_with_cfg(model, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float,
-                     scale_pow: float, num_timesteps: int = 1000) -> torch.Tensor:
+def forward_with_cfg(
+    model,
+    x: torch.Tensor,
+    t: torch.Tensor,
+    y: torch.Tensor,
+    cfg_scale: float,
+    scale_pow: float,
+    num_timesteps: int = 1000,
+) -> torch.Tensor:
   """The original's guided forward on a doubled batch [x; x] with labels [y; null]."""
-  half = x[:len(x) // 2]
+  half = x[: len(x) // 2]
   out = model(torch.cat([half, half]), t, y)
   eps, rest = out[:, :3], out[:, 3:]
   cond, uncond = eps.chunk(2)
-  w = (1 - torch.cos(math.pi * (1 - t[:len(half)].float() / num_timesteps) ** scale_pow)) / 2
+  w = (1 - torch.cos(math.pi * (1 - t[: len(half)].float() / num_timesteps) ** scale_pow)) / 2
   scale = ((cfg_scale - 1) * w + 1).reshape(-1, 1, 1, 1)
   guided = uncond + scale * (cond - uncond)
   return torch.cat([torch.cat([guided, guided]), rest], dim=1)
 
 
-def p_sample(d: RespacedDiffusion, out: torch.Tensor, x: torch.Tensor, i: int,
-             noise: torch.Tensor) -> torch.Tensor:
+def p_sample(
+    d: RespacedDiffusion, out: torch.Tensor, x: torch.Tensor, i: int, noise: torch.Tensor
+) -> torch.Tensor:
   """One ancestral step at respaced index i with the learned-range variance."""
   c = x.shape[1]
   t = torch.full((x.shape[0],), i, dtype=torch.long, device=x.device)
@@ -57,20 +66,28 @@ def p_sample(d: RespacedDiffusion, out: torch.Tensor, x: torch.Tensor, i: int,
   max_log = d.extract('log_betas', t, x)
   frac = (v + 1) / 2
   log_var = frac * max_log + (1 - frac) * min_log
-  x0 = (d.extract('sqrt_recip_alphas_cumprod', t, x) * x -
-        d.extract('sqrt_recipm1_alphas_cumprod', t, x) * eps)
-  mean = (d.extract('posterior_mean_coef1', t, x) * x0 +
-          d.extract('posterior_mean_coef2', t, x) * x)
+  x0 = (
+      d.extract('sqrt_recip_alphas_cumprod', t, x) * x
+      - d.extract('sqrt_recipm1_alphas_cumprod', t, x) * eps
+  )
+  mean = d.extract('posterior_mean_coef1', t, x) * x0 + d.extract('posterior_mean_coef2', t, x) * x
   if i == 0:
     return mean
   return mean + torch.exp(0.5 * log_var) * noise
 
 
 @torch.inference_mode()
-def sample_ddpm(model, labels: Sequence[int], *, steps: int = 250, cfg_scale: float = 3.8,
-                scale_pow: float = 4.0, num_timesteps: int = 1000,
-                noise_fn: NoiseFn | None = None,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_ddpm(
+    model,
+    labels: Sequence[int],
+    *,
+    steps: int = 250,
+    cfg_scale: float = 3.8,
+    scale_pow: float = 4.0,
+    num_timesteps: int = 1000,
+    noise_fn: NoiseFn | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
   """Guided DDPM samples [B, C, H, W] (float32) from a TorchMDT with learned variance.
 
   `noise_fn(j, shape)` gives the noise of the first half: j = 0 is x_T, j = k + 1 the noise of

@@ -13,6 +13,7 @@ Left out: what only logs (per-parameter norms and per-quartile losses read back 
 and the VAE encoding of the images (the baseline, like ``tools/bench.py``, starts from latents).
 ``StepDraws`` replays given random draws, so a step can be checked against the JAX step.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,14 +30,15 @@ from mdt_jax.torch_reference.model import TorchMDT, from_official_state
 @dataclasses.dataclass
 class BranchDraws:
   """One branch's random draws."""
-  noise: torch.Tensor                                  # [B, C, H, W]
-  drop: torch.Tensor | None = None                     # [B] bool: label -> null class
-  mask: tuple[torch.Tensor, int] | None = None         # (ids_shuffle [B, L], len_keep)
+
+  noise: torch.Tensor  # [B, C, H, W]
+  drop: torch.Tensor | None = None  # [B] bool: label -> null class
+  mask: tuple[torch.Tensor, int] | None = None  # (ids_shuffle [B, L], len_keep)
 
 
 @dataclasses.dataclass
 class StepDraws:
-  t: torch.Tensor                                      # [B] timesteps, shared by both branches
+  t: torch.Tensor  # [B] timesteps, shared by both branches
   plain: BranchDraws
   masked: BranchDraws | None = None
 
@@ -55,12 +57,16 @@ class TorchDiffusion:
     return vals + torch.zeros(shape, device=t.device)
 
   def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    return (self.extract('sqrt_alphas_cumprod', t, x0.shape) * x0 +
-            self.extract('sqrt_one_minus_alphas_cumprod', t, x0.shape) * noise)
+    return (
+        self.extract('sqrt_alphas_cumprod', t, x0.shape) * x0
+        + self.extract('sqrt_one_minus_alphas_cumprod', t, x0.shape) * noise
+    )
 
   def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
-    mean = (self.extract('posterior_mean_coef1', t, x_t.shape) * x0 +
-            self.extract('posterior_mean_coef2', t, x_t.shape) * x_t)
+    mean = (
+        self.extract('posterior_mean_coef1', t, x_t.shape) * x0
+        + self.extract('posterior_mean_coef2', t, x_t.shape) * x_t
+    )
     return mean, self.extract('posterior_log_variance_clipped', t, x_t.shape)
 
   def p_mean_log_var(self, out: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor):
@@ -70,32 +76,49 @@ class TorchDiffusion:
     max_log = self.extract('log_betas', t, x_t.shape)
     frac = (v + 1) / 2
     log_var = frac * max_log + (1 - frac) * min_log
-    x0 = (self.extract('sqrt_recip_alphas_cumprod', t, x_t.shape) * x_t -
-          self.extract('sqrt_recipm1_alphas_cumprod', t, x_t.shape) * eps)
+    x0 = (
+        self.extract('sqrt_recip_alphas_cumprod', t, x_t.shape) * x_t
+        - self.extract('sqrt_recipm1_alphas_cumprod', t, x_t.shape) * eps
+    )
     mean, _ = self.q_posterior(x0, x_t, t)
     return mean, log_var
 
-  def vb_bpd(self, out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor,
-             t: torch.Tensor) -> torch.Tensor:
+  def vb_bpd(
+      self, out: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+  ) -> torch.Tensor:
     """[B] KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t)) in bits/dim; the decoder NLL at t = 0."""
     true_mean, true_log_var = self.q_posterior(x0, x_t, t)
     mean, log_var = self.p_mean_log_var(out, x_t, t)
-    kl = 0.5 * (-1.0 + log_var - true_log_var + torch.exp(true_log_var - log_var) +
-                (true_mean - mean) ** 2 * torch.exp(-log_var))
+    kl = 0.5 * (
+        -1.0
+        + log_var
+        - true_log_var
+        + torch.exp(true_log_var - log_var)
+        + (true_mean - mean) ** 2 * torch.exp(-log_var)
+    )
     nll = -_discretized_gaussian_log_likelihood(x0, mean, 0.5 * log_var)
     return torch.where(t == 0, _mean_flat(nll), _mean_flat(kl)) / math.log(2.0)
 
-  def training_losses(self, model: TorchMDT, x0: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
-                      draws: BranchDraws | None, *, masked: bool,
-                      min_snr_gamma: float | None) -> torch.Tensor:
+  def training_losses(
+      self,
+      model: TorchMDT,
+      x0: torch.Tensor,
+      t: torch.Tensor,
+      y: torch.Tensor,
+      draws: BranchDraws | None,
+      *,
+      masked: bool,
+      min_snr_gamma: float | None,
+  ) -> torch.Tensor:
     """Per-sample loss [B]: min-SNR-weighted eps MSE + the VLB term (eps detached)."""
     noise = torch.randn_like(x0) if draws is None else draws.noise
     x_t = self.q_sample(x0, t, noise)
     alpha = self.extract('sqrt_alphas_cumprod', t, t.shape)
     sigma = self.extract('sqrt_one_minus_alphas_cumprod', t, t.shape)
     snr = (alpha / sigma) ** 2
-    weight = torch.ones_like(snr) if min_snr_gamma is None else \
-        torch.clamp(snr, max=min_snr_gamma) / snr
+    weight = (
+        torch.ones_like(snr) if min_snr_gamma is None else torch.clamp(snr, max=min_snr_gamma) / snr
+    )
     kw = {} if draws is None else {'drop': draws.drop, 'mask': draws.mask}
     out = model(x_t, t, y, masked, **kw)
     eps, v = torch.split(out, x0.shape[1], dim=1)
@@ -108,11 +131,12 @@ def _mean_flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def _approx_normal_cdf(x: torch.Tensor) -> torch.Tensor:
-  return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
+  return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x**3)))
 
 
-def _discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor,
-                                         log_scale: torch.Tensor) -> torch.Tensor:
+def _discretized_gaussian_log_likelihood(
+    x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor
+) -> torch.Tensor:
   """Elementwise log-likelihood of data in [-1, 1] under 256 bins of width 2/255."""
   inv_std = torch.exp(-log_scale)
   centered = x - mean
@@ -134,15 +158,22 @@ class Adan:
   ops, as the package's default path on a CPU.
   """
 
-  def __init__(self, params: list[torch.Tensor], lr: float, betas=(0.98, 0.92, 0.99),
-               eps: float = 1e-8, weight_decay: float = 0.0, max_grad_norm: float = 0.0):
+  def __init__(
+      self,
+      params: list[torch.Tensor],
+      lr: float,
+      betas=(0.98, 0.92, 0.99),
+      eps: float = 1e-8,
+      weight_decay: float = 0.0,
+      max_grad_norm: float = 0.0,
+  ):
     self.params = params
     self.lr, self.betas, self.eps, self.wd = lr, betas, eps, weight_decay
     self.max_grad_norm = max_grad_norm
     self.k = 0
     zeros = lambda: [torch.zeros_like(p) for p in params]
     self.m, self.d, self.n = zeros(), zeros(), zeros()
-    self.neg_prev = zeros()                          # -g of the last step (then scratch)
+    self.neg_prev = zeros()  # -g of the last step (then scratch)
 
   @torch.no_grad()
   def step(self) -> None:
@@ -157,36 +188,46 @@ class Adan:
     b1, b2, b3 = self.betas
     self.k += 1
     torch._foreach_mul_(grads, clip)
-    if self.k == 1:                                                         # diff = 0
+    if self.k == 1:  # diff = 0
       torch._foreach_add_(diff, grads, alpha=-1.0)
-    torch._foreach_add_(diff, grads)                                        # g - g_prev
+    torch._foreach_add_(diff, grads)  # g - g_prev
     torch._foreach_mul_(m, b1)
     torch._foreach_add_(m, grads, alpha=1 - b1)
     torch._foreach_mul_(d, b2)
     torch._foreach_add_(d, diff, alpha=1 - b2)
     torch._foreach_mul_(diff, b2)
-    torch._foreach_add_(diff, grads)                                        # g + b2 diff
+    torch._foreach_add_(diff, grads)  # g + b2 diff
     torch._foreach_mul_(n, b3)
     torch._foreach_addcmul_(n, diff, diff, value=1 - b3)
     denom = torch._foreach_sqrt(n)
-    torch._foreach_div_(denom, math.sqrt(1 - b3 ** self.k))
+    torch._foreach_div_(denom, math.sqrt(1 - b3**self.k))
     torch._foreach_add_(denom, self.eps)
-    torch._foreach_addcdiv_(params, m, denom, value=-self.lr / (1 - b1 ** self.k))
-    torch._foreach_addcdiv_(params, d, denom, value=-self.lr * b2 / (1 - b2 ** self.k))
+    torch._foreach_addcdiv_(params, m, denom, value=-self.lr / (1 - b1**self.k))
+    torch._foreach_addcdiv_(params, d, denom, value=-self.lr * b2 / (1 - b2**self.k))
     if self.wd:
       torch._foreach_div_(params, 1 + self.lr * self.wd)
     torch._foreach_zero_(diff)
-    torch._foreach_add_(diff, grads, alpha=-1.0)                            # -g for next step
+    torch._foreach_add_(diff, grads, alpha=-1.0)  # -g for next step
 
 
 class TorchTrainStep:
   """One training step of the original: both branches, one backward, Adan, EMA (float32)."""
 
-  def __init__(self, model: TorchMDT, *, learning_rate: float, betas=(0.98, 0.92, 0.99),
-               eps: float = 1e-8, weight_decay: float = 0.0, clip_norm: float = 1.0,
-               ema_decay: float = 0.9999, mask_branch: bool = True,
-               min_snr_gamma: float | None = 5.0, num_timesteps: int = 1000,
-               schedule: str = 'linear'):
+  def __init__(
+      self,
+      model: TorchMDT,
+      *,
+      learning_rate: float,
+      betas=(0.98, 0.92, 0.99),
+      eps: float = 1e-8,
+      weight_decay: float = 0.0,
+      clip_norm: float = 1.0,
+      ema_decay: float = 0.9999,
+      mask_branch: bool = True,
+      min_snr_gamma: float | None = 5.0,
+      num_timesteps: int = 1000,
+      schedule: str = 'linear',
+  ):
     if mask_branch and model.config.mask_ratio is None:
       raise ValueError('mask_branch=True needs model.mask_ratio (the official value is 0.3)')
     self.model = model.train()
@@ -195,29 +236,39 @@ class TorchTrainStep:
     self.min_snr_gamma = min_snr_gamma
     self.ema_decay = ema_decay
     self.trainable = [p for p in model.parameters() if p.requires_grad]
-    self.optimizer = Adan(self.trainable, learning_rate, betas, eps, weight_decay,
-                          clip_norm or 0.0)
+    self.optimizer = Adan(self.trainable, learning_rate, betas, eps, weight_decay, clip_norm or 0.0)
     self.ema = [p.detach().clone() for p in model.parameters()]
 
   @classmethod
-  def from_config(cls, config, state_dict: dict, device: str = 'cpu',
-                  mask_branch: bool | None = None) -> 'TorchTrainStep':
+  def from_config(
+      cls, config, state_dict: dict, device: str = 'cpu', mask_branch: bool | None = None
+  ) -> 'TorchTrainStep':
     """The step of an experiment config (its optimizer, EMA and loss settings) on official-layout
     weights; `mask_branch` defaults to the config's."""
     opt = config.optimizer
     if opt.name != 'adan':
-      raise ValueError(f"the PyTorch train baseline runs the original's Adan; the config's "
-                       f'optimizer.name is {opt.name!r}')
+      raise ValueError(
+          f"the PyTorch train baseline runs the original's Adan; the config's "
+          f'optimizer.name is {opt.name!r}'
+      )
     model = from_official_state(state_dict, config.model.to_dict(), device)
-    return cls(model, learning_rate=opt.learning_rate, betas=(opt.b1, opt.b2, opt.b3),
-               eps=opt.eps, weight_decay=opt.weight_decay, clip_norm=opt.clip_norm,
-               ema_decay=config.ema_decay,
-               mask_branch=config.mask_branch if mask_branch is None else mask_branch,
-               min_snr_gamma=config.diffusion.min_snr_gamma,
-               num_timesteps=config.diffusion.num_timesteps, schedule=config.diffusion.schedule)
+    return cls(
+        model,
+        learning_rate=opt.learning_rate,
+        betas=(opt.b1, opt.b2, opt.b3),
+        eps=opt.eps,
+        weight_decay=opt.weight_decay,
+        clip_norm=opt.clip_norm,
+        ema_decay=config.ema_decay,
+        mask_branch=config.mask_branch if mask_branch is None else mask_branch,
+        min_snr_gamma=config.diffusion.min_snr_gamma,
+        num_timesteps=config.diffusion.num_timesteps,
+        schedule=config.diffusion.schedule,
+    )
 
-  def __call__(self, x0: torch.Tensor, y: torch.Tensor,
-               draws: StepDraws | None = None) -> dict[str, float]:
+  def __call__(
+      self, x0: torch.Tensor, y: torch.Tensor, draws: StepDraws | None = None
+  ) -> dict[str, float]:
     """One step on latents x0 [B, C, H, W] and labels y [B]; returns the branch losses."""
     self.model.zero_grad(set_to_none=False)
     if draws is None:
@@ -225,7 +276,8 @@ class TorchTrainStep:
     else:
       t = draws.t
     loss_fn = lambda masked, d: self.diffusion.training_losses(
-        self.model, x0, t, y, d, masked=masked, min_snr_gamma=self.min_snr_gamma)
+        self.model, x0, t, y, d, masked=masked, min_snr_gamma=self.min_snr_gamma
+    )
     plain = loss_fn(False, None if draws is None else draws.plain).mean()
     loss = plain
     out = {'plain/loss': plain}

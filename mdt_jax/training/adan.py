@@ -9,6 +9,7 @@ parameterisation (0.92, not 0.08); see google-deepmind/optax PR #1715. Update, s
     denom = sqrt(n) / sqrt(1 - b3^k) + eps
     theta <- (theta - lr (m / (1 - b1^k) + b2 d / (1 - b2^k)) / denom) / (1 + lr wd)
 """
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -26,8 +27,14 @@ class AdanState(NamedTuple):
   prev_grad: Any
 
 
-def adan(learning_rate: float, b1: float = 0.98, b2: float = 0.92, b3: float = 0.99,
-         eps: float = 1e-8, weight_decay: float = 0.0) -> optax.GradientTransformation:
+def adan(
+    learning_rate: float,
+    b1: float = 0.98,
+    b2: float = 0.92,
+    b3: float = 0.99,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> optax.GradientTransformation:
   def init(params):
     zeros = lambda: jax.tree.map(lambda p: jnp.zeros_like(p, jnp.float32), params)
     return AdanState(jnp.zeros((), jnp.int32), zeros(), zeros(), zeros(), zeros())
@@ -39,9 +46,10 @@ def adan(learning_rate: float, b1: float = 0.98, b2: float = 0.92, b3: float = 0
     diff = jax.tree.map(lambda g, p: jnp.where(first, 0.0, g - p), grads, state.prev_grad)
     m = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.m, grads)
     d = jax.tree.map(lambda d, x: b2 * d + (1 - b2) * x, state.d, diff)
-    n = jax.tree.map(lambda n, g, x: b3 * n + (1 - b3) * jnp.square(g + b2 * x),
-                     state.n, grads, diff)
-    c1, c2, c3 = 1 - b1 ** kf, 1 - b2 ** kf, jnp.sqrt(1 - b3 ** kf)
+    n = jax.tree.map(
+        lambda n, g, x: b3 * n + (1 - b3) * jnp.square(g + b2 * x), state.n, grads, diff
+    )
+    c1, c2, c3 = 1 - b1**kf, 1 - b2**kf, jnp.sqrt(1 - b3**kf)
 
     def step(m, d, n, p):
       delta = -learning_rate * (m / c1 + b2 * d / c2) / (jnp.sqrt(n) / c3 + eps)

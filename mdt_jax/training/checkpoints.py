@@ -10,6 +10,7 @@ Layout of a workdir::
 Each item is saved separately so that ``mdt_jax.hub.workdir.load_workdir`` reads only the EMA
 weights.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -35,8 +36,9 @@ ITEMS = ('params', 'ema_params', 'opt_state', 'meta')
 
 
 def _abstract(tree, shardings):
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)
+  return jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings
+  )
 
 
 class _Position:
@@ -60,21 +62,31 @@ class _DataHandler(grain.checkpoint.CheckpointHandler):
   def restore(self, directory: epath.Path, item=None, args=None):
     item = item or args.item
     own = f'process_{jax.process_index()}-of-{jax.process_count()}.json'
-    names = ([own] if (directory / own).exists()
-             else sorted(f.name for f in directory.glob('process_*-of-*.json')))
+    names = (
+        [own]
+        if (directory / own).exists()
+        else sorted(f.name for f in directory.glob('process_*-of-*.json'))
+    )
     if not names:
       raise FileNotFoundError(f'{directory} holds no data-iterator position (process_*-of-*.json)')
     states = {n: _read_position(directory / n) for n in names}
     first = states[names[0]]
     if any(s != first for s in states.values()):
-      raise ValueError(f'{directory}: the data positions of the processes that wrote this '
-                       f'checkpoint differ ({states}); it cannot resume on '
-                       f'{jax.process_count()} process(es)')
+      raise ValueError(
+          f'{directory}: the data positions of the processes that wrote this '
+          f'checkpoint differ ({states}); it cannot resume on '
+          f'{jax.process_count()} process(es)'
+      )
     if names != [own]:
-      logging.warning('data position written by %d process(es), resumed by %d: %s', len(names),
-                      jax.process_count(), first)
-    item.set_state(first if isinstance(item, grain.DatasetIterator)
-                   else json.dumps(first, indent=4).encode())
+      logging.warning(
+          'data position written by %d process(es), resumed by %d: %s',
+          len(names),
+          jax.process_count(),
+          first,
+      )
+    item.set_state(
+        first if isinstance(item, grain.DatasetIterator) else json.dumps(first, indent=4).encode()
+    )
     item.start_prefetch()
     return item
 
@@ -84,8 +96,9 @@ def _read_position(path: epath.Path) -> dict:
   try:
     return json.loads(text)
   except ValueError as e:
-    raise ValueError(f'data position {path} is not the JSON a save writes ({len(text)} '
-                     f'characters: {e})') from e
+    raise ValueError(
+        f'data position {path} is not the JSON a save writes ({len(text)} ' f'characters: {e})'
+    ) from e
 
 
 @ocp.args.register_with_handler(_DataHandler, for_save=True)
@@ -109,9 +122,12 @@ class Checkpointer:
     handlers = {k: ocp.StandardCheckpointHandler() for k in ITEMS}
     handlers['data'] = _DataHandler()
     self.manager = ocp.CheckpointManager(
-        self.directory, item_handlers=handlers,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                             enable_async_checkpointing=async_save))
+        self.directory,
+        item_handlers=handlers,
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save
+        ),
+    )
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -121,8 +137,9 @@ class Checkpointer:
     args['data'] = _DataSave(_Position(data_iter))
     self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
-  def restore(self, abstract_state: TrainState, shardings: TrainState, data_iter,
-              step: int | None = None) -> TrainState:
+  def restore(
+      self, abstract_state: TrainState, shardings: TrainState, data_iter, step: int | None = None
+  ) -> TrainState:
     step = self.latest_step() if step is None else step
     target = _abstract(abstract_state, shardings)
     args = {k: ocp.args.StandardRestore(v) for k, v in self._items(target).items()}
@@ -133,8 +150,13 @@ class Checkpointer:
       error = self._restore_error(step, target, e)
       self.close()
       raise error from e
-    return TrainState(step=out['meta']['step'], rng=out['meta']['rng'], params=out['params'],
-                      ema_params=out['ema_params'], opt_state=out['opt_state'])
+    return TrainState(
+        step=out['meta']['step'],
+        rng=out['meta']['rng'],
+        params=out['params'],
+        ema_params=out['ema_params'],
+        opt_state=out['opt_state'],
+    )
 
   def _restore_error(self, step: int, target: TrainState, error: Exception) -> ValueError:
     """Another train state (config changed) or a damaged checkpoint, told apart by comparing the
@@ -142,8 +164,10 @@ class Checkpointer:
     where = f'checkpoint at step {step} in {self.directory}'
     mismatch = saved_mismatch(self.manager, step, self._items(target))
     if mismatch:
-      return ValueError(f'{where} does not match this config\'s train state (model or optimizer '
-                        f'changed?): {mismatch}')
+      return ValueError(
+          f"{where} does not match this config's train state (model or optimizer "
+          f'changed?): {mismatch}'
+      )
     return damaged_error(where, self.directory, step, self.manager.all_steps(), error)
 
   def wait(self) -> None:
@@ -155,8 +179,12 @@ class Checkpointer:
 
   @staticmethod
   def _items(state: TrainState) -> dict[str, Any]:
-    return {'params': state.params, 'ema_params': state.ema_params,
-            'opt_state': state.opt_state, 'meta': {'step': state.step, 'rng': state.rng}}
+    return {
+        'params': state.params,
+        'ema_params': state.ema_params,
+        'opt_state': state.opt_state,
+        'meta': {'step': state.step, 'rng': state.rng},
+    }
 
 
 # Model fields a resumed run may change: how the model is computed and the training-time
@@ -170,8 +198,11 @@ def shape_changes(old: MDTConfig, new: MDTConfig) -> list[str]:
   """'name: workdir SHAPE vs config SHAPE' for every parameter whose shape (or presence) differs."""
   a, b = param_shapes(old), param_shapes(new)
   missing = '(absent)'
-  return [f'{k}: workdir {a.get(k, missing)} vs config {b.get(k, missing)}'
-          for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+  return [
+      f'{k}: workdir {a.get(k, missing)} vs config {b.get(k, missing)}'
+      for k in sorted(a.keys() | b.keys())
+      if a.get(k) != b.get(k)
+  ]
 
 
 def saved_mismatch(manager: ocp.CheckpointManager, step: int, items: dict[str, Any]) -> str:
@@ -189,9 +220,13 @@ def saved_mismatch(manager: ocp.CheckpointManager, step: int, items: dict[str, A
     want, have = leaf_shapes(tree), leaf_shapes(saved[name])
     bad = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
     if bad:
-      out.append(f'{name}: {len(bad)} array(s) differ, e.g. ' + ', '.join(
-          f'{k} saved {have.get(k, "(absent)")} vs config {want.get(k, "(absent)")}'
-          for k in bad[:3]))
+      out.append(
+          f'{name}: {len(bad)} array(s) differ, e.g. '
+          + ', '.join(
+              f'{k} saved {have.get(k, "(absent)")} vs config {want.get(k, "(absent)")}'
+              for k in bad[:3]
+          )
+      )
   return '; '.join(out)
 
 
@@ -202,8 +237,9 @@ def _brief(error: Exception) -> str:
   return f'{type(error).__name__}: {text[0][:300].rstrip(". ") if text else ""}'
 
 
-def damaged_error(where: str, directory, step: int, steps, error: Exception, *,
-                  loading: bool = False) -> ValueError:
+def damaged_error(
+    where: str, directory, step: int, steps, error: Exception, *, loading: bool = False
+) -> ValueError:
   """The error for a checkpoint that cannot be read: what failed and how to go on."""
   earlier = [s for s in steps if s < step]
   if not earlier:
@@ -211,10 +247,14 @@ def damaged_error(where: str, directory, step: int, steps, error: Exception, *,
   elif loading:
     hint = f'the checkpoint before it is step {max(earlier)} (step={max(earlier)})'
   else:
-    hint = (f'to resume from the checkpoint before it (step {max(earlier)}), move '
-            f'{epath.Path(directory) / str(step)} out of {directory}')
-  return ValueError(f'{where} cannot be read: a file in it is damaged or missing (truncated, '
-                    f'overwritten, deleted?): {_brief(error)}. Nothing was changed; {hint}')
+    hint = (
+        f'to resume from the checkpoint before it (step {max(earlier)}), move '
+        f'{epath.Path(directory) / str(step)} out of {directory}'
+    )
+  return ValueError(
+      f'{where} cannot be read: a file in it is damaged or missing (truncated, '
+      f'overwritten, deleted?): {_brief(error)}. Nothing was changed; {hint}'
+  )
 
 
 def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
@@ -235,13 +275,17 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   if shapes or [k for k in fields if k not in RESUMABLE_FIELDS] or objectives[0] != objectives[1]:
     diffs = [f'{k}: workdir {old[k]!r} vs config {new[k]!r}' for k in fields]
     if objectives[0] != objectives[1]:
-      diffs.insert(0, f'diffusion.objective: workdir {objectives[0]!r} vs config '
-                      f'{objectives[1]!r}')
+      diffs.insert(
+          0, f'diffusion.objective: workdir {objectives[0]!r} vs config ' f'{objectives[1]!r}'
+      )
     if shapes:
       more = f'; and {len(shapes) - 4} more' if len(shapes) > 4 else ''
       diffs.append(f'parameter shapes {"; ".join(shapes[:4])}{more}')
-    raise ValueError(f'workdir {workdir} holds a run of another model shape ('
-                     + '; '.join(diffs) + '); use a new workdir')
+    raise ValueError(
+        f'workdir {workdir} holds a run of another model shape ('
+        + '; '.join(diffs)
+        + '); use a new workdir'
+    )
 
 
 def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:

@@ -16,6 +16,7 @@ history entries past the restored step (from a lost future) are dropped. An eval
 fails (an error, not a preemption) is logged and recorded in the history with its error; the
 training goes on.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,7 +37,7 @@ from mdt_jax.training import samples
 
 HISTORY_FILE = 'eval_history.json'
 FINAL_FILE = 'eval.json'
-EVAL_SEED = 1          # the sampling noise of every evaluation (as samples.evaluate_digits)
+EVAL_SEED = 1  # the sampling noise of every evaluation (as samples.evaluate_digits)
 
 
 class Cancelled(Exception):
@@ -54,8 +55,9 @@ class InceptionScorer:
     if not os.path.isfile(weights):
       raise FileNotFoundError(
           f'eval: no FID Inception weights at {weights}; write them with `python '
-          f'tools/convert_inception.py --out {weights}` or set eval_inception')
-    evaluator.reference_kind(reference)          # refuses a file that is no reference
+          f'tools/convert_inception.py --out {weights}` or set eval_inception'
+      )
+    evaluator.reference_kind(reference)  # refuses a file that is no reference
     self.reference, self.weights, self.batch_size = reference, weights, batch_size
     self._extractor = self._ref = self._fp = None
 
@@ -64,8 +66,9 @@ class InceptionScorer:
       model = inception.load_inception(self.weights)
       self._fp = inception.weights_fingerprint(self.weights)
       self._extractor = features.FeatureExtractor(model, self.batch_size)
-      self._ref = evaluator.reference_statistics(self.reference, self._extractor, self._fp,
-                                                 progress=False)
+      self._ref = evaluator.reference_statistics(
+          self.reference, self._extractor, self._fp, progress=False
+      )
     return self._extractor, self._ref
 
   def features(self, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -94,18 +97,23 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if n == 1:
     raise ValueError('eval_num_samples must be >= 2 (a Frechet distance needs 2 images)')
   if n and config.data.name == 'digits' and config.data.image_size != 16:
-    raise ValueError('the digits evaluation (eval_num_samples > 0) scores 16x16 images with the '
-                     f'digits classifier; data.image_size is {config.data.image_size}')
+    raise ValueError(
+        'the digits evaluation (eval_num_samples > 0) scores 16x16 images with the '
+        f'digits classifier; data.image_size is {config.data.image_size}'
+    )
   if n and config.data.name != 'digits' and not config.eval_reference:
-    raise ValueError('eval_num_samples > 0 on a latent run needs eval_reference: reference '
-                     'statistics (python -m mdt_jax.evaluate --save_stats) or an ADM batch')
+    raise ValueError(
+        'eval_num_samples > 0 on a latent run needs eval_reference: reference '
+        'statistics (python -m mdt_jax.evaluate --save_stats) or an ADM batch'
+    )
 
 
 class Evaluator:
   """Evaluates the EMA weights at the due steps and keeps the history (see the module doc)."""
 
-  def __init__(self, config: ml_collections.ConfigDict, workdir: str,
-               scorer: InceptionScorer | None = None):
+  def __init__(
+      self, config: ml_collections.ConfigDict, workdir: str, scorer: InceptionScorer | None = None
+  ):
     """Checks the settings, the reference, the Inception weights and the VAE before any
     training; `attach` gives it the run's sampler and metric writer."""
     check_config(config)
@@ -117,12 +125,13 @@ class Evaluator:
     self.final_path = epath.Path(workdir) / FINAL_FILE
     self.history = self._read_history()
     self.postprocess = self.scorer = None
-    if not self.digits:       # fail now, not after hours of training
+    if not self.digits:  # fail now, not after hours of training
       sm = postprocess.SamplingModel(model=None, space='latent', vae_dir=config.data.vae_decoder)
       self.postprocess = postprocess.make_postprocess(sm)
       self.scorer = scorer or InceptionScorer(
           paths.resolve(config.eval_reference),
-          paths.resolve(config.get('eval_inception') or paths.default_inception_weights()))
+          paths.resolve(config.get('eval_inception') or paths.default_inception_weights()),
+      )
 
   def attach(self, grids: samples.GridSampler, writer) -> None:
     self.grids, self.writer = grids, writer
@@ -135,8 +144,7 @@ class Evaluator:
     try:
       return list(json.loads(self.history_path.read_text())['evaluations'])
     except (ValueError, KeyError, TypeError) as e:
-      logging.warning('unreadable %s (%s): starting a new evaluation history', self.history_path,
-                      e)
+      logging.warning('unreadable %s (%s): starting a new evaluation history', self.history_path, e)
       return []
 
   def _write_history(self) -> None:
@@ -153,8 +161,11 @@ class Evaluator:
       self._write_history()
 
   def due(self, step: int) -> bool:
-    return self.n > 0 and step > 0 and (step == self.total or
-                                        bool(self.every and step % self.every == 0))
+    return (
+        self.n > 0
+        and step > 0
+        and (step == self.total or bool(self.every and step % self.every == 0))
+    )
 
   def missing(self, step: int) -> bool:
     """Due at `step` and not in the history (an evaluation a preemption interrupted)."""
@@ -162,8 +173,9 @@ class Evaluator:
 
   # ----------------------------------------------------------------- evaluating
 
-  def __call__(self, step: int, ema_params,
-               cancel: Callable[[], bool] = lambda: False) -> dict | None:
+  def __call__(
+      self, step: int, ema_params, cancel: Callable[[], bool] = lambda: False
+  ) -> dict | None:
     """Evaluate, log and record; None if `cancel` said to stop first."""
     t0 = time.perf_counter()
     try:
@@ -179,8 +191,9 @@ class Evaluator:
       self._record(step, {'error': f'{type(e).__name__}: {e}'})
       return {}
     result['eval_seconds'] = time.perf_counter() - t0
-    self.writer.write_scalars(step, {k: v for k, v in result.items()
-                                     if k != 'eval_num_samples' and v is not None})
+    self.writer.write_scalars(
+        step, {k: v for k, v in result.items() if k != 'eval_num_samples' and v is not None}
+    )
     self._record(step, result)
     if step == self.total and jax.process_index() == 0:
       self.final_path.write_text(json.dumps({'step': step, **result}, indent=2))
@@ -199,11 +212,16 @@ class Evaluator:
     for lo in range(0, self.n, chunk):
       if cancel():
         raise Cancelled()
-      x = self.grids.samples(ema_params, labels[lo:lo + chunk], EVAL_SEED, start=lo)
+      x = self.grids.samples(ema_params, labels[lo : lo + chunk], EVAL_SEED, start=lo)
       if not np.isfinite(x).all():
         logging.warning('non-finite samples: evaluation metrics recorded as NaN')
-        return {'fid': float('nan'), 'sfid': float('nan'), 'precision': None,
-                'recall': None, 'eval_num_samples': self.n}
+        return {
+            'fid': float('nan'),
+            'sfid': float('nan'),
+            'precision': None,
+            'recall': None,
+            'eval_num_samples': self.n,
+        }
       feats.append(self.scorer.features(self.postprocess(x)))
     if cancel():
       raise Cancelled()

@@ -7,6 +7,7 @@ staging folder, and every ``flush()`` copies the files that changed to the workd
 event file grows; an object cannot be appended to, so it is uploaded again, as TensorFlow's own
 GCS writer does on every flush).
 """
+
 from __future__ import annotations
 
 import os
@@ -30,7 +31,7 @@ class MirroredWriter:
     self._inner = metric_writers.create_default_writer(self.local, just_logging=just_logging)
     self._sent: dict[str, tuple[int, int]] = {}
 
-  def __getattr__(self, name):        # write_scalars, write_images, ...: clu's writer
+  def __getattr__(self, name):  # write_scalars, write_images, ...: clu's writer
     return getattr(self._inner, name)
 
   def flush(self) -> None:

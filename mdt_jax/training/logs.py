@@ -1,4 +1,5 @@
 """Logging set-up shared by the command-line entry points."""
+
 from __future__ import annotations
 
 import logging as pylogging

@@ -1,5 +1,6 @@
 """The training loop: data -> sharded train step -> metrics, checkpoints, sample grids and
 evaluations (mdt_jax/training/evaluation.py)."""
+
 from __future__ import annotations
 
 import contextlib
@@ -51,6 +52,7 @@ class Preemption:
     """Call once per step on every process."""
     if self.multihost:
       from jax.experimental import multihost_utils
+
       if multihost_utils.reached_preemption_sync_point(step):
         logging.warning('preemption notice: every process saves and stops at step %d', step)
         return True
@@ -73,7 +75,8 @@ def _check_finite(host_metrics: list[dict], first_step: int, last_good: int | No
     if not math.isfinite(loss):
       raise FloatingPointError(
           f'loss is {loss} at step {first_step + i}; training stopped. The last good checkpoint '
-          f'(step {last_good}) is untouched; lower the learning rate or check the data.')
+          f'(step {last_good}) is untouched; lower the learning rate or check the data.'
+      )
 
 
 def _mean_metrics(host_metrics: list[dict]) -> dict:
@@ -81,12 +84,16 @@ def _mean_metrics(host_metrics: list[dict]) -> dict:
 
 
 StepCallback = Callable[[int, TrainState], None]
-PROFILE_AFTER_STEPS = 2      # --profile: the first profiled step is the run's first step + this
+PROFILE_AFTER_STEPS = 2  # --profile: the first profiled step is the run's first step + this
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       callbacks: Sequence[StepCallback] = (),
-                       devices: Sequence[jax.Device] | None = None) -> dict:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    *,
+    callbacks: Sequence[StepCallback] = (),
+    devices: Sequence[jax.Device] | None = None,
+) -> dict:
   """Train (resuming from the workdir's latest checkpoint) and return the last logged metrics.
 
   ``callbacks`` are called as ``cb(step, state)`` after every step (e.g. an evaluation); the next
@@ -97,14 +104,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
   dp = sharding.data_parallel_size(mesh)
   if config.global_batch_size % dp:
-    raise ValueError(f'global_batch_size {config.global_batch_size} is not divisible by the '
-                     f'data-parallel size {dp} (mesh {dict(mesh.shape)})')
+    raise ValueError(
+        f'global_batch_size {config.global_batch_size} is not divisible by the '
+        f'data-parallel size {dp} (mesh {dict(mesh.shape)})'
+    )
   checkpoints.check_workdir(workdir, config)
   # Evaluation files (reference, Inception, VAE) are checked before any work starts.
   evaluator = evaluation.Evaluator(config, workdir) if config.eval_num_samples else None
   batch_sh = sharding.batch_sharding(mesh)
-  reader = pipeline.make_iterator(config.data, seed=config.seed,
-                                  global_batch=config.global_batch_size)
+  reader = pipeline.make_iterator(
+      config.data, seed=config.seed, global_batch=config.global_batch_size
+  )
   source = config.data.get('path') or config.data.name
 
   def place(batch):
@@ -112,30 +122,41 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   data_iter = DevicePrefetch(reader, place, config.data.get('device_prefetch', 2))
   optimizer = make_optimizer(config.optimizer)
-  state, shardings, graphdef = create_train_state(model_cfg, optimizer, config.seed, mesh,
-                                                  config.sharding_rules)
-  ckpt = checkpoints.Checkpointer(workdir, keep=config.keep_checkpoints,
-                                  async_save=config.async_checkpointing)
+  state, shardings, graphdef = create_train_state(
+      model_cfg, optimizer, config.seed, mesh, config.sharding_rules
+  )
+  ckpt = checkpoints.Checkpointer(
+      workdir, keep=config.keep_checkpoints, async_save=config.async_checkpointing
+  )
   last_saved = ckpt.latest_step()
   if last_saved is not None:
     logging.info('resuming from step %d', last_saved)
     state = ckpt.restore(state, shardings, data_iter, last_saved)
   checkpoints.write_config(workdir, config)
-  step_fn = jit_step_from_config(config, shardings, batch_sh, graphdef=graphdef,
-                                 optimizer=optimizer)
+  step_fn = jit_step_from_config(
+      config, shardings, batch_sh, graphdef=graphdef, optimizer=optimizer
+  )
 
   writer, log_dir = logdir.create_writer(workdir, just_logging=jax.process_index() > 0)
   total = config.total_steps
   start = int(state.step)
-  hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer,
-                                           every_steps=config.log_every_steps)]
+  hooks = [
+      periodic_actions.ReportProgress(
+          num_train_steps=total, writer=writer, every_steps=config.log_every_steps
+      )
+  ]
   if config.profile_steps and jax.process_index() == 0:
     # Bounded by steps only: clu's default 3 s minimum would outlast short runs and lose the trace.
     # The window opens PROFILE_AFTER_STEPS into this run, past the compiling first step; clu's
     # default (absolute step 10) never comes in a run resumed beyond it.
-    hooks.append(periodic_actions.Profile(num_profile_steps=config.profile_steps,
-                                          profile_duration_ms=None, logdir=log_dir,
-                                          first_profile=start + PROFILE_AFTER_STEPS))
+    hooks.append(
+        periodic_actions.Profile(
+            num_profile_steps=config.profile_steps,
+            profile_duration_ms=None,
+            logdir=log_dir,
+            first_profile=start + PROFILE_AFTER_STEPS,
+        )
+    )
   grids = samples.GridSampler(config, graphdef)
   if evaluator:
     evaluator.attach(grids, writer)
@@ -144,7 +165,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   t_log, n_log = time.perf_counter(), 0
   # closing: a run stopped by an error still finishes the checkpoint being written
   with contextlib.closing(ckpt), Preemption() as preempt:
-    if evaluator and evaluator.missing(start):     # interrupted before it was recorded
+    if evaluator and evaluator.missing(start):  # interrupted before it was recorded
       logged.update(evaluator(start, state.ema_params, preempt.notice_pending) or {})
     for step in range(start + 1, total + 1):
       batch = next(data_iter)
@@ -162,17 +183,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         _check_finite(host, pending_from, last_saved)
         dt = time.perf_counter() - t_log
         logged = _mean_metrics(host)
-        logged.update(steps_per_sec=n_log / dt,
-                      images_per_sec=n_log * config.global_batch_size / dt)
+        logged.update(
+            steps_per_sec=n_log / dt, images_per_sec=n_log * config.global_batch_size / dt
+        )
         writer.write_scalars(step, logged)
         pending, pending_from, t_log, n_log = [], step + 1, time.perf_counter(), 0
       if save_now:
         ckpt.save(state, data_iter, step)
         last_saved = step
-        writer.flush()      # the events so far reach the workdir with every checkpoint
+        writer.flush()  # the events so far reach the workdir with every checkpoint
       if evaluator and not stop and evaluator.due(step):
         result = evaluator(step, state.ema_params, preempt.notice_pending)
-        if result is None:                   # abandoned for a preemption notice: save, stop
+        if result is None:  # abandoned for a preemption notice: save, stop
           stop = True
           if not save_now:
             ckpt.save(state, data_iter, step)
@@ -188,8 +210,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   return {'step': int(state.step), **logged, 'state': state}
 
 
-def write_sample_grid(grids: samples.GridSampler, state, workdir: str, step: int,
-                      writer) -> None:
+def write_sample_grid(grids: samples.GridSampler, state, workdir: str, step: int, writer) -> None:
   """A class-conditional grid from the EMA weights: PNG in workdir/samples and TensorBoard."""
   images = grids.grid(state.ema_params)
   if images is None or jax.process_index() != 0:

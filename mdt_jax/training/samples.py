@@ -1,4 +1,5 @@
 """Samples during training: class-conditional grids from the EMA weights (one compilation)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,9 +22,12 @@ from mdt_jax.sampling.config import make_sampler_config
 
 def sampler_config(config: ml_collections.ConfigDict) -> SamplerConfig:
   """The sampler of a training config's `sampling` section, for its objective."""
-  return make_sampler_config(config.sampling.to_dict(), config.model.in_channels,
-                             config.diffusion.num_timesteps,
-                             objective=objective_of(config.diffusion))
+  return make_sampler_config(
+      config.sampling.to_dict(),
+      config.model.in_channels,
+      config.diffusion.num_timesteps,
+      objective=objective_of(config.diffusion),
+  )
 
 
 class GridSampler:
@@ -40,9 +44,16 @@ class GridSampler:
     else:
       state = nnx.state(model)
       self.sampler = dataclasses.replace(
-          self.sampler, params=jax.device_put(state, NamedSharding(self.sampler.mesh, P())))
-    return generate(self.sampler, labels, seed=seed, batch_size=max(8, min(len(labels), 256)),
-                    start=start, log_every=0)
+          self.sampler, params=jax.device_put(state, NamedSharding(self.sampler.mesh, P()))
+      )
+    return generate(
+        self.sampler,
+        labels,
+        seed=seed,
+        batch_size=max(8, min(len(labels), 256)),
+        start=start,
+        log_every=0,
+    )
 
   def grid_labels(self) -> np.ndarray:
     s = self.config.sampling
@@ -52,8 +63,10 @@ class GridSampler:
   def grid(self, ema_params) -> np.ndarray | None:
     """uint8 [N, H, W, 3] images (rows of one class each), or None for latent models."""
     if self.config.data.name != 'digits':
-      logging.info('sample grids during training are written for pixel-space runs only; '
-                   'use python -m mdt_jax.sample on the workdir for latent models')
+      logging.info(
+          'sample grids during training are written for pixel-space runs only; '
+          'use python -m mdt_jax.sample on the workdir for latent models'
+      )
       return None
     x = self.samples(ema_params, self.grid_labels(), self.config.sampling.seed)
     return to_uint8(x)
@@ -68,10 +81,14 @@ def save(images: np.ndarray, workdir: str, step: int, ncols: int) -> str:
 def evaluate_digits(grids: GridSampler, ema_params, num_samples: int, seed: int = 1) -> dict:
   """Frechet distance (digits-classifier features) and class accuracy of guided samples."""
   if grids.config.data.name != 'digits' or grids.config.data.image_size != 16:
-    raise ValueError('the digits evaluation needs data.name="digits" at image_size 16, got '
-                     f'{grids.config.data.name!r} at {grids.config.data.image_size}')
+    raise ValueError(
+        'the digits evaluation needs data.name="digits" at image_size 16, got '
+        f'{grids.config.data.name!r} at {grids.config.data.image_size}'
+    )
   labels = np.arange(num_samples, dtype=np.int32) % grids.config.model.num_classes
   x = np.clip(grids.samples(ema_params, labels, seed), -1.0, 1.0)
-  return {'digits_fd': float(dc.digits_frechet_distance(x)),
-          'digits_class_accuracy': float(dc.class_accuracy(x, labels)),
-          'eval_num_samples': int(num_samples)}
+  return {
+      'digits_fd': float(dc.digits_frechet_distance(x)),
+      'digits_class_accuracy': float(dc.class_accuracy(x, labels)),
+      'eval_num_samples': int(num_samples),
+  }

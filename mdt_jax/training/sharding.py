@@ -15,6 +15,7 @@ dimension is dropped with a warning naming the parameter; one already used by an
 dimension of the same array is dropped (``embed2`` and ``embed`` both map to ``fsdp``). The batch
 is sharded over the data axes.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -31,8 +32,13 @@ DATA_AXES = ('data', 'fsdp')
 
 # FSDP over the model width; tensor parallelism over heads and MLP width when the axis is > 1.
 DEFAULT_RULES = (
-    ('embed', 'fsdp'), ('embed2', 'fsdp'), ('embed_out', 'tensor'), ('heads', 'tensor'),
-    ('mlp', 'tensor'), ('ada', 'tensor'), ('vocab', None),
+    ('embed', 'fsdp'),
+    ('embed2', 'fsdp'),
+    ('embed_out', 'tensor'),
+    ('heads', 'tensor'),
+    ('mlp', 'tensor'),
+    ('ada', 'tensor'),
+    ('vocab', None),
 )
 
 
@@ -54,8 +60,10 @@ def make_mesh(shape: dict | Sequence[int], devices: Sequence[jax.Device] | None 
       raise ValueError(f'{len(devices)} devices cannot fill mesh {dict(zip(MESH_AXES, sizes))}')
     sizes[sizes.index(-1)] = len(devices) // rest
   if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f'mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, '
-                     f'{len(devices)} are available')
+    raise ValueError(
+        f'mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, '
+        f'{len(devices)} are available'
+    )
   try:
     arr = mesh_utils.create_device_mesh(sizes, devices)
   except Exception:  # noqa: BLE001 - e.g. simulated CPU devices without topology
@@ -84,11 +92,16 @@ def _rules(rules: Sequence) -> tuple:
       raise ValueError(f'sharding rule {rule!r}: expected (logical name, mesh axis or None)')
     name, axis = rule
     axis = tuple(axis) if isinstance(axis, (list, tuple)) else axis
-    unknown = [a for a in (axis if isinstance(axis, tuple) else (axis,))
-               if a is not None and a not in MESH_AXES]
+    unknown = [
+        a
+        for a in (axis if isinstance(axis, tuple) else (axis,))
+        if a is not None and a not in MESH_AXES
+    ]
     if unknown:
-      raise ValueError(f'sharding rule {rule!r} names mesh axes {unknown}; expected axes of '
-                       f'{MESH_AXES} or None')
+      raise ValueError(
+          f'sharding rule {rule!r} names mesh axes {unknown}; expected axes of '
+          f'{MESH_AXES} or None'
+      )
     out.append((name, axis))
   return tuple(out)
 
@@ -99,14 +112,23 @@ def _fit(path: str, spec: P, shape: Sequence[int], mesh: Mesh, logical: Sequence
   for dim, (entry, size, name) in enumerate(zip(spec, shape, logical)):
     axes = [] if entry is None else list(entry) if isinstance(entry, tuple) else [entry]
     if any(a not in mesh.shape for a in axes):
-      raise ValueError(f'parameter {path} dimension {dim}: logical axis {name!r} has no '
-                       f'sharding rule (config.sharding_rules maps names to {MESH_AXES})')
+      raise ValueError(
+          f'parameter {path} dimension {dim}: logical axis {name!r} has no '
+          f'sharding rule (config.sharding_rules maps names to {MESH_AXES})'
+      )
     axes = [a for a in axes if mesh.shape[a] > 1 and a not in used]
     split = int(np.prod([mesh.shape[a] for a in axes]))
     if axes and size % split:
-      logging.warning('parameter %s dimension %d (size %d, logical axis %r) is replicated: mesh '
-                      'axis %s of size %d does not divide it', path, dim, size, name,
-                      '*'.join(axes), split)
+      logging.warning(
+          'parameter %s dimension %d (size %d, logical axis %r) is replicated: mesh '
+          'axis %s of size %d does not divide it',
+          path,
+          dim,
+          size,
+          name,
+          '*'.join(axes),
+          split,
+      )
       axes = []
     used.update(axes)
     out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
@@ -123,6 +145,6 @@ def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Sequence) -> d
     name = '.'.join(str(getattr(k, 'key', k)) for k in path)
     return NamedSharding(mesh, _fit(name, spec.get_value(), var.shape, mesh, logical))
 
-  is_var = lambda x: isinstance(x, nnx.Variable)   # noqa: E731
+  is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
   shardings = jax.tree_util.tree_map_with_path(one, specs, abstract_state, is_leaf=is_var)
   return nnx.to_pure_dict(shardings)

@@ -1,4 +1,5 @@
 """Train state (params, EMA, optimizer state, step, RNG) and its sharded creation."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 from flax import nnx, struct
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 
 from mdt_jax.models.mdt import MDT, MDTConfig
 from mdt_jax.models.params import abstract_model
@@ -19,20 +20,27 @@ from mdt_jax.training.adan import adan
 @struct.dataclass
 class TrainState:
   step: jax.Array
-  params: Any          # pure dict of float32 parameters (nnx.to_pure_dict layout)
+  params: Any  # pure dict of float32 parameters (nnx.to_pure_dict layout)
   ema_params: Any
   opt_state: Any
-  rng: jax.Array       # raw uint32 key data; the step's key is fold_in(key, step): exact resume
+  rng: jax.Array  # raw uint32 key data; the step's key is fold_in(key, step): exact resume
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
   """Global-norm clipping, then Adan with a constant learning rate (the original recipe)."""
   if cfg.name == 'adan':
-    opt = adan(cfg.learning_rate, b1=cfg.b1, b2=cfg.b2, b3=cfg.b3, eps=cfg.eps,
-               weight_decay=cfg.weight_decay)
-  elif cfg.name == 'adamw':   # MDT v1's optimizer
-    opt = optax.adamw(cfg.learning_rate, b1=0.9, b2=0.999, eps=cfg.eps,
-                      weight_decay=cfg.weight_decay)
+    opt = adan(
+        cfg.learning_rate,
+        b1=cfg.b1,
+        b2=cfg.b2,
+        b3=cfg.b3,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+    )
+  elif cfg.name == 'adamw':  # MDT v1's optimizer
+    opt = optax.adamw(
+        cfg.learning_rate, b1=0.9, b2=0.999, eps=cfg.eps, weight_decay=cfg.weight_decay
+    )
   else:
     raise ValueError(f"optimizer.name must be 'adan' or 'adamw', got {cfg.name!r}")
   if cfg.clip_norm:
@@ -40,13 +48,15 @@ def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformati
   return opt
 
 
-def state_shardings(abstract: TrainState, model: MDT, optimizer: optax.GradientTransformation,
-                    mesh: Mesh, rules) -> TrainState:
+def state_shardings(
+    abstract: TrainState, model: MDT, optimizer: optax.GradientTransformation, mesh: Mesh, rules
+) -> TrainState:
   """Shardings of every leaf: params/EMA by the rules; optimizer moments like their params."""
   p_sh = sharding.param_shardings(nnx.state(model), mesh, rules)
   rep = sharding.replicated(mesh)
-  opt_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, abstract.opt_state, p_sh,
-                                 transform_non_params=lambda _: rep)
+  opt_sh = optax.tree_map_params(
+      optimizer, lambda _, sh: sh, abstract.opt_state, p_sh, transform_non_params=lambda _: rep
+  )
   return TrainState(step=rep, params=p_sh, ema_params=p_sh, opt_state=opt_sh, rng=rep)
 
 
@@ -55,27 +65,34 @@ def _initializer(model_cfg: MDTConfig, optimizer: optax.GradientTransformation, 
 
   def init():
     params = nnx.to_pure_dict(nnx.state(MDT(model_cfg, rngs=nnx.Rngs(init_key))))
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      ema_params=jax.tree.map(jnp.copy, params),
-                      opt_state=optimizer.init(params),
-                      rng=jax.random.key_data(train_key))
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        ema_params=jax.tree.map(jnp.copy, params),
+        opt_state=optimizer.init(params),
+        rng=jax.random.key_data(train_key),
+    )
+
   return init
 
 
-def abstract_train_state(model_cfg: MDTConfig, optimizer: optax.GradientTransformation,
-                         mesh: Mesh, rules) -> tuple[TrainState, TrainState, nnx.GraphDef]:
+def abstract_train_state(
+    model_cfg: MDTConfig, optimizer: optax.GradientTransformation, mesh: Mesh, rules
+) -> tuple[TrainState, TrainState, nnx.GraphDef]:
   """(shape/dtype/sharding structs of the state, its shardings, graphdef); nothing allocated."""
   model = abstract_model(model_cfg)
   graphdef, _ = nnx.split(model)
   abstract = jax.eval_shape(_initializer(model_cfg, optimizer, 0))
   shardings = state_shardings(abstract, model, optimizer, mesh, rules)
-  structs = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                         abstract, shardings)
+  structs = jax.tree.map(
+      lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings
+  )
   return structs, shardings, graphdef
 
 
-def create_train_state(model_cfg: MDTConfig, optimizer: optax.GradientTransformation,
-                       seed: int, mesh: Mesh, rules) -> tuple[TrainState, TrainState, nnx.GraphDef]:
+def create_train_state(
+    model_cfg: MDTConfig, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh, rules
+) -> tuple[TrainState, TrainState, nnx.GraphDef]:
   """Initialise directly into the sharded layout (no host copy of the full model).
 
   Returns (state, shardings, graphdef).

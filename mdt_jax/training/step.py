@@ -5,6 +5,7 @@ MSE with min-SNR weight plus the VLB term) and the flow one (``dif`` a ``FlowMat
 continuous times, velocity MSE). Either way the two branches share the time draw and each draws
 its own noise, label dropout and mask.
 """
+
 from __future__ import annotations
 
 import functools
@@ -20,8 +21,9 @@ from mdt_jax.models import attention
 from mdt_jax.training.state import TrainState
 
 
-def branch_loss(model, dif: diff.Diffusion, x0, y, t, key, *, masked: bool,
-                min_snr_gamma: float | None):
+def branch_loss(
+    model, dif: diff.Diffusion, x0, y, t, key, *, masked: bool, min_snr_gamma: float | None
+):
   """One branch of the original forward_backward: own noise, own label-dropout (and mask) draw."""
   noise_key, model_key = jax.random.split(key)
   noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
@@ -31,8 +33,9 @@ def branch_loss(model, dif: diff.Diffusion, x0, y, t, key, *, masked: bool,
   return {k: v.mean() for k, v in terms.items()}
 
 
-def flow_branch_loss(model, fm: diff.FlowMatching, x0, y, t, key, *, masked: bool,
-                     min_snr_gamma: float | None = None):
+def flow_branch_loss(
+    model, fm: diff.FlowMatching, x0, y, t, key, *, masked: bool, min_snr_gamma: float | None = None
+):
   """``branch_loss`` of the flow objective: x_t on the line from x_0 to the noise, velocity MSE."""
   if min_snr_gamma is not None:
     raise ValueError('min-SNR weighting is a DDPM setting; the flow loss is unweighted')
@@ -51,8 +54,7 @@ def draw_times(dif: diff.Diffusion | diff.FlowMatching, key, n: int):
   return jax.random.randint(key, (n,), 0, dif.num_timesteps)
 
 
-def loss_fn(params, graphdef, dif, batch, key, *, mask_branch: bool,
-            min_snr_gamma: float | None):
+def loss_fn(params, graphdef, dif, batch, key, *, mask_branch: bool, min_snr_gamma: float | None):
   model = nnx.merge(graphdef, params)
   x0, y = batch['x'], batch['y']
   t_key, plain_key, mask_key = jax.random.split(key, 3)
@@ -69,13 +71,22 @@ def loss_fn(params, graphdef, dif, batch, key, *, mask_branch: bool,
   return total, metrics
 
 
-def train_step(state: TrainState, batch: dict, *, graphdef,
-               dif: diff.Diffusion | diff.FlowMatching,
-               optimizer: optax.GradientTransformation, ema_decay: float, mask_branch: bool,
-               min_snr_gamma: float | None, learning_rate: float):
+def train_step(
+    state: TrainState,
+    batch: dict,
+    *,
+    graphdef,
+    dif: diff.Diffusion | diff.FlowMatching,
+    optimizer: optax.GradientTransformation,
+    ema_decay: float,
+    mask_branch: bool,
+    min_snr_gamma: float | None,
+    learning_rate: float,
+):
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  grad_fn = jax.grad(functools.partial(loss_fn, mask_branch=mask_branch,
-                                       min_snr_gamma=min_snr_gamma), has_aux=True)
+  grad_fn = jax.grad(
+      functools.partial(loss_fn, mask_branch=mask_branch, min_snr_gamma=min_snr_gamma), has_aux=True
+  )
   grads, metrics = grad_fn(state.params, graphdef, dif, batch, key)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -88,30 +99,49 @@ def train_step(state: TrainState, batch: dict, *, graphdef,
 
 def jit_train_step(shardings: TrainState, batch_sharding, **kw):
   """One compiled step with the state donated and sharded as ``shardings`` says."""
+
   def step(state, batch):
     # the TPU attention kernel runs per batch shard (models/attention.py)
     with attention.batch_sharded(batch_sharding.mesh, batch_sharding.spec[0]):
       return train_step(state, batch, **kw)
+
   # the XLA module is then jit_train_step, the name profiles look for (mdt_jax/perf/profile.py)
   step.__name__ = step.__qualname__ = 'train_step'
-  return jax.jit(step, in_shardings=(shardings, batch_sharding),
-                 out_shardings=(shardings, None), donate_argnums=(0,))
+  return jax.jit(
+      step,
+      in_shardings=(shardings, batch_sharding),
+      out_shardings=(shardings, None),
+      donate_argnums=(0,),
+  )
 
 
 def loss_settings(config, mask_branch: bool | None = None) -> dict:
   """`loss_fn`'s settings from an experiment config: the diffusion (or flow) process, the mask
   branch (`mask_branch` defaults to the config's) and the min-SNR weight."""
-  return dict(dif=diff.make_process(config.diffusion),
-              mask_branch=config.mask_branch if mask_branch is None else mask_branch,
-              min_snr_gamma=config.diffusion.min_snr_gamma)
+  return dict(
+      dif=diff.make_process(config.diffusion),
+      mask_branch=config.mask_branch if mask_branch is None else mask_branch,
+      min_snr_gamma=config.diffusion.min_snr_gamma,
+  )
 
 
-def jit_step_from_config(config, shardings: TrainState, batch_sharding, *, graphdef,
-                         optimizer: optax.GradientTransformation,
-                         mask_branch: bool | None = None):
+def jit_step_from_config(
+    config,
+    shardings: TrainState,
+    batch_sharding,
+    *,
+    graphdef,
+    optimizer: optax.GradientTransformation,
+    mask_branch: bool | None = None,
+):
   """`jit_train_step` with the loss, EMA and learning-rate settings of an experiment config
   (training and benchmarks build the same step)."""
   return jit_train_step(
-      shardings, batch_sharding, graphdef=graphdef, optimizer=optimizer,
-      ema_decay=config.ema_decay, learning_rate=config.optimizer.learning_rate,
-      **loss_settings(config, mask_branch))
+      shardings,
+      batch_sharding,
+      graphdef=graphdef,
+      optimizer=optimizer,
+      ema_decay=config.ema_decay,
+      learning_rate=config.optimizer.learning_rate,
+      **loss_settings(config, mask_branch),
+  )

@@ -6,6 +6,7 @@ for stabilityai/sd-vae-ft-ema and sd-vae-ft-mse). Conv weights [O, I, kh, kw] be
 Both the old attention names (query/key/value/proj_attn) and the new ones
 (to_q/to_k/to_v/to_out.0) are read.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,9 +19,17 @@ from mdt_jax.vae.model import VAEConfig
 
 DIFFUSERS_WEIGHTS = 'diffusion_pytorch_model.safetensors'
 # Our module name -> diffusers' (one path component each).
-_MODULES = {'norm_out': 'conv_norm_out', 'downsample': 'downsamplers.0.conv',
-            'upsample': 'upsamplers.0.conv', 'attention': 'attentions.0', 'norm': 'group_norm',
-            'q': 'to_q', 'k': 'to_k', 'v': 'to_v', 'out': 'to_out.0'}
+_MODULES = {
+    'norm_out': 'conv_norm_out',
+    'downsample': 'downsamplers.0.conv',
+    'upsample': 'upsamplers.0.conv',
+    'attention': 'attentions.0',
+    'norm': 'group_norm',
+    'q': 'to_q',
+    'k': 'to_k',
+    'v': 'to_v',
+    'out': 'to_out.0',
+}
 _OLD_ATTENTION = {'query': 'to_q', 'key': 'to_k', 'value': 'to_v', 'proj_attn': 'to_out.0'}
 
 
@@ -44,7 +53,7 @@ def _to_flax(name: str, w: np.ndarray, want_ndim: int) -> np.ndarray:
   w = np.asarray(w, np.float32)
   if name.endswith('kernel'):
     if want_ndim == 2 and w.ndim == 4 and w.shape[2:] == (1, 1):
-      w = w[:, :, 0, 0]   # attention projections stored as 1x1 convs
+      w = w[:, :, 0, 0]  # attention projections stored as 1x1 convs
     if w.ndim == 4:
       return np.ascontiguousarray(w.transpose(2, 3, 1, 0))
     if w.ndim == 2:
@@ -61,8 +70,10 @@ def read_diffusers(diffusers_dir: str) -> tuple[VAEConfig, dict[str, np.ndarray]
   path = os.path.join(diffusers_dir, DIFFUSERS_WEIGHTS)
   if not os.path.isfile(path):
     others = sorted(f for f in os.listdir(diffusers_dir) if 'diffusion_pytorch_model' in f)
-    raise FileNotFoundError(f'no {DIFFUSERS_WEIGHTS} in {diffusers_dir!r} (found {others}); only '
-                            'the safetensors format is read (torch .bin files are not)')
+    raise FileNotFoundError(
+        f'no {DIFFUSERS_WEIGHTS} in {diffusers_dir!r} (found {others}); only '
+        'the safetensors format is read (torch .bin files are not)'
+    )
   try:
     raw = load_file(path)
   except Exception as e:  # safetensors' numpy backend refuses e.g. bfloat16
@@ -82,9 +93,11 @@ def read_diffusers(diffusers_dir: str) -> tuple[VAEConfig, dict[str, np.ndarray]
       mismatched.append(f'{dk}: {tuple(tensors[dk].shape)} does not give expected {want}')
     params[ours] = w
   if missing or unexpected or mismatched:
-    raise ValueError(f'{path} does not match its config.json as an AutoencoderKL: '
-                     f'missing keys {missing}, unexpected keys {unexpected}, '
-                     f'mismatched shapes {mismatched}')
+    raise ValueError(
+        f'{path} does not match its config.json as an AutoencoderKL: '
+        f'missing keys {missing}, unexpected keys {unexpected}, '
+        f'mismatched shapes {mismatched}'
+    )
   return config, params
 
 

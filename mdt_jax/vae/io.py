@@ -4,6 +4,7 @@ Parameter names in ``model.safetensors`` are the NNX module paths joined with '.
 ``encoder.down_blocks.0.resnets.1.conv2.kernel`` (conv kernels [kh, kw, in, out], linear
 kernels [in, out], GroupNorm ``scale``/``bias``), all float32.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,22 +38,33 @@ def check_params(config: VAEConfig, params: dict[str, np.ndarray], what: str) ->
   _, expected = param_shapes(config)
   missing = sorted(set(expected) - set(params))
   unexpected = sorted(set(params) - set(expected))
-  mismatched = sorted(f'{k}: {tuple(params[k].shape)} != expected {tuple(expected[k].shape)}'
-                      for k in set(expected) & set(params)
-                      if tuple(params[k].shape) != tuple(expected[k].shape))
+  mismatched = sorted(
+      f'{k}: {tuple(params[k].shape)} != expected {tuple(expected[k].shape)}'
+      for k in set(expected) & set(params)
+      if tuple(params[k].shape) != tuple(expected[k].shape)
+  )
   if missing or unexpected or mismatched:
-    raise ValueError(f'{what} does not match the AutoencoderKL config: missing keys {missing}, '
-                     f'unexpected keys {unexpected}, mismatched shapes {mismatched}')
+    raise ValueError(
+        f'{what} does not match the AutoencoderKL config: missing keys {missing}, '
+        f'unexpected keys {unexpected}, mismatched shapes {mismatched}'
+    )
 
 
-def from_params(config: VAEConfig, params: dict[str, np.ndarray],
-                dtype=jnp.float32) -> AutoencoderKL:
+def from_params(
+    config: VAEConfig, params: dict[str, np.ndarray], dtype=jnp.float32
+) -> AutoencoderKL:
   """An AutoencoderKL holding `params` (our names); every name and shape must match."""
   check_params(config, params, 'parameter set')
   graphdef, expected = param_shapes(config, dtype)
-  state = nnx.from_flat_state([
-      (tuple(int(p) if p.isdigit() else p for p in k.split('.')),
-       v.replace(jnp.asarray(params[k], jnp.float32))) for k, v in expected.items()])
+  state = nnx.from_flat_state(
+      [
+          (
+              tuple(int(p) if p.isdigit() else p for p in k.split('.')),
+              v.replace(jnp.asarray(params[k], jnp.float32)),
+          )
+          for k, v in expected.items()
+      ]
+  )
   return nnx.merge(graphdef, state)
 
 
@@ -77,19 +89,25 @@ def random_params(config: VAEConfig, seed: int = 0) -> dict[str, np.ndarray]:
 
 def to_params(model: AutoencoderKL) -> dict[str, np.ndarray]:
   """{name: float32 numpy array} of every parameter."""
-  return {param_name(p): np.asarray(v[...], np.float32)
-          for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
+  return {
+      param_name(p): np.asarray(v[...], np.float32)
+      for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
+  }
 
 
-def write_folder(out_dir: str, config: VAEConfig, params: dict[str, np.ndarray],
-                 overwrite: bool = False) -> str:
+def write_folder(
+    out_dir: str, config: VAEConfig, params: dict[str, np.ndarray], overwrite: bool = False
+) -> str:
   """Write a VAE folder atomically: a temp folder beside `out_dir`, renamed when complete."""
   check_params(config, params, 'parameter set')
   with atomic_folder(out_dir, overwrite) as tmp:
     with open(os.path.join(tmp, CONFIG_FILE), 'w') as f:
       json.dump({'_class_name': 'AutoencoderKL', **config.to_dict()}, f, indent=2)
-    save_file({k: np.ascontiguousarray(v, np.float32) for k, v in params.items()},
-              os.path.join(tmp, WEIGHTS_FILE), metadata={'format': 'mdt_jax.vae'})
+    save_file(
+        {k: np.ascontiguousarray(v, np.float32) for k, v in params.items()},
+        os.path.join(tmp, WEIGHTS_FILE),
+        metadata={'format': 'mdt_jax.vae'},
+    )
   return paths.resolve(out_dir)
 
 
@@ -111,8 +129,10 @@ def load_model(vae_dir: str, dtype=jnp.float32) -> AutoencoderKL:
   config = VAEConfig.from_dict(read_vae_config(vae_dir))
   path = paths.path(vae_dir) / WEIGHTS_FILE
   if not path.is_file():
-    raise FileNotFoundError(f'no {WEIGHTS_FILE} in VAE folder {vae_dir!r} '
-                            '(a diffusers folder must first go through tools/convert_vae.py)')
+    raise FileNotFoundError(
+        f'no {WEIGHTS_FILE} in VAE folder {vae_dir!r} '
+        '(a diffusers folder must first go through tools/convert_vae.py)'
+    )
   require_complete(vae_dir, 'VAE folder')
   return from_params(config, paths.load_safetensors(path), dtype)
 

@@ -8,6 +8,7 @@ nearest-neighbour x2 upsampling, and 1x1 ``quant_conv`` / ``post_quant_conv``.
 Parameters are float32; ``dtype`` sets the compute dtype of convolutions and projections.
 GroupNorm statistics and the attention softmax are computed in float32.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -31,6 +32,7 @@ LATENT_SCALE = 0.18215
 @dataclasses.dataclass(frozen=True)
 class VAEConfig:
   """AutoencoderKL hyper-parameters, named and defaulted as diffusers' ``AutoencoderKL``."""
+
   in_channels: int = 3
   out_channels: int = 3
   block_out_channels: tuple[int, ...] = (64,)
@@ -54,8 +56,10 @@ class VAEConfig:
       raise ValueError(f'layers_per_block must be >= 1, got {self.layers_per_block}')
     for c in self.block_out_channels:
       if c % self.norm_num_groups:
-        raise ValueError(f'every block_out_channels entry must be divisible by norm_num_groups='
-                         f'{self.norm_num_groups}, got {self.block_out_channels}')
+        raise ValueError(
+            f'every block_out_channels entry must be divisible by norm_num_groups='
+            f'{self.norm_num_groups}, got {self.block_out_channels}'
+        )
 
   @property
   def downsample_factor(self) -> int:
@@ -73,10 +77,17 @@ class VAEConfig:
     for key, want in (('down_block_types', DOWN_BLOCK), ('up_block_types', UP_BLOCK)):
       got = list(d.get(key, [want] * n))
       if got != [want] * n:
-        raise ValueError(f'{key} must be {n} x {want!r} (one per block_out_channels entry), '
-                         f'got {got}')
-    unknown = sorted(k for k in d if k not in fields and not k.startswith('_')
-                     and k not in IGNORED_KEYS and k not in ('down_block_types', 'up_block_types'))
+        raise ValueError(
+            f'{key} must be {n} x {want!r} (one per block_out_channels entry), ' f'got {got}'
+        )
+    unknown = sorted(
+        k
+        for k in d
+        if k not in fields
+        and not k.startswith('_')
+        and k not in IGNORED_KEYS
+        and k not in ('down_block_types', 'up_block_types')
+    )
     if unknown:
       raise ValueError(f'unknown AutoencoderKL config keys {unknown}; known: {sorted(fields)}')
     kwargs = {k: v for k, v in d.items() if k in fields}
@@ -94,10 +105,19 @@ class VAEConfig:
     return d
 
 
-def _conv(cin: int, cout: int, k: int, *, rngs: nnx.Rngs, dtype, stride: int = 1,
-          padding: Any = 'SAME') -> nnx.Conv:
-  return nnx.Conv(cin, cout, kernel_size=(k, k), strides=(stride, stride), padding=padding,
-                  dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+def _conv(
+    cin: int, cout: int, k: int, *, rngs: nnx.Rngs, dtype, stride: int = 1, padding: Any = 'SAME'
+) -> nnx.Conv:
+  return nnx.Conv(
+      cin,
+      cout,
+      kernel_size=(k, k),
+      strides=(stride, stride),
+      padding=padding,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      rngs=rngs,
+  )
 
 
 class GroupNorm(nnx.Module):
@@ -118,6 +138,7 @@ class GroupNorm(nnx.Module):
 
 
 class ResnetBlock(nnx.Module):
+
   def __init__(self, cin: int, cout: int, groups: int, *, rngs: nnx.Rngs, dtype):
     self.norm1 = GroupNorm(cin, groups)
     self.conv1 = _conv(cin, cout, 3, rngs=rngs, dtype=dtype)
@@ -138,17 +159,19 @@ class Attention(nnx.Module):
   def __init__(self, c: int, groups: int, *, rngs: nnx.Rngs, dtype):
     def lin():
       return nnx.Linear(c, c, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+
     self.norm = GroupNorm(c, groups)
     self.q, self.k, self.v, self.out = lin(), lin(), lin(), lin()
 
   def __call__(self, x: Array) -> Array:
     b, h, w, c = x.shape
-    t = self.norm(x).reshape(b, h * w, 1, c)                   # [B, T, heads=1, C]
+    t = self.norm(x).reshape(b, h * w, 1, c)  # [B, T, heads=1, C]
     o = jax.nn.dot_product_attention(self.q(t), self.k(t), self.v(t))
     return x + self.out(o.reshape(b, h, w, c)).astype(x.dtype)
 
 
 class MidBlock(nnx.Module):
+
   def __init__(self, c: int, groups: int, attention: bool, *, rngs: nnx.Rngs, dtype):
     self.resnets = nnx.List([ResnetBlock(c, c, groups, rngs=rngs, dtype=dtype) for _ in range(2)])
     self.attention = Attention(c, groups, rngs=rngs, dtype=dtype) if attention else None
@@ -161,13 +184,22 @@ class MidBlock(nnx.Module):
 
 
 class DownBlock(nnx.Module):
-  def __init__(self, cin: int, cout: int, n: int, groups: int, downsample: bool, *,
-               rngs: nnx.Rngs, dtype):
-    self.resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, groups, rngs=rngs,
-                                         dtype=dtype) for i in range(n)])
+
+  def __init__(
+      self, cin: int, cout: int, n: int, groups: int, downsample: bool, *, rngs: nnx.Rngs, dtype
+  ):
+    self.resnets = nnx.List(
+        [
+            ResnetBlock(cin if i == 0 else cout, cout, groups, rngs=rngs, dtype=dtype)
+            for i in range(n)
+        ]
+    )
     # Asymmetric zero pad (right/bottom only) then a VALID stride-2 conv, as the SD VAE.
-    self.downsample = (_conv(cout, cout, 3, rngs=rngs, dtype=dtype, stride=2,
-                             padding=((0, 1), (0, 1))) if downsample else None)
+    self.downsample = (
+        _conv(cout, cout, 3, rngs=rngs, dtype=dtype, stride=2, padding=((0, 1), (0, 1)))
+        if downsample
+        else None
+    )
 
   def __call__(self, x: Array) -> Array:
     for r in self.resnets:
@@ -176,10 +208,16 @@ class DownBlock(nnx.Module):
 
 
 class UpBlock(nnx.Module):
-  def __init__(self, cin: int, cout: int, n: int, groups: int, upsample: bool, *,
-               rngs: nnx.Rngs, dtype):
-    self.resnets = nnx.List([ResnetBlock(cin if i == 0 else cout, cout, groups, rngs=rngs,
-                                         dtype=dtype) for i in range(n)])
+
+  def __init__(
+      self, cin: int, cout: int, n: int, groups: int, upsample: bool, *, rngs: nnx.Rngs, dtype
+  ):
+    self.resnets = nnx.List(
+        [
+            ResnetBlock(cin if i == 0 else cout, cout, groups, rngs=rngs, dtype=dtype)
+            for i in range(n)
+        ]
+    )
     self.upsample = _conv(cout, cout, 3, rngs=rngs, dtype=dtype) if upsample else None
 
   def __call__(self, x: Array) -> Array:
@@ -191,12 +229,18 @@ class UpBlock(nnx.Module):
 
 
 class Encoder(nnx.Module):
+
   def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs, dtype):
     ch, g, n = cfg.block_out_channels, cfg.norm_num_groups, len(cfg.block_out_channels)
     self.conv_in = _conv(cfg.in_channels, ch[0], 3, rngs=rngs, dtype=dtype)
-    self.down_blocks = nnx.List([
-        DownBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, i < n - 1, rngs=rngs,
-                  dtype=dtype) for i in range(n)])
+    self.down_blocks = nnx.List(
+        [
+            DownBlock(
+                ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, g, i < n - 1, rngs=rngs, dtype=dtype
+            )
+            for i in range(n)
+        ]
+    )
     self.mid_block = MidBlock(ch[-1], g, cfg.mid_block_add_attention, rngs=rngs, dtype=dtype)
     self.norm_out = GroupNorm(ch[-1], g)
     self.conv_out = _conv(ch[-1], 2 * cfg.latent_channels, 3, rngs=rngs, dtype=dtype)
@@ -210,13 +254,25 @@ class Encoder(nnx.Module):
 
 
 class Decoder(nnx.Module):
+
   def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs, dtype):
     ch, g, n = cfg.block_out_channels[::-1], cfg.norm_num_groups, len(cfg.block_out_channels)
     self.conv_in = _conv(cfg.latent_channels, ch[0], 3, rngs=rngs, dtype=dtype)
     self.mid_block = MidBlock(ch[0], g, cfg.mid_block_add_attention, rngs=rngs, dtype=dtype)
-    self.up_blocks = nnx.List([
-        UpBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, g, i < n - 1, rngs=rngs,
-                dtype=dtype) for i in range(n)])
+    self.up_blocks = nnx.List(
+        [
+            UpBlock(
+                ch[max(i - 1, 0)],
+                ch[i],
+                cfg.layers_per_block + 1,
+                g,
+                i < n - 1,
+                rngs=rngs,
+                dtype=dtype,
+            )
+            for i in range(n)
+        ]
+    )
     self.norm_out = GroupNorm(ch[-1], g)
     self.conv_out = _conv(ch[-1], cfg.out_channels, 3, rngs=rngs, dtype=dtype)
 
@@ -241,10 +297,12 @@ class AutoencoderKL(nnx.Module):
     lc = cfg.latent_channels
     self.encoder = Encoder(cfg, rngs=rngs, dtype=dtype)
     self.decoder = Decoder(cfg, rngs=rngs, dtype=dtype)
-    self.quant_conv = (_conv(2 * lc, 2 * lc, 1, rngs=rngs, dtype=dtype)
-                       if cfg.use_quant_conv else None)
-    self.post_quant_conv = (_conv(lc, lc, 1, rngs=rngs, dtype=dtype)
-                            if cfg.use_post_quant_conv else None)
+    self.quant_conv = (
+        _conv(2 * lc, 2 * lc, 1, rngs=rngs, dtype=dtype) if cfg.use_quant_conv else None
+    )
+    self.post_quant_conv = (
+        _conv(lc, lc, 1, rngs=rngs, dtype=dtype) if cfg.use_post_quant_conv else None
+    )
 
   def _check(self, x: Array, channels: int, what: str):
     if x.ndim != 4 or x.shape[-1] != channels:
