@@ -338,6 +338,7 @@ OTHER_VALUES = dict(
     masked_attention_impl='xla',
     mask_buffer_multiple=8,
     residual_dtype='compute',
+    rel_pos_bias_impl='onehot',
     class_dropout_prob=0.2,
     mask_ratio=0.4,
     mask_ratio_span=0.1,
