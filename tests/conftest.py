@@ -25,8 +25,12 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 # Files the package caches (the digits classifier, converted Inception weights) go to a folder of
 # this session, shared with subprocesses, never to the user's ~/.cache: the digits classifier is
 # trained once per session and no test depends on what an earlier run left behind.
-_DATA_CACHE = tempfile.mkdtemp(prefix='mdt_jax_test_data_cache_')
-os.environ['MDT_JAX_CACHE'] = _DATA_CACHE
+# The test processes of one run (pytest-xdist workers) share the folder their controller made.
+_DATA_CACHE = None
+if 'MDT_JAX_TEST_DATA_CACHE' not in os.environ:
+  _DATA_CACHE = tempfile.mkdtemp(prefix='mdt_jax_test_data_cache_')
+  os.environ['MDT_JAX_TEST_DATA_CACHE'] = _DATA_CACHE
+os.environ['MDT_JAX_CACHE'] = os.environ['MDT_JAX_TEST_DATA_CACHE']
 
 import jax  # noqa: E402
 
@@ -67,6 +71,14 @@ def pytest_configure(config):
         f'test dependencies not installed: {", ".join(missing)} (pinned in '
         'requirements-test.txt); run: python -m pip install -r requirements-test.txt -e .'
     )
+
+
+def pytest_xdist_auto_num_workers(config):
+  """`-n auto` (the README's command): one test process per core this process may use, at most 4.
+  Each holds a JAX runtime with 8 simulated devices and compiles mostly on one thread, so on 2
+  cores two processes keep both busy; more than 4 would trade memory for little."""
+  del config
+  return max(1, min(len(os.sched_getaffinity(0)), 4))
 
 
 @pytest.fixture(scope='session')

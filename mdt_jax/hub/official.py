@@ -9,6 +9,7 @@ parameters here: they are recomputed and, on import, checked against the file.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from typing import Any, Mapping
@@ -54,6 +55,14 @@ def _official_shape(kind: str, shape: tuple) -> tuple:
 
 def layout(config: MDTConfig | dict) -> dict[str, Entry]:
   """Official parameter keys of a model of this config (no weights are allocated)."""
+  cfg = config if isinstance(config, MDTConfig) else MDTConfig.from_dict(config)
+  return dict(_layout(cfg))
+
+
+# An XL/2's abstract init takes seconds of Python; an import asks for the layout several times
+# (keys, index buffers, config inference, checks).
+@functools.lru_cache(maxsize=8)
+def _layout(config: MDTConfig) -> dict[str, Entry]:
   abstract = abstract_model(config)
   flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
   out = {}
