@@ -38,7 +38,7 @@ def check_writable(out_dir: str, overwrite: bool) -> None:
   p = paths.path(out_dir)
   if p.exists() and (not p.is_dir() or any(p.iterdir())) and not overwrite:
     raise FileExistsError(
-        f'{out_dir} exists and is not empty (pass overwrite=True, or ' '--overwrite, to replace it)'
+        f'{out_dir} exists and is not empty (pass overwrite=True, or --overwrite, to replace it)'
     )
 
 

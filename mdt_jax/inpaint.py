@@ -34,7 +34,7 @@ flags.adopt_module_key_flags(sampler_flags)
 flags.DEFINE_string(
     'images',
     None,
-    '.npz with arr_0 images (uint8 or float in [-1, 1]) and ' 'optionally arr_1 labels.',
+    '.npz with arr_0 images (uint8 or float in [-1, 1]) and optionally arr_1 labels.',
 )
 flags.DEFINE_string('masks', None, '.npz with arr_0 masks [N, H, W]: 1 known, 0 unknown.')
 flags.DEFINE_enum(
@@ -47,7 +47,7 @@ flags.DEFINE_enum(
 flags.DEFINE_float(
     'mdt_fraction',
     0.5,
-    'Share of the reverse steps (from the noise end) that ' 'run the masked pass (method mdt).',
+    'Share of the reverse steps (from the noise end) that run the masked pass (method mdt).',
 )
 flags.DEFINE_integer('resample', 1, 'RePaint resampling: passes per reverse step (1: none).')
 

@@ -67,7 +67,7 @@ def require_local(p: str | os.PathLike, what: str, why: str) -> str:
   r = resolve(p)
   if is_remote(r):
     raise ValueError(
-        f'{what} {r!r} is on object storage, which this cannot use ({why}); give ' 'a local path'
+        f'{what} {r!r} is on object storage, which this cannot use ({why}); give a local path'
     )
   return r
 

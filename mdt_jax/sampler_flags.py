@@ -22,13 +22,13 @@ flags.DEFINE_integer(
 flags.DEFINE_string(
     'sampler',
     'ddpm',
-    'DDPM models: ddpm | ddim | dpm_solver++; flow models: ' 'euler | heun | euler_maruyama (SDE).',
+    'DDPM models: ddpm | ddim | dpm_solver++; flow models: euler | heun | euler_maruyama (SDE).',
 )
 flags.DEFINE_integer('steps', 250, 'Sampling steps (model evaluations).')
 flags.DEFINE_string(
     'respacing',
     '',
-    'DDPM/DDIM respacing, e.g. "ddim50" or "10,15,20" ' '(default: the step count).',
+    'DDPM/DDIM respacing, e.g. "ddim50" or "10,15,20" (default: the step count).',
 )
 flags.DEFINE_float('eta', 0.0, 'DDIM eta.')
 flags.DEFINE_float('cfg_scale', 3.8, 'Classifier-free guidance scale (1: no guidance).')
@@ -39,10 +39,10 @@ flags.DEFINE_float('scale_pow', 4.0, 'Exponent of the power-cosine schedule.')
 flags.DEFINE_string(
     'guidance_interval',
     '',
-    'Guide only for original timesteps lo,hi (flow ' 'models: model time, t * num_timesteps).',
+    'Guide only for original timesteps lo,hi (flow models: model time, t * num_timesteps).',
 )
 flags.DEFINE_float(
-    'time_shift', 1.0, 'Flow samplers: shift of the time grid, ' 't -> k t / (1 + (k - 1) t).'
+    'time_shift', 1.0, 'Flow samplers: shift of the time grid, t -> k t / (1 + (k - 1) t).'
 )
 flags.DEFINE_enum(
     'sde_diffusion',

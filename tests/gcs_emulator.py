@@ -92,7 +92,7 @@ class Server:
       time.sleep(0.05)
     self.stop()
     raise RuntimeError(
-        f'fake-gcs-server did not answer on {self.url} in {timeout} s: ' f'{self._log()}'
+        f'fake-gcs-server did not answer on {self.url} in {timeout} s: {self._log()}'
     )
 
   def stop(self) -> None:

@@ -176,7 +176,7 @@ def test_label_dropout_switched_off_on_resume_fails_before_any_work(workdir):
   c.model.class_dropout_prob = 0.0
   with pytest.raises(
       ValueError,
-      match=r'y_embedder.embedding_table.embedding: workdir ' r'\(11, 32\) vs config \(10, 32\)',
+      match=r'y_embedder.embedding_table.embedding: workdir \(11, 32\) vs config \(10, 32\)',
   ):
     train_and_evaluate(c, str(workdir))
   assert _snapshot(workdir) == before
@@ -235,7 +235,7 @@ SHARDS = {
     ),
     'shard of another latent size': (
         lambda p: _write_shard(p, size=8),
-        r'latent shard .*b.array_record holds 8x8x4 latents but ' r'.*a.array_record holds 4x4x4',
+        r'latent shard .*b.array_record holds 8x8x4 latents but .*a.array_record holds 4x4x4',
     ),
     'empty data folder': (None, r"no \*.array_record latent shards found at '.*lat'"),
 }
@@ -283,9 +283,7 @@ def test_more_classes_in_the_manifest_than_the_model_has(tmp_path):
   os.makedirs(tmp_path / 'lat')
   _write_shard(tmp_path / 'lat' / 'a.array_record')
   (tmp_path / 'lat' / 'manifest.json').write_text(json.dumps({'class_names': list('abcde')}))
-  with pytest.raises(
-      ValueError, match=r'hold 5 classes \(manifest.json\) but ' r'model.num_classes=2'
-  ):
+  with pytest.raises(ValueError, match=r'hold 5 classes \(manifest.json\) but model.num_classes=2'):
     train_and_evaluate(_latent_config(tmp_path / 'lat'), str(tmp_path / 'work'))
   assert not (tmp_path / 'work').exists()
 
@@ -336,7 +334,7 @@ def test_unknown_config_keys_in_a_config_file_are_refused(tmp_path):
 def test_a_batch_that_does_not_divide_over_the_devices(tmp_path):
   with pytest.raises(
       ValueError,
-      match='global_batch_size 12 is not divisible by the ' r'data-parallel size 8 \(mesh',
+      match=r'global_batch_size 12 is not divisible by the data-parallel size 8 \(mesh',
   ):
     train_and_evaluate(micro_config(global_batch_size=12), str(tmp_path / 'work'))
   assert not (tmp_path / 'work').exists()

@@ -84,6 +84,6 @@ def test_resume_on_another_process_count(full_run, continued, tmp_path):
   (data / 'process_0-of-1.json').rename(data / 'process_0-of-2.json')
   (data / 'process_1-of-2.json').write_text('{"next_index": 5}')
   with pytest.raises(
-      ValueError, match=r'data positions of the processes .* differ .*' r'process_1-of-2.json'
+      ValueError, match=r'data positions of the processes .* differ .*process_1-of-2.json'
   ):
     train_and_evaluate(_config(8, data=8), work)

@@ -374,7 +374,7 @@ def test_unknown_and_invalid_config_values_are_refused():
     model_config('XXL/2')
   with pytest.raises(
       ValueError,
-      match=r"residual_dtype must be one of \('float32', 'compute'\), " r"got 'bfloat16'",
+      match=r"residual_dtype must be one of \('float32', 'compute'\), got 'bfloat16'",
   ):
     MDTConfig(residual_dtype='bfloat16')
 
@@ -395,7 +395,7 @@ def test_cudnn_attention_needs_even_lengths_and_says_how_to_pad():
   # cuDNN for the full-length passes only: the masked buffer may stay odd
   assert MDTConfig(**xl, masked_attention_impl='xla').masked_impl == 'xla'
   with pytest.raises(
-      ValueError, match=r"got \{'masked encoder buffer': 179\}.*" 'masked_attention_impl=xla'
+      ValueError, match=r"got \{'masked encoder buffer': 179\}.*masked_attention_impl=xla"
   ):
     MDTConfig(mask_ratio=0.3, masked_attention_impl='cudnn')
   with pytest.raises(ValueError, match="masked_attention_impl must be .* got 'flash'"):

@@ -32,7 +32,7 @@ def _run_two_processes(workdir: str, total: int, signal_at: dict | None = None) 
   port = _free_port()
   env = launch.env(
       JAX_PLATFORMS='cpu',
-      XLA_FLAGS='--xla_backend_optimization_level=0 ' '--xla_force_host_platform_device_count=4',
+      XLA_FLAGS='--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=4',
   )
   procs = [
       subprocess.Popen(

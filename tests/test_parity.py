@@ -62,7 +62,7 @@ def test_bad_specs_are_refused(spec, match):
 
 def test_spec_values_and_unknown_fields(comparison):
   assert parity.parse_overrides(
-      'remat=true, mask_buffer_multiple=8,attention_impl=xla,' 'dtype=bfloat16,attention_impl=none'
+      'remat=true, mask_buffer_multiple=8,attention_impl=xla,dtype=bfloat16,attention_impl=none'
   ) == {'remat': True, 'mask_buffer_multiple': 8, 'attention_impl': None, 'dtype': 'bfloat16'}
   with pytest.raises(ValueError, match=r"unknown model fields \['atention_impl'\]"):
     comparison.against({'atention_impl': 'xla'})

@@ -76,7 +76,7 @@ class _Plane:
 
   def text(self, pid):
     lines = ''.join(
-        f' lines {{ id: {i} name: "{n}" timestamp_ns: {self.CLOCK_NS} ' f'{" ".join(evs)} }}'
+        f' lines {{ id: {i} name: "{n}" timestamp_ns: {self.CLOCK_NS} {" ".join(evs)} }}'
         for i, (n, evs) in enumerate(self.lines.items(), 1)
     )
     meta = ''.join(

@@ -201,7 +201,7 @@ def test_bad_configs_are_refused_before_training(tmp_path):
     validate(c)
   c = micro_config(global_batch_size=12)
   with pytest.raises(
-      ValueError, match='global_batch_size 12 is not divisible by the ' 'data-parallel size 8'
+      ValueError, match='global_batch_size 12 is not divisible by the data-parallel size 8'
   ):
     train_and_evaluate(c, str(tmp_path / 'a'))
   c = micro_config()
@@ -218,7 +218,7 @@ def test_workdir_of_another_model_is_refused(full_run, tmp_path):
   c.model.hidden_size = 64
   with pytest.raises(
       ValueError,
-      match='holds a run of another model shape .*hidden_size: ' 'workdir 32 vs config 64',
+      match='holds a run of another model shape .*hidden_size: workdir 32 vs config 64',
   ):
     train_and_evaluate(c, str(work))
   # compute options are not the model's shape: a run may resume with cuDNN's padded buffer etc.

@@ -36,12 +36,12 @@ flags.DEFINE_list(
 flags.DEFINE_integer(
     'sample_batch',
     None,
-    'global batch of the sampling step (default: the ' "config's global_batch_size)",
+    "global batch of the sampling step (default: the config's global_batch_size)",
 )
 flags.DEFINE_bool(
     'fit',
     False,
-    'also find the largest batch per chip whose train steps fit ' 'the HBM the compiler allows',
+    'also find the largest batch per chip whose train steps fit the HBM the compiler allows',
 )
 flags.DEFINE_integer('fit_max_compiles', 4, 'compiles per --fit search')
 flags.DEFINE_bool(

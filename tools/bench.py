@@ -57,7 +57,7 @@ flags.DEFINE_bool(
     "with the JAX step's repeats, and report the speed-up over it",
 )
 flags.DEFINE_integer(
-    'torch_threads', None, "PyTorch's thread count for the baselines " "(default: torch's own)"
+    'torch_threads', None, "PyTorch's thread count for the baselines (default: torch's own)"
 )
 flags.DEFINE_bool(
     'single_thread',
@@ -97,7 +97,7 @@ flags.DEFINE_enum(
     'fit_remat',
     'both',
     ['both', 'off', 'on'],
-    'rematerialisation settings the ' '--fit_memory_gb search covers',
+    'rematerialisation settings the --fit_memory_gb search covers',
 )
 flags.DEFINE_multi_string(
     'parity',
@@ -236,7 +236,7 @@ def main(argv):
       )
   if FLAGS.torch_train_baseline and (FLAGS.compile_only or not FLAGS.modes):
     raise app.UsageError(
-        '--torch_train_baseline times train steps: it needs --modes and no ' '--compile_only'
+        '--torch_train_baseline times train steps: it needs --modes and no --compile_only'
     )
   if FLAGS.single_thread:  # read when the CPU backend starts, which is still to come
     os.environ['XLA_FLAGS'] = (

@@ -15,7 +15,7 @@ from mdt_jax import paths
 from mdt_jax.perf import profile
 
 flags.DEFINE_string(
-    'module', 'train_step', 'only XLA modules whose name contains this ' '("" for all)'
+    'module', 'train_step', 'only XLA modules whose name contains this ("" for all)'
 )
 flags.DEFINE_integer('top', 20, 'rows per table')
 flags.DEFINE_string('out', None, 'also write the whole summary as JSON here')
@@ -28,7 +28,7 @@ def main(argv):
   trace = paths.require_local(
       argv[1],
       'the trace',
-      'traces are searched and read on a local ' 'disk: copy the plugins/profile folder down',
+      'traces are searched and read on a local disk: copy the plugins/profile folder down',
   )
   summary = profile.summarize(trace, FLAGS.module or None)
   print(summary.markdown(FLAGS.top))

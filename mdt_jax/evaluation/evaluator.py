@@ -262,7 +262,7 @@ def evaluate(
   else:
     result['inception_score'] = None
     notes.append(
-        'Inception Score: the weights file has no 1008-class head (convert with ' '--logits_from)'
+        'Inception Score: the weights file has no 1008-class head (convert with --logits_from)'
     )
   if ref.mu is not None:
     result['fid'] = metrics.frechet_distance(

@@ -173,7 +173,7 @@ def manifold_radii(features, k: int = 3, block: int = 1024) -> np.ndarray:
   features = _features_2d(features).astype(np.float32)
   if len(features) <= k:
     raise ValueError(
-        f'k={k} nearest neighbours need more than {k} feature vectors, ' f'got {len(features)}'
+        f'k={k} nearest neighbours need more than {k} feature vectors, got {len(features)}'
     )
   points = jnp.asarray(features)
   return _row_blocks(lambda r: _kth_distance(r, points, k), features, block)

@@ -109,7 +109,7 @@ def read_evaluation(path: str) -> dict[str, Any]:
     value = source[key]
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
       raise ValueError(
-          f'evaluation JSON {path}: {key!r} must be a finite number or null, ' f'got {value!r}'
+          f'evaluation JSON {path}: {key!r} must be a finite number or null, got {value!r}'
       )
     found.append((m, float(value)))
   if not found:
@@ -148,7 +148,7 @@ def eval_results(
           task_type=PIPELINE_TAG,
           task_name=task_name,
           dataset_type=dataset['type'],
-          dataset_name=f'{dataset["name"]} ' f'{image_size}x{image_size}',
+          dataset_name=f'{dataset["name"]} {image_size}x{image_size}',
           metric_type=m.type,
           metric_name=m.name + suffix,
           metric_value=round(v, 4),
@@ -659,6 +659,6 @@ def push_to_hub(
         repo_type='model',
         folder_path=local,
         commit_message=commit_message
-        or f'Upload {os.path.basename(paths.resolve(folder).rstrip("/"))} ' f'({LIBRARY_NAME})',
+        or f'Upload {os.path.basename(paths.resolve(folder).rstrip("/"))} ({LIBRARY_NAME})',
     )
   return str(url)

@@ -40,7 +40,7 @@ def load_workdir(
     raise FileNotFoundError(f'{workdir} has no checkpoint yet')
   if step not in manager.all_steps():
     raise FileNotFoundError(
-        f'{workdir} has no checkpoint at step {step}; it has steps ' f'{manager.all_steps()}'
+        f'{workdir} has no checkpoint at step {step}; it has steps {manager.all_steps()}'
     )
   abstract = nnx.to_pure_dict(nnx.state(abstract_model(model_cfg)))
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -222,7 +222,7 @@ class RelativePositionBias(nnx.Module):
       return onehot(table, ids)
     if impl is not None:
       raise ValueError(
-          f'relative position bias impl {impl!r}: expected one of ' f'{REL_POS_BIAS_IMPLS}'
+          f'relative position bias impl {impl!r}: expected one of {REL_POS_BIAS_IMPLS}'
       )
     return platform.by_backend(table, ids, tpu=onehot, default=gather)
 

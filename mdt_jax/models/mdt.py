@@ -99,7 +99,7 @@ class MDTConfig:
       )
     if self.input_size % self.patch_size:
       raise ValueError(
-          f'input_size {self.input_size} is not divisible by patch_size ' f'{self.patch_size}'
+          f'input_size {self.input_size} is not divisible by patch_size {self.patch_size}'
       )
     if not 0 <= self.decode_layer <= self.depth:
       raise ValueError(f'decode_layer must be in [0, depth={self.depth}], got {self.decode_layer}')
@@ -109,7 +109,7 @@ class MDTConfig:
       raise ValueError(f'mask_ratio must be None or in [0, 1), got {self.mask_ratio}')
     if self.residual_dtype not in RESIDUAL_DTYPES:
       raise ValueError(
-          f'model.residual_dtype must be one of {RESIDUAL_DTYPES}, got ' f'{self.residual_dtype!r}'
+          f'model.residual_dtype must be one of {RESIDUAL_DTYPES}, got {self.residual_dtype!r}'
       )
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(
@@ -255,7 +255,7 @@ class MDT(nnx.Module):
     want = (cfg.input_size, cfg.input_size, cfg.in_channels)
     if x.ndim != 4 or tuple(x.shape[1:]) != want:
       raise ValueError(
-          f'x must be NHWC [B, {want[0]}, {want[1]}, {want[2]}], got shape ' f'{tuple(x.shape)}'
+          f'x must be NHWC [B, {want[0]}, {want[1]}, {want[2]}], got shape {tuple(x.shape)}'
       )
     if not jnp.issubdtype(x.dtype, jnp.floating):
       raise TypeError(f'x must be floating point, got dtype {x.dtype}')

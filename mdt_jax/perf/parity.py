@@ -45,7 +45,7 @@ def check_fields(reference: dict) -> None:
   unknown = sorted(set(reference) - known)
   if unknown:
     raise ValueError(
-        f'parity: unknown model fields {unknown}; expected some of ' f'{sorted(COMPUTE_OPTIONS)}'
+        f'parity: unknown model fields {unknown}; expected some of {sorted(COMPUTE_OPTIONS)}'
     )
   # A field outside the compute options may keep every shape (mask_ratio) yet change what is
   # computed: the comparison would report a difference that is no error of the computation.

@@ -296,7 +296,7 @@ def summarize(path: str, module_filter: str | None = None) -> Summary:
   if not timed:
     which = f' of modules matching {module_filter!r}' if module_filter else ''
     raise ValueError(
-        f'no executed XLA ops{which} in {trace!r}: was the trace taken ' 'while a jitted step ran?'
+        f'no executed XLA ops{which} in {trace!r}: was the trace taken while a jitted step ran?'
     )
   ran = {module for _, module, _, _ in timed}  # only these modules' HLO is read
   texts = {name: hlo_text(proto) for name, proto in protos.items() if _module_name(name) in ran}

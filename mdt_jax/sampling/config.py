@@ -114,18 +114,16 @@ class SamplerConfig:
         )
     if self.sampler == 'heun' and self.steps % 2:
       raise ValueError(
-          f'heun evaluates the model twice per step: steps must be even, got ' f'{self.steps}'
+          f'heun evaluates the model twice per step: steps must be even, got {self.steps}'
       )
     if self.sampler == 'euler_maruyama' and self.steps < 2:
       raise ValueError(
-          f'euler_maruyama needs steps >= 2 (SDE steps and the last step), got ' f'{self.steps}'
+          f'euler_maruyama needs steps >= 2 (SDE steps and the last step), got {self.steps}'
       )
     if not (math.isfinite(self.time_shift) and self.time_shift > 0):
       raise ValueError(f'time_shift must be > 0 (1: no shift), got {self.time_shift}')
     if self.sde_diffusion not in SDE_DIFFUSIONS:
-      raise ValueError(
-          f'sde_diffusion must be one of {SDE_DIFFUSIONS}, got ' f'{self.sde_diffusion!r}'
-      )
+      raise ValueError(f'sde_diffusion must be one of {SDE_DIFFUSIONS}, got {self.sde_diffusion!r}')
     if not (math.isfinite(self.sde_diffusion_norm) and self.sde_diffusion_norm >= 0):
       raise ValueError(f'sde_diffusion_norm must be >= 0, got {self.sde_diffusion_norm}')
     if not 0.0 < self.sde_last_step < 1.0:

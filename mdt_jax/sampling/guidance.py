@@ -48,7 +48,7 @@ class Guidance:
     if self.interval is not None:
       if len(self.interval) != 2 or not 0 <= self.interval[0] <= self.interval[1]:
         raise ValueError(
-            f'guidance interval must be (lo, hi) with 0 <= lo <= hi, got ' f'{self.interval!r}'
+            f'guidance interval must be (lo, hi) with 0 <= lo <= hi, got {self.interval!r}'
         )
       object.__setattr__(self, 'interval', (int(self.interval[0]), int(self.interval[1])))
 

@@ -71,9 +71,7 @@ class InpaintConfig:
         or int(self.resample) != self.resample
         or not (1 <= self.resample <= MAX_RESAMPLE)
     ):
-      raise ValueError(
-          f'resample must be an integer in [1, {MAX_RESAMPLE}], got ' f'{self.resample!r}'
-      )
+      raise ValueError(f'resample must be an integer in [1, {MAX_RESAMPLE}], got {self.resample!r}')
     if not 0.0 <= self.mdt_fraction <= 1.0:
       raise ValueError(f'mdt_fraction must be in [0, 1], got {self.mdt_fraction}')
 

@@ -21,7 +21,7 @@ def check_labels(labels: np.ndarray, num_classes: int) -> np.ndarray:
   bad = labels[(labels < 0) | (labels >= num_classes)]
   if bad.size:
     raise ValueError(
-        f'class ids must be in [0, {num_classes}), got ' f'{sorted(set(bad.tolist()))[:10]}'
+        f'class ids must be in [0, {num_classes}), got {sorted(set(bad.tolist()))[:10]}'
     )
   return labels.astype(np.int32)
 
@@ -80,7 +80,7 @@ def parse_labels(text: str) -> str | list[int]:
     return [int(v) for v in text.split(',') if v.strip()]
   except ValueError:
     raise ValueError(
-        f'labels must be one of {MODES} or comma-separated class ids, ' f'got {text!r}'
+        f'labels must be one of {MODES} or comma-separated class ids, got {text!r}'
     ) from None
 
 

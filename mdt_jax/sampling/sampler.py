@@ -67,7 +67,7 @@ class Sampler:
     labels = labels_lib.check_labels(labels, self.num_classes)
     if indices.shape != labels.shape or indices.ndim != 1:
       raise ValueError(
-          f'indices {indices.shape} and labels {labels.shape} must be 1-D and of ' 'equal length'
+          f'indices {indices.shape} and labels {labels.shape} must be 1-D and of equal length'
       )
     if indices.size and (indices.min() < 0 or indices.max() >= 2**31):
       raise ValueError('sample indices must lie in [0, 2**31)')

@@ -76,12 +76,12 @@ def check_study(study: ml_collections.ConfigDict) -> None:
     raise ValueError(f'seeds must be distinct non-negative integers, got {study.seeds!r}')
   if study.baseline not in study.variants:
     raise ValueError(
-        f'baseline {study.baseline!r} is not one of the variants ' f'{sorted(study.variants)}'
+        f'baseline {study.baseline!r} is not one of the variants {sorted(study.variants)}'
     )
   for variant, v in study.variants.items():
     if set(v.keys()) != set(OBJECTIVE_SETTINGS):
       raise ValueError(
-          f'variant {variant!r} must set exactly {OBJECTIVE_SETTINGS}, got ' f'{sorted(v.keys())}'
+          f'variant {variant!r} must set exactly {OBJECTIVE_SETTINGS}, got {sorted(v.keys())}'
       )
     for spec in [None, *study.final_samplers[v.objective]]:
       validate(variant_config(study, variant, seeds[0], spec))  # the sampler fits, too

@@ -75,7 +75,7 @@ def plot(results: dict, path: str) -> str:
         )
     ax.set_xscale('log')
     ax.set_xlabel(
-        f'model evaluations per sample (step {results["study"]["train"]["total_steps"]}' ' weights)'
+        f'model evaluations per sample (step {results["study"]["train"]["total_steps"]} weights)'
     )
     for row in range(2):
       ax = axes[row, col]

@@ -284,7 +284,7 @@ def summarize(runs: list[dict], seeds, variants=VARIANTS, baseline: str = BASELI
     mine = sorted((r for r in runs if r['variant'] == variant), key=lambda r: r['seed'])
     if [r['seed'] for r in mine] != sorted(seeds):
       raise ValueError(
-          f'{variant}: runs for seeds {[r["seed"] for r in mine]}, expected ' f'{sorted(seeds)}'
+          f'{variant}: runs for seeds {[r["seed"] for r in mine]}, expected {sorted(seeds)}'
       )
     steps = mine[0]['steps']
     if any(r['steps'] != steps for r in mine):

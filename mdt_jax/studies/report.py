@@ -59,7 +59,7 @@ def plot(results: dict, path: str) -> str:
       ax.grid(alpha=0.3)
   axes[0, 0].legend(fontsize=8)
   fig.suptitle(
-      f'MDTv2 vs DiT-style on digits: mean, +-1 std band and the {n} seeds ' '(thin lines)',
+      f'MDTv2 vs DiT-style on digits: mean, +-1 std band and the {n} seeds (thin lines)',
       fontsize=11,
   )
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -97,7 +97,7 @@ def _read_position(path: epath.Path) -> dict:
     return json.loads(text)
   except ValueError as e:
     raise ValueError(
-        f'data position {path} is not the JSON a save writes ({len(text)} ' f'characters: {e})'
+        f'data position {path} is not the JSON a save writes ({len(text)} characters: {e})'
     ) from e
 
 
@@ -275,9 +275,7 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   if shapes or [k for k in fields if k not in RESUMABLE_FIELDS] or objectives[0] != objectives[1]:
     diffs = [f'{k}: workdir {old[k]!r} vs config {new[k]!r}' for k in fields]
     if objectives[0] != objectives[1]:
-      diffs.insert(
-          0, f'diffusion.objective: workdir {objectives[0]!r} vs config ' f'{objectives[1]!r}'
-      )
+      diffs.insert(0, f'diffusion.objective: workdir {objectives[0]!r} vs config {objectives[1]!r}')
     if shapes:
       more = f'; and {len(shapes) - 4} more' if len(shapes) > 4 else ''
       diffs.append(f'parameter shapes {"; ".join(shapes[:4])}{more}')

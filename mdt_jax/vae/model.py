@@ -78,7 +78,7 @@ class VAEConfig:
       got = list(d.get(key, [want] * n))
       if got != [want] * n:
         raise ValueError(
-            f'{key} must be {n} x {want!r} (one per block_out_channels entry), ' f'got {got}'
+            f'{key} must be {n} x {want!r} (one per block_out_channels entry), got {got}'
         )
     unknown = sorted(
         k
