@@ -14,22 +14,29 @@ os.environ['XLA_FLAGS'] = (
 ).strip()
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+
+def _session_folder(variable: str, prefix: str) -> str | None:
+  """The folder named by ``variable``: made here (and returned, to be removed at the end) when
+  this is the run's first process; pytest-xdist workers and the subprocesses tests start
+  inherit the variable and share the folder."""
+  if variable in os.environ:
+    return None
+  os.environ[variable] = tempfile.mkdtemp(prefix=prefix)
+  return os.environ[variable]
+
+
 # The suite is dominated by compiling the same small programs again (resumed runs, subprocess
-# launches): a persistent compilation cache for the session, inherited by subprocesses.
-_OWN_CACHE = None
-if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-  _OWN_CACHE = tempfile.mkdtemp(prefix='mdt_jax_test_cache_')
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = _OWN_CACHE
+# launches): a persistent compilation cache for the session.
+# Files the package caches (the digits classifier, converted Inception weights) go to a folder of
+# the session, never to the user's ~/.cache: the digits classifier is trained once per session and
+# no test depends on what an earlier run left behind.
+_OWN_FOLDERS = [
+    _session_folder('JAX_COMPILATION_CACHE_DIR', 'mdt_jax_test_cache_'),
+    _session_folder('MDT_JAX_TEST_DATA_CACHE', 'mdt_jax_test_data_cache_'),
+]
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
-# Files the package caches (the digits classifier, converted Inception weights) go to a folder of
-# this session, shared with subprocesses, never to the user's ~/.cache: the digits classifier is
-# trained once per session and no test depends on what an earlier run left behind.
-# The test processes of one run (pytest-xdist workers) share the folder their controller made.
-_DATA_CACHE = None
-if 'MDT_JAX_TEST_DATA_CACHE' not in os.environ:
-  _DATA_CACHE = tempfile.mkdtemp(prefix='mdt_jax_test_data_cache_')
-  os.environ['MDT_JAX_TEST_DATA_CACHE'] = _DATA_CACHE
 os.environ['MDT_JAX_CACHE'] = os.environ['MDT_JAX_TEST_DATA_CACHE']
 
 import jax  # noqa: E402
@@ -78,7 +85,8 @@ def pytest_xdist_auto_num_workers(config):
   Each holds a JAX runtime with 8 simulated devices and compiles mostly on one thread, so on 2
   cores two processes keep both busy; more than 4 would trade memory for little."""
   del config
-  return max(1, min(len(os.sched_getaffinity(0)), 4))
+  usable = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
+  return max(1, min(usable or 1, 4))
 
 
 # The files whose tests take longest (pytest --durations, two workers), longest first. With
@@ -159,6 +167,6 @@ def pytest_sessionfinish(session, exitstatus):
   del session, exitstatus
   import shutil
 
-  for folder in (_OWN_CACHE, _DATA_CACHE):
+  for folder in _OWN_FOLDERS:
     if folder:
       shutil.rmtree(folder, ignore_errors=True)
