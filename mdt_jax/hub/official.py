@@ -20,7 +20,7 @@ from flax import nnx
 
 from mdt_jax.models.layers import relative_position_index
 from mdt_jax.models.mdt import MDT, MDTConfig
-from mdt_jax.models.params import abstract_model
+from mdt_jax.models.params import abstract_model, key_mismatches
 
 INDEX_SUFFIX = 'attn.rel_pos_bias.relative_position_index'
 
@@ -55,8 +55,7 @@ def _official_shape(kind: str, shape: tuple) -> tuple:
 
 def layout(config: MDTConfig | dict) -> dict[str, Entry]:
   """Official parameter keys of a model of this config (no weights are allocated)."""
-  cfg = config if isinstance(config, MDTConfig) else MDTConfig.from_dict(config)
-  return dict(_layout(cfg))
+  return dict(_layout(MDTConfig.of(config)))
 
 
 # An XL/2's abstract init takes seconds of Python; an import asks for the layout several times
@@ -149,31 +148,18 @@ def check_state(state: Mapping[str, Any], config: MDTConfig | dict) -> dict[str,
   """Raise CheckpointMismatch naming missing, unexpected and mismatched keys; return the layout."""
   keys = layout(config)
   buffers = set(index_buffers(config))
-  missing = sorted(set(keys) - set(state))
-  unexpected = sorted(set(state) - set(keys) - buffers)
-  mismatched = sorted(
-      f'{k}: file {tuple(state[k].shape)} vs model {e.shape}'
-      for k, e in keys.items()
-      if k in state and tuple(state[k].shape) != e.shape
+  want_index = relative_position_index(MDTConfig.of(config).grid)
+  lines = key_mismatches(
+      {k: tuple(v.shape) for k, v in state.items()},
+      {k: e.shape for k, e in keys.items()},
+      allowed_extra=buffers,
+      more_mismatched=[
+          f'{b}: index buffer differs from the recomputed BEiT index'
+          for b in sorted(buffers & set(state))
+          if not np.array_equal(np.asarray(state[b]), want_index)
+      ],
   )
-  g = MDTConfig.from_dict(config).grid if isinstance(config, dict) else config.grid
-  want_index = relative_position_index(g)
-  for b in sorted(buffers & set(state)):
-    if not np.array_equal(np.asarray(state[b]), want_index):
-      mismatched.append(f'{b}: index buffer differs from the recomputed BEiT index')
-  if missing or unexpected or mismatched:
-    lines = []
-    for title, items in (
-        ('missing', missing),
-        ('unexpected', unexpected),
-        ('mismatched', mismatched),
-    ):
-      if items:
-        lines.append(
-            f'{len(items)} {title} keys: '
-            + ', '.join(items[:20])
-            + (' ...' if len(items) > 20 else '')
-        )
+  if lines:
     raise CheckpointMismatch('checkpoint does not match the model layout:\n  ' + '\n  '.join(lines))
   return keys
 
@@ -209,8 +195,7 @@ def from_flax_params(
       w = w.transpose(3, 2, 0, 1)
     out[name] = np.ascontiguousarray(w)
   if with_buffers:
-    cfg = config if isinstance(config, MDTConfig) else MDTConfig.from_dict(config)
-    index = relative_position_index(cfg.grid).astype(np.int64)
+    index = relative_position_index(MDTConfig.of(config).grid).astype(np.int64)
     for b in index_buffers(config):
       out[b] = index.copy()
   return out

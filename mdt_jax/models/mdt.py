@@ -8,7 +8,7 @@ conversion is a renaming plus transposes (see ``mdt_jax.hub.official``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -164,6 +164,11 @@ class MDTConfig:
       raise ValueError(f'unknown model config keys {unknown}; expected a subset of {sorted(known)}')
     return cls(**d)
 
+  @classmethod
+  def of(cls, config: 'MDTConfig | Mapping[str, Any]') -> 'MDTConfig':
+    """``config`` itself, or the config a dict of its fields describes."""
+    return config if isinstance(config, cls) else cls.from_dict(config)
+
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
 
@@ -209,7 +214,7 @@ class MDT(nnx.Module):
   ``arch='mdt_v1'`` (plain stack, side block before the last ``decode_layer`` blocks)."""
 
   def __init__(self, config: MDTConfig | dict, *, rngs: nnx.Rngs):
-    cfg = config if isinstance(config, MDTConfig) else MDTConfig.from_dict(config)
+    cfg = MDTConfig.of(config)
     self.config = cfg
     dt, d, g = cfg.compute_dtype, cfg.hidden_size, cfg.grid
     kw = dict(

@@ -6,7 +6,7 @@ keys of a model folder's ``model.safetensors`` and of every message that names a
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +59,31 @@ def flat_params(params: nnx.State) -> dict[str, np.ndarray]:
   return out
 
 
+def key_mismatches(
+    found: Mapping[str, tuple],
+    expected: Mapping[str, tuple],
+    *,
+    allowed_extra: Iterable[str] = (),
+    more_mismatched: Iterable[str] = (),
+    shown: int = 20,
+) -> list[str]:
+  """Lines naming the missing, unexpected and shape-mismatched keys of ``found`` (name -> shape)
+  against ``expected``, at most ``shown`` names each; empty when they match."""
+  missing = sorted(set(expected) - set(found))
+  unexpected = sorted(set(found) - set(expected) - set(allowed_extra))
+  mismatched = sorted(
+      f'{k}: file {tuple(found[k])} vs model {tuple(v)}'
+      for k, v in expected.items()
+      if k in found and tuple(found[k]) != tuple(v)
+  )
+  mismatched += list(more_mismatched)
+  return [
+      f'{len(v)} {n} keys: ' + ', '.join(v[:shown]) + (' ...' if len(v) > shown else '')
+      for n, v in (('missing', missing), ('unexpected', unexpected), ('mismatched', mismatched))
+      if v
+  ]
+
+
 def model_from_flat(flat: dict[str, np.ndarray], config: MDTConfig, where: str = 'weights') -> MDT:
   """Build the model from flat parameters, refusing missing, unexpected or mismatched keys."""
   model = abstract_model(config)
@@ -66,20 +91,11 @@ def model_from_flat(flat: dict[str, np.ndarray], config: MDTConfig, where: str =
       param_name(path): (path, tuple(v.shape))
       for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))
   }
-  missing = sorted(set(expected) - set(flat))
-  unexpected = sorted(set(flat) - set(expected))
-  mismatched = sorted(
-      f'{k}: file {tuple(flat[k].shape)} vs model {expected[k][1]}'
-      for k in expected
-      if k in flat and tuple(flat[k].shape) != expected[k][1]
+  lines = key_mismatches(
+      {k: v.shape for k, v in flat.items()}, {k: shape for k, (_, shape) in expected.items()}
   )
-  if missing or unexpected or mismatched:
-    parts = [
-        f'{len(v)} {n} keys: ' + ', '.join(v[:12]) + (' ...' if len(v) > 12 else '')
-        for n, v in (('missing', missing), ('unexpected', unexpected), ('mismatched', mismatched))
-        if v
-    ]
-    raise ValueError(f'{where} do not match the model config:\n  ' + '\n  '.join(parts))
+  if lines:
+    raise ValueError(f'{where} do not match the model config:\n  ' + '\n  '.join(lines))
   state = nnx.from_flat_state(
       [(expected[k][0], nnx.Param(jnp.asarray(flat[k], jnp.float32))) for k in expected]
   )

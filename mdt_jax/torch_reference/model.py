@@ -169,7 +169,7 @@ class TorchMDT(nn.Module):
 
   def __init__(self, config: MDTConfig | dict):
     super().__init__()
-    cfg = config if isinstance(config, MDTConfig) else MDTConfig.from_dict(config)
+    cfg = MDTConfig.of(config)
     self.config = cfg
     d, g = cfg.hidden_size, cfg.grid
     block = lambda skip: Block(d, cfg.num_heads, cfg.mlp_ratio, g, skip)
