@@ -20,11 +20,11 @@ from typing import Iterator
 
 from etils import epath
 
-# epath sends gs:// to TensorFlow's gfile when TensorFlow is installed (it is, for clu's
-# TensorBoard writer), whose GCS client cannot be pointed at anything but storage.googleapis.com.
-# gcsfs reads the same buckets with the same credentials and honours an emulator, so the
-# project's own files and orbax's metadata go through one tested client. Set before epath first
-# picks a backend (it caches the choice); an explicit EPATH_USE_TF in the environment wins.
+# epath sends gs:// to TensorFlow's gfile when TensorFlow is installed, whose GCS client cannot
+# be pointed at anything but storage.googleapis.com. gcsfs reads the same buckets with the same
+# credentials and honours an emulator, so the project's own files and orbax's metadata go through
+# one tested client. Set before epath first picks a backend (it caches the choice); an explicit
+# EPATH_USE_TF in the environment wins.
 os.environ.setdefault('EPATH_USE_TF', 'false')
 
 # scheme://... (gs://, s3://, hf://, file://): kept as typed; a Windows drive letter is no scheme

@@ -117,17 +117,33 @@ def pytest_collection_modifyitems(session, config, items):
 
 
 @pytest.fixture(scope='session')
-def full_run(tmp_path_factory):
+def full_run():
   """One uninterrupted 6-step run of tests/micro_config.py on 8 devices, shared by the training
   tests (which copy its workdir), the interrupted runs (their reference), the export tests and
-  the profile test: it profiles steps 3 and 4 (profiling does not change what is computed)."""
-  from micro_config import get_config
-  from mdt_jax.training.loop import train_and_evaluate
+  the profile test: it profiles steps 3 and 4 (profiling does not change what is computed).
 
-  work = tmp_path_factory.mktemp('full')
-  config = get_config()
-  config.profile_steps = 2
-  return work, train_and_evaluate(config, str(work))
+  Trained once per test run: the first test process to ask trains it into the run's shared data
+  folder, the others (pytest-xdist workers) wait for it and read its result back, the state as
+  NumPy arrays in every process. Tests only read the workdir."""
+  import fcntl
+  import pathlib
+  import pickle
+
+  shared = pathlib.Path(os.environ['MDT_JAX_TEST_DATA_CACHE']) / 'full_run'
+  result = shared / 'result.pkl'
+  with open(f'{shared}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not result.exists():
+      from micro_config import get_config
+      from mdt_jax.training.loop import train_and_evaluate
+
+      config = get_config()
+      config.profile_steps = 2
+      out = jax.device_get(train_and_evaluate(config, str(shared / 'work')))
+      partial = shared / 'result.pkl.partial'
+      partial.write_bytes(pickle.dumps(out))
+      partial.replace(result)
+  return shared / 'work', pickle.loads(result.read_bytes())
 
 
 @pytest.fixture(scope='session')

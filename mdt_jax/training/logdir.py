@@ -1,11 +1,9 @@
 """The metric writer of a workdir: TensorBoard events (and profiler traces) in the workdir.
 
-clu's writer writes events through TensorFlow's file layer and the profiler through its own; on a
-gs:// workdir neither goes through the project's file layer (TensorFlow's GCS client cannot be
-pointed at anything but Google's endpoint). So for object storage both write into a local
-staging folder, and every ``flush()`` copies the files that changed to the workdir whole (an
-event file grows; an object cannot be appended to, so it is uploaded again, as TensorFlow's own
-GCS writer does on every flush).
+The event writer (mdt_jax/training/events.py) and the profiler write local files; on a gs://
+workdir both write into a local staging folder, and every ``flush()`` copies the files that
+changed to the workdir whole (an event file grows; an object cannot be appended to, so it is
+uploaded again, as TensorFlow's own GCS writer does on every flush).
 """
 
 from __future__ import annotations
@@ -14,24 +12,26 @@ import os
 import shutil
 import tempfile
 
-from clu import metric_writers
+import jax
+from absl import logging
 
 from mdt_jax import paths
 from mdt_jax.atomic import atomic_file
+from mdt_jax.training.events import EventWriter
 
 _CHUNK = 16 << 20
 
 
 class MirroredWriter:
-  """A clu metric writer over a local staging folder, mirrored into ``workdir`` on flush()."""
+  """An EventWriter over a local staging folder, mirrored into ``workdir`` on flush()."""
 
   def __init__(self, workdir: str, *, just_logging: bool = False):
     self.workdir = workdir
     self.local = tempfile.mkdtemp(prefix='mdt_jax-tensorboard-')
-    self._inner = metric_writers.create_default_writer(self.local, just_logging=just_logging)
+    self._inner = EventWriter(self.local, just_logging=just_logging)
     self._sent: dict[str, tuple[int, int]] = {}
 
-  def __getattr__(self, name):  # write_scalars, write_images, ...: clu's writer
+  def __getattr__(self, name):  # write_scalars, write_images: the EventWriter's
     return getattr(self._inner, name)
 
   def flush(self) -> None:
@@ -58,10 +58,35 @@ class MirroredWriter:
 
 
 def create_writer(workdir: str, *, just_logging: bool = False) -> tuple[object, str]:
-  """(writer, logdir): clu's default writer on a local workdir, a MirroredWriter on object
-  storage; logdir is where the profiler writes traces (which flush() then brings to the
-  workdir)."""
+  """(writer, logdir): an EventWriter on a local workdir, a MirroredWriter on object storage;
+  logdir is where the profiler writes traces (which flush() then brings to the workdir)."""
   if paths.is_remote(workdir):
     writer = MirroredWriter(workdir, just_logging=just_logging)
     return writer, writer.local
-  return metric_writers.create_default_writer(workdir, just_logging=just_logging), workdir
+  return EventWriter(workdir, just_logging=just_logging), workdir
+
+
+class ProfileWindow:
+  """One profiler trace (jax.profiler) under ``logdir`` of the ``steps`` steps after step
+  ``after``. Called with each step number once that step was dispatched: the trace starts after
+  step ``after`` and stops after step ``after + steps``; ``close()`` ends a trace the run did not
+  reach the end of (clu's Profile, which this replaces, would leave it open)."""
+
+  def __init__(self, logdir: str, *, after: int, steps: int):
+    self.logdir, self.after, self.steps = logdir, after, steps
+    self.active = False
+
+  def __call__(self, step: int) -> None:
+    if self.steps <= 0:
+      return
+    if step == self.after and not self.active:
+      jax.profiler.start_trace(self.logdir)
+      self.active = True
+      logging.info('profiling steps %d to %d into %s', step + 1, step + self.steps, self.logdir)
+    elif self.active and step >= self.after + self.steps:
+      self.close()
+
+  def close(self) -> None:
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False

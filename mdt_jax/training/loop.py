@@ -13,7 +13,6 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from clu import periodic_actions
 
 from mdt_jax.data import pipeline
 from mdt_jax.data.device_prefetch import DevicePrefetch
@@ -140,31 +139,21 @@ def train_and_evaluate(
   writer, log_dir = logdir.create_writer(workdir, just_logging=jax.process_index() > 0)
   total = config.total_steps
   start = int(state.step)
-  hooks = [
-      periodic_actions.ReportProgress(
-          num_train_steps=total, writer=writer, every_steps=config.log_every_steps
-      )
-  ]
-  if config.profile_steps and jax.process_index() == 0:
-    # Bounded by steps only: clu's default 3 s minimum would outlast short runs and lose the trace.
-    # The window opens PROFILE_AFTER_STEPS into this run, past the compiling first step; clu's
-    # default (absolute step 10) never comes in a run resumed beyond it.
-    hooks.append(
-        periodic_actions.Profile(
-            num_profile_steps=config.profile_steps,
-            profile_duration_ms=None,
-            logdir=log_dir,
-            first_profile=start + PROFILE_AFTER_STEPS,
-        )
-    )
+  # The window opens PROFILE_AFTER_STEPS into this run, past the compiling first step, so that a
+  # resumed run is profiled too.
+  profile = logdir.ProfileWindow(
+      log_dir,
+      after=start + PROFILE_AFTER_STEPS,
+      steps=config.profile_steps if jax.process_index() == 0 else 0,
+  )
   grids = samples.GridSampler(config, graphdef)
   if evaluator:
     evaluator.attach(grids, writer)
     evaluator.resume(start)
   pending, pending_from, logged = [], start + 1, {}
   t_log, n_log = time.perf_counter(), 0
-  # closing: a run stopped by an error still finishes the checkpoint being written
-  with contextlib.closing(ckpt), Preemption() as preempt:
+  # closing: a run stopped by an error still finishes the checkpoint being written (and the trace)
+  with contextlib.closing(ckpt), contextlib.closing(profile), Preemption() as preempt:
     if evaluator and evaluator.missing(start):  # interrupted before it was recorded
       logged.update(evaluator(start, state.ema_params, preempt.notice_pending) or {})
     for step in range(start + 1, total + 1):
@@ -172,8 +161,7 @@ def train_and_evaluate(
       state, metrics = step_fn(state, batch)
       pending.append(metrics)
       n_log += 1
-      for h in hooks:
-        h(step)
+      profile(step)
       for cb in callbacks:
         cb(step, state)
       stop = preempt.should_stop(step)  # read once: the save and the exit below must agree
@@ -187,6 +175,7 @@ def train_and_evaluate(
             steps_per_sec=n_log / dt, images_per_sec=n_log * config.global_batch_size / dt
         )
         writer.write_scalars(step, logged)
+        _log_progress(step, total, logged['steps_per_sec'])
         pending, pending_from, t_log, n_log = [], step + 1, time.perf_counter(), 0
       if save_now:
         ckpt.save(state, data_iter, step)
@@ -208,6 +197,18 @@ def train_and_evaluate(
         break
   writer.close()
   return {'step': int(state.step), **logged, 'state': state}
+
+
+def _log_progress(step: int, total: int, steps_per_sec: float) -> None:
+  eta = (total - step) / steps_per_sec if steps_per_sec > 0 else math.inf
+  logging.info(
+      'step %d of %d (%.1f%%), %.3g steps/s, %s to go',
+      step,
+      total,
+      100 * step / total,
+      steps_per_sec,
+      f'{eta / 60:.1f} min' if math.isfinite(eta) else 'unknown time',
+  )
 
 
 def write_sample_grid(grids: samples.GridSampler, state, workdir: str, step: int, writer) -> None:

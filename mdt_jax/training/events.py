@@ -1,0 +1,120 @@
+"""TensorBoard event files written without TensorFlow.
+
+A training run logs scalars and sample grids to TensorBoard. clu's writer does that through
+TensorFlow, whose import (with the Keras it pulls in) took 6-7 s of every training start on the
+development machine (BENCHMARKS.md, "The test suite"). TensorBoard itself ships what a writer
+needs: the event and summary protocol buffers, the summary metadata of its scalar and image
+plugins, and the record framing of an event file. This module puts them together the way
+`tf.summary.scalar` / `tf.summary.image` (TF 2) write, so TensorBoard and its event loaders read
+the files as they read TensorFlow's.
+
+Every write is also logged, as clu's LoggingWriter does (``[step] name=value, ...``).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import socket
+import time
+from typing import Any, Mapping
+
+import numpy as np
+from absl import logging
+from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2
+from tensorboard.compat.proto import types_pb2
+from tensorboard.plugins.image import metadata as image_metadata
+from tensorboard.plugins.scalar import metadata as scalar_metadata
+from tensorboard.summary.writer.record_writer import RecordWriter
+
+_FILE_VERSION = 'brain.Event:2'
+_serial = itertools.count()
+
+
+def event_file_name() -> str:
+  """TensorFlow's naming: events.out.tfevents.<seconds>.<host>.<pid>.<serial>.v2 (TensorBoard
+  finds event files by the ``tfevents`` part; a resumed run adds a file)."""
+  return (
+      f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.'
+      f'{next(_serial)}.v2'
+  )
+
+
+def scalar_value(tag: str, value: float) -> summary_pb2.Summary.Value:
+  """A float32 scalar under the scalars plugin (what tf.summary.scalar writes)."""
+  tensor = tensor_pb2.TensorProto(
+      dtype=types_pb2.DT_FLOAT, tensor_shape=tensor_shape_pb2.TensorShapeProto(), float_val=[value]
+  )
+  meta = scalar_metadata.create_summary_metadata(display_name=tag, description='')
+  return summary_pb2.Summary.Value(tag=tag, metadata=meta, tensor=tensor)
+
+
+def image_value(tag: str, images: np.ndarray) -> summary_pb2.Summary.Value:
+  """uint8 [N, H, W, C] (C 1, 3 or 4) under the images plugin: a string tensor of width,
+  height and one PNG per image (what tf.summary.image writes)."""
+  from PIL import Image
+
+  images = np.asarray(images)
+  if images.ndim != 4 or images.shape[-1] not in (1, 3, 4) or images.dtype != np.uint8:
+    raise ValueError(
+        f'image summary {tag!r}: expected uint8 [N, H, W, C] with C in (1, 3, 4), got '
+        f'{images.dtype} {images.shape}'
+    )
+  encoded = []
+  for img in images:
+    buf = io.BytesIO()
+    Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(buf, format='PNG')
+    encoded.append(buf.getvalue())
+  n, h, w, _ = images.shape
+  tensor = tensor_pb2.TensorProto(
+      dtype=types_pb2.DT_STRING,
+      tensor_shape=tensor_shape_pb2.TensorShapeProto(
+          dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=2 + n)]
+      ),
+      string_val=[str(w).encode(), str(h).encode(), *encoded],
+  )
+  meta = image_metadata.create_summary_metadata(display_name=tag, description='')
+  return summary_pb2.Summary.Value(tag=tag, metadata=meta, tensor=tensor)
+
+
+class EventWriter:
+  """clu's metric-writer methods the project uses (write_scalars, write_images, flush, close)
+  over one TensorBoard event file in ``logdir``; ``just_logging``: log only (the processes of a
+  multi-host run other than the first)."""
+
+  def __init__(self, logdir: str, *, just_logging: bool = False):
+    self.path = None
+    self._records = None
+    if not just_logging:
+      os.makedirs(logdir, exist_ok=True)
+      self.path = os.path.join(logdir, event_file_name())
+      self._records = RecordWriter(open(self.path, 'wb'))
+      self._write(event_pb2.Event(wall_time=time.time(), file_version=_FILE_VERSION))
+      self.flush()
+
+  def _write(self, event: event_pb2.Event) -> None:
+    if self._records is not None:
+      self._records.write(event.SerializeToString())
+
+  def _summary(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
+    summary = summary_pb2.Summary(value=values)
+    self._write(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    floats = {k: float(np.asarray(v)) for k, v in scalars.items()}
+    logging.info('[%d] %s', step, ', '.join(f'{k}={v:.6g}' for k, v in floats.items()))
+    self._summary(step, [scalar_value(k, v) for k, v in floats.items()])
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    logging.info('[%d] images: %s', step, {k: np.shape(v) for k, v in images.items()})
+    if self._records is not None:
+      self._summary(step, [image_value(k, v) for k, v in images.items()])
+
+  def flush(self) -> None:
+    if self._records is not None:
+      self._records.flush()
+
+  def close(self) -> None:
+    if self._records is not None and not self._records.closed:
+      self._records.close()
