@@ -135,14 +135,14 @@ def full_run():
     fcntl.flock(lock, fcntl.LOCK_EX)
     if not result.exists():
       from micro_config import get_config
+      from mdt_jax.atomic import atomic_file
       from mdt_jax.training.loop import train_and_evaluate
 
       config = get_config()
       config.profile_steps = 2
       out = jax.device_get(train_and_evaluate(config, str(shared / 'work')))
-      partial = shared / 'result.pkl.partial'
-      partial.write_bytes(pickle.dumps(out))
-      partial.replace(result)
+      with atomic_file(str(result)) as f:  # a worker that dies mid-write leaves no result
+        pickle.dump(out, f)
   return shared / 'work', pickle.loads(result.read_bytes())
 
 
