@@ -14,6 +14,7 @@ from mdt_jax import MDT, MDTConfig, count_params, model_config
 from mdt_jax.hub import official
 from mdt_jax.models import masking, platform
 from mdt_jax.models.layers import relative_position_index, sincos_2d
+from mdt_jax.models.params import InitKeys
 
 TINY = dict(
     input_size=8,
@@ -87,6 +88,47 @@ def test_init_follows_the_spec():
   assert m.y_embedder.embedding_table.embedding.shape == (11, 32)  # null class row
   no_mask = MDT(tiny(mask_ratio=None), rngs=nnx.Rngs(0))
   assert float(jnp.abs(no_mask.mask_token[...]).max()) == 0.0
+
+
+def test_init_keys_give_the_weights_of_nnx_rngs():
+  """InitKeys (the key stream of the jitted initialiser and of abstract models) draws the keys of
+  nnx.Rngs: the same weights bit for bit, from an int seed and from a typed key."""
+  cfg = tiny(mask_ratio=0.3)
+
+  def init(rngs):
+    return jax.jit(lambda: nnx.to_flat_state(nnx.state(MDT(cfg, rngs=rngs()))))()
+
+  for seed in (3, jax.random.key(5)):
+    want, got = init(lambda: nnx.Rngs(seed)), init(lambda: InitKeys(seed))
+    assert [p for p, _ in got] == [p for p, _ in want]
+    for (path, a), (_, b) in zip(got, want):
+      np.testing.assert_array_equal(a[...], b[...], err_msg=str(path))
+  # the draws differ from each other (a stream that repeated one key would fail above)
+  w = dict(init(lambda: InitKeys(3)))
+  assert not np.array_equal(
+      w[('en_inblocks', 0, 'attn', 'qkv', 'kernel')][...][:, :32],
+      w[('en_outblocks', 0, 'attn', 'qkv', 'kernel')][...][:, :32],
+  )
+  with pytest.raises(ValueError, match='typed key, got dtype uint32'):
+    InitKeys(jax.random.key_data(jax.random.key(0)))
+
+
+def test_traced_for_traces_the_platform_of_its_devices_only():
+  """by_backend under jit traces every platform's branch; traced_for(devices, fn) only the
+  branch of their platform (GPUs take the default), and computes the same."""
+  f = lambda x: platform.by_backend(
+      x, cpu=lambda a: a + 1, tpu=lambda a: a + 2, default=lambda a: a * 3
+  )
+  cpus = jax.devices('cpu')
+  assert jax.jit(f)(1.0) == 2.0 and jax.jit(platform.traced_for(cpus, f))(1.0) == 2.0
+  assert 'cond' in str(jax.make_jaxpr(f)(1.0))
+  jaxpr = str(jax.make_jaxpr(platform.traced_for(cpus, f))(1.0))
+  assert 'cond' not in jaxpr and 'add' in jaxpr and 'mul' not in jaxpr
+  fake = lambda name: dataclasses.make_dataclass('Device', [('platform', str)])(name)
+  assert platform.backend_of([fake('tpu')] * 4) == 'tpu'
+  assert platform.backend_of([fake('gpu')]) == 'default'
+  assert platform.backend_of([fake('gpu'), fake('cpu')]) is None
+  assert platform.traced_for([fake('gpu'), fake('cpu')], f) is f
 
 
 def _load_random(cfg, seed=0):

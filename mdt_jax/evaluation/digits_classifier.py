@@ -43,7 +43,7 @@ from mdt_jax import atomic, paths
 # the train / test split is fixed, whatever the seed
 from mdt_jax.data.digits import load_digits_images, split_indices
 from mdt_jax.evaluation.metrics import feature_statistics, frechet_distance
-from mdt_jax.models.params import param_name
+from mdt_jax.models.params import InitKeys, param_name
 
 VERSION = 1
 NUM_CLASSES = 10
@@ -246,7 +246,7 @@ def load(path: str, config: TrainConfig | None = None) -> DigitsClassifier:
   saved = TrainConfig(**meta['config'])
   if config is not None and saved != config:
     raise ValueError(f'{path} holds a classifier trained with {saved}, not {config}')
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: DigitsCNN(saved.size, rngs=nnx.Rngs(0))))
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: DigitsCNN(saved.size, rngs=InitKeys(0))))
   flat = []
   for path_, var in nnx.to_flat_state(state):
     name = param_name(path_)

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mdt_jax.models.params import param_name
+from mdt_jax.models.params import InitKeys, param_name
 
 Array = jax.Array
 
@@ -357,7 +357,7 @@ def load_inception(path: str) -> InceptionV3:
   params = read_weights(path)
   with_logits = 'logits' in params
   graphdef, state = nnx.split(
-      nnx.eval_shape(lambda: InceptionV3(with_logits=with_logits, rngs=nnx.Rngs(0)))
+      nnx.eval_shape(lambda: InceptionV3(with_logits=with_logits, rngs=InitKeys(0)))
   )
   expected = _flat(state)
   missing = sorted({n for n, _ in expected} - set(params))

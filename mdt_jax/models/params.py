@@ -27,9 +27,34 @@ def param_name(path: Iterable[Any]) -> str:
   return SEP.join(part(k) for k in path)
 
 
+class InitKeys:
+  """The initialisation keys of ``nnx.Rngs(seed)`` (``fold_in(key, n)`` for n = 0, 1, ...: the
+  same weights, bit for bit) with the draw count a Python int, for constructors that are traced
+  (an abstract model, the jitted initialiser). Model constructors only call ``rngs.params()``.
+
+  Why: inside a trace, ``nnx.Rngs`` keeps its count as a traced array, and each draw's update
+  asks the traced count for its ``sharding``; the tracer answers with an AttributeError whose
+  message walks the whole trace so far, so a model's abstract construction grows with the square
+  of its size (MDTv2-XL/2: 2.8 s -> 0.4 s here, BENCHMARKS.md "Start-up of a training process").
+  """
+
+  def __init__(self, seed: int | jax.Array):
+    if isinstance(seed, int):
+      seed = jax.random.key(seed)
+    elif not jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+      raise ValueError(f'InitKeys takes an int seed or a typed key, got dtype {seed.dtype}')
+    self._key = seed
+    self._draws = 0
+
+  def params(self) -> jax.Array:
+    key = jax.random.fold_in(self._key, self._draws)
+    self._draws += 1
+    return key
+
+
 def abstract_model(config: MDTConfig | dict) -> MDT:
   """The model with shapes and dtypes but no weights (nothing is allocated)."""
-  return nnx.eval_shape(lambda: MDT(config, rngs=nnx.Rngs(0)))
+  return nnx.eval_shape(lambda: MDT(config, rngs=InitKeys(0)))
 
 
 def count_params(config: MDTConfig | dict) -> int:

@@ -13,13 +13,20 @@ Its users:
 - `mdt_jax.models.layers.RelativePositionBias`: on a TPU one-hot contractions (gathers and
   scatters are while loops there), elsewhere the table's gather.
 Measured in BENCHMARKS.md, section "The train step on the CPU".
+
+`platform_dependent` traces every branch (and differentiates every branch) although only one is
+compiled. Where a jitted function's devices are known before it is traced (the train step over its
+mesh, the samplers' shard_map), `traced_for` traces only their platform's branch: the micro test
+model's train step lowers in about half the time (BENCHMARKS.md "Start-up of a training process").
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from typing import Callable, Iterator
+import threading
+from typing import Callable, Iterable, Iterator
 
 import jax
 
@@ -27,27 +34,60 @@ BACKENDS = ('cpu', 'tpu', 'default')
 # Profiles and traffic reports name an op by the innermost frame of mdt_jax code; this module only
 # dispatches, so they look past its frames to the layer that called `by_backend`.
 DISPATCH_SOURCE = 'mdt_jax' + os.sep + 'models' + os.sep + 'platform.py'
-_assumed: list[str] = []
+_local = threading.local()  # .assumed: the stack of assume_backend names of this thread
 
 
 def by_backend(*args, cpu: Callable | None = None, tpu: Callable | None = None, default: Callable):
   """``branch(*args)`` of the platform the computation is lowered for; `default` where a
   platform has no branch of its own. All branches must compute the same thing."""
   branches = {'cpu': cpu, 'tpu': tpu}
-  if _assumed:
-    return (branches.get(_assumed[-1]) or default)(*args)
+  assumed = _assumed()
+  if assumed:
+    return (branches.get(assumed[-1]) or default)(*args)
   given = {k: f for k, f in branches.items() if f is not None}
   return jax.lax.platform_dependent(*args, default=default, **given)
 
 
+def _assumed() -> list[str]:
+  if not hasattr(_local, 'assumed'):
+    _local.assumed = []
+  return _local.assumed
+
+
 @contextlib.contextmanager
 def assume_backend(name: str) -> Iterator[None]:
-  """Within this context `by_backend` traces `name`'s branch only, whatever the platform (tests:
-  every branch computes what the others compute)."""
+  """Within this context (in this thread) `by_backend` traces `name`'s branch only, whatever the
+  platform: `traced_for`, and tests (every branch computes what the others compute)."""
   if name not in BACKENDS:
     raise ValueError(f'backend {name!r}: expected one of {BACKENDS}')
-  _assumed.append(name)
+  _assumed().append(name)
   try:
     yield
   finally:
-    _assumed.pop()
+    _assumed().pop()
+
+
+def backend_of(devices: Iterable[jax.Device]) -> str | None:
+  """`by_backend`'s branch for computations on `devices`: 'cpu', 'tpu' or 'default' (GPUs);
+  None where they are of more than one platform."""
+  names = {d.platform for d in devices}
+  if len(names) != 1:
+    return None
+  name = names.pop()
+  return name if name in ('cpu', 'tpu') else 'default'
+
+
+def traced_for(devices: Iterable[jax.Device], fn: Callable) -> Callable:
+  """`fn`, tracing only the `by_backend` branches of the platform of `devices`: for functions
+  that are only ever compiled for those devices (a jit with their shardings, a shard_map over
+  their mesh), whose other branches would be traced and dropped."""
+  backend = backend_of(devices)
+  if backend is None:
+    return fn
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with assume_backend(backend):
+      return fn(*args, **kwargs)
+
+  return traced

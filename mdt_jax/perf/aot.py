@@ -27,6 +27,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mdt_jax.models import platform
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.models.params import abstract_model
 from mdt_jax.perf import benchmark, hlo, traffic
@@ -151,7 +152,10 @@ def lower_sample_step(config: ml_collections.ConfigDict, devices, batch: int):
 
   step = jax.jit(
       jax.shard_map(
-          local, mesh=mesh, in_specs=(P(), P('data'), P('data'), P('data')), out_specs=P('data')
+          platform.traced_for(mesh.devices.flat, local),
+          mesh=mesh,
+          in_specs=(P(), P('data'), P('data'), P('data')),
+          out_specs=P('data'),
       )
   )
   rep, dat = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))

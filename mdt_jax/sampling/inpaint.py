@@ -36,6 +36,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mdt_jax import diffusion as gd
+from mdt_jax.models import platform
 from mdt_jax.sampling import flow_loops
 from mdt_jax.sampling import labels as labels_lib
 from mdt_jax.sampling.guidance import guided_model
@@ -416,7 +417,7 @@ def build_inpainter(
     )
 
   sharded = jax.shard_map(
-      local,
+      platform.traced_for(mesh.devices.flat, local),
       mesh=mesh,
       in_specs=(P(), P(), P(), P('data'), P('data'), P('data'), P('data')),
       out_specs=P('data'),

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mdt_jax.models import platform
 from mdt_jax.sampling import labels as labels_lib
 from mdt_jax.sampling.guidance import guided_model
 from mdt_jax.sampling.config import SamplerConfig
@@ -168,7 +169,10 @@ def build_sampler(
     )
 
   sharded = jax.shard_map(
-      local, mesh=mesh, in_specs=(P(), P(), P('data'), P('data')), out_specs=P('data')
+      platform.traced_for(mesh.devices.flat, local),
+      mesh=mesh,
+      in_specs=(P(), P(), P('data'), P('data')),
+      out_specs=P('data'),
   )
   return Sampler(
       config=config,

@@ -12,7 +12,7 @@ from flax import nnx, struct
 from jax.sharding import Mesh
 
 from mdt_jax.models.mdt import MDT, MDTConfig
-from mdt_jax.models.params import abstract_model
+from mdt_jax.models.params import InitKeys, abstract_model
 from mdt_jax.training import sharding
 from mdt_jax.training.adan import adan
 
@@ -64,7 +64,7 @@ def _initializer(model_cfg: MDTConfig, optimizer: optax.GradientTransformation, 
   init_key, train_key = jax.random.split(jax.random.key(seed))
 
   def init():
-    params = nnx.to_pure_dict(nnx.state(MDT(model_cfg, rngs=nnx.Rngs(init_key))))
+    params = nnx.to_pure_dict(nnx.state(MDT(model_cfg, rngs=InitKeys(init_key))))
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

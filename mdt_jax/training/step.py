@@ -17,7 +17,7 @@ from flax import nnx
 
 from mdt_jax import diffusion as diff
 from mdt_jax.diffusion import flow
-from mdt_jax.models import attention
+from mdt_jax.models import attention, platform
 from mdt_jax.training.state import TrainState
 
 
@@ -108,7 +108,7 @@ def jit_train_step(shardings: TrainState, batch_sharding, **kw):
   # the XLA module is then jit_train_step, the name profiles look for (mdt_jax/perf/profile.py)
   step.__name__ = step.__qualname__ = 'train_step'
   return jax.jit(
-      step,
+      platform.traced_for(batch_sharding.mesh.devices.flat, step),
       in_shardings=(shardings, batch_sharding),
       out_shardings=(shardings, None),
       donate_argnums=(0,),

@@ -19,7 +19,7 @@ from safetensors.numpy import save_file
 
 from mdt_jax import paths
 from mdt_jax.atomic import atomic_folder, require_complete
-from mdt_jax.models.params import param_name
+from mdt_jax.models.params import InitKeys, param_name
 from mdt_jax.vae.model import AutoencoderKL, VAEConfig
 
 CONFIG_FILE = 'config.json'
@@ -28,7 +28,7 @@ WEIGHTS_FILE = 'model.safetensors'
 
 def param_shapes(config: VAEConfig, dtype=jnp.float32) -> tuple[nnx.GraphDef, dict]:
   """GraphDef and {name: (shape, Variable)} of an abstract (unallocated) model."""
-  abstract = nnx.eval_shape(lambda: AutoencoderKL(config, rngs=nnx.Rngs(0), dtype=dtype))
+  abstract = nnx.eval_shape(lambda: AutoencoderKL(config, rngs=InitKeys(0), dtype=dtype))
   graphdef, state = nnx.split(abstract)
   return graphdef, {param_name(p): v for p, v in nnx.to_flat_state(state)}
 
