@@ -166,6 +166,9 @@ def test_tpu_train_step_figures_match_analytic_counts(tpu_report):
   # FSDP: the token matmuls' weights are gathered for the forward pass at least once
   assert train['collectives']['all-gather']['gb'] * 1e9 >= token_weights
   assert train['ici_ms'] > 0 and train['fits']
+  # traced for the TPU's branches (models/platform.py): the one-hot relative-position bias, no
+  # gather or scatter-add loop (the CPU's branch compiles to while loops on a TPU)
+  assert train['while_loops'] == 0
   assert 0 < train['hbm_estimate_gb'] <= train['bytes_accessed_gb']
   peak = res['peak_bf16_tflops'] * 1e12
   bound_s = max(train['compute_ms'], train['hbm_ms'], train['ici_ms']) / 1e3
