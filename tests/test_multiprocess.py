@@ -19,6 +19,7 @@ from flax import nnx
 
 import launch
 import mdt_jax
+from conftest import TEST_XLA_FLAGS
 
 
 def _free_port() -> int:
@@ -32,7 +33,7 @@ def _run_two_processes(workdir: str, total: int, signal_at: dict | None = None) 
   port = _free_port()
   env = launch.env(
       JAX_PLATFORMS='cpu',
-      XLA_FLAGS='--xla_backend_optimization_level=0 --xla_force_host_platform_device_count=4',
+      XLA_FLAGS=TEST_XLA_FLAGS + ' --xla_force_host_platform_device_count=4',
   )
   procs = [
       subprocess.Popen(
