@@ -53,7 +53,9 @@ def test_mdt_method_keeps_known_pixels_and_reduces_to_plain_sampling(model):
   np.testing.assert_array_equal(every, images)
   none = inp.inpaint(mdt, images, np.zeros_like(masks), labels, seed=3, batch_size=8)
   plain = generate(build_sampler(model, cfg), labels, seed=3, batch_size=8, log_every=0)
-  np.testing.assert_allclose(none, plain, atol=1e-5)
+  # two compiled programs (the inpainting loop, the sampler's) may fuse and round differently:
+  # a few float32 ulps of this random model's samples, which reach a few hundred
+  np.testing.assert_allclose(none, plain, rtol=1e-5, atol=1e-5)
   # The masked pass is used: the repaint method (same draws) gives another completion.
   rep = mdt.with_config(inp.InpaintConfig(method='repaint'))  # same program, no masked step
   rep_out = inp.inpaint(rep, images, masks, labels, seed=3, batch_size=8)
@@ -110,7 +112,9 @@ def test_flow_samplers_resampling_and_device_count(model):
       seed=1,
       log_every=0,
   )
-  np.testing.assert_allclose(none, plain, atol=1e-5)
+  # two compiled programs (the inpainting loop, the sampler's) may fuse and round differently:
+  # a few float32 ulps of this random model's samples, which reach a few hundred
+  np.testing.assert_allclose(none, plain, rtol=1e-5, atol=1e-5)
   heun = SamplerConfig(sampler='heun', steps=4, objective='flow')
   icfg = inp.InpaintConfig(method='repaint', resample=3)
   outs = [
