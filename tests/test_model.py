@@ -12,7 +12,7 @@ from flax import nnx
 import reference_mdt as ref
 from mdt_jax import MDT, MDTConfig, count_params, model_config
 from mdt_jax.hub import official
-from mdt_jax.models import masking, platform
+from mdt_jax.models import attention, masking, platform
 from mdt_jax.models.layers import relative_position_index, sincos_2d
 from mdt_jax.models.params import InitKeys
 
@@ -109,6 +109,27 @@ def test_init_keys_draw_the_keys_of_nnx_rngs():
     InitKeys(jax.random.key_data(jax.random.key(0)))
 
 
+FakeDevice = dataclasses.make_dataclass('FakeDevice', [('platform', str), ('device_kind', str)])
+
+
+def test_tpus_with_small_vmem_get_xla_attention():
+  """Traced for a TPU, automatic attention is the Pallas kernel, except on TPU v2-v4, whose 16 MiB
+  of VMEM cannot hold the kernel's blocks at XL/2's size: XLA's attention there."""
+  qkv, bias = jnp.zeros((2, 16, 3 * 8)), jnp.zeros((2, 16, 16))
+
+  def traced(kind):
+    fn = lambda q, b: attention.attend(q, b, None, 2)
+    return str(jax.make_jaxpr(platform.traced_for([FakeDevice('tpu', kind)] * 4, fn))(qkv, bias))
+
+  for kind in ('TPU v5', 'TPU v5 lite', 'TPU v6 lite'):
+    assert 'pallas_call' in traced(kind), kind
+  for kind in ('TPU v4', 'TPU v3'):
+    assert 'pallas_call' not in traced(kind) and 'dot_general' in traced(kind), kind
+  with platform.assume_backend('tpu', 'TPU v4'):
+    assert platform.device_kind() == 'TPU v4'
+  assert platform.device_kind() is None  # the CPU's devices: no TPU kind
+
+
 def test_traced_for_traces_the_platform_of_its_devices_only():
   """by_backend under jit traces every platform's branch; traced_for(devices, fn) only the
   branch of their platform (GPUs take the default), and computes the same."""
@@ -120,7 +141,7 @@ def test_traced_for_traces_the_platform_of_its_devices_only():
   assert 'cond' in str(jax.make_jaxpr(f)(1.0))
   jaxpr = str(jax.make_jaxpr(platform.traced_for(cpus, f))(1.0))
   assert 'cond' not in jaxpr and 'add' in jaxpr and 'mul' not in jaxpr
-  fake = lambda name: dataclasses.make_dataclass('Device', [('platform', str)])(name)
+  fake = lambda name: FakeDevice(name, 'TPU v5' if name == 'tpu' else name)
   assert platform.backend_of([fake('tpu')] * 4) == 'tpu'
   assert platform.backend_of([fake('gpu')]) == 'default'
   assert platform.backend_of([fake('gpu'), fake('cpu')]) is None

@@ -2,7 +2,8 @@
 
 `attend` is the one place that picks the computation (by backend through
 `mdt_jax.models.platform.by_backend`): on XLA:CPU the einsums of `_einsum`, on a TPU the kernel
-below, elsewhere ``jax.nn.dot_product_attention``. XLA's (``jax.nn.dot_product_attention``)
+below (XLA's attention on TPU v2-v4, whose VMEM is too small for it: `SMALL_VMEM_TPUS`),
+elsewhere ``jax.nn.dot_product_attention``. XLA's (``jax.nn.dot_product_attention``)
 writes the [B, H, N, N] logits, probabilities and their gradients to HBM, several float32 passes
 per attention; on a TPU that traffic, not the FLOPs, bounds the train step. The Pallas kernel
 below takes the qkv projection as it comes out of the matmul ([B, N, 3D]: no head transposes),
@@ -54,9 +55,24 @@ def attend(
       bias,
       key_mask,
       cpu=lambda *a: _einsum(*a, heads),
-      tpu=lambda *a: _kernel(*a, heads),
+      tpu=lambda *a: _tpu(*a, heads),
       default=lambda *a: _xla(*a, heads, None),
   )
+
+
+# TPU generations whose 16 MiB of VMEM per core cannot hold the kernel's blocks at MDTv2-XL/2's
+# size: compiled for v4 its backward pass asks for 18.7 MiB (8 MiB of it one sample's [H, N, N]
+# float32 bias gradient, double-buffered; docs/benchmarks/tpu_v4_8_xl2w_depth4_pallas_vmem_error.txt).
+# There the automatic choice is XLA's attention; model.attention_impl=pallas still asks for the
+# kernel.
+SMALL_VMEM_TPUS = ('TPU v2', 'TPU v3', 'TPU v4')
+
+
+def _tpu(qkv: Array, bias: Array, key_mask: Array | None, heads: int) -> Array:
+  kind = platform.device_kind()
+  if kind is not None and kind.startswith(SMALL_VMEM_TPUS):
+    return _xla(qkv, bias, key_mask, heads, None)
+  return _kernel(qkv, bias, key_mask, heads)
 
 
 _SHARDING = threading.local()

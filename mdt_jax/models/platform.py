@@ -34,7 +34,8 @@ BACKENDS = ('cpu', 'tpu', 'default')
 # Profiles and traffic reports name an op by the innermost frame of mdt_jax code; this module only
 # dispatches, so they look past its frames to the layer that called `by_backend`.
 DISPATCH_SOURCE = 'mdt_jax' + os.sep + 'models' + os.sep + 'platform.py'
-_local = threading.local()  # .assumed: the stack of assume_backend names of this thread
+# .assumed: this thread's stack of (backend, device kind or None) of assume_backend
+_local = threading.local()
 
 
 def by_backend(*args, cpu: Callable | None = None, tpu: Callable | None = None, default: Callable):
@@ -43,24 +44,25 @@ def by_backend(*args, cpu: Callable | None = None, tpu: Callable | None = None, 
   branches = {'cpu': cpu, 'tpu': tpu}
   assumed = _assumed()
   if assumed:
-    return (branches.get(assumed[-1]) or default)(*args)
+    return (branches.get(assumed[-1][0]) or default)(*args)
   given = {k: f for k, f in branches.items() if f is not None}
   return jax.lax.platform_dependent(*args, default=default, **given)
 
 
-def _assumed() -> list[str]:
+def _assumed() -> list[tuple[str, str | None]]:
   if not hasattr(_local, 'assumed'):
     _local.assumed = []
   return _local.assumed
 
 
 @contextlib.contextmanager
-def assume_backend(name: str) -> Iterator[None]:
+def assume_backend(name: str, device_kind: str | None = None) -> Iterator[None]:
   """Within this context (in this thread) `by_backend` traces `name`'s branch only, whatever the
-  platform: `traced_for`, and tests (every branch computes what the others compute)."""
+  platform, and `device_kind()` is `device_kind`: `traced_for`, and tests (every branch computes
+  what the others compute)."""
   if name not in BACKENDS:
     raise ValueError(f'backend {name!r}: expected one of {BACKENDS}')
-  _assumed().append(name)
+  _assumed().append((name, device_kind))
   try:
     yield
   finally:
@@ -77,17 +79,30 @@ def backend_of(devices: Iterable[jax.Device]) -> str | None:
   return name if name in ('cpu', 'tpu') else 'default'
 
 
+def device_kind() -> str | None:
+  """The kind of device (``'TPU v4'``, ``'TPU v5 lite'``, ...) being traced for: `traced_for`'s
+  devices' (a TPU topology compiled from a CPU host included), else the default devices' where
+  they are TPUs; None where unknown (then the TPU branches assume a chip that fits them)."""
+  assumed = _assumed()
+  if assumed:
+    return assumed[-1][1]
+  return jax.devices()[0].device_kind if jax.default_backend() == 'tpu' else None
+
+
 def traced_for(devices: Iterable[jax.Device], fn: Callable) -> Callable:
-  """`fn`, tracing only the `by_backend` branches of the platform of `devices`: for functions
-  that are only ever compiled for those devices (a jit with their shardings, a shard_map over
-  their mesh), whose other branches would be traced and dropped."""
+  """`fn`, tracing only the `by_backend` branches of the platform of `devices` (and with their
+  `device_kind()`): for functions that are only ever compiled for those devices (a jit with their
+  shardings, a shard_map over their mesh), whose other branches would be traced and dropped."""
+  devices = list(devices)
   backend = backend_of(devices)
   if backend is None:
     return fn
+  kinds = {d.device_kind for d in devices}
+  kind = kinds.pop() if len(kinds) == 1 else None
 
   @functools.wraps(fn)
   def traced(*args, **kwargs):
-    with assume_backend(backend):
+    with assume_backend(backend, kind):
       return fn(*args, **kwargs)
 
   return traced
