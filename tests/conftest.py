@@ -3,9 +3,10 @@
 import os
 import tempfile
 
-# Tests compile many small programs and run them briefly: LLVM's cheapest optimisation level
-# compiles about a third faster, and XLA:CPU's older elemental emitters about half as long again
-# as its MLIR fusion emitters (BENCHMARKS.md, "The test suite").
+# Tests compile many small programs and run them briefly: LLVM's cheapest optimisation level, and
+# with it XLA:CPU's older elemental emitters instead of its MLIR fusion emitters (together about
+# half the compile time of a train step; at the default level the elemental emitters compile and
+# run slower, so only tests use them: BENCHMARKS.md, "The test suite").
 TEST_XLA_FLAGS = '--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false'
 os.environ['XLA_FLAGS'] = (
     os.environ.get('XLA_FLAGS', '')
