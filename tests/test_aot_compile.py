@@ -90,6 +90,42 @@ def test_collectives_are_read_from_optimized_hlo():
   assert summary['all-gather']['wire_gb'] == pytest.approx(7 / 8 * 96 / 1e9)
 
 
+# the form the TPU compiler gives a reduce-scatter (written here after its optimized HLO): a
+# fusion whose all-reduce is sliced to this chip's shard by the computation's root
+TPU_REDUCE_SCATTER = """
+%all-reduce-scatter.3 (input.3: f32[512,128]) -> f32[512,32] {
+  %input.3 = f32[512,128]{0,1:T(8,128)} parameter(0)
+  %all-reduce.9 = f32[512,128]{0,1:T(8,128)} all-reduce(%input.3), channel_id=7, replica_groups={{0,1,2,3}}, to_apply=%add
+  %zero = u32[] constant(0)
+  %pid = u32[] partition-id()
+  %offset = u32[]{:T(128)} multiply(%pid, %c32)
+  ROOT %dynamic-slice.1 = f32[512,32]{0,1:T(8,128)} dynamic-slice(%all-reduce.9, %zero, %offset), dynamic_slice_sizes={512,32}
+}
+
+%fused_computation.2 (p: f32[512,128]) -> f32[512,128] {
+  %p = f32[512,128]{0,1:T(8,128)} parameter(0)
+  %all-reduce.10 = f32[512,128]{0,1:T(8,128)} all-reduce(%p), channel_id=8, replica_groups={{0,1,2,3}}, to_apply=%add
+  ROOT %dynamic-slice.2 = f32[512,128]{0,1:T(8,128)} dynamic-slice(%all-reduce.10, %zero, %zero), dynamic_slice_sizes={512,128}
+}
+
+ENTRY %main (a: f32[512,128]) -> f32[512,32] {
+  %a = f32[512,128]{0,1:T(8,128)} parameter(0)
+  %all-reduce.11 = f32[512,128]{0,1:T(8,128)} all-reduce(%a), channel_id=9, replica_groups={{0,1,2,3}}, to_apply=%add
+  ROOT %fusion = f32[512,32]{0,1:T(8,128)} fusion(%all-reduce.11), kind=kCustom, calls=%all-reduce-scatter.3
+}
+"""
+
+
+def test_tpu_all_reduce_scatter_fusions_count_as_reduce_scatters():
+  got = [(c.kind, c.full_bytes, c.group) for c in hlo.parse_collectives(TPU_REDUCE_SCATTER, 4)]
+  full = 512 * 128 * 4
+  # sliced to a quarter: a reduce-scatter; sliced whole, or not sliced: all-reduces
+  assert got == [('reduce-scatter', full, 4), ('all-reduce', full, 4), ('all-reduce', full, 4)]
+  # a reduce-scatter sends half of what an all-reduce of the same array sends
+  wire = [c.wire_bytes for c in hlo.parse_collectives(TPU_REDUCE_SCATTER, 4)]
+  assert wire == [3 / 4 * full, 2 * 3 / 4 * full, 2 * 3 / 4 * full]
+
+
 @pytest.fixture(scope='module')
 def tpu_report(tmp_path_factory):
   """One launch of the tool: the micro config's MDT train step (FSDP over the 4 chips) and a
@@ -132,11 +168,13 @@ def _state_bytes_per_chip(config):
   per_chip = lambda s: int(np.prod(s.sharding.shard_shape(s.shape))) * s.dtype.itemsize  # noqa
   state = sum(per_chip(s) for s in jax.tree.leaves(structs))
   # the token matmuls' weights (qkv, proj, fc1, fc2, skip fusion): FSDP gathers them, since
-  # all-reducing their [B, N, *] activations would move more (XLA may keep adaLN's sharded)
+  # all-reducing their [B, N, *] activations would move more (XLA may keep adaLN's sharded);
+  # 2-D, which leaves out the patch embedding's convolution (also named proj)
   token_weights = sum(
       int(np.prod(s.shape)) * s.dtype.itemsize
       for path, s in jax.tree_util.tree_flatten_with_path(structs.params)[0]
       if path[-1].key == 'kernel'
+      and len(s.shape) == 2
       and any(getattr(k, 'key', None) in ('qkv', 'proj', 'fc1', 'fc2', 'skip_linear') for k in path)
   )
   return mc, state, token_weights
@@ -165,6 +203,8 @@ def test_tpu_train_step_figures_match_analytic_counts(tpu_report):
   assert 1.0 <= train['memory_alias_gb'] * 1e9 / state < 1.05
   # FSDP: the token matmuls' weights are gathered for the forward pass at least once
   assert train['collectives']['all-gather']['gb'] * 1e9 >= token_weights
+  # ... and their float32 gradients reduce-scattered back to the shards, not all-reduced
+  assert train['collectives']['reduce-scatter']['gb'] * 1e9 >= token_weights
   assert train['ici_ms'] > 0 and train['fits']
   # traced for the TPU's branches (models/platform.py): the one-hot relative-position bias, no
   # gather or scatter-add loop (the CPU's branch compiles to while loops on a TPU)

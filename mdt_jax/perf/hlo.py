@@ -5,7 +5,9 @@ Bytes on the wire per chip follow the ring algorithms (n chips in the group, S t
 full array): all-gather and reduce-scatter send (n-1)/n S, all-reduce 2 (n-1)/n S (a
 reduce-scatter then an all-gather), all-to-all (n-1)/n S, a collective-permute its buffer S.
 An instruction inside a loop body is counted once, whatever the trip count (`while_loops` says
-whether the module has loops at all).
+whether the module has loops at all). The TPU compiler writes a reduce-scatter as a fusion
+(named `all-reduce-scatter`) of an all-reduce whose result the fusion's root dynamic-slices to
+this chip's shard: such an all-reduce is counted as the reduce-scatter it is.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ _BITS = {
     'c128': 128,
 }
 _ARRAY = re.compile(r'\b(pred|[suf]\d+|bf16|c\d+|f8e\w+?)\[([\d,]*)\](\{[^}]*\})?')
-_INSTR = re.compile(r'^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*')
+_INSTR = re.compile(r'^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*')
+_COMPUTATION = re.compile(r'^(?:ENTRY\s+)?%?[\w.\-]+\s*\(.*\{\s*$')
 _OPCODE = re.compile(r'\s*([a-z][a-z0-9\-]*)\(')
 OWN_CODE = os.sep + 'mdt_jax' + os.sep
 
@@ -134,8 +137,12 @@ def _group_size(line: str, num_devices: int) -> int:
 
 def parse_collectives(hlo_text: str, num_devices: int) -> list[Collective]:
   """Every collective instruction of the module (async pairs counted once, at the start)."""
-  out = []
+  out: list[Collective] = []
+  reduced: dict[str, Collective] = {}  # this computation's synchronous all-reduces, by name
   for line in hlo_text.splitlines():
+    if _COMPUTATION.match(line):
+      reduced = {}
+      continue
     m = _INSTR.match(line)
     if not m:
       continue
@@ -144,6 +151,9 @@ def parse_collectives(hlo_text: str, num_devices: int) -> list[Collective]:
     if not op:
       continue
     opcode = op.group(1)
+    if opcode == 'dynamic-slice' and m.group(1):
+      _reduce_scatter_from_slice(reduced, rest[op.end() :], type_text)
+      continue
     kind = opcode[: -len('-start')] if opcode.endswith('-start') else opcode
     if kind not in KINDS:
       continue
@@ -156,7 +166,18 @@ def parse_collectives(hlo_text: str, num_devices: int) -> list[Collective]:
     if kind == 'reduce-scatter':
       size *= group  # the result is one shard of the reduced array
     out.append(Collective(kind, size, group))
+    if opcode == 'all-reduce':
+      reduced[m.group(2)] = out[-1]
   return out
+
+
+def _reduce_scatter_from_slice(reduced: dict[str, Collective], operands: str, type_text: str):
+  """A computation's root that slices one chip's shard (1/group of it) out of an all-reduce in
+  the same computation: that all-reduce is a reduce-scatter (the TPU's `all-reduce-scatter`)."""
+  first = re.search(r'%([\w.\-]+)', operands)  # its first operand
+  c = reduced.get(first.group(1)) if first else None
+  if c is not None and c.kind == 'all-reduce' and sum(_array_bytes(type_text)) * c.group == c.full_bytes:
+    c.kind = 'reduce-scatter'
 
 
 def summarize(collectives: list[Collective]) -> dict:
