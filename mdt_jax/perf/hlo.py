@@ -176,7 +176,11 @@ def _reduce_scatter_from_slice(reduced: dict[str, Collective], operands: str, ty
   the same computation: that all-reduce is a reduce-scatter (the TPU's `all-reduce-scatter`)."""
   first = re.search(r'%([\w.\-]+)', operands)  # its first operand
   c = reduced.get(first.group(1)) if first else None
-  if c is not None and c.kind == 'all-reduce' and sum(_array_bytes(type_text)) * c.group == c.full_bytes:
+  if (
+      c is not None
+      and c.kind == 'all-reduce'
+      and sum(_array_bytes(type_text)) * c.group == c.full_bytes
+  ):
     c.kind = 'reduce-scatter'
 
 
