@@ -248,3 +248,31 @@ def test_roofline_proxy_on_programs_with_known_answers(tpu_report):
   assert rows['dynamic_update_slice, donated']['bytes_over_min'] == pytest.approx(1.0, rel=0.01)
   # a loop body is counted once, whatever the trip count (an under-count, BENCHMARKS.md)
   assert rows['fori_loop x10 elementwise']['bytes_over_min'] < 0.5
+
+
+def test_a_step_too_large_for_the_chip_is_reported_not_fitting(tmp_path):
+  # one guided call of the micro model on 2 x 262144 rows: about 25 GB, a v5e chip has 16 GB;
+  # the compiler refuses it, the tool reports the refusal's figures as a row
+  out = tmp_path / 'refused.json'
+  proc = subprocess.run(
+      [
+          sys.executable,
+          'tools/aot_compile.py',
+          f'--config={ROOT}/tests/micro_config.py',
+          '--config.model.hidden_size=128',
+          '--topology=v5e-1',
+          '--steps=sample',
+          '--sample_batch=262144',
+          f'--out={out}',
+      ],
+      env=dict(os.environ, PYTHONPATH=ROOT),
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  (row,) = json.loads(out.read_text())['steps']
+  assert row['fits'] is False and row['global_batch'] == 262144
+  assert 0.9 * 16 < row['hbm_usable_gb'] < 1.15 * 16 < row['memory_peak_estimate_gb']
+  assert 'sample: one guided model call: does not fit: the compiler refused it' in proc.stdout

@@ -138,6 +138,12 @@ def main(argv):
   if results['fit']:
     print(markdown_table(results['fit'], aot.FIT_KEYS))
   for row in results['steps']:
+    if 'collectives' not in row:  # refused: it does not fit
+      print(
+          f'{row["step"]}: does not fit: the compiler refused it, {row["memory_peak_estimate_gb"]:.4g}'
+          f' GB per chip needed, {row["hbm_usable_gb"]:.4g} GB usable'
+      )
+      continue
     colls = ', '.join(f'{k} x{v["count"]} {v["gb"]:.3g} GB' for k, v in row['collectives'].items())
     print(f'{row["step"]}: collectives per chip: {colls or "none"}')
     if 'traffic' in row:
