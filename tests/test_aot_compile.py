@@ -116,6 +116,20 @@ ENTRY %main (a: f32[512,128]) -> f32[512,32] {
 """
 
 
+def test_mesh_replica_groups_with_device_ids_name_their_axes():
+  # a 16 x 4 mesh's groups of 4 along its second axis, as the TPU compiler writes them with a
+  # device order (a v5p-128 step with data=16, fsdp=4): 4 chips per group, not all 64
+  line = (
+      '  %all-gather.7 = bf16[1152,1152]{0,1} all-gather(%convert.1), channel_id=19, '
+      "replica_groups=mesh['axis_0'=1,'axis_1'=4,'axis_2'=16], device_ids=([16,4]T(1,0)) "
+      "{'axis_1'}, dimensions={1}, use_global_device_ids=true"
+  )
+  (c,) = hlo.parse_collectives(line, 64)
+  assert (c.kind, c.full_bytes, c.group) == ('all-gather', 1152 * 1152 * 2, 4)
+  both = line.replace("{'axis_1'}", "{'axis_1','axis_2'}")
+  assert hlo.parse_collectives(both, 64)[0].group == 64
+
+
 def test_tpu_all_reduce_scatter_fusions_count_as_reduce_scatters():
   got = [(c.kind, c.full_bytes, c.group) for c in hlo.parse_collectives(TPU_REDUCE_SCATTER, 4)]
   full = 512 * 128 * 4

@@ -120,10 +120,12 @@ def _top_level_elements(tuple_type: str) -> list[str]:
 
 
 def _group_size(line: str, num_devices: int) -> int:
-  m = re.search(r'replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}', line)
-  if m:  # mesh['axis_0'=4,'axis_1'=2] {'axis_0'}
+  m = re.search(r'replica_groups=mesh\[([^\]]*)\]', line)
+  # mesh['axis_0'=4,'axis_1'=2] {'axis_0'}, or with device_ids=([..]T(..)) before the axes
+  axes = re.search(r"\{('[^}]*)\}", line[m.end() :]) if m else None
+  if axes:
     sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
-    return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'", m.group(2)))
+    return math.prod(int(sizes[a]) for a in re.findall(r"'([^']+)'", axes.group(1)))
   m = re.search(r'replica_groups=\[(\d+),(\d+)\]<=', line)
   if m:  # iota form [groups, size]<=[...]
     return int(m.group(2))
