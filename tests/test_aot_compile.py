@@ -140,6 +140,26 @@ def test_tpu_all_reduce_scatter_fusions_count_as_reduce_scatters():
   assert wire == [3 / 4 * full, 2 * 3 / 4 * full, 2 * 3 / 4 * full]
 
 
+def _run_aot_compile(*flags, out):
+  """tools/aot_compile.py on the micro config with `flags`, as a user runs it; its JSON to `out`."""
+  proc = subprocess.run(
+      [
+          sys.executable,
+          'tools/aot_compile.py',
+          f'--config={ROOT}/tests/micro_config.py',
+          *flags,
+          f'--out={out}',
+      ],
+      env=dict(os.environ, PYTHONPATH=ROOT),
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=900,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
 @pytest.fixture(scope='module')
 def tpu_report(tmp_path_factory):
   """One launch of the tool: the micro config's MDT train step (FSDP over the 4 chips) and a
@@ -150,26 +170,9 @@ def tpu_report(tmp_path_factory):
         'pip install -r requirements-test.txt'
     )
   out = tmp_path_factory.mktemp('aot') / 'aot.json'
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  proc = subprocess.run(
-      [
-          sys.executable,
-          'tools/aot_compile.py',
-          f'--config={ROOT}/tests/micro_config.py',
-          *WIDE,
-          '--topology=v5p-8',
-          '--steps=train,sample',
-          '--proxy_checks',
-          '--traffic=8',
-          f'--out={out}',
-      ],
-      env=env,
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      timeout=900,
+  proc = _run_aot_compile(
+      *WIDE, '--topology=v5p-8', '--steps=train,sample', '--proxy_checks', '--traffic=8', out=out
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
   return json.loads(out.read_text()), proc.stdout
 
 
@@ -268,24 +271,13 @@ def test_a_step_too_large_for_the_chip_is_reported_not_fitting(tmp_path):
   # one guided call of the micro model on 2 x 262144 rows: about 25 GB, a v5e chip has 16 GB;
   # the compiler refuses it, the tool reports the refusal's figures as a row
   out = tmp_path / 'refused.json'
-  proc = subprocess.run(
-      [
-          sys.executable,
-          'tools/aot_compile.py',
-          f'--config={ROOT}/tests/micro_config.py',
-          '--config.model.hidden_size=128',
-          '--topology=v5e-1',
-          '--steps=sample',
-          '--sample_batch=262144',
-          f'--out={out}',
-      ],
-      env=dict(os.environ, PYTHONPATH=ROOT),
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      timeout=300,
+  proc = _run_aot_compile(
+      '--config.model.hidden_size=128',
+      '--topology=v5e-1',
+      '--steps=sample',
+      '--sample_batch=262144',
+      out=out,
   )
-  assert proc.returncode == 0, proc.stderr[-3000:]
   (row,) = json.loads(out.read_text())['steps']
   assert row['fits'] is False and row['global_batch'] == 262144
   assert 0.9 * 16 < row['hbm_usable_gb'] < 1.15 * 16 < row['memory_peak_estimate_gb']
