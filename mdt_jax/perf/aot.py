@@ -31,7 +31,7 @@ from mdt_jax.models import platform
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.models.params import abstract_model
 from mdt_jax.perf import benchmark, hlo, traffic
-from mdt_jax.perf.tpu import Slice, compiler_memory_figures
+from mdt_jax.perf.tpu import Slice
 from mdt_jax.sampling.guidance import guided_model
 from mdt_jax.sampling.sampler import data_mesh, functional_model
 from mdt_jax.sampling.config import make_sampler_config
@@ -218,13 +218,7 @@ def compile_step(
         config, mask_branch=step == 'train', global_batch=batch, devices=devices
     )
     mesh = _mesh_text(config, devices)
-  try:
-    compiled, refused = lowered.compile(), None
-  except jax.errors.JaxRuntimeError as e:
-    # the TPU compiler refuses a program larger than the chip's HBM: a row that says so
-    compiled, refused = None, compiler_memory_figures(str(e))
-    if refused is None:
-      raise
+  compiled, refused = benchmark.compile_or_refusal(lowered)
   compile_s = time.perf_counter() - t0
   model, executed = _model_flops(mc, step, batch)
   n = len(devices)
@@ -242,22 +236,21 @@ def compile_step(
       'model_tflop_per_chip': model / n / 1e12,
       'executed_tflop_per_chip': executed / n / 1e12,
   }
-  if refused:
+  if refused:  # too large for the chip: a row that says so, with the refusal's figures
     required, available = refused
     row.update(memory_peak_estimate_gb=required, hbm_usable_gb=available, fits=False)
-    row['compile_s'] = compile_s
-    return row
-  path = os.path.join(hlo_dir, f'{step}.hlo.txt') if hlo_dir else None
-  row.update(
-      analyse(
-          compiled,
-          slc,
-          model_flops=model / n,
-          hbm_usable_gb=hbm_usable_gb,
-          hlo_path=path,
-          traffic_top=traffic_top,
-      )
-  )
+  else:
+    path = os.path.join(hlo_dir, f'{step}.hlo.txt') if hlo_dir else None
+    row.update(
+        analyse(
+            compiled,
+            slc,
+            model_flops=model / n,
+            hbm_usable_gb=hbm_usable_gb,
+            hlo_path=path,
+            traffic_top=traffic_top,
+        )
+    )
   row['compile_s'] = compile_s
   return row
 

@@ -308,6 +308,18 @@ def lower_train_step(
   return step.lower(structs, batch)
 
 
+def compile_or_refusal(lowered) -> tuple[Any, tuple[float, float] | None]:
+  """(compiled, None), or (None, (required GB, usable GB)) where the TPU compiler refuses the
+  program as larger than the chip's HBM; any other compile error is raised."""
+  try:
+    return lowered.compile(), None
+  except jax.errors.JaxRuntimeError as e:
+    refused = compiler_memory_figures(str(e))
+    if refused is None:
+      raise
+    return None, refused
+
+
 def memory_estimate_gb(
     config: ml_collections.ConfigDict, *, mask_branch: bool, global_batch: int, devices=None
 ) -> float:
@@ -319,13 +331,9 @@ def memory_estimate_gb(
   lowered = lower_train_step(
       config, mask_branch=mask_branch, global_batch=global_batch, devices=devices
   )
-  try:
-    compiled = lowered.compile()
-  except jax.errors.JaxRuntimeError as e:
-    figures = compiler_memory_figures(str(e))
-    if figures is None:
-      raise
-    return figures[0]
+  compiled, refused = compile_or_refusal(lowered)
+  if refused:
+    return refused[0]
   mem = memory_figures(compiled)
   if 'memory_peak_estimate_gb' not in mem:
     raise RuntimeError(f'{jax.default_backend()} gives no memory analysis of compiled programs')
