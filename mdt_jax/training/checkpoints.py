@@ -13,6 +13,7 @@ weights.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from typing import Any
@@ -23,6 +24,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from orbax.checkpoint._src.metadata import array_metadata_store
 
 from mdt_jax import paths
 from mdt_jax.diffusion import objective_of
@@ -101,6 +103,30 @@ def _read_position(path: epath.Path) -> dict:
     ) from e
 
 
+@contextlib.contextmanager
+def _whole_array_writes():
+  """On one process: orbax's jax.Array handler without replica-parallel writing, for the saves
+  in this block (orbax's own handler again after it).
+
+  Replica-parallel writing lets the hosts that hold copies of a replicated array write a part
+  each. On one process every copy is local, so there is nothing to share: orbax (on TPU and CPU)
+  still cuts every replicated array into one slice per device, with an eager slicing op each,
+  on the save's blocking path. On 8 devices that is thousands of ops per save (BENCHMARKS.md,
+  "Checkpoints"). Several processes keep orbax's choice."""
+  if jax.process_count() > 1:
+    yield
+    return
+  own = ocp.type_handlers.get_type_handler(jax.Array)
+  whole = ocp.type_handlers.ArrayHandler(
+      use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()
+  )
+  ocp.type_handlers.register_type_handler(jax.Array, whole, override=True)
+  try:
+    yield
+  finally:
+    ocp.type_handlers.register_type_handler(jax.Array, own, override=True)
+
+
 @ocp.args.register_with_handler(_DataHandler, for_save=True)
 @dataclasses.dataclass
 class _DataSave(ocp.args.CheckpointArgs):
@@ -135,7 +161,8 @@ class Checkpointer:
   def save(self, state: TrainState, data_iter, step: int) -> None:
     args = {k: ocp.args.StandardSave(v) for k, v in self._items(state).items()}
     args['data'] = _DataSave(_Position(data_iter))
-    self.manager.save(step, args=ocp.args.Composite(**args), force=True)
+    with _whole_array_writes():  # the arrays are read to the host before save() returns
+      self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
   def restore(
       self, abstract_state: TrainState, shardings: TrainState, data_iter, step: int | None = None
