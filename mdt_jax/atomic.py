@@ -107,6 +107,24 @@ def require_complete(folder: str, what: str = 'folder') -> None:
 
 
 @contextlib.contextmanager
+def file_lock(path: str) -> Iterator[None]:
+  """An exclusive lock on the local file ``path`` (made if missing) for the block: processes of
+  this machine that fill one cache take turns, so the second finds what the first made. Where
+  the file cannot be made or locks do not exist (not POSIX), the block runs unlocked."""
+  try:
+    import fcntl
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    f = open(path, 'a')
+  except (ImportError, OSError):
+    yield
+    return
+  with f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    yield
+
+
+@contextlib.contextmanager
 def atomic_file(path: str) -> Iterator[IO[bytes]]:
   """A binary file written whole or not at all: a local file through a temporary file renamed
   into place; an object directly (it appears when the upload completes; an error discards it)."""

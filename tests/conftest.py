@@ -127,17 +127,16 @@ def full_run():
   Trained once per test run: the first test process to ask trains it into the run's shared data
   folder, the others (pytest-xdist workers) wait for it and read its result back, the state as
   NumPy arrays in every process. Tests only read the workdir."""
-  import fcntl
   import pathlib
   import pickle
 
+  from mdt_jax.atomic import atomic_file, file_lock
+
   shared = pathlib.Path(os.environ['MDT_JAX_TEST_DATA_CACHE']) / 'full_run'
   result = shared / 'result.pkl'
-  with open(f'{shared}.lock', 'w') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
+  with file_lock(f'{shared}.lock'):
     if not result.exists():
       from micro_config import get_config
-      from mdt_jax.atomic import atomic_file
       from mdt_jax.training.loop import train_and_evaluate
 
       config = get_config()

@@ -2,10 +2,13 @@
 
 import dataclasses
 import os
+import threading
+import time
 import warnings
 
 import numpy as np
 import pytest
+from flax import nnx
 from scipy import linalg
 
 from mdt_jax.data.digits import load_digits_images
@@ -57,6 +60,31 @@ def test_training_is_deterministic():
   assert a1 == a2
   for k in p1:
     np.testing.assert_array_equal(p1[k], p2[k])
+
+
+def test_processes_sharing_the_cache_train_once(tmp_path, monkeypatch):
+  """Two loads at once (threads here, processes in a test run) with an empty cache: the second
+  waits for the first's file instead of training a second classifier."""
+  trained = []
+
+  def slow_train(config):
+    trained.append(config)
+    time.sleep(1.0)  # long enough for the other load to reach the lock
+    return dc.DigitsCNN(config.size, rngs=nnx.Rngs(0)), 0.5  # untrained: only its file matters
+
+  monkeypatch.setattr(dc, 'train', slow_train)
+  load = dc.load_digits_classifier.__wrapped__  # not the per-process memo
+  results = []
+  threads = [
+      threading.Thread(target=lambda: results.append(load(str(tmp_path), 0))) for _ in range(2)
+  ]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert len(trained) == 1 and len(results) == 2
+  images = np.zeros((2, 16, 16, 1), np.float32)
+  np.testing.assert_array_equal(results[0].features(images), results[1].features(images))
 
 
 def test_frechet_distance(clf, data):

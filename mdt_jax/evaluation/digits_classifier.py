@@ -17,7 +17,7 @@ API (images are float [N, 16, 16, 1] in [-1, 1], NHWC, numpy or jax arrays)::
     clf.predict(images)    # [N] int32 class ids
     clf.test_accuracy      # accuracy on the held-out 20% of the dataset
 
-``load_digits_classifier(cache_dir=None, seed=0)`` trains the network the first time (5-10
+``load_digits_classifier(cache_dir=None, seed=0)`` trains the network the first time (15-20
 seconds on a 2-core CPU, deterministic for a given seed on a given machine) on a fixed 80%
 split of the dataset and saves it to ``cache_dir`` (default ``$MDT_JAX_CACHE`` or ``~/.cache/mdt_jax``);
 later calls read that file (kept in memory per process). Frechet distances need at least 2
@@ -260,20 +260,22 @@ def load(path: str, config: TrainConfig | None = None) -> DigitsClassifier:
 
 @functools.lru_cache(maxsize=4)
 def load_digits_classifier(cache_dir: str | None = None, seed: int = 0) -> DigitsClassifier:
-  """The classifier for ``seed``: read from the cache, or trained and cached."""
+  """The classifier for ``seed``: read from the cache, or trained and cached. Processes sharing
+  the cache train it once: the others wait for the file."""
   config = TrainConfig(seed=seed)
   path = cache_file(cache_dir or default_cache_dir(), config)
-  if os.path.isfile(path):
+  with atomic.file_lock(path + '.lock'):
+    if os.path.isfile(path):
+      try:
+        return load(path, config)
+      except (ValueError, KeyError, OSError) as e:
+        warnings.warn(f'retraining the digits classifier: {e}', stacklevel=2)
+    model, accuracy = train(config)
+    clf = DigitsClassifier(model, config, accuracy)
     try:
-      return load(path, config)
-    except (ValueError, KeyError, OSError) as e:
-      warnings.warn(f'retraining the digits classifier: {e}', stacklevel=2)
-  model, accuracy = train(config)
-  clf = DigitsClassifier(model, config, accuracy)
-  try:
-    save(clf, path)
-  except OSError as e:
-    warnings.warn(f'could not cache the digits classifier at {path}: {e}', stacklevel=2)
+      save(clf, path)
+    except OSError as e:
+      warnings.warn(f'could not cache the digits classifier at {path}: {e}', stacklevel=2)
   return clf
 
 
