@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 from scipy import linalg
 
+from mdt_jax.data import digits
 from mdt_jax.data.digits import load_digits_images
 from mdt_jax.evaluation import digits_classifier as dc
 
@@ -31,6 +32,20 @@ def data():
   images, labels = load_digits_images(16)
   train_idx, test_idx = dc.split_indices(len(images))
   return images, labels, train_idx, test_idx
+
+
+def test_digits_are_scikit_learns_read_without_importing_it(monkeypatch):
+  from sklearn.datasets import load_digits
+
+  want = load_digits()
+  images, labels = digits._digits_8x8()
+  np.testing.assert_array_equal(images, want.images)
+  np.testing.assert_array_equal(labels, want.target)
+  # a wheel without the file: scikit-learn's loader, same arrays
+  monkeypatch.setattr(digits.os.path, 'isfile', lambda p: False)
+  images, labels = digits._digits_8x8()
+  np.testing.assert_array_equal(images, want.images)
+  np.testing.assert_array_equal(labels, want.target)
 
 
 def test_held_out_accuracy(clf, data):

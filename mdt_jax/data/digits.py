@@ -6,6 +6,9 @@ levels) are upsampled bilinearly to ``size`` x ``size`` and scaled to [-1, 1], N
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
 import numpy as np
 
 NUM_CLASSES = 10
@@ -33,15 +36,34 @@ def select_split(
   return images[idx], labels[idx]
 
 
+def _digits_8x8() -> tuple[np.ndarray, np.ndarray]:
+  """The 8x8 images (values 0-16, float64 [N, 8, 8]) and labels, as scikit-learn's
+  ``load_digits`` gives them. Read straight from the file it ships (``datasets/data/
+  digits.csv.gz``: 64 pixels then the label per row): importing scikit-learn costs about a
+  second of every training process's start. Another layout of the wheel falls back to it."""
+  spec = importlib.util.find_spec('sklearn')
+  if spec is None:
+    raise ImportError(
+        "the quickstart's digits dataset ships with scikit-learn: pip install scikit-learn"
+    )
+  path = os.path.join(spec.submodule_search_locations[0], 'datasets', 'data', 'digits.csv.gz')
+  if not os.path.isfile(path):
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return data.images, data.target
+  rows = np.loadtxt(path, delimiter=',')
+  return rows[:, :-1].reshape(-1, 8, 8), rows[:, -1].astype(np.int64)
+
+
 def load_digits_images(size: int = 16) -> tuple[np.ndarray, np.ndarray]:
   """Returns (images float32 [N, size, size, 1] in [-1, 1], labels int32 [N])."""
-  from sklearn.datasets import load_digits
   from PIL import Image
 
   if size < 8:
     raise ValueError(f'digits image size must be >= 8, got {size}')
-  data = load_digits()
-  imgs = data.images.astype(np.float32) / 16.0  # [N, 8, 8] in [0, 1]
+  images, labels = _digits_8x8()
+  imgs = images.astype(np.float32) / 16.0  # [N, 8, 8] in [0, 1]
   if size != 8:
     imgs = np.stack(
         [
@@ -50,4 +72,4 @@ def load_digits_images(size: int = 16) -> tuple[np.ndarray, np.ndarray]:
         ]
     )
   imgs = np.clip(imgs, 0.0, 1.0) * 2.0 - 1.0
-  return imgs[..., None].astype(np.float32), data.target.astype(np.int32)
+  return imgs[..., None].astype(np.float32), labels.astype(np.int32)
