@@ -1,4 +1,4 @@
-"""How a save writes arrays replicated over the 8 simulated devices (one process)."""
+"""How a save writes arrays replicated over the 8 simulated devices."""
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +34,7 @@ def slices(monkeypatch):
   return calls
 
 
-def test_a_save_on_one_process_writes_replicated_arrays_whole(tmp_path, slices):
+def test_a_save_slices_only_replicated_arrays_worth_sharing_out(tmp_path, slices):
   config = get_config()
   mesh = sharding.make_mesh(config.mesh.to_dict())
   state, _, _ = create_train_state(
@@ -50,13 +50,20 @@ def test_a_save_on_one_process_writes_replicated_arrays_whole(tmp_path, slices):
   ckpt = checkpoints.Checkpointer(str(tmp_path / 'w'), keep=2)  # asynchronous, the default
   ckpt.save(state, _Iterator(), 1)
   ckpt.close()
-  assert slices == []
+  assert slices == []  # the micro model's arrays are all far below 1 MiB a slice
   # orbax's own handler is back for everything else in the process
   assert ocp.type_handlers.get_type_handler(jax.Array) is own
-  # ... and it is what the test above would have caught: it slices each replicated array
-  tree = {'w': jax.device_put(jnp.ones((8, 4)), NamedSharding(mesh, PartitionSpec()))}
-  ocp.StandardCheckpointer().save(tmp_path / 'orbax', tree)
-  assert slices, 'orbax no longer slices replicated arrays on one process'
+  # ... and it is what the check above would have caught: it slices even these
+  replicate = NamedSharding(mesh, PartitionSpec())
+  small = jax.device_put(jnp.ones((8, 4)), replicate)
+  ocp.StandardCheckpointer().save(tmp_path / 'orbax', {'w': small})
+  assert slices, 'orbax no longer slices small replicated arrays'
+  # an array of 1 MiB a device is still written in slices, one per device
+  slices.clear()
+  big = jax.device_put(jnp.ones((8, checkpoints.MIN_REPLICA_SLICE_BYTES // 4)), replicate)
+  with checkpoints._array_writes():
+    ocp.StandardCheckpointer().save(tmp_path / 'big', {'big': big, 'small': small})
+  assert slices == [big.shape] * 8, slices[:10]
   # the checkpoint holds the state
   restored = checkpoints.Checkpointer(str(tmp_path / 'w'), keep=2).manager.restore(
       1, args=ocp.args.Composite(params=ocp.args.StandardRestore())

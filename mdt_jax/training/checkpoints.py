@@ -103,24 +103,25 @@ def _read_position(path: epath.Path) -> dict:
     ) from e
 
 
-@contextlib.contextmanager
-def _whole_array_writes():
-  """On one process: orbax's jax.Array handler without replica-parallel writing, for the saves
-  in this block (orbax's own handler again after it).
+# Replica-parallel writing (orbax's default on TPU and CPU) lets the devices, and so the hosts,
+# that hold copies of a replicated array write a slice each, and cuts each slice with an eager
+# op on the save's blocking path. A slice smaller than this is written whole by one replica: the
+# op (dispatch, and a compile per shape and device on first use: 1.7 ms a slice measured on the
+# CPU, BENCHMARKS.md "Checkpoints") costs more than writing the bytes it would share out.
+MIN_REPLICA_SLICE_BYTES = 1 << 20
 
-  Replica-parallel writing lets the hosts that hold copies of a replicated array write a part
-  each. On one process every copy is local, so there is nothing to share: orbax (on TPU and CPU)
-  still cuts every replicated array into one slice per device, with an eager slicing op each,
-  on the save's blocking path. On 8 devices that is thousands of ops per save (BENCHMARKS.md,
-  "Checkpoints"). Several processes keep orbax's choice."""
-  if jax.process_count() > 1:
-    yield
-    return
+
+@contextlib.contextmanager
+def _array_writes():
+  """orbax's jax.Array handler with MIN_REPLICA_SLICE_BYTES, for the saves in this block
+  (orbax's own handler again after it). Without it a save of the tests' micro model on 8
+  devices cut every array: thousands of ops."""
   own = ocp.type_handlers.get_type_handler(jax.Array)
-  whole = ocp.type_handlers.ArrayHandler(
-      use_replica_parallel=False, array_metadata_store=array_metadata_store.Store()
+  handler = ocp.type_handlers.ArrayHandler(
+      min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
+      array_metadata_store=array_metadata_store.Store(),
   )
-  ocp.type_handlers.register_type_handler(jax.Array, whole, override=True)
+  ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
   try:
     yield
   finally:
@@ -161,7 +162,7 @@ class Checkpointer:
   def save(self, state: TrainState, data_iter, step: int) -> None:
     args = {k: ocp.args.StandardSave(v) for k, v in self._items(state).items()}
     args['data'] = _DataSave(_Position(data_iter))
-    with _whole_array_writes():  # the arrays are read to the host before save() returns
+    with _array_writes():  # the arrays are read to the host before save() returns
       self.manager.save(step, args=ocp.args.Composite(**args), force=True)
 
   def restore(
