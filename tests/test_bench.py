@@ -85,6 +85,10 @@ def test_bench_tool_writes_every_field(tmp_path):
           f'--out={out}',
           f'--profile={tmp_path / "trace"}',
           '--parity=dtype=bfloat16',
+          # the memory fit, with remat, capped at two compiles (compile only: no timing)
+          '--fit_memory_gb=0.5',
+          '--fit_remat=on',
+          '--fit_max_compiles=2',
       ],
       check=True,
       env=env,
@@ -124,6 +128,10 @@ def test_bench_tool_writes_every_field(tmp_path):
       'ddpm (JAX eager)',
   ]
   assert all(r['images_per_s'] > 0 for r in res['sampling'])
+  (fit,) = res['fit']
+  assert fit['remat'] is True and fit['compiles'] == 2 and not fit['exact']
+  assert fit['affine_guess_global_batch'] % 8 == 0 and fit['per_sample_gb'] > 0
+  assert fit['max_global_batch'] in (0, 16, 32)  # only the two probes were compiled
   for row, name in zip(res['sampling'][2:], ('torch', 'jax')):
     assert row['dtype'] == 'float32' and row['steps'] == 3 and row['timed_steps'] == 2
     assert row['images_per_s'] == pytest.approx(2 / row['run_s'])  # scaled to 3 steps
@@ -169,7 +177,7 @@ def test_profile_summary_names_a_folder_without_a_trace(tmp_path):
 )
 def test_fit_batch_search_settles_on_the_largest_batch(monkeypatch, curve, budget, most):
   # The search over compiles, on memory curves given here (one compile each in real use;
-  # the compile-based estimate itself runs in test_fit_flags_choose_remat_and_cap_the_compiles)
+  # the compile-based estimate itself runs in test_bench_tool_writes_every_field)
   calls = []
   monkeypatch.setattr(
       benchmark,
@@ -243,30 +251,3 @@ def test_bench_suite_runs_a_selected_benchmark(tmp_path):
   assert sorted(os.listdir(tmp_path)) == ['bf16_batch2x.json', 'bf16_batch2x.log']
   (row,) = json.loads((tmp_path / 'bf16_batch2x.json').read_text())['train']
   assert row['global_batch'] == 16 and row['dtype'] == 'bfloat16'  # the later flag wins
-
-
-def test_fit_flags_choose_remat_and_cap_the_compiles(tmp_path):
-  out = tmp_path / 'fit.json'
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  r = subprocess.run(
-      [
-          sys.executable,
-          'tools/bench.py',
-          f'--config={ROOT}/tests/micro_config.py',
-          '--modes=',
-          '--fit_memory_gb=0.5',
-          '--fit_remat=on',
-          '--fit_max_compiles=2',
-          f'--out={out}',
-      ],
-      env=env,
-      cwd=ROOT,
-      capture_output=True,
-      text=True,
-      timeout=600,
-  )
-  assert r.returncode == 0, r.stderr[-2000:]
-  (fit,) = json.loads(out.read_text())['fit']
-  assert fit['remat'] is True and fit['compiles'] == 2 and not fit['exact']
-  assert fit['affine_guess_global_batch'] % 8 == 0 and fit['per_sample_gb'] > 0
-  assert fit['max_global_batch'] in (0, 16, 32)  # only the two probes were compiled

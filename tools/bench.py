@@ -145,12 +145,13 @@ def train_steps(config, record):
 
 def memory_fit(config, record):
   for remat in {'both': (False, True), 'off': (False,), 'on': (True,)}[FLAGS.fit_remat]:
-    with config.unlocked():
-      config.model.remat = remat
+    probed = config.copy_and_resolve_references()  # the runs after it keep the config's remat
+    with probed.unlocked():
+      probed.model.remat = remat
     record(
         'fit',
         benchmark.fit_batch(
-            config,
+            probed,
             mask_branch=True,
             budget_gb=FLAGS.fit_memory_gb,
             max_compiles=FLAGS.fit_max_compiles,
