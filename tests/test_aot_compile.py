@@ -22,7 +22,14 @@ from mdt_jax.training.state import abstract_train_state, make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the micro config, wide enough (128) that TPU tile padding of the weights is small (< 5%)
-WIDE = ['--config.model.hidden_size=128', '--config.mesh.data=1', '--config.mesh.fsdp=-1']
+# the micro model at width 128, one encoder and one decoder block (each block more is seconds of
+# the TPU compiler's time and checks nothing new), FSDP over the slice's chips
+WIDE = [
+    '--config.model.hidden_size=128',
+    '--config.model.depth=2',
+    '--config.mesh.data=1',
+    '--config.mesh.fsdp=-1',
+]
 
 
 def test_slice_names_map_to_compiler_topologies():
@@ -205,7 +212,7 @@ def test_tpu_train_step_figures_match_analytic_counts(tpu_report):
   train, sample = res['steps']
   assert train['step'] == 'train: plain+masked (MDT)' and train['mesh'] == 'data=1,fsdp=4,tensor=1'
   config = get_config()
-  config.model.hidden_size, config.mesh.data, config.mesh.fsdp = 128, 1, -1
+  config.model.hidden_size, config.model.depth, config.mesh.data, config.mesh.fsdp = 128, 2, 1, -1
   mc, state, token_weights = _state_bytes_per_chip(config)
   n, batch = 4, config.global_batch_size
   executed = benchmark.train_step_flops(mc, batch, True, executed=True) / n / 1e12
