@@ -21,9 +21,9 @@ from mdt_jax.training import sharding
 from mdt_jax.training.state import abstract_train_state, make_optimizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# the micro config, wide enough (128) that TPU tile padding of the weights is small (< 5%)
-# the micro model at width 128, one encoder and one decoder block (each block more is seconds of
-# the TPU compiler's time and checks nothing new), FSDP over the slice's chips
+# the micro config, wide enough (128) that TPU tile padding of the weights is small (< 5%), with
+# one encoder and one decoder block (each block more is seconds of the TPU compiler's time and
+# checks nothing new), FSDP over the slice's chips
 WIDE = [
     '--config.model.hidden_size=128',
     '--config.model.depth=2',
