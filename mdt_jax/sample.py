@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from mdt_jax import paths, sampler_flags
+from mdt_jax import paths
+from mdt_jax.cli import sampler_flags
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(sampler_flags)
