@@ -1,5 +1,6 @@
 """The private library paths of mdt_jax/compat still hold what the project takes from them."""
 
+import pathlib
 import re
 
 import jax
@@ -10,6 +11,9 @@ import pytest
 from mdt_jax import compat
 from mdt_jax.compat import jax as compat_jax
 from mdt_jax.compat import orbax as compat_orbax
+
+ROOT = pathlib.Path(__file__).parents[1]
+PRIVATE_IMPORT = re.compile(r'^\s*(?:from|import)\s+[\w.]*\._src\b', re.MULTILINE)
 
 
 def test_orbax_default_array_handler_is_built_with_the_same_store():
@@ -41,3 +45,13 @@ def test_a_moved_private_path_names_itself_and_the_module_to_update():
       ImportError, match=rf'gone in jax {jax.__version__}; 0\.1 had it.*compat\.jax'
   ):
     compat.private_attr('jax._src.lib', 'no_such_name', 'jax', '0.1', 'mdt_jax.compat.jax')
+
+
+def test_only_compat_imports_private_paths():
+  offenders = [
+      str(path.relative_to(ROOT))
+      for folder in ('mdt_jax', 'tools')
+      for path in sorted((ROOT / folder).rglob('*.py'))
+      if 'compat' not in path.parts and PRIVATE_IMPORT.search(path.read_text())
+  ]
+  assert offenders == [], f'private imports outside mdt_jax/compat: {offenders}'
