@@ -25,7 +25,8 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from mdt_jax import images, paths, sampler_flags
+from mdt_jax import images, paths
+from mdt_jax.cli import sampler_flags
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(sampler_flags)

@@ -27,7 +27,6 @@ LAYERS = {
     'vae': 2,
     'sampling': 2,
     'evaluation': 2,
-    'torch_reference': 2,
     'training': 3,
     'hub': 4,
     # the public package API (mdt_jax/__init__.py), entry points, tools on top
@@ -36,9 +35,7 @@ LAYERS = {
     'sample': 5,
     'evaluate': 5,
     'inpaint': 5,
-    'sampler_flags': 5,
-    'perf': 5,
-    'studies': 5,
+    'cli': 5,
     'tools': 5,
 }
 
@@ -49,8 +46,8 @@ def _module_name(path: pathlib.Path, root: pathlib.Path) -> str:
 
 
 def package_modules(root: pathlib.Path = ROOT) -> dict[str, pathlib.Path]:
-  """Module name -> file, for mdt_jax/ and tools/."""
-  files = sorted((root / 'mdt_jax').rglob('*.py')) + sorted((root / 'tools').glob('*.py'))
+  """Module name -> file, for mdt_jax/ and tools/ (its scripts and their packages)."""
+  files = sorted((root / 'mdt_jax').rglob('*.py')) + sorted((root / 'tools').rglob('*.py'))
   return {_module_name(p, root): p for p in files}
 
 

@@ -33,7 +33,7 @@ from google.protobuf import wrappers_pb2
 from jax._src.lib import xla_client
 from jax.profiler import ProfileData
 
-from mdt_jax.perf import hlo, traffic
+from benchmarks import hlo, traffic
 
 try:  # optional: tools/profile_summary.py and bench --profile need it (requirements-test.txt)
   from xprof.convert import raw_to_tool_data
