@@ -217,3 +217,21 @@ def model_from_state(state: Mapping[str, Any], config: MDTConfig | dict | None =
   model = abstract_model(config)
   nnx.update(model, jax.tree.map(lambda x: jax.numpy.asarray(x), params))
   return model
+
+
+def constructor_call(config: MDTConfig) -> str:
+  """The original code's constructor call for this config, e.g. ``MDTv2(input_size=32, ...)``."""
+  cls = 'MDTv2' if config.arch == 'mdtv2' else 'MDT'
+  args = dict(
+      input_size=config.input_size,
+      patch_size=config.patch_size,
+      in_channels=config.in_channels,
+      hidden_size=config.hidden_size,
+      depth=config.depth,
+      num_heads=config.num_heads,
+      mlp_ratio=config.mlp_ratio,
+      num_classes=config.num_classes,
+      learn_sigma=config.learn_sigma,
+      decode_layer=config.decode_layer,
+  )
+  return f'{cls}(' + ', '.join(f'{k}={v!r}' for k, v in args.items()) + ')'
