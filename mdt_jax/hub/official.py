@@ -63,6 +63,12 @@ def layout(config: MDTConfig | dict) -> dict[str, Entry]:
 # (keys, index buffers, config inference, checks).
 @functools.lru_cache(maxsize=8)
 def _layout(config: MDTConfig) -> dict[str, Entry]:
+  if config.qk_norm is not None:
+    raise ValueError(
+        f'model.qk_norm={config.qk_norm!r}: the official checkpoint layout has no QK-norm '
+        'parameters (the official models are trained without it); import or export such a '
+        'model with qk_norm off, or keep it as a model folder'
+    )
   abstract = abstract_model(config)
   flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
   out = {}

@@ -84,9 +84,11 @@ class MDTConfig:
   residual_dtype: str = _field('float32', COMPUTE)
   # models/layers.py: None (auto), gather or onehot
   rel_pos_bias_impl: str | None = _field(None, COMPUTE)
+  # models/attention.py: None (off, as the official models), rms or layer norm of q and k per head
+  qk_norm: str | None = None
 
   def __post_init__(self):
-    for name in ('attention_impl', 'masked_attention_impl', 'rel_pos_bias_impl'):
+    for name in ('attention_impl', 'masked_attention_impl', 'rel_pos_bias_impl', 'qk_norm'):
       if getattr(self, name) == '':
         object.__setattr__(self, name, None)
     if self.arch not in ARCHS:
@@ -126,6 +128,10 @@ class MDTConfig:
       raise ValueError(
           f'model.rel_pos_bias_impl must be one of {REL_POS_BIAS_IMPLS} ("" = auto), '
           f'got {self.rel_pos_bias_impl!r}'
+      )
+    if self.qk_norm not in attention.QK_NORMS:
+      raise ValueError(
+          f'model.qk_norm must be one of {attention.QK_NORMS} ("" = off), got {self.qk_norm!r}'
       )
     self._check_cudnn_lengths()
 
@@ -225,6 +231,7 @@ class MDT(nnx.Module):
         masked_attention_impl=cfg.masked_impl,
         stream_dtype=cfg.stream_dtype,
         rel_pos_bias_impl=cfg.rel_pos_bias_impl,
+        qk_norm=cfg.qk_norm,
     )
     block = lambda skip: MDTBlock(d, cfg.num_heads, cfg.mlp_ratio, g, skip=skip, **kw)
 
