@@ -21,6 +21,8 @@ LAYERS = {
     'atomic': 0,
     'images': 0,
     'models': 1,
+    # the training config's fields (configs/*.py start from it)
+    'configs_base': 1,
     'diffusion': 1,
     'data': 2,
     'vae': 2,
