@@ -108,9 +108,9 @@ def main(argv):
   icfg = inp.InpaintConfig(
       method=FLAGS.method, resample=FLAGS.resample, mdt_fraction=FLAGS.mdt_fraction
   )
-  model_path, sm, cfg = sampler_flags.load_model_and_config()
-  mc = sm.model.config
-  pixel_channels = mc.in_channels if sm.space == 'pixel' else 3
+  model_path, pretrained, cfg = sampler_flags.load_model_and_config()
+  mc, model_data = pretrained.config, pretrained.data
+  pixel_channels = mc.in_channels if model_data.space == 'pixel' else 3
   images = to_unit_range(data['arr_0'], pixel_channels)
   n = len(images)
   if FLAGS['labels'].present and FLAGS.labels == 'none':
@@ -128,13 +128,13 @@ def main(argv):
   if cfg.cfg_scale is not None and (labels == mc.num_classes).all():
     cfg = dataclasses.replace(cfg, cfg_scale=None)  # null vs null: guidance would change nothing
   vae = None
-  if sm.space == 'latent':
-    vae = postprocess_lib.load_vae(sm, paths.resolve_optional(FLAGS.vae))
-  postprocess = postprocess_lib.make_postprocess(sm, vae=vae)
+  if model_data.space == 'latent':
+    vae = postprocess_lib.load_vae(model_data, paths.resolve_optional(FLAGS.vae))
+  postprocess = postprocess_lib.make_postprocess(model_data, loaded=vae)
   x, model_masks = images, masks
   if vae is not None:
-    x, model_masks = encode_latents(vae, sm.latent_scale, images, masks)
-  inpainter = inp.build_inpainter(sm.model, cfg, icfg)
+    x, model_masks = encode_latents(vae, model_data.latent_scale, images, masks)
+  inpainter = inp.build_inpainter(pretrained.model, cfg, icfg)
   logging.info('inpainting %d images: %s, %s on %d device(s)', n, icfg, cfg, inpainter.num_devices)
   out = inp.inpaint(
       inpainter,
@@ -153,7 +153,7 @@ def main(argv):
       masks,
       dict(
           model=model_path,
-          space=sm.space,
+          space=model_data.space,
           sampler=cfg.record(),
           inpaint=dataclasses.asdict(icfg),
           seed=FLAGS.seed,

@@ -46,10 +46,10 @@ def main(argv):
   if FLAGS.grid_scale < 1:
     raise app.UsageError(f'--grid_scale must be a positive integer, got {FLAGS.grid_scale}')
   labels = labels_lib.parse_labels(FLAGS.labels)
-  model_path, sm, cfg = sampler_flags.load_model_and_config()
-  labels_lib.make_labels(labels, FLAGS.num_samples, sm.model.config.num_classes, FLAGS.seed)
-  postprocess = postprocess_lib.make_postprocess(sm, paths.resolve_optional(FLAGS.vae))
-  sampler = build_sampler(sm.model, cfg)
+  model_path, pretrained, cfg = sampler_flags.load_model_and_config()
+  labels_lib.make_labels(labels, FLAGS.num_samples, pretrained.config.num_classes, FLAGS.seed)
+  postprocess = postprocess_lib.make_postprocess(pretrained.data, paths.resolve_optional(FLAGS.vae))
+  sampler = build_sampler(pretrained.model, cfg)
   logging.info(
       'sampling %d images: %s on %d device(s)', FLAGS.num_samples, cfg, sampler.num_devices
   )
@@ -63,7 +63,7 @@ def main(argv):
       shard_size=FLAGS.shard_size,
       postprocess=postprocess,
       grid_size=0 if FLAGS.grid_labels or FLAGS.grid_scale > 1 else FLAGS.grid_size,
-      run_info=dict(model=model_path, space=sm.space),
+      run_info=dict(model=model_path, space=pretrained.data.space),
   )
   if FLAGS.grid_size and (FLAGS.grid_labels or FLAGS.grid_scale > 1):
     save_scaled_grid(out, FLAGS.grid_size, FLAGS.grid_labels, FLAGS.grid_scale)

@@ -20,9 +20,10 @@ from micro_config import get_config
 from mdt_jax import MDTConfig, model_config
 from mdt_jax.hub import export, model_card, official, upload
 from mdt_jax.hub.convert import convert_official
-from mdt_jax.hub import Pretrained, sampler_config
+from mdt_jax.hub import Pretrained
 from mdt_jax.hub.folder import load_model_folder
 from mdt_jax.hub.workdir import load_workdir
+from mdt_jax.sampling.postprocess import ModelData
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REPO_ID = 'mdt-jax-tests/mdt-micro'
@@ -385,7 +386,7 @@ def test_imagenet_latent_card(tmp_path):
   meta = model_card.card_metadata(
       config=cfg, data_cfg=data_cfg, license='cc-by-nc-4.0', model_name='mdtv2-xl2', evaluation=ev
   )
-  data = dict(space='latent', image_size=256, vae='stabilityai/sd-vae-ft-ema')
+  data = ModelData(space='latent', image_size=256, vae='stabilityai/sd-vae-ft-ema')
   text = model_card.card_text(
       metadata=meta,
       config=cfg,
@@ -433,12 +434,13 @@ def test_recommended_sampling_settings_are_normalised_and_checked():
   pre = Pretrained(
       model=None,
       config=MDTConfig(in_channels=1),
-      data={},
+      objective='ddpm',
+      data=ModelData(space='pixel'),
       sampling=qs,
       diffusion={'num_timesteps': 1000},
       meta={},
   )
-  sc = sampler_config(pre, steps=20)
+  sc = pre.sampler_config(steps=20)
   assert (sc.sampler, sc.steps, sc.cfg_scale, sc.guidance_schedule, sc.guided_channels) == (
       'ddpm',
       20,

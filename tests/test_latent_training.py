@@ -139,8 +139,8 @@ def test_latent_samples_are_decoded_by_the_vae(tmp_path):
           [0.05 * jax.random.normal(k, x.shape) for k, x in zip(keys, jax.tree.leaves(params))],
       ),
   )
-  sm = postprocess.SamplingModel(model=mdt, space='latent', vae_dir=str(tmp_path / 'vae'))
-  post = postprocess.make_postprocess(sm)
+  data = postprocess.ModelData(space='latent', vae=str(tmp_path / 'vae'))
+  post = postprocess.make_postprocess(data)
   sampler = build_sampler(mdt, SamplerConfig(sampler='ddim', steps=3))
   labels = np.array([0, 1, 2, 1], np.int32)
   images = generate(sampler, labels, postprocess=post, batch_size=8)

@@ -528,8 +528,8 @@ def test_cli_end_to_end_with_model_folder(tmp_path, pixel_sampler, monkeypatch):
 
 
 def test_latent_model_needs_a_vae(tmp_path, mdt):
-  sm = postprocess.SamplingModel(model=mdt, space='latent', vae_dir=None)
+  data = postprocess.ModelData(space='latent', vae=None)
   with pytest.raises(ValueError, match='--vae'):
-    postprocess.make_postprocess(sm)
+    postprocess.make_postprocess(data)
   with pytest.raises(FileNotFoundError, match='not found'):
-    postprocess.make_postprocess(sm, str(tmp_path / 'missing'))
+    postprocess.make_postprocess(data, str(tmp_path / 'missing'))

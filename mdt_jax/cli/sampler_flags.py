@@ -8,10 +8,15 @@ this module imports jax and the package inside its functions: the flags (and --h
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any, Mapping
 
 from absl import app, flags
 
 from mdt_jax import paths
+
+if TYPE_CHECKING:
+  from mdt_jax.hub.folder import Pretrained
+  from mdt_jax.sampling.config import SamplerConfig
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string('model', None, 'Model folder, training workdir or Hub repo id.')
@@ -83,17 +88,18 @@ _RECOMMENDABLE = {
 }
 
 
-def sampler_config(recommended: dict, objective: str = 'ddpm', num_train_timesteps: int = 1000):
-  """SamplerConfig from the flags; flags not given take the model's recommendation."""
-  from mdt_jax.sampling.config import SamplerConfig
-
-  values = {}
-  for flag, field in _RECOMMENDABLE.items():
-    if not FLAGS[flag].present and field in recommended:
-      values[field] = recommended[field]
-    else:
-      values[field] = FLAGS[flag].value
-  if values['cfg_scale'] is not None and float(values['cfg_scale']) == 1.0:
+def flag_overrides(recommended: Mapping[str, Any]) -> dict[str, Any]:
+  """SamplerConfig fields of the sampler flags: every flag given, and the defaults of the flags
+  whose setting the model does not recommend."""
+  values = {
+      field: FLAGS[flag].value
+      for flag, field in _RECOMMENDABLE.items()
+      if FLAGS[flag].present or field not in recommended
+  }
+  if 'respacing' in values:
+    values['respacing'] = values['respacing'] or None
+  scale = values.get('cfg_scale', recommended.get('cfg_scale'))
+  if scale is not None and float(scale) == 1.0:
     values['cfg_scale'] = None  # mathematically unguided: skip the null-label pass
   interval = None
   if FLAGS.guidance_interval:
@@ -101,29 +107,24 @@ def sampler_config(recommended: dict, objective: str = 'ddpm', num_train_timeste
       interval = tuple(int(v) for v in FLAGS.guidance_interval.split(','))
     except ValueError:
       raise app.UsageError(f'--guidance_interval must be "lo,hi", got {FLAGS.guidance_interval!r}')
-  return SamplerConfig(
-      guidance_interval=interval,
-      objective=objective,
-      num_train_timesteps=num_train_timesteps,
-      clip_denoised=FLAGS.clip_denoised,
-      **{k: (v or None) if k == 'respacing' else v for k, v in values.items()},
-  )
+  return dict(values, guidance_interval=interval, clip_denoised=FLAGS.clip_denoised)
 
 
-def load_model_and_config():
-  """(model path, SamplingModel, SamplerConfig) of --model and the sampler flags."""
-  from mdt_jax.diffusion import objective_of
-  from mdt_jax.hub.pretrained import load_for_sampling
+def sampler_from_flags(pretrained: Pretrained) -> SamplerConfig:
+  """The model's recommended SamplerConfig with the sampler flags given on the command line."""
   from mdt_jax.sampling.config import recommended_fields
+
+  recommended = recommended_fields(pretrained.sampling, pretrained.config.in_channels)
+  return pretrained.sampler_config(**flag_overrides(recommended))
+
+
+def load_model_and_config() -> tuple[str, Pretrained, SamplerConfig]:
+  """(model path, loaded model, SamplerConfig) of --model and the sampler flags."""
+  from mdt_jax.hub.pretrained import load
 
   for name in ('model', 'out'):
     if not FLAGS[name].value:
       raise app.UsageError(f'--{name} is required')
   model_path = FLAGS.model if not os.path.exists(FLAGS.model) else paths.resolve(FLAGS.model)
-  sm = load_for_sampling(model_path)
-  cfg = sampler_config(
-      recommended_fields(sm.sampling, sm.model.config.in_channels),
-      objective_of(sm.diffusion),
-      int(sm.diffusion.get('num_timesteps', 1000)),
-  )
-  return model_path, sm, cfg
+  pretrained = load(model_path)
+  return model_path, pretrained, sampler_from_flags(pretrained)

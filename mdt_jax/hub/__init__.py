@@ -1,9 +1,8 @@
 """Model folders, official checkpoint import/export and ``load_pretrained``."""
 
 from mdt_jax.hub.folder import Pretrained, load_model_folder, save_model_folder
-from mdt_jax.hub.pretrained import load, load_pretrained, sampler_config
+from mdt_jax.hub.pretrained import load, load_pretrained
 from mdt_jax.hub.workdir import load_workdir
-from mdt_jax.sampling.config import recommended_sampling
 
 __all__ = [
     'Pretrained',
@@ -11,7 +10,5 @@ __all__ = [
     'load_model_folder',
     'load_pretrained',
     'load_workdir',
-    'recommended_sampling',
-    'sampler_config',
     'save_model_folder',
 ]

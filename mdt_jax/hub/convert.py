@@ -66,7 +66,7 @@ def convert_official(
       out_dir,
       params,
       config,
-      data=IMAGENET_LATENT_DATA,
+      data=IMAGENET_LATENT_DATA.record(),
       sampling=OFFICIAL_SAMPLING,
       source=f'converted from {os.path.basename(checkpoint)}',
       overwrite=overwrite,

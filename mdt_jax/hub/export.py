@@ -129,18 +129,19 @@ def export_workdir(
   check_writable(out, overwrite)
   train_cfg = read_train_config(workdir)  # raises for a folder that is not a workdir
   evaluation = model_card.read_evaluation(eval_json) if eval_json else None
-  # Port options (dtype, remat, attention kernel, ...) are the loader's choice, not the folder's.
-  config = MDTConfig.from_dict({**train_cfg.model.to_dict(), **COMPUTE_OPTIONS})
   diffusion = folder_record(train_cfg.diffusion)
   sampling = checked_sampling(
       train_cfg.sampling.to_dict() if 'sampling' in train_cfg else {},
-      config.in_channels,
+      int(train_cfg.model.in_channels),
       diffusion['num_timesteps'],
       objective_of(diffusion),
   )
 
-  loaded = load_workdir(workdir, step=step, weights=WEIGHTS[weights])
-  step = loaded.meta['step']
+  # Port options (dtype, remat, attention kernel, ...) are the loader's choice, not the folder's.
+  loaded = load_workdir(
+      workdir, step=step, weights=WEIGHTS[weights], train_config=train_cfg, **COMPUTE_OPTIONS
+  )
+  config, step = loaded.config, loaded.meta['step']
   params = nnx.state(loaded.model, nnx.Param)
   folder_name = os.path.basename(paths.resolve(out).rstrip('/'))
   name = model_name or (repo_id.split('/')[-1] if repo_id else folder_name)
@@ -175,7 +176,7 @@ def export_workdir(
         folder,
         params,
         config,
-        data=loaded.data,
+        data=loaded.data.record(),
         diffusion=diffusion,
         sampling=sampling,
         source=f'{paths.resolve(workdir)} step {step} ({WEIGHTS[weights]})',

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Mapping
 
 from flax import nnx
 from safetensors.numpy import save_file
@@ -33,7 +33,8 @@ from mdt_jax.atomic import atomic_folder, require_complete
 from mdt_jax.diffusion import objective_of
 from mdt_jax.models.mdt import MDT, MDTConfig
 from mdt_jax.models.params import flat_params, model_from_flat
-from mdt_jax.vae.model import LATENT_SCALE
+from mdt_jax.sampling.config import SamplerConfig, make_sampler_config
+from mdt_jax.sampling.postprocess import ModelData
 
 FORMAT = 'mdt_jax.model'
 VERSION = 1
@@ -44,25 +45,39 @@ WEIGHTS_FILE = 'model.safetensors'
 OFFICIAL_SAMPLING = dict(
     sampler='ddpm', steps=250, cfg_scale=3.8, scale_pow=4.0, guidance_channels=3
 )
-IMAGENET_LATENT_DATA = dict(
-    space='latent',
-    image_size=256,
-    image_channels=3,
-    latent_scale=LATENT_SCALE,
-    vae='stabilityai/sd-vae-ft-ema',
+IMAGENET_LATENT_DATA = ModelData(
+    space='latent', image_size=256, image_channels=3, vae='stabilityai/sd-vae-ft-ema'
 )
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Pretrained:
-  """A loaded model folder: the ready model and what is needed to sample from it."""
+  """A loaded model (model folder, training workdir or Hub repo): the ready model and what is
+  needed to sample from it, decode its samples and export it.
+
+  data: its space and VAE; diffusion: the folder's ``diffusion`` section (the objective, the
+  time scale num_timesteps, ...); sampling: its recommended sampler settings as the folder or
+  training config gives them (`sampler_config` reads them); meta: where it came from (a folder's
+  whole config.json, or a workdir's {'workdir', 'step', 'weights'}).
+  """
 
   model: MDT
   config: MDTConfig
-  data: dict
-  diffusion: dict
-  sampling: dict
-  meta: dict
+  objective: str
+  data: ModelData
+  diffusion: Mapping[str, Any]
+  sampling: Mapping[str, Any]
+  meta: Mapping[str, Any]
+
+  @property
+  def num_timesteps(self) -> int:
+    return int(self.diffusion.get('num_timesteps', 1000))
+
+  def sampler_config(self, **overrides) -> SamplerConfig:
+    """The recommended `SamplerConfig` of this model; keyword arguments (its fields) win."""
+    return make_sampler_config(
+        self.sampling, self.config.in_channels, self.num_timesteps, self.objective, **overrides
+    )
 
 
 def write_model_files(
@@ -83,7 +98,7 @@ def write_model_files(
       format=FORMAT,
       version=VERSION,
       model=config.to_dict(),
-      data=dict(data or IMAGENET_LATENT_DATA),
+      data=dict(data or IMAGENET_LATENT_DATA.record()),
       diffusion=dict(diffusion or dict(num_timesteps=1000, beta_schedule='linear')),
       sampling=dict(sampling or OFFICIAL_SAMPLING),
       source=source,
@@ -146,7 +161,9 @@ def load_model_folder(path: str, **model_overrides) -> Pretrained:
     raise FileNotFoundError(f'{path} has no weights: {WEIGHTS_FILE} is missing')
   require_complete(path, 'model folder')
   config = MDTConfig.from_dict({**cfg['model'], **model_overrides})
-  check_objective(cfg.get('diffusion', {}), config, cfg_path=path)
+  diffusion = cfg.get('diffusion', {})
+  objective = check_objective(diffusion, config, cfg_path=path)
+  data = ModelData.from_record(cfg.get('data'), where=os.fspath(paths.path(path) / CONFIG_FILE))
   try:
     flat = paths.load_safetensors(weights)
   except Exception as e:
@@ -155,8 +172,9 @@ def load_model_folder(path: str, **model_overrides) -> Pretrained:
   return Pretrained(
       model=model,
       config=config,
-      data=cfg.get('data', {}),
-      diffusion=cfg.get('diffusion', {}),
+      objective=objective,
+      data=data,
+      diffusion=diffusion,
       sampling=cfg.get('sampling', {}),
       meta=cfg,
   )

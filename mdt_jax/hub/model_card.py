@@ -18,6 +18,7 @@ from mdt_jax.diffusion.objectives import flow_matching
 from mdt_jax.hub.official import constructor_call
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.models.params import count_params
+from mdt_jax.sampling.postprocess import ModelData
 
 LIBRARY_NAME = 'mdt_jax'
 # The Hub has no class-conditional generation task; class-conditional image models (DiT, MAR,
@@ -220,13 +221,13 @@ def usage_code(model_ref: str, space: str, num_classes: int) -> str:
   n = max(1, min(num_classes, 4))
   lines = [
       'import numpy as np',
-      'from mdt_jax.hub import load, sampler_config',
+      'from mdt_jax.hub import load',
       'from mdt_jax.sampling import build_sampler, generate',
       'from mdt_jax.images import save_grid, to_uint8',
       '',
       '# a model folder or a Hub repo id (downloaded once, then read from the cache offline)',
       f'pretrained = load({model_ref!r})',
-      'config = sampler_config(pretrained)   # recommended settings; keyword arguments change them',
+      'config = pretrained.sampler_config()   # recommended settings; keyword arguments change them',
       'sampler = build_sampler(pretrained.model, config)   # shards the batch over local devices',
       f'labels = np.repeat(np.arange({n}), 2)   # 2 samples each of classes 0..{n - 1}',
       'samples = generate(sampler, labels, seed=0, batch_size=8)   # NHWC float32',
@@ -255,7 +256,7 @@ def card_text(
     config: MDTConfig,
     model_ref: str,
     title: str,
-    data: Mapping,
+    data: ModelData,
     diffusion: Mapping,
     sampling: Mapping,
     training: Mapping,
@@ -264,11 +265,11 @@ def card_text(
 ) -> str:
   """The whole README.md: YAML metadata block + markdown body."""
   arch = 'MDTv2' if config.arch == 'mdtv2' else 'MDT (v1)'
-  space = data.get('space', 'latent')
+  space = data.space
   what = (
-      f'{data.get("image_size")}x{data.get("image_size")} images through the VAE latents '
+      f'{data.image_size}x{data.image_size} images through the VAE latents '
       f'({config.input_size}x{config.input_size}x{config.in_channels}, decoder '
-      f'`{data.get("vae")}`)'
+      f'`{data.vae}`)'
       if space == 'latent'
       else f'{config.input_size}x{config.input_size}x{config.in_channels} pixels'
   )

@@ -5,13 +5,9 @@ from __future__ import annotations
 import os
 
 from mdt_jax import paths
-from mdt_jax.diffusion import objective_of
 from mdt_jax.hub.folder import Pretrained, is_model_folder, load_model_folder
 from mdt_jax.hub.workdir import is_workdir, load_workdir
 from mdt_jax.models.mdt import MDT
-from mdt_jax.sampling.config import SamplerConfig, make_sampler_config
-from mdt_jax.sampling.postprocess import SamplingModel
-from mdt_jax.vae.model import LATENT_SCALE
 
 # Only what loading needs: a repo may also hold official-layout copies of the weights.
 HUB_FILES = ['config.json', 'model.safetensors', 'README.md']
@@ -42,7 +38,8 @@ def _hub_download(repo_id: str) -> str:
 
 
 def load(path_or_repo_id: str, **model_overrides) -> Pretrained:
-  """Model and metadata (data space, diffusion and recommended sampling settings)."""
+  """The loaded model record of a model folder, a training workdir (EMA weights) or a Hub repo
+  id: the model, its data space and VAE, objective and recommended sampler settings."""
   typed = os.fspath(path_or_repo_id)
   # A local folder (relative to the current one) first; what is not on disk is a Hub id.
   p = paths.resolve(typed)
@@ -61,33 +58,3 @@ def load(path_or_repo_id: str, **model_overrides) -> Pretrained:
 def load_pretrained(path_or_repo_id: str, **model_overrides) -> MDT:
   """The ready MDT model (EMA weights for a training workdir)."""
   return load(path_or_repo_id, **model_overrides).model
-
-
-def sampler_config(pretrained: Pretrained, **overrides) -> SamplerConfig:
-  """The recommended `SamplerConfig` of a loaded model; keyword arguments (its fields) win."""
-  diffusion = pretrained.diffusion or {}
-  return make_sampler_config(
-      pretrained.sampling or {},
-      pretrained.config.in_channels,
-      int(diffusion.get('num_timesteps', 1000)),
-      objective=objective_of(diffusion),
-      **overrides,
-  )
-
-
-def load_for_sampling(path: str) -> SamplingModel:
-  """Load a model folder, training workdir or Hub id through `mdt_jax.hub.pretrained.load`."""
-  loaded = load(path)
-  data = getattr(loaded, 'data', None) or {}
-  space = getattr(loaded, 'space', None) or data.get('space', 'latent')
-  if space not in ('latent', 'pixel'):
-    raise ValueError(f'{path}: data space must be "latent" or "pixel", got {space!r}')
-  vae = getattr(loaded, 'vae_dir', None) or data.get('vae')
-  return SamplingModel(
-      model=loaded.model,
-      space=space,
-      vae_dir=vae,
-      latent_scale=float(data.get('latent_scale', LATENT_SCALE)),
-      sampling=dict(getattr(loaded, 'sampling', None) or {}),
-      diffusion=dict(getattr(loaded, 'diffusion', None) or {}),
-  )

@@ -10,12 +10,12 @@ from etils import epath
 from flax import nnx
 
 from mdt_jax import paths
-from mdt_jax.diffusion import folder_record
+from mdt_jax.diffusion import folder_record, objective_of
 from mdt_jax.hub.folder import Pretrained
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.models.params import abstract_model, model_from_flat, param_name
+from mdt_jax.sampling.postprocess import ModelData
 from mdt_jax.training import checkpoints
-from mdt_jax.vae.model import LATENT_SCALE
 
 
 def is_workdir(path: str) -> bool:
@@ -23,12 +23,20 @@ def is_workdir(path: str) -> bool:
 
 
 def load_workdir(
-    workdir: str, step: int | None = None, weights: str = 'ema_params', **model_overrides
+    workdir: str,
+    step: int | None = None,
+    weights: str = 'ema_params',
+    *,
+    train_config: ml_collections.ConfigDict | None = None,
+    **model_overrides,
 ) -> Pretrained:
-  """The model with the EMA (or raw) weights of the latest (or given) checkpoint of a workdir."""
+  """The model with the EMA (or raw) weights of the latest (or given) checkpoint of a workdir.
+
+  `train_config` is the workdir's training config when the caller has read it already.
+  """
   if weights not in ('ema_params', 'params'):
     raise ValueError(f"weights must be 'ema_params' or 'params', got {weights!r}")
-  config = checkpoints.read_train_config(workdir)
+  config = checkpoints.read_train_config(workdir) if train_config is None else train_config
   model_cfg = MDTConfig.from_dict({**config.model.to_dict(), **model_overrides})
   manager = ocp.CheckpointManager(
       epath.Path(paths.resolve(workdir)) / checkpoints.CHECKPOINT_DIR,
@@ -67,22 +75,19 @@ def load_workdir(
   return Pretrained(
       model=model,
       config=model_cfg,
-      data=data_meta(config),
+      objective=objective_of(config.diffusion),
+      data=model_data(config),
       diffusion=folder_record(config.diffusion),
       sampling=dict(config.sampling.to_dict()) if 'sampling' in config else {},
       meta={'workdir': workdir, 'step': int(step), 'weights': weights},
   )
 
 
-def data_meta(config: ml_collections.ConfigDict) -> dict:
-  """The model folder's `data` section for a training config."""
+def model_data(config: ml_collections.ConfigDict) -> ModelData:
+  """What the model of a training config generates (its folder's `data` section)."""
   d = config.data
   if d.name == 'digits':
-    return dict(space='pixel', image_size=d.image_size, image_channels=1, vae=None)
-  return dict(
-      space='latent',
-      image_size=d.image_size,
-      image_channels=3,
-      latent_scale=LATENT_SCALE,
-      vae=d.get('vae_decoder', None),
+    return ModelData(space='pixel', image_size=d.image_size, image_channels=1, vae=None)
+  return ModelData(
+      space='latent', image_size=d.image_size, image_channels=3, vae=d.get('vae_decoder', None)
   )

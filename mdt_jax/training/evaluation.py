@@ -126,8 +126,8 @@ class Evaluator:
     self.history = self._read_history()
     self.postprocess = self.scorer = None
     if not self.digits:  # fail now, not after hours of training
-      sm = postprocess.SamplingModel(model=None, space='latent', vae_dir=config.data.vae_decoder)
-      self.postprocess = postprocess.make_postprocess(sm)
+      data = postprocess.ModelData(space='latent', vae=config.data.vae_decoder)
+      self.postprocess = postprocess.make_postprocess(data)
       self.scorer = scorer or InceptionScorer(
           paths.resolve(config.eval_reference),
           paths.resolve(config.get('eval_inception') or paths.default_inception_weights()),

@@ -31,11 +31,9 @@ from absl import logging
 from mdt_jax import atomic
 from mdt_jax.data.digits import load_digits_images, select_split
 from mdt_jax.evaluation import digits_classifier as dc
-from mdt_jax.diffusion import objective_of
-from mdt_jax.hub.pretrained import load_for_sampling
+from mdt_jax.hub.pretrained import load
 from mdt_jax.images import grid_image, to_uint8
 from mdt_jax.sampling import inpaint as inp
-from mdt_jax.sampling.config import make_sampler_config
 
 MASKS = ('lower_half', 'right_half', 'random_tokens')
 # 'class': conditioned on the true class (guided as the model recommends); 'none': the null class,
@@ -117,18 +115,13 @@ def run_study(
 ) -> dict:
   """Every (mask, method, seed) cell, written to OUT.json after each (a rerun skips done cells);
   the completions of the first seed's first examples are kept for the picture grid."""
-  sm = load_for_sampling(model_dir)
-  if sm.space != 'pixel' or sm.model.config.input_size != 16:
+  pretrained = load(model_dir)
+  if pretrained.data.space != 'pixel' or pretrained.config.input_size != 16:
     raise ValueError(
         f'{model_dir}: the study needs a 16x16 pixel digits model (the quickstart), '
-        f'got a {sm.space} model of size {sm.model.config.input_size}'
+        f'got a {pretrained.data.space} model of size {pretrained.config.input_size}'
     )
-  cfg = make_sampler_config(
-      sm.sampling,
-      sm.model.config.in_channels,
-      int(sm.diffusion.get('num_timesteps', 1000)),
-      objective_of(sm.diffusion),
-  )
+  cfg = pretrained.sampler_config()
   images, labels = held_out(num_images)
   clf = dc.load_digits_classifier()
   methods = method_names(mdt_fractions)
@@ -151,7 +144,7 @@ def run_study(
       environment=dict(devices=f'{jax.device_count()} x {jax.devices()[0].device_kind}'),
   )
   results['reference'] = reference(images, labels, clf)
-  num_classes = sm.model.config.num_classes
+  num_classes = pretrained.config.num_classes
   for cond in CONDITIONS:
     runners = {}
     c = cfg if cond == 'class' else dataclasses.replace(cfg, cfg_scale=None)
@@ -162,9 +155,9 @@ def run_study(
           key = f'{cond}/{kind}/{method}/{seed}'
           if key in results['cells']:
             continue
-          known = study_masks(kind, len(images), 16, sm.model.config.patch_size)
+          known = study_masks(kind, len(images), 16, pretrained.config.patch_size)
           t0 = time.time()
-          x = _complete(runners, sm.model, c, method, images, known, y, seed, batch_size)
+          x = _complete(runners, pretrained.model, c, method, images, known, y, seed, batch_size)
           cell = score(x, images, labels, known, clf)
           cell['seconds'] = round(time.time() - t0, 1)
           results['cells'][key] = cell
