@@ -149,7 +149,7 @@ def test_train_export_load_gives_identical_outputs(run):
   np.testing.assert_array_equal(_out(mdt_jax.load_pretrained(str(run['out']))), want)
   cfg = json.loads((run['out'] / 'config.json').read_text())
   assert cfg['diffusion'] == {'num_timesteps': 1000, 'beta_schedule': 'linear'}
-  # the training config's recommendation, guided channels named as every loader reads them
+  # the training config's recommendation, guidance channels named as every loader reads them
   assert cfg['sampling'] == dict(
       sampler='ddpm', steps=250, cfg_scale=3.8, scale_pow=4.0, guidance_channels='all'
   )
@@ -441,7 +441,7 @@ def test_recommended_sampling_settings_are_normalised_and_checked():
       meta={},
   )
   sc = pre.sampler_config(steps=20)
-  assert (sc.sampler, sc.steps, sc.cfg_scale, sc.guidance_schedule, sc.guided_channels) == (
+  assert (sc.sampler, sc.steps, sc.cfg_scale, sc.guidance_schedule, sc.guidance_channels) == (
       'ddpm',
       20,
       2.0,

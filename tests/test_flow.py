@@ -235,7 +235,7 @@ def test_guidance_schedules_and_interval_on_flow_time():
       ),
   ]:
     cfg = SamplerConfig(
-        sampler='euler', steps=4, objective='flow', cfg_scale=3.0, guided_channels='all', **kwargs
+        sampler='euler', steps=4, objective='flow', cfg_scale=3.0, guidance_channels='all', **kwargs
     )
     x = flow_sample(cfg, n=4, model=vel, labels=y)
     # guided velocity at step k: 2 + s_k (1 - 2), each step of size 1/4 towards t = 0

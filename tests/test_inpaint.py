@@ -42,7 +42,7 @@ def model():
 
 def test_mdt_method_keeps_known_pixels_and_reduces_to_plain_sampling(model):
   images, labels, masks = data()
-  cfg = SamplerConfig(sampler='ddpm', steps=4, cfg_scale=2.0, guided_channels='all')
+  cfg = SamplerConfig(sampler='ddpm', steps=4, cfg_scale=2.0, guidance_channels='all')
   mdt = inp.build_inpainter(model, cfg, inp.InpaintConfig(method='mdt', mdt_fraction=0.5))
   out = inp.inpaint(mdt, images, masks, labels, seed=3, batch_size=8)
   k = np.broadcast_to(masks[..., None], out.shape)
@@ -182,7 +182,7 @@ def test_cli_pixel_and_latent_model_folders(tmp_path, model, monkeypatch):
       cfg_scale=2.0,
       scale_pow=4.0,
       guidance_channels=1,
-  )  # guided channels: all
+  )  # guidance channels: all
   images, labels, masks = data(n=3)
   u8 = np.repeat(np.round((images + 1) * 127.5).astype(np.uint8), 3, axis=-1)  # RGB grey
   np.savez(tmp_path / 'images.npz', u8, labels)

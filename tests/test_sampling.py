@@ -376,7 +376,7 @@ def test_label_modes():
         (dict(sampler='dpm_solver++', steps=1000), 'steps <= 999'),
         (dict(sampler='dpm_solver++', respacing='50'), 'respacing must be empty'),
         (dict(eta=0.5), 'DDIM setting'),
-        (dict(cfg_scale=2.0, guided_channels='some'), 'guided channels'),
+        (dict(cfg_scale=2.0, guidance_channels='some'), 'guidance channels'),
         (dict(cfg_scale=2.0, guidance_schedule='linear'), 'guidance schedule'),
         (dict(cfg_scale=2.0, guidance_interval=(600, 100)), 'interval'),
         (dict(cfg_scale=float('nan')), 'finite'),
@@ -507,7 +507,7 @@ def test_cli_end_to_end_with_model_folder(tmp_path, pixel_sampler, monkeypatch):
     info = json.load(f)
   assert info['sampler']['sampler'] == 'ddim'  # recommended by the folder
   assert info['sampler']['steps'] == 2  # given on the command line
-  assert info['sampler']['cfg_scale'] == 2.0 and info['sampler']['guided_channels'] == 'all'
+  assert info['sampler']['cfg_scale'] == 2.0 and info['sampler']['guidance_channels'] == 'all'
   with np.load(out / 'samples.npz') as f:
     np.testing.assert_array_equal(f['arr_1'], [4, 5, 4])
     assert f['arr_0'].shape == (3, 8, 8, 3)

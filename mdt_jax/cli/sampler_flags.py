@@ -38,7 +38,7 @@ flags.DEFINE_string(
 flags.DEFINE_float('eta', 0.0, 'DDIM eta.')
 flags.DEFINE_float('cfg_scale', 3.8, 'Classifier-free guidance scale (1: no guidance).')
 flags.DEFINE_enum(
-    'guidance', 'power_cosine', ['power_cosine', 'constant'], 'Guidance scale schedule.'
+    'guidance_schedule', 'power_cosine', ['power_cosine', 'constant'], 'Guidance scale schedule.'
 )
 flags.DEFINE_float('scale_pow', 4.0, 'Exponent of the power-cosine schedule.')
 flags.DEFINE_string(
@@ -58,7 +58,10 @@ flags.DEFINE_enum(
 flags.DEFINE_float('sde_diffusion_norm', 1.0, "euler_maruyama: its scale (SiT's diffusion_norm).")
 flags.DEFINE_float('sde_last_step', 0.04, 'euler_maruyama: size of the final noise-free step.')
 flags.DEFINE_enum(
-    'guided_channels', 'first3', ['first3', 'all'], 'Guide eps channels 0..2 (the original) or all.'
+    'guidance_channels',
+    'first3',
+    ['first3', 'all'],
+    'Guide eps channels 0..2 (the original) or all.',
 )
 flags.DEFINE_bool('clip_denoised', False, 'Clip x0 predictions to [-1, 1].')
 flags.DEFINE_string(
@@ -78,9 +81,9 @@ _RECOMMENDABLE = {
     'respacing': 'respacing',
     'eta': 'eta',
     'cfg_scale': 'cfg_scale',
-    'guidance': 'guidance_schedule',
+    'guidance_schedule': 'guidance_schedule',
     'scale_pow': 'scale_pow',
-    'guided_channels': 'guided_channels',
+    'guidance_channels': 'guidance_channels',
     'time_shift': 'time_shift',
     'sde_diffusion': 'sde_diffusion',
     'sde_diffusion_norm': 'sde_diffusion_norm',
@@ -112,9 +115,9 @@ def flag_overrides(recommended: Mapping[str, Any]) -> dict[str, Any]:
 
 def sampler_from_flags(pretrained: Pretrained) -> SamplerConfig:
   """The model's recommended SamplerConfig with the sampler flags given on the command line."""
-  from mdt_jax.sampling.config import recommended_fields
+  from mdt_jax.sampling.config import recommended_sampling
 
-  recommended = recommended_fields(pretrained.sampling, pretrained.config.in_channels)
+  recommended = recommended_sampling(pretrained.sampling, pretrained.config.in_channels)
   return pretrained.sampler_config(**flag_overrides(recommended))
 
 

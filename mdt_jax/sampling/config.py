@@ -7,8 +7,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from mdt_jax import diffusion as gd
-from mdt_jax.diffusion import schedules
+from mdt_jax.diffusion import Diffusion, create_diffusion, schedules
 from mdt_jax.diffusion.objectives import OBJECTIVES
 from mdt_jax.sampling.flow_loops import FLOW_SAMPLERS, SDE_DIFFUSIONS
 from mdt_jax.sampling.guidance import Guidance
@@ -44,7 +43,7 @@ class SamplerConfig:
   guidance_schedule: str = 'power_cosine'
   scale_pow: float = 4.0
   guidance_interval: tuple[int, int] | None = None
-  guided_channels: str = 'first3'
+  guidance_channels: str = 'first3'
   num_train_timesteps: int = 1000
   objective: str = 'ddpm'
   time_shift: float = 1.0
@@ -143,13 +142,13 @@ class SamplerConfig:
         schedule=self.guidance_schedule,
         scale_pow=self.scale_pow,
         interval=self.guidance_interval,
-        channels=self.guided_channels,
+        channels=self.guidance_channels,
         num_train_timesteps=self.num_train_timesteps,
     )
 
-  def diffusion(self) -> gd.Diffusion:
+  def diffusion(self) -> Diffusion:
     """The respaced process of DDPM / DDIM."""
-    return gd.create_diffusion(
+    return create_diffusion(
         self.respacing or str(self.steps), num_timesteps=self.num_train_timesteps
     )
 
@@ -176,7 +175,7 @@ def recommended_sampling(sampling: dict, in_channels: int) -> dict:
       'sde_last_step',
   )
   out = {k: sampling[k] for k in keys if sampling.get(k) is not None}
-  ch = out.get('guidance_channels', sampling.get('guided_channels'))
+  ch = out.get('guidance_channels', sampling.get('guided_channels'))  # an older key
   if ch is not None:
     if in_channels <= 3 or ch in ('all', in_channels):
       out['guidance_channels'] = 'all'
@@ -193,21 +192,14 @@ def recommended_sampling(sampling: dict, in_channels: int) -> dict:
   return out
 
 
-def recommended_fields(sampling: dict, in_channels: int) -> dict:
-  """`recommended_sampling` under `SamplerConfig`'s field names (guidance_channels ->
-  guided_channels)."""
-  fields = recommended_sampling(sampling, in_channels)
-  if 'guidance_channels' in fields:
-    fields['guided_channels'] = fields.pop('guidance_channels')
-  return fields
-
-
 def make_sampler_config(
     sampling: dict, in_channels: int, num_timesteps: int, objective: str = 'ddpm', **overrides
-):
-  """`SamplerConfig` from `sampling` settings (see recommended_sampling) and overrides, for a
-  model of the given training objective."""
-  values = recommended_fields(sampling, in_channels)
+) -> SamplerConfig:
+  """The `SamplerConfig` of a model's recommended `sampling` settings (a model folder's, a
+  training config's: see recommended_sampling) and overrides (its fields), for a model of
+  `in_channels` channels, `num_timesteps` training steps and the given objective. Every part of
+  the package (training grids, the Hub loader, the command lines, export) makes its sampler here."""
+  values = recommended_sampling(sampling, in_channels)
   values['num_train_timesteps'] = num_timesteps
   values['objective'] = objective
   values.update(overrides)

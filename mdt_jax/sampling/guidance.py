@@ -44,7 +44,7 @@ class Guidance:
     if self.schedule == 'power_cosine' and not self.scale_pow > 0:
       raise ValueError(f'scale_pow must be > 0 for the power-cosine schedule, got {self.scale_pow}')
     if self.channels not in CHANNELS:
-      raise ValueError(f'guided channels must be one of {CHANNELS}, got {self.channels!r}')
+      raise ValueError(f'guidance channels must be one of {CHANNELS}, got {self.channels!r}')
     if self.interval is not None:
       if len(self.interval) != 2 or not 0 <= self.interval[0] <= self.interval[1]:
         raise ValueError(

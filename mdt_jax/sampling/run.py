@@ -51,6 +51,8 @@ def _check_run_file(out_dir: str, settings: dict) -> None:
   path = paths.path(out_dir) / RUN_FILE
   if path.is_file():
     old = json.loads(path.read_text())
+    if 'guided_channels' in old.get('sampler', {}):  # the older name of the same setting
+      old['sampler']['guidance_channels'] = old['sampler'].pop('guided_channels')
     if old != settings:
       diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
       raise ValueError(

@@ -23,7 +23,8 @@ from mdt_jax.models import masking
 from mdt_jax.models.mdt import MDT, MDTConfig
 from benchmarks import torch_reference_path
 from benchmarks.tpu import compiler_memory_figures
-from mdt_jax.sampling import SamplerConfig, build_sampler, labels as labels_lib
+from mdt_jax.sampling import build_sampler, labels as labels_lib
+from mdt_jax.sampling.config import make_sampler_config
 from mdt_jax.sampling.sampler import draw_samples
 from mdt_jax.training import sharding
 from mdt_jax.training.state import abstract_train_state, create_train_state, make_optimizer
@@ -465,11 +466,10 @@ def bench_sampling(
   """Images/s of a full sampling run (compile excluded) on randomly initialised weights."""
   mc = MDTConfig.from_dict(config.model.to_dict())
   model = MDT(mc, rngs=nnx.Rngs(0))
-  scfg = SamplerConfig(
-      sampler=sampler,
-      steps=steps,
-      cfg_scale=cfg_scale,
-      guided_channels='first3' if mc.in_channels > 3 else 'all',
+  scfg = make_sampler_config(
+      dict(sampler=sampler, steps=steps, cfg_scale=cfg_scale, guidance_channels='first3'),
+      mc.in_channels,
+      num_timesteps=1000,
   )
   smp = build_sampler(model, scfg)
   idx = np.arange(batch)
@@ -555,11 +555,10 @@ def eager_ddpm(
   each primitive dispatched on its own as in an eager framework.
   """
   mc = model.config
-  scfg = SamplerConfig(
-      sampler='ddpm',
-      steps=steps,
-      cfg_scale=cfg_scale,
-      guided_channels='first3' if mc.in_channels > 3 else 'all',
+  scfg = make_sampler_config(
+      dict(sampler='ddpm', steps=steps, cfg_scale=cfg_scale, guidance_channels='first3'),
+      mc.in_channels,
+      num_timesteps=1000,
   )
   y = jnp.asarray(labels, jnp.int32)
   with jax.disable_jit():

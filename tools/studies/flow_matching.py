@@ -96,30 +96,30 @@ def check_study(study: ml_collections.ConfigDict) -> None:
 # ---------------------------------------------------------------------------------- evaluation
 
 
-class Evaluators:
-  """One `learning_curves.Evaluator` (one compiled sampler) per (objective, sampler), shared by
+class DigitsScorers:
+  """One `learning_curves.DigitsScorer` (one compiled sampler) per (objective, sampler), shared by
   every run: the model structure depends on the objective only; weights are swapped in."""
 
   def __init__(self, study: ml_collections.ConfigDict, classifier: dc.DigitsClassifier):
     self.study, self.classifier, self.cache = study, classifier, {}
 
-  def get(self, variant: str, sampler: str | None = None) -> lc.Evaluator:
+  def get(self, variant: str, sampler: str | None = None) -> lc.DigitsScorer:
     v = self.study.variants[variant]
     spec = sampler or self.study.curve_samplers[v.objective]
     key = (v.objective, spec)
     if key not in self.cache:
       train = variant_config(self.study, variant, self.study.seeds[0], spec)
-      self.cache[key] = lc.Evaluator(self.study, self.classifier, train=train)
+      self.cache[key] = lc.DigitsScorer(self.study, self.classifier, train=train)
     return self.cache[key]
 
 
 class SamplerSweep:
   """Step callback: at the last step, every final sampler of the objective on the EMA weights."""
 
-  def __init__(self, evaluators: Evaluators, variant: str, total: int):
-    self.evaluators, self.variant, self.total = evaluators, variant, int(total)
-    objective = evaluators.study.variants[variant].objective
-    self.specs = list(evaluators.study.final_samplers[objective])
+  def __init__(self, scorers: DigitsScorers, variant: str, total: int):
+    self.scorers, self.variant, self.total = scorers, variant, int(total)
+    objective = scorers.study.variants[variant].objective
+    self.specs = list(scorers.study.final_samplers[objective])
     self.results: dict[str, dict] = {}
 
   def __call__(self, step: int, state: TrainState) -> None:
@@ -127,7 +127,7 @@ class SamplerSweep:
       return
     for spec in self.specs:
       t0 = time.perf_counter()
-      metrics = self.evaluators.get(self.variant, spec)(state.ema_params)
+      metrics = self.scorers.get(self.variant, spec)(state.ema_params)
       self.results[spec] = {
           **metrics,
           'model_evaluations': parse_sampler(spec)['steps'],
@@ -140,14 +140,14 @@ def run_one(
     study: ml_collections.ConfigDict,
     variant: str,
     seed: int,
-    evaluators: Evaluators,
+    scorers: DigitsScorers,
     workdir_root: str | None = None,
 ) -> dict:
   """One run: its curve (learning_curves.run_one) and the final sampler sweep."""
   config = variant_config(study, variant, seed)
-  sweep = SamplerSweep(evaluators, variant, config.total_steps)
+  sweep = SamplerSweep(scorers, variant, config.total_steps)
   run = lc.run_one(
-      study, variant, seed, evaluators.get(variant), workdir_root, config=config, callbacks=[sweep]
+      study, variant, seed, scorers.get(variant), workdir_root, config=config, callbacks=[sweep]
   )
   if sorted(sweep.results) != sorted(sweep.specs):
     raise RuntimeError(f'run {variant}/seed {seed}: the sampler sweep did not run')
@@ -216,7 +216,7 @@ def run_study(
   """
   check_study(study)
   path, runs, classifier = lc.open_study(study, out, fresh)
-  evaluators = Evaluators(study, classifier)
+  scorers = DigitsScorers(study, classifier)
   variants = list(study.variants)
   results = {
       'version': RESULTS_VERSION,
@@ -234,7 +234,7 @@ def run_study(
       variants,
       results,
       path,
-      lambda variant, seed: run_one(study, variant, seed, evaluators, workdir_root),
+      lambda variant, seed: run_one(study, variant, seed, scorers, workdir_root),
       progress,
   )
   results['summary'] = lc.summarize(runs, list(study.seeds), variants, study.baseline)

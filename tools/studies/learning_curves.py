@@ -103,7 +103,7 @@ def study_record(study: ml_collections.ConfigDict) -> dict:
 # ---------------------------------------------------------------------------------- evaluation
 
 
-class Evaluator:
+class DigitsScorer:
   """EMA weights -> guided samples of the fixed label set -> Frechet distance, class accuracy.
 
   One sampler (one compilation) serves every run of the study: the model structure is the same,
@@ -396,7 +396,7 @@ def run_study(
   """
   check_study(study)
   path, runs, classifier = open_study(study, out, fresh)
-  evaluator = Evaluator(study, classifier)
+  scorer = DigitsScorer(study, classifier)
   results = {
       'version': RESULTS_VERSION,
       'study': study_record(study),
@@ -410,7 +410,7 @@ def run_study(
       VARIANTS,
       results,
       path,
-      lambda variant, seed: run_one(study, variant, seed, evaluator, workdir_root),
+      lambda variant, seed: run_one(study, variant, seed, scorer, workdir_root),
       progress,
   )
   results['summary'] = summarize(runs, list(study.seeds))
