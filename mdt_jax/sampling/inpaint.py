@@ -34,16 +34,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
-from mdt_jax import diffusion as gd
 from mdt_jax.models import platform
-from mdt_jax.sampling import flow_loops
 from mdt_jax.sampling import labels as labels_lib
-from mdt_jax.sampling.guidance import guided_model
-from mdt_jax.sampling.sampler import sharded_model
 from mdt_jax.sampling.config import SamplerConfig
-from mdt_jax.sampling.loops import ddim_step, p_sample_step, per_sample_normal, sample_keys
+from mdt_jax.sampling.guidance import guided_model
+from mdt_jax.sampling.harness import Carry, NoiseFn, Rule, Steps, run_steps
+from mdt_jax.sampling.loops import noise_fn, per_sample_normal, sample_keys, sampler_steps
+from mdt_jax.sampling.sampler import call_sharded, check_indices, in_batches, sharded_model
 
 Array = jax.Array
 
@@ -135,98 +134,47 @@ def mask_order(known: Array) -> tuple[Array, Array]:
   return ids, known.sum(axis=1, keepdims=True).astype(jnp.int32)
 
 
-# ------------------------------------------------------------------ noise levels
+# ------------------------------------------------------------------ the known-region rule
 
 
 def _stream(base: int, i: Array, r: Array) -> Array:
   return base + i + r * _PASS_STRIDE
 
 
-@dataclasses.dataclass(frozen=True)
-class _Process:
-  """One sampler as steps between noise levels: step i goes from level i to level i + 1."""
-
-  num_steps: int
-  step: Callable  # (eval_fn, x, i, noise) -> x at level i + 1
-  noised: Callable  # (x0, i, noise) -> x0 forward-noised to level i + 1
-  back: Callable  # (x, i, noise) -> x at level i + 1 noised back to level i
-
-
-def _ddpm_process(cfg: SamplerConfig) -> _Process:
-  d = cfg.diffusion()
-  n = d.num_timesteps
-
-  def t_of(x, i):
-    return jnp.full((x.shape[0],), n - 1 - i, jnp.int32)
-
-  def step(eval_fn, x, i, noise):
-    t = t_of(x, i)
-    out = eval_fn(x, gd.take(d.timestep_map, t))
-    if cfg.sampler == 'ddpm':
-      return p_sample_step(d, out, x, t, noise, cfg.clip_denoised)
-    return ddim_step(d, out, x, t, noise if cfg.eta > 0 else None, cfg.eta, cfg.clip_denoised)
-
-  def noised(x0, i, noise):
-    ab = gd.extract(d.alphas_cumprod_prev, t_of(x0, i), x0.ndim)
-    return jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * noise
-
-  def back(x, i, noise):
-    t = t_of(x, i)
-    a = gd.extract(d.alphas_cumprod, t, x.ndim) / gd.extract(d.alphas_cumprod_prev, t, x.ndim)
-    return jnp.sqrt(a) * x + jnp.sqrt(1.0 - a) * noise
-
-  return _Process(n, step, noised, back)
-
-
-def _flow_process(cfg: SamplerConfig) -> _Process:
-  scale = float(cfg.num_train_timesteps)
-  if cfg.sampler == 'euler':
-    grid = flow_loops.time_grid(cfg.steps + 1, cfg.time_shift)
-  elif cfg.sampler == 'heun':
-    grid = flow_loops.time_grid(cfg.steps // 2 + 1, cfg.time_shift)
-  else:  # SDE steps to sde_last_step, then the noise-free step to 0
-    grid = np.append(flow_loops.time_grid(cfg.steps, cfg.time_shift, end=cfg.sde_last_step), 0.0)
-  ts = jnp.asarray(grid, jnp.float32)
-  num = len(grid) - 1
-  velocity = lambda f, x, t: flow_loops._velocity(f, x, t, scale)
-
-  def step(eval_fn, x, i, noise):
-    h = ts[i + 1] - ts[i]
-    u0 = velocity(eval_fn, x, ts[i])
-    if cfg.sampler == 'euler':
-      return x + h * u0
-    if cfg.sampler == 'heun':
-      return x + 0.5 * h * (u0 + velocity(eval_fn, x + h * u0, ts[i + 1]))
-    w = flow_loops.sde_diffusion(cfg.sde_diffusion, cfg.sde_diffusion_norm, ts[i])
-    drift = flow_loops._sde_drift(u0, x, ts[i], w)
-    sde = jnp.where(i < num - 1, jnp.sqrt(2.0 * w * -h), 0.0)  # the last step is noise-free
-    return x - h * drift + sde * noise
-
-  def noised(x0, i, noise):
-    return (1.0 - ts[i + 1]) * x0 + ts[i + 1] * noise
-
-  def back(x, i, noise):
-    t, s = ts[i], ts[i + 1]
-    a = (1.0 - t) / (1.0 - s)
-    return a * x + jnp.sqrt(jnp.maximum(t * t - (a * s) ** 2, 0.0)) * noise
-
-  return _Process(num, step, noised, back)
-
-
-def make_process(cfg: SamplerConfig) -> _Process:
+def inpaint_steps(cfg: SamplerConfig) -> Steps:
+  """The sampler's `Steps`; refused for a sampler without a forward process at its levels."""
   if cfg.sampler not in INPAINT_SAMPLERS:
     raise ValueError(
         f'inpainting takes the samplers {INPAINT_SAMPLERS}, got {cfg.sampler!r} '
         '(DPM-Solver++ is multistep: replacing the known region breaks its history)'
     )
-  return _flow_process(cfg) if cfg.objective == 'flow' else _ddpm_process(cfg)
+  return sampler_steps(cfg)
 
 
-# ------------------------------------------------------------------ the loop
+def known_region_rule(steps: Steps, x0: Array, known: Array, noise: NoiseFn, resample: int) -> Rule:
+  """After each step the known region (known [B, H, W, 1]) of x is x0 forward-noised to the new
+  level; with resample r > 1 the step is taken r times, x noised back one level in between."""
+
+  def replaced(take, carry: Carry, i, r) -> Carry:
+    x, state = take(carry, _stream(1, i, r))
+    x = jnp.where(known, steps.noised(x0, i, noise(_stream(_KNOWN_STREAMS, i, r))), x)
+    return x, state
+
+  def rule(take, carry: Carry, i) -> Carry:
+    if resample == 1:
+      return replaced(take, carry, i, 0)
+
+    def attempt(r, c):
+      y = replaced(take, c[0], i, r)
+      return (steps.back(y[0], i, noise(_stream(_BACK_STREAMS, i, r))), y[1]), y
+
+    return jax.lax.fori_loop(0, resample, attempt, (carry, carry))[1]
+
+  return rule
 
 
 def inpaint_loop(
-    proc: _Process,
+    steps: Steps,
     eval_fns: tuple[Callable, Callable],
     num_masked: int | Array,
     resample: int,
@@ -234,32 +182,13 @@ def inpaint_loop(
     known: Array,
     keys: Array,
 ) -> Array:
-  """Reverse process from x_T (stream 0) with the known region (known [B, H, W, 1]) replaced
-  after each step; eval_fns = (masked pass, plain pass), the first for num_masked steps."""
-  shape = x0.shape[1:]
-  x = per_sample_normal(keys, 0, shape)
-
-  noise = lambda base, i, r: per_sample_normal(keys, _stream(base, i, r), shape)
-
-  def one_step(eval_fn):
-    def step(x, i, r):
-      y = proc.step(eval_fn, x, i, noise(1, i, r))
-      return jnp.where(known, proc.noised(x0, i, noise(_KNOWN_STREAMS, i, r)), y)
-
-    def body(i, x):
-      if resample == 1:
-        return step(x, i, 0)
-
-      def attempt(r, carry):
-        y = step(carry[0], i, r)
-        return proc.back(y, i, noise(_BACK_STREAMS, i, r)), y
-
-      return jax.lax.fori_loop(0, resample, attempt, (x, x))[1]
-
-    return body
-
-  x = jax.lax.fori_loop(0, num_masked, one_step(eval_fns[0]), x)
-  return jax.lax.fori_loop(num_masked, proc.num_steps, one_step(eval_fns[1]), x)
+  """The sampling loop from x_T (stream 0) with the known-region rule; eval_fns = (masked pass,
+  plain pass), the first for the first num_masked steps."""
+  noise = noise_fn(keys, x0.shape[1:])
+  rule = known_region_rule(steps, x0, known, noise, resample)
+  x = per_sample_normal(keys, 0, x0.shape[1:])
+  carry = run_steps(steps, eval_fns[0], (x, steps.init_state(x)), noise, 0, num_masked, rule)
+  return run_steps(steps, eval_fns[1], carry, noise, num_masked, steps.num_steps, rule)[0]
 
 
 def _masked_apply(model: nnx.Module) -> Callable:
@@ -328,27 +257,14 @@ class Inpainter:
           f'indices {indices.shape}, labels {labels.shape} and images '
           f'{images.shape} must hold the same number of samples'
       )
-    if n and (indices.min() < 0 or indices.max() >= 2**31):
-      raise ValueError('sample indices must lie in [0, 2**31)')
-    pad = (-n) % self.num_devices
-    rows = np.concatenate([np.arange(n), np.repeat(n - 1, pad)]).astype(np.int64)
-    sharding = NamedSharding(self.mesh, P('data'))
-    put = lambda a: jax.make_array_from_callback(a.shape, sharding, lambda i: a[i])
+    check_indices(indices)
     num_masked = jnp.int32(self.inpaint.masked_steps(self.num_steps))
-    out = self.fn(
-        self.params,
-        labels_lib.noise_key(seed),
-        num_masked,
-        put(indices[rows].astype(np.int32)),
-        put(labels[rows]),
-        put(images[rows]),
-        put(masks[rows]),
+    return call_sharded(
+        self.mesh,
+        self.fn,
+        (self.params, labels_lib.noise_key(seed), num_masked),
+        (indices.astype(np.int32), labels, images, masks),
     )
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
-
-      out = multihost_utils.process_allgather(out, tiled=True)
-    return np.asarray(out)[:n]
 
 
 def check_images(images, image_shape: tuple[int, int, int], what: str = 'images') -> np.ndarray:
@@ -383,7 +299,7 @@ def build_inpainter(
   The number of masked steps is an argument of the compiled program, so `with_config` switches
   method and switch point without compiling again.
   """
-  proc = make_process(config)
+  steps = inpaint_steps(config)
   cfg = getattr(model, 'config', None)
   if inpaint.method == 'mdt' and not isinstance(model, nnx.Module):
     raise ValueError(
@@ -406,7 +322,7 @@ def build_inpainter(
       fns = [guided_model(f, g, null_label=num_classes, channels=image_shape[-1]) for f in fns]
     evals = tuple(lambda x, t, f=f: f(x, t, y) for f in fns)
     return inpaint_loop(
-        proc,
+        steps,
         (evals[0], evals[-1]),
         num_masked,
         inpaint.resample,
@@ -429,7 +345,7 @@ def build_inpainter(
       mesh=mesh,
       params=params,
       fn=jax.jit(sharded),
-      num_steps=proc.num_steps,
+      num_steps=steps.num_steps,
       has_masked_pass=masked is not None,
   )
 
@@ -452,15 +368,11 @@ def inpaint(
   masks = check_masks(masks, images.shape)
   if len(labels) != len(images):
     raise ValueError(f'{len(labels)} labels for {len(images)} images')
-  if batch_size < 1:
-    raise ValueError(f'batch_size must be >= 1, got {batch_size}')
-  batch_size += (-batch_size) % inpainter.num_devices
-  outs = []
-  for lo in range(0, len(images), batch_size):
-    hi = min(len(images), lo + batch_size)
-    rows = np.resize(np.arange(lo, hi), batch_size)  # padding rows repeat; dropped below
-    out = inpainter(
-        start + np.arange(lo, lo + batch_size), labels[rows], images[rows], masks[rows], seed
-    )[: hi - lo]
-    outs.append(postprocess(out) if postprocess else out)
-  return np.concatenate(outs)
+  return in_batches(
+      len(images),
+      batch_size,
+      inpainter.num_devices,
+      lambda idx, rows: inpainter(idx, labels[rows], images[rows], masks[rows], seed),
+      start=start,
+      postprocess=postprocess,
+  )

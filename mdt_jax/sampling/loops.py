@@ -1,10 +1,10 @@
-"""Sampling loops (ancestral DDPM, DDIM, DPM-Solver++(2M); flow models: flow_loops.py), each
-one lax.fori_loop.
+"""The DDPM-family samplers as `Steps` of the one loop (harness.py): ancestral DDPM, DDIM,
+DPM-Solver++(2M); the flow samplers are in flow_loops.py; `sampler_steps` picks a config's.
 
 Randomness is per sample: sample i of a run owns key_i = fold_in(noise_key(seed), i); its
-starting noise is normal(fold_in(key_i, 0)) and the noise of loop iteration j is
-normal(fold_in(key_i, j + 1)). A sample therefore does not depend on the batch it is drawn in or
-on the number of devices.
+starting noise is normal(fold_in(key_i, 0)) and the noise of step j is normal(fold_in(key_i,
+j + 1)). A sample therefore does not depend on the batch it is drawn in or on the number of
+devices.
 
 DPM-Solver++(2M) (Lu et al. 2022, data prediction, multistep): the model is evaluated at the N
 original timesteps round(k*(T-1)/N), k = N..1 (the IDDPM spacing of N+1 steps without step 0);
@@ -15,19 +15,17 @@ returns the x_0 prediction at the last timestep (as diffusers' final_sigmas_type
 
 from __future__ import annotations
 
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mdt_jax import diffusion as gd
+from mdt_jax import diffusion
 from mdt_jax.diffusion import schedules
 from mdt_jax.sampling import flow_loops
 from mdt_jax.sampling.config import SamplerConfig
+from mdt_jax.sampling.harness import EvalFn, NoiseFn, Steps, sample_loop
 
 Array = jax.Array
-EvalFn = Callable[[Array, Array], Array]  # (x, original t) -> model output (guided)
 
 # ------------------------------------------------------------------ per-sample randomness
 
@@ -51,16 +49,21 @@ def _full(b: int, value: Array) -> Array:
 
 
 def p_sample_step(
-    d: gd.Diffusion, out: Array, x: Array, t: Array, noise: Array, clip_denoised: bool = False
+    d: diffusion.Diffusion,
+    out: Array,
+    x: Array,
+    t: Array,
+    noise: Array,
+    clip_denoised: bool = False,
 ) -> Array:
   """Ancestral step x_t -> x_{t-1} (t: respaced index); no noise where t == 0."""
-  pm = gd.p_mean_variance(d, out, x, t, clip_denoised=clip_denoised)
+  pm = diffusion.p_mean_variance(d, out, x, t, clip_denoised=clip_denoised)
   nonzero = (t != 0).astype(x.dtype).reshape((-1,) + (1,) * (x.ndim - 1))
   return pm['mean'] + nonzero * jnp.exp(0.5 * pm['log_variance']) * noise
 
 
 def ddim_step(
-    d: gd.Diffusion,
+    d: diffusion.Diffusion,
     out: Array,
     x: Array,
     t: Array,
@@ -69,11 +72,11 @@ def ddim_step(
     clip_denoised: bool = False,
 ) -> Array:
   """DDIM step (Song et al. eq. 12) on the respaced process; eta = 0 is deterministic."""
-  pm = gd.p_mean_variance(d, out, x, t, clip_denoised=clip_denoised)
+  pm = diffusion.p_mean_variance(d, out, x, t, clip_denoised=clip_denoised)
   x0 = pm['pred_xstart']
-  eps = gd.predict_eps_from_xstart(d, x, t, x0)  # re-derived so clipping is respected
-  ab = gd.extract(d.alphas_cumprod, t, x.ndim)
-  ab_prev = gd.extract(d.alphas_cumprod_prev, t, x.ndim)
+  eps = diffusion.predict_eps_from_xstart(d, x, t, x0)  # re-derived so clipping is respected
+  ab = diffusion.extract(d.alphas_cumprod, t, x.ndim)
+  ab_prev = diffusion.extract(d.alphas_cumprod_prev, t, x.ndim)
   mean = x0 * jnp.sqrt(ab_prev)
   if eta == 0.0 or noise is None:
     return mean + jnp.sqrt(1.0 - ab_prev) * eps
@@ -83,41 +86,52 @@ def ddim_step(
   return mean + nonzero * sigma * noise
 
 
-# ------------------------------------------------------------------ loops
+def noise_fn(keys: Array, shape: tuple[int, ...]) -> NoiseFn:
+  """The per-sample draws of a batch: stream -> [B, *shape] normals (`per_sample_normal`)."""
+  return lambda stream: per_sample_normal(keys, stream, shape)
 
 
-def ddpm_loop(
-    eval_fn: EvalFn, d: gd.Diffusion, x: Array, keys: Array, clip_denoised: bool = False
-) -> Array:
-  """The original p_sample_loop over the (respaced) process d, from x = x_T."""
-  n, b = d.num_timesteps, x.shape[0]
-
-  def body(i, x):
-    t = _full(b, n - 1 - i)
-    out = eval_fn(x, gd.take(d.timestep_map, t))
-    noise = per_sample_normal(keys, i + 1, x.shape[1:])
-    return p_sample_step(d, out, x, t, noise, clip_denoised)
-
-  return jax.lax.fori_loop(0, n, body, x)
+# ------------------------------------------------------------------ steps
 
 
-def ddim_loop(
-    eval_fn: EvalFn,
-    d: gd.Diffusion,
-    x: Array,
-    keys: Array,
-    eta: float = 0.0,
-    clip_denoised: bool = False,
-) -> Array:
-  n, b = d.num_timesteps, x.shape[0]
+def _respaced_steps(process: diffusion.Diffusion, update, noisy: bool) -> Steps:
+  """Steps over the respaced process: step i at respaced t = n - 1 - i; `update(out, x, t,
+  noise)` is the sampler's step x_t -> x_{t-1}."""
+  n = process.num_timesteps
 
-  def body(i, x):
-    t = _full(b, n - 1 - i)
-    out = eval_fn(x, gd.take(d.timestep_map, t))
-    noise = per_sample_normal(keys, i + 1, x.shape[1:]) if eta > 0 else None
-    return ddim_step(d, out, x, t, noise, eta, clip_denoised)
+  def t_of(x, i):
+    return _full(x.shape[0], n - 1 - i)
 
-  return jax.lax.fori_loop(0, n, body, x)
+  def step(eval_fn, x, i, state, noise):
+    t = t_of(x, i)
+    out = eval_fn(x, diffusion.take(process.timestep_map, t))
+    return update(out, x, t, noise), state
+
+  def noised(x0, i, noise):
+    ab = diffusion.extract(process.alphas_cumprod_prev, t_of(x0, i), x0.ndim)
+    return jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * noise
+
+  def back(x, i, noise):
+    t = t_of(x, i)
+    a = diffusion.extract(process.alphas_cumprod, t, x.ndim) / diffusion.extract(
+        process.alphas_cumprod_prev, t, x.ndim
+    )
+    return jnp.sqrt(a) * x + jnp.sqrt(1.0 - a) * noise
+
+  return Steps(n, step, noisy, noised=noised, back=back)
+
+
+def ddpm_steps(process: diffusion.Diffusion, clip_denoised: bool = False) -> Steps:
+  """The original p_sample_loop over the (respaced) process."""
+  update = lambda out, x, t, noise: p_sample_step(process, out, x, t, noise, clip_denoised)
+  return _respaced_steps(process, update, noisy=True)
+
+
+def ddim_steps(
+    process: diffusion.Diffusion, eta: float = 0.0, clip_denoised: bool = False
+) -> Steps:
+  update = lambda out, x, t, noise: ddim_step(process, out, x, t, noise, eta, clip_denoised)
+  return _respaced_steps(process, update, noisy=eta > 0)
 
 
 def dpm_solver_plan(steps: int, num_train_timesteps: int = 1000) -> dict[str, np.ndarray]:
@@ -144,51 +158,33 @@ def dpm_solver_plan(steps: int, num_train_timesteps: int = 1000) -> dict[str, np
   return dict(timesteps=ts, alpha=alpha, sigma=sigma, ratio=ratio, coef=coef, a=a, b=b)
 
 
-def dpm_solver_loop(
-    eval_fn: EvalFn, plan: dict[str, np.ndarray], x: Array, clip_denoised: bool = False
-) -> Array:
-  b, c = x.shape[0], x.shape[-1]
+def dpm_solver_steps(plan: dict[str, np.ndarray], clip_denoised: bool = False) -> Steps:
+  """DPM-Solver++(2M) over `dpm_solver_plan`; its state is the last x0 prediction."""
   p = {k: jnp.asarray(v, jnp.int32 if k == 'timesteps' else jnp.float32) for k, v in plan.items()}
 
-  def body(i, carry):
-    x, x0_prev = carry
-    out = eval_fn(x, _full(b, p['timesteps'][i]))
-    eps = gd.split_output(out, c)[0]
+  def step(eval_fn, x, i, x0_prev, noise):
+    out = eval_fn(x, _full(x.shape[0], p['timesteps'][i]))
+    eps = diffusion.split_output(out, x.shape[-1])[0]
     x0 = (x - p['sigma'][i] * eps) / p['alpha'][i]
     if clip_denoised:
       x0 = jnp.clip(x0, -1.0, 1.0)
     data = p['a'][i] * x0 + p['b'][i] * x0_prev
     return p['ratio'][i] * x + p['coef'][i] * data, x0
 
-  return jax.lax.fori_loop(0, len(plan['timesteps']), body, (x, jnp.zeros_like(x)))[0]
+  return Steps(len(plan['timesteps']), step, noisy=False, init_state=jnp.zeros_like)
 
 
-def run_flow_loop(cfg: SamplerConfig, eval_fn: EvalFn, x: Array, keys: Array) -> Array:
-  """The flow sampler's loop: eval_fn gets the model time t * num_train_timesteps."""
-  scale = float(cfg.num_train_timesteps)
-  if cfg.sampler == 'euler':
-    return flow_loops.euler_loop(
-        eval_fn, flow_loops.time_grid(cfg.steps + 1, cfg.time_shift), x, scale
-    )
-  if cfg.sampler == 'heun':
-    return flow_loops.heun_loop(
-        eval_fn, flow_loops.time_grid(cfg.steps // 2 + 1, cfg.time_shift), x, scale
-    )
-  ts = flow_loops.time_grid(cfg.steps, cfg.time_shift, end=cfg.sde_last_step)
-  noise = lambda i: per_sample_normal(keys, i + 1, x.shape[1:])
-  return flow_loops.euler_maruyama_loop(
-      eval_fn, ts, x, noise, scale, cfg.sde_diffusion, cfg.sde_diffusion_norm
-  )
+def sampler_steps(cfg: SamplerConfig) -> Steps:
+  """The `Steps` of `cfg.sampler`."""
+  if cfg.objective == 'flow':
+    return flow_loops.flow_steps(cfg)
+  if cfg.sampler == 'ddpm':
+    return ddpm_steps(cfg.diffusion(), cfg.clip_denoised)
+  if cfg.sampler == 'ddim':
+    return ddim_steps(cfg.diffusion(), cfg.eta, cfg.clip_denoised)
+  return dpm_solver_steps(dpm_solver_plan(cfg.steps, cfg.num_train_timesteps), cfg.clip_denoised)
 
 
 def run_loop(cfg: SamplerConfig, eval_fn: EvalFn, x: Array, keys: Array) -> Array:
-  """Dispatch to the loop of `cfg.sampler` (x = x_T, keys = per-sample keys)."""
-  if cfg.objective == 'flow':
-    return run_flow_loop(cfg, eval_fn, x, keys)
-  if cfg.sampler == 'ddpm':
-    return ddpm_loop(eval_fn, cfg.diffusion(), x, keys, cfg.clip_denoised)
-  if cfg.sampler == 'ddim':
-    return ddim_loop(eval_fn, cfg.diffusion(), x, keys, cfg.eta, cfg.clip_denoised)
-  return dpm_solver_loop(
-      eval_fn, dpm_solver_plan(cfg.steps, cfg.num_train_timesteps), x, cfg.clip_denoised
-  )
+  """The sampler of `cfg` from x = x_T (keys: the batch's per-sample keys)."""
+  return sample_loop(sampler_steps(cfg), eval_fn, x, noise_fn(keys, x.shape[1:]))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mdt_jax.models import platform
@@ -70,20 +71,65 @@ class Sampler:
       raise ValueError(
           f'indices {indices.shape} and labels {labels.shape} must be 1-D and of equal length'
       )
-    if indices.size and (indices.min() < 0 or indices.max() >= 2**31):
-      raise ValueError('sample indices must lie in [0, 2**31)')
-    n = indices.size
-    pad = (-n) % self.num_devices
-    idx = np.concatenate([indices, np.repeat(indices[-1:], pad)]).astype(np.int32)
-    y = np.concatenate([labels, np.repeat(labels[-1:], pad)]).astype(np.int32)
-    sharding = NamedSharding(self.mesh, P('data'))
-    put = lambda a: jax.make_array_from_callback(a.shape, sharding, lambda i: a[i])
-    out = self.fn(self.params, labels_lib.noise_key(seed), put(idx), put(y))
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
+    check_indices(indices)
+    return call_sharded(
+        self.mesh,
+        self.fn,
+        (self.params, labels_lib.noise_key(seed)),
+        (indices.astype(np.int32), labels),
+    )
 
-      out = multihost_utils.process_allgather(out, tiled=True)
-    return np.asarray(out)[:n]
+
+def check_indices(indices: np.ndarray) -> None:
+  """Global sample indices lie in [0, 2**31) (they are int32 on the devices)."""
+  if indices.size and (indices.min() < 0 or indices.max() >= 2**31):
+    raise ValueError('sample indices must lie in [0, 2**31)')
+
+
+def call_sharded(
+    mesh: jax.sharding.Mesh, fn: Callable, replicated: tuple, per_sample: tuple[np.ndarray, ...]
+) -> np.ndarray:
+  """fn(*replicated, *per_sample) with the per-sample arrays split over the mesh's 'data' axis:
+  rows are padded (repeating the last) to a multiple of the device count, the result gathered
+  from every process and cut back to the given rows."""
+  n = len(per_sample[0])
+  pad = (-n) % mesh.devices.size
+  rows = np.concatenate([np.arange(n), np.repeat(n - 1, pad)]).astype(np.int64)
+  sharding = NamedSharding(mesh, P('data'))
+  put = lambda a: jax.make_array_from_callback(a.shape, sharding, lambda i: a[i])
+  out = fn(*replicated, *(put(np.asarray(a)[rows]) for a in per_sample))
+  if jax.process_count() > 1:
+    out = multihost_utils.process_allgather(out, tiled=True)
+  return np.asarray(out)[:n]
+
+
+def in_batches(
+    n: int,
+    batch_size: int,
+    num_devices: int,
+    fn: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    *,
+    start: int = 0,
+    postprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+    log_every: int = 0,
+) -> np.ndarray:
+  """fn(indices, rows) for global indices start .. start + n - 1, in batches of one padded size
+  (`batch_size` rounded up to the device count: the whole run compiles once); rows are the
+  positions in the run (padding rows repeat the batch's), indices continue past the end."""
+  if batch_size < 1:
+    raise ValueError(f'batch_size must be >= 1, got {batch_size}')
+  batch_size += (-batch_size) % num_devices
+  outs, t0 = [], time.time()
+  num_batches = -(-n // batch_size)
+  for b, lo in enumerate(range(0, n, batch_size)):
+    hi = min(n, lo + batch_size)
+    rows = np.resize(np.arange(lo, hi), batch_size)  # padding rows repeat; dropped below
+    out = fn(np.arange(start + lo, start + lo + batch_size), rows)[: hi - lo]
+    outs.append(postprocess(out) if postprocess else out)
+    if log_every and ((b + 1) % log_every == 0 or b + 1 == num_batches):
+      dt = time.time() - t0
+      logging.info('sampled %d/%d (%.2f samples/s, ETA %.0f s)', hi, n, hi / dt, (n - hi) * dt / hi)
+  return np.concatenate(outs)
 
 
 def draw_samples(
@@ -201,18 +247,12 @@ def generate(
   batch of samples (e.g. VAE decoding to uint8) before it is collected.
   """
   labels = labels_lib.check_labels(labels, sampler.num_classes)
-  if batch_size < 1:
-    raise ValueError(f'batch_size must be >= 1, got {batch_size}')
-  batch_size += (-batch_size) % sampler.num_devices
-  n, outs, t0 = labels.size, [], time.time()
-  num_batches = -(-n // batch_size)
-  for b, lo in enumerate(range(0, n, batch_size)):
-    hi = min(n, lo + batch_size)
-    idx = np.arange(start + lo, start + lo + batch_size)
-    y = np.resize(labels[lo:hi], batch_size)  # padding rows repeat labels; dropped below
-    out = sampler(idx, y, seed)[: hi - lo]
-    outs.append(postprocess(out) if postprocess else out)
-    if log_every and ((b + 1) % log_every == 0 or b + 1 == num_batches):
-      dt = time.time() - t0
-      logging.info('sampled %d/%d (%.2f samples/s, ETA %.0f s)', hi, n, hi / dt, (n - hi) * dt / hi)
-  return np.concatenate(outs)
+  return in_batches(
+      labels.size,
+      batch_size,
+      sampler.num_devices,
+      lambda idx, rows: sampler(idx, labels[rows], seed),
+      start=start,
+      postprocess=postprocess,
+      log_every=log_every,
+  )
