@@ -22,6 +22,8 @@ LAYERS = {
     'images': 0,
     'progress': 0,
     'models': 1,
+    # the training config's fields (configs/*.py start from it)
+    'configs_base': 1,
     'diffusion': 1,
     'data': 2,
     'vae': 2,

@@ -63,6 +63,12 @@ def layout(config: MDTConfig | dict) -> dict[str, Entry]:
 # (keys, index buffers, config inference, checks).
 @functools.lru_cache(maxsize=8)
 def _layout(config: MDTConfig) -> dict[str, Entry]:
+  if config.qk_norm is not None:
+    raise ValueError(
+        f'model.qk_norm={config.qk_norm!r}: the official checkpoint layout has no QK-norm '
+        'parameters (the official models are trained without it); import or export such a '
+        'model with qk_norm off, or keep it as a model folder'
+    )
   abstract = abstract_model(config)
   flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
   out = {}
@@ -217,3 +223,21 @@ def model_from_state(state: Mapping[str, Any], config: MDTConfig | dict | None =
   model = abstract_model(config)
   nnx.update(model, jax.tree.map(lambda x: jax.numpy.asarray(x), params))
   return model
+
+
+def constructor_call(config: MDTConfig) -> str:
+  """The original code's constructor call for this config, e.g. ``MDTv2(input_size=32, ...)``."""
+  cls = 'MDTv2' if config.arch == 'mdtv2' else 'MDT'
+  args = dict(
+      input_size=config.input_size,
+      patch_size=config.patch_size,
+      in_channels=config.in_channels,
+      hidden_size=config.hidden_size,
+      depth=config.depth,
+      num_heads=config.num_heads,
+      mlp_ratio=config.mlp_ratio,
+      num_classes=config.num_classes,
+      learn_sigma=config.learn_sigma,
+      decode_layer=config.decode_layer,
+  )
+  return f'{cls}(' + ', '.join(f'{k}={v!r}' for k, v in args.items()) + ')'
