@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 import mdt_jax
 from micro_config import get_config
 from mdt_jax import evaluate as evaluate_cli
-from mdt_jax.data import extract
+from mdt_jax.data import image_sources
 from mdt_jax.data.records import encode_latent_record
 from mdt_jax.training import checkpoints
 from mdt_jax.training.loop import train_and_evaluate
@@ -294,7 +294,7 @@ def test_images_of_mixed_sizes_are_cropped_to_one_size():
   for (h, w), mode in [((20, 17), 'RGB'), ((70, 40), 'L'), ((33, 33), 'RGBA'), ((9, 300), 'RGB')]:
     arr = rng.integers(0, 256, (h, w, {'RGB': 3, 'L': 1, 'RGBA': 4}[mode]), dtype=np.uint8)
     image = Image.fromarray(arr[..., 0] if mode == 'L' else arr, mode)
-    out = extract.preprocess(image, 16)
+    out = image_sources.preprocess(image, 16)
     assert out.shape == (16, 16, 3) and out.dtype == np.uint8
 
 
