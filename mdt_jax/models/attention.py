@@ -26,6 +26,7 @@ import functools
 import math
 import threading
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -148,16 +149,15 @@ def _kernel(qkv, bias, key_mask, heads):
 
 def _split(qkv, bias, key_mask, heads):
   """q, k, v [B, N, H, Dh]; bias [B or 1, H, N, N]; mask [B, 1, 1, N] or None."""
-  b, n, d3 = qkv.shape
-  qkv = qkv.reshape(b, n, 3, heads, d3 // (3 * heads))
-  mask = None if key_mask is None else key_mask[:, None, None, :]
+  qkv = einops.rearrange(qkv, 'b n (qkv h d) -> b n qkv h d', qkv=3, h=heads)
+  mask = None if key_mask is None else einops.rearrange(key_mask, 'b n -> b 1 1 n')
   return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias[None] if bias.ndim == 3 else bias, mask
 
 
 def _xla(qkv, bias, key_mask, heads, implementation):
   q, k, v, bias, mask = _split(qkv, bias, key_mask, heads)
   out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation=implementation)
-  return out.reshape(qkv.shape[0], qkv.shape[1], -1)
+  return einops.rearrange(out, 'b n h d -> b n (h d)')
 
 
 def _einsum(qkv, bias, key_mask, heads):
@@ -173,7 +173,7 @@ def _einsum(qkv, bias, key_mask, heads):
   if mask is not None:  # as jax.nn.dot_product_attention masks
     logits = jnp.where(mask, logits, -0.7 * jnp.finfo(logits.dtype).max)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum('bnts,bsnh->btnh', probs, v).reshape(qkv.shape[0], qkv.shape[1], -1)
+  return einops.rearrange(jnp.einsum('bnts,bsnh->btnh', probs, v), 'b n h d -> b n (h d)')
 
 
 # ------------------------------------------------------------------------------ Pallas kernel
@@ -365,5 +365,7 @@ def fused_attention(
     raise ValueError(f'qkv width {qkv.shape[-1]} is not 3 x heads ({heads}) x head_dim')
   if interpret is None:
     interpret = getattr(_INTERPRET, 'value', False)
-  valid = None if key_mask is None else key_mask.astype(jnp.float32)[:, None, :]
+  valid = (
+      None if key_mask is None else einops.rearrange(key_mask.astype(jnp.float32), 'b n -> b 1 n')
+  )
   return _fused(qkv, bias.astype(qkv.dtype), valid, heads, interpret)

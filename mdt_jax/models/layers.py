@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -139,9 +140,7 @@ class PatchEmbed(nnx.Module):
     )
 
   def __call__(self, x: Array) -> Array:
-    y = self.proj(x)
-    b, gh, gw, d = y.shape
-    return y.reshape(b, gh * gw, d)
+    return einops.rearrange(self.proj(x), 'b gh gw d -> b (gh gw) d')
 
 
 class TimestepEmbedder(nnx.Module):
@@ -229,9 +228,9 @@ class RelativePositionBias(nnx.Module):
   def _gather(self, table: Array, ids: Array | None, dtype) -> Array:
     index = jnp.asarray(relative_position_index(self.grid))
     if ids is None:
-      return jnp.moveaxis(table[index], -1, -3)
+      return einops.rearrange(table[index], 'q k h -> h q k')
     index = index[ids[:, :, None], ids[:, None, :]]  # [B, K, K]
-    return jnp.moveaxis(table[index], -1, -3).astype(dtype)
+    return einops.rearrange(table[index], 'b q k h -> b h q k').astype(dtype)
 
   def _onehot(self, table: Array, ids: Array | None, dtype) -> Array:
     g = self.grid
@@ -239,11 +238,11 @@ class RelativePositionBias(nnx.Module):
     offsets = jnp.asarray(_one_hot_offsets(g))
     # [H, L, L] from the table by two small contractions (rows, then columns), in float32 at
     # full precision: exactly the table's values, its gradient summed in float32
-    t = table[: span * span].reshape(span, span, -1)
+    t = einops.rearrange(table[: span * span], '(r c) h -> r c h', r=span)
     hp = jax.lax.Precision.HIGHEST
     rows = jnp.einsum('ard,deh->areh', offsets, t, precision=hp)  # [G, G, 2G-1, H]
     full = jnp.einsum('areh,cse->hacrs', rows, offsets, precision=hp)  # [H, G, G, G, G]
-    full = full.reshape(-1, g * g, g * g)
+    full = einops.rearrange(full, 'h a c r s -> h (a c) (r s)')
     if ids is None:
       return full
     # per sample, rows and columns of the kept tokens: [B, K, L] one-hot products. Exact in

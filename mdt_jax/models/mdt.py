@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, NamedTuple
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -140,7 +141,7 @@ class MDTConfig:
       )
     if self.qk_norm not in attention.QK_NORMS:
       raise ValueError(
-          f'model.qk_norm must be one of {attention.QK_NORMS} ("" = off), got {self.qk_norm!r}'
+          f'model.qk_norm must be one of {attention.QK_NORMS}, got {self.qk_norm!r}'
       )
     self._check_cudnn_lengths()
 
@@ -314,9 +315,10 @@ class MDT(nnx.Module):
   def unpatchify(self, tokens: Array) -> Array:
     """[B, L, p*p*C] with (i, j, c) order -> [B, H, W, C]."""
     cfg = self.config
-    b, g, p, c = tokens.shape[0], cfg.grid, cfg.patch_size, cfg.out_channels
-    x = tokens.reshape(b, g, g, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, g * p, g * p, c)
+    g, p, c = cfg.grid, cfg.patch_size, cfg.out_channels
+    return einops.rearrange(
+        tokens, 'b (gh gw) (p q c) -> b (gh p) (gw q) c', gh=g, gw=g, p=p, q=p, c=c
+    )
 
   # ------------------------------------------------------------------ forward
 
@@ -434,7 +436,7 @@ class MDT(nnx.Module):
     k = keep_buffer or masking.buffer_size(n, ratio, cfg.mask_buffer_multiple)
     ids_keep = ids_shuffle[:, :k]
     slot_valid = jnp.arange(k)[None, :] < len_keep  # [1, K]
-    x = jnp.take_along_axis(u, ids_keep[:, :, None], axis=1)  # [B, K, D]
+    x = jnp.take_along_axis(u, einops.rearrange(ids_keep, 'b k -> b k 1'), axis=1)  # [B, K, D]
     valid = jnp.broadcast_to(slot_valid, (b, k))
     x, tokens = self._encoder(x, c, ids_keep, valid, at)
 
@@ -444,7 +446,7 @@ class MDT(nnx.Module):
     kept_shuffled = jnp.arange(n)[None, :] < len_keep  # [1, L]
     x = jnp.where(kept_shuffled[..., None], x, token)
     ids_restore = masking.restore_order(ids_shuffle)
-    x = jnp.take_along_axis(x, ids_restore[:, :, None], axis=1)
+    x = jnp.take_along_axis(x, einops.rearrange(ids_restore, 'b n -> b n 1'), axis=1)
     masked = ~jnp.take_along_axis(jnp.broadcast_to(kept_shuffled, (b, n)), ids_restore, axis=1)
     q = x + self.decoder_pos_embed[...]
     side = self._run(self.sideblocks[0], q, c, None)
