@@ -140,9 +140,7 @@ class MDTConfig:
           f'got {self.rel_pos_bias_impl!r}'
       )
     if self.qk_norm not in attention.QK_NORMS:
-      raise ValueError(
-          f'model.qk_norm must be one of {attention.QK_NORMS}, got {self.qk_norm!r}'
-      )
+      raise ValueError(f'model.qk_norm must be one of {attention.QK_NORMS}, got {self.qk_norm!r}')
     self._check_cudnn_lengths()
 
   @property
