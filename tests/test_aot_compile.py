@@ -14,9 +14,9 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from micro_config import get_config
-from mdt_jax.perf import benchmark
+from benchmarks import benchmark
 from mdt_jax.models.mdt import MDTConfig
-from mdt_jax.perf import hlo, tpu
+from benchmarks import hlo, tpu
 from mdt_jax.training import sharding
 from mdt_jax.training.state import abstract_train_state, make_optimizer
 

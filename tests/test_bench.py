@@ -11,9 +11,9 @@ import pytest
 import reference_mdt as ref
 from micro_config import get_config
 from mdt_jax import MDTConfig, model_config
-from mdt_jax.perf import benchmark
+from benchmarks import benchmark
 from mdt_jax.hub import official
-from mdt_jax.perf import profile
+from benchmarks import profile
 
 TINY_SAMPLING = dict(
     input_size=8,

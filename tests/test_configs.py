@@ -7,7 +7,7 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from mdt_jax.studies import flow_matching, learning_curves
+from studies import flow_matching, learning_curves
 from mdt_jax.training import samples, sharding
 from mdt_jax.training.run import validate
 

@@ -1,4 +1,4 @@
-"""tools/profile_summary.py's reading of traces (mdt_jax/perf/profile.py): a real CPU trace reads
+"""tools/profile_summary.py's reading of traces (tools/benchmarks/profile.py): a real CPU trace reads
 as the hand-written decoder it replaced read it; GPU- and TPU-shaped traces are built here as
 text protos (jax.profiler's own converter), holding the real trace's HLO module."""
 
@@ -9,7 +9,7 @@ import os
 import pytest
 from jax.profiler import ProfileData
 
-from mdt_jax.perf import profile
+from benchmarks import profile
 
 DATA = os.path.join(os.path.dirname(__file__), 'data')
 

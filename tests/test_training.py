@@ -23,7 +23,7 @@ from mdt_jax.training import checkpoints, sharding
 from mdt_jax.training import state as st
 from mdt_jax.training import step as stp
 from mdt_jax.training.run import validate
-from mdt_jax.perf import profile
+from benchmarks import profile
 from mdt_jax.training.loop import PROFILE_AFTER_STEPS, train_and_evaluate
 
 

@@ -28,9 +28,9 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from mdt_jax.perf import benchmark, parity
+from benchmarks import benchmark, parity
 from mdt_jax.models import attention
-from mdt_jax.perf.profile import summarize as summarize_profile
+from benchmarks.profile import summarize as summarize_profile
 
 config_flags.DEFINE_config_file('config', None, 'experiment config', lock_config=True)
 flags.DEFINE_list('modes', ['mdt', 'dit'], 'train steps to measure: mdt (two branches), dit')
@@ -53,7 +53,7 @@ flags.DEFINE_bool(
     False,
     "also time the original's train step in "
     'PyTorch, float32 and eager (both branches, Adan, EMA; '
-    'mdt_jax/torch_reference/train.py) on the same weights and batch, interleaved '
+    'tests/torch_reference/train.py) on the same weights and batch, interleaved '
     "with the JAX step's repeats, and report the speed-up over it",
 )
 flags.DEFINE_integer(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -83,9 +84,11 @@ class MDTConfig:
   residual_dtype: str = _field('float32', COMPUTE)
   # models/layers.py: None (auto), gather or onehot
   rel_pos_bias_impl: str | None = _field(None, COMPUTE)
+  # models/attention.py: None (off, as the official models), rms or layer norm of q and k per head
+  qk_norm: str | None = None
 
   def __post_init__(self):
-    for name in ('attention_impl', 'masked_attention_impl', 'rel_pos_bias_impl'):
+    for name in ('attention_impl', 'masked_attention_impl', 'rel_pos_bias_impl', 'qk_norm'):
       if getattr(self, name) == '':
         object.__setattr__(self, name, None)
     if self.arch not in ARCHS:
@@ -125,6 +128,10 @@ class MDTConfig:
       raise ValueError(
           f'model.rel_pos_bias_impl must be one of {REL_POS_BIAS_IMPLS} ("" = auto), '
           f'got {self.rel_pos_bias_impl!r}'
+      )
+    if self.qk_norm not in attention.QK_NORMS:
+      raise ValueError(
+          f'model.qk_norm must be one of {attention.QK_NORMS} ("" = off), got {self.qk_norm!r}'
       )
     self._check_cudnn_lengths()
 
@@ -224,6 +231,7 @@ class MDT(nnx.Module):
         masked_attention_impl=cfg.masked_impl,
         stream_dtype=cfg.stream_dtype,
         rel_pos_bias_impl=cfg.rel_pos_bias_impl,
+        qk_norm=cfg.qk_norm,
     )
     block = lambda skip: MDTBlock(d, cfg.num_heads, cfg.mlp_ratio, g, skip=skip, **kw)
 
@@ -275,9 +283,10 @@ class MDT(nnx.Module):
   def unpatchify(self, tokens: Array) -> Array:
     """[B, L, p*p*C] with (i, j, c) order -> [B, H, W, C]."""
     cfg = self.config
-    b, g, p, c = tokens.shape[0], cfg.grid, cfg.patch_size, cfg.out_channels
-    x = tokens.reshape(b, g, g, p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(b, g * p, g * p, c)
+    g, p, c = cfg.grid, cfg.patch_size, cfg.out_channels
+    return einops.rearrange(
+        tokens, 'b (gh gw) (p q c) -> b (gh p) (gw q) c', gh=g, gw=g, p=p, q=p, c=c
+    )
 
   # ------------------------------------------------------------------ forward
 
@@ -373,7 +382,7 @@ class MDT(nnx.Module):
     k = keep_buffer or masking.buffer_size(n, ratio, cfg.mask_buffer_multiple)
     ids_keep = ids_shuffle[:, :k]
     slot_valid = jnp.arange(k)[None, :] < len_keep  # [1, K]
-    x = jnp.take_along_axis(u, ids_keep[:, :, None], axis=1)  # [B, K, D]
+    x = jnp.take_along_axis(u, einops.rearrange(ids_keep, 'b k -> b k 1'), axis=1)  # [B, K, D]
     x = self._encoder(x, c, ids_keep, jnp.broadcast_to(slot_valid, (b, k)))
 
     # Side-interpolater: mask tokens in every slot past len_keep, back to the original order.
@@ -382,7 +391,7 @@ class MDT(nnx.Module):
     kept_shuffled = jnp.arange(n)[None, :] < len_keep  # [1, L]
     x = jnp.where(kept_shuffled[..., None], x, token)
     ids_restore = masking.restore_order(ids_shuffle)
-    x = jnp.take_along_axis(x, ids_restore[:, :, None], axis=1)
+    x = jnp.take_along_axis(x, einops.rearrange(ids_restore, 'b n -> b n 1'), axis=1)
     masked = ~jnp.take_along_axis(jnp.broadcast_to(kept_shuffled, (b, n)), ids_restore, axis=1)
     q = x + self.decoder_pos_embed[...]
     side = self._run(self.sideblocks[0], q, c, None)

@@ -24,9 +24,9 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from orbax.checkpoint._src.metadata import array_metadata_store
 
 from mdt_jax import paths
+from mdt_jax.compat.orbax import ArrayMetadataStore
 from mdt_jax.diffusion import objective_of
 from mdt_jax.models.mdt import COMPUTE, COMPUTE_OPTIONS, TRAINING, MDTConfig, field_names
 from mdt_jax.models.params import leaf_shapes, param_shapes
@@ -120,7 +120,7 @@ def _array_writes():
   own = ocp.type_handlers.get_type_handler(jax.Array)
   handler = ocp.type_handlers.ArrayHandler(
       min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
-      array_metadata_store=array_metadata_store.Store(),
+      array_metadata_store=ArrayMetadataStore(),
   )
   ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
   try:

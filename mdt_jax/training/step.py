@@ -107,7 +107,7 @@ def jit_train_step(shardings: TrainState, batch_sharding, **kw):
     with attention.batch_sharded(batch_sharding.mesh, batch_sharding.spec[0]):
       return train_step(state, batch, **kw)
 
-  # the XLA module is then jit_train_step, the name profiles look for (mdt_jax/perf/profile.py)
+  # the XLA module is then jit_train_step, the name profiles look for (tools/benchmarks/profile.py)
   step.__name__ = step.__qualname__ = 'train_step'
   return jax.jit(
       platform.traced_for(batch_sharding.mesh.devices.flat, step),

@@ -3,15 +3,15 @@
 For each step (the MDT two-branch train step, the DiT-style one, one guided sampler call) the
 compiled TPU program gives, per chip: XLA's FLOPs and ``bytes accessed`` (HBM traffic), memory
 (arguments, outputs, temporaries, donated aliases) and its collectives (from the optimized HLO).
-With the generation's peak figures (`mdt_jax.perf.tpu`) they give a roofline:
+With the generation's peak figures (`benchmarks.tpu`) they give a roofline:
 
     compute = XLA FLOPs / peak    HBM = bytes accessed / HBM bandwidth    ICI = wire bytes / link
     bound = max(compute, HBM, ICI)    MFU bound = model FLOPs / (bound * peak)
 
 The bound is what the step cannot beat if the estimates hold (perfect overlap of the three); the
 MFU bound uses the analytic model FLOPs (masked encoder at the mean kept count), as MFU does in
-`mdt_jax.perf.benchmark`. XLA's ``bytes accessed`` also counts the on-chip (VMEM) copies of buffers
-that XLA prefetches, so the report adds an HBM-only estimate (`mdt_jax.perf.traffic`: the HBM
+`benchmarks.benchmark`. XLA's ``bytes accessed`` also counts the on-chip (VMEM) copies of buffers
+that XLA prefetches, so the report adds an HBM-only estimate (`benchmarks.traffic`: the HBM
 operands and results of the top-level instructions) and its time. How far each can be trusted:
 BENCHMARKS.md, "TPU, compiled without hardware".
 """
@@ -30,8 +30,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mdt_jax.models import platform
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.models.params import abstract_model
-from mdt_jax.perf import benchmark, hlo, traffic
-from mdt_jax.perf.tpu import Slice
+from benchmarks import benchmark, hlo, traffic
+from benchmarks.tpu import Slice
 from mdt_jax.sampling.guidance import guided_model
 from mdt_jax.sampling.sampler import data_mesh, functional_model
 from mdt_jax.sampling.config import make_sampler_config
@@ -96,7 +96,7 @@ def analyse(
     traffic_top: int = 0,
 ) -> dict:
   """Every per-chip figure of one compiled program (model_flops: analytic, per chip);
-  `traffic_top` > 0 adds where the bytes go (`mdt_jax.perf.traffic`)."""
+  `traffic_top` > 0 adds where the bytes go (`benchmarks.traffic`)."""
   text = compiled.as_text()
   if hlo_path:
     with open(hlo_path, 'w') as f:

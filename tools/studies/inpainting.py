@@ -10,7 +10,7 @@ the true class, by the Frechet distance of its features to the held-out original
 absolute error on the known pixels and the RMSE on the unknown ones (against the original: a
 completion may be right and still differ).
 
-    from mdt_jax.studies import inpainting
+    from studies import inpainting
     results = inpainting.run_study('runs/quickstart', 'docs/inpainting')   # writes the .json
     inpainting.write_report(results, 'docs/inpainting')                  # the .png and the .md
 """

@@ -7,9 +7,9 @@ import os
 
 import numpy as np
 
-from mdt_jax.studies import page
-from mdt_jax.studies.learning_curves import BASELINE, METRICS, VARIANTS
-from mdt_jax.studies.page import fmt
+from studies import page
+from studies.learning_curves import BASELINE, METRICS, VARIANTS
+from studies.page import fmt
 
 LABELS = {'mdt': 'MDTv2 (masked branch)', 'dit': 'DiT-style (no masked branch)'}
 COLORS = {'mdt': 'tab:red', 'dit': 'tab:blue'}

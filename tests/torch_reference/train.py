@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from mdt_jax.diffusion import schedules
-from mdt_jax.torch_reference.model import TorchMDT, from_official_state
+from torch_reference.model import TorchMDT, from_official_state
 
 
 @dataclasses.dataclass

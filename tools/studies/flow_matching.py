@@ -10,9 +10,9 @@ measurements per run, both from the EMA weights, on the same fixed, class-balanc
   (``final_samplers``, "name:steps").
 
 Scores: Frechet distance in the digits classifier's feature space and class accuracy (as
-mdt_jax.studies.learning_curves, whose run and curve machinery this reuses).
+studies.learning_curves, whose run and curve machinery this reuses).
 
-    from mdt_jax.studies import flow_matching as fm, flow_report
+    from studies import flow_matching as fm, flow_report
     results = fm.run_study(study_config, 'docs/flow_matching')    # writes the .json
     flow_report.write(results, 'docs/flow_matching')              # the .png and the .md
 """
@@ -30,7 +30,7 @@ from mdt_jax import atomic
 from mdt_jax.evaluation import digits_classifier as dc
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.models.params import count_params
-from mdt_jax.studies import learning_curves as lc
+from studies import learning_curves as lc
 from mdt_jax.training.config import validate
 from mdt_jax.training.state import TrainState
 

@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 
-from mdt_jax.studies import page
-from mdt_jax.studies.page import fmt
+from studies import page
+from studies.page import fmt
 
 LABELS = {
     'mdt_ddpm': 'MDTv2, DDPM (as published)',

@@ -8,7 +8,7 @@ Frechet distance in the digits classifier's feature space and their class accura
 times the training alone: the clock starts after the first (compiling) step and evaluations
 are taken out.
 
-    from mdt_jax.studies import learning_curves as lc, report
+    from studies import learning_curves as lc, report
     results = lc.run_study(study_config, 'docs/learning_speed')   # writes the .json
     report.write(results, 'docs/learning_speed')                  # the .png and the .md
 """

@@ -16,7 +16,7 @@ import dataclasses
 import re
 from typing import Callable, Iterator
 
-from mdt_jax.perf.hlo import _split_type, _top_level_elements, arrays, own_frame
+from benchmarks.hlo import _split_type, _top_level_elements, arrays, own_frame
 
 # no data moves: views, bookkeeping and the second half of async pairs (charged at the start)
 FREE = {

@@ -23,7 +23,7 @@ def define_flags(default_config: str, default_out: str) -> None:
 
 
 def study_main(argv, tool: str, study: str, report: str) -> None:
-  """Run the study ``mdt_jax.studies.<study>``, write its report with ``mdt_jax.studies.<report>``
+  """Run the study ``studies.<study>``, write its report with ``studies.<report>``
   and print the conclusion; ``tool`` (tools/<tool>) is named in the report."""
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -31,8 +31,8 @@ def study_main(argv, tool: str, study: str, report: str) -> None:
   # imported here: the tool's flags and --help load without jax
   from mdt_jax import paths
 
-  study_lib = importlib.import_module(f'mdt_jax.studies.{study}')
-  report_lib = importlib.import_module(f'mdt_jax.studies.{report}')
+  study_lib = importlib.import_module(f'studies.{study}')
+  report_lib = importlib.import_module(f'studies.{report}')
   why = 'the study writes its report, plots and workdirs on a local disk'
   out = paths.require_local(FLAGS.out, '--out', why)
   if FLAGS.workdir_root:

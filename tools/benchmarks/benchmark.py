@@ -21,7 +21,8 @@ from flax import nnx
 from mdt_jax.hub import official
 from mdt_jax.models import masking
 from mdt_jax.models.mdt import MDT, MDTConfig
-from mdt_jax.perf.tpu import compiler_memory_figures
+from benchmarks import torch_reference_path
+from benchmarks.tpu import compiler_memory_figures
 from mdt_jax.sampling import SamplerConfig, build_sampler, labels as labels_lib
 from mdt_jax.sampling.sampler import draw_samples
 from mdt_jax.training import sharding
@@ -164,7 +165,7 @@ def bench_train_step(
 
   With `trace_dir`, the timed repeats (only: compilation and warm-up stay out of it) are
   recorded as a `jax.profiler` trace there. With `torch_baseline`, the original's step in
-  PyTorch (`mdt_jax.torch_reference.train`) starts from the same weights and batch, and each
+  PyTorch (`torch_reference.train`) starts from the same weights and batch, and each
   timed repeat of the JAX step is followed by one of it (interleaved, so that load on shared
   cores hits both alike); the ratio of the medians is `speedup_vs_torch_f32`, that of the
   process CPU times `speedup_vs_torch_f32_cpu_time`.
@@ -268,7 +269,8 @@ def _torch_train_run(
     import torch
   except ImportError as e:
     raise ImportError('the PyTorch train baseline needs torch (pip install torch)') from e
-  from mdt_jax.torch_reference.train import TorchTrainStep  # needs torch: imported when used
+  torch_reference_path()
+  from torch_reference.train import TorchTrainStep  # needs torch: imported when used
 
   mc = MDTConfig.from_dict(config.model.to_dict())
   sd = official.from_flax_params(nnx.State(jax.device_get(state.params)), mc)
@@ -501,7 +503,7 @@ def bench_sampling_torch(
   """Images/s of the original's guided DDPM sampler in PyTorch, float32 and eager.
 
   The same weights as `bench_sampling` (random init, seed 0) in the official module tree
-  (`mdt_jax.torch_reference`); CUDA when torch sees a GPU, else CPU. Warm-up: two steps.
+  (`torch_reference`); CUDA when torch sees a GPU, else CPU. Warm-up: two steps.
   """
   try:
     import torch
@@ -510,7 +512,8 @@ def bench_sampling_torch(
         'the PyTorch baseline needs torch (pip install torch); --eager_baseline '
         'is the float32 eager baseline without it'
     ) from e
-  from mdt_jax.torch_reference import from_official_state, sample_ddpm  # needs torch
+  torch_reference_path()
+  from torch_reference import from_official_state, sample_ddpm  # needs torch
 
   mc = MDTConfig.from_dict(config.model.to_dict())
   if mc.in_channels < 3:
