@@ -14,7 +14,8 @@ from flax import nnx
 from mdt_jax.hub import official
 from mdt_jax.models.mdt import MDT, MDTConfig
 from benchmarks import torch_reference_path
-from mdt_jax.sampling import SamplerConfig, labels as labels_lib
+from mdt_jax.sampling import labels as labels_lib
+from mdt_jax.sampling.config import make_sampler_config
 from mdt_jax.sampling.sampler import draw_samples
 
 
@@ -110,11 +111,10 @@ def eager_ddpm(
   each primitive dispatched on its own as in an eager framework.
   """
   mc = model.config
-  scfg = SamplerConfig(
-      sampler='ddpm',
-      steps=steps,
-      cfg_scale=cfg_scale,
-      guided_channels='first3' if mc.in_channels > 3 else 'all',
+  scfg = make_sampler_config(
+      dict(sampler='ddpm', steps=steps, cfg_scale=cfg_scale, guidance_channels='first3'),
+      mc.in_channels,
+      num_timesteps=1000,
   )
   y = jnp.asarray(labels, jnp.int32)
   with jax.disable_jit():

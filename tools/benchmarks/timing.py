@@ -21,7 +21,8 @@ from mdt_jax.models.mdt import MDT, MDTConfig
 from benchmarks.baselines import torch_train_run
 from benchmarks.compiled import cost_flops, memory_figures
 from benchmarks.flops import peak_tflops, train_step_flops
-from mdt_jax.sampling import SamplerConfig, build_sampler
+from mdt_jax.sampling import build_sampler
+from mdt_jax.sampling.config import make_sampler_config
 from mdt_jax.training import sharding
 from mdt_jax.training.state import create_train_state, make_optimizer
 from mdt_jax.training.step import jit_step_from_config
@@ -162,11 +163,10 @@ def bench_sampling(
   """Images/s of a full sampling run (compile excluded) on randomly initialised weights."""
   mc = MDTConfig.from_dict(config.model.to_dict())
   model = MDT(mc, rngs=nnx.Rngs(0))
-  scfg = SamplerConfig(
-      sampler=sampler,
-      steps=steps,
-      cfg_scale=cfg_scale,
-      guided_channels='first3' if mc.in_channels > 3 else 'all',
+  scfg = make_sampler_config(
+      dict(sampler=sampler, steps=steps, cfg_scale=cfg_scale, guidance_channels='first3'),
+      mc.in_channels,
+      num_timesteps=1000,
   )
   smp = build_sampler(model, scfg)
   idx = np.arange(batch)
