@@ -22,7 +22,7 @@ from mdt_jax.configs_base import DEFAULT_RULES
 from mdt_jax.training import checkpoints, sharding
 from mdt_jax.training import state as st
 from mdt_jax.training import step as stp
-from mdt_jax.training.config import validate
+from mdt_jax.training.run import validate
 from benchmarks import profile
 from mdt_jax.training.loop import PROFILE_AFTER_STEPS, train_and_evaluate
 
@@ -231,7 +231,7 @@ def test_workdir_of_another_model_is_refused(full_run, tmp_path):
       mask_buffer_multiple=8,
       residual_dtype='compute',
   )
-  checkpoints.check_workdir(str(work), c)
+  checkpoints.check_workdir(str(work), validate(c))
   c = micro_config(total_steps=9)
   c.optimizer.clip_norm = 0.0  # another optimizer-state structure
   with pytest.raises(ValueError, match='checkpoint at step 6 .* does not match this config'):
