@@ -21,6 +21,7 @@ from mdt_jax.data import image_sources
 from mdt_jax.data.records import encode_latent_record
 from mdt_jax.training import checkpoints
 from mdt_jax.training.loop import train_and_evaluate
+from mdt_jax.training.run import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -155,19 +156,19 @@ def _leaves(tree):
 def test_a_changed_model_is_refused(tmp_path, old, new, match):
   c = micro_config()
   c.model.update(old)
-  checkpoints.write_config(str(tmp_path), c)
+  checkpoints.write_config(str(tmp_path), validate(c))
   c.model.update(new)
   with pytest.raises(ValueError, match=rf'holds a run of another model shape \(.*{match}'):
-    checkpoints.check_workdir(str(tmp_path), c)
+    checkpoints.check_workdir(str(tmp_path), validate(c))
 
 
 def test_resumable_changes_are_let_through(tmp_path):
   c = micro_config()
-  checkpoints.write_config(str(tmp_path), c)
+  checkpoints.write_config(str(tmp_path), validate(c))
   c.model.update(
       class_dropout_prob=0.2, mask_ratio=0.4, mask_ratio_span=0.1, dtype='bfloat16', remat=True
   )
-  checkpoints.check_workdir(str(tmp_path), c)
+  checkpoints.check_workdir(str(tmp_path), validate(c))
 
 
 def test_label_dropout_switched_off_on_resume_fails_before_any_work(workdir):

@@ -25,7 +25,6 @@ import itertools
 import json
 import math
 import os
-import time
 from typing import Sequence
 
 import jax
@@ -38,6 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mdt_jax import atomic, paths
 from mdt_jax.data.image_sources import ImageSource, preprocess
 from mdt_jax.data.records import encode_latent_record
+from mdt_jax.progress import Progress
 from mdt_jax.vae.io import VAE, encode_fn
 
 SHARD_PATTERN = 'latents-{i:05d}-of-{n:05d}.array_record'
@@ -100,33 +100,6 @@ def make_pair_encoder(vae: VAE, batch_size: int):
   return lambda images: fn(state, jax.device_put(images, batch))
 
 
-class _Progress:
-
-  def __init__(self, total: int, every_s: float):
-    self.total, self.every_s, self.done = total, every_s, 0
-    self.start = self.last = time.time()
-    self.rate_done = 0
-
-  def update(self, n: int, shard: int, num_shards: int, counted: bool = True):
-    self.done += n
-    self.rate_done += n if counted else 0
-    now = time.time()
-    if now - self.last >= self.every_s or self.done == self.total:
-      self.last = now
-      rate = self.rate_done / max(now - self.start, 1e-9)
-      eta = (self.total - self.done) / rate if rate > 0 else float('nan')
-      logging.info(
-          'shard %d/%d  images %d/%d (%.1f%%)  %.1f img/s  ETA %.0f min',
-          shard + 1,
-          num_shards,
-          self.done,
-          self.total,
-          100 * self.done / self.total,
-          rate,
-          eta / 60,
-      )
-
-
 def _chunks(indices: Sequence[int], size: int):
   for s in range(0, len(indices), size):
     yield indices[s : s + size]
@@ -140,9 +113,7 @@ def _write_shard(
     image_size: int,
     batch_size: int,
     tmp_path: str,
-    progress: _Progress,
-    shard: int,
-    num_shards: int,
+    progress: Progress,
 ) -> dict:
   """Encode `indices` into `tmp_path`; returns the shard's counts and skipped images."""
 
@@ -176,7 +147,7 @@ def _write_shard(
       if pending is not None:
         flush(pending)
       pending = result
-      progress.update(len(chunk), shard, num_shards)
+      progress.update(len(chunk))
     if pending is not None:
       flush(pending)
   finally:
@@ -221,7 +192,6 @@ def extract(
     batch_size: int = 64,
     images_per_shard: int = 10_000,
     num_workers: int = 16,
-    log_every_s: float = 30.0,
 ) -> dict:
   """Encode every image of `source` (and its flip) into ArrayRecord shards under `out_dir`.
 
@@ -260,20 +230,18 @@ def extract(
   )
 
   encode = make_pair_encoder(vae, batch_size)
-  progress = _Progress(n, log_every_s)
-  with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+  progress = Progress(n, 'latents', unit='images')
+  with progress, concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
     for s in range(num_shards):
       indices = range(s * images_per_shard, min(n, (s + 1) * images_per_shard))
       final = os.path.join(out_dir, SHARD_PATTERN.format(i=s, n=num_shards))
       info_path = os.path.join(progress_dir, f'shard-{s:05d}.json')
       if os.path.exists(final) and os.path.exists(info_path):
         logging.info('shard %d/%d already finished, skipped', s + 1, num_shards)
-        progress.update(len(indices), s, num_shards, counted=False)
+        progress.skip(len(indices))
         continue
       tmp = os.path.join(out_dir, '.' + os.path.basename(final) + '.tmp')
-      info = _write_shard(
-          source, indices, encode, pool, image_size, batch_size, tmp, progress, s, num_shards
-      )
+      info = _write_shard(source, indices, encode, pool, image_size, batch_size, tmp, progress)
       info.update(file=os.path.basename(final), bytes=os.path.getsize(tmp))
       atomic.write_json(info_path, info)  # before the rename: a finished shard always has its info
       os.replace(tmp, final)

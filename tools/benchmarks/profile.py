@@ -30,10 +30,10 @@ import re
 import tempfile
 
 from google.protobuf import wrappers_pb2
-from jax._src.lib import xla_client
 from jax.profiler import ProfileData
 
 from benchmarks import hlo, traffic
+from mdt_jax.compat.jax import hlo_module_text
 
 try:  # optional: tools/profile_summary.py and bench --profile need it (requirements-test.txt)
   from xprof.convert import raw_to_tool_data
@@ -133,9 +133,7 @@ def hlo_text(hlo_proto: bytes) -> str | None:
   module = wrappers_pb2.BytesValue.FromString(hlo_proto).value
   if not module:
     return None
-  options = xla_client.hlo.HloPrintOptions()
-  options.print_metadata = True
-  return xla_client.hlo.HloModule.from_serialized_hlo_module_proto(module).to_string(options)
+  return hlo_module_text(module)
 
 
 def hlo_modules(trace: str) -> dict[str, str]:
