@@ -20,6 +20,8 @@ LAYERS = {
     'paths': 0,
     'atomic': 0,
     'images': 0,
+    # the private library paths, one module each (mdt_jax/compat)
+    'compat': 0,
     'models': 1,
     'diffusion': 1,
     'data': 2,
