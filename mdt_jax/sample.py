@@ -24,6 +24,7 @@ FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(sampler_flags)
 flags.DEFINE_integer('num_samples', 50000, 'Number of samples.')
 flags.DEFINE_integer('shard_size', 1000, 'Samples per shard file.')
+flags.DEFINE_bool('info', False, "Print the model's settings and parameter table, then stop.")
 
 
 def main(argv):
@@ -33,6 +34,14 @@ def main(argv):
   from mdt_jax.sampling.run import run_sampling
   from mdt_jax.sampling.sampler import build_sampler
 
+  if FLAGS.info:
+    from mdt_jax.hub.pretrained import describe
+
+    if not FLAGS.model:
+      raise app.UsageError('--model is required')
+
+    print(describe(FLAGS.model))
+    return
   labels = labels_lib.parse_labels(FLAGS.labels)
   model_path, sm, cfg = sampler_flags.load_model_and_config()
   labels_lib.make_labels(labels, FLAGS.num_samples, sm.model.config.num_classes, FLAGS.seed)

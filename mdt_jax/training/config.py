@@ -12,6 +12,8 @@ from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.models.presets import model_config
 from mdt_jax.training.sharding import DEFAULT_RULES
 
+METRIC_WRITERS = ('events', 'clu')
+
 
 def base_config() -> ml_collections.ConfigDict:
   """MDTv2-XL/2 on ImageNet-256 latents with the official recipe (spec section 5)."""
@@ -89,6 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_reference = ''
   c.eval_inception = ''
   c.profile_steps = 0  # >0: capture a jax.profiler trace of that many steps
+  # TensorBoard: 'events', the event writer without TensorFlow (mdt_jax/training/events.py);
+  # 'clu', clu's default writer (clu.metric_writers: imports TensorFlow, several seconds)
+  c.metric_writer = 'events'
   return c
 
 
@@ -111,6 +116,8 @@ def validate(config: ml_collections.ConfigDict) -> MDTConfig:
         'fields a config may set'
     )
   model = MDTConfig.from_dict(config.model.to_dict())
+  if config.get('metric_writer', 'events') not in METRIC_WRITERS:
+    raise ValueError(f'metric_writer must be one of {METRIC_WRITERS}, got {config.metric_writer!r}')
   for k in ('total_steps', 'global_batch_size', 'checkpoint_every_steps', 'log_every_steps'):
     if int(config[k]) <= 0:
       raise ValueError(f'{k} must be positive, got {config[k]}')
