@@ -97,7 +97,7 @@ def test_sampler_refuses_a_fixed_variance_model():
 
 
 def _train_config():
-  from mdt_jax.training.config import base_config
+  from mdt_jax.configs_base import base_config
 
   c = base_config()
   # Small enough to compile in seconds: one block of each kind (encoder in/out, decoder, side).

@@ -32,12 +32,40 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from mdt_jax.models import platform
 
 Array = jax.Array
 IMPLEMENTATIONS = (None, 'xla', 'cudnn', 'pallas')  # None: chosen by backend (`attend`)
+QK_NORMS = (None, 'rms', 'layer')  # None: queries and keys as projected
+
+
+class QKNorm(nnx.Module):
+  """RMS or layer norm of each head's query and key (not the value) in the packed qkv projection
+  [B, N, 3D], a learned scale per head dimension (one for queries, one for keys), statistics in
+  float32. The result is packed as it came, so every implementation of `attend` takes it."""
+
+  def __init__(self, kind: str, heads: int, head_dim: int, eps: float = 1e-6):
+    if kind not in QK_NORMS[1:]:
+      raise ValueError(f'qk_norm must be one of {QK_NORMS}, got {kind!r}')
+    self.kind, self.heads, self.eps = kind, heads, eps
+    self.q_scale = nnx.Param(jnp.ones((head_dim,), jnp.float32), out_sharding=(None,))
+    self.k_scale = nnx.Param(jnp.ones((head_dim,), jnp.float32), out_sharding=(None,))
+
+  def _norm(self, x: Array, scale: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    if self.kind == 'layer':
+      x32 = x32 - x32.mean(-1, keepdims=True)
+    x32 = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+    return (x32 * scale).astype(x.dtype)
+
+  def __call__(self, qkv: Array) -> Array:
+    b, n, d3 = qkv.shape
+    q, k, v = jnp.unstack(qkv.reshape(b, n, 3, self.heads, -1), axis=2)
+    q, k = self._norm(q, self.q_scale[...]), self._norm(k, self.k_scale[...])
+    return jnp.stack([q, k, v], axis=2).reshape(b, n, d3)
 
 
 def attend(

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from mdt_jax.models import platform
-from mdt_jax.models.attention import attend
+from mdt_jax.models.attention import QKNorm, attend
 
 Array = jax.Array
 
@@ -266,6 +266,7 @@ class Attention(nnx.Module):
       attention_impl: str | None = None,
       masked_attention_impl: str | None = None,
       rel_pos_bias_impl: str | None = None,
+      qk_norm: str | None = None,
   ):
     if dim % heads:
       raise ValueError(f'hidden_size {dim} is not divisible by num_heads {heads}')
@@ -277,13 +278,17 @@ class Attention(nnx.Module):
     self.qkv = dense(dim, 3 * dim, ('embed', 'heads'), rngs=rngs, dtype=dtype)
     self.proj = dense(dim, dim, ('heads', 'embed'), rngs=rngs, dtype=dtype)
     self.rel_pos_bias = RelativePositionBias(grid, heads, rngs=rngs)
+    self.qk_norm = None if qk_norm is None else QKNorm(qk_norm, heads, dim // heads)
 
   def __call__(self, x: Array, ids: Array | None, key_mask: Array | None = None) -> Array:
     """x [B, N, D]; ids [B, N] grid positions of x's tokens (None: all, in grid order); key_mask
     [B, N] True for real tokens."""
     impl = self.attention_impl if key_mask is None else self.masked_attention_impl
     bias = self.rel_pos_bias(ids, self.rel_pos_bias_impl, self.dtype)
-    out = attend(self.qkv(x), bias, key_mask, self.heads, impl)
+    qkv = self.qkv(x)
+    if self.qk_norm is not None:
+      qkv = self.qk_norm(qkv)
+    out = attend(qkv, bias, key_mask, self.heads, impl)
     return self.proj(out)
 
 
@@ -295,6 +300,19 @@ class Mlp(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class Projector(nnx.Module):
+  """Three linear layers with SiLU between (REPA's projector): an encoder block's tokens ->
+  the alignment target's width."""
+
+  def __init__(self, dim: int, hidden: int, out: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.fc1 = dense(dim, hidden, ('embed', 'mlp'), rngs=rngs, dtype=dtype)
+    self.fc2 = dense(hidden, hidden, ('mlp', None), rngs=rngs, dtype=dtype)
+    self.fc3 = dense(hidden, out, (None, None), rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: Array) -> Array:
+    return self.fc3(jax.nn.silu(self.fc2(jax.nn.silu(self.fc1(x)))))
 
 
 class MDTBlock(nnx.Module):
@@ -314,6 +332,7 @@ class MDTBlock(nnx.Module):
       masked_attention_impl: str | None = None,
       stream_dtype=jnp.float32,
       rel_pos_bias_impl: str | None = None,
+      qk_norm: str | None = None,
   ):
     self.stream_dtype = stream_dtype  # the residual stream's dtype, in and out of the block
     self.skip_linear = (
@@ -328,6 +347,7 @@ class MDTBlock(nnx.Module):
         attention_impl=attention_impl,
         masked_attention_impl=masked_attention_impl,
         rel_pos_bias_impl=rel_pos_bias_impl,
+        qk_norm=qk_norm,
     )
     self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dtype=dtype)
     self.adaLN_modulation_1 = dense(
