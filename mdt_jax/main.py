@@ -16,7 +16,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mdt_jax import paths
+from mdt_jax import errors, paths
 from mdt_jax.training.logs import quiet_orbax
 
 config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_config=True)
@@ -63,9 +63,7 @@ def main(argv):
       jax.local_device_count(),
       jax.device_count(),
   )
-  workdir = paths.resolve(FLAGS.workdir)
-  if not paths.is_remote(workdir):
-    os.makedirs(workdir, exist_ok=True)
+  workdir = paths.make_folder(FLAGS.workdir, '--workdir')
   with config.unlocked():
     resolve_config_paths(config)
   train_and_evaluate(config, workdir)
@@ -83,4 +81,4 @@ def resolve_config_paths(config) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

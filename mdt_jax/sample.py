@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from absl import app, flags, logging
 
-from mdt_jax import paths, sampler_flags
+from mdt_jax import errors, paths, sampler_flags
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(sampler_flags)
@@ -55,4 +55,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

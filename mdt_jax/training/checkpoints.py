@@ -26,7 +26,7 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint._src.metadata import array_metadata_store
 
-from mdt_jax import paths
+from mdt_jax import errors, paths
 from mdt_jax.diffusion import objective_of
 from mdt_jax.models.mdt import COMPUTE, COMPUTE_OPTIONS, TRAINING, MDTConfig, field_names
 from mdt_jax.models.params import leaf_shapes, param_shapes
@@ -172,6 +172,7 @@ class Checkpointer:
     target = _abstract(abstract_state, shardings)
     args = {k: ocp.args.StandardRestore(v) for k, v in self._items(target).items()}
     args['data'] = _DataRestore(data_iter)
+    self._require_items(step)
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - orbax, TensorStore and json raise many types
@@ -185,6 +186,23 @@ class Checkpointer:
         ema_params=out['ema_params'],
         opt_state=out['opt_state'],
     )
+
+  def _require_items(self, step: int) -> None:
+    """Refuse a checkpoint folder that lacks an item, naming it, before orbax reads any."""
+    folder = self.directory / str(step)
+    missing = [k for k in (*ITEMS, 'data') if not (folder / k).is_dir()]
+    if missing:
+      self.close()
+      raise damaged_error(
+          f'checkpoint at step {step} in {self.directory}',
+          self.directory,
+          step,
+          self.manager.all_steps(),
+          FileNotFoundError(
+              f'{folder} has no {", ".join(missing)} (a checkpoint holds '
+              f'{", ".join((*ITEMS, "data"))})'
+          ),
+      )
 
   def _restore_error(self, step: int, target: TrainState, error: Exception) -> ValueError:
     """Another train state (config changed) or a damaged checkpoint, told apart by comparing the
@@ -267,7 +285,7 @@ def _brief(error: Exception) -> str:
 
 def damaged_error(
     where: str, directory, step: int, steps, error: Exception, *, loading: bool = False
-) -> ValueError:
+) -> errors.BadFile:
   """The error for a checkpoint that cannot be read: what failed and how to go on."""
   earlier = [s for s in steps if s < step]
   if not earlier:
@@ -279,7 +297,7 @@ def damaged_error(
         f'to resume from the checkpoint before it (step {max(earlier)}), move '
         f'{epath.Path(directory) / str(step)} out of {directory}'
     )
-  return ValueError(
+  return errors.BadFile(
       f'{where} cannot be read: a file in it is damaged or missing (truncated, '
       f'overwritten, deleted?): {_brief(error)}. Nothing was changed; {hint}'
   )
@@ -291,7 +309,14 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     return
-  saved = json.loads(path.read_text())
+  steps = saved_steps(workdir)
+  saved = paths.read_json(
+      path,
+      'the training config a run writes',
+      f'move it out of {workdir}: the run then '
+      + (f'resumes from its latest checkpoint (step {steps[-1]})' if steps else 'starts afresh')
+      + ' and writes it again',
+  )
   old_model = MDTConfig.from_dict(saved['model'])
   new_model = MDTConfig.from_dict(config.model.to_dict())
   old, new = old_model.to_dict(), new_model.to_dict()
@@ -327,4 +352,19 @@ def read_train_config(workdir: str) -> ml_collections.ConfigDict:
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(f'{workdir} has no {CONFIG_FILE}: not a training workdir')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return ml_collections.ConfigDict(
+      paths.read_json(
+          path,
+          'the training config a run writes',
+          'the next training start on this workdir writes it again',
+      )
+  )
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of the complete checkpoints of a workdir (orbax renames a save into place as
+  ``checkpoints/<step>`` when it is complete), oldest first."""
+  folder = epath.Path(paths.resolve(workdir)) / CHECKPOINT_DIR
+  if not folder.is_dir():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir())
