@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 from typing import Any
 
 import grain
@@ -26,7 +27,7 @@ from absl import logging
 from etils import epath
 from orbax.checkpoint._src.metadata import array_metadata_store
 
-from mdt_jax import errors, paths
+from mdt_jax import atomic, errors, faults, paths
 from mdt_jax.diffusion import objective_of
 from mdt_jax.models.mdt import COMPUTE, COMPUTE_OPTIONS, TRAINING, MDTConfig, field_names
 from mdt_jax.models.params import leaf_shapes, param_shapes
@@ -60,6 +61,14 @@ class _DataHandler(grain.checkpoint.CheckpointHandler):
   count. Process p of P reads every P-th per-process batch of one global stream, so after s steps
   every process's position is the same (s batches read) and the global batch of step s is the
   same for any P: a position written by any process is then right for every process now."""
+
+  def save(self, directory: epath.Path, item=None, args=None):
+    where = os.fspath(directory)
+    try:
+      faults.check('data_position', where)
+      super().save(directory, item, args)
+    except OSError as e:
+      raise errors.WriteFailed(where, e) from e
 
   def restore(self, directory: epath.Path, item=None, args=None):
     item = item or args.item
@@ -111,13 +120,40 @@ def _read_position(path: epath.Path) -> dict:
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 
+class _FaultPoint:
+  """A commit future of an array item's save that passes the fault hook when orbax's background
+  commit waits on it: after the item's arrays are written, before the step folder is renamed
+  into place (mdt_jax.faults, site 'checkpoint')."""
+
+  def __init__(self, where: str):
+    self.where, self.passed = where, False
+
+  def result(self, timeout=None) -> None:
+    del timeout
+    if self.passed:  # orbax may wait on a commit more than once: one write, one check
+      return
+    self.passed = True
+    try:
+      faults.check('checkpoint', self.where)
+    except OSError as e:
+      raise errors.WriteFailed(self.where, e) from e
+
+
+class _ArrayHandler(ocp.type_handlers.ArrayHandler):
+  """orbax's jax.Array handler, its commits passing the fault hook (``_FaultPoint``)."""
+
+  async def serialize(self, values, infos, args=None):
+    commits = list(await super().serialize(values, infos, args))
+    return [*commits, _FaultPoint(os.fspath(infos[0].parent_dir))] if infos else commits
+
+
 @contextlib.contextmanager
 def _array_writes():
   """orbax's jax.Array handler with MIN_REPLICA_SLICE_BYTES, for the saves in this block
   (orbax's own handler again after it). Without it a save of the tests' micro model on 8
   devices cut every array: thousands of ops."""
   own = ocp.type_handlers.get_type_handler(jax.Array)
-  handler = ocp.type_handlers.ArrayHandler(
+  handler = _ArrayHandler(
       min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
       array_metadata_store=array_metadata_store.Store(),
   )
@@ -344,7 +380,7 @@ def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   path = epath.Path(workdir) / CONFIG_FILE
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config.to_json_best_effort(indent=2))
+    atomic.write_text(os.fspath(path), config.to_json_best_effort(indent=2))
 
 
 def read_train_config(workdir: str) -> ml_collections.ConfigDict:
@@ -358,6 +394,19 @@ def read_train_config(workdir: str) -> ml_collections.ConfigDict:
           'the training config a run writes',
           'the next training start on this workdir writes it again',
       )
+  )
+
+
+def last_good(workdir: str) -> str:
+  """Which checkpoint of a workdir is the last good one, and that the next start resumes from
+  it (a sentence for an error that stopped the run)."""
+  steps = saved_steps(workdir)
+  if not steps:
+    return 'no checkpoint was written yet: the next start begins at step 0'
+  return (
+      f'the last good checkpoint is step {steps[-1]} '
+      f'({epath.Path(paths.resolve(workdir)) / CHECKPOINT_DIR / str(steps[-1])}): the next '
+      'start resumes from it'
   )
 
 

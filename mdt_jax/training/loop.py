@@ -19,6 +19,7 @@ from mdt_jax.data.device_prefetch import DevicePrefetch
 from mdt_jax.images import grid_image
 from mdt_jax.training import checkpoints, evaluation, logdir, samples, sharding
 from mdt_jax.training.config import validate
+from mdt_jax.training.lock import WorkdirLock
 from mdt_jax.training.state import TrainState, create_train_state, make_optimizer
 from mdt_jax.training.step import jit_step_from_config
 
@@ -99,6 +100,11 @@ def train_and_evaluate(
   step donates the state's buffers, so a callback must not keep references to them. ``devices``:
   the devices of ``config.mesh`` (default: all); a checkpoint resumes on any mesh.
   """
+  with WorkdirLock(workdir) as workdir_lock:  # one writer per workdir (mdt_jax/training/lock.py)
+    return _train(config, workdir, workdir_lock, callbacks, devices)
+
+
+def _train(config, workdir, workdir_lock, callbacks, devices) -> dict:
   model_cfg = validate(config)
   mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
   dp = sharding.data_parallel_size(mesh)
@@ -124,6 +130,7 @@ def train_and_evaluate(
   state, shardings, graphdef = create_train_state(
       model_cfg, optimizer, config.seed, mesh, config.sharding_rules
   )
+  workdir_lock.acquire()  # before the first write
   ckpt = checkpoints.Checkpointer(
       workdir, keep=config.keep_checkpoints, async_save=config.async_checkpointing
   )
