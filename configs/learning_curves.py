@@ -11,8 +11,7 @@ docs/learning_speed.md).
 
 import ml_collections
 
-from mdt_jax.models.presets import model_config
-from mdt_jax.training.config import base_config
+from mdt_jax.configs_base import base_config, model_config
 
 
 def train_config() -> ml_collections.ConfigDict:
@@ -28,7 +27,9 @@ def train_config() -> ml_collections.ConfigDict:
       decode_layer=2,
       num_classes=10,
   )
-  c.data.update(name='digits', image_size=16, flip=False, num_threads=1, prefetch=4, vae_decoder='')
+  c.data.update(
+      name='digits', image_size=16, flip=False, num_threads=1, prefetch=4, vae_decoder=None
+  )
   c.global_batch_size = 32
   c.total_steps = 4000
   c.optimizer.learning_rate = 1.5e-3

@@ -4,8 +4,7 @@ decode_layer 4 and learning rate 3e-4 as the official scripts use them for this 
 repository's defaults where its scripts are silent: spec section 1.1 and 5).
 """
 
-from mdt_jax.models.presets import model_config
-from mdt_jax.training.config import base_config
+from mdt_jax.configs_base import base_config, model_config
 
 
 def get_config():

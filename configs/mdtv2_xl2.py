@@ -7,8 +7,7 @@ mask ratio U[0.3, 0.5), decode_layer 4, class dropout 0.1. The original trains i
 bfloat16 compute (float32 master weights) is the fast option: --config.model.dtype=bfloat16.
 """
 
-from mdt_jax.models.presets import model_config
-from mdt_jax.training.config import base_config
+from mdt_jax.configs_base import base_config, model_config
 
 
 def get_config():

@@ -3,8 +3,7 @@
 python -m mdt_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
 """
 
-from mdt_jax.training.config import base_config
-from mdt_jax.models.presets import model_config
+from mdt_jax.configs_base import base_config, model_config
 
 
 def get_config():
@@ -19,7 +18,9 @@ def get_config():
       decode_layer=2,
       num_classes=10,
   )
-  c.data.update(name='digits', image_size=16, flip=False, num_threads=2, prefetch=4, vae_decoder='')
+  c.data.update(
+      name='digits', image_size=16, flip=False, num_threads=2, prefetch=4, vae_decoder=None
+  )
   c.global_batch_size = 32
   c.total_steps = 4000
   c.optimizer.learning_rate = 1.5e-3

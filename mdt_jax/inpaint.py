@@ -27,7 +27,8 @@ import os
 from absl import app, flags, logging
 import numpy as np
 
-from mdt_jax import atomic, errors, images as images_lib, paths, sampler_flags
+from mdt_jax import atomic, errors, images as images_lib, paths
+from mdt_jax.cli import sampler_flags
 
 FLAGS = flags.FLAGS
 flags.adopt_module_key_flags(sampler_flags)

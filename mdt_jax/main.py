@@ -57,6 +57,7 @@ def main(argv):
         process_id=FLAGS.process_id,
     )
   from mdt_jax.training.loop import train_and_evaluate
+  from mdt_jax.training.run import validate
 
   config = FLAGS.config
   if config is None:
@@ -76,7 +77,7 @@ def main(argv):
     resolve_config_paths(config)
   lock.configure(stale_after_s=FLAGS.lock_stale_after_s, force=FLAGS.force_unlock)
   try:
-    train_and_evaluate(config, workdir)
+    train_and_evaluate(validate(config), workdir)
   except errors.WriteFailed as e:  # a full disk, a failed upload: where to go on from
     raise e.with_hint(checkpoints.last_good(workdir)) from e
 

@@ -9,8 +9,7 @@ from flax import nnx
 from mdt_jax.hub.folder import save_model_folder
 from mdt_jax.models.mdt import MDT, MDTConfig
 from mdt_jax.models.params import abstract_model
-from mdt_jax.models.presets import model_config
-from mdt_jax.training.config import base_config
+from mdt_jax.configs_base import base_config, model_config
 
 
 def get_config():
@@ -25,7 +24,9 @@ def get_config():
       decode_layer=1,
       num_classes=10,
   )
-  c.data.update(name='digits', image_size=8, flip=False, num_threads=1, prefetch=2, vae_decoder='')
+  c.data.update(
+      name='digits', image_size=8, flip=False, num_threads=1, prefetch=2, vae_decoder=None
+  )
   c.global_batch_size = 16
   c.total_steps = 6
   c.optimizer.learning_rate = 1e-3

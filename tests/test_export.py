@@ -18,7 +18,7 @@ import reference_mdt as ref
 import mdt_jax
 from micro_config import get_config
 from mdt_jax import MDTConfig, model_config
-from mdt_jax.hub import export, official
+from mdt_jax.hub import export, model_card, official, upload
 from mdt_jax.hub.convert import convert_official
 from mdt_jax.hub import Pretrained, sampler_config
 from mdt_jax.hub.folder import load_model_folder
@@ -347,21 +347,21 @@ def test_evaluation_json_mapping_is_tolerant_and_explicit(tmp_path):
           {'metrics': {'FID': 3.5, 'IS': 250, 'sfid': None, 'kid': 0.1}, 'num_samples': 50000}
       )
   )
-  ev = export.read_evaluation(str(p))
+  ev = model_card.read_evaluation(str(p))
   assert [(m.type, v) for m, v in ev['metrics']] == [('fid', 3.5), ('inception_score', 250.0)]
   assert ev['num_samples'] == 50000
   p.write_text(json.dumps({'fid': 'low'}))
   with pytest.raises(ValueError, match="'fid' must be a finite number"):
-    export.read_evaluation(str(p))
+    model_card.read_evaluation(str(p))
   p.write_text(json.dumps({'fid': float('nan')}))
   with pytest.raises(ValueError, match='finite number'):
-    export.read_evaluation(str(p))
+    model_card.read_evaluation(str(p))
   p.write_text(json.dumps({'accuracy': 0.9}))
   with pytest.raises(ValueError, match='holds none of the metrics'):
-    export.read_evaluation(str(p))
+    model_card.read_evaluation(str(p))
   p.write_text('[1, 2]')
   with pytest.raises(ValueError, match='must hold an object'):
-    export.read_evaluation(str(p))
+    model_card.read_evaluation(str(p))
 
 
 def test_imagenet_latent_card(tmp_path):
@@ -381,12 +381,12 @@ def test_imagenet_latent_card(tmp_path):
           }
       )
   )
-  ev = export.read_evaluation(str(p))
-  meta = export.card_metadata(
+  ev = model_card.read_evaluation(str(p))
+  meta = model_card.card_metadata(
       config=cfg, data_cfg=data_cfg, license='cc-by-nc-4.0', model_name='mdtv2-xl2', evaluation=ev
   )
   data = dict(space='latent', image_size=256, vae='stabilityai/sd-vae-ft-ema')
-  text = export.card_text(
+  text = model_card.card_text(
       metadata=meta,
       config=cfg,
       model_ref='me/mdtv2-xl2',
@@ -398,7 +398,7 @@ def test_imagenet_latent_card(tmp_path):
       evaluation=ev,
       official_files=['official/mdt_official.pt'],
   )
-  card = export.parse_card(text)
+  card = model_card.parse_card(text)
   assert card.data.datasets == ['ILSVRC/imagenet-1k'] and card.data.license == 'cc-by-nc-4.0'
   r = {e.metric_type: e for e in card.data.eval_results}
   assert r['fid'].metric_value == 1.58 and r['inception_score'].metric_value == 314.7
@@ -409,7 +409,7 @@ def test_imagenet_latent_card(tmp_path):
   assert '(50000 samples, reference `VIRTUAL_imagenet256_labeled.npz`)' in card.text
   assert ModelCard(text).data.to_dict() == card.data.to_dict()
   with pytest.raises(ValueError, match='Invalid `model_index`'):  # the checker is not blind
-    export.parse_card(text.replace('    metrics:\n', '    metricz:\n', 1))
+    model_card.parse_card(text.replace('    metrics:\n', '    metricz:\n', 1))
 
 
 def test_recommended_sampling_settings_are_normalised_and_checked():
@@ -474,4 +474,4 @@ def test_bad_inputs_fail_before_any_work(run, tmp_path):
     export.export_workdir(wd, str(run['out']))
   assert not os.path.exists(out) and not [p for p in os.listdir(tmp_path) if p.startswith('.tmp')]
   with pytest.raises(FileNotFoundError, match='not a model folder'):
-    export.push_to_hub(str(tmp_path), REPO_ID, api=object())
+    upload.push_to_hub(str(tmp_path), REPO_ID, api=object())

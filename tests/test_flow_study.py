@@ -16,9 +16,9 @@ import pytest
 from flax import nnx
 
 from mdt_jax.models.mdt import MDTConfig
-from mdt_jax.studies import flow_matching as fm
-from mdt_jax.studies import flow_report
-from mdt_jax.studies import learning_curves as lc
+from studies import flow_matching as fm
+from studies import flow_report
+from studies import learning_curves as lc
 from mdt_jax.models.params import abstract_model
 from mdt_jax.training.state import TrainState
 

@@ -243,7 +243,7 @@ def test_cli_pixel_and_latent_model_folders(tmp_path, model, monkeypatch):
 
 
 def test_study_masks_and_report_tables():
-  from mdt_jax.studies import inpainting as study
+  from studies import inpainting as study
 
   low, right, rnd = (study.study_masks(k, 3, 16, 4) for k in study.MASKS)
   assert low[:, :8].all() and not low[:, 8:].any()

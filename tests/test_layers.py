@@ -16,19 +16,24 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The layer of each unit (a subpackage or a module at the package root); a unit imports only
 # units of its own layer or below, and no two units import each other, even through others.
 LAYERS = {
-    # plain helpers every layer uses: paths, atomic writes, image files, user errors, faults
+    # plain helpers every layer uses: paths, atomic writes, image files, progress bars, user
+    # errors, the fault hook
     'errors': 0,
     'faults': 0,
     'paths': 0,
     'atomic': 0,
     'images': 0,
+    'progress': 0,
+    # the private library paths, one module each (mdt_jax/compat)
+    'compat': 0,
     'models': 1,
+    # the training config's fields (configs/*.py start from it)
+    'configs_base': 1,
     'diffusion': 1,
     'data': 2,
     'vae': 2,
     'sampling': 2,
     'evaluation': 2,
-    'torch_reference': 2,
     'training': 3,
     'hub': 4,
     # the public package API (mdt_jax/__init__.py), entry points, tools on top
@@ -37,9 +42,7 @@ LAYERS = {
     'sample': 5,
     'evaluate': 5,
     'inpaint': 5,
-    'sampler_flags': 5,
-    'perf': 5,
-    'studies': 5,
+    'cli': 5,
     'tools': 5,
 }
 
@@ -50,8 +53,8 @@ def _module_name(path: pathlib.Path, root: pathlib.Path) -> str:
 
 
 def package_modules(root: pathlib.Path = ROOT) -> dict[str, pathlib.Path]:
-  """Module name -> file, for mdt_jax/ and tools/."""
-  files = sorted((root / 'mdt_jax').rglob('*.py')) + sorted((root / 'tools').glob('*.py'))
+  """Module name -> file, for mdt_jax/ and tools/ (its scripts and their packages)."""
+  files = sorted((root / 'mdt_jax').rglob('*.py')) + sorted((root / 'tools').rglob('*.py'))
   return {_module_name(p, root): p for p in files}
 
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import launch
-from mdt_jax.studies import learning_curves as lc
-from mdt_jax.studies import page, report
+from studies import learning_curves as lc
+from studies import page, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from micro_config import get_config
-from mdt_jax.perf import parity
+from benchmarks import parity
 
 
 @pytest.fixture(scope='module')

@@ -1,8 +1,9 @@
-"""The README's quickstart command, run as the README prints it, from a fresh current folder.
+"""The README's commands, run as the README prints them (or cut short), from a fresh folder.
 
 Every other test hands the code absolute temporary paths; a relative --workdir once crashed the
 first checkpoint (orbax wants absolute paths) while the whole suite passed. This test reads the
-command out of README.md, so the README and the code cannot drift apart.
+commands out of README.md (the quickstart's training, its picture, the test command CI runs), so
+the README and the code cannot drift apart.
 """
 
 import json
@@ -29,6 +30,8 @@ SHORT = [
     '--config.sampling.steps=5',
     '--config.eval_num_samples=20',
 ]
+# The picture from the trained run, cut to 2 samples per class and 2 sampling steps.
+SHORT_PICTURE = ['--num_samples=20', '--grid_size=20', '--steps=2']
 
 
 def readme_commands(section: str) -> list[list[str]]:
@@ -40,14 +43,38 @@ def readme_commands(section: str) -> list[list[str]]:
   return [shlex.split(part) for ln in lines for part in ln.split('&&')]
 
 
+def quickstart_commands(module: str) -> list[list[str]]:
+  """The quickstart's commands that run ``python -m module``."""
+  cmds = readme_commands('Quickstart \\(any CPU, offline\\)')
+  return [c for c in cmds if c[:3] == ['python', '-m', module]]
+
+
 def quickstart_command() -> list[str]:
   """The training command of the quickstart (the install before it is the environment's)."""
-  cmds = readme_commands('Quickstart \\(any CPU, offline\\)')
-  train = [c for c in cmds if c[:3] == ['python', '-m', 'mdt_jax.main']]
-  assert len(train) == 1, f'expected one training command in the quickstart, got {cmds}'
-  installs = [c for c in cmds if c[:4] == ['python', '-m', 'pip', 'install']]
-  assert installs, 'the quickstart no longer installs the package first'
+  train = quickstart_commands('mdt_jax.main')
+  assert len(train) == 1, f'expected one training command in the quickstart, got {train}'
+  installs = quickstart_commands('pip')
+  assert installs and installs[0][3] == 'install', 'the quickstart no longer installs first'
   return [sys.executable] + train[0][1:]
+
+
+def picture_command() -> list[str]:
+  """The quickstart's sampling command that draws the README's picture."""
+  cmds = quickstart_commands('mdt_jax.sample')
+  assert len(cmds) == 1, f'expected one sampling command in the quickstart, got {cmds}'
+  return [sys.executable] + cmds[0][1:]
+
+
+def test_readme_test_command_is_what_ci_runs():
+  """The README's test section: the install and the pytest command of .ci/run (which adds -q to
+  pip for a quieter log)."""
+  readme = readme_commands('Tests')
+  with open(os.path.join(ROOT, '.ci', 'run')) as f:
+    ci = [shlex.split(ln) for ln in f.read().splitlines() if ln.startswith('python -m p')]
+  ci = [[a for a in c if a != '-q'] if c[2] == 'pip' else c for c in ci]
+  ci = [c for c in ci if c[:5] != ['python', '-m', 'pip', 'install', '--upgrade']]
+  ci = [c[: c.index('||')] if '||' in c else c for c in ci]
+  assert readme == ci, (readme, ci)
 
 
 def test_readme_quickstart_runs_as_printed_from_a_fresh_folder(tmp_path):
@@ -91,6 +118,30 @@ def test_readme_quickstart_runs_as_printed_from_a_fresh_folder(tmp_path):
   assert 0.0 <= acc <= 1.0 and abs(acc * 20 - round(acc * 20)) < 1e-9, acc
   assert np.isfinite(result['digits_fd']) and result['digits_fd'] > 0
   check_tensorboard(str(work), result)
+  check_picture(tmp_path, env)
+
+
+def check_picture(folder, env):
+  """The README's picture command on the trained run: one row per class 0-9, each row's label
+  drawn at its left, the tiles enlarged; every row holds its class's two samples."""
+  cmd = picture_command() + SHORT_PICTURE
+  proc = subprocess.run(cmd, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  out = next(a.split('=', 1)[1] for a in cmd if a.startswith('--out='))
+  scale = int(next(a.split('=', 1)[1] for a in cmd if a.startswith('--grid_scale=')))
+  assert scale > 1 and '--grid_labels' in cmd
+  grid = np.asarray(Image.open(folder / out / 'samples_grid.png'))
+  tile = 16 * scale
+  assert grid.shape[0] == 10 * (tile + 2) - 2, grid.shape
+  label_w = grid.shape[1] - (2 * (tile + 2) - 2)
+  assert label_w > 0
+  for r in range(10):
+    band = grid[r * (tile + 2) : r * (tile + 2) + tile]
+    assert (band[:, :label_w] < 128).any(), f'no label drawn for row {r}'
+    for k in range(2):
+      cell = band[:, label_w + k * (tile + 2) : label_w + k * (tile + 2) + tile, 0]
+      assert cell.std() > 5, (r, k)  # a sample, not an empty slot
+  assert 'sampling: 20/20 images (100%)' in proc.stderr  # progress in a log: one line per 10%
 
 
 def check_grid(path):

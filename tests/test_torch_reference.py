@@ -11,7 +11,7 @@ from mdt_jax.hub import official
 from mdt_jax.sampling import SamplerConfig, build_sampler
 from mdt_jax.sampling import labels as labels_lib
 from mdt_jax.sampling.loops import per_sample_normal, sample_keys
-from mdt_jax.torch_reference import TorchMDT, from_official_state, sample_ddpm
+from torch_reference import TorchMDT, from_official_state, sample_ddpm
 
 TINY = dict(
     input_size=8,
@@ -97,7 +97,7 @@ def test_sampler_refuses_a_fixed_variance_model():
 
 
 def _train_config():
-  from mdt_jax.training.config import base_config
+  from mdt_jax.configs_base import base_config
 
   c = base_config()
   # Small enough to compile in seconds: one block of each kind (encoder in/out, decoder, side).
@@ -111,7 +111,7 @@ def _jax_draws(state, x, cfg, dif):
   """The JAX step's draws (mdt_jax.training.step.loss_fn, MDT.__call__), as torch tensors."""
   import jax
   from mdt_jax.models import masking
-  from mdt_jax.torch_reference.train import BranchDraws, StepDraws
+  from torch_reference.train import BranchDraws, StepDraws
 
   b = x.shape[0]
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
@@ -150,7 +150,7 @@ def test_train_step_matches_the_jax_step_on_the_same_draws():
   import jax
   from flax import nnx
   from mdt_jax.models import masking
-  from mdt_jax.torch_reference.train import TorchTrainStep
+  from torch_reference.train import TorchTrainStep
   from mdt_jax.training import step as step_lib
   from mdt_jax.models.params import abstract_model
   from mdt_jax.training.state import TrainState, make_optimizer

@@ -18,11 +18,12 @@ from micro_config import get_config
 from tensorboard_events import read_events, scalar
 from mdt_jax import MDTConfig
 from mdt_jax import diffusion as diff
+from mdt_jax.configs_base import DEFAULT_RULES
 from mdt_jax.training import checkpoints, sharding
 from mdt_jax.training import state as st
 from mdt_jax.training import step as stp
-from mdt_jax.training.config import validate
-from mdt_jax.perf import profile
+from mdt_jax.training.run import validate
+from benchmarks import profile
 from mdt_jax.training.loop import PROFILE_AFTER_STEPS, train_and_evaluate
 
 
@@ -96,7 +97,7 @@ def _run_steps(setup, mesh_shape, n=3, mask_branch=True):
   c, mc, opt, batch = setup
   devices = jax.devices()[: int(np.prod(mesh_shape))]
   mesh = sharding.make_mesh(dict(zip(('data', 'fsdp', 'tensor'), mesh_shape)), devices)
-  state, shardings, graphdef = st.create_train_state(mc, opt, 0, mesh, sharding.DEFAULT_RULES)
+  state, shardings, graphdef = st.create_train_state(mc, opt, 0, mesh, DEFAULT_RULES)
   fn = stp.jit_train_step(
       shardings,
       sharding.batch_sharding(mesh),
@@ -137,7 +138,7 @@ def test_mesh_matches_single_device(step_setup, single_device, shape):
 def test_param_shardings_follow_the_rules(step_setup):
   c, mc, opt, _ = step_setup
   mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
-  state, shardings, _ = st.create_train_state(mc, opt, 0, mesh, sharding.DEFAULT_RULES)
+  state, shardings, _ = st.create_train_state(mc, opt, 0, mesh, DEFAULT_RULES)
   P = jax.sharding.PartitionSpec
   blk = state.params['en_outblocks'][0]
   assert blk['attn']['qkv']['kernel'].sharding.spec == P('fsdp', 'tensor')  # embed, heads
@@ -163,7 +164,7 @@ def test_a_rule_that_cannot_apply_is_named(step_setup, caplog):
   _, mc, _, _ = step_setup
   params = nnx.state(st.abstract_model(mc))
   mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})
-  rules = dict(sharding.DEFAULT_RULES)
+  rules = dict(DEFAULT_RULES)
   with caplog.at_level('WARNING', logger='absl'):
     got = sharding.param_shardings(params, mesh, {**rules, 'vocab': 'tensor'}.items())
   P = jax.sharding.PartitionSpec
@@ -230,7 +231,7 @@ def test_workdir_of_another_model_is_refused(full_run, tmp_path):
       mask_buffer_multiple=8,
       residual_dtype='compute',
   )
-  checkpoints.check_workdir(str(work), c)
+  checkpoints.check_workdir(str(work), validate(c))
   c = micro_config(total_steps=9)
   c.optimizer.clip_norm = 0.0  # another optimizer-state structure
   with pytest.raises(ValueError, match='checkpoint at step 6 .* does not match this config'):

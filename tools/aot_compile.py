@@ -8,7 +8,7 @@
 Per chip and per step: analytic model FLOPs and XLA's, HBM bytes accessed, the roofline (compute,
 HBM and ICI times, the bottleneck, the MFU bound), memory against the chip's HBM, collectives
 by kind and the compile time. Prints Markdown tables (as tools/bench.py) and writes JSON.
-See mdt_jax/perf/aot.py for what each figure means and BENCHMARKS.md for recorded figures.
+See tools/benchmarks/aot.py for what each figure means and BENCHMARKS.md for recorded figures.
 """
 
 import json
@@ -55,7 +55,7 @@ flags.DEFINE_integer(
     'traffic',
     0,
     'also print where the HBM bytes go: this many source lines '
-    'and ops with the most traffic (mdt_jax/perf/traffic.py)',
+    'and ops with the most traffic (tools/benchmarks/traffic.py)',
 )
 flags.DEFINE_string('out', None, 'JSON file for the results')
 flags.DEFINE_string('hlo_out', None, 'folder for the optimized HLO of each step')
@@ -66,8 +66,8 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   from mdt_jax import paths
-  from mdt_jax.perf.benchmark import markdown_table
-  from mdt_jax.perf import aot, tpu, traffic
+  from benchmarks.tables import markdown_table
+  from benchmarks import aot, tpu, traffic
 
   try:
     slc = tpu.parse_slice(FLAGS.topology)

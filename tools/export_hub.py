@@ -6,13 +6,13 @@ r"""Export a training run as a folder ready for the Hugging Face Hub (and upload
 
 Writes model.safetensors + config.json + README.md (model card); --official_layout adds
 official/mdt_official.safetensors (and .pt with --official_formats=safetensors,pt) under the
-original PyTorch key names. The logic is mdt_jax.hub.export.
+original PyTorch key names. The logic is mdt_jax.hub.export (the card: model_card, the upload: upload).
 """
 
 from absl import app, flags
 
 from mdt_jax import errors, paths
-from mdt_jax.hub import export
+from mdt_jax.hub import export, upload
 
 flags.DEFINE_string('workdir', None, 'training workdir (config.json + checkpoints/)', required=True)
 flags.DEFINE_string('out', None, 'folder to write', required=True)
@@ -53,7 +53,7 @@ def main(argv):
   )
   print(f'wrote {out}')
   if FLAGS.push_to_hub:
-    url = export.push_to_hub(out, FLAGS.push_to_hub, private=FLAGS.private)
+    url = upload.push_to_hub(out, FLAGS.push_to_hub, private=FLAGS.private)
     print(f'uploaded to {url}')
 
 

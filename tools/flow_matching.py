@@ -14,7 +14,7 @@ import os
 
 from absl import app, flags
 
-from mdt_jax.studies import cli
+from studies import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 cli.define_flags(os.path.join(ROOT, 'configs', 'flow_matching.py'), 'docs/flow_matching')

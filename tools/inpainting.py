@@ -29,7 +29,7 @@ def main(argv):
   if not FLAGS.model:
     raise app.UsageError('--model is required')
   from mdt_jax import paths
-  from mdt_jax.studies import inpainting
+  from studies import inpainting
 
   out = paths.require_local(FLAGS.out, '--out', 'the study writes its report on a local disk')
   results = inpainting.run_study(

@@ -12,7 +12,7 @@ import os
 
 from absl import app, flags
 
-from mdt_jax.studies import cli
+from studies import cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 cli.define_flags(os.path.join(ROOT, 'configs', 'learning_curves.py'), 'docs/learning_speed')

@@ -3,7 +3,7 @@
   python tools/profile_summary.py DIR [--module=train_step] [--top=20] [--out=summary.json]
 
 DIR is the folder given to `--profile` (of tools/bench.py or mdt_jax.main); the newest trace in
-it is read (mdt_jax/perf/profile.py: jax.profiler.ProfileData and xprof). For the full picture
+it is read (tools/benchmarks/profile.py: jax.profiler.ProfileData and xprof). For the full picture
 open DIR in TensorBoard's profile plugin (XProf).
 """
 
@@ -12,7 +12,7 @@ import json
 from absl import app, flags
 
 from mdt_jax import paths
-from mdt_jax.perf import profile
+from benchmarks import profile
 
 flags.DEFINE_string(
     'module', 'train_step', 'only XLA modules whose name contains this ("" for all)'

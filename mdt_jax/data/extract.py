@@ -1,8 +1,9 @@
 """Encode an image dataset with the SD VAE into ArrayRecord shards of latent records.
 
-Each image goes through the ADM preprocessing (RGB, centre crop to ``image_size``); the image and
-its horizontal flip are encoded together, sharded over all local devices, and written as one
-record (``mdt_jax.data.records.encode_latent_record``: moments = mean ++ logvar, NHWC, float32).
+Each image of a source (`mdt_jax.data.image_sources`: a folder or a TFDS dataset) goes through
+the ADM preprocessing (RGB, centre crop to ``image_size``); the image and its horizontal flip are
+encoded together, sharded over all local devices, and written as one record
+(``mdt_jax.data.records.encode_latent_record``: moments = mean ++ logvar, NHWC, float32).
 
 Output folder::
 
@@ -19,15 +20,12 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
-import dataclasses
 import hashlib
-import io
 import itertools
 import json
 import math
 import os
-import time
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,13 +33,13 @@ import numpy as np
 from absl import logging
 from array_record.python.array_record_module import ArrayRecordWriter
 from jax.sharding import NamedSharding, PartitionSpec as P
-from PIL import Image
 
 from mdt_jax import atomic, paths
+from mdt_jax.data.image_sources import ImageSource, preprocess
 from mdt_jax.data.records import encode_latent_record
+from mdt_jax.progress import Progress
 from mdt_jax.vae.io import VAE, encode_fn
 
-IMAGE_EXTENSIONS = ('jpg', 'jpeg', 'png', 'gif')  # the ADM loader's list
 SHARD_PATTERN = 'latents-{i:05d}-of-{n:05d}.array_record'
 # ArrayRecord writes local files only, and a restart resumes from shards renamed into place
 LOCAL_OUT_REASON = (
@@ -50,139 +48,6 @@ LOCAL_OUT_REASON = (
     'with --config.data.path=gs://BUCKET/FOLDER'
 )
 PREFETCH = 4  # batches of images read ahead of the device
-
-
-def center_crop_arr(image: Image.Image, size: int) -> np.ndarray:
-  """ADM centre crop: halve with BOX while the short side >= 2*size, BICUBIC to short side
-  `size`, crop the centre. Returns uint8 [size, size, C]."""
-  while min(image.size) >= 2 * size:
-    image = image.resize(tuple(s // 2 for s in image.size), resample=Image.BOX)
-  scale = size / min(image.size)
-  image = image.resize(tuple(round(s * scale) for s in image.size), resample=Image.BICUBIC)
-  arr = np.asarray(image)
-  top, left = (arr.shape[0] - size) // 2, (arr.shape[1] - size) // 2
-  return arr[top : top + size, left : left + size]
-
-
-def preprocess(image: Image.Image, size: int) -> np.ndarray:
-  """RGB, ADM centre crop; uint8 [size, size, 3] (scaled to [-1, 1] on the device)."""
-  image.load()
-  return center_crop_arr(image.convert('RGB'), size)
-
-
-@dataclasses.dataclass
-class ImageSource:
-  """Random-access images: ``load(i)`` -> (PIL image, label), which may raise on a bad image."""
-
-  keys: Callable[[int], str]
-  load: Callable[[int], tuple[Image.Image, int]]
-  size: int
-  class_names: list[str]
-  description: dict[str, Any]
-
-  def __len__(self) -> int:
-    return self.size
-
-
-def folder_source(root: str, label_from: str = 'folder') -> ImageSource:
-  """Images under `root` (extensions as ADM: jpg, jpeg, png, gif), listed recursively, sorted.
-
-  The class is the sub-folder directly under `root` (``label_from='folder'``) or the file-name
-  prefix before the first '_' (``'prefix'``, as the ADM loader does); label = index in the sorted
-  list of class names.
-  """
-  if label_from not in ('folder', 'prefix'):
-    raise ValueError(f"label_from must be 'folder' or 'prefix', got {label_from!r}")
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f'image folder {root!r} does not exist or is not a folder')
-  files = []
-  for dirpath, dirnames, filenames in os.walk(root):
-    dirnames.sort()
-    for name in filenames:
-      if '.' in name and name.rsplit('.', 1)[1].lower() in IMAGE_EXTENSIONS:
-        files.append(os.path.relpath(os.path.join(dirpath, name), root))
-  files.sort()
-  if not files:
-    raise ValueError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) under {root!r}')
-  if label_from == 'folder':
-    loose = [f for f in files if os.sep not in f]
-    if loose:
-      raise ValueError(
-          f'{len(loose)} images lie directly in {root!r} (e.g. {loose[:3]}), not in '
-          "a class sub-folder; move them or use label_from='prefix'"
-      )
-    classes = [f.split(os.sep, 1)[0] for f in files]
-  else:
-    classes = [os.path.basename(f).split('_', 1)[0] for f in files]
-  class_names = sorted(set(classes))
-  index = {c: i for i, c in enumerate(class_names)}
-  labels = [index[c] for c in classes]
-
-  def load(i):
-    with open(os.path.join(root, files[i]), 'rb') as f:
-      return Image.open(io.BytesIO(f.read())), labels[i]
-
-  return ImageSource(
-      keys=files.__getitem__,
-      load=load,
-      size=len(files),
-      class_names=class_names,
-      description={'source': 'folder', 'root': os.path.abspath(root), 'label_from': label_from},
-  )
-
-
-def tfds_source(
-    name: str = 'imagenet2012', split: str = 'train', data_dir: str | None = None
-) -> ImageSource:
-  """A prepared TFDS dataset (array_record file format) through ``tfds.data_source``.
-
-  Images are read as the stored bytes and decoded with PIL, as the ADM loader decodes files.
-  """
-  try:
-    import tensorflow_datasets as tfds
-  except ImportError as e:
-    raise ImportError('the TFDS source needs tensorflow-datasets (see requirements.txt)') from e
-  try:
-    ds = tfds.data_source(
-        name,
-        split=split,
-        data_dir=data_dir,
-        download=False,
-        decoders={'image': tfds.decode.SkipDecoding()},
-    )
-  except Exception as e:  # tfds raises several types for a missing / unprepared dataset
-    raise FileNotFoundError(
-        f'cannot open TFDS dataset {name!r} split {split!r} in data_dir {data_dir!r} '
-        f'(it must be prepared in array_record format): {e}'
-    ) from e
-  if len(ds) == 0:
-    raise ValueError(f'TFDS dataset {name!r} split {split!r} in {data_dir!r} is empty')
-  class_names = list(ds.dataset_info.features['label'].names)
-
-  def key(i):
-    return f'{name}/{split}[{i}]'
-
-  def load(i):
-    ex = ds[i]
-    img = ex['image']
-    if isinstance(img, (bytes, np.bytes_)):
-      img = Image.open(io.BytesIO(img))
-    else:
-      img = Image.fromarray(np.asarray(img))
-    return img, int(ex['label'])
-
-  return ImageSource(
-      keys=key,
-      load=load,
-      size=len(ds),
-      class_names=class_names,
-      description={
-          'source': 'tfds',
-          'name': name,
-          'split': split,
-          'data_dir': os.path.abspath(data_dir) if data_dir else None,
-      },
-  )
 
 
 def _vae_fingerprint(vae: VAE) -> str:
@@ -235,33 +100,6 @@ def make_pair_encoder(vae: VAE, batch_size: int):
   return lambda images: fn(state, jax.device_put(images, batch))
 
 
-class _Progress:
-
-  def __init__(self, total: int, every_s: float):
-    self.total, self.every_s, self.done = total, every_s, 0
-    self.start = self.last = time.time()
-    self.rate_done = 0
-
-  def update(self, n: int, shard: int, num_shards: int, counted: bool = True):
-    self.done += n
-    self.rate_done += n if counted else 0
-    now = time.time()
-    if now - self.last >= self.every_s or self.done == self.total:
-      self.last = now
-      rate = self.rate_done / max(now - self.start, 1e-9)
-      eta = (self.total - self.done) / rate if rate > 0 else float('nan')
-      logging.info(
-          'shard %d/%d  images %d/%d (%.1f%%)  %.1f img/s  ETA %.0f min',
-          shard + 1,
-          num_shards,
-          self.done,
-          self.total,
-          100 * self.done / self.total,
-          rate,
-          eta / 60,
-      )
-
-
 def _chunks(indices: Sequence[int], size: int):
   for s in range(0, len(indices), size):
     yield indices[s : s + size]
@@ -275,9 +113,7 @@ def _write_shard(
     image_size: int,
     batch_size: int,
     tmp_path: str,
-    progress: _Progress,
-    shard: int,
-    num_shards: int,
+    progress: Progress,
 ) -> dict:
   """Encode `indices` into `tmp_path`; returns the shard's counts and skipped images."""
 
@@ -311,7 +147,7 @@ def _write_shard(
       if pending is not None:
         flush(pending)
       pending = result
-      progress.update(len(chunk), shard, num_shards)
+      progress.update(len(chunk))
     if pending is not None:
       flush(pending)
   finally:
@@ -356,7 +192,6 @@ def extract(
     batch_size: int = 64,
     images_per_shard: int = 10_000,
     num_workers: int = 16,
-    log_every_s: float = 30.0,
 ) -> dict:
   """Encode every image of `source` (and its flip) into ArrayRecord shards under `out_dir`.
 
@@ -395,20 +230,18 @@ def extract(
   )
 
   encode = make_pair_encoder(vae, batch_size)
-  progress = _Progress(n, log_every_s)
-  with concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
+  progress = Progress(n, 'latents', unit='images')
+  with progress, concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
     for s in range(num_shards):
       indices = range(s * images_per_shard, min(n, (s + 1) * images_per_shard))
       final = os.path.join(out_dir, SHARD_PATTERN.format(i=s, n=num_shards))
       info_path = os.path.join(progress_dir, f'shard-{s:05d}.json')
       if os.path.exists(final) and os.path.exists(info_path):
         logging.info('shard %d/%d already finished, skipped', s + 1, num_shards)
-        progress.update(len(indices), s, num_shards, counted=False)
+        progress.skip(len(indices))
         continue
       tmp = os.path.join(out_dir, '.' + os.path.basename(final) + '.tmp')
-      info = _write_shard(
-          source, indices, encode, pool, image_size, batch_size, tmp, progress, s, num_shards
-      )
+      info = _write_shard(source, indices, encode, pool, image_size, batch_size, tmp, progress)
       info.update(file=os.path.basename(final), bytes=os.path.getsize(tmp))
       atomic.write_json(info_path, info)  # before the rename: a finished shard always has its info
       os.replace(tmp, final)

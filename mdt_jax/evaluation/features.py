@@ -9,8 +9,6 @@ by batch from the zip member (a 50,000 x 256 x 256 x 3 batch is 9.8 GB; it is ne
 from __future__ import annotations
 
 import functools
-import sys
-import time
 import zipfile
 from typing import Iterator
 
@@ -20,6 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mdt_jax.evaluation.inception import InceptionV3
+from mdt_jax.progress import Progress
 
 
 def check_images(images: np.ndarray, what: str = 'images') -> None:
@@ -142,28 +141,25 @@ class FeatureExtractor:
       total = len(array)
       batches = (array[i : i + self.batch_size] for i in range(0, total, self.batch_size))
     out: dict[str, list] = {}
-    done, start, last_print = 0, time.time(), 0.0
     pending = None
+    bar = Progress(total, f'[inception] {label}') if progress and total else None
 
     def collect(item):
       feats, n = item
       for k, v in feats.items():
         out.setdefault(k, []).append(np.asarray(v)[:n])  # slice on the host, not on device
-      return n
+      if bar is not None:
+        bar.update(n)
 
     for batch in _rechunk(batches, self.batch_size, label):
       item = self._run(batch)  # dispatched asynchronously
       if pending is not None:  # gather the previous batch while this one runs
-        done += collect(pending)
+        collect(pending)
       pending = item
-      now = time.time()
-      if progress and done and now - last_print > 10:
-        last_print = now
-        _report(label, done, total, now - start)
     if pending is not None:
-      done += collect(pending)
-    if progress:
-      _report(label, done, total, time.time() - start)
+      collect(pending)
+    if bar is not None:
+      bar.close()
     if not out:
       raise ValueError(f'no {label} to compute features of')
     return {k: np.concatenate(v) for k, v in out.items()}
@@ -175,9 +171,3 @@ def _rechunk(batches, size: int, label: str) -> Iterator[np.ndarray]:
     check_images(batch, label)
     for i in range(0, len(batch), size):
       yield batch[i : i + size]
-
-
-def _report(label: str, done: int, total: int | None, seconds: float) -> None:
-  of = f'/{total}' if total else ''
-  rate = done / seconds if seconds > 0 else 0.0
-  print(f'[inception] {label}: {done}{of} images, {rate:.1f} images/s', file=sys.stderr, flush=True)

@@ -61,7 +61,7 @@ def convert_official(
   """Convert and write; nothing is written unless every key maps."""
   state = read_state_dict(checkpoint)
   config = official.infer_config(state, **config_overrides)
-  params = official.to_flax_params(state, config)
+  params = official.to_flax_params(state, config, progress=True)
   return save_model_folder(
       out_dir,
       params,

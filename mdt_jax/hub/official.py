@@ -21,6 +21,7 @@ from flax import nnx
 from mdt_jax.models.layers import relative_position_index
 from mdt_jax.models.mdt import MDT, MDTConfig
 from mdt_jax.models.params import abstract_model, key_mismatches
+from mdt_jax.progress import Progress
 
 INDEX_SUFFIX = 'attn.rel_pos_bias.relative_position_index'
 
@@ -62,10 +63,18 @@ def layout(config: MDTConfig | dict) -> dict[str, Entry]:
 # (keys, index buffers, config inference, checks).
 @functools.lru_cache(maxsize=8)
 def _layout(config: MDTConfig) -> dict[str, Entry]:
+  if config.qk_norm is not None:
+    raise ValueError(
+        f'model.qk_norm={config.qk_norm!r}: the official checkpoint layout has no QK-norm '
+        'parameters (the official models are trained without it); import or export such a '
+        'model with qk_norm off, or keep it as a model folder'
+    )
   abstract = abstract_model(config)
   flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
   out = {}
   for path, var in flat:
+    if path[0] == 'projector':  # a training-time head (representation alignment), not exported
+      continue
     shape = tuple(var.shape)
     if path[-1] == 'kernel':
       kind = 'conv' if len(shape) == 4 else 'linear'
@@ -164,17 +173,25 @@ def check_state(state: Mapping[str, Any], config: MDTConfig | dict) -> dict[str,
   return keys
 
 
-def to_flax_params(state: Mapping[str, Any], config: MDTConfig | dict) -> nnx.State:
-  """Official state dict (numpy or torch tensors) -> nnx.State of float32 parameters."""
+def to_flax_params(
+    state: Mapping[str, Any], config: MDTConfig | dict, progress: bool = False
+) -> nnx.State:
+  """Official state dict (numpy or torch tensors) -> nnx.State of float32 parameters.
+
+  ``progress``: show the conversion's progress in parameters (on stderr).
+  """
   keys = check_state(state, config)
+  total = sum(math.prod(e.shape) for e in keys.values())
   flat = []
-  for name, e in keys.items():
-    w = np.asarray(state[name], dtype=np.float32)
-    if e.kind == 'linear':
-      w = w.T
-    elif e.kind == 'conv':
-      w = w.transpose(2, 3, 1, 0)
-    flat.append((e.path, nnx.Param(np.ascontiguousarray(w))))
+  with Progress(total, 'converting', unit='parameters', enabled=progress) as bar:
+    for name, e in keys.items():
+      w = np.asarray(state[name], dtype=np.float32)
+      if e.kind == 'linear':
+        w = w.T
+      elif e.kind == 'conv':
+        w = w.transpose(2, 3, 1, 0)
+      flat.append((e.path, nnx.Param(np.ascontiguousarray(w))))
+      bar.update(w.size)
   return nnx.from_flat_state(flat)
 
 
@@ -208,3 +225,21 @@ def model_from_state(state: Mapping[str, Any], config: MDTConfig | dict | None =
   model = abstract_model(config)
   nnx.update(model, jax.tree.map(lambda x: jax.numpy.asarray(x), params))
   return model
+
+
+def constructor_call(config: MDTConfig) -> str:
+  """The original code's constructor call for this config, e.g. ``MDTv2(input_size=32, ...)``."""
+  cls = 'MDTv2' if config.arch == 'mdtv2' else 'MDT'
+  args = dict(
+      input_size=config.input_size,
+      patch_size=config.patch_size,
+      in_channels=config.in_channels,
+      hidden_size=config.hidden_size,
+      depth=config.depth,
+      num_heads=config.num_heads,
+      mlp_ratio=config.mlp_ratio,
+      num_classes=config.num_classes,
+      learn_sigma=config.learn_sigma,
+      decode_layer=config.decode_layer,
+  )
+  return f'{cls}(' + ', '.join(f'{k}={v!r}' for k, v in args.items()) + ')'

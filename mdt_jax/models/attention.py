@@ -26,17 +26,46 @@ import functools
 import math
 import threading
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from mdt_jax.models import platform
 
 Array = jax.Array
 IMPLEMENTATIONS = (None, 'xla', 'cudnn', 'pallas')  # None: chosen by backend (`attend`)
+QK_NORMS = (None, 'rms', 'layer')  # None: queries and keys as projected
+
+
+class QKNorm(nnx.Module):
+  """RMS or layer norm of each head's query and key (not the value) in the packed qkv projection
+  [B, N, 3D], a learned scale per head dimension (one for queries, one for keys), statistics in
+  float32. The result is packed as it came, so every implementation of `attend` takes it."""
+
+  def __init__(self, kind: str, heads: int, head_dim: int, eps: float = 1e-6):
+    if kind not in QK_NORMS[1:]:
+      raise ValueError(f'qk_norm must be one of {QK_NORMS}, got {kind!r}')
+    self.kind, self.heads, self.eps = kind, heads, eps
+    self.q_scale = nnx.Param(jnp.ones((head_dim,), jnp.float32), out_sharding=(None,))
+    self.k_scale = nnx.Param(jnp.ones((head_dim,), jnp.float32), out_sharding=(None,))
+
+  def _norm(self, x: Array, scale: Array) -> Array:
+    x32 = x.astype(jnp.float32)
+    if self.kind == 'layer':
+      x32 = x32 - x32.mean(-1, keepdims=True)
+    x32 = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.eps)
+    return (x32 * scale).astype(x.dtype)
+
+  def __call__(self, qkv: Array) -> Array:
+    b, n, d3 = qkv.shape
+    q, k, v = jnp.unstack(qkv.reshape(b, n, 3, self.heads, -1), axis=2)
+    q, k = self._norm(q, self.q_scale[...]), self._norm(k, self.k_scale[...])
+    return jnp.stack([q, k, v], axis=2).reshape(b, n, d3)
 
 
 def attend(
@@ -120,16 +149,15 @@ def _kernel(qkv, bias, key_mask, heads):
 
 def _split(qkv, bias, key_mask, heads):
   """q, k, v [B, N, H, Dh]; bias [B or 1, H, N, N]; mask [B, 1, 1, N] or None."""
-  b, n, d3 = qkv.shape
-  qkv = qkv.reshape(b, n, 3, heads, d3 // (3 * heads))
-  mask = None if key_mask is None else key_mask[:, None, None, :]
+  qkv = einops.rearrange(qkv, 'b n (qkv h d) -> b n qkv h d', qkv=3, h=heads)
+  mask = None if key_mask is None else einops.rearrange(key_mask, 'b n -> b 1 1 n')
   return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias[None] if bias.ndim == 3 else bias, mask
 
 
 def _xla(qkv, bias, key_mask, heads, implementation):
   q, k, v, bias, mask = _split(qkv, bias, key_mask, heads)
   out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, implementation=implementation)
-  return out.reshape(qkv.shape[0], qkv.shape[1], -1)
+  return einops.rearrange(out, 'b n h d -> b n (h d)')
 
 
 def _einsum(qkv, bias, key_mask, heads):
@@ -145,7 +173,7 @@ def _einsum(qkv, bias, key_mask, heads):
   if mask is not None:  # as jax.nn.dot_product_attention masks
     logits = jnp.where(mask, logits, -0.7 * jnp.finfo(logits.dtype).max)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum('bnts,bsnh->btnh', probs, v).reshape(qkv.shape[0], qkv.shape[1], -1)
+  return einops.rearrange(jnp.einsum('bnts,bsnh->btnh', probs, v), 'b n h d -> b n (h d)')
 
 
 # ------------------------------------------------------------------------------ Pallas kernel
@@ -337,5 +365,7 @@ def fused_attention(
     raise ValueError(f'qkv width {qkv.shape[-1]} is not 3 x heads ({heads}) x head_dim')
   if interpret is None:
     interpret = getattr(_INTERPRET, 'value', False)
-  valid = None if key_mask is None else key_mask.astype(jnp.float32)[:, None, :]
+  valid = (
+      None if key_mask is None else einops.rearrange(key_mask.astype(jnp.float32), 'b n -> b 1 n')
+  )
   return _fused(qkv, bias.astype(qkv.dtype), valid, heads, interpret)

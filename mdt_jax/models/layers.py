@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from mdt_jax.models import platform
-from mdt_jax.models.attention import attend
+from mdt_jax.models.attention import QKNorm, attend
 
 Array = jax.Array
 
@@ -139,9 +140,7 @@ class PatchEmbed(nnx.Module):
     )
 
   def __call__(self, x: Array) -> Array:
-    y = self.proj(x)
-    b, gh, gw, d = y.shape
-    return y.reshape(b, gh * gw, d)
+    return einops.rearrange(self.proj(x), 'b gh gw d -> b (gh gw) d')
 
 
 class TimestepEmbedder(nnx.Module):
@@ -229,9 +228,9 @@ class RelativePositionBias(nnx.Module):
   def _gather(self, table: Array, ids: Array | None, dtype) -> Array:
     index = jnp.asarray(relative_position_index(self.grid))
     if ids is None:
-      return jnp.moveaxis(table[index], -1, -3)
+      return einops.rearrange(table[index], 'q k h -> h q k')
     index = index[ids[:, :, None], ids[:, None, :]]  # [B, K, K]
-    return jnp.moveaxis(table[index], -1, -3).astype(dtype)
+    return einops.rearrange(table[index], 'b q k h -> b h q k').astype(dtype)
 
   def _onehot(self, table: Array, ids: Array | None, dtype) -> Array:
     g = self.grid
@@ -239,11 +238,11 @@ class RelativePositionBias(nnx.Module):
     offsets = jnp.asarray(_one_hot_offsets(g))
     # [H, L, L] from the table by two small contractions (rows, then columns), in float32 at
     # full precision: exactly the table's values, its gradient summed in float32
-    t = table[: span * span].reshape(span, span, -1)
+    t = einops.rearrange(table[: span * span], '(r c) h -> r c h', r=span)
     hp = jax.lax.Precision.HIGHEST
     rows = jnp.einsum('ard,deh->areh', offsets, t, precision=hp)  # [G, G, 2G-1, H]
     full = jnp.einsum('areh,cse->hacrs', rows, offsets, precision=hp)  # [H, G, G, G, G]
-    full = full.reshape(-1, g * g, g * g)
+    full = einops.rearrange(full, 'h a c r s -> h (a c) (r s)')
     if ids is None:
       return full
     # per sample, rows and columns of the kept tokens: [B, K, L] one-hot products. Exact in
@@ -267,6 +266,7 @@ class Attention(nnx.Module):
       attention_impl: str | None = None,
       masked_attention_impl: str | None = None,
       rel_pos_bias_impl: str | None = None,
+      qk_norm: str | None = None,
   ):
     if dim % heads:
       raise ValueError(f'hidden_size {dim} is not divisible by num_heads {heads}')
@@ -278,13 +278,17 @@ class Attention(nnx.Module):
     self.qkv = dense(dim, 3 * dim, ('embed', 'heads'), rngs=rngs, dtype=dtype)
     self.proj = dense(dim, dim, ('heads', 'embed'), rngs=rngs, dtype=dtype)
     self.rel_pos_bias = RelativePositionBias(grid, heads, rngs=rngs)
+    self.qk_norm = None if qk_norm is None else QKNorm(qk_norm, heads, dim // heads)
 
   def __call__(self, x: Array, ids: Array | None, key_mask: Array | None = None) -> Array:
     """x [B, N, D]; ids [B, N] grid positions of x's tokens (None: all, in grid order); key_mask
     [B, N] True for real tokens."""
     impl = self.attention_impl if key_mask is None else self.masked_attention_impl
     bias = self.rel_pos_bias(ids, self.rel_pos_bias_impl, self.dtype)
-    out = attend(self.qkv(x), bias, key_mask, self.heads, impl)
+    qkv = self.qkv(x)
+    if self.qk_norm is not None:
+      qkv = self.qk_norm(qkv)
+    out = attend(qkv, bias, key_mask, self.heads, impl)
     return self.proj(out)
 
 
@@ -296,6 +300,19 @@ class Mlp(nnx.Module):
 
   def __call__(self, x: Array) -> Array:
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class Projector(nnx.Module):
+  """Three linear layers with SiLU between (REPA's projector): an encoder block's tokens ->
+  the alignment target's width."""
+
+  def __init__(self, dim: int, hidden: int, out: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.fc1 = dense(dim, hidden, ('embed', 'mlp'), rngs=rngs, dtype=dtype)
+    self.fc2 = dense(hidden, hidden, ('mlp', None), rngs=rngs, dtype=dtype)
+    self.fc3 = dense(hidden, out, (None, None), rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: Array) -> Array:
+    return self.fc3(jax.nn.silu(self.fc2(jax.nn.silu(self.fc1(x)))))
 
 
 class MDTBlock(nnx.Module):
@@ -315,6 +332,7 @@ class MDTBlock(nnx.Module):
       masked_attention_impl: str | None = None,
       stream_dtype=jnp.float32,
       rel_pos_bias_impl: str | None = None,
+      qk_norm: str | None = None,
   ):
     self.stream_dtype = stream_dtype  # the residual stream's dtype, in and out of the block
     self.skip_linear = (
@@ -329,6 +347,7 @@ class MDTBlock(nnx.Module):
         attention_impl=attention_impl,
         masked_attention_impl=masked_attention_impl,
         rel_pos_bias_impl=rel_pos_bias_impl,
+        qk_norm=qk_norm,
     )
     self.mlp = Mlp(dim, int(dim * mlp_ratio), rngs=rngs, dtype=dtype)
     self.adaLN_modulation_1 = dense(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import ml_collections
+from ml_collections.config_dict import placeholder
 
 from mdt_jax.models.mdt import MDTConfig
 
@@ -13,6 +14,13 @@ SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 
 PATCHES = (2, 4, 8)
 # The official factory functions' mask ratio (MDTv2_XL_2(..., mask_ratio=0.3)).
 MASK_RATIO = 0.3
+
+
+def _field_value(value, annotation: str):
+  """`value`, or for None a placeholder of the field's type (its annotation's first word)."""
+  if value is not None:
+    return value
+  return placeholder({'str': str, 'float': float, 'int': int}[annotation.split()[0]])
 
 
 def model_config(name: str = 'XL/2', **overrides) -> ml_collections.ConfigDict:
@@ -32,15 +40,10 @@ def model_config(name: str = 'XL/2', **overrides) -> ml_collections.ConfigDict:
   preset = MDTConfig(
       patch_size=patch, hidden_size=hidden, depth=depth, num_heads=heads, mask_ratio=MASK_RATIO
   )
-  # A ConfigDict types a field by its value, so a None string field could not be set from the
-  # command line: it is written '' (which MDTConfig reads as None, "auto").
+  # A ConfigDict types a field by its value: an unset (None) field is a typed placeholder, so that
+  # the command line can still set it.
   cfg = ml_collections.ConfigDict(
-      {
-          f.name: ''
-          if getattr(preset, f.name) is None and f.type.startswith('str')
-          else getattr(preset, f.name)
-          for f in dataclasses.fields(preset)
-      }
+      {f.name: _field_value(getattr(preset, f.name), f.type) for f in dataclasses.fields(preset)}
   )
   for k, v in overrides.items():
     if k not in cfg:

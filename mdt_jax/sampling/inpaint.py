@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,10 +113,8 @@ def check_masks(masks, image_shape: tuple[int, ...], what: str = 'masks') -> np.
 
 def token_masks(masks: np.ndarray | Array, patch_size: int) -> Array:
   """[N, L] bool, token known when every pixel of its patch is known (row-major tokens)."""
-  n, h, w = masks.shape
-  g_h, g_w = h // patch_size, w // patch_size
-  m = jnp.asarray(masks).reshape(n, g_h, patch_size, g_w, patch_size)
-  return m.all(axis=(2, 4)).reshape(n, g_h * g_w)
+  p = patch_size
+  return einops.reduce(jnp.asarray(masks), 'n (gh p) (gw q) -> n (gh gw)', 'all', p=p, q=p)
 
 
 def downsample_masks(masks: np.ndarray, factor: int) -> np.ndarray:

@@ -6,7 +6,6 @@ import contextlib
 import json
 import logging
 import os
-import time
 from typing import Callable, Iterator
 
 import jax
@@ -14,6 +13,7 @@ import numpy as np
 
 from mdt_jax import atomic, paths
 from mdt_jax.images import save_grid, to_uint8
+from mdt_jax.progress import Progress
 from mdt_jax.sampling import labels as labels_lib
 from mdt_jax.sampling.sampler import Sampler, generate
 
@@ -94,31 +94,21 @@ def run_sampling(
   _check_run_file(out_dir, settings)
 
   num_shards = -(-num_samples // shard_size)
-  t0, done_now = time.time(), 0
-  for k in range(num_shards):
-    lo, hi = k * shard_size, min(num_samples, (k + 1) * shard_size)
-    idx, y = np.arange(lo, hi), all_labels[lo:hi]
-    path = _shard_path(out_dir, k)
-    if _shard_done(path, idx, y):
-      logging.info('shard %d/%d already done, skipped', k + 1, num_shards)
-      continue
-    images = generate(
-        sampler, y, seed=seed, batch_size=batch_size, start=lo, postprocess=postprocess
-    )
-    if jax.process_index() == 0:
-      atomic.save_npz(path, arr_0=images, arr_1=y, indices=idx)
-    done_now += hi - lo
-    left = sum(
-        min(num_samples, (j + 1) * shard_size) - j * shard_size for j in range(k + 1, num_shards)
-    )
-    rate = done_now / (time.time() - t0)
-    logging.info(
-        'shard %d/%d written (%.2f samples/s, about %.0f s left)',
-        k + 1,
-        num_shards,
-        rate,
-        left / rate,
-    )
+  with Progress(num_samples, 'sampling', enabled=jax.process_index() == 0) as bar:
+    for k in range(num_shards):
+      lo, hi = k * shard_size, min(num_samples, (k + 1) * shard_size)
+      idx, y = np.arange(lo, hi), all_labels[lo:hi]
+      path = _shard_path(out_dir, k)
+      if _shard_done(path, idx, y):
+        logging.info('shard %d/%d already done, skipped', k + 1, num_shards)
+        bar.skip(hi - lo)
+        continue
+      images = generate(
+          sampler, y, seed=seed, batch_size=batch_size, start=lo, postprocess=postprocess
+      )
+      if jax.process_index() == 0:
+        atomic.save_npz(path, arr_0=images, arr_1=y, indices=idx)
+      bar.update(hi - lo)
 
   out = os.path.join(out_dir, 'samples.npz')
   if jax.process_index() == 0:

@@ -25,12 +25,13 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
-from orbax.checkpoint._src.metadata import array_metadata_store
 
 from mdt_jax import atomic, errors, faults, paths
+from mdt_jax.compat.orbax import ArrayMetadataStore
 from mdt_jax.diffusion import objective_of
 from mdt_jax.models.mdt import COMPUTE, COMPUTE_OPTIONS, TRAINING, MDTConfig, field_names
 from mdt_jax.models.params import leaf_shapes, param_shapes
+from mdt_jax.training.run import RunConfig
 from mdt_jax.training.state import TrainState
 
 CONFIG_FILE = 'config.json'
@@ -155,7 +156,7 @@ def _array_writes():
   own = ocp.type_handlers.get_type_handler(jax.Array)
   handler = _ArrayHandler(
       min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
-      array_metadata_store=array_metadata_store.Store(),
+      array_metadata_store=ArrayMetadataStore(),
   )
   ocp.type_handlers.register_type_handler(jax.Array, handler, override=True)
   try:
@@ -339,7 +340,7 @@ def damaged_error(
   )
 
 
-def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+def check_workdir(workdir: str, run: RunConfig) -> None:
   """Refuse a workdir that holds a run of another model: one whose parameters have other shapes,
   or whose model fields differ in more than RESUMABLE_FIELDS."""
   path = epath.Path(workdir) / CONFIG_FILE
@@ -354,13 +355,13 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
       + ' and writes it again',
   )
   old_model = MDTConfig.from_dict(saved['model'])
-  new_model = MDTConfig.from_dict(config.model.to_dict())
+  new_model = run.model
   old, new = old_model.to_dict(), new_model.to_dict()
   fields = [k for k in new if k not in COMPUTE_OPTIONS and old[k] != new[k]]
   # same fields, same model: the shapes need comparing only when anything changed
   shapes = shape_changes(old_model, new_model) if old != new else []
   # the weights of one objective are no start for the other (velocity vs eps)
-  objectives = (objective_of(saved.get('diffusion')), objective_of(config.diffusion))
+  objectives = (objective_of(saved.get('diffusion')), run.objective)
   if shapes or [k for k in fields if k not in RESUMABLE_FIELDS] or objectives[0] != objectives[1]:
     diffs = [f'{k}: workdir {old[k]!r} vs config {new[k]!r}' for k in fields]
     if objectives[0] != objectives[1]:
@@ -375,12 +376,12 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     )
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+def write_config(workdir: str, run: RunConfig) -> None:
   """Record the config of the run (after a successful resume, so a refused one leaves it)."""
   path = epath.Path(workdir) / CONFIG_FILE
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(os.fspath(path), config.to_json_best_effort(indent=2))
+    atomic.write_text(os.fspath(path), run.config_json)
 
 
 def read_train_config(workdir: str) -> ml_collections.ConfigDict:

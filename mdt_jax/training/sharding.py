@@ -30,17 +30,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 MESH_AXES = ('data', 'fsdp', 'tensor')
 DATA_AXES = ('data', 'fsdp')
 
-# FSDP over the model width; tensor parallelism over heads and MLP width when the axis is > 1.
-DEFAULT_RULES = (
-    ('embed', 'fsdp'),
-    ('embed2', 'fsdp'),
-    ('embed_out', 'tensor'),
-    ('heads', 'tensor'),
-    ('mlp', 'tensor'),
-    ('ada', 'tensor'),
-    ('vocab', None),
-)
-
 
 def make_mesh(shape: dict | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Mesh over ('data', 'fsdp', 'tensor'); one size may be -1 (= all remaining devices)."""

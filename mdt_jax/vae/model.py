@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import einops
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -129,11 +130,10 @@ class GroupNorm(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
 
   def __call__(self, x: Array) -> Array:
-    b, h, w, c = x.shape
-    g = x.astype(jnp.float32).reshape(b, h, w, self.groups, c // self.groups)
+    g = einops.rearrange(x.astype(jnp.float32), 'b h w (g c) -> b h w g c', g=self.groups)
     mean = g.mean(axis=(1, 2, 4), keepdims=True)
     var = jnp.square(g - mean).mean(axis=(1, 2, 4), keepdims=True)
-    y = ((g - mean) * jax.lax.rsqrt(var + self.eps)).reshape(b, h, w, c)
+    y = einops.rearrange((g - mean) * jax.lax.rsqrt(var + self.eps), 'b h w g c -> b h w (g c)')
     return (y * self.scale[...] + self.bias[...]).astype(x.dtype)
 
 
@@ -164,10 +164,10 @@ class Attention(nnx.Module):
     self.q, self.k, self.v, self.out = lin(), lin(), lin(), lin()
 
   def __call__(self, x: Array) -> Array:
-    b, h, w, c = x.shape
-    t = self.norm(x).reshape(b, h * w, 1, c)  # [B, T, heads=1, C]
+    t = einops.rearrange(self.norm(x), 'b h w c -> b (h w) 1 c')  # heads=1
     o = jax.nn.dot_product_attention(self.q(t), self.k(t), self.v(t))
-    return x + self.out(o.reshape(b, h, w, c)).astype(x.dtype)
+    o = einops.rearrange(o, 'b (h w) 1 c -> b h w c', h=x.shape[1])
+    return x + self.out(o).astype(x.dtype)
 
 
 class MidBlock(nnx.Module):
@@ -224,7 +224,7 @@ class UpBlock(nnx.Module):
     for r in self.resnets:
       x = r(x)
     if self.upsample is not None:
-      x = self.upsample(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+      x = self.upsample(einops.repeat(x, 'b h w c -> b (h 2) (w 2) c'))  # nearest, 2x
     return x
 
 

@@ -1,0 +1,244 @@
+"""Flow matching vs DDPM with MDT's masking, trained alike on digits.
+
+Every (seed, variant) runs the project's training loop with the learning-speed study's model and
+recipe (configs/learning_curves.py); a variant sets the objective and the masked branch. Two
+measurements per run, both from the EMA weights, on the same fixed, class-balanced label set:
+
+* curves over training steps: every ``eval_every_steps`` and at the last step, with the
+  objective's curve sampler (``curve_samplers``; equal model evaluations for both);
+* at the last step, a sweep over samplers and their number of model evaluations
+  (``final_samplers``, "name:steps").
+
+Scores: Frechet distance in the digits classifier's feature space and class accuracy (as
+studies.learning_curves, whose run and curve machinery this reuses).
+
+    from studies import flow_matching as fm, flow_report
+    results = fm.run_study(study_config, 'docs/flow_matching')    # writes the .json
+    flow_report.write(results, 'docs/flow_matching')              # the .png and the .md
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from mdt_jax import atomic
+from mdt_jax.evaluation import digits_classifier as dc
+from mdt_jax.models.mdt import MDTConfig
+from mdt_jax.models.params import count_params
+from studies import learning_curves as lc
+from mdt_jax.training.config import validate
+from mdt_jax.training.state import TrainState
+
+RESULTS_VERSION = 1
+OBJECTIVE_SETTINGS = ('objective', 'mask_branch')
+
+
+# ------------------------------------------------------------------------------------- configs
+
+
+def parse_sampler(spec: str) -> dict:
+  """'heun:20' -> {'sampler': 'heun', 'steps': 20}."""
+  name, _, steps = str(spec).partition(':')
+  try:
+    return {'sampler': name, 'steps': int(steps)}
+  except ValueError:
+    raise ValueError(f'sampler spec must be "name:steps" (e.g. "heun:20"), got {spec!r}') from None
+
+
+def variant_config(
+    study: ml_collections.ConfigDict, variant: str, seed: int, sampler: str | None = None
+) -> ml_collections.ConfigDict:
+  """The training config of one run: ``train`` with the seed, the variant's objective and mask
+  branch, and the objective's curve sampler (or ``sampler``, "name:steps")."""
+  if variant not in study.variants:
+    raise ValueError(f'variant must be one of {sorted(study.variants)}, got {variant!r}')
+  v = study.variants[variant]
+  c = ml_collections.ConfigDict(study.train.to_dict())
+  c.seed, c.mask_branch = int(seed), bool(v.mask_branch)
+  if v.objective == 'flow':
+    c.diffusion.update(objective='flow', min_snr_gamma=None, **study.flow.to_dict())
+    c.model.learn_sigma = False
+  elif v.objective != 'ddpm':
+    raise ValueError(f'{variant}: objective must be "ddpm" or "flow", got {v.objective!r}')
+  c.sampling.update(parse_sampler(sampler or study.curve_samplers[v.objective]))
+  return c
+
+
+def check_study(study: ml_collections.ConfigDict) -> None:
+  """Refuse a study that cannot run, before any training starts."""
+  seeds = list(study.seeds)
+  if not seeds or len(set(seeds)) != len(seeds) or any(int(s) != s or s < 0 for s in seeds):
+    raise ValueError(f'seeds must be distinct non-negative integers, got {study.seeds!r}')
+  if study.baseline not in study.variants:
+    raise ValueError(
+        f'baseline {study.baseline!r} is not one of the variants {sorted(study.variants)}'
+    )
+  for variant, v in study.variants.items():
+    if set(v.keys()) != set(OBJECTIVE_SETTINGS):
+      raise ValueError(
+          f'variant {variant!r} must set exactly {OBJECTIVE_SETTINGS}, got {sorted(v.keys())}'
+      )
+    for spec in [None, *study.final_samplers[v.objective]]:
+      validate(variant_config(study, variant, seeds[0], spec))  # the sampler fits, too
+  # The learning-speed checks (digits, eval settings) on the baseline's config.
+  lc.check_study(
+      ml_collections.ConfigDict(
+          dict(study.to_dict(), train=variant_config(study, study.baseline, seeds[0]).to_dict())
+      )
+  )
+
+
+# ---------------------------------------------------------------------------------- evaluation
+
+
+class Evaluators:
+  """One `learning_curves.Evaluator` (one compiled sampler) per (objective, sampler), shared by
+  every run: the model structure depends on the objective only; weights are swapped in."""
+
+  def __init__(self, study: ml_collections.ConfigDict, classifier: dc.DigitsClassifier):
+    self.study, self.classifier, self.cache = study, classifier, {}
+
+  def get(self, variant: str, sampler: str | None = None) -> lc.Evaluator:
+    v = self.study.variants[variant]
+    spec = sampler or self.study.curve_samplers[v.objective]
+    key = (v.objective, spec)
+    if key not in self.cache:
+      train = variant_config(self.study, variant, self.study.seeds[0], spec)
+      self.cache[key] = lc.Evaluator(self.study, self.classifier, train=train)
+    return self.cache[key]
+
+
+class SamplerSweep:
+  """Step callback: at the last step, every final sampler of the objective on the EMA weights."""
+
+  def __init__(self, evaluators: Evaluators, variant: str, total: int):
+    self.evaluators, self.variant, self.total = evaluators, variant, int(total)
+    objective = evaluators.study.variants[variant].objective
+    self.specs = list(evaluators.study.final_samplers[objective])
+    self.results: dict[str, dict] = {}
+
+  def __call__(self, step: int, state: TrainState) -> None:
+    if step != self.total:
+      return
+    for spec in self.specs:
+      t0 = time.perf_counter()
+      metrics = self.evaluators.get(self.variant, spec)(state.ema_params)
+      self.results[spec] = {
+          **metrics,
+          'model_evaluations': parse_sampler(spec)['steps'],
+          'seconds': time.perf_counter() - t0,
+      }
+      logging.info('%s at step %d: %s', spec, step, metrics)
+
+
+def run_one(
+    study: ml_collections.ConfigDict,
+    variant: str,
+    seed: int,
+    evaluators: Evaluators,
+    workdir_root: str | None = None,
+) -> dict:
+  """One run: its curve (learning_curves.run_one) and the final sampler sweep."""
+  config = variant_config(study, variant, seed)
+  sweep = SamplerSweep(evaluators, variant, config.total_steps)
+  run = lc.run_one(
+      study, variant, seed, evaluators.get(variant), workdir_root, config=config, callbacks=[sweep]
+  )
+  if sorted(sweep.results) != sorted(sweep.specs):
+    raise RuntimeError(f'run {variant}/seed {seed}: the sampler sweep did not run')
+  run.update(objective=study.variants[variant].objective, sweep=sweep.results)
+  return run
+
+
+# ------------------------------------------------------------------------------------- results
+
+
+def summarize_sweep(runs: list[dict], variants) -> dict:
+  """Per variant and sampler: mean, std, min, max over seeds of each metric."""
+  out = {}
+  for variant in variants:
+    mine = [r for r in runs if r['variant'] == variant]
+    specs = list(mine[0]['sweep'])
+    out[variant] = {
+        spec: {
+            'model_evaluations': mine[0]['sweep'][spec]['model_evaluations'],
+            **{
+                m: lc.seed_stats(np.array([[r['sweep'][spec][m]] for r in mine], np.float64))
+                for m in lc.METRICS
+            },
+        }
+        for spec in specs
+    }
+  return out
+
+
+def target_check(sweep: dict, study: ml_collections.ConfigDict) -> dict:
+  """The issue's target: does a flow variant with Heun at <= 50 model evaluations reach the
+  Frechet distance the DDPM baseline reaches with 'ddpm:250'?"""
+  base = sweep.get(study.baseline, {}).get(study.target_reference)
+  if base is None:
+    return {}
+  target = base['fd']['mean'][0]
+  out = {'reference': study.target_reference, 'target_fd': target, 'variants': {}}
+  for variant, specs in sweep.items():
+    if study.variants[variant].objective != 'flow':
+      continue
+    heun = {
+        s: v['fd']['mean'][0]
+        for s, v in specs.items()
+        if s.startswith('heun:') and v['model_evaluations'] <= 50
+    }
+    reached = sorted(
+        (s for s, fd in heun.items() if fd <= target), key=lambda s: specs[s]['model_evaluations']
+    )
+    out['variants'][variant] = {'heun_fd': heun, 'reached_by': reached}
+  return out
+
+
+def run_study(
+    study: ml_collections.ConfigDict,
+    out: str,
+    *,
+    fresh: bool = False,
+    workdir_root: str | None = None,
+    progress: Callable[[dict], None] | None = None,
+) -> dict:
+  """Train every (seed, variant), write ``out``.json after each run; return the results.
+
+  Runs already in ``out``.json for the same study config are kept (an interrupted study resumes)
+  unless ``fresh``. Within each seed the variants alternate, so slow spells of a shared machine
+  fall on all of them.
+  """
+  check_study(study)
+  path, runs, classifier = lc.open_study(study, out, fresh)
+  evaluators = Evaluators(study, classifier)
+  variants = list(study.variants)
+  results = {
+      'version': RESULTS_VERSION,
+      'study': lc.study_record(study),
+      'num_params': {
+          v: count_params(MDTConfig.from_dict(variant_config(study, v, 0).model.to_dict()))
+          for v in variants
+      },
+      'environment': lc.environment(),
+      'reference': lc.data_reference(study, classifier),
+      'runs': runs,
+  }
+  lc.run_all(
+      study,
+      variants,
+      results,
+      path,
+      lambda variant, seed: run_one(study, variant, seed, evaluators, workdir_root),
+      progress,
+  )
+  results['summary'] = lc.summarize(runs, list(study.seeds), variants, study.baseline)
+  results['sweep'] = summarize_sweep(runs, variants)
+  results['target'] = target_check(results['sweep'], study)
+  atomic.write_json(path, results, indent=1)
+  return results
