@@ -17,7 +17,7 @@ from absl import logging
 from mdt_jax.data import pipeline
 from mdt_jax.data.device_prefetch import DevicePrefetch
 from mdt_jax.images import grid_image
-from mdt_jax.training import checkpoints, evaluation, logdir, samples, sharding
+from mdt_jax.training import checkpoints, cost, evaluation, logdir, samples, sharding, strategies
 from mdt_jax.training.config import validate
 from mdt_jax.training.state import TrainState, create_train_state, make_optimizer
 from mdt_jax.training.step import jit_step_from_config
@@ -100,7 +100,8 @@ def train_and_evaluate(
   the devices of ``config.mesh`` (default: all); a checkpoint resumes on any mesh.
   """
   model_cfg = validate(config)
-  mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+  strategy = cost.resolve(config.mesh.to_dict(), model_cfg, config.global_batch_size, devices)
+  mesh = strategies.make_mesh(strategy, devices)
   dp = sharding.data_parallel_size(mesh)
   if config.global_batch_size % dp:
     raise ValueError(
@@ -122,7 +123,7 @@ def train_and_evaluate(
   data_iter = DevicePrefetch(reader, place, config.data.get('device_prefetch', 2))
   optimizer = make_optimizer(config.optimizer)
   state, shardings, graphdef = create_train_state(
-      model_cfg, optimizer, config.seed, mesh, config.sharding_rules
+      model_cfg, optimizer, config.seed, mesh, config.sharding_rules, strategy.state_axes
   )
   ckpt = checkpoints.Checkpointer(
       workdir, keep=config.keep_checkpoints, async_save=config.async_checkpointing
@@ -132,8 +133,11 @@ def train_and_evaluate(
     logging.info('resuming from step %d', last_saved)
     state = ckpt.restore(state, shardings, data_iter, last_saved)
   checkpoints.write_config(workdir, config)
+  layout = strategies.step_layout(
+      strategy, model_cfg, mesh, config.sharding_rules, shardings.params
+  )
   step_fn = jit_step_from_config(
-      config, shardings, batch_sh, graphdef=graphdef, optimizer=optimizer
+      config, shardings, batch_sh, graphdef=graphdef, optimizer=optimizer, layout=layout
   )
 
   writer, log_dir = logdir.create_writer(workdir, just_logging=jax.process_index() > 0)
