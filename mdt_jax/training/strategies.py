@@ -18,9 +18,9 @@
             layout of today's rules (``dp`` for the default sizes, else ``fsdp``)
 
 ``collective_dtype``: 'float32' (default: the step is the same program as before, the weights
-gathered as they are stored) or 'bfloat16' (the weights are rounded to bfloat16 before they are
-gathered and the gradients are taken, and so reduced, in bfloat16; float32 master weights and
-optimizer state). Every strategy stores the same values: a checkpoint of one resumes on any other.
+gathered as they are stored) or 'bfloat16' (the matmul kernels are rounded to bfloat16 before they
+are gathered and their gradients are taken, and so reduced, in bfloat16; float32 master weights
+and optimizer state). Every strategy stores the same values: a checkpoint of one resumes on any other.
 """
 
 from __future__ import annotations
@@ -162,8 +162,15 @@ class StepLayout:
   dtype: str
 
   def forward_weights(self, params):
+    """The matmul kernels (nearly all the bytes) in `dtype`; biases, tables and scales as
+    stored (the model computes some of them in float32)."""
     cast = jnp.dtype(self.dtype)
-    params = jax.tree.map(lambda p: p.astype(cast) if p.dtype != cast else p, params)
+
+    def one(path, p):
+      kernel = getattr(path[-1], 'key', None) == 'kernel'
+      return p.astype(cast) if kernel and p.dtype != cast else p
+
+    params = jax.tree_util.tree_map_with_path(one, params)
     return jax.lax.with_sharding_constraint(params, self.weights)
 
   def reduced_grads(self, grads):
