@@ -422,7 +422,9 @@ PROXY_KEYS = [
 
 
 SEARCH_KEYS = [
+    'strategy',
     'mesh',
+    'collective_dtype',
     'global_batch',
     'est_mfu_bound',
     'est_memory_gb',
