@@ -58,7 +58,7 @@ def test_unknown_qk_norm_is_refused():
   with pytest.raises(ValueError, match=r"qk_norm must be one of .*'l2'"):
     MDTConfig(qk_norm='l2')
   assert MDTConfig(qk_norm='').qk_norm is None  # the command line's "off"
-  assert model_config('S/2')['qk_norm'] == ''
+  assert model_config('S/2')['qk_norm'] is None
 
 
 def _tiny(**fields):

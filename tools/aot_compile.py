@@ -79,7 +79,7 @@ def main(argv):
   del argv
   from mdt_jax import paths
   from mdt_jax.training import xla_flags
-  from benchmarks.benchmark import markdown_table
+  from benchmarks.tables import markdown_table
   from benchmarks import aot, tpu, traffic
 
   try:

@@ -12,12 +12,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
 
 from mdt_jax import diffusion as diff
 from mdt_jax.diffusion import flow
 from mdt_jax.models import attention, platform
+from mdt_jax.training.run import RunConfig, as_run
 from mdt_jax.training.state import TrainState
 
 
@@ -121,18 +123,21 @@ def jit_train_step(shardings: TrainState, batch_sharding, **kw):
   )
 
 
-def loss_settings(config, mask_branch: bool | None = None) -> dict:
-  """`loss_fn`'s settings from an experiment config: the diffusion (or flow) process, the mask
-  branch (`mask_branch` defaults to the config's) and the min-SNR weight."""
+def loss_settings(
+    run: RunConfig | ml_collections.ConfigDict, mask_branch: bool | None = None
+) -> dict:
+  """`loss_fn`'s settings of a run: the diffusion (or flow) process, the mask branch
+  (`mask_branch` defaults to the run's) and the min-SNR weight."""
+  run = as_run(run)
   return dict(
-      dif=diff.make_process(config.diffusion),
-      mask_branch=config.mask_branch if mask_branch is None else mask_branch,
-      min_snr_gamma=config.diffusion.min_snr_gamma,
+      dif=run.process,
+      mask_branch=run.loop.mask_branch if mask_branch is None else mask_branch,
+      min_snr_gamma=run.diffusion.min_snr_gamma,
   )
 
 
 def jit_step_from_config(
-    config,
+    run: RunConfig | ml_collections.ConfigDict,
     shardings: TrainState,
     batch_sharding,
     *,
@@ -141,15 +146,16 @@ def jit_step_from_config(
     mask_branch: bool | None = None,
     layout=None,
 ):
-  """`jit_train_step` with the loss, EMA and learning-rate settings of an experiment config
-  (training and benchmarks build the same step); `layout`: the strategy's (`train_step`)."""
+  """`jit_train_step` with the loss, EMA and learning-rate settings of a run (training and
+  benchmarks build the same step); `layout`: the strategy's (`train_step`)."""
+  run = as_run(run)
   return jit_train_step(
       shardings,
       batch_sharding,
       graphdef=graphdef,
       optimizer=optimizer,
       layout=layout,
-      ema_decay=config.ema_decay,
-      learning_rate=config.optimizer.learning_rate,
-      **loss_settings(config, mask_branch),
+      ema_decay=run.loop.ema_decay,
+      learning_rate=run.optimizer.learning_rate,
+      **loss_settings(run, mask_branch),
   )
