@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+
+from flax import nnx
 
 from mdt_jax import paths
 from mdt_jax.hub.folder import Pretrained, is_model_folder, load_model_folder
 from mdt_jax.hub.workdir import is_workdir, load_workdir
 from mdt_jax.models.mdt import MDT
+from mdt_jax.models.params import parameter_table
 
 # Only what loading needs: a repo may also hold official-layout copies of the weights.
 HUB_FILES = ['config.json', 'model.safetensors', 'README.md']
@@ -58,3 +62,22 @@ def load(path_or_repo_id: str, **model_overrides) -> Pretrained:
 def load_pretrained(path_or_repo_id: str, **model_overrides) -> MDT:
   """The ready MDT model (EMA weights for a training workdir)."""
   return load(path_or_repo_id, **model_overrides).model
+
+
+def describe(path_or_repo_id: str) -> str:
+  """A model's settings (model, data, diffusion, recommended sampling) and clu's parameter
+  table with each parameter's mean and std (``python -m mdt_jax.sample --model=DIR --info``)."""
+  loaded = load(path_or_repo_id)
+  sections = {
+      'model': loaded.config.to_dict(),
+      'data': loaded.data.record(),
+      'diffusion': dict(loaded.diffusion),
+      'sampling': dict(loaded.sampling),
+  }
+  text = [f'{path_or_repo_id}:']
+  text += [
+      f'{name}: {json.dumps(value, sort_keys=True, default=str)}'
+      for name, value in sections.items()
+  ]
+  text.append(parameter_table(nnx.state(loaded.model, nnx.Param), stats=True))
+  return '\n'.join(text)
