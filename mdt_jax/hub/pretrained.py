@@ -8,7 +8,13 @@ import os
 from flax import nnx
 
 from mdt_jax import paths
-from mdt_jax.hub.folder import Pretrained, is_model_folder, load_model_folder
+from mdt_jax.hub.folder import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    Pretrained,
+    is_model_folder,
+    load_model_folder,
+)
 from mdt_jax.hub.workdir import is_workdir, load_workdir
 from mdt_jax.models.mdt import MDT
 from mdt_jax.models.params import parameter_table
@@ -17,12 +23,18 @@ from mdt_jax.models.params import parameter_table
 HUB_FILES = ['config.json', 'model.safetensors', 'README.md']
 
 
+def _has_weights(path: str) -> bool:
+  """A downloaded snapshot holds both files of a model folder (a partial one is not taken)."""
+  p = paths.path(path)
+  return (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
+
+
 def _hub_download(repo_id: str) -> str:
   from huggingface_hub import snapshot_download
 
   try:  # the cache first: works offline once downloaded
     path = snapshot_download(repo_id, local_files_only=True, allow_patterns=HUB_FILES)
-    if is_model_folder(path):
+    if _has_weights(path):
       return path
   except Exception:  # not cached: ask the Hub
     pass
@@ -33,7 +45,7 @@ def _hub_download(repo_id: str) -> str:
         f'{repo_id!r} is neither a local model folder or training workdir nor a Hub repo that '
         f'could be downloaded or found in the Hub cache ({type(e).__name__}: {e})'
     ) from e
-  if not is_model_folder(path):
+  if not _has_weights(path):
     raise FileNotFoundError(
         f'Hub repo {repo_id!r} (at {path}) is not an mdt_jax model folder: '
         'config.json and model.safetensors are expected'
