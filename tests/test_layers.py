@@ -21,6 +21,7 @@ LAYERS = {
     'atomic': 0,
     'images': 0,
     'progress': 0,
+    'compat': 0,
     'models': 1,
     # the training config's fields (configs/*.py start from it)
     'configs_base': 1,

@@ -26,6 +26,7 @@ from absl import logging
 from etils import epath
 
 from mdt_jax import paths
+from mdt_jax.configs_base import model_of, upgrade
 from mdt_jax.compat.orbax import ArrayMetadataStore
 from mdt_jax.diffusion import objective_of
 from mdt_jax.models.mdt import COMPUTE, COMPUTE_OPTIONS, TRAINING, MDTConfig, field_names
@@ -292,8 +293,8 @@ def check_workdir(workdir: str, run: RunConfig) -> None:
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     return
-  saved = json.loads(path.read_text())
-  old_model = MDTConfig.from_dict(saved['model'])
+  saved = upgrade(json.loads(path.read_text()))
+  old_model = model_of(saved['model'])
   new_model = run.model
   old, new = old_model.to_dict(), new_model.to_dict()
   fields = [k for k in new if k not in COMPUTE_OPTIONS and old[k] != new[k]]
@@ -324,8 +325,8 @@ def write_config(workdir: str, run: RunConfig) -> None:
 
 
 def read_train_config(workdir: str) -> ml_collections.ConfigDict:
-  """A training workdir's config.json: the run's whole training config."""
+  """A training workdir's config.json: the run's whole training config (today's key names)."""
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(f'{workdir} has no {CONFIG_FILE}: not a training workdir')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return ml_collections.ConfigDict(upgrade(json.loads(path.read_text())))

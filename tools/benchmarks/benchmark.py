@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from mdt_jax.configs_base import model_of
 from mdt_jax.hub import official
 from mdt_jax.models import masking
 from mdt_jax.models.mdt import MDT, MDTConfig
@@ -170,7 +171,7 @@ def bench_train_step(
   cores hits both alike); the ratio of the medians is `speedup_vs_torch_f32`, that of the
   process CPU times `speedup_vs_torch_f32_cpu_time`.
   """
-  mc = MDTConfig.from_dict(config.model.to_dict())
+  mc = model_of(config.model.to_dict())
   mesh = sharding.make_mesh(config.mesh.to_dict())
   opt = make_optimizer(config.optimizer)
   batch = config.global_batch_size
@@ -272,7 +273,7 @@ def _torch_train_run(
   torch_reference_path()
   from torch_reference.train import TorchTrainStep  # needs torch: imported when used
 
-  mc = MDTConfig.from_dict(config.model.to_dict())
+  mc = model_of(config.model.to_dict())
   sd = official.from_flax_params(nnx.State(jax.device_get(state.params)), mc)
   torch.manual_seed(0)  # the step's draws come from torch's RNG
   step = TorchTrainStep.from_config(config, sd, mask_branch=mask_branch)
@@ -294,7 +295,7 @@ def lower_train_step(
 ):
   """The config's train step lowered on abstract inputs (nothing allocated) over `devices`
   (default: this host's), e.g. the compile-only devices of a TPU topology."""
-  mc = MDTConfig.from_dict(config.model.to_dict())
+  mc = model_of(config.model.to_dict())
   mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
   opt = make_optimizer(config.optimizer)
   structs, shardings, graphdef = abstract_train_state(mc, opt, mesh, config.sharding_rules)
@@ -419,7 +420,7 @@ def fit_batch(
       b = None if g is None else min(max(g, lo + dp), hi - dp)
     else:
       b = None
-  mc = MDTConfig.from_dict(config.model.to_dict())
+  mc = model_of(config.model.to_dict())
   return {
       'branches': 'plain+masked (MDT)' if mask_branch else 'plain (DiT-style)',
       'dtype': mc.dtype,
@@ -463,7 +464,7 @@ def bench_sampling(
     repeats: int = 1,
 ) -> dict:
   """Images/s of a full sampling run (compile excluded) on randomly initialised weights."""
-  mc = MDTConfig.from_dict(config.model.to_dict())
+  mc = model_of(config.model.to_dict())
   model = MDT(mc, rngs=nnx.Rngs(0))
   scfg = SamplerConfig(
       sampler=sampler,
@@ -515,7 +516,7 @@ def bench_sampling_torch(
   torch_reference_path()
   from torch_reference import from_official_state, sample_ddpm  # needs torch
 
-  mc = MDTConfig.from_dict(config.model.to_dict())
+  mc = model_of(config.model.to_dict())
   if mc.in_channels < 3:
     raise ValueError(
         'the original sampler guides eps channels 0..2; the torch baseline needs '
@@ -581,7 +582,7 @@ def bench_sampling_eager(
 
   A float32 eager baseline that needs no PyTorch (for machines without it); warm-up: 2 steps.
   """
-  mc = MDTConfig.from_dict({**config.model.to_dict(), 'dtype': 'float32'})
+  mc = model_of(config.model.to_dict(), dtype='float32')
   model = MDT(mc, rngs=nnx.Rngs(0))
   labels = np.arange(batch) % mc.num_classes
   jax.block_until_ready(eager_ddpm(model, labels, steps=2, cfg_scale=cfg_scale))  # warm-up
