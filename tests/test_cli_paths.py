@@ -71,7 +71,7 @@ EXTRACT = [
     f'{ROOT}/tools/extract_latents.py',
     '--source=folder',
     '--image_dir=images',
-    '--vae_dir=vae',
+    '--vae=vae',
     '--out=latents',
     '--image_size=16',
     '--batch_size=8',

@@ -55,7 +55,7 @@ def test_extract_with_the_tool_then_train_and_resume_exactly(tmp_path):
       [
           sys.executable,
           os.path.join(launch.ROOT, 'tools', 'extract_latents.py'),
-          f'--vae_dir={vae_dir}',
+          f'--vae={vae_dir}',
           '--source=folder',
           f'--image_dir={tmp_path / "images"}',
           f'--out={latents}',

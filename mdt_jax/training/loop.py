@@ -100,7 +100,7 @@ def train_and_evaluate(
   the devices of the run's mesh (default: all); a checkpoint resumes on any mesh. ``config``: the
   run (`mdt_jax.training.run.validate`), or a config to validate.
   """
-  run = as_run(config)
+  run = as_run(config, check_data=True)
   loop = run.loop
   mesh = sharding.make_mesh(dict(run.mesh.shape), devices)
   dp = sharding.data_parallel_size(mesh)
