@@ -17,12 +17,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The layer of each unit (a subpackage or a module at the package root); a unit imports only
 # units of its own layer or below, and no two units import each other, even through others.
 LAYERS = {
-    # plain helpers every layer uses: paths, atomic writes, image files, progress bars, and the
-    # libraries' private APIs, each behind one module (compat)
+    # plain helpers every layer uses: paths, atomic writes, image files, progress bars
     'paths': 0,
     'atomic': 0,
     'images': 0,
     'progress': 0,
+    # the private library paths, one module each (mdt_jax/compat)
     'compat': 0,
     'models': 1,
     # the training config's fields (configs/*.py start from it)
