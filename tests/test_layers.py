@@ -17,7 +17,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The layer of each unit (a subpackage or a module at the package root); a unit imports only
 # units of its own layer or below, and no two units import each other, even through others.
 LAYERS = {
-    # plain helpers every layer uses: paths, atomic writes, image files, progress bars
+    # plain helpers every layer uses: paths, atomic writes, image files, progress bars, user
+    # errors, the fault hook
+    'errors': 0,
+    'faults': 0,
     'paths': 0,
     'atomic': 0,
     'images': 0,

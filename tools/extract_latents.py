@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 
 import mdt_jax.vae
-from mdt_jax import paths
+from mdt_jax import errors, paths
 from mdt_jax.data import extract, image_sources
 
 flags.DEFINE_string(
@@ -82,4 +82,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

@@ -18,6 +18,7 @@ from mdt_jax.data.device_prefetch import DevicePrefetch
 from mdt_jax.images import grid_image
 from mdt_jax.training import checkpoints, evaluation, logdir, samples, sharding
 from mdt_jax.training import run_summary, train_metrics
+from mdt_jax.training.lock import WorkdirLock
 from mdt_jax.training.run import RunConfig, as_run
 from mdt_jax.training.state import TrainState, create_train_state, make_optimizer
 from mdt_jax.training.step import jit_step_from_config
@@ -96,6 +97,11 @@ def train_and_evaluate(
   the devices of the run's mesh (default: all); a checkpoint resumes on any mesh. ``config``: the
   run (`mdt_jax.training.run.validate`), or a config to validate.
   """
+  with WorkdirLock(workdir) as workdir_lock:  # one writer per workdir (mdt_jax/training/lock.py)
+    return _train(config, workdir, workdir_lock, callbacks, devices)
+
+
+def _train(config, workdir, workdir_lock, callbacks, devices) -> dict:
   run = as_run(config)
   loop = run.loop
   mesh = sharding.make_mesh(dict(run.mesh.shape), devices)
@@ -120,6 +126,7 @@ def train_and_evaluate(
   state, shardings, graphdef = create_train_state(
       run.model, optimizer, loop.seed, mesh, run.mesh.rules
   )
+  workdir_lock.acquire()  # before the first write
   ckpt = checkpoints.Checkpointer(
       workdir, keep=loop.keep_checkpoints, async_save=loop.async_checkpointing
   )
