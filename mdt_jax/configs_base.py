@@ -81,7 +81,9 @@ def base_config() -> ml_collections.ConfigDict:
       clip_norm=1.0,
   )
   c.ema_decay = 0.9999
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # strategy: auto, dp, fsdp, zero or hybrid (mdt_jax/training/strategies.py); auto on TPU with
+  # these sizes: the cost model's choice of strategy and mesh (mdt_jax/training/cost.py)
+  c.mesh = dict(strategy='auto', data=-1, fsdp=1, tensor=1, collective_dtype='float32')
   c.sharding_rules = DEFAULT_RULES
   c.checkpoint_every_steps = 10_000
   c.keep_checkpoints = 3
@@ -109,6 +111,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_reference = placeholder(str)
   c.eval_inception = placeholder(str)
   c.profile_steps = 0  # >0: capture a jax.profiler trace of that many steps
+  # TensorBoard: 'events', the event writer without TensorFlow (mdt_jax/training/events.py);
+  # 'clu', clu's default writer (clu.metric_writers: imports TensorFlow, several seconds)
+  c.metric_writer = 'events'
   return c
 
 

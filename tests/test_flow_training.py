@@ -13,7 +13,7 @@ from flax import nnx
 import launch
 import mdt_jax.vae as vae_lib
 from micro_config import get_config
-from mdt_jax.data import extract
+from mdt_jax.data import extract, image_sources
 from mdt_jax.evaluation import evaluator, inception
 from mdt_jax.training import checkpoints, evaluation
 from mdt_jax.training.loop import train_and_evaluate
@@ -45,7 +45,7 @@ def latent_flow_run(tmp_path_factory):
   vae_lib.io.write_folder(str(root / 'vae'), vae_cfg, vae_lib.random_params(vae_cfg, seed=0))
   make_folder(root / 'images')
   extract.extract(
-      extract.folder_source(str(root / 'images')),
+      image_sources.folder_source(str(root / 'images')),
       vae_lib.load(str(root / 'vae')),
       str(root / 'latents'),
       image_size=16,

@@ -73,6 +73,8 @@ def _layout(config: MDTConfig) -> dict[str, Entry]:
   flat = nnx.to_flat_state(nnx.state(abstract, nnx.Param))
   out = {}
   for path, var in flat:
+    if path[0] == 'projector':  # a training-time head (representation alignment), not exported
+      continue
     shape = tuple(var.shape)
     if path[-1] == 'kernel':
       kind = 'conv' if len(shape) == 4 else 'linear'

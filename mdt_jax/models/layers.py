@@ -302,6 +302,19 @@ class Mlp(nnx.Module):
     return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
 
 
+class Projector(nnx.Module):
+  """Three linear layers with SiLU between (REPA's projector): an encoder block's tokens ->
+  the alignment target's width."""
+
+  def __init__(self, dim: int, hidden: int, out: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    self.fc1 = dense(dim, hidden, ('embed', 'mlp'), rngs=rngs, dtype=dtype)
+    self.fc2 = dense(hidden, hidden, ('mlp', None), rngs=rngs, dtype=dtype)
+    self.fc3 = dense(hidden, out, (None, None), rngs=rngs, dtype=dtype)
+
+  def __call__(self, x: Array) -> Array:
+    return self.fc3(jax.nn.silu(self.fc2(jax.nn.silu(self.fc1(x)))))
+
+
 class MDTBlock(nnx.Module):
   """adaLN-Zero DiT block with relative position bias and an optional skip fusion (x first)."""
 

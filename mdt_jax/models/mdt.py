@@ -8,7 +8,7 @@ conversion is a renaming plus transposes (see ``mdt_jax.hub.official``).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import einops
 import jax
@@ -22,6 +22,7 @@ from mdt_jax.models.layers import (
     LabelEmbedder,
     MDTBlock,
     PatchEmbed,
+    Projector,
     TimestepEmbedder,
     normal,
     sincos_2d,
@@ -86,6 +87,10 @@ class MDTConfig:
   rel_pos_bias_impl: str | None = _field(None, COMPUTE)
   # models/attention.py: None (off, as the official models), rms or layer norm of q and k per head
   qk_norm: str | None = None
+  # representation alignment (mdt_jax/training/align.py): a projector MLP from the hidden size
+  # to align_dim (the teacher's width; 0: none), its hidden width projector_dim
+  align_dim: int = 0
+  projector_dim: int = 2048
 
   def __post_init__(self):
     if self.arch not in ARCHS:
@@ -103,6 +108,11 @@ class MDTConfig:
       )
     if not 0 <= self.decode_layer <= self.depth:
       raise ValueError(f'decode_layer must be in [0, depth={self.depth}], got {self.decode_layer}')
+    if self.align_dim < 0 or self.projector_dim < 1:
+      raise ValueError(
+          f'align_dim must be >= 0 and projector_dim >= 1, got {self.align_dim}, '
+          f'{self.projector_dim}'
+      )
     if self.mask_buffer_multiple < 1:
       raise ValueError(f'mask_buffer_multiple must be >= 1, got {self.mask_buffer_multiple}')
     if self.mask_ratio is not None and not 0.0 <= self.mask_ratio < 1.0:
@@ -193,6 +203,13 @@ class MDTConfig:
     return (self.depth - self.decode_layer) // 2
 
   @property
+  def encoder_depth(self) -> int:
+    """Blocks of the encoder (the masked pass runs them on the kept tokens only)."""
+    if self.arch == 'mdt_v1':
+      return self.depth - self.decode_layer
+    return 2 * self.half_depth
+
+  @property
   def compute_dtype(self):
     return DTYPES[self.dtype]
 
@@ -211,6 +228,15 @@ def field_names(*roles: str) -> tuple[str, ...]:
 COMPUTE_OPTIONS = {
     f.name: f.default for f in dataclasses.fields(MDTConfig) if f.metadata.get('role') == COMPUTE
 }
+
+
+class Features(NamedTuple):
+  """An encoder block's output tokens [B, T, D]: all L tokens in grid order (ids None) or the
+  masked pass's buffer, ids [B, K] their grid positions and valid [B, K] the kept slots."""
+
+  tokens: Array
+  ids: Array | None = None
+  valid: Array | None = None
 
 
 class MDT(nnx.Module):
@@ -251,6 +277,12 @@ class MDT(nnx.Module):
       self.blocks = nnx.List([block(False) for _ in range(cfg.depth)])
     self.sideblocks = nnx.List([block(False)])
     self.final_layer = FinalLayer(d, cfg.patch_size, cfg.out_channels, rngs=rngs, dtype=dt)
+    # last: the model's other weights are those of the same seed without it
+    self.projector = (
+        Projector(d, cfg.projector_dim, cfg.align_dim, rngs=rngs, dtype=dt)
+        if cfg.align_dim
+        else None
+    )
 
   # ------------------------------------------------------------------ helpers
 
@@ -299,7 +331,8 @@ class MDT(nnx.Module):
       ids_shuffle: Array | None = None,
       len_keep: Array | int | None = None,
       keep_buffer: int | None = None,
-  ) -> Array:
+      features_at: int | None = None,
+  ) -> Array | tuple[Array, Features]:
     """x [B, H, W, C], t [B] timesteps, y [B] labels -> [B, H, W, 2C] (C without learn_sigma).
 
     ``train=True`` applies label dropout (needs ``rng``). The masked pass runs when
@@ -307,6 +340,7 @@ class MDT(nnx.Module):
     drawn from ``rng`` with the official distribution). ``len_keep`` is a scalar or [B, 1] (a
     count per sample); ``keep_buffer`` is the static size of the masked encoder's buffer (default:
     the largest count the training distribution draws; inpainting keeps up to every token).
+    ``features_at=n`` also returns the output of encoder block n (1-based) as `Features`.
     """
     cfg = self.config
     self._check_inputs(x, t, y)
@@ -326,6 +360,10 @@ class MDT(nnx.Module):
       )
     if (ids_shuffle is None) != (len_keep is None):
       raise ValueError('ids_shuffle and len_keep must be given together')
+    if features_at is not None and not 1 <= features_at <= cfg.encoder_depth:
+      raise ValueError(
+          f'features_at must be an encoder block in [1, {cfg.encoder_depth}], got {features_at}'
+      )
     if ids_shuffle is not None and ids_shuffle.shape != (x.shape[0], cfg.num_tokens):
       raise ValueError(
           f'ids_shuffle must have shape [B, L]=({x.shape[0]}, {cfg.num_tokens}), '
@@ -335,26 +373,36 @@ class MDT(nnx.Module):
     u = self.x_embedder(x) + self.pos_embed[...]
     c = self.t_embedder(t) + self.y_embedder(y, drop_key if train else None)
     if ids_shuffle is None:
-      return self._plain(u, c)
-    if keep_buffer is not None and not 1 <= keep_buffer <= cfg.num_tokens:
-      raise ValueError(f'keep_buffer must be in [1, {cfg.num_tokens}], got {keep_buffer}')
-    return self._masked(u, c, ids_shuffle, jnp.asarray(len_keep, jnp.int32), keep_buffer)
+      out, features = self._plain(u, c, features_at)
+    else:
+      if keep_buffer is not None and not 1 <= keep_buffer <= cfg.num_tokens:
+        raise ValueError(f'keep_buffer must be in [1, {cfg.num_tokens}], got {keep_buffer}')
+      len_keep = jnp.asarray(len_keep, jnp.int32)
+      out, features = self._masked(u, c, ids_shuffle, len_keep, keep_buffer, features_at)
+    return out if features_at is None else (out, features)
 
   def _finish(self, x: Array, c: Array) -> Array:
     return self.unpatchify(self.final_layer(x, c)).astype(jnp.float32)
 
-  def _encoder(self, x: Array, c: Array, ids: Array | None, key_mask: Array | None) -> Array:
+  def _encoder(
+      self, x: Array, c: Array, ids: Array | None, key_mask: Array | None, at: int | None = None
+  ) -> tuple[Array, Array | None]:
+    """The encoder's output, and block `at`'s (1-based; None: none)."""
+    outs = []
     if self.config.arch == 'mdt_v1':
       for blk in self.blocks[: self.config.depth - self.config.decode_layer]:
         x = self._run(blk, x, c, ids, key_mask)
-      return x
+        outs.append(x)
+      return x, None if at is None else outs[at - 1]
     stack = []
     for blk in self.en_inblocks:
       x = self._run(blk, x, c, ids, key_mask)
       stack.append(x)
+      outs.append(x)
     for blk in self.en_outblocks:
       x = self._run(blk, x, c, ids, key_mask, stack.pop())
-    return x
+      outs.append(x)
+    return x, None if at is None else outs[at - 1]
 
   def _decoder(self, x: Array, c: Array, ids: Array | None, input_skip: Array) -> Array:
     if self.config.arch == 'mdt_v1':
@@ -365,14 +413,20 @@ class MDT(nnx.Module):
       x = self._run(blk, x, c, ids, None, input_skip)
     return x
 
-  def _plain(self, u: Array, c: Array) -> Array:
-    x = self._encoder(u, c, None, None)
+  def _plain(self, u: Array, c: Array, at: int | None = None) -> tuple[Array, Features | None]:
+    x, tokens = self._encoder(u, c, None, None, at)
     x = x + self.decoder_pos_embed[...]
-    return self._finish(self._decoder(x, c, None, u), c)
+    return self._finish(self._decoder(x, c, None, u), c), None if at is None else Features(tokens)
 
   def _masked(
-      self, u: Array, c: Array, ids_shuffle: Array, len_keep: Array, keep_buffer: int | None = None
-  ) -> Array:
+      self,
+      u: Array,
+      c: Array,
+      ids_shuffle: Array,
+      len_keep: Array,
+      keep_buffer: int | None = None,
+      at: int | None = None,
+  ) -> tuple[Array, Features | None]:
     cfg = self.config
     b, n, d = u.shape
     ratio = cfg.mask_ratio if cfg.mask_ratio is not None else 0.0
@@ -380,7 +434,8 @@ class MDT(nnx.Module):
     ids_keep = ids_shuffle[:, :k]
     slot_valid = jnp.arange(k)[None, :] < len_keep  # [1, K]
     x = jnp.take_along_axis(u, einops.rearrange(ids_keep, 'b k -> b k 1'), axis=1)  # [B, K, D]
-    x = self._encoder(x, c, ids_keep, jnp.broadcast_to(slot_valid, (b, k)))
+    valid = jnp.broadcast_to(slot_valid, (b, k))
+    x, tokens = self._encoder(x, c, ids_keep, valid, at)
 
     # Side-interpolater: mask tokens in every slot past len_keep, back to the original order.
     token = jnp.broadcast_to(self.mask_token[...].astype(x.dtype), (b, n, d))
@@ -393,7 +448,8 @@ class MDT(nnx.Module):
     q = x + self.decoder_pos_embed[...]
     side = self._run(self.sideblocks[0], q, c, None)
     x = jnp.where(masked[..., None], side, q)  # masked shortcut
-    return self._finish(self._decoder(x, c, None, u), c)
+    features = None if at is None else Features(tokens, ids_keep, valid)
+    return self._finish(self._decoder(x, c, None, u), c), features
 
 
 MDTv2 = MDT

@@ -11,13 +11,14 @@ from typing import Callable, Sequence
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 
 from mdt_jax.data import pipeline
 from mdt_jax.data.device_prefetch import DevicePrefetch
 from mdt_jax.images import grid_image
-from mdt_jax.training import checkpoints, evaluation, logdir, samples, sharding
+from mdt_jax.training import checkpoints, cost, evaluation, logdir, samples, sharding, strategies
+from mdt_jax.training import run_summary, train_metrics
+from mdt_jax.training.lock import WorkdirLock
 from mdt_jax.training.run import RunConfig, as_run
 from mdt_jax.training.state import TrainState, create_train_state, make_optimizer
 from mdt_jax.training.step import jit_step_from_config
@@ -78,10 +79,6 @@ def _check_finite(host_metrics: list[dict], first_step: int, last_good: int | No
       )
 
 
-def _mean_metrics(host_metrics: list[dict]) -> dict:
-  return {k: float(np.mean([m[k] for m in host_metrics])) for k in host_metrics[0]}
-
-
 StepCallback = Callable[[int, TrainState], None]
 PROFILE_AFTER_STEPS = 2  # --profile: the first profiled step is the run's first step + this
 
@@ -100,9 +97,15 @@ def train_and_evaluate(
   the devices of the run's mesh (default: all); a checkpoint resumes on any mesh. ``config``: the
   run (`mdt_jax.training.run.validate`), or a config to validate.
   """
+  with WorkdirLock(workdir) as workdir_lock:  # one writer per workdir (mdt_jax/training/lock.py)
+    return _train(config, workdir, workdir_lock, callbacks, devices)
+
+
+def _train(config, workdir, workdir_lock, callbacks, devices) -> dict:
   run = as_run(config, check_data=True)
   loop = run.loop
-  mesh = sharding.make_mesh(dict(run.mesh.shape), devices)
+  strategy = cost.resolve(dict(run.mesh.shape), run.model, loop.global_batch_size, devices)
+  mesh = strategies.make_mesh(strategy, devices)
   dp = sharding.data_parallel_size(mesh)
   if loop.global_batch_size % dp:
     raise ValueError(
@@ -122,8 +125,9 @@ def train_and_evaluate(
   data_iter = DevicePrefetch(reader, place, run.data.device_prefetch)
   optimizer = make_optimizer(run.optimizer)
   state, shardings, graphdef = create_train_state(
-      run.model, optimizer, loop.seed, mesh, run.mesh.rules
+      run.model, optimizer, loop.seed, mesh, run.mesh.rules, strategy.state_axes
   )
+  workdir_lock.acquire()  # before the first write
   ckpt = checkpoints.Checkpointer(
       workdir, keep=loop.keep_checkpoints, async_save=loop.async_checkpointing
   )
@@ -132,11 +136,17 @@ def train_and_evaluate(
     logging.info('resuming from step %d', last_saved)
     state = ckpt.restore(state, shardings, data_iter, last_saved)
   checkpoints.write_config(workdir, run)
-  step_fn = jit_step_from_config(run, shardings, batch_sh, graphdef=graphdef, optimizer=optimizer)
+  layout = strategies.step_layout(strategy, run.model, mesh, run.mesh.rules, shardings.params)
+  step_fn = jit_step_from_config(
+      run, shardings, batch_sh, graphdef=graphdef, optimizer=optimizer, layout=layout
+  )
 
-  writer, log_dir = logdir.create_writer(workdir, just_logging=jax.process_index() > 0)
+  writer, log_dir = logdir.create_writer(
+      workdir, just_logging=jax.process_index() > 0, kind=loop.metric_writer
+  )
   total = loop.total_steps
   start = int(state.step)
+  run_summary.write_run_start(writer, run.config(), state.params, start)
   # The window opens PROFILE_AFTER_STEPS into this run, past the compiling first step, so that a
   # resumed run is profiled too.
   profile = logdir.ProfileWindow(
@@ -168,7 +178,7 @@ def train_and_evaluate(
         host = jax.device_get(pending)
         _check_finite(host, pending_from, last_saved)
         dt = time.perf_counter() - t_log
-        logged = _mean_metrics(host)
+        logged = train_metrics.reduce_steps(host)
         logged.update(steps_per_sec=n_log / dt, images_per_sec=n_log * loop.global_batch_size / dt)
         writer.write_scalars(step, logged)
         _log_progress(step, total, logged['steps_per_sec'])

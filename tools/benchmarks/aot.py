@@ -10,7 +10,7 @@ With the generation's peak figures (`benchmarks.tpu`) they give a roofline:
 
 The bound is what the step cannot beat if the estimates hold (perfect overlap of the three); the
 MFU bound uses the analytic model FLOPs (masked encoder at the mean kept count), as MFU does in
-`benchmarks.benchmark`. XLA's ``bytes accessed`` also counts the on-chip (VMEM) copies of buffers
+`benchmarks.timing`. XLA's ``bytes accessed`` also counts the on-chip (VMEM) copies of buffers
 that XLA prefetches, so the report adds an HBM-only estimate (`benchmarks.traffic`: the HBM
 operands and results of the top-level instructions) and its time. How far each can be trusted:
 BENCHMARKS.md, "TPU, compiled without hardware".
@@ -18,6 +18,7 @@ BENCHMARKS.md, "TPU, compiled without hardware".
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 
@@ -31,11 +32,14 @@ from mdt_jax.configs_base import model_of
 from mdt_jax.models import platform
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.models.params import abstract_model
-from benchmarks import benchmark, hlo, traffic
+from benchmarks import hlo, tables, traffic
+from benchmarks.compiled import compile_or_refusal, lower_train_step, memory_figures
+from benchmarks.fit import fit_batch
+from benchmarks.flops import forward_flops, train_step_flops
 from benchmarks.tpu import Slice
 from mdt_jax.sampling.guidance import guided_model
 from mdt_jax.sampling.sampler import data_mesh, functional_model
-from mdt_jax.training import sharding
+from mdt_jax.training import cost, strategies
 from mdt_jax.training.run import training_sampler
 
 STEPS = {
@@ -120,7 +124,7 @@ def analyse(
       'while_loops': hlo.while_loops(text),
   }
   out.update(roofline(cost['xla_flops'], cost['bytes_accessed'], wire, slc, model_flops))
-  out.update(benchmark.memory_figures(compiled))
+  out.update(memory_figures(compiled))
   if traffic_top:
     out['traffic'] = moved
   out['hbm_spec_gb'] = g.hbm_gb
@@ -171,18 +175,20 @@ def lower_sample_step(config: ml_collections.ConfigDict, devices, batch: int):
 def _model_flops(mc: MDTConfig, step: str, batch: int) -> tuple[float, float]:
   """(analytic model FLOPs, analytic executed FLOPs) of a step, whole global batch."""
   if step == 'sample':  # guided: the model runs on 2B rows; no backward pass
-    f = 2.0 * benchmark.forward_flops(mc) * batch
+    f = 2.0 * forward_flops(mc) * batch
     return f, f
   mask = step == 'train'
   return (
-      benchmark.train_step_flops(mc, batch, mask),
-      benchmark.train_step_flops(mc, batch, mask, executed=True),
+      train_step_flops(mc, batch, mask),
+      train_step_flops(mc, batch, mask, executed=True),
   )
 
 
-def _mesh_text(config: ml_collections.ConfigDict, devices) -> str:
-  mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
-  return ','.join(f'{k}={v}' for k, v in mesh.shape.items())
+def _mesh_text(config: ml_collections.ConfigDict, devices, batch: int | None = None) -> str:
+  """The strategy and mesh the train step runs with: 'zero data=64 fsdp=1 tensor=1 float32'."""
+  mc = model_of(config.model.to_dict())
+  batch = config.global_batch_size if batch is None else batch
+  return cost.resolve(config.mesh.to_dict(), mc, batch, devices).describe()
 
 
 def compile_step(
@@ -213,11 +219,11 @@ def compile_step(
     lowered = lower_sample_step(config, devices, batch)
     mesh = f'data={len(devices)}'
   else:
-    lowered = benchmark.lower_train_step(
+    lowered = lower_train_step(
         config, mask_branch=step == 'train', global_batch=batch, devices=devices
     )
-    mesh = _mesh_text(config, devices)
-  compiled, refused = benchmark.compile_or_refusal(lowered)
+    mesh = _mesh_text(config, devices, batch)
+  compiled, refused = compile_or_refusal(lowered)
   compile_s = time.perf_counter() - t0
   model, executed = _model_flops(mc, step, batch)
   n = len(devices)
@@ -276,19 +282,10 @@ AOT_KEYS = [
     'fits',
     'compile_s',
 ]
-FIT_KEYS = [
-    'step',
-    'slice',
-    'mesh',
-    'dtype',
-    'remat',
-    'budget_gb',
-    'fixed_gb',
-    'per_sample_gb',
-    'max_per_device_batch',
-    'estimate_at_max_gb',
-    'exact',
-    'compiles',
+# The search's columns (benchmarks.tables.FIT_KEYS) under the slice's: the slice names the device,
+# the step the branches; the first affine guess is bench.py's alone.
+FIT_KEYS = ['step', 'slice', 'mesh'] + [
+    k for k in tables.FIT_KEYS if k not in ('branches', 'device_kind', 'affine_guess_global_batch')
 ]
 
 
@@ -300,10 +297,10 @@ def fit(
     budget_gb: float,
     max_compiles: int = 4,
 ) -> dict:
-  """The largest batch per chip whose train step fits `budget_gb` (`benchmark.fit_batch`)."""
+  """The largest batch per chip whose train step fits `budget_gb` (`benchmarks.fit.fit_batch`)."""
   if step == 'sample':
     raise ValueError('--fit searches the train steps (train, dit), not sample')
-  row = benchmark.fit_batch(
+  row = fit_batch(
       config,
       mask_branch=step == 'train',
       budget_gb=budget_gb,
@@ -412,3 +409,55 @@ PROXY_KEYS = [
     'hbm_ms',
     'bottleneck',
 ]
+
+
+# ------------------------------------------------------------ the cost model's candidates
+
+
+SEARCH_KEYS = [
+    'strategy',
+    'mesh',
+    'collective_dtype',
+    'global_batch',
+    'est_mfu_bound',
+    'est_memory_gb',
+    'compute_ms',
+    'hbm_ms',
+    'ici_ms',
+    'bottleneck',
+    'mfu_bound',
+    'collective_wire_gb',
+    'memory_peak_estimate_gb',
+    'fits',
+    'compile_s',
+]
+
+
+def search(
+    config: ml_collections.ConfigDict,
+    slc: Slice,
+    devices,
+    top: int,
+    *,
+    hbm_usable_gb: float | None = None,
+) -> list[dict]:
+  """Compile the train step (both branches) with each of the cost model's first `top`
+  strategies and meshes for the slice (`mdt_jax.training.cost.rank`): the estimate beside the
+  compiled figures, so the choice of `mesh.strategy='auto'` can be checked before a run."""
+  mc = model_of(config.model.to_dict())
+  chip = cost.chip_of(devices[0])
+  if chip is None:
+    raise ValueError(f'no cost-model figures for {devices[0].device_kind!r}')
+  _, dtype, _ = strategies.mesh_settings(config.mesh.to_dict())
+  ranked = cost.rank(
+      cost.model_sizes(mc), chip, len(devices), config.global_batch_size, None, dtype
+  )
+  rows = []
+  for est in ranked[:top]:
+    s = est.strategy
+    cfg = copy.deepcopy(config)
+    cfg.mesh.update(strategy=s.name, data=s.data, fsdp=s.fsdp, tensor=s.tensor)
+    row = compile_step(cfg, slc, devices, 'train', hbm_usable_gb=hbm_usable_gb)
+    row.update(est.row())
+    rows.append(row)
+  return rows
