@@ -74,7 +74,9 @@ def base_config() -> ml_collections.ConfigDict:
       clip_norm=1.0,
   )
   c.ema_decay = 0.9999
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # strategy: auto, dp, fsdp, zero or hybrid (mdt_jax/training/strategies.py); auto on TPU with
+  # these sizes: the cost model's choice of strategy and mesh (mdt_jax/training/cost.py)
+  c.mesh = dict(strategy='auto', data=-1, fsdp=1, tensor=1, collective_dtype='float32')
   c.sharding_rules = DEFAULT_RULES
   c.checkpoint_every_steps = 10_000
   c.keep_checkpoints = 3

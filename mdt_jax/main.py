@@ -17,7 +17,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from mdt_jax import errors, paths
-from mdt_jax.training import checkpoints, lock
+from mdt_jax.training import checkpoints, lock, xla_flags
 from mdt_jax.training.logs import quiet_orbax
 
 config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_config=True)
@@ -46,6 +46,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   quiet_orbax()
+  if xla_flags.on_tpu_host():  # before jax loads libtpu: collectives overlap compute
+    xla_flags.set_overlap_flags()
   import jax
 
   if FLAGS.cpu_collectives:

@@ -16,7 +16,7 @@ from absl import logging
 from mdt_jax.data import pipeline
 from mdt_jax.data.device_prefetch import DevicePrefetch
 from mdt_jax.images import grid_image
-from mdt_jax.training import checkpoints, evaluation, logdir, samples, sharding
+from mdt_jax.training import checkpoints, cost, evaluation, logdir, samples, sharding, strategies
 from mdt_jax.training import run_summary, train_metrics
 from mdt_jax.training.lock import WorkdirLock
 from mdt_jax.training.run import RunConfig, as_run
@@ -104,7 +104,8 @@ def train_and_evaluate(
 def _train(config, workdir, workdir_lock, callbacks, devices) -> dict:
   run = as_run(config)
   loop = run.loop
-  mesh = sharding.make_mesh(dict(run.mesh.shape), devices)
+  strategy = cost.resolve(dict(run.mesh.shape), run.model, loop.global_batch_size, devices)
+  mesh = strategies.make_mesh(strategy, devices)
   dp = sharding.data_parallel_size(mesh)
   if loop.global_batch_size % dp:
     raise ValueError(
@@ -124,7 +125,7 @@ def _train(config, workdir, workdir_lock, callbacks, devices) -> dict:
   data_iter = DevicePrefetch(reader, place, run.data.device_prefetch)
   optimizer = make_optimizer(run.optimizer)
   state, shardings, graphdef = create_train_state(
-      run.model, optimizer, loop.seed, mesh, run.mesh.rules
+      run.model, optimizer, loop.seed, mesh, run.mesh.rules, strategy.state_axes
   )
   workdir_lock.acquire()  # before the first write
   ckpt = checkpoints.Checkpointer(
@@ -135,7 +136,10 @@ def _train(config, workdir, workdir_lock, callbacks, devices) -> dict:
     logging.info('resuming from step %d', last_saved)
     state = ckpt.restore(state, shardings, data_iter, last_saved)
   checkpoints.write_config(workdir, run)
-  step_fn = jit_step_from_config(run, shardings, batch_sh, graphdef=graphdef, optimizer=optimizer)
+  layout = strategies.step_layout(strategy, run.model, mesh, run.mesh.rules, shardings.params)
+  step_fn = jit_step_from_config(
+      run, shardings, batch_sh, graphdef=graphdef, optimizer=optimizer, layout=layout
+  )
 
   writer, log_dir = logdir.create_writer(
       workdir, just_logging=jax.process_index() > 0, kind=loop.metric_writer

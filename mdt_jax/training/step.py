@@ -84,12 +84,18 @@ def train_step(
     mask_branch: bool,
     min_snr_gamma: float | None,
     learning_rate: float,
+    layout=None,
 ):
+  """`layout` (a strategy's `StepLayout`, mdt_jax/training/strategies.py): where the weights are
+  gathered and the gradients reduced; None: as the stored parameters are laid out."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   grad_fn = jax.grad(
       functools.partial(loss_fn, mask_branch=mask_branch, min_snr_gamma=min_snr_gamma), has_aux=True
   )
-  grads, metrics = grad_fn(state.params, graphdef, dif, batch, key)
+  weights = layout.forward_weights(state.params) if layout else state.params
+  grads, metrics = grad_fn(weights, graphdef, dif, batch, key)
+  if layout:
+    grads = layout.reduced_grads(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = jax.tree.map(lambda e, p: e * ema_decay + p * (1.0 - ema_decay), state.ema_params, params)
@@ -138,15 +144,17 @@ def jit_step_from_config(
     graphdef,
     optimizer: optax.GradientTransformation,
     mask_branch: bool | None = None,
+    layout=None,
 ):
   """`jit_train_step` with the loss, EMA and learning-rate settings of a run (training and
-  benchmarks build the same step)."""
+  benchmarks build the same step); `layout`: the strategy's (`train_step`)."""
   run = as_run(run)
   return jit_train_step(
       shardings,
       batch_sharding,
       graphdef=graphdef,
       optimizer=optimizer,
+      layout=layout,
       ema_decay=run.loop.ema_decay,
       learning_rate=run.optimizer.learning_rate,
       **loss_settings(run, mask_branch),

@@ -18,6 +18,7 @@ BENCHMARKS.md, "TPU, compiled without hardware".
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 
@@ -38,7 +39,7 @@ from benchmarks.tpu import Slice
 from mdt_jax.sampling.guidance import guided_model
 from mdt_jax.sampling.sampler import data_mesh, functional_model
 from mdt_jax.sampling.config import make_sampler_config
-from mdt_jax.training import sharding
+from mdt_jax.training import cost, strategies
 
 STEPS = {
     'train': 'train: plain+masked (MDT)',
@@ -184,9 +185,11 @@ def _model_flops(mc: MDTConfig, step: str, batch: int) -> tuple[float, float]:
   )
 
 
-def _mesh_text(config: ml_collections.ConfigDict, devices) -> str:
-  mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
-  return ','.join(f'{k}={v}' for k, v in mesh.shape.items())
+def _mesh_text(config: ml_collections.ConfigDict, devices, batch: int | None = None) -> str:
+  """The strategy and mesh the train step runs with: 'zero data=64 fsdp=1 tensor=1 float32'."""
+  mc = MDTConfig.from_dict(config.model.to_dict())
+  batch = config.global_batch_size if batch is None else batch
+  return cost.resolve(config.mesh.to_dict(), mc, batch, devices).describe()
 
 
 def compile_step(
@@ -220,7 +223,7 @@ def compile_step(
     lowered = lower_train_step(
         config, mask_branch=step == 'train', global_batch=batch, devices=devices
     )
-    mesh = _mesh_text(config, devices)
+    mesh = _mesh_text(config, devices, batch)
   compiled, refused = compile_or_refusal(lowered)
   compile_s = time.perf_counter() - t0
   model, executed = _model_flops(mc, step, batch)
@@ -407,3 +410,55 @@ PROXY_KEYS = [
     'hbm_ms',
     'bottleneck',
 ]
+
+
+# ------------------------------------------------------------ the cost model's candidates
+
+
+SEARCH_KEYS = [
+    'strategy',
+    'mesh',
+    'collective_dtype',
+    'global_batch',
+    'est_mfu_bound',
+    'est_memory_gb',
+    'compute_ms',
+    'hbm_ms',
+    'ici_ms',
+    'bottleneck',
+    'mfu_bound',
+    'collective_wire_gb',
+    'memory_peak_estimate_gb',
+    'fits',
+    'compile_s',
+]
+
+
+def search(
+    config: ml_collections.ConfigDict,
+    slc: Slice,
+    devices,
+    top: int,
+    *,
+    hbm_usable_gb: float | None = None,
+) -> list[dict]:
+  """Compile the train step (both branches) with each of the cost model's first `top`
+  strategies and meshes for the slice (`mdt_jax.training.cost.rank`): the estimate beside the
+  compiled figures, so the choice of `mesh.strategy='auto'` can be checked before a run."""
+  mc = MDTConfig.from_dict(config.model.to_dict())
+  chip = cost.chip_of(devices[0])
+  if chip is None:
+    raise ValueError(f'no cost-model figures for {devices[0].device_kind!r}')
+  _, dtype, _ = strategies.mesh_settings(config.mesh.to_dict())
+  ranked = cost.rank(
+      cost.model_sizes(mc), chip, len(devices), config.global_batch_size, None, dtype
+  )
+  rows = []
+  for est in ranked[:top]:
+    s = est.strategy
+    cfg = copy.deepcopy(config)
+    cfg.mesh.update(strategy=s.name, data=s.data, fsdp=s.fsdp, tensor=s.tensor)
+    row = compile_step(cfg, slc, devices, 'train', hbm_usable_gb=hbm_usable_gb)
+    row.update(est.row())
+    rows.append(row)
+  return rows
