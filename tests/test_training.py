@@ -15,7 +15,7 @@ from flax import nnx
 import launch
 import mdt_jax
 from micro_config import get_config
-from tensorboard_events import read_events, scalar
+from tensorboard_events import HPARAMS, read_events, scalar
 from mdt_jax import MDTConfig
 from mdt_jax import diffusion as diff
 from mdt_jax.configs_base import DEFAULT_RULES
@@ -304,6 +304,13 @@ def test_metrics_are_written_to_tensorboard(full_run):
     assert scalar(events, 'loss', step) == pytest.approx(branches, rel=1e-6)
   cfg = json.loads((work / 'config.json').read_text())
   assert cfg['model']['hidden_size'] == 32
+  # the run's start: the config as hyperparameters and text, clu's parameter table as text
+  [hparams] = events[HPARAMS][0]
+  assert hparams['model.hidden_size'] == 32 and hparams['total_steps'] == 6
+  [config_text] = events['config'][0]
+  assert '    global_batch_size: 16' in config_text.splitlines()
+  [table] = events['parameters'][0]
+  assert 'x_embedder.proj.kernel' in table and 'Total: ' in table
 
 
 @pytest.mark.slow

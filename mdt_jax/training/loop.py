@@ -11,13 +11,13 @@ from typing import Callable, Sequence
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 
 from mdt_jax.data import pipeline
 from mdt_jax.data.device_prefetch import DevicePrefetch
 from mdt_jax.images import grid_image
 from mdt_jax.training import checkpoints, evaluation, logdir, samples, sharding
+from mdt_jax.training import run_summary, train_metrics
 from mdt_jax.training.lock import WorkdirLock
 from mdt_jax.training.run import RunConfig, as_run
 from mdt_jax.training.state import TrainState, create_train_state, make_optimizer
@@ -79,10 +79,6 @@ def _check_finite(host_metrics: list[dict], first_step: int, last_good: int | No
       )
 
 
-def _mean_metrics(host_metrics: list[dict]) -> dict:
-  return {k: float(np.mean([m[k] for m in host_metrics])) for k in host_metrics[0]}
-
-
 StepCallback = Callable[[int, TrainState], None]
 PROFILE_AFTER_STEPS = 2  # --profile: the first profiled step is the run's first step + this
 
@@ -141,9 +137,12 @@ def _train(config, workdir, workdir_lock, callbacks, devices) -> dict:
   checkpoints.write_config(workdir, run)
   step_fn = jit_step_from_config(run, shardings, batch_sh, graphdef=graphdef, optimizer=optimizer)
 
-  writer, log_dir = logdir.create_writer(workdir, just_logging=jax.process_index() > 0)
+  writer, log_dir = logdir.create_writer(
+      workdir, just_logging=jax.process_index() > 0, kind=loop.metric_writer
+  )
   total = loop.total_steps
   start = int(state.step)
+  run_summary.write_run_start(writer, run.config(), state.params, start)
   # The window opens PROFILE_AFTER_STEPS into this run, past the compiling first step, so that a
   # resumed run is profiled too.
   profile = logdir.ProfileWindow(
@@ -175,7 +174,7 @@ def _train(config, workdir, workdir_lock, callbacks, devices) -> dict:
         host = jax.device_get(pending)
         _check_finite(host, pending_from, last_saved)
         dt = time.perf_counter() - t_log
-        logged = _mean_metrics(host)
+        logged = train_metrics.reduce_steps(host)
         logged.update(steps_per_sec=n_log / dt, images_per_sec=n_log * loop.global_batch_size / dt)
         writer.write_scalars(step, logged)
         _log_progress(step, total, logged['steps_per_sec'])

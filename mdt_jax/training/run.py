@@ -25,6 +25,7 @@ from mdt_jax.sampling.config import SamplerConfig, make_sampler_config
 
 EVAL_NUM_SAMPLES_MIN = 2  # a Frechet distance needs 2 images
 DIGITS_EVAL_SIZE = 16  # the digits classifier's input size
+METRIC_WRITERS = ('events', 'clu')  # config.metric_writer (mdt_jax/training/logdir.py)
 
 
 def _section(cls, values: Mapping[str, Any]):
@@ -87,6 +88,7 @@ class LoopSettings:
   log_every_steps: int
   sample_every_steps: int
   profile_steps: int
+  metric_writer: str  # METRIC_WRITERS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,6 +176,8 @@ def validate(config: ml_collections.ConfigDict) -> RunConfig:
   for k in ('total_steps', 'global_batch_size', 'checkpoint_every_steps', 'log_every_steps'):
     if int(config[k]) <= 0:
       raise ValueError(f'{k} must be positive, got {config[k]}')
+  if config.metric_writer not in METRIC_WRITERS:
+    raise ValueError(f'metric_writer must be one of {METRIC_WRITERS}, got {config.metric_writer!r}')
   if config.mask_branch and model.mask_ratio is None:
     raise ValueError('mask_branch=True needs model.mask_ratio (the official value is 0.3)')
   diffusion = _section(DiffusionSettings, config.diffusion.to_dict())
