@@ -128,7 +128,7 @@ def file_lock(path: str) -> Iterator[None]:
 _PATH_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
 
 
-def _failed(path: str, error: OSError) -> OSError:
+def _failed(path: str, error: BaseException) -> BaseException:
   """A failed write as errors.WriteFailed naming the file (path errors stay as they are)."""
   if isinstance(error, (errors.WriteFailed, *_PATH_ERRORS)):
     return error
@@ -150,12 +150,12 @@ def atomic_file(path: str, site: str | None = None) -> Iterator[IO[bytes]]:
     try:
       yield f
       faults.check(site, path)
-      f.close()
+      f.close()  # the upload (gcsfs retries a 5xx or a dropped connection with backoff)
     except BaseException as e:
       f.discard()  # fsspec: abandon a started (resumable) upload
       f.closed = True  # and never commit the buffer of a small one when the file is collected
-      if isinstance(e, OSError):
-        raise _failed(path, e) from e
+      if isinstance(e, OSError) or type(e).__module__.startswith('gcsfs'):
+        raise _failed(path, e) from e  # gcsfs.retry.HttpError: the error left after retries
       raise
     return
   tmp = f'{path}.tmp-{os.getpid()}'

@@ -90,9 +90,9 @@ def resolve_config_paths(config) -> None:
   data = config.data
   if data.get('path'):
     data.path = paths.resolve(data.path)
-  vae = data.get('vae_decoder')
+  vae = data.get('vae')
   if vae and (paths.is_remote(vae) or os.path.exists(os.path.expanduser(vae))):
-    data.vae_decoder = paths.resolve(vae)
+    data.vae = paths.resolve(vae)
 
 
 if __name__ == '__main__':

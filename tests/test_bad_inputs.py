@@ -209,7 +209,7 @@ def _latent_config(path):
       flip=True,
       num_threads=1,
       prefetch=2,
-      vae_decoder='',
+      vae=None,
   )
   c.model.update(input_size=4, in_channels=4, num_classes=2)
   c.global_batch_size, c.total_steps = 8, 2

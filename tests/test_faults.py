@@ -8,12 +8,17 @@ resumes from what the one before left, and the finished run's state is bit-ident
 uninterrupted run's (conftest's full_run: sample grids do not change the training)."""
 
 import hashlib
+import http
+import http.client
+import http.server
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
+import urllib.parse
 
 import numpy as np
 import pytest
@@ -198,3 +203,105 @@ def test_atomic_files_killed_or_failed_keep_the_old_file(tmp_path, monkeypatch, 
     atomic.write_json(str(path), {'evaluations': ['new']})
   assert json.loads(path.read_text()) == {'evaluations': ['old']}
   assert not (tmp_path / f'{path.name}.tmp-{os.getpid()}').exists()  # the failed write's
+
+
+# ------------------------------------------------------------------- object storage uploads
+
+
+class _FlakyProxy(http.server.ThreadingHTTPServer):
+  """A loopback proxy in front of the GCS emulator that answers the next uploads as ``plan``
+  says: an HTTP status ('503'), 'drop' (the connection closed, no answer) or 'pass'."""
+
+  def __init__(self, target: str, plan: list[str]):
+    self.target, self.plan, self.seen = urllib.parse.urlparse(target), plan, []
+    super().__init__(('127.0.0.1', 0), _ProxyHandler)
+    threading.Thread(target=self.serve_forever, daemon=True).start()
+
+  @property
+  def url(self) -> str:
+    return f'http://127.0.0.1:{self.server_address[1]}'
+
+
+class _ProxyHandler(http.server.BaseHTTPRequestHandler):
+
+  def log_message(self, *args):
+    del args
+
+  def _relay(self):
+    body = self.rfile.read(int(self.headers.get('Content-Length') or 0))
+    upload = '/upload/' in self.path
+    action = self.server.plan.pop(0) if upload and self.server.plan else 'pass'
+    if upload:
+      self.server.seen.append(action)
+    if action == 'drop':
+      self.connection.close()
+      return
+    if action != 'pass':  # GCS's error body
+      code = int(action)
+      data = json.dumps({'error': {'code': code, 'message': http.HTTPStatus(code).phrase}})
+      self.send_response(code)
+      self.send_header('Content-Type', 'application/json')
+      self.send_header('Content-Length', str(len(data)))
+      self.end_headers()
+      self.wfile.write(data.encode())
+      return
+    target = self.server.target
+    conn = http.client.HTTPConnection(target.hostname, target.port)
+    headers = {k: v for k, v in self.headers.items() if k.lower() != 'host'}
+    conn.request(self.command, self.path, body, headers)
+    answer = conn.getresponse()
+    data = answer.read()
+    self.send_response(answer.status)
+    for k, v in answer.getheaders():
+      if k.lower() not in ('transfer-encoding', 'content-length', 'connection'):
+        self.send_header(k, v)
+    self.send_header('Content-Length', str(len(data)))
+    self.end_headers()
+    self.wfile.write(data)
+
+  do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _relay
+
+
+@pytest.fixture
+def flaky_gcs(gcs, monkeypatch):
+  """The session's bucket behind a _FlakyProxy (gcsfs pointed at it: a new client)."""
+  import gcsfs
+
+  proxy = _FlakyProxy(os.environ['STORAGE_EMULATOR_HOST'], [])
+  monkeypatch.setenv('STORAGE_EMULATOR_HOST', proxy.url)
+  gcsfs.GCSFileSystem.clear_instance_cache()
+  yield gcs, proxy
+  proxy.shutdown()
+  gcsfs.GCSFileSystem.clear_instance_cache()
+
+
+def test_uploads_are_retried_after_5xx_and_dropped_connections(flaky_gcs):
+  gcs, proxy = flaky_gcs
+  proxy.plan[:] = ['503', 'drop', '500']
+  atomic.write_json(f'{gcs}/flaky/eval_history.json', {'evaluations': [1]})
+  assert proxy.seen == ['503', 'drop', '500', 'pass']  # gcsfs retried, with its backoff
+  assert json.loads(atomic.paths.path(f'{gcs}/flaky/eval_history.json').read_text()) == {
+      'evaluations': [1]
+  }
+
+
+def test_an_upload_that_keeps_failing_stops_with_one_line(flaky_gcs, monkeypatch):
+  import asyncio
+
+  gcs, proxy = flaky_gcs
+  real_sleep = asyncio.sleep
+
+  async def no_backoff(delay, *args, **kwargs):
+    del delay
+    return await real_sleep(0, *args, **kwargs)
+
+  monkeypatch.setattr(asyncio, 'sleep', no_backoff)  # gcsfs's backoff, about 31 s, skipped
+  path = f'{gcs}/flaky/samples.npz'
+  for plan, what in [(['503'] * 6, 'Service Unavailable'), (['403'], 'Forbidden')]:
+    proxy.plan[:], proxy.seen[:] = plan, []
+    with pytest.raises(errors.WriteFailed) as e:
+      atomic.write_bytes(path, b'x')
+    assert proxy.seen == plan  # every retry (a 403 is not retried), then a stop
+    assert re.match(rf'writing {path} failed: .*{what}', str(e.value)), str(e.value)
+    assert errors.is_user_error(e.value)
+    assert not atomic.paths.path(path).exists()

@@ -7,7 +7,7 @@ joined by dots, e.g. ``en_inblocks.0.attn.qkv.kernel``). ``config.json``::
      "model": {...MDTConfig...},
      "data": {"space": "latent" | "pixel", "image_size": 256, "image_channels": 3,
               "latent_scale": 0.18215, "vae": "<folder or hub id of the decoder VAE>" | null},
-     "diffusion": {"num_timesteps": 1000, "beta_schedule": "linear"},
+     "diffusion": {"num_timesteps": 1000, "schedule": "linear"},
      "sampling": {recommended settings: sampler, steps, cfg_scale, scale_pow, guidance_channels},
      "source": "<where the weights came from>"}
 
@@ -30,6 +30,7 @@ from safetensors.numpy import save_file
 
 from mdt_jax import errors, paths
 from mdt_jax.atomic import atomic_folder, require_complete
+from mdt_jax.configs_base import model_of, upgrade
 from mdt_jax.diffusion import objective_of
 from mdt_jax.models.mdt import MDT, MDTConfig
 from mdt_jax.models.params import flat_params, model_from_flat
@@ -37,7 +38,7 @@ from mdt_jax.sampling.config import SamplerConfig, make_sampler_config
 from mdt_jax.sampling.postprocess import ModelData
 
 FORMAT = 'mdt_jax.model'
-VERSION = 1
+VERSION = 2  # 2: diffusion.schedule (1 wrote beta_schedule; read through configs_base.upgrade)
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
 
@@ -99,7 +100,7 @@ def write_model_files(
       version=VERSION,
       model=config.to_dict(),
       data=dict(data or IMAGENET_LATENT_DATA.record()),
-      diffusion=dict(diffusion or dict(num_timesteps=1000, beta_schedule='linear')),
+      diffusion=dict(diffusion or dict(num_timesteps=1000, schedule='linear')),
       sampling=dict(sampling or OFFICIAL_SAMPLING),
       source=source,
   )
@@ -121,7 +122,8 @@ def save_model_folder(
 
 
 def read_folder_config(path: str) -> dict[str, Any]:
-  """A model folder's config.json (format mdt_jax.model), checked for format and version."""
+  """A model folder's config.json (format mdt_jax.model), checked for format and version, under
+  today's key names (`configs_base.upgrade`)."""
   cfg_path = paths.path(path) / CONFIG_FILE
   if not cfg_path.is_file():
     raise FileNotFoundError(f'{path} is not a model folder: {CONFIG_FILE} is missing')
@@ -134,7 +136,7 @@ def read_folder_config(path: str) -> dict[str, Any]:
     raise ValueError(f'{cfg_path}: format is {cfg.get("format")!r}, expected {FORMAT!r}')
   if cfg.get('version', 0) > VERSION:
     raise ValueError(f'{cfg_path}: version {cfg["version"]} is newer than this code ({VERSION})')
-  return cfg
+  return upgrade(cfg)
 
 
 def check_objective(diffusion: dict, config: MDTConfig, cfg_path: str = '') -> str:
@@ -171,7 +173,7 @@ def load_model_folder(path: str, **model_overrides) -> Pretrained:
         f'{CONFIG_FILE} and {WEIGHTS_FILE}); copy or export the model folder again'
     )
   require_complete(path, 'model folder')
-  config = MDTConfig.from_dict({**cfg['model'], **model_overrides})
+  config = model_of(cfg['model'], **model_overrides)
   diffusion = cfg.get('diffusion', {})
   objective = check_objective(diffusion, config, cfg_path=path)
   data = ModelData.from_record(cfg.get('data'), where=os.fspath(paths.path(path) / CONFIG_FILE))

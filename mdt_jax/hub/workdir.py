@@ -12,7 +12,7 @@ from flax import nnx
 from mdt_jax import paths
 from mdt_jax.diffusion import folder_record, objective_of
 from mdt_jax.hub.folder import Pretrained
-from mdt_jax.models.mdt import MDTConfig
+from mdt_jax.configs_base import model_of
 from mdt_jax.models.params import abstract_model, model_from_flat, param_name
 from mdt_jax.sampling.postprocess import ModelData
 from mdt_jax.training import checkpoints
@@ -37,7 +37,7 @@ def load_workdir(
   if weights not in ('ema_params', 'params'):
     raise ValueError(f"weights must be 'ema_params' or 'params', got {weights!r}")
   config = checkpoints.read_train_config(workdir) if train_config is None else train_config
-  model_cfg = MDTConfig.from_dict({**config.model.to_dict(), **model_overrides})
+  model_cfg = model_of(config.model.to_dict(), **model_overrides)
   manager = ocp.CheckpointManager(
       epath.Path(paths.resolve(workdir)) / checkpoints.CHECKPOINT_DIR,
       item_handlers={weights: ocp.StandardCheckpointHandler()},
@@ -88,6 +88,4 @@ def model_data(config: ml_collections.ConfigDict) -> ModelData:
   d = config.data
   if d.name == 'digits':
     return ModelData(space='pixel', image_size=d.image_size, image_channels=1, vae=None)
-  return ModelData(
-      space='latent', image_size=d.image_size, image_channels=3, vae=d.get('vae_decoder', None)
-  )
+  return ModelData(space='latent', image_size=d.image_size, image_channels=3, vae=d.get('vae'))

@@ -27,6 +27,7 @@ from absl import logging
 from etils import epath
 
 from mdt_jax import atomic, errors, faults, paths
+from mdt_jax.configs_base import model_of, upgrade
 from mdt_jax.compat.orbax import ArrayMetadataStore
 from mdt_jax.diffusion import objective_of
 from mdt_jax.models.mdt import COMPUTE, COMPUTE_OPTIONS, TRAINING, MDTConfig, field_names
@@ -347,14 +348,16 @@ def check_workdir(workdir: str, run: RunConfig) -> None:
   if not path.exists():
     return
   steps = saved_steps(workdir)
-  saved = paths.read_json(
-      path,
-      'the training config a run writes',
-      f'move it out of {workdir}: the run then '
-      + (f'resumes from its latest checkpoint (step {steps[-1]})' if steps else 'starts afresh')
-      + ' and writes it again',
+  saved = upgrade(
+      paths.read_json(
+          path,
+          'the training config a run writes',
+          f'move it out of {workdir}: the run then '
+          + (f'resumes from its latest checkpoint (step {steps[-1]})' if steps else 'starts afresh')
+          + ' and writes it again',
+      )
   )
-  old_model = MDTConfig.from_dict(saved['model'])
+  old_model = model_of(saved['model'])
   new_model = run.model
   old, new = old_model.to_dict(), new_model.to_dict()
   fields = [k for k in new if k not in COMPUTE_OPTIONS and old[k] != new[k]]
@@ -385,15 +388,17 @@ def write_config(workdir: str, run: RunConfig) -> None:
 
 
 def read_train_config(workdir: str) -> ml_collections.ConfigDict:
-  """A training workdir's config.json: the run's whole training config."""
+  """A training workdir's config.json: the run's whole training config (today's key names)."""
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(f'{workdir} has no {CONFIG_FILE}: not a training workdir')
   return ml_collections.ConfigDict(
-      paths.read_json(
-          path,
-          'the training config a run writes',
-          'the next training start on this workdir writes it again',
+      upgrade(
+          paths.read_json(
+              path,
+              'the training config a run writes',
+              'the next training start on this workdir writes it again',
+          )
       )
   )
 

@@ -10,8 +10,9 @@ The estimates are a ranking, not a measurement (compiled figures: BENCHMARKS.md)
     HBM      weights read in the forward and backward passes of each branch, the optimizer's
              update over the chip's share of the state, and activation traffic per sample
     ICI      ring collectives (wire bytes per chip as tools/benchmarks/hlo.py counts them) over
-             one link's bandwidth: gradients reduced in the compute dtype, weights gathered
-             once per step (zero, hybrid) or at each use (fsdp: about 2.6 gathers per step)
+             one link's bandwidth: gradients all-reduced in the compute dtype (as XLA does even
+             where only a shard is kept: compiled zero step), weights gathered once per step
+             (zero, hybrid) or at each use (fsdp: about 2.6 gathers per step)
     memory   stored state over its split, the gathered weights, float32 gradients and
              activations per sample
 """
@@ -62,6 +63,10 @@ FSDP_GATHERS = 2.6  # weight gathers per step under fsdp (compiled XL/2 step, v5
 ACT_BYTES_PER_TOKEN_DIM = 30.0
 ACT_TRAFFIC_PER_TOKEN_DIM = 120.0
 WEIGHT_PASSES = 8.0  # HBM bytes per weight and step per compute-dtype byte (fwd+bwd, 2 branches)
+# XLA's bytes accessed (the roofline's HBM figure) over the bytes counted above: it also counts
+# the on-chip copies of what XLA prefetches (fitted to compiled 2-block steps of XL/2's width,
+# v5p-8 dp at 16 per chip and v5p-128 zero at 4 per chip: 2.7x and 4.1x)
+XLA_BYTES_FACTOR = 3.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,16 +153,17 @@ def estimate(s: Strategy, sizes: Sizes, chip: Chip, global_batch: int) -> Estima
   memory = store + gathered[s.name] + w4 / s.fsdp + act * b
   optimizer_traffic = (5 * w4 + 2 * sizes.opt_state_bytes) / (n if s.state_axes else s.fsdp)
   hbm = WEIGHT_PASSES * a * p + optimizer_traffic + ACT_TRAFFIC_PER_TOKEN_DIM * token_dims * b
+  hbm *= XLA_BYTES_FACTOR
   if s.name == 'dp':
     wire = _ring(n, g * p, 2.0)
-  elif s.name == 'zero':
-    wire = _ring(n, g * p) + _ring(n, c * p)
+  elif s.name == 'zero':  # XLA all-reduces the gradients, then keeps this chip's share
+    wire = _ring(n, g * p, 2.0) + _ring(n, c * p)
   elif s.name == 'fsdp':  # the data axis all-reduces the float32 gradient shards
     wire = FSDP_GATHERS * _ring(s.fsdp, a * p) + _ring(s.fsdp, g * p)
     wire += _ring(s.data, w4 / s.fsdp, 2.0)
   else:  # hybrid
     wire = FSDP_GATHERS * _ring(s.fsdp, a * p) + _ring(s.fsdp, g * p)
-    wire += _ring(s.data, g * p / s.fsdp) + _ring(s.data, c * p / s.fsdp)
+    wire += _ring(s.data, g * p / s.fsdp, 2.0) + _ring(s.data, c * p / s.fsdp)
   return Estimate(
       strategy=s,
       compute_ms=flops / (chip.peak_tflops * 1e12) * 1e3,

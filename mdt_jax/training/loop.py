@@ -102,7 +102,7 @@ def train_and_evaluate(
 
 
 def _train(config, workdir, workdir_lock, callbacks, devices) -> dict:
-  run = as_run(config)
+  run = as_run(config, check_data=True)
   loop = run.loop
   strategy = cost.resolve(dict(run.mesh.shape), run.model, loop.global_batch_size, devices)
   mesh = strategies.make_mesh(strategy, devices)

@@ -1,7 +1,7 @@
 """The MDT train step: a plain and a masked branch, one backward pass, Adan, EMA.
 
-Both objectives share the step: the DDPM one (``dif`` a ``Diffusion``: integer timesteps, eps
-MSE with min-SNR weight plus the VLB term) and the flow one (``dif`` a ``FlowMatching``:
+Both objectives share the step: the DDPM one (``process`` a ``Diffusion``: integer timesteps, eps
+MSE with min-SNR weight plus the VLB term) and the flow one (``process`` a ``FlowMatching``:
 continuous times, velocity MSE). Either way the two branches share the time draw and each draws
 its own noise, label dropout and mask.
 """
@@ -16,27 +16,26 @@ import ml_collections
 import optax
 from flax import nnx
 
-from mdt_jax import diffusion as diff
-from mdt_jax.diffusion import flow
+from mdt_jax.diffusion import Diffusion, FlowMatching, flow, q_sample, training_losses
 from mdt_jax.models import attention, platform
 from mdt_jax.training.run import RunConfig, as_run
 from mdt_jax.training.state import TrainState
 
 
 def branch_loss(
-    model, dif: diff.Diffusion, x0, y, t, key, *, masked: bool, min_snr_gamma: float | None
+    model, process: Diffusion, x0, y, t, key, *, masked: bool, min_snr_gamma: float | None
 ):
   """One branch of the original forward_backward: own noise, own label-dropout (and mask) draw."""
   noise_key, model_key = jax.random.split(key)
   noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
-  x_t = diff.q_sample(dif, x0, t, noise)
+  x_t = q_sample(process, x0, t, noise)
   out = model(x_t, t, y, rng=model_key, train=True, enable_mask=masked)
-  terms = diff.training_losses(dif, out, x0, x_t, t, noise, min_snr_gamma)
+  terms = training_losses(process, out, x0, x_t, t, noise, min_snr_gamma)
   return {k: v.mean() for k, v in terms.items()}
 
 
 def flow_branch_loss(
-    model, fm: diff.FlowMatching, x0, y, t, key, *, masked: bool, min_snr_gamma: float | None = None
+    model, process: FlowMatching, x0, y, t, key, *, masked: bool, min_snr_gamma: float | None = None
 ):
   """``branch_loss`` of the flow objective: x_t on the line from x_0 to the noise, velocity MSE."""
   if min_snr_gamma is not None:
@@ -44,29 +43,31 @@ def flow_branch_loss(
   noise_key, model_key = jax.random.split(key)
   noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
   x_t = flow.interpolate(x0, noise, t)
-  out = model(x_t, flow.model_time(fm, t), y, rng=model_key, train=True, enable_mask=masked)
+  out = model(x_t, flow.model_time(process, t), y, rng=model_key, train=True, enable_mask=masked)
   terms = flow.training_losses(out, x0, noise)
   return {k: v.mean() for k, v in terms.items()}
 
 
-def draw_times(dif: diff.Diffusion | diff.FlowMatching, key, n: int):
+def draw_times(process: Diffusion | FlowMatching, key, n: int):
   """The batch's times [n], shared by both branches: DDPM timesteps or flow times."""
-  if isinstance(dif, diff.FlowMatching):
-    return flow.sample_time(dif, key, n)
-  return jax.random.randint(key, (n,), 0, dif.num_timesteps)
+  if isinstance(process, FlowMatching):
+    return flow.sample_time(process, key, n)
+  return jax.random.randint(key, (n,), 0, process.num_timesteps)
 
 
-def loss_fn(params, graphdef, dif, batch, key, *, mask_branch: bool, min_snr_gamma: float | None):
+def loss_fn(
+    params, graphdef, process, batch, key, *, mask_branch: bool, min_snr_gamma: float | None
+):
   model = nnx.merge(graphdef, params)
   x0, y = batch['x'], batch['y']
   t_key, plain_key, mask_key = jax.random.split(key, 3)
-  t = draw_times(dif, t_key, x0.shape[0])
-  branch = flow_branch_loss if isinstance(dif, diff.FlowMatching) else branch_loss
-  plain = branch(model, dif, x0, y, t, plain_key, masked=False, min_snr_gamma=min_snr_gamma)
+  t = draw_times(process, t_key, x0.shape[0])
+  branch = flow_branch_loss if isinstance(process, FlowMatching) else branch_loss
+  plain = branch(model, process, x0, y, t, plain_key, masked=False, min_snr_gamma=min_snr_gamma)
   metrics = {f'plain/{k}': v for k, v in plain.items()}
   total = plain['loss']
   if mask_branch:
-    masked = branch(model, dif, x0, y, t, mask_key, masked=True, min_snr_gamma=min_snr_gamma)
+    masked = branch(model, process, x0, y, t, mask_key, masked=True, min_snr_gamma=min_snr_gamma)
     metrics.update({f'masked/{k}': v for k, v in masked.items()})
     total = total + masked['loss']
   metrics['loss'] = total
@@ -78,7 +79,7 @@ def train_step(
     batch: dict,
     *,
     graphdef,
-    dif: diff.Diffusion | diff.FlowMatching,
+    process: Diffusion | FlowMatching,
     optimizer: optax.GradientTransformation,
     ema_decay: float,
     mask_branch: bool,
@@ -93,7 +94,7 @@ def train_step(
       functools.partial(loss_fn, mask_branch=mask_branch, min_snr_gamma=min_snr_gamma), has_aux=True
   )
   weights = layout.forward_weights(state.params) if layout else state.params
-  grads, metrics = grad_fn(weights, graphdef, dif, batch, key)
+  grads, metrics = grad_fn(weights, graphdef, process, batch, key)
   if layout:
     grads = layout.reduced_grads(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -130,7 +131,7 @@ def loss_settings(
   (`mask_branch` defaults to the run's) and the min-SNR weight."""
   run = as_run(run)
   return dict(
-      dif=run.process,
+      process=run.process,
       mask_branch=run.loop.mask_branch if mask_branch is None else mask_branch,
       min_snr_gamma=run.diffusion.min_snr_gamma,
   )

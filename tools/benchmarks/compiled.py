@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mdt_jax.models.mdt import MDTConfig
+from mdt_jax.configs_base import model_of
 from benchmarks.tpu import compiler_memory_figures
 from mdt_jax.training import cost, sharding, strategies
 from mdt_jax.training.state import abstract_train_state, make_optimizer
@@ -53,7 +53,7 @@ def lower_train_step(
 ):
   """The config's train step lowered on abstract inputs (nothing allocated) over `devices`
   (default: this host's), e.g. the compile-only devices of a TPU topology."""
-  mc = MDTConfig.from_dict(config.model.to_dict())
+  mc = model_of(config.model.to_dict())
   # the strategy training would run (mesh.strategy, or the cost model's choice for the slice)
   strategy = cost.resolve(config.mesh.to_dict(), mc, global_batch, devices, mask_branch)
   mesh = strategies.make_mesh(strategy, devices)
