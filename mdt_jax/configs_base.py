@@ -74,6 +74,22 @@ def base_config() -> ml_collections.ConfigDict:
       clip_norm=1.0,
   )
   c.ema_decay = 0.9999
+  # Representation alignment (mdt_jax/training/align.py): method 'none' (the original recipe),
+  # 'repa' (a DINOv2 teacher folder) or 'sra' (the EMA model's deeper block at lower noise);
+  # depth 0: REPA's block 8 of 28 scaled to the model; teacher_depth 0: twice depth.
+  c.align = dict(
+      method='none',
+      depth=0,
+      weight=0.5,
+      projector_dim=2048,
+      stop_step=0,
+      branches='plain',
+      teacher=placeholder(str),
+      resolution=224,
+      teacher_depth=0,
+      noise_offset=0.2,
+      ema_source='ema',
+  )
   c.mesh = dict(data=-1, fsdp=1, tensor=1)
   c.sharding_rules = DEFAULT_RULES
   c.checkpoint_every_steps = 10_000

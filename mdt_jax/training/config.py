@@ -7,6 +7,7 @@ import ml_collections
 from mdt_jax import diffusion as diff
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.configs_base import base_config
+from mdt_jax.training import align
 
 
 def _unknown_keys(cfg, ref, prefix='') -> list[str]:
@@ -34,6 +35,7 @@ def validate(config: ml_collections.ConfigDict) -> MDTConfig:
   if config.mask_branch and model.mask_ratio is None:
     raise ValueError('mask_branch=True needs model.mask_ratio (the official value is 0.3)')
   check_objective(config, model)
+  model = _check_align(config, model)
   # Imported here, not above: every configs/*.py imports base_config, and loading a config should
   # not load grain and the evaluation stack (about 1 s).
   from mdt_jax.training.evaluation import check_config
@@ -57,6 +59,18 @@ def validate(config: ml_collections.ConfigDict) -> MDTConfig:
         f'but model.num_classes={model.num_classes}'
     )
   return model
+
+
+def _check_align(config: ml_collections.ConfigDict, model: MDTConfig) -> MDTConfig:
+  """config.align refused when it cannot train; the model with its projector."""
+  choice = align.config_of(config.get('align'))
+  choice.check(model, mask_branch=config.mask_branch)
+  if choice.method == 'repa' and config.data.name != 'digits':
+    raise ValueError(
+        f'align.method=repa needs the images for its teacher; data {config.data.name!r} holds '
+        'latents only (pixel data: the digits)'
+    )
+  return choice.model_config(model)
 
 
 def check_objective(config: ml_collections.ConfigDict, model: MDTConfig) -> None:

@@ -18,23 +18,59 @@ from flax import nnx
 from mdt_jax import diffusion as diff
 from mdt_jax.diffusion import flow
 from mdt_jax.models import attention, platform
+from mdt_jax.models.mdt import MDTConfig
+from mdt_jax.training import align as alignment
 from mdt_jax.training.state import TrainState
 
 
+def _forward(model, x_t, t, y, model_key, masked, aligner):
+  """The model's output, and with an aligner its terms (the aligned block's features)."""
+  if aligner is None:
+    return model(x_t, t, y, rng=model_key, train=True, enable_mask=masked), None
+  return model(x_t, t, y, rng=model_key, train=True, enable_mask=masked, features_at=aligner.block)
+
+
+def _with_align(terms, model, aligner, features, x0, noise, t, y, model_key) -> dict:
+  out = {k: v.mean() for k, v in terms.items()}
+  if aligner is not None:
+    got = aligner.terms(model, features, x0, noise, t, y, model_key)
+    out.update({f'align_{k}': v for k, v in got.items()})
+  return out
+
+
 def branch_loss(
-    model, dif: diff.Diffusion, x0, y, t, key, *, masked: bool, min_snr_gamma: float | None
+    model,
+    dif: diff.Diffusion,
+    x0,
+    y,
+    t,
+    key,
+    *,
+    masked: bool,
+    min_snr_gamma: float | None,
+    aligner: alignment.BranchAligner | None = None,
 ):
-  """One branch of the original forward_backward: own noise, own label-dropout (and mask) draw."""
+  """One branch of the original forward_backward: own noise, own label-dropout (and mask) draw;
+  with an aligner, also its alignment terms (align_loss, align_cos)."""
   noise_key, model_key = jax.random.split(key)
   noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
   x_t = diff.q_sample(dif, x0, t, noise)
-  out = model(x_t, t, y, rng=model_key, train=True, enable_mask=masked)
+  out, features = _forward(model, x_t, t, y, model_key, masked, aligner)
   terms = diff.training_losses(dif, out, x0, x_t, t, noise, min_snr_gamma)
-  return {k: v.mean() for k, v in terms.items()}
+  return _with_align(terms, model, aligner, features, x0, noise, t, y, model_key)
 
 
 def flow_branch_loss(
-    model, fm: diff.FlowMatching, x0, y, t, key, *, masked: bool, min_snr_gamma: float | None = None
+    model,
+    fm: diff.FlowMatching,
+    x0,
+    y,
+    t,
+    key,
+    *,
+    masked: bool,
+    min_snr_gamma: float | None = None,
+    aligner: alignment.BranchAligner | None = None,
 ):
   """``branch_loss`` of the flow objective: x_t on the line from x_0 to the noise, velocity MSE."""
   if min_snr_gamma is not None:
@@ -42,9 +78,9 @@ def flow_branch_loss(
   noise_key, model_key = jax.random.split(key)
   noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
   x_t = flow.interpolate(x0, noise, t)
-  out = model(x_t, flow.model_time(fm, t), y, rng=model_key, train=True, enable_mask=masked)
+  out, features = _forward(model, x_t, flow.model_time(fm, t), y, model_key, masked, aligner)
   terms = flow.training_losses(out, x0, noise)
-  return {k: v.mean() for k, v in terms.items()}
+  return _with_align(terms, model, aligner, features, x0, noise, t, y, model_key)
 
 
 def draw_times(dif: diff.Diffusion | diff.FlowMatching, key, n: int):
@@ -54,19 +90,62 @@ def draw_times(dif: diff.Diffusion | diff.FlowMatching, key, n: int):
   return jax.random.randint(key, (n,), 0, dif.num_timesteps)
 
 
-def loss_fn(params, graphdef, dif, batch, key, *, mask_branch: bool, min_snr_gamma: float | None):
+def loss_fn(
+    params,
+    graphdef,
+    dif,
+    batch,
+    key,
+    *,
+    mask_branch: bool,
+    min_snr_gamma: float | None,
+    align: alignment.Alignment | None = None,
+    teacher_params=None,
+    step=None,
+):
+  """The branches' losses summed; with `align`, plus its weight times the aligned branches'
+  alignment losses (`teacher_params`: SRA's teacher weights; `step`: for align.stop_step)."""
   model = nnx.merge(graphdef, params)
   x0, y = batch['x'], batch['y']
   t_key, plain_key, mask_key = jax.random.split(key, 3)
   t = draw_times(dif, t_key, x0.shape[0])
   branch = flow_branch_loss if isinstance(dif, diff.FlowMatching) else branch_loss
-  plain = branch(model, dif, x0, y, t, plain_key, masked=False, min_snr_gamma=min_snr_gamma)
+  aligners = {} if align is None else align.aligners(graphdef, teacher_params, dif, x0)
+  plain = branch(
+      model,
+      dif,
+      x0,
+      y,
+      t,
+      plain_key,
+      masked=False,
+      min_snr_gamma=min_snr_gamma,
+      aligner=aligners.get('plain'),
+  )
   metrics = {f'plain/{k}': v for k, v in plain.items()}
   total = plain['loss']
+  branches = [plain]
   if mask_branch:
-    masked = branch(model, dif, x0, y, t, mask_key, masked=True, min_snr_gamma=min_snr_gamma)
+    masked = branch(
+        model,
+        dif,
+        x0,
+        y,
+        t,
+        mask_key,
+        masked=True,
+        min_snr_gamma=min_snr_gamma,
+        aligner=aligners.get('masked'),
+    )
     metrics.update({f'masked/{k}': v for k, v in masked.items()})
     total = total + masked['loss']
+    branches.append(masked)
+  if align is not None:
+    aligned = [b for b in branches if 'align_loss' in b]
+    metrics['align/loss'] = sum(b['align_loss'] for b in aligned)
+    metrics['align/cos'] = sum(b['align_cos'] for b in aligned) / len(aligned)
+    metrics['align/weight'] = align.weight(step)
+    total = total + metrics['align/weight'] * metrics['align/loss']
   metrics['loss'] = total
   return total, metrics
 
@@ -82,11 +161,14 @@ def train_step(
     mask_branch: bool,
     min_snr_gamma: float | None,
     learning_rate: float,
+    align: alignment.Alignment | None = None,
 ):
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  grad_fn = jax.grad(
-      functools.partial(loss_fn, mask_branch=mask_branch, min_snr_gamma=min_snr_gamma), has_aux=True
-  )
+  settings = dict(mask_branch=mask_branch, min_snr_gamma=min_snr_gamma)
+  if align is not None:  # SRA's teacher: the EMA weights or the current ones, as configured
+    teacher = state.ema_params if align.config.ema_source == 'ema' else state.params
+    settings.update(align=align, teacher_params=teacher, step=state.step)
+  grad_fn = jax.grad(functools.partial(loss_fn, **settings), has_aux=True)
   grads, metrics = grad_fn(state.params, graphdef, dif, batch, key)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -117,12 +199,17 @@ def jit_train_step(shardings: TrainState, batch_sharding, **kw):
 
 def loss_settings(config, mask_branch: bool | None = None) -> dict:
   """`loss_fn`'s settings from an experiment config: the diffusion (or flow) process, the mask
-  branch (`mask_branch` defaults to the config's) and the min-SNR weight."""
-  return dict(
+  branch (`mask_branch` defaults to the config's), the min-SNR weight and the alignment (none
+  unless config.align says)."""
+  settings = dict(
       dif=diff.make_process(config.diffusion),
       mask_branch=config.mask_branch if mask_branch is None else mask_branch,
       min_snr_gamma=config.diffusion.min_snr_gamma,
   )
+  align = alignment.make_alignment(config.get('align'), MDTConfig.from_dict(config.model.to_dict()))
+  if align is not None:
+    settings['align'] = align
+  return settings
 
 
 def jit_step_from_config(
