@@ -118,4 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_reference = placeholder(str)
   c.eval_inception = placeholder(str)
   c.profile_steps = 0  # >0: capture a jax.profiler trace of that many steps
+  # TensorBoard: 'events', the event writer without TensorFlow (mdt_jax/training/events.py);
+  # 'clu', clu's default writer (clu.metric_writers: imports TensorFlow, several seconds)
+  c.metric_writer = 'events'
   return c

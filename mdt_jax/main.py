@@ -49,6 +49,7 @@ def main(argv):
         process_id=FLAGS.process_id,
     )
   from mdt_jax.training.loop import train_and_evaluate
+  from mdt_jax.training.run import validate
 
   config = FLAGS.config
   if config is None:
@@ -68,7 +69,7 @@ def main(argv):
     os.makedirs(workdir, exist_ok=True)
   with config.unlocked():
     resolve_config_paths(config)
-  train_and_evaluate(config, workdir)
+  train_and_evaluate(validate(config), workdir)
 
 
 def resolve_config_paths(config) -> None:

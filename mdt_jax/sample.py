@@ -34,6 +34,7 @@ flags.DEFINE_integer('num_samples', 50000, 'Number of samples.')
 flags.DEFINE_integer('shard_size', 1000, 'Samples per shard file.')
 flags.DEFINE_bool('grid_labels', False, 'Draw the grid one row per class, with the class ids.')
 flags.DEFINE_integer('grid_scale', 1, "Draw each of the grid's pixels N x N (small images).")
+flags.DEFINE_bool('info', False, "Print the model's settings and parameter table, then stop.")
 
 
 def main(argv):
@@ -43,6 +44,14 @@ def main(argv):
   from mdt_jax.sampling.run import run_sampling
   from mdt_jax.sampling.sampler import build_sampler
 
+  if FLAGS.info:
+    from mdt_jax.hub.pretrained import describe
+
+    if not FLAGS.model:
+      raise app.UsageError('--model is required')
+
+    print(describe(FLAGS.model))
+    return
   if FLAGS.grid_scale < 1:
     raise app.UsageError(f'--grid_scale must be a positive integer, got {FLAGS.grid_scale}')
   labels = labels_lib.parse_labels(FLAGS.labels)

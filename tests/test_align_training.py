@@ -16,7 +16,7 @@ from micro_config import get_config
 from tensorboard_events import read_events, scalar
 from mdt_jax.models import dinov2
 from mdt_jax.models.params import param_name
-from mdt_jax.training.config import validate
+from mdt_jax.training.run import validate
 from mdt_jax.training.loop import train_and_evaluate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,8 +95,8 @@ def test_alignment_is_refused_before_training(tmp_path):
   with pytest.raises(ValueError, match="needs the images for its teacher; data 'latents'"):
     validate(latents)
   # off: the model has no projector
-  assert validate(_config()).align_dim == 0
-  assert validate(_config(method='sra')).align_dim == 32
+  assert validate(_config()).model.align_dim == 0
+  assert validate(_config(method='sra')).model.align_dim == 32
 
 
 def test_digits_teacher_tool_writes_a_dinov2_folder(tmp_path):

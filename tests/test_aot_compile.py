@@ -14,9 +14,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from micro_config import get_config
-from benchmarks import benchmark
+from benchmarks import flops, hlo, tpu
 from mdt_jax.models.mdt import MDTConfig
-from benchmarks import hlo, tpu
 from mdt_jax.training import sharding
 from mdt_jax.training.state import abstract_train_state, make_optimizer
 
@@ -215,7 +214,7 @@ def test_tpu_train_step_figures_match_analytic_counts(tpu_report):
   config.model.hidden_size, config.model.depth, config.mesh.data, config.mesh.fsdp = 128, 2, 1, -1
   mc, state, token_weights = _state_bytes_per_chip(config)
   n, batch = 4, config.global_batch_size
-  executed = benchmark.train_step_flops(mc, batch, True, executed=True) / n / 1e12
+  executed = flops.train_step_flops(mc, batch, True, executed=True) / n / 1e12
   assert train['executed_tflop_per_chip'] == pytest.approx(executed)
   # XLA counts the executed program plus the elementwise work the matmul-only count leaves out
   assert executed <= train['xla_tflop_per_chip'] <= 1.3 * executed
@@ -241,7 +240,7 @@ def test_tpu_train_step_figures_match_analytic_counts(tpu_report):
   )
   # the sampler: one guided call runs the model on [x; x] (2B rows), weights replicated and
   # the batch split, so no chip talks to another
-  fwd = 2 * benchmark.forward_flops(mc) * batch / n / 1e12
+  fwd = 2 * flops.forward_flops(mc) * batch / n / 1e12
   assert sample['model_tflop_per_chip'] == pytest.approx(fwd)
   assert fwd <= sample['xla_tflop_per_chip'] <= 1.3 * fwd
   assert sample['collectives'] == {} and sample['ici_ms'] == 0

@@ -17,10 +17,11 @@ from safetensors.numpy import load_file, save_file
 import mdt_jax
 from micro_config import get_config
 from mdt_jax import evaluate as evaluate_cli
-from mdt_jax.data import extract
+from mdt_jax.data import image_sources
 from mdt_jax.data.records import encode_latent_record
 from mdt_jax.training import checkpoints
 from mdt_jax.training.loop import train_and_evaluate
+from mdt_jax.training.run import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -155,19 +156,19 @@ def _leaves(tree):
 def test_a_changed_model_is_refused(tmp_path, old, new, match):
   c = micro_config()
   c.model.update(old)
-  checkpoints.write_config(str(tmp_path), c)
+  checkpoints.write_config(str(tmp_path), validate(c))
   c.model.update(new)
   with pytest.raises(ValueError, match=rf'holds a run of another model shape \(.*{match}'):
-    checkpoints.check_workdir(str(tmp_path), c)
+    checkpoints.check_workdir(str(tmp_path), validate(c))
 
 
 def test_resumable_changes_are_let_through(tmp_path):
   c = micro_config()
-  checkpoints.write_config(str(tmp_path), c)
+  checkpoints.write_config(str(tmp_path), validate(c))
   c.model.update(
       class_dropout_prob=0.2, mask_ratio=0.4, mask_ratio_span=0.1, dtype='bfloat16', remat=True
   )
-  checkpoints.check_workdir(str(tmp_path), c)
+  checkpoints.check_workdir(str(tmp_path), validate(c))
 
 
 def test_label_dropout_switched_off_on_resume_fails_before_any_work(workdir):
@@ -294,7 +295,7 @@ def test_images_of_mixed_sizes_are_cropped_to_one_size():
   for (h, w), mode in [((20, 17), 'RGB'), ((70, 40), 'L'), ((33, 33), 'RGBA'), ((9, 300), 'RGB')]:
     arr = rng.integers(0, 256, (h, w, {'RGB': 3, 'L': 1, 'RGBA': 4}[mode]), dtype=np.uint8)
     image = Image.fromarray(arr[..., 0] if mode == 'L' else arr, mode)
-    out = extract.preprocess(image, 16)
+    out = image_sources.preprocess(image, 16)
     assert out.shape == (16, 16, 3) and out.dtype == np.uint8
 
 

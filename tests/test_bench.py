@@ -11,9 +11,8 @@ import pytest
 import reference_mdt as ref
 from micro_config import get_config
 from mdt_jax import MDTConfig, model_config
-from benchmarks import benchmark
+from benchmarks import baselines, fit, flops, profile, timing
 from mdt_jax.hub import official
-from benchmarks import profile
 
 TINY_SAMPLING = dict(
     input_size=8,
@@ -45,7 +44,7 @@ def test_analytic_flops_match_xla_cost_analysis():
   c.data.image_size = 16
   c.global_batch_size = 8  # one sample per simulated device
   for mask_branch in (True, False):
-    r = benchmark.bench_train_step(c, mask_branch=mask_branch, compile_only=True)
+    r = timing.bench_train_step(c, mask_branch=mask_branch, compile_only=True)
     # XLA counts the executed program: the static buffer, and elementwise work (softmax, GELU,
     # norms, Adan) that the matmul-only analytic count leaves out (1.2x at this width, 1.01x at
     # S/2's)
@@ -57,10 +56,10 @@ def test_analytic_flops_match_xla_cost_analysis():
 def test_mean_kept_and_flop_counts():
   cfg = MDTConfig.from_dict(get_config().model.to_dict())
   xl = MDTConfig(mask_ratio=0.3)
-  assert abs(benchmark.mean_kept(xl) - 153.1) < 0.05  # E[floor(256 (1 - r))]
+  assert abs(flops.mean_kept(xl) - 153.1) < 0.05  # E[floor(256 (1 - r))]
   # DiT-XL/2's well-known 118.6 GFLOPs (MACs) forward + MDTv2's extras is ~0.25 TFLOP/sample
-  assert 0.24e12 < benchmark.forward_flops(xl) < 0.27e12
-  assert benchmark.train_step_flops(cfg, 4, True) > benchmark.train_step_flops(cfg, 4, False)
+  assert 0.24e12 < flops.forward_flops(xl) < 0.27e12
+  assert flops.train_step_flops(cfg, 4, True) > flops.train_step_flops(cfg, 4, False)
 
 
 def test_bench_tool_writes_every_field(tmp_path):
@@ -180,12 +179,12 @@ def test_fit_batch_search_settles_on_the_largest_batch(monkeypatch, curve, budge
   # the compile-based estimate itself runs in test_bench_tool_writes_every_field)
   calls = []
   monkeypatch.setattr(
-      benchmark,
+      fit,
       'memory_estimate_gb',
       lambda c, mask_branch, global_batch, devices: calls.append(global_batch)
       or curve(global_batch),
   )
-  r = benchmark.fit_batch(get_config(), mask_branch=True, budget_gb=budget, max_compiles=12)
+  r = fit.fit_batch(get_config(), mask_branch=True, budget_gb=budget, max_compiles=12)
   want = max([b for b in range(8, 4000, 8) if curve(b) <= budget], default=0)
   assert r['max_global_batch'] == want and r['max_per_device_batch'] == want // 8
   assert r['exact'] and r['compiles'] == len(set(calls)) <= most, (r, calls)
@@ -223,9 +222,9 @@ def test_eager_ddpm_equals_the_jitted_sampler():
   want = build_sampler(model, SamplerConfig(sampler='ddpm', steps=4, cfg_scale=3.0))(
       np.arange(3), labels, 5
   )
-  got = np.asarray(benchmark.eager_ddpm(model, labels, steps=4, cfg_scale=3.0, seed=5))
+  got = np.asarray(baselines.eager_ddpm(model, labels, steps=4, cfg_scale=3.0, seed=5))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
-  unguided = np.asarray(benchmark.eager_ddpm(model, labels, steps=4, cfg_scale=1.0, seed=5))
+  unguided = np.asarray(baselines.eager_ddpm(model, labels, steps=4, cfg_scale=1.0, seed=5))
   assert np.abs(unguided - want).max() > 1e-3  # the guided model output matters
 
 

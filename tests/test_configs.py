@@ -9,7 +9,7 @@ from ml_collections import config_flags
 
 from studies import flow_matching, learning_curves
 from mdt_jax.training import samples, sharding
-from mdt_jax.training.config import validate
+from mdt_jax.training.run import validate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(f for f in os.listdir(os.path.join(ROOT, 'configs')) if f.endswith('.py'))
@@ -41,8 +41,9 @@ def test_shipped_config_passes_the_checks_of_a_run(name):
   if name in STUDIES:
     STUDIES[name](config)  # validates every variant's training config
     config = config.train
-  model = validate(config)
-  samples.sampler_config(config)  # the grid / evaluation sampler settings
+  run = validate(config)
+  model = run.model
+  samples.sampler_config(run)  # the grid / evaluation sampler settings
   mesh = sharding.make_mesh(config.mesh.to_dict())  # 8 test devices
   assert config.global_batch_size % sharding.data_parallel_size(mesh) == 0
   assert model.num_classes == (10 if config.data.name == 'digits' else 1000)

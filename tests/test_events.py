@@ -1,18 +1,22 @@
 """TensorBoard event files from mdt_jax/training/events.py, read back by TensorBoard's own
 loader; the training loop starts without importing TensorFlow."""
 
+import ast
+import importlib.util
 import io
 import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from mdt_jax.training.events import EventWriter
+from mdt_jax.training import logdir
 from mdt_jax.training.logdir import ProfileWindow
-from tensorboard_events import read_events, scalar
+from tensorboard_events import HPARAMS, read_events, scalar
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,13 +84,89 @@ def test_profile_window_traces_the_steps_after_its_start(tmp_path, monkeypatch):
 
 
 def test_training_starts_without_importing_tensorflow():
+  """clu's metrics and parameter overview are on the training path; its writers (TensorFlow)
+  are not."""
+  mods = ('tensorflow', 'keras', 'clu.metric_writers', 'clu.metrics', 'clu.parameter_overview')
   code = (
       'import sys, mdt_jax.main, mdt_jax.training.loop; '
-      "print(sorted(m for m in ('tensorflow', 'clu', 'keras') if m in sys.modules))"
+      f'print(sorted(m for m in {mods} if m in sys.modules))'
   )
   env = dict(os.environ, PYTHONPATH=ROOT)
   out = subprocess.run(
       [sys.executable, '-c', code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
   )
   assert out.returncode == 0, out.stderr[-2000:]
-  assert out.stdout.strip() == '[]', out.stdout
+  assert out.stdout.strip() == "['clu.metrics', 'clu.parameter_overview']", out.stdout
+
+
+def test_texts_histograms_and_hparams_read_back(tmp_path):
+  rng = np.random.default_rng(0)
+  values = rng.normal(size=1000)
+  writer = EventWriter(str(tmp_path))
+  writer.write_texts(2, {'config': '    model: S/4'})
+  writer.write_histograms(2, {'w': values, 'b': values[:10]}, num_buckets={'b': 3})
+  config = {'model': {'hidden_size': 96, 'mlp': 4.0}, 'mask': True, 'rules': [('a', None)]}
+  writer.write_hparams(config)
+  writer.write_summaries(4, {'raw': np.arange(3, dtype=np.int32)})
+  writer.close()
+  events = read_events(str(tmp_path))
+  assert events['config'][2] == ['    model: S/4']
+  [w] = events['w'][2]
+  assert w.shape == (30, 3) and w[:, 2].sum() == 1000  # left, right, count; 30 buckets
+  assert w[0, 0] == values.min() and w[-1, 1] == values.max()
+  assert events['b'][2][0].shape == (3, 3)
+  assert events[HPARAMS][0] == [
+      {'model.hidden_size': 96, 'model.mlp': 4.0, 'mask': True, 'rules.0.0': 'a', 'rules.0.1': ''}
+  ]
+  assert (events['raw'][4][0] == np.arange(3)).all()
+
+
+def _abstract_methods(path: str, cls: str) -> dict[str, list[str]]:
+  """Abstract methods of a class in a source file -> their parameter names (read, not
+  imported: importing clu.metric_writers imports TensorFlow)."""
+  tree = ast.parse(open(path).read())
+  [node] = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls]
+  out = {}
+  for f in node.body:
+    if isinstance(f, ast.FunctionDef) and any(
+        ast.unparse(d).endswith('abstractmethod') for d in f.decorator_list
+    ):
+      a = f.args
+      out[f.name] = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+  return out
+
+
+def test_event_writer_has_clus_metric_writer_methods():
+  import inspect
+
+  clu_dir = os.path.dirname(importlib.util.find_spec('clu').origin)
+  methods = _abstract_methods(
+      os.path.join(clu_dir, 'metric_writers', 'interface.py'), 'MetricWriter'
+  )
+  assert {'write_scalars', 'write_images', 'write_texts', 'write_hparams', 'flush'} <= set(methods)
+  for name, params in methods.items():
+    own = list(inspect.signature(getattr(EventWriter, name)).parameters)
+    assert own == params, (name, own, params)
+
+
+def test_clu_writer_is_chosen_by_config_and_imports_tensorflow_then(tmp_path):
+  """config.metric_writer='clu' gives clu's default writer; its event file reads back too."""
+  code = textwrap.dedent(f"""
+      import sys
+      from mdt_jax.training import logdir
+      writer, where = logdir.create_writer({str(tmp_path)!r}, kind='clu')
+      writer.write_scalars(1, {{'loss': 0.5}})
+      writer.write_texts(1, {{'config': 'x'}})
+      writer.close()
+      print(type(writer).__module__, 'tensorflow' in sys.modules)
+      """)
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  out = subprocess.run(
+      [sys.executable, '-c', code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split()[-2:] == ['clu.metric_writers.multi_writer', 'True'], out.stdout
+  events = read_events(str(tmp_path))
+  assert scalar(events, 'loss', 1) == 0.5 and events['config'][1] == ['x']
+  with pytest.raises(ValueError, match="'events' or 'clu', got 'tf'"):
+    logdir.create_writer(str(tmp_path), kind='tf')

@@ -11,7 +11,7 @@ from array_record.python.array_record_module import ArrayRecordReader
 from PIL import Image
 
 import mdt_jax.vae as vae_lib
-from mdt_jax.data import extract
+from mdt_jax.data import extract, image_sources
 from mdt_jax.data.records import decode_latent_record
 
 SIZE = 16
@@ -56,7 +56,7 @@ def read_shards(out):
 
 def test_extract_folder_end_to_end(tmp_path, vae):
   make_folder(tmp_path / 'images')
-  source = extract.folder_source(str(tmp_path / 'images'))
+  source = image_sources.folder_source(str(tmp_path / 'images'))
   assert source.class_names == ['cat', 'dog'] and len(source) == 22
   out = tmp_path / 'out'
   # 20 images per shard in batches of 8: the first shard spans 3 batches, the last is padded.
@@ -73,7 +73,9 @@ def test_extract_folder_end_to_end(tmp_path, vae):
   good = [f'cat/cat_{k:02d}.png' for k in range(12)] + [f'dog/dog_{k:02d}.png' for k in range(9)]
   assert [r['label'] for r in records] == [0] * 12 + [1] * 9
 
-  images = np.stack([extract.preprocess(Image.open(tmp_path / 'images' / g), SIZE) for g in good])
+  images = np.stack(
+      [image_sources.preprocess(Image.open(tmp_path / 'images' / g), SIZE) for g in good]
+  )
   x = images.astype(np.float32) / 127.5 - 1
   mean, logvar = vae.encode(x)
   mean_f, logvar_f = vae.encode(x[:, :, ::-1])
@@ -101,7 +103,9 @@ def test_extract_folder_end_to_end(tmp_path, vae):
   first, second = (out / s['file'] for s in manifest['shards'])
   stamp, second_bytes = first.stat().st_mtime_ns, second.read_bytes()
   second.unlink()
-  again = extract.extract(extract.folder_source(str(tmp_path / 'images')), vae, str(out), **kwargs)
+  again = extract.extract(
+      image_sources.folder_source(str(tmp_path / 'images')), vae, str(out), **kwargs
+  )
   assert again == manifest
   assert first.stat().st_mtime_ns == stamp
   assert second.read_bytes() == second_bytes
@@ -115,16 +119,16 @@ def test_prefix_labels_and_bad_sources(tmp_path):
   os.makedirs(root)
   for name in ('n02_b.png', 'n01_a.jpg', 'n02_a.png'):
     (root / name).write_bytes(b'')
-  src = extract.folder_source(str(root), label_from='prefix')
+  src = image_sources.folder_source(str(root), label_from='prefix')
   assert src.class_names == ['n01', 'n02']
   assert [src.keys(i) for i in range(3)] == ['n01_a.jpg', 'n02_a.png', 'n02_b.png']
   with pytest.raises(ValueError, match='directly in'):
-    extract.folder_source(str(root))
+    image_sources.folder_source(str(root))
   with pytest.raises(FileNotFoundError, match='does not exist'):
-    extract.folder_source(str(tmp_path / 'missing'))
+    image_sources.folder_source(str(tmp_path / 'missing'))
   os.makedirs(tmp_path / 'empty' / 'cls')
   with pytest.raises(ValueError, match='no images'):
-    extract.folder_source(str(tmp_path / 'empty'))
+    image_sources.folder_source(str(tmp_path / 'empty'))
 
 
 def test_batch_size_must_divide_over_devices(vae):
@@ -135,14 +139,14 @@ def test_batch_size_must_divide_over_devices(vae):
 def test_center_crop_follows_adm():
   rng = np.random.default_rng(1)
   exact = Image.fromarray(rng.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
-  np.testing.assert_array_equal(extract.center_crop_arr(exact, SIZE), np.asarray(exact))
+  np.testing.assert_array_equal(image_sources.center_crop_arr(exact, SIZE), np.asarray(exact))
   # 4x the size: two BOX halvings land exactly on SIZE (a direct bicubic resize would differ).
   big = Image.fromarray(rng.integers(0, 256, (4 * SIZE, 4 * SIZE, 3), dtype=np.uint8))
   boxed = big.resize((2 * SIZE, 2 * SIZE), Image.BOX).resize((SIZE, SIZE), Image.BOX)
-  np.testing.assert_array_equal(extract.center_crop_arr(big, SIZE), np.asarray(boxed))
+  np.testing.assert_array_equal(image_sources.center_crop_arr(big, SIZE), np.asarray(boxed))
   # Landscape: the short side becomes SIZE, then the centre columns are kept.
   wide = Image.fromarray(rng.integers(0, 256, (SIZE, 3 * SIZE + 1, 3), dtype=np.uint8))
-  out = extract.center_crop_arr(wide, SIZE)
+  out = image_sources.center_crop_arr(wide, SIZE)
   np.testing.assert_array_equal(out, np.asarray(wide)[:, SIZE : 2 * SIZE])
 
 
@@ -175,7 +179,7 @@ def test_tfds_source_end_to_end(tmp_path, vae, monkeypatch):
   data_dir = str(tmp_path / 'tfds')
   builder = MdtJaxTinyImages(data_dir=data_dir, file_format='array_record')
   builder.download_and_prepare()
-  source = extract.tfds_source('mdt_jax_tiny_images', 'train', data_dir)
+  source = image_sources.tfds_source('mdt_jax_tiny_images', 'train', data_dir)
   assert source.class_names == ['n01', 'n02'] and len(source) == 5
   stored = list(builder.as_data_source(split='train'))  # TFDS's order (shuffled by key)
   labels = [int(ex['label']) for ex in stored]
@@ -195,14 +199,14 @@ def test_tfds_source_end_to_end(tmp_path, vae, monkeypatch):
   assert manifest['images_per_class'] == {'n01': 3, 'n02': 2}
   records = read_shards(tmp_path / 'out')
   assert [r['label'] for r in records] == labels
-  x = extract.preprocess(Image.fromarray(stored[4]['image']), SIZE)[None] / 127.5 - 1
+  x = image_sources.preprocess(Image.fromarray(stored[4]['image']), SIZE)[None] / 127.5 - 1
   mean, logvar = vae.encode(x.astype(np.float32))
   np.testing.assert_allclose(
       records[4]['moments'], np.concatenate([mean[0], logvar[0]], -1), rtol=1e-5, atol=1e-5
   )
 
   with pytest.raises(FileNotFoundError, match='cannot open TFDS dataset'):
-    extract.tfds_source('mdt_jax_tiny_images', 'train', str(tmp_path / 'nowhere'))
+    image_sources.tfds_source('mdt_jax_tiny_images', 'train', str(tmp_path / 'nowhere'))
   monkeypatch.setattr(tfds, 'data_source', lambda name, **kw: [])
   with pytest.raises(ValueError, match='is empty'):
-    extract.tfds_source('mdt_jax_tiny_images', 'train', data_dir)
+    image_sources.tfds_source('mdt_jax_tiny_images', 'train', data_dir)

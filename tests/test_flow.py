@@ -136,7 +136,7 @@ def test_objective_records():
 
 def test_config_refusals():
   from micro_config import get_config
-  from mdt_jax.training.config import validate
+  from mdt_jax.training.run import validate
 
   c = get_config()
   c.diffusion.objective = 'flow'

@@ -13,10 +13,11 @@ from flax import nnx
 import launch
 import mdt_jax.vae as vae_lib
 from micro_config import get_config
-from mdt_jax.data import extract
+from mdt_jax.data import extract, image_sources
 from mdt_jax.evaluation import evaluator, inception
 from mdt_jax.training import checkpoints, evaluation
 from mdt_jax.training.loop import train_and_evaluate
+from mdt_jax.training.run import validate
 from test_extract import TINY, make_folder
 
 
@@ -44,7 +45,7 @@ def latent_flow_run(tmp_path_factory):
   vae_lib.io.write_folder(str(root / 'vae'), vae_cfg, vae_lib.random_params(vae_cfg, seed=0))
   make_folder(root / 'images')
   extract.extract(
-      extract.folder_source(str(root / 'images')),
+      image_sources.folder_source(str(root / 'images')),
       vae_lib.load(str(root / 'vae')),
       str(root / 'latents'),
       image_size=16,
@@ -128,9 +129,9 @@ def test_flow_run_fid_preemption_export_and_sampling_cli(latent_flow_run, tmp_pa
   assert load(work).diffusion['objective'] == 'flow'
   assert 'flow matching (velocity MSE)' in open(os.path.join(folder, 'README.md')).read()
   ddpm = c.copy_and_resolve_references()
-  ddpm.diffusion.objective = 'ddpm'
+  ddpm.diffusion.objective, ddpm.sampling.sampler = 'ddpm', 'ddpm'
   with pytest.raises(ValueError, match="diffusion.objective: workdir 'flow' vs config 'ddpm'"):
-    checkpoints.check_workdir(work, ddpm)  # a resume cannot switch objectives
+    checkpoints.check_workdir(work, validate(ddpm))  # a resume cannot switch objectives
   samples_dir = tmp_path / 'samples'
   argv = [
       f'--model={folder}',
@@ -178,10 +179,12 @@ def test_evaluation_settings_are_refused_before_training(latent_flow_run, tmp_pa
 def test_a_failing_evaluation_is_recorded_and_training_goes_on(tmp_path):
   c = get_config()
   c.data.image_size, c.eval_num_samples, c.eval_every_steps = 16, 10, 2
-  ev = evaluation.Evaluator(c, str(tmp_path))
+  c.model.input_size = 16
+  run = validate(c)
+  ev = evaluation.Evaluator(run, str(tmp_path))
 
   class Broken:
-    config = c
+    run = validate(c)
 
     def samples(self, *args, **kwargs):
       raise RuntimeError('out of memory')

@@ -243,9 +243,10 @@ def test_cli_pixel_and_latent_model_folders(tmp_path, model, monkeypatch):
 
 
 def test_study_masks_and_report_tables():
-  from studies import inpainting as study
+  from studies import inpainting as study, inpainting_report as report
+  from studies import inpainting_setup as setup
 
-  low, right, rnd = (study.study_masks(k, 3, 16, 4) for k in study.MASKS)
+  low, right, rnd = (setup.study_masks(k, 3, 16, 4) for k in setup.MASKS)
   assert low[:, :8].all() and not low[:, 8:].any()
   assert right[:, :, :8].all() and not right[:, :, 8:].any()
   tokens = np.asarray(inp.token_masks(rnd, 4))
@@ -254,27 +255,27 @@ def test_study_masks_and_report_tables():
   assert not np.array_equal(tokens[0], tokens[1])  # one draw per image
   x = np.random.default_rng(0).uniform(-1, 1, (2, 16, 16, 1)).astype(np.float32)
   np.testing.assert_array_equal(
-      study.decode_examples(study.encode_examples(x)), np.repeat(to_uint8(x)[..., :1], 3, -1)
+      setup.decode_examples(setup.encode_examples(x)), np.repeat(to_uint8(x)[..., :1], 3, -1)
   )
   methods = study.method_names([0.5])
   cells = {
       f'{c}/{k}/{m}/{s}': dict(class_accuracy=0.5 + s / 10, fd=1.0, known_mae=0.0, unknown_rmse=0.3)
-      for c in study.CONDITIONS
-      for k in study.MASKS
+      for c in setup.CONDITIONS
+      for k in setup.MASKS
       for m in methods
       for s in (0, 1)
   }
   results = dict(
-      setup=dict(masks=list(study.MASKS), methods=methods, seeds=[0, 1]),
+      setup=dict(masks=list(setup.MASKS), methods=methods, seeds=[0, 1]),
       cells=cells,
       reference={
           f'{k}/known_only': dict(class_accuracy=0.1, fd=9.0, known_mae=0.0, unknown_rmse=0.9)
-          for k in study.MASKS
+          for k in setup.MASKS
       },
   )
-  results['summary'] = study.summarize(results)
+  results['summary'] = report.summarize(results)
   acc = results['summary']['none/lower_half/mdt@0.5']['class_accuracy']
   assert acc['mean'] == pytest.approx(0.55) and acc['std'] == pytest.approx(0.05)
-  text = '\n'.join(study.table(results))
+  text = '\n'.join(report.table(results))
   assert '| MDT side-interpolater (first 50% of steps) | 0.550 ± 0.050 |' in text
-  assert text.count('(known pixels only') == len(study.MASKS)
+  assert text.count('(known pixels only') == len(setup.MASKS)

@@ -21,6 +21,8 @@ LAYERS = {
     'atomic': 0,
     'images': 0,
     'progress': 0,
+    # the private library paths, one module each (mdt_jax/compat)
+    'compat': 0,
     'models': 1,
     # the training config's fields (configs/*.py start from it)
     'configs_base': 1,

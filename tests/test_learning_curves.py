@@ -10,7 +10,8 @@ import pytest
 
 import launch
 from studies import learning_curves as lc
-from studies import page, report
+from studies import curves, page
+from studies import learning_report as report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -156,11 +157,11 @@ def test_bad_study_is_refused_before_training(change, message):
 
 
 def test_crossing_interpolates_between_evaluations():
-  assert lc.crossing([10, 6, 4, 2], 5, 'lower') == pytest.approx(1.5)
-  assert lc.crossing([10, 6, 4, 2], 10, 'lower') == 0.0
-  assert lc.crossing([10, 6, 4, 2], 1, 'lower') is None
-  assert lc.crossing([0.1, 0.3, 0.9], 0.6, 'higher') == pytest.approx(1.5)
-  assert lc.crossing([np.nan, 0.2], 0.1, 'higher') == 1.0
+  assert curves.crossing([10, 6, 4, 2], 5, 'lower') == pytest.approx(1.5)
+  assert curves.crossing([10, 6, 4, 2], 10, 'lower') == 0.0
+  assert curves.crossing([10, 6, 4, 2], 1, 'lower') is None
+  assert curves.crossing([0.1, 0.3, 0.9], 0.6, 'higher') == pytest.approx(1.5)
+  assert curves.crossing([np.nan, 0.2], 0.1, 'higher') == 1.0
 
 
 def _run(variant, seed, fd, acc, sec_per_step=1.0):
@@ -182,7 +183,7 @@ def _synthetic(mdt_fd, dit_fd, mdt_acc, dit_acc):
   runs = [_run('mdt', s, f, a, 2.0) for s, (f, a) in enumerate(zip(mdt_fd, mdt_acc))]
   runs += [_run('dit', s, f, a, 1.0) for s, (f, a) in enumerate(zip(dit_fd, dit_acc))]
   seeds = list(range(len(mdt_fd)))
-  return {'study': {'seeds': seeds}, 'runs': runs, 'summary': lc.summarize(runs, seeds)}
+  return {'study': {'seeds': seeds}, 'runs': runs, 'summary': curves.summarize(runs, seeds)}
 
 
 def test_summary_mean_spread_and_steps_to_reach_the_baseline():
@@ -229,4 +230,4 @@ def test_conclusion_says_when_masking_does_not_help():
 def test_summary_refuses_missing_seeds():
   runs = [_run('mdt', 0, [3, 2, 1], [0.1, 0.2, 0.3]), _run('dit', 0, [3, 2, 1], [0.1, 0.2, 0.3])]
   with pytest.raises(ValueError, match='expected'):
-    lc.summarize(runs, [0, 1])
+    curves.summarize(runs, [0, 1])

@@ -17,7 +17,7 @@ DATA = os.path.join(os.path.dirname(__file__), 'data')
 @pytest.fixture(scope='module')
 def micro_trace(tmp_path_factory):
   """A CPU trace of one train step of tests/micro_config.py at depth 1, batch 4
-  (`benchmark.bench_train_step(config, mask_branch=True, steps=1, repeats=1, warmup=1,
+  (`timing.bench_train_step(config, mask_branch=True, steps=1, repeats=1, warmup=1,
   trace_dir=...)`), and what the summary of commit c769865 (the hand-written protobuf decoder,
   mdt_jax/trace_proto.py) made of it: the summary, its Markdown, and each executed op's opcode
   and source line."""

@@ -10,6 +10,7 @@ import pytest
 
 import mdt_jax
 from mdt_jax.images import to_uint8
+from mdt_jax.models.params import count_params
 from mdt_jax.sampling import guidance as guidance_lib, labels as labels_lib, postprocess
 from mdt_jax.sampling import loops as smp
 from mdt_jax.sampling.config import SamplerConfig
@@ -473,7 +474,7 @@ def test_run_sampling_shards_resume_and_npz(tmp_path, pixel_sampler):
     run_sampling(sampler, out_dir=out, num_samples=5, labels='balanced', seed=2, shard_size=3)
 
 
-def test_cli_end_to_end_with_model_folder(tmp_path, pixel_sampler, monkeypatch):
+def test_cli_end_to_end_with_model_folder(tmp_path, pixel_sampler, monkeypatch, capsys):
   from mdt_jax import sample
 
   model, _ = pixel_sampler
@@ -501,6 +502,11 @@ def test_cli_end_to_end_with_model_folder(tmp_path, pixel_sampler, monkeypatch):
       '--steps=2',
       '--shard_size=2',
   ]
+  run('--model=model', '--info')  # the folder's settings and parameter table, no sampling
+  info_text = capsys.readouterr().out
+  assert '"sampler": "ddim"' in info_text and 'x_embedder.proj.kernel' in info_text
+  assert '| Mean ' in info_text and f'Total: {count_params(model.config):,}' in info_text
+  assert not (tmp_path / 'out').exists()
   run(*args)
   out = tmp_path / 'out'
   with open(out / 'run.json') as f:

@@ -15,14 +15,14 @@ from flax import nnx
 import launch
 import mdt_jax
 from micro_config import get_config
-from tensorboard_events import read_events, scalar
+from tensorboard_events import HPARAMS, read_events, scalar
 from mdt_jax import MDTConfig
 from mdt_jax import diffusion as diff
 from mdt_jax.configs_base import DEFAULT_RULES
 from mdt_jax.training import checkpoints, sharding
 from mdt_jax.training import state as st
 from mdt_jax.training import step as stp
-from mdt_jax.training.config import validate
+from mdt_jax.training.run import validate
 from benchmarks import profile
 from mdt_jax.training.loop import PROFILE_AFTER_STEPS, train_and_evaluate
 
@@ -231,7 +231,7 @@ def test_workdir_of_another_model_is_refused(full_run, tmp_path):
       mask_buffer_multiple=8,
       residual_dtype='compute',
   )
-  checkpoints.check_workdir(str(work), c)
+  checkpoints.check_workdir(str(work), validate(c))
   c = micro_config(total_steps=9)
   c.optimizer.clip_norm = 0.0  # another optimizer-state structure
   with pytest.raises(ValueError, match='checkpoint at step 6 .* does not match this config'):
@@ -304,6 +304,13 @@ def test_metrics_are_written_to_tensorboard(full_run):
     assert scalar(events, 'loss', step) == pytest.approx(branches, rel=1e-6)
   cfg = json.loads((work / 'config.json').read_text())
   assert cfg['model']['hidden_size'] == 32
+  # the run's start: the config as hyperparameters and text, clu's parameter table as text
+  [hparams] = events[HPARAMS][0]
+  assert hparams['model.hidden_size'] == 32 and hparams['total_steps'] == 6
+  [config_text] = events['config'][0]
+  assert '    global_batch_size: 16' in config_text.splitlines()
+  [table] = events['parameters'][0]
+  assert 'x_embedder.proj.kernel' in table and 'Total: ' in table
 
 
 @pytest.mark.slow

@@ -66,7 +66,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   from mdt_jax import paths
-  from benchmarks.benchmark import markdown_table
+  from benchmarks.tables import markdown_table
   from benchmarks import aot, tpu, traffic
 
   try:

@@ -28,7 +28,7 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from benchmarks import benchmark, parity
+from benchmarks import baselines, fit, parity, tables, timing
 from mdt_jax.models import attention
 from benchmarks.profile import summarize as summarize_profile
 
@@ -132,7 +132,7 @@ def train_steps(config, record):
       raise app.UsageError(f'unknown mode {mode!r}; expected mdt or dit')
     record(
         'train',
-        benchmark.bench_train_step(
+        timing.bench_train_step(
             config,
             mask_branch=mode == 'mdt',
             steps=FLAGS.steps,
@@ -150,7 +150,7 @@ def memory_fit(config, record):
       probed.model.remat = remat
     record(
         'fit',
-        benchmark.fit_batch(
+        fit.fit_batch(
             probed,
             mask_branch=True,
             budget_gb=FLAGS.fit_memory_gb,
@@ -161,7 +161,7 @@ def memory_fit(config, record):
 
 def profile(config, results):
   os.makedirs(FLAGS.profile, exist_ok=True)
-  benchmark.bench_train_step(
+  timing.bench_train_step(
       config, mask_branch=True, steps=3, repeats=1, warmup=1, trace_dir=FLAGS.profile
   )
   print(f"profile written to {FLAGS.profile} (open with TensorBoard's profile plugin)")
@@ -180,16 +180,16 @@ def sampling(config, record):
   for name, steps in (('ddpm', FLAGS.ddpm_steps), ('dpm_solver++', FLAGS.dpm_steps)):
     record(
         'sampling',
-        benchmark.bench_sampling(
+        timing.bench_sampling(
             config, sampler=name, steps=steps, batch=FLAGS.sample_batch, cfg_scale=FLAGS.cfg_scale
         ),
     )
   ddpm = record.results['sampling'][0]
-  baselines = [('torch', benchmark.bench_sampling_torch)] if FLAGS.torch_baseline else []
+  eager_runs = [('torch', baselines.bench_sampling_torch)] if FLAGS.torch_baseline else []
   if FLAGS.eager_baseline:
-    baselines.append(('jax', benchmark.bench_sampling_eager))
+    eager_runs.append(('jax', baselines.bench_sampling_eager))
   timed = FLAGS.baseline_steps or FLAGS.ddpm_steps
-  for name, bench_fn in baselines:
+  for name, bench_fn in eager_runs:
     r = bench_fn(config, steps=timed, batch=FLAGS.sample_batch, cfg_scale=FLAGS.cfg_scale)
     if timed != FLAGS.ddpm_steps:  # per-step cost is constant: scale to the full run
       r.update(
@@ -264,13 +264,13 @@ def main(argv):
     sampling(config, record)
   res = record.results
   if res['parity']:
-    print(benchmark.markdown_table(res['parity'], parity.PARITY_KEYS))
+    print(tables.markdown_table(res['parity'], parity.PARITY_KEYS))
   if res['train']:
-    print(benchmark.markdown_table(res['train'], benchmark.TRAIN_KEYS))
+    print(tables.markdown_table(res['train'], tables.TRAIN_KEYS))
   if res['sampling']:
-    print(benchmark.markdown_table(res['sampling'], benchmark.SAMPLE_KEYS))
+    print(tables.markdown_table(res['sampling'], tables.SAMPLE_KEYS))
   if res['fit']:
-    print(benchmark.markdown_table(res['fit'], benchmark.FIT_KEYS))
+    print(tables.markdown_table(res['fit'], tables.FIT_KEYS))
   record.dump()
 
 

@@ -5,7 +5,7 @@
 
 Each image and its horizontal flip are encoded (ADM centre crop to --image_size). A restarted run
 skips finished shards; unreadable images are listed in OUT/skipped.txt; OUT/manifest.json holds
-the summary. See mdt_jax/data/extract.py.
+the summary. See mdt_jax/data/extract.py (the writing) and image_sources.py (the images).
 """
 
 import jax
@@ -14,7 +14,7 @@ from absl import app, flags, logging
 
 import mdt_jax.vae
 from mdt_jax import paths
-from mdt_jax.data import extract
+from mdt_jax.data import extract, image_sources
 
 flags.DEFINE_string(
     'vae_dir', None, 'VAE folder written by tools/convert_vae.py (sd-vae-ft-mse)', required=True
@@ -59,9 +59,9 @@ def main(argv):
     image_dir = paths.require_local(
         FLAGS.image_dir, '--image_dir', 'the image folder is walked on a local disk'
     )
-    source = extract.folder_source(image_dir, FLAGS.label_from)
+    source = image_sources.folder_source(image_dir, FLAGS.label_from)
   else:
-    source = extract.tfds_source(
+    source = image_sources.tfds_source(
         FLAGS.tfds_name, FLAGS.tfds_split, paths.resolve_optional(FLAGS.tfds_data_dir)
     )
   logging.info(

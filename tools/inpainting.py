@@ -29,7 +29,7 @@ def main(argv):
   if not FLAGS.model:
     raise app.UsageError('--model is required')
   from mdt_jax import paths
-  from studies import inpainting
+  from studies import inpainting, inpainting_report
 
   out = paths.require_local(FLAGS.out, '--out', 'the study writes its report on a local disk')
   results = inpainting.run_study(
@@ -41,7 +41,7 @@ def main(argv):
       batch_size=FLAGS.batch_size,
       fresh=FLAGS.fresh,
   )
-  png, md = inpainting.write_report(
+  png, md = inpainting_report.write_report(
       results, out, 'python tools/inpainting.py ' + ' '.join(sys.argv[1:])
   )
   logging.info('wrote %s.json, %s and %s', out, png, md)

@@ -18,7 +18,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 cli.define_flags(os.path.join(ROOT, 'configs', 'learning_curves.py'), 'docs/learning_speed')
 flags.adopt_module_key_flags(cli)  # --help lists them
 main = functools.partial(
-    cli.study_main, tool='learning_curves.py', study='learning_curves', report='report'
+    cli.study_main, tool='learning_curves.py', study='learning_curves', report='learning_report'
 )
 
 

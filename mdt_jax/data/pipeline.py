@@ -18,15 +18,13 @@ from typing import Iterator
 
 import grain
 import jax
-import ml_collections
 import numpy as np
 
 from mdt_jax import paths
 from mdt_jax.data.digits import load_digits_images, select_split
 from mdt_jax.data.records import decode_latent_record
+from mdt_jax.data.spec import SOURCES, DataSpec
 from mdt_jax.vae.model import LATENT_SCALE
-
-SOURCES = ('digits', 'latents')
 
 
 class ArraySource:
@@ -74,9 +72,9 @@ def sample_latent(record: bytes, rng: np.random.Generator, flip: bool = True) ->
   return {'x': (z * LATENT_SCALE).astype(np.float32), 'y': np.int32(rec['label'])}
 
 
-def make_source(cfg: ml_collections.ConfigDict):
+def make_source(cfg: DataSpec):
   if cfg.name == 'digits':
-    images, labels = select_split(*load_digits_images(cfg.image_size), cfg.get('split', 'all'))
+    images, labels = select_split(*load_digits_images(cfg.image_size), cfg.split)
     return ArraySource(images, labels)
   if cfg.name == 'latents':
     files = latent_files(cfg.path)
@@ -157,7 +155,7 @@ def check_batch(batch: dict, num_classes: int, source: str) -> dict:
   return batch
 
 
-def element_spec(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
+def element_spec(cfg: DataSpec) -> tuple[int, int]:
   """(spatial size, channels) of the training tensors x."""
   if cfg.name == 'digits':
     return cfg.image_size, 1
@@ -167,7 +165,7 @@ def element_spec(cfg: ml_collections.ConfigDict) -> tuple[int, int]:
 
 
 def make_dataset(
-    cfg: ml_collections.ConfigDict,
+    cfg: DataSpec,
     *,
     seed: int,
     local_batch: int,
@@ -184,16 +182,14 @@ def make_dataset(
     )
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
   if cfg.name == 'latents':
-    ds = ds.random_map(lambda r, rng: sample_latent(r, rng, cfg.get('flip', True)))
+    ds = ds.random_map(lambda r, rng: sample_latent(r, rng, cfg.flip))
   ds = ds.batch(local_batch, drop_remainder=True)
   ds = ds[process_index::process_count]
-  opts = grain.ReadOptions(
-      num_threads=cfg.get('num_threads', 4), prefetch_buffer_size=cfg.get('prefetch', 8)
-  )
+  opts = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch)
   return ds.to_iter_dataset(opts)
 
 
-def make_iterator(cfg: ml_collections.ConfigDict, *, seed: int, global_batch: int) -> Iterator:
+def make_iterator(cfg: DataSpec, *, seed: int, global_batch: int) -> Iterator:
   """This process's iterator (it has get_state/set_state for checkpoints)."""
   pc = jax.process_count()
   if global_batch % pc:

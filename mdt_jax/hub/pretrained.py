@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+
+from flax import nnx
 
 from mdt_jax import paths
 from mdt_jax.diffusion import objective_of
 from mdt_jax.hub.folder import Pretrained, is_model_folder, load_model_folder
 from mdt_jax.hub.workdir import is_workdir, load_workdir
 from mdt_jax.models.mdt import MDT
+from mdt_jax.models.params import parameter_table
 from mdt_jax.sampling.config import SamplerConfig, make_sampler_config
 from mdt_jax.sampling.postprocess import SamplingModel
 from mdt_jax.vae.model import LATENT_SCALE
@@ -91,3 +95,19 @@ def load_for_sampling(path: str) -> SamplingModel:
       sampling=dict(getattr(loaded, 'sampling', None) or {}),
       diffusion=dict(getattr(loaded, 'diffusion', None) or {}),
   )
+
+
+def describe(path_or_repo_id: str) -> str:
+  """A model's settings (model, data, diffusion, recommended sampling) and clu's parameter
+  table with each parameter's mean and std (``python -m mdt_jax.sample --model=DIR --info``)."""
+  loaded = load(path_or_repo_id)
+  sections = {'model': loaded.model.config.to_dict()}
+  for name in ('data', 'diffusion', 'sampling'):
+    sections[name] = dict(getattr(loaded, name, None) or {})
+  text = [f'{path_or_repo_id}:']
+  text += [
+      f'{name}: {json.dumps(value, sort_keys=True, default=str)}'
+      for name, value in sections.items()
+  ]
+  text.append(parameter_table(nnx.state(loaded.model, nnx.Param), stats=True))
+  return '\n'.join(text)

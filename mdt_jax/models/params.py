@@ -11,6 +11,7 @@ from typing import Any, Iterable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
+from clu import parameter_overview
 from flax import nnx
 
 from mdt_jax.models.mdt import MDT, MDTConfig
@@ -82,6 +83,22 @@ def flat_params(params: nnx.State) -> dict[str, np.ndarray]:
     value = v.get_value() if hasattr(v, 'get_value') else v
     out[param_name(path)] = np.asarray(jax.device_get(value), np.float32)
   return out
+
+
+def parameter_table(params, *, stats: bool = False, max_lines: int | None = None) -> str:
+  """clu's parameter overview of an nnx.State (or pytree) of parameters, named as
+  `param_name` names them: shape, dtype, size and, with `stats`, mean and std (computed on the
+  host: a model folder's weights), else the sharding (nothing computed: a run's sharded state)."""
+  if isinstance(params, nnx.State):
+    leaves = [
+        (p, v.get_value() if hasattr(v, 'get_value') else v) for p, v in nnx.to_flat_state(params)
+    ]
+  else:
+    leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  flat = {param_name(path): value for path, value in leaves}
+  return parameter_overview.get_parameter_overview(
+      flat, include_stats=True if stats else 'sharding', max_lines=max_lines
+  )
 
 
 def key_mismatches(

@@ -271,12 +271,6 @@ class Alignment:
     return {b: aligner for b in ('plain', 'masked') if cfg.aligns(b)}
 
 
-def make_alignment(align: Mapping[str, Any] | None, model: MDTConfig) -> Alignment | None:
-  """The train step's Alignment of a ``config.align`` section (None: no alignment)."""
-  config = config_of(align)
-  return Alignment(config, model) if config.enabled else None
-
-
 def _settings(align: Mapping[str, Any] | None) -> dict:
   d = dict(align or {})
   if d.get('teacher') is None:  # an unset placeholder

@@ -30,6 +30,8 @@ from mdt_jax.compat.orbax import ArrayMetadataStore
 from mdt_jax.diffusion import objective_of
 from mdt_jax.models.mdt import COMPUTE, COMPUTE_OPTIONS, TRAINING, MDTConfig, field_names
 from mdt_jax.models.params import leaf_shapes, param_shapes
+from mdt_jax.training import align
+from mdt_jax.training.run import RunConfig
 from mdt_jax.training.state import TrainState
 
 CONFIG_FILE = 'config.json'
@@ -285,21 +287,22 @@ def damaged_error(
   )
 
 
-def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
+def check_workdir(workdir: str, run: RunConfig) -> None:
   """Refuse a workdir that holds a run of another model: one whose parameters have other shapes,
   or whose model fields differ in more than RESUMABLE_FIELDS."""
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     return
   saved = json.loads(path.read_text())
-  old_model = MDTConfig.from_dict(saved['model'])
-  new_model = MDTConfig.from_dict(config.model.to_dict())
+  # with the projector the saved run's alignment trained (as run.model has this run's)
+  old_model = align.config_of(saved.get('align')).model_config(MDTConfig.from_dict(saved['model']))
+  new_model = run.model
   old, new = old_model.to_dict(), new_model.to_dict()
   fields = [k for k in new if k not in COMPUTE_OPTIONS and old[k] != new[k]]
   # same fields, same model: the shapes need comparing only when anything changed
   shapes = shape_changes(old_model, new_model) if old != new else []
   # the weights of one objective are no start for the other (velocity vs eps)
-  objectives = (objective_of(saved.get('diffusion')), objective_of(config.diffusion))
+  objectives = (objective_of(saved.get('diffusion')), run.objective)
   if shapes or [k for k in fields if k not in RESUMABLE_FIELDS] or objectives[0] != objectives[1]:
     diffs = [f'{k}: workdir {old[k]!r} vs config {new[k]!r}' for k in fields]
     if objectives[0] != objectives[1]:
@@ -314,12 +317,12 @@ def check_workdir(workdir: str, config: ml_collections.ConfigDict) -> None:
     )
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+def write_config(workdir: str, run: RunConfig) -> None:
   """Record the config of the run (after a successful resume, so a refused one leaves it)."""
   path = epath.Path(workdir) / CONFIG_FILE
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(config.to_json_best_effort(indent=2))
+    path.write_text(run.config_json)
 
 
 def read_train_config(workdir: str) -> ml_collections.ConfigDict:

@@ -25,7 +25,6 @@ import time
 from typing import Callable
 
 import jax
-import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
@@ -34,6 +33,7 @@ from mdt_jax import atomic, paths
 from mdt_jax.evaluation import evaluator, features, inception, metrics
 from mdt_jax.sampling import postprocess
 from mdt_jax.training import samples
+from mdt_jax.training.run import RunConfig
 
 HISTORY_FILE = 'eval_history.json'
 FINAL_FILE = 'eval.json'
@@ -87,50 +87,26 @@ class InceptionScorer:
     return out
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """Values of the evaluation settings (files are checked by `Evaluator`)."""
-  every, n = int(config.eval_every_steps), int(config.eval_num_samples)
-  if every < 0 or n < 0:
-    raise ValueError(f'eval_every_steps and eval_num_samples must be >= 0, got {every}, {n}')
-  if every and not n:
-    raise ValueError(f'eval_every_steps={every} needs eval_num_samples > 0')
-  if n == 1:
-    raise ValueError('eval_num_samples must be >= 2 (a Frechet distance needs 2 images)')
-  if n and config.data.name == 'digits' and config.data.image_size != 16:
-    raise ValueError(
-        'the digits evaluation (eval_num_samples > 0) scores 16x16 images with the '
-        f'digits classifier; data.image_size is {config.data.image_size}'
-    )
-  if n and config.data.name != 'digits' and not config.eval_reference:
-    raise ValueError(
-        'eval_num_samples > 0 on a latent run needs eval_reference: reference '
-        'statistics (python -m mdt_jax.evaluate --save_stats) or an ADM batch'
-    )
-
-
 class Evaluator:
   """Evaluates the EMA weights at the due steps and keeps the history (see the module doc)."""
 
-  def __init__(
-      self, config: ml_collections.ConfigDict, workdir: str, scorer: InceptionScorer | None = None
-  ):
-    """Checks the settings, the reference, the Inception weights and the VAE before any
-    training; `attach` gives it the run's sampler and metric writer."""
-    check_config(config)
-    self.config, self.grids, self.writer = config, None, None
-    self.n, self.every = int(config.eval_num_samples), int(config.eval_every_steps)
-    self.total = int(config.total_steps)
-    self.digits = config.data.name == 'digits'
+  def __init__(self, run: RunConfig, workdir: str, scorer: InceptionScorer | None = None):
+    """Checks the reference, the Inception weights and the VAE before any training (`validate`
+    checked the settings); `attach` gives it the run's sampler and metric writer."""
+    self.run, self.grids, self.writer = run, None, None
+    self.n, self.every = run.evaluation.num_samples, run.evaluation.every_steps
+    self.total = run.loop.total_steps
+    self.digits = run.data.pixels
     self.history_path = epath.Path(workdir) / HISTORY_FILE
     self.final_path = epath.Path(workdir) / FINAL_FILE
     self.history = self._read_history()
     self.postprocess = self.scorer = None
     if not self.digits:  # fail now, not after hours of training
-      sm = postprocess.SamplingModel(model=None, space='latent', vae_dir=config.data.vae_decoder)
+      sm = postprocess.SamplingModel(model=None, space='latent', vae_dir=run.data.vae)
       self.postprocess = postprocess.make_postprocess(sm)
       self.scorer = scorer or InceptionScorer(
-          paths.resolve(config.eval_reference),
-          paths.resolve(config.get('eval_inception') or paths.default_inception_weights()),
+          paths.resolve(run.evaluation.reference),
+          paths.resolve(run.evaluation.inception or paths.default_inception_weights()),
       )
 
   def attach(self, grids: samples.GridSampler, writer) -> None:
@@ -206,7 +182,7 @@ class Evaluator:
     self._write_history()
 
   def _inception_metrics(self, ema_params, cancel: Callable[[], bool]) -> dict:
-    labels = balanced_labels(self.n, self.config.model.num_classes)
+    labels = balanced_labels(self.n, self.run.model.num_classes)
     chunk = max(8, min(self.n, 256))
     feats = []
     for lo in range(0, self.n, chunk):

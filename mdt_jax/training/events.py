@@ -8,6 +8,12 @@ plugins, and the record framing of an event file. This module puts them together
 `tf.summary.scalar` / `tf.summary.image` (TF 2) write, so TensorBoard and its event loaders read
 the files as they read TensorFlow's.
 
+`EventWriter` has the method set of clu's ``MetricWriter`` (clu.metric_writers.interface), so the
+loop writes through either (``config.metric_writer``: 'events', this one; 'clu', clu's default
+writer, which imports TensorFlow). Texts, histograms and hyperparameters are TensorBoard's own
+summary protos (its text, histogram and hparams plugins' ``*_pb`` functions, which need no
+TensorFlow); videos and audio are logged only, as by clu's LoggingWriter.
+
 Every write is also logged, as clu's LoggingWriter does (``[step] name=value, ...``).
 """
 
@@ -18,15 +24,19 @@ import itertools
 import os
 import socket
 import time
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 from absl import logging
 from tensorboard.compat.proto import event_pb2, summary_pb2, tensor_pb2, tensor_shape_pb2
 from tensorboard.compat.proto import types_pb2
+from tensorboard.plugins.histogram import summary_v2 as histogram_summary
+from tensorboard.plugins.hparams import summary_v2 as hparams_summary
 from tensorboard.plugins.image import metadata as image_metadata
 from tensorboard.plugins.scalar import metadata as scalar_metadata
+from tensorboard.plugins.text import summary_v2 as text_summary
 from tensorboard.summary.writer.record_writer import RecordWriter
+from tensorboard.util import tensor_util
 
 _FILE_VERSION = 'brain.Event:2'
 _serial = itertools.count()
@@ -51,16 +61,18 @@ def scalar_value(tag: str, value: float) -> summary_pb2.Summary.Value:
 
 
 def image_value(tag: str, images: np.ndarray) -> summary_pb2.Summary.Value:
-  """uint8 [N, H, W, C] (C 1, 3 or 4) under the images plugin: a string tensor of width,
+  """uint8 [N, H, W, C] or [H, W, C] (C 1, 3 or 4) under the images plugin: a string tensor of width,
   height and one PNG per image (what tf.summary.image writes)."""
   from PIL import Image
 
   images = np.asarray(images)
-  if images.ndim != 4 or images.shape[-1] not in (1, 3, 4) or images.dtype != np.uint8:
+  if images.ndim not in (3, 4) or images.shape[-1] not in (1, 3, 4) or images.dtype != np.uint8:
     raise ValueError(
-        f'image summary {tag!r}: expected uint8 [N, H, W, C] with C in (1, 3, 4), got '
-        f'{images.dtype} {images.shape}'
+        f'image summary {tag!r}: expected uint8 [N, H, W, C] or [H, W, C] with C in (1, 3, 4), '
+        f'got {images.dtype} {images.shape}'
     )
+  if images.ndim == 3:
+    images = images[None]
   encoded = []
   for img in images:
     buf = io.BytesIO()
@@ -78,10 +90,27 @@ def image_value(tag: str, images: np.ndarray) -> summary_pb2.Summary.Value:
   return summary_pb2.Summary.Value(tag=tag, metadata=meta, tensor=tensor)
 
 
+def flat_hparams(hparams: Mapping[str, Any], prefix: str = '') -> Iterator[tuple[str, Any]]:
+  """(dotted name, value) of nested mappings (and ConfigDicts), as clu's writers flatten
+  hyperparameters: list items by index, None as ''; values other than bool, int, float and str
+  as their str()."""
+  for key, value in hparams.items():
+    name = f'{prefix}{key}'
+    if isinstance(value, Mapping) or hasattr(value, 'items'):
+      yield from flat_hparams(value, name + '.')
+    elif isinstance(value, (list, tuple)):
+      yield from flat_hparams({str(i): v for i, v in enumerate(value)}, name + '.')
+    elif value is None:
+      yield name, ''
+    elif isinstance(value, (bool, int, float, str, np.generic)):
+      yield name, value.item() if isinstance(value, np.generic) else value
+    else:
+      yield name, str(value)
+
+
 class EventWriter:
-  """clu's metric-writer methods the project uses (write_scalars, write_images, flush, close)
-  over one TensorBoard event file in ``logdir``; ``just_logging``: log only (the processes of a
-  multi-host run other than the first)."""
+  """clu's MetricWriter methods over one TensorBoard event file in ``logdir``;
+  ``just_logging``: log only (the processes of a multi-host run other than the first)."""
 
   def __init__(self, logdir: str, *, just_logging: bool = False):
     self.path = None
@@ -101,15 +130,64 @@ class EventWriter:
     summary = summary_pb2.Summary(value=values)
     self._write(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
+  def write_summaries(
+      self,
+      step: int,
+      values: Mapping[str, Any],
+      metadata: Mapping[str, summary_pb2.SummaryMetadata] | None = None,
+  ) -> None:
+    """Tensors with the summary metadata given per tag (none: a plain tensor summary)."""
+    logging.info('[%d] summaries: %s', step, {k: np.shape(v) for k, v in values.items()})
+    out = []
+    for tag, value in values.items():
+      meta = (metadata or {}).get(tag) or summary_pb2.SummaryMetadata()
+      tensor = tensor_util.make_tensor_proto(np.asarray(value))
+      out.append(summary_pb2.Summary.Value(tag=tag, metadata=meta, tensor=tensor))
+    self._summary(step, out)
+
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     floats = {k: float(np.asarray(v)) for k, v in scalars.items()}
     logging.info('[%d] %s', step, ', '.join(f'{k}={v:.6g}' for k, v in floats.items()))
     self._summary(step, [scalar_value(k, v) for k, v in floats.items()])
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    """uint8 images [N, H, W, C] or one [H, W, C] per tag."""
     logging.info('[%d] images: %s', step, {k: np.shape(v) for k, v in images.items()})
     if self._records is not None:
       self._summary(step, [image_value(k, v) for k, v in images.items()])
+
+  def write_videos(self, step: int, videos: Mapping[str, np.ndarray]) -> None:
+    logging.warning(
+        '[%d] videos %s: not written (TensorBoard has no video summary)', step, list(videos)
+    )
+
+  def write_audios(self, step: int, audios: Mapping[str, np.ndarray], *, sample_rate: int) -> None:
+    logging.warning('[%d] audios %s at %d Hz: logged only', step, list(audios), sample_rate)
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    """Markdown texts (TensorBoard's Text tab)."""
+    logging.info('[%d] texts: %s', step, list(texts))
+    for tag, text in texts.items():
+      self._summary(step, list(text_summary.text_pb(tag, text).value))
+
+  def write_histograms(
+      self,
+      step: int,
+      arrays: Mapping[str, np.ndarray],
+      num_buckets: Mapping[str, int] | None = None,
+  ) -> None:
+    """Histograms of the arrays' values (30 buckets unless `num_buckets` says otherwise)."""
+    logging.info('[%d] histograms: %s', step, {k: np.shape(v) for k, v in arrays.items()})
+    for tag, array in arrays.items():
+      buckets = (num_buckets or {}).get(tag)
+      pb = histogram_summary.histogram_pb(tag, np.asarray(array, np.float64), buckets=buckets)
+      self._summary(step, list(pb.value))
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    """The run's hyperparameters (TensorBoard's HParams tab), flattened as `flat_hparams`."""
+    flat = dict(flat_hparams(hparams))
+    logging.info('hparams: %s', flat)
+    self._summary(0, list(hparams_summary.hparams_pb(flat).value))
 
   def flush(self) -> None:
     if self._records is not None:

@@ -57,9 +57,24 @@ class MirroredWriter:
         self._sent[rel] = (st.st_size, st.st_mtime_ns)
 
 
-def create_writer(workdir: str, *, just_logging: bool = False) -> tuple[object, str]:
+def create_writer(
+    workdir: str, *, just_logging: bool = False, kind: str = 'events'
+) -> tuple[object, str]:
   """(writer, logdir): an EventWriter on a local workdir, a MirroredWriter on object storage;
-  logdir is where the profiler writes traces (which flush() then brings to the workdir)."""
+  logdir is where the profiler writes traces (which flush() then brings to the workdir).
+  kind='clu': clu's default writer (logging, and TensorFlow's summary writer, which writes to
+  the workdir itself, gs:// too); TensorFlow is imported then and only then."""
+  if kind == 'clu':
+    from clu import metric_writers  # imports TensorFlow
+
+    return (
+        metric_writers.create_default_writer(
+            workdir, just_logging=just_logging, asynchronous=False
+        ),
+        workdir,
+    )
+  if kind != 'events':
+    raise ValueError(f"metric writer kind must be 'events' or 'clu', got {kind!r}")
   if paths.is_remote(workdir):
     writer = MirroredWriter(workdir, just_logging=just_logging)
     return writer, writer.local

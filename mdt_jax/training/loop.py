@@ -11,14 +11,14 @@ from typing import Callable, Sequence
 
 import jax
 import ml_collections
-import numpy as np
 from absl import logging
 
 from mdt_jax.data import pipeline
 from mdt_jax.data.device_prefetch import DevicePrefetch
 from mdt_jax.images import grid_image
 from mdt_jax.training import checkpoints, evaluation, logdir, samples, sharding
-from mdt_jax.training.config import validate
+from mdt_jax.training import run_summary, train_metrics
+from mdt_jax.training.run import RunConfig, as_run
 from mdt_jax.training.state import TrainState, create_train_state, make_optimizer
 from mdt_jax.training.step import jit_step_from_config
 
@@ -78,16 +78,12 @@ def _check_finite(host_metrics: list[dict], first_step: int, last_good: int | No
       )
 
 
-def _mean_metrics(host_metrics: list[dict]) -> dict:
-  return {k: float(np.mean([m[k] for m in host_metrics])) for k in host_metrics[0]}
-
-
 StepCallback = Callable[[int, TrainState], None]
 PROFILE_AFTER_STEPS = 2  # --profile: the first profiled step is the run's first step + this
 
 
 def train_and_evaluate(
-    config: ml_collections.ConfigDict,
+    config: RunConfig | ml_collections.ConfigDict,
     workdir: str,
     *,
     callbacks: Sequence[StepCallback] = (),
@@ -97,56 +93,57 @@ def train_and_evaluate(
 
   ``callbacks`` are called as ``cb(step, state)`` after every step (e.g. an evaluation); the next
   step donates the state's buffers, so a callback must not keep references to them. ``devices``:
-  the devices of ``config.mesh`` (default: all); a checkpoint resumes on any mesh.
+  the devices of the run's mesh (default: all); a checkpoint resumes on any mesh. ``config``: the
+  run (`mdt_jax.training.run.validate`), or a config to validate.
   """
-  model_cfg = validate(config)
-  mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+  run = as_run(config)
+  loop = run.loop
+  mesh = sharding.make_mesh(dict(run.mesh.shape), devices)
   dp = sharding.data_parallel_size(mesh)
-  if config.global_batch_size % dp:
+  if loop.global_batch_size % dp:
     raise ValueError(
-        f'global_batch_size {config.global_batch_size} is not divisible by the '
+        f'global_batch_size {loop.global_batch_size} is not divisible by the '
         f'data-parallel size {dp} (mesh {dict(mesh.shape)})'
     )
-  checkpoints.check_workdir(workdir, config)
+  checkpoints.check_workdir(workdir, run)
   # Evaluation files (reference, Inception, VAE) are checked before any work starts.
-  evaluator = evaluation.Evaluator(config, workdir) if config.eval_num_samples else None
+  evaluator = evaluation.Evaluator(run, workdir) if run.evaluation.num_samples else None
   batch_sh = sharding.batch_sharding(mesh)
-  reader = pipeline.make_iterator(
-      config.data, seed=config.seed, global_batch=config.global_batch_size
-  )
-  source = config.data.get('path') or config.data.name
+  reader = pipeline.make_iterator(run.data, seed=loop.seed, global_batch=loop.global_batch_size)
+  source = run.data.path or run.data.name
 
   def place(batch):
-    return pipeline.to_global(pipeline.check_batch(batch, model_cfg.num_classes, source), batch_sh)
+    return pipeline.to_global(pipeline.check_batch(batch, run.model.num_classes, source), batch_sh)
 
-  data_iter = DevicePrefetch(reader, place, config.data.get('device_prefetch', 2))
-  optimizer = make_optimizer(config.optimizer)
+  data_iter = DevicePrefetch(reader, place, run.data.device_prefetch)
+  optimizer = make_optimizer(run.optimizer)
   state, shardings, graphdef = create_train_state(
-      model_cfg, optimizer, config.seed, mesh, config.sharding_rules
+      run.model, optimizer, loop.seed, mesh, run.mesh.rules
   )
   ckpt = checkpoints.Checkpointer(
-      workdir, keep=config.keep_checkpoints, async_save=config.async_checkpointing
+      workdir, keep=loop.keep_checkpoints, async_save=loop.async_checkpointing
   )
   last_saved = ckpt.latest_step()
   if last_saved is not None:
     logging.info('resuming from step %d', last_saved)
     state = ckpt.restore(state, shardings, data_iter, last_saved)
-  checkpoints.write_config(workdir, config)
-  step_fn = jit_step_from_config(
-      config, shardings, batch_sh, graphdef=graphdef, optimizer=optimizer
-  )
+  checkpoints.write_config(workdir, run)
+  step_fn = jit_step_from_config(run, shardings, batch_sh, graphdef=graphdef, optimizer=optimizer)
 
-  writer, log_dir = logdir.create_writer(workdir, just_logging=jax.process_index() > 0)
-  total = config.total_steps
+  writer, log_dir = logdir.create_writer(
+      workdir, just_logging=jax.process_index() > 0, kind=loop.metric_writer
+  )
+  total = loop.total_steps
   start = int(state.step)
+  run_summary.write_run_start(writer, run.config(), state.params, start)
   # The window opens PROFILE_AFTER_STEPS into this run, past the compiling first step, so that a
   # resumed run is profiled too.
   profile = logdir.ProfileWindow(
       log_dir,
       after=start + PROFILE_AFTER_STEPS,
-      steps=config.profile_steps if jax.process_index() == 0 else 0,
+      steps=loop.profile_steps if jax.process_index() == 0 else 0,
   )
-  grids = samples.GridSampler(config, graphdef)
+  grids = samples.GridSampler(run, graphdef)
   if evaluator:
     evaluator.attach(grids, writer)
     evaluator.resume(start)
@@ -165,15 +162,13 @@ def train_and_evaluate(
       for cb in callbacks:
         cb(step, state)
       stop = preempt.should_stop(step)  # read once: the save and the exit below must agree
-      save_now = step % config.checkpoint_every_steps == 0 or step == total or stop
-      if step % config.log_every_steps == 0 or save_now:
+      save_now = step % loop.checkpoint_every_steps == 0 or step == total or stop
+      if step % loop.log_every_steps == 0 or save_now:
         host = jax.device_get(pending)
         _check_finite(host, pending_from, last_saved)
         dt = time.perf_counter() - t_log
-        logged = _mean_metrics(host)
-        logged.update(
-            steps_per_sec=n_log / dt, images_per_sec=n_log * config.global_batch_size / dt
-        )
+        logged = train_metrics.reduce_steps(host)
+        logged.update(steps_per_sec=n_log / dt, images_per_sec=n_log * loop.global_batch_size / dt)
         writer.write_scalars(step, logged)
         _log_progress(step, total, logged['steps_per_sec'])
         pending, pending_from, t_log, n_log = [], step + 1, time.perf_counter(), 0
@@ -190,7 +185,7 @@ def train_and_evaluate(
             last_saved = step
         elif step == total:
           logged.update(result)
-      if config.sample_every_steps and (step % config.sample_every_steps == 0 or step == total):
+      if loop.sample_every_steps and (step % loop.sample_every_steps == 0 or step == total):
         write_sample_grid(grids, state, workdir, step, writer)
       if stop:
         logging.warning('stopping at step %d after the preemption checkpoint', step)
@@ -216,7 +211,7 @@ def write_sample_grid(grids: samples.GridSampler, state, workdir: str, step: int
   images = grids.grid(state.ema_params)
   if images is None or jax.process_index() != 0:
     return
-  ncols = grids.config.sampling.grid_per_class
+  ncols = grids.run.grid.per_class
   path = samples.save(images, workdir, step, ncols)
   writer.write_images(step, {'samples': grid_image(images, ncols)[None]})
   logging.info('wrote %s', path)

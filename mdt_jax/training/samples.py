@@ -13,34 +13,29 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mdt_jax import paths
-from mdt_jax.diffusion import objective_of
 from mdt_jax.evaluation import digits_classifier as dc
 from mdt_jax.images import save_grid, to_uint8
 from mdt_jax.sampling import SamplerConfig, build_sampler, generate
-from mdt_jax.sampling.config import make_sampler_config
+from mdt_jax.training.run import RunConfig, as_run, training_sampler
 
 
-def sampler_config(config: ml_collections.ConfigDict) -> SamplerConfig:
-  """The sampler of a training config's `sampling` section, for its objective."""
-  return make_sampler_config(
-      config.sampling.to_dict(),
-      config.model.in_channels,
-      config.diffusion.num_timesteps,
-      objective=objective_of(config.diffusion),
-  )
+def sampler_config(config: RunConfig | ml_collections.ConfigDict) -> SamplerConfig:
+  """The sampler of a run's grids and evaluations (`run.training_sampler`)."""
+  run = as_run(config)
+  return run.sampler or training_sampler(run.sampling, run.model, run.diffusion)
 
 
 class GridSampler:
   """Builds the sampler on first use and swaps in new EMA weights afterwards."""
 
-  def __init__(self, config: ml_collections.ConfigDict, graphdef):
-    self.config, self.graphdef, self.sampler = config, graphdef, None
+  def __init__(self, run: RunConfig | ml_collections.ConfigDict, graphdef):
+    self.run, self.graphdef, self.sampler = as_run(run), graphdef, None
 
   def samples(self, ema_params, labels: np.ndarray, seed: int, start: int = 0) -> np.ndarray:
     """Samples of global indices start .. start + len(labels) - 1 (see `generate`)."""
     model = nnx.merge(self.graphdef, ema_params)
     if self.sampler is None:
-      self.sampler = build_sampler(model, sampler_config(self.config))
+      self.sampler = build_sampler(model, sampler_config(self.run))
     else:
       state = nnx.state(model)
       self.sampler = dataclasses.replace(
@@ -56,19 +51,19 @@ class GridSampler:
     )
 
   def grid_labels(self) -> np.ndarray:
-    s = self.config.sampling
-    n_cls = min(s.grid_classes, self.config.model.num_classes)
-    return np.repeat(np.arange(n_cls), s.grid_per_class).astype(np.int32)
+    g = self.run.grid
+    n_cls = min(g.classes, self.run.model.num_classes)
+    return np.repeat(np.arange(n_cls), g.per_class).astype(np.int32)
 
   def grid(self, ema_params) -> np.ndarray | None:
     """uint8 [N, H, W, 3] images (rows of one class each), or None for latent models."""
-    if self.config.data.name != 'digits':
+    if not self.run.data.pixels:
       logging.info(
           'sample grids during training are written for pixel-space runs only; '
           'use python -m mdt_jax.sample on the workdir for latent models'
       )
       return None
-    x = self.samples(ema_params, self.grid_labels(), self.config.sampling.seed)
+    x = self.samples(ema_params, self.grid_labels(), self.run.grid.seed)
     return to_uint8(x)
 
 
@@ -80,12 +75,13 @@ def save(images: np.ndarray, workdir: str, step: int, ncols: int) -> str:
 
 def evaluate_digits(grids: GridSampler, ema_params, num_samples: int, seed: int = 1) -> dict:
   """Frechet distance (digits-classifier features) and class accuracy of guided samples."""
-  if grids.config.data.name != 'digits' or grids.config.data.image_size != 16:
+  data = grids.run.data
+  if data.name != 'digits' or data.image_size != 16:
     raise ValueError(
         'the digits evaluation needs data.name="digits" at image_size 16, got '
-        f'{grids.config.data.name!r} at {grids.config.data.image_size}'
+        f'{data.name!r} at {data.image_size}'
     )
-  labels = np.arange(num_samples, dtype=np.int32) % grids.config.model.num_classes
+  labels = np.arange(num_samples, dtype=np.int32) % grids.run.model.num_classes
   x = np.clip(grids.samples(ema_params, labels, seed), -1.0, 1.0)
   return {
       'digits_fd': float(dc.digits_frechet_distance(x)),

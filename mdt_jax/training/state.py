@@ -6,7 +6,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import optax
 from flax import nnx, struct
 from jax.sharding import Mesh
@@ -15,6 +14,7 @@ from mdt_jax.models.mdt import MDT, MDTConfig
 from mdt_jax.models.params import InitKeys, abstract_model
 from mdt_jax.training import sharding
 from mdt_jax.training.adan import adan
+from mdt_jax.training.run import OptimizerSettings
 
 
 @struct.dataclass
@@ -26,7 +26,7 @@ class TrainState:
   rng: jax.Array  # raw uint32 key data; the step's key is fold_in(key, step): exact resume
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimizerSettings) -> optax.GradientTransformation:
   """Global-norm clipping, then Adan with a constant learning rate (the original recipe)."""
   if cfg.name == 'adan':
     opt = adan(

@@ -12,14 +12,15 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from flax import nnx
 
 from mdt_jax import diffusion as diff
 from mdt_jax.diffusion import flow
 from mdt_jax.models import attention, platform
-from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.training import align as alignment
+from mdt_jax.training.run import RunConfig, as_run
 from mdt_jax.training.state import TrainState
 
 
@@ -197,23 +198,25 @@ def jit_train_step(shardings: TrainState, batch_sharding, **kw):
   )
 
 
-def loss_settings(config, mask_branch: bool | None = None) -> dict:
-  """`loss_fn`'s settings from an experiment config: the diffusion (or flow) process, the mask
-  branch (`mask_branch` defaults to the config's), the min-SNR weight and the alignment (none
-  unless config.align says)."""
+def loss_settings(
+    run: RunConfig | ml_collections.ConfigDict, mask_branch: bool | None = None
+) -> dict:
+  """`loss_fn`'s settings of a run: the diffusion (or flow) process, the mask branch
+  (`mask_branch` defaults to the run's), the min-SNR weight and the alignment (none unless
+  the run's align says)."""
+  run = as_run(run)
   settings = dict(
-      dif=diff.make_process(config.diffusion),
-      mask_branch=config.mask_branch if mask_branch is None else mask_branch,
-      min_snr_gamma=config.diffusion.min_snr_gamma,
+      dif=run.process,
+      mask_branch=run.loop.mask_branch if mask_branch is None else mask_branch,
+      min_snr_gamma=run.diffusion.min_snr_gamma,
   )
-  align = alignment.make_alignment(config.get('align'), MDTConfig.from_dict(config.model.to_dict()))
-  if align is not None:
-    settings['align'] = align
+  if run.align.enabled:
+    settings['align'] = alignment.Alignment(run.align, run.model)
   return settings
 
 
 def jit_step_from_config(
-    config,
+    run: RunConfig | ml_collections.ConfigDict,
     shardings: TrainState,
     batch_sharding,
     *,
@@ -221,14 +224,15 @@ def jit_step_from_config(
     optimizer: optax.GradientTransformation,
     mask_branch: bool | None = None,
 ):
-  """`jit_train_step` with the loss, EMA and learning-rate settings of an experiment config
-  (training and benchmarks build the same step)."""
+  """`jit_train_step` with the loss, EMA and learning-rate settings of a run (training and
+  benchmarks build the same step)."""
+  run = as_run(run)
   return jit_train_step(
       shardings,
       batch_sharding,
       graphdef=graphdef,
       optimizer=optimizer,
-      ema_decay=config.ema_decay,
-      learning_rate=config.optimizer.learning_rate,
-      **loss_settings(config, mask_branch),
+      ema_decay=run.loop.ema_decay,
+      learning_rate=run.optimizer.learning_rate,
+      **loss_settings(run, mask_branch),
   )

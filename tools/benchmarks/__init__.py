@@ -1,6 +1,7 @@
-"""Performance tools on top of the package: the benchmark and compute-setting parity of
-``tools/bench.py`` (`benchmark`, `parity`), TPU slices and compile-only reports (`aot`, `tpu`,
-`hlo`, `traffic`) and profile summaries (`profile`)."""
+"""Performance tools on top of the package: the benchmark of ``tools/bench.py`` (analytic
+`flops`, the `compiled` step's figures, `timing`, the eager `baselines`, the memory `fit` search,
+report `tables`) and its compute-setting `parity`, TPU slices and compile-only reports (`aot`,
+`tpu`, `hlo`, `traffic`) and profile summaries (`profile`)."""
 
 import pathlib
 import sys

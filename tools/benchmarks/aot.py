@@ -10,7 +10,7 @@ With the generation's peak figures (`benchmarks.tpu`) they give a roofline:
 
 The bound is what the step cannot beat if the estimates hold (perfect overlap of the three); the
 MFU bound uses the analytic model FLOPs (masked encoder at the mean kept count), as MFU does in
-`benchmarks.benchmark`. XLA's ``bytes accessed`` also counts the on-chip (VMEM) copies of buffers
+`benchmarks.timing`. XLA's ``bytes accessed`` also counts the on-chip (VMEM) copies of buffers
 that XLA prefetches, so the report adds an HBM-only estimate (`benchmarks.traffic`: the HBM
 operands and results of the top-level instructions) and its time. How far each can be trusted:
 BENCHMARKS.md, "TPU, compiled without hardware".
@@ -30,7 +30,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mdt_jax.models import platform
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.models.params import abstract_model
-from benchmarks import benchmark, hlo, traffic
+from benchmarks import hlo, tables, traffic
+from benchmarks.compiled import compile_or_refusal, lower_train_step, memory_figures
+from benchmarks.fit import fit_batch
+from benchmarks.flops import forward_flops, train_step_flops
 from benchmarks.tpu import Slice
 from mdt_jax.sampling.guidance import guided_model
 from mdt_jax.sampling.sampler import data_mesh, functional_model
@@ -119,7 +122,7 @@ def analyse(
       'while_loops': hlo.while_loops(text),
   }
   out.update(roofline(cost['xla_flops'], cost['bytes_accessed'], wire, slc, model_flops))
-  out.update(benchmark.memory_figures(compiled))
+  out.update(memory_figures(compiled))
   if traffic_top:
     out['traffic'] = moved
   out['hbm_spec_gb'] = g.hbm_gb
@@ -172,12 +175,12 @@ def lower_sample_step(config: ml_collections.ConfigDict, devices, batch: int):
 def _model_flops(mc: MDTConfig, step: str, batch: int) -> tuple[float, float]:
   """(analytic model FLOPs, analytic executed FLOPs) of a step, whole global batch."""
   if step == 'sample':  # guided: the model runs on 2B rows; no backward pass
-    f = 2.0 * benchmark.forward_flops(mc) * batch
+    f = 2.0 * forward_flops(mc) * batch
     return f, f
   mask = step == 'train'
   return (
-      benchmark.train_step_flops(mc, batch, mask),
-      benchmark.train_step_flops(mc, batch, mask, executed=True),
+      train_step_flops(mc, batch, mask),
+      train_step_flops(mc, batch, mask, executed=True),
   )
 
 
@@ -214,11 +217,11 @@ def compile_step(
     lowered = lower_sample_step(config, devices, batch)
     mesh = f'data={len(devices)}'
   else:
-    lowered = benchmark.lower_train_step(
+    lowered = lower_train_step(
         config, mask_branch=step == 'train', global_batch=batch, devices=devices
     )
     mesh = _mesh_text(config, devices)
-  compiled, refused = benchmark.compile_or_refusal(lowered)
+  compiled, refused = compile_or_refusal(lowered)
   compile_s = time.perf_counter() - t0
   model, executed = _model_flops(mc, step, batch)
   n = len(devices)
@@ -277,19 +280,10 @@ AOT_KEYS = [
     'fits',
     'compile_s',
 ]
-FIT_KEYS = [
-    'step',
-    'slice',
-    'mesh',
-    'dtype',
-    'remat',
-    'budget_gb',
-    'fixed_gb',
-    'per_sample_gb',
-    'max_per_device_batch',
-    'estimate_at_max_gb',
-    'exact',
-    'compiles',
+# The search's columns (benchmarks.tables.FIT_KEYS) under the slice's: the slice names the device,
+# the step the branches; the first affine guess is bench.py's alone.
+FIT_KEYS = ['step', 'slice', 'mesh'] + [
+    k for k in tables.FIT_KEYS if k not in ('branches', 'device_kind', 'affine_guess_global_batch')
 ]
 
 
@@ -301,10 +295,10 @@ def fit(
     budget_gb: float,
     max_compiles: int = 4,
 ) -> dict:
-  """The largest batch per chip whose train step fits `budget_gb` (`benchmark.fit_batch`)."""
+  """The largest batch per chip whose train step fits `budget_gb` (`benchmarks.fit.fit_batch`)."""
   if step == 'sample':
     raise ValueError('--fit searches the train steps (train, dit), not sample')
-  row = benchmark.fit_batch(
+  row = fit_batch(
       config,
       mask_branch=step == 'train',
       budget_gb=budget_gb,

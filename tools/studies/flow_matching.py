@@ -15,6 +15,8 @@ studies.learning_curves, whose run and curve machinery this reuses).
     from studies import flow_matching as fm, flow_report
     results = fm.run_study(study_config, 'docs/flow_matching')    # writes the .json
     flow_report.write(results, 'docs/flow_matching')              # the .png and the .md
+
+The summaries over seeds (curves, sampler sweep, the target) are `studies.flow_report`'s.
 """
 
 from __future__ import annotations
@@ -23,14 +25,14 @@ import time
 from typing import Callable
 
 import ml_collections
-import numpy as np
 from absl import logging
 
 from mdt_jax import atomic
 from mdt_jax.evaluation import digits_classifier as dc
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.models.params import count_params
-from studies import learning_curves as lc
+from studies import curves, learning_curves as lc
+from studies.flow_report import summarize_sweep, target_check
 from mdt_jax.training.config import validate
 from mdt_jax.training.state import TrainState
 
@@ -155,51 +157,6 @@ def run_one(
   return run
 
 
-# ------------------------------------------------------------------------------------- results
-
-
-def summarize_sweep(runs: list[dict], variants) -> dict:
-  """Per variant and sampler: mean, std, min, max over seeds of each metric."""
-  out = {}
-  for variant in variants:
-    mine = [r for r in runs if r['variant'] == variant]
-    specs = list(mine[0]['sweep'])
-    out[variant] = {
-        spec: {
-            'model_evaluations': mine[0]['sweep'][spec]['model_evaluations'],
-            **{
-                m: lc.seed_stats(np.array([[r['sweep'][spec][m]] for r in mine], np.float64))
-                for m in lc.METRICS
-            },
-        }
-        for spec in specs
-    }
-  return out
-
-
-def target_check(sweep: dict, study: ml_collections.ConfigDict) -> dict:
-  """The issue's target: does a flow variant with Heun at <= 50 model evaluations reach the
-  Frechet distance the DDPM baseline reaches with 'ddpm:250'?"""
-  base = sweep.get(study.baseline, {}).get(study.target_reference)
-  if base is None:
-    return {}
-  target = base['fd']['mean'][0]
-  out = {'reference': study.target_reference, 'target_fd': target, 'variants': {}}
-  for variant, specs in sweep.items():
-    if study.variants[variant].objective != 'flow':
-      continue
-    heun = {
-        s: v['fd']['mean'][0]
-        for s, v in specs.items()
-        if s.startswith('heun:') and v['model_evaluations'] <= 50
-    }
-    reached = sorted(
-        (s for s, fd in heun.items() if fd <= target), key=lambda s: specs[s]['model_evaluations']
-    )
-    out['variants'][variant] = {'heun_fd': heun, 'reached_by': reached}
-  return out
-
-
 def run_study(
     study: ml_collections.ConfigDict,
     out: str,
@@ -237,7 +194,7 @@ def run_study(
       lambda variant, seed: run_one(study, variant, seed, evaluators, workdir_root),
       progress,
   )
-  results['summary'] = lc.summarize(runs, list(study.seeds), variants, study.baseline)
+  results['summary'] = curves.summarize(runs, list(study.seeds), variants, study.baseline)
   results['sweep'] = summarize_sweep(runs, variants)
   results['target'] = target_check(results['sweep'], study)
   atomic.write_json(path, results, indent=1)

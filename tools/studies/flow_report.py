@@ -1,12 +1,14 @@
-"""The flow-matching study's plot (PNG) and Markdown report, written from its results dict."""
+"""The flow-matching study's summaries over seeds (the sampler sweep, the target) and its plot
+(PNG) and Markdown report, written from its results dict."""
 
 from __future__ import annotations
 
 import os
 
+import ml_collections
 import numpy as np
 
-from studies import page
+from studies import curves, page
 from studies.page import fmt
 
 LABELS = {
@@ -18,6 +20,48 @@ COLORS = {'mdt_ddpm': 'tab:blue', 'mdt_flow': 'tab:red', 'dit_flow': 'tab:orange
 MARKERS = {'ddpm': 'o', 'dpm_solver++': 's', 'euler': 'v', 'heun': '^', 'euler_maruyama': 'x'}
 TITLES = {'fd': 'Frechet distance (classifier features)', 'class_accuracy': 'class accuracy'}
 METRICS = ('fd', 'class_accuracy')
+
+
+def summarize_sweep(runs: list[dict], variants) -> dict:
+  """Per variant and sampler: mean, std, min, max over seeds of each metric."""
+  out = {}
+  for variant in variants:
+    mine = [r for r in runs if r['variant'] == variant]
+    specs = list(mine[0]['sweep'])
+    out[variant] = {
+        spec: {
+            'model_evaluations': mine[0]['sweep'][spec]['model_evaluations'],
+            **{
+                m: curves.seed_stats(np.array([[r['sweep'][spec][m]] for r in mine], np.float64))
+                for m in curves.METRICS
+            },
+        }
+        for spec in specs
+    }
+  return out
+
+
+def target_check(sweep: dict, study: ml_collections.ConfigDict) -> dict:
+  """The issue's target: does a flow variant with Heun at <= 50 model evaluations reach the
+  Frechet distance the DDPM baseline reaches with 'ddpm:250'?"""
+  base = sweep.get(study.baseline, {}).get(study.target_reference)
+  if base is None:
+    return {}
+  target = base['fd']['mean'][0]
+  out = {'reference': study.target_reference, 'target_fd': target, 'variants': {}}
+  for variant, specs in sweep.items():
+    if study.variants[variant].objective != 'flow':
+      continue
+    heun = {
+        s: v['fd']['mean'][0]
+        for s, v in specs.items()
+        if s.startswith('heun:') and v['model_evaluations'] <= 50
+    }
+    reached = sorted(
+        (s for s, fd in heun.items() if fd <= target), key=lambda s: specs[s]['model_evaluations']
+    )
+    out['variants'][variant] = {'heun_fd': heun, 'reached_by': reached}
+  return out
 
 
 def _label(variant: str) -> str:

@@ -10,16 +10,17 @@ the true class, by the Frechet distance of its features to the held-out original
 absolute error on the known pixels and the RMSE on the unknown ones (against the original: a
 completion may be right and still differ).
 
-    from studies import inpainting
+    from studies import inpainting, inpainting_report
     results = inpainting.run_study('runs/quickstart', 'docs/inpainting')   # writes the .json
-    inpainting.write_report(results, 'docs/inpainting')                  # the .png and the .md
+    inpainting_report.write_report(results, 'docs/inpainting')           # the .png and the .md
+
+The masks, images and metrics are `studies.inpainting_setup`'s; the summary over seeds and the
+report `studies.inpainting_report`'s.
 """
 
 from __future__ import annotations
 
-import base64
 import dataclasses
-import itertools
 import json
 import os
 import time
@@ -29,51 +30,22 @@ import numpy as np
 from absl import logging
 
 from mdt_jax import atomic
-from mdt_jax.data.digits import load_digits_images, select_split
 from mdt_jax.evaluation import digits_classifier as dc
 from mdt_jax.diffusion import objective_of
 from mdt_jax.hub.pretrained import load_for_sampling
-from mdt_jax.images import grid_image, to_uint8
 from mdt_jax.sampling import inpaint as inp
 from mdt_jax.sampling.config import make_sampler_config
+from studies.inpainting_report import summarize
+from studies.inpainting_setup import (
+    CONDITIONS,
+    EXAMPLES,
+    MASKS,
+    encode_examples,
+    held_out,
+    study_masks,
+)
 
-MASKS = ('lower_half', 'right_half', 'random_tokens')
-# 'class': conditioned on the true class (guided as the model recommends); 'none': the null class,
-# unguided, so the class must come from the known pixels (the accuracy then measures that).
-CONDITIONS = ('class', 'none')
-MASK_TITLES = {
-    'lower_half': 'lower half unknown',
-    'right_half': 'right half unknown',
-    'random_tokens': 'random 50% of tokens unknown',
-}
-METRICS = {'class_accuracy': 'higher', 'fd': 'lower', 'known_mae': 'lower', 'unknown_rmse': 'lower'}
 RESULTS_VERSION = 2
-MASK_SEED = 1234
-
-
-def study_masks(kind: str, n: int, size: int, patch: int) -> np.ndarray:
-  """bool [n, size, size], True = known."""
-  m = np.ones((n, size, size), bool)
-  if kind == 'lower_half':
-    m[:, size // 2 :] = False
-  elif kind == 'right_half':
-    m[:, :, size // 2 :] = False
-  elif kind == 'random_tokens':
-    g = size // patch
-    rng = np.random.default_rng(MASK_SEED)
-    order = np.argsort(rng.random((n, g * g)), axis=1)
-    tokens = np.ones((n, g * g), bool)
-    np.put_along_axis(tokens, order[:, : g * g // 2], False, axis=1)
-    m = np.repeat(np.repeat(tokens.reshape(n, g, g), patch, 1), patch, 2)
-  else:
-    raise ValueError(f'mask must be one of {MASKS}, got {kind!r}')
-  return m
-
-
-def held_out(num_images: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """The held-out digits (images [-1, 1] [N, 16, 16, 1], labels), the first num_images."""
-  images, labels = select_split(*load_digits_images(16), 'test')
-  return images[:num_images], labels[:num_images]
 
 
 def score(
@@ -177,20 +149,6 @@ def run_study(
   return results
 
 
-EXAMPLES = 8
-
-
-def encode_examples(x: np.ndarray) -> str:
-  """Example completions [n, 16, 16, 1] as base64 of their uint8 pixels (compact JSON)."""
-  return base64.b64encode(to_uint8(x)[..., 0].tobytes()).decode('ascii')
-
-
-def decode_examples(text: str) -> np.ndarray:
-  """uint8 [n, 16, 16, 3] from encode_examples."""
-  g = np.frombuffer(base64.b64decode(text), np.uint8).reshape(-1, 16, 16, 1)
-  return np.repeat(g, 3, axis=-1)
-
-
 def _complete(
     runners: dict, model, cfg, method: str, images, known, labels, seed: int, batch_size: int
 ) -> np.ndarray:
@@ -218,42 +176,6 @@ def reference(images: np.ndarray, labels: np.ndarray, clf: dc.DigitsClassifier) 
   return ref
 
 
-def summarize(results: dict) -> dict:
-  """Mean and std over seeds of every (condition, mask, method) metric."""
-  out = {}
-  for cond, kind, method in itertools.product(
-      CONDITIONS, results['setup']['masks'], results['setup']['methods']
-  ):
-    keys = [f'{cond}/{kind}/{method}/{s}' for s in results['setup']['seeds']]
-    cells = [results['cells'][k] for k in keys if k in results['cells']]
-    if cells:
-      out[f'{cond}/{kind}/{method}'] = {
-          m: dict(
-              mean=float(np.mean([c[m] for c in cells])),
-              std=float(np.std([c[m] for c in cells])),
-              n=len(cells),
-          )
-          for m in METRICS
-      }
-  return out
-
-
-def paired_differences(results: dict, metric: str) -> dict:
-  """Per seed, metric(method) - metric(general method), for the MDT methods: the seeds share
-  their draws across methods, so these differences are sharper than the spread over seeds."""
-  out, seeds = {}, results['setup']['seeds']
-  for cond, kind, method in itertools.product(
-      CONDITIONS, results['setup']['masks'], results['setup']['methods']
-  ):
-    if method.startswith('mdt@'):
-      out[f'{cond}/{kind}/{method}'] = [
-          results['cells'][f'{cond}/{kind}/{method}/{s}'][metric]
-          - results['cells'][f'{cond}/{kind}/repaint/{s}'][metric]
-          for s in seeds
-      ]
-  return out
-
-
 def _load(path: str, setup: dict) -> dict | None:
   if not os.path.isfile(path):
     return None
@@ -265,129 +187,3 @@ def _load(path: str, setup: dict) -> dict | None:
 def _write_json(results: dict, path: str) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   atomic.write_json(path, results, indent=1)
-
-
-# ------------------------------------------------------------------ report
-
-METHOD_TITLES = {'repaint': 'general (RePaint replacement)', 'scratch': 'from scratch'}
-
-
-def method_title(method: str) -> str:
-  if method.startswith('mdt@'):
-    return f'MDT side-interpolater (first {float(method[4:]):.0%} of steps)'
-  return METHOD_TITLES[method]
-
-
-CONDITION_TITLES = {
-    'class': 'conditioned on the true class, guided',
-    'none': 'unconditional (null class), unguided',
-}
-
-
-def plot_examples(results: dict, path: str, n: int = 6) -> str:
-  """One panel per (condition, mask): rows of original, input (unknown grey), each method."""
-  import matplotlib
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  images, _ = held_out(results['setup']['num_images'])
-  methods = results['setup']['methods']
-  fig, axes = plt.subplots(
-      len(CONDITIONS),
-      len(MASKS),
-      squeeze=False,
-      figsize=(4.2 * len(MASKS), len(CONDITIONS) * (1.0 + 0.75 * n)),
-      constrained_layout=True,
-  )
-  for row, cond in enumerate(CONDITIONS):
-    for ax, kind in zip(axes[row], MASKS):
-      known = study_masks(kind, n, 16, 4)
-      cols = [to_uint8(images[:n]), to_uint8(np.where(known[..., None], images[:n], 0.0))]
-      cols += [decode_examples(results['examples'][f'{cond}/{kind}/{m}'])[:n] for m in methods]
-      tiles = np.stack(cols, 1).reshape((-1, 16, 16, 3))
-      ax.imshow(grid_image(tiles, ncols=len(cols)), interpolation='nearest')
-      ax.set_title(f'{MASK_TITLES[kind]}\n{CONDITION_TITLES[cond]}', fontsize=9)
-      ax.set_xticks([(i + 0.5) * 18 - 1 for i in range(len(cols))])
-      ax.set_xticklabels(
-          ['original', 'input'] + [_short(m) for m in methods], fontsize=8, rotation=30
-      )
-      ax.set_yticks([])
-  fig.savefig(path, dpi=100)
-  plt.close(fig)
-  return path
-
-
-def _short(method: str) -> str:
-  return {'repaint': 'general', 'scratch': 'scratch'}.get(method, method.replace('@', ' '))
-
-
-def table(results: dict) -> list[str]:
-  s, ref = results['summary'], results['reference']
-  lines = []
-  for cond in CONDITIONS:
-    for kind in MASKS:
-      lines += [
-          f'**{MASK_TITLES[kind]}, {CONDITION_TITLES[cond]}**',
-          '',
-          '| method | class accuracy | Frechet distance | known-pixel MAE | '
-          'unknown-pixel RMSE |',
-          '|---|---|---|---|---|',
-      ]
-      for method in results['setup']['methods']:
-        c = s[f'{cond}/{kind}/{method}']
-        lines.append(
-            f'| {method_title(method)} | '
-            + ' | '.join(f"{c[m]['mean']:.3f} ± {c[m]['std']:.3f}" for m in METRICS)
-            + ' |'
-        )
-      if cond == CONDITIONS[0]:
-        k = ref[f'{kind}/known_only']
-        lines.append(
-            '| (known pixels only, rest background) | '
-            + ' | '.join(f'{k[m]:.3f}' for m in METRICS)
-            + ' |'
-        )
-      lines.append('')
-  lines += [
-      '**MDT minus general, per seed (same draws)**',
-      '',
-      '| condition | mask | method | class accuracy | Frechet distance |',
-      '|---|---|---|---|---|',
-  ]
-  acc, fd = (paired_differences(results, m) for m in ('class_accuracy', 'fd'))
-  for key in acc:
-    cond, kind, method = key.split('/')
-    lines.append(
-        f'| {cond} | {MASK_TITLES[kind]} | {method} | '
-        + ', '.join(f'{v:+.3f}' for v in acc[key])
-        + ' | '
-        + ', '.join(f'{v:+.2f}' for v in fd[key])
-        + ' |'
-    )
-  return lines + ['']
-
-
-def write_report(results: dict, out: str, command: str = '') -> tuple[str, str]:
-  """OUT.png (picture grid) and OUT.md (setup and table)."""
-  png = plot_examples(results, out + '.png')
-  st = results['setup']
-  md = [
-      '# Inpainting on the digits: general vs MDT side-interpolater vs from scratch',
-      '',
-      f"Written by `{command or 'python tools/inpainting.py'}` from "
-      f'`{os.path.basename(out)}.json`.',
-      '',
-      f"Model `{st['model']}`; {st['num_images']} held-out digits; sampler "
-      f"{st['sampler']['sampler']} with {st['sampler']['steps']} steps, guidance scale "
-      f"{st['sampler']['cfg_scale']} (class condition; the unconditional runs are unguided); "
-      f"seeds {st['seeds']} (mean ± std over seeds). Classifier accuracy on the originals: "
-      f"{results['reference']['originals_class_accuracy']:.3f}.",
-      '',
-      f'![inpainting examples]({os.path.basename(png)})',
-      '',
-      *table(results),
-  ]
-  path = out + '.md'
-  atomic.write_text(path, '\n'.join(md) + '\n')
-  return png, path

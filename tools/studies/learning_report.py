@@ -8,7 +8,7 @@ import os
 import numpy as np
 
 from studies import page
-from studies.learning_curves import BASELINE, METRICS, VARIANTS
+from studies.curves import BASELINE, METRICS, VARIANTS
 from studies.page import fmt
 
 LABELS = {'mdt': 'MDTv2 (masked branch)', 'dit': 'DiT-style (no masked branch)'}
