@@ -27,9 +27,7 @@ def train_config() -> ml_collections.ConfigDict:
       decode_layer=2,
       num_classes=10,
   )
-  c.data.update(
-      name='digits', image_size=16, flip=False, num_threads=1, prefetch=4, vae_decoder=None
-  )
+  c.data.update(name='digits', image_size=16, flip=False, num_threads=1, prefetch=4, vae=None)
   c.global_batch_size = 32
   c.total_steps = 4000
   c.optimizer.learning_rate = 1.5e-3

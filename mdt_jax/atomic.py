@@ -16,7 +16,7 @@ import shutil
 import tempfile
 from typing import IO, Iterator
 
-from mdt_jax import paths
+from mdt_jax import errors, faults, paths
 
 # The marker that publishes a folder on object storage (as orbax's commit_success.txt does for
 # its checkpoints there): written after every other file of the folder.
@@ -124,30 +124,58 @@ def file_lock(path: str) -> Iterator[None]:
     yield
 
 
+# Path errors already name the file and are the user's to fix as they are.
+_PATH_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+def _failed(path: str, error: BaseException) -> BaseException:
+  """A failed write as errors.WriteFailed naming the file (path errors stay as they are)."""
+  if isinstance(error, (errors.WriteFailed, *_PATH_ERRORS)):
+    return error
+  return errors.WriteFailed(path, error)
+
+
 @contextlib.contextmanager
-def atomic_file(path: str) -> Iterator[IO[bytes]]:
+def atomic_file(path: str, site: str | None = None) -> Iterator[IO[bytes]]:
   """A binary file written whole or not at all: a local file through a temporary file renamed
-  into place; an object directly (it appears when the upload completes; an error discards it)."""
+  into place; an object directly (it appears when the upload completes; an error discards it).
+
+  ``site``: the write's name for the fault hook (``mdt_jax.faults``; default: from the file name),
+  called when the bytes are written and before they are published. A failed write raises
+  ``errors.WriteFailed`` naming the file."""
   path = paths.resolve(path)
+  site = site or faults.site_of(path)
   if paths.is_remote(path):
     f = paths.path(path).open('wb')
     try:
       yield f
-    except BaseException:
+      faults.check(site, path)
+      f.close()  # the upload (gcsfs retries a 5xx or a dropped connection with backoff)
+    except BaseException as e:
       f.discard()  # fsspec: abandon a started (resumable) upload
       f.closed = True  # and never commit the buffer of a small one when the file is collected
+      if isinstance(e, OSError) or type(e).__module__.startswith('gcsfs'):
+        raise _failed(path, e) from e  # gcsfs.retry.HttpError: the error left after retries
       raise
-    f.close()
     return
   tmp = f'{path}.tmp-{os.getpid()}'
   try:
     with open(tmp, 'wb') as f:
       yield f
+    faults.check(site, path)
     os.replace(tmp, path)
-  except BaseException:
+  except BaseException as e:
     with contextlib.suppress(FileNotFoundError):
       os.remove(tmp)
+    if isinstance(e, OSError):
+      raise _failed(path, e) from e
     raise
+
+
+def write_bytes(path: str, data: bytes, site: str | None = None) -> None:
+  """A file written whole or not at all."""
+  with atomic_file(path, site) as f:
+    f.write(data)
 
 
 def write_text(path: str, text: str) -> None:

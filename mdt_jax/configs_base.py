@@ -6,12 +6,17 @@ an empty string.
 
 from __future__ import annotations
 
-import ml_collections
-from ml_collections.config_dict import placeholder
+import copy
+import dataclasses
+from typing import Any, Mapping
 
+import ml_collections
+from ml_collections.config_dict import FieldReference, placeholder
+
+from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.models.presets import model_config
 
-__all__ = ['DEFAULT_RULES', 'base_config', 'model_config']
+__all__ = ['DEFAULT_RULES', 'base_config', 'model_config', 'model_of', 'upgrade']
 
 # Logical axis -> mesh axis (mdt_jax/training/sharding.py): FSDP over the model width; tensor
 # parallelism over heads and MLP width when the axis is > 1.
@@ -58,7 +63,9 @@ def base_config() -> ml_collections.ConfigDict:
       num_threads=8,
       prefetch=8,
       device_prefetch=2,
-      vae_decoder='stabilityai/sd-vae-ft-ema',
+      # the decoder VAE of latent runs (folder or Hub id; None for pixel data), typed: a config
+      # may set None and the command line a folder
+      vae=FieldReference('stabilityai/sd-vae-ft-ema', field_type=str),
       split='all',
   )
   c.global_batch_size = 256
@@ -90,7 +97,9 @@ def base_config() -> ml_collections.ConfigDict:
       noise_offset=0.2,
       ema_source='ema',
   )
-  c.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # strategy: auto, dp, fsdp, zero or hybrid (mdt_jax/training/strategies.py); auto on TPU with
+  # these sizes: the cost model's choice of strategy and mesh (mdt_jax/training/cost.py)
+  c.mesh = dict(strategy='auto', data=-1, fsdp=1, tensor=1, collective_dtype='float32')
   c.sharding_rules = DEFAULT_RULES
   c.checkpoint_every_steps = 10_000
   c.keep_checkpoints = 3
@@ -122,3 +131,47 @@ def base_config() -> ml_collections.ConfigDict:
   # 'clu', clu's default writer (clu.metric_writers: imports TensorFlow, several seconds)
   c.metric_writer = 'events'
   return c
+
+
+# config.json files (a workdir's training config, a model folder's record) written by earlier
+# versions: keys renamed since, and '' where None is written now.
+RENAMED = {'data': {'vae_decoder': 'vae'}}
+FOLDER_RENAMED = {'diffusion': {'beta_schedule': 'schedule'}}
+UNSET_AS_EMPTY = {'data': ('path', 'vae'), '': ('eval_reference', 'eval_inception')}
+_NULLABLE_MODEL_STRINGS = tuple(
+    f.name for f in dataclasses.fields(MDTConfig) if f.type.replace(' ', '') == 'str|None'
+)
+
+
+def upgrade(cfg: Mapping[str, Any]) -> dict:
+  """A workdir's or a model folder's config.json (``format`` 'mdt_jax.model') under today's key
+  names: the one reader of the names earlier versions wrote."""
+  out = copy.deepcopy(dict(cfg))
+  model = out.get('model')
+  if isinstance(model, dict):
+    for k in _NULLABLE_MODEL_STRINGS:
+      if model.get(k) == '':
+        model[k] = None
+  folder = out.get('format') == 'mdt_jax.model'
+  for section, names in (FOLDER_RENAMED if folder else RENAMED).items():
+    values = out.get(section)
+    for old, new in names.items() if isinstance(values, dict) else ():
+      if old in values:
+        values.setdefault(new, values.pop(old))
+  if not folder:
+    for section, keys in UNSET_AS_EMPTY.items():
+      values = out.get(section) if section else out
+      for k in keys if isinstance(values, dict) else ():
+        if values.get(k) == '':
+          values[k] = None
+  return out
+
+
+def model_of(section: Mapping[str, Any], **overrides) -> MDTConfig:
+  """The `MDTConfig` of a config's or a config.json's model section (`overrides` win): the one
+  place a model section becomes a typed config."""
+  values = dict(section)
+  for k in _NULLABLE_MODEL_STRINGS:
+    if values.get(k) == '':
+      raise ValueError(f"model.{k} is '' (unset is None; config.json files go through upgrade)")
+  return MDTConfig.from_dict({**values, **overrides})

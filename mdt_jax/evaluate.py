@@ -16,7 +16,7 @@ import json
 import os
 import sys
 
-from mdt_jax import paths
+from mdt_jax import errors, paths
 
 WEIGHTS_FILE = paths.INCEPTION_WEIGHTS_FILE
 
@@ -123,4 +123,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == '__main__':
-  main()
+  errors.guard(main)()

@@ -27,7 +27,7 @@ import os
 from absl import app, flags, logging
 import numpy as np
 
-from mdt_jax import atomic, images as images_lib, paths
+from mdt_jax import atomic, errors, images as images_lib, paths
 from mdt_jax.cli import sampler_flags
 
 FLAGS = flags.FLAGS
@@ -199,4 +199,4 @@ def write_outputs(
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

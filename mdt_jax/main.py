@@ -16,7 +16,8 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from mdt_jax import paths
+from mdt_jax import errors, paths
+from mdt_jax.training import checkpoints, lock, xla_flags
 from mdt_jax.training.logs import quiet_orbax
 
 config_flags.DEFINE_config_file('config', None, 'experiment config file', lock_config=True)
@@ -31,6 +32,13 @@ flags.DEFINE_integer('num_processes', None, 'number of processes')
 flags.DEFINE_integer('process_id', None, 'index of this process')
 flags.DEFINE_string('cpu_collectives', None, "CPU collectives for multi-process CPU runs: 'gloo'")
 flags.DEFINE_bool('profile', False, 'capture a jax.profiler trace of a few steps (TensorBoard)')
+flags.DEFINE_bool('force_unlock', False, "take the workdir's lock even from a run that looks alive")
+flags.DEFINE_float(
+    'lock_stale_after_s',
+    lock.DEFAULT_STALE_AFTER_S,
+    "a workdir lock whose heartbeat is older than this is taken over (the holder's host is "
+    'another, or its pid cannot be checked)',
+)
 FLAGS = flags.FLAGS
 
 
@@ -38,6 +46,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   quiet_orbax()
+  if xla_flags.on_tpu_host():  # before jax loads libtpu: collectives overlap compute
+    xla_flags.set_overlap_flags()
   import jax
 
   if FLAGS.cpu_collectives:
@@ -64,12 +74,14 @@ def main(argv):
       jax.local_device_count(),
       jax.device_count(),
   )
-  workdir = paths.resolve(FLAGS.workdir)
-  if not paths.is_remote(workdir):
-    os.makedirs(workdir, exist_ok=True)
+  workdir = paths.make_folder(FLAGS.workdir, '--workdir')
   with config.unlocked():
     resolve_config_paths(config)
-  train_and_evaluate(validate(config), workdir)
+  lock.configure(stale_after_s=FLAGS.lock_stale_after_s, force=FLAGS.force_unlock)
+  try:
+    train_and_evaluate(validate(config), workdir)
+  except errors.WriteFailed as e:  # a full disk, a failed upload: where to go on from
+    raise e.with_hint(checkpoints.last_good(workdir)) from e
 
 
 def resolve_config_paths(config) -> None:
@@ -78,10 +90,10 @@ def resolve_config_paths(config) -> None:
   data = config.data
   if data.get('path'):
     data.path = paths.resolve(data.path)
-  vae = data.get('vae_decoder')
+  vae = data.get('vae')
   if vae and (paths.is_remote(vae) or os.path.exists(os.path.expanduser(vae))):
-    data.vae_decoder = paths.resolve(vae)
+    data.vae = paths.resolve(vae)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

@@ -12,6 +12,7 @@ gcsfs and not TensorFlow's gfile, and for the environment each library reads).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -19,6 +20,8 @@ import tempfile
 from typing import Iterator
 
 from etils import epath
+
+from mdt_jax import errors
 
 # epath sends gs:// to TensorFlow's gfile when TensorFlow is installed, whose GCS client cannot
 # be pointed at anything but storage.googleapis.com. gcsfs reads the same buckets with the same
@@ -60,6 +63,36 @@ def cache_dir() -> str:
 def path(p: str | os.PathLike) -> epath.Path:
   """The file layer's Path of a typed path (resolved as ``resolve`` does), local or gs://."""
   return epath.Path(resolve(p))
+
+
+def make_folder(p: str | os.PathLike, what: str) -> str:
+  """``resolve(p)``, made as a local folder if missing (object storage has no folders to make);
+  a path that is a file, or under one, is refused naming ``what`` (e.g. '--workdir')."""
+  r = resolve(p)
+  if is_remote(r):
+    return r
+  if os.path.exists(r) and not os.path.isdir(r):
+    raise errors.ConfigError(f'{what} {r} is a file, expected a folder (or a path to make one at)')
+  try:
+    os.makedirs(r, exist_ok=True)
+  except OSError as e:
+    raise errors.ConfigError(f'{what} {r} cannot be made as a folder: {e.strerror or e}') from e
+  return r
+
+
+def read_json(p: str | os.PathLike, expected: str, hint: str = ''):
+  """The JSON value of a file; a file that is not JSON (truncated, overwritten) is refused
+  naming it, what it should hold (``expected``) and ``hint`` (how to go on)."""
+  r = resolve(p)
+  text = path(r).read_text()
+  try:
+    return json.loads(text)
+  except ValueError as e:
+    where = f'{e.msg} (line {e.lineno}, column {e.colno})' if hasattr(e, 'msg') else str(e)
+    raise errors.BadFile(
+        f'{r} is not valid JSON ({len(text)} characters; {where}): expected {expected}'
+        + (f'; {hint}' if hint else '')
+    ) from None
 
 
 def require_local(p: str | os.PathLike, what: str, why: str) -> str:

@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from absl import app, flags, logging
 
-from mdt_jax import images, paths
+from mdt_jax import errors, images, paths
 from mdt_jax.cli import sampler_flags
 
 FLAGS = flags.FLAGS
@@ -93,4 +93,4 @@ def save_scaled_grid(samples: str, grid_size: int, with_labels: bool, scale: int
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

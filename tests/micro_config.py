@@ -24,9 +24,7 @@ def get_config():
       decode_layer=1,
       num_classes=10,
   )
-  c.data.update(
-      name='digits', image_size=8, flip=False, num_threads=1, prefetch=2, vae_decoder=None
-  )
+  c.data.update(name='digits', image_size=8, flip=False, num_threads=1, prefetch=2, vae=None)
   c.global_batch_size = 16
   c.total_steps = 6
   c.optimizer.learning_rate = 1e-3

@@ -192,26 +192,26 @@ def test_repa_targets_from_a_dinov2_folder(tmp_path):
 
 def test_sra_time_is_lower_noise_within_the_offset():
   key = jax.random.key(0)
-  dif = create_diffusion()
+  process = create_diffusion()
   t = jnp.arange(0, 1000, 7)
-  tt = align.sra_time(dif, t, key, 0.2)
+  tt = align.sra_time(process, t, key, 0.2)
   assert tt.dtype == t.dtype and np.all(tt <= t) and np.all(tt >= 0)
   assert np.all(t - tt <= 200) and np.any(t - tt > 100)
   ft = jnp.linspace(0.0, 1.0, 50)
   ftt = align.sra_time(FlowMatching(), ft, key, 0.2)
   assert np.all(ftt <= ft) and np.all(ftt >= 0) and np.all(ft - ftt <= 0.2 + 1e-6)
-  assert np.all(align.sra_time(dif, t, key, 0.0) == t)
+  assert np.all(align.sra_time(process, t, key, 0.0) == t)
 
 
 def test_sra_targets_are_the_teacher_block_at_the_teacher_time():
   model = random_mdt(**FIELDS)
-  dif = create_diffusion()
+  process = create_diffusion()
   x0, t, y = _inputs()
   noise = jax.random.normal(jax.random.key(9), x0.shape)
   key = jax.random.key(4)
-  got = align.sra_targets(model, dif, x0, noise, t - 3, y, key, 3)
+  got = align.sra_targets(model, process, x0, noise, t - 3, y, key, 3)
 
-  _, f = model(q_sample(dif, x0, t - 3, noise), t - 3, y, rng=key, train=True, features_at=3)
+  _, f = model(q_sample(process, x0, t - 3, noise), t - 3, y, rng=key, train=True, features_at=3)
   np.testing.assert_array_equal(got, f.tokens)
 
 

@@ -4,7 +4,9 @@ raised before work or data is lost. One test (or parameter) per row of docs/bad_
 import hashlib
 import json
 import os
+import re
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -14,9 +16,10 @@ from ml_collections import config_flags
 from PIL import Image
 from safetensors.numpy import load_file, save_file
 
+import launch
 import mdt_jax
 from micro_config import get_config
-from mdt_jax import evaluate as evaluate_cli
+from mdt_jax import errors, evaluate as evaluate_cli
 from mdt_jax.data import image_sources
 from mdt_jax.data.records import encode_latent_record
 from mdt_jax.training import checkpoints
@@ -206,7 +209,7 @@ def _latent_config(path):
       flip=True,
       num_threads=1,
       prefetch=2,
-      vae_decoder='',
+      vae=None,
   )
   c.model.update(input_size=4, in_channels=4, num_classes=2)
   c.global_batch_size, c.total_steps = 8, 2
@@ -376,6 +379,48 @@ def test_model_folder_with_a_missing_or_extra_tensor(model_folder, tmp_path, edi
     mdt_jax.load_pretrained(str(folder))
 
 
+def _cut_weights(folder):
+  _truncate(folder / 'model.safetensors')
+
+
+@pytest.mark.parametrize(
+    'edit, match',
+    [
+        (
+            lambda f: os.remove(f / 'model.safetensors'),
+            r'.*m has no weights: model.safetensors is missing \(a model folder holds config.json '
+            r'and model.safetensors\); copy or export the model folder again',
+        ),
+        (
+            _cut_weights,
+            r'.*m/model.safetensors is not a readable safetensors file \(\d+ bytes: .*\): expected '
+            r'the weights an export writes \(cut short in a copy\?\); copy or export the model '
+            r'folder again',
+        ),
+    ],
+    ids=['missing weights', 'truncated weights'],
+)
+def test_model_folder_with_missing_or_truncated_weights(model_folder, tmp_path, edit, match):
+  folder = tmp_path / 'm'
+  shutil.copytree(model_folder, folder)
+  edit(folder)
+  with pytest.raises(errors.BadFile) as e:
+    mdt_jax.load_pretrained(str(folder))
+  assert re.fullmatch(match, str(e.value)), str(e.value)
+
+
+def test_a_checkpoint_missing_an_item_names_it_and_the_one_before(workdir):
+  shutil.rmtree(workdir / 'checkpoints' / '6' / 'opt_state')
+  with pytest.raises(errors.BadFile) as e:
+    train_and_evaluate(micro_config(total_steps=9), str(workdir))
+  assert re.search(
+      r'checkpoint at step 6 in .*checkpoints cannot be read: .* FileNotFoundError: '
+      r'.*checkpoints/6 has no opt_state \(a checkpoint holds params, ema_params, opt_state, '
+      r'meta, data\)\. Nothing was changed; to resume from the checkpoint before it \(step 3\)',
+      str(e.value),
+  ), str(e.value)
+
+
 # -------------------------------------------------------------------------------- evaluation
 
 
@@ -399,3 +444,157 @@ def test_reference_batch_of_another_image_size(tmp_path):
             '--quiet',
         ]
     )
+
+
+# ------------------------------------------------------------------- command lines: one line
+
+
+def _cli(capsys, monkeypatch, module, *argv: str) -> tuple[int, str]:
+  """A command line's main in this process as its ``__main__`` runs it (flags parsed, user
+  errors reported): (exit status, stderr). sys.argv too: the config flag defines its override
+  flags (--config.a.b) from it."""
+  name = module.__name__.rsplit('.', 1)[-1]
+  monkeypatch.setattr(sys, 'argv', [name, *argv])
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_:
+    try:
+      errors.parse_flags([name, *argv])
+      errors.guard(module.main)([name])
+    finally:
+      module.FLAGS.unparse_flags()
+  return exit_.value.code, capsys.readouterr().err
+
+
+def _one_line(err: str) -> str:
+  """The one ``error:`` line of a command line's stderr (absl's log lines aside), and no
+  traceback."""
+  assert 'Traceback' not in err, err
+  lines = [line for line in err.splitlines() if line.startswith('error: ')]
+  assert len(lines) == 1, err
+  return lines[0]
+
+
+def _truncated_json(path, obj) -> None:
+  text = json.dumps(obj, indent=2)
+  path.write_text(text[: len(text) // 2])
+
+
+def test_a_workdir_that_is_a_file_is_one_line_from_the_command_line(tmp_path):
+  """The one subprocess test: `python -m mdt_jax.main` itself reports one line, status 2."""
+  (tmp_path / 'afile').write_text('')
+  out = launch.run(launch.main_command(str(tmp_path / 'afile'), 6))
+  assert out.returncode == 2, out.stdout
+  assert re.search(
+      r'error: --workdir .*afile is a file, expected a folder', _one_line(out.stdout)
+  ), out.stdout
+
+
+MAIN_CASES = {
+    'truncated workdir config.json': (
+        lambda w: _truncated_json(w / 'config.json', micro_config().to_dict()),
+        {},
+        r'error: .*w/config.json is not valid JSON \(\d+ characters; .*\): expected the training '
+        r'config a run writes; move it out of .*w: the run then starts afresh',
+    ),
+    'total_steps=0': (None, dict(total_steps=0), r'error: total_steps must be positive'),
+    'negative batch size': (
+        None,
+        dict(global_batch_size=-8),
+        r'error: global_batch_size must be positive, got -8',
+    ),
+}
+
+
+@pytest.mark.parametrize('case', sorted(MAIN_CASES))
+def test_user_errors_of_training_are_one_line(capsys, tmp_path, case):
+  """What mdt_jax.main prints for errors of train_and_evaluate (its main's one call; mdt_jax.main
+  itself is not imported here: its required --workdir flag would bind every later absl entry
+  point of this process)."""
+  make, config, match = MAIN_CASES[case]
+  os.makedirs(tmp_path / 'w')
+  if make:
+    make(tmp_path / 'w')
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exit_:
+    errors.guard(train_and_evaluate)(micro_config(**config), str(tmp_path / 'w'))
+  assert exit_.value.code == 2
+  err = capsys.readouterr().err
+  assert re.fullmatch(match + '.*', _one_line(err)), err
+  assert not (tmp_path / 'w' / 'checkpoints').exists()  # refused before any work
+
+
+def test_a_truncated_model_folder_config_is_one_line_from_sample(
+    capsys, monkeypatch, model_folder, tmp_path
+):
+  from mdt_jax import sample
+
+  folder = tmp_path / 'm'
+  shutil.copytree(model_folder, folder)
+  _truncated_json(folder / 'config.json', json.loads((folder / 'config.json').read_text()))
+  code, err = _cli(capsys, monkeypatch, sample, f'--model={folder}', f'--out={tmp_path / "out"}')
+  assert code == 2
+  assert re.fullmatch(
+      r'error: .*m/config.json is not valid JSON \(\d+ characters; .*\): expected the model '
+      r'folder config \(mdt_jax.model\) that an export writes; copy or export the model folder '
+      r'again',
+      _one_line(err),
+  )
+  assert not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize(
+    'masks, match',
+    [
+        (
+            np.ones((2, 4, 4), np.uint8),
+            r'error: masks must have shape \[N, H, W\] = \(2, 8, 8\) .*got \(2, 4, 4\)',
+        ),
+        (
+            np.full((2, 8, 8), 0.5, np.float32),
+            r'error: masks must be binary \(1 = known, 0 = unknown\), got other values such as '
+            r'\[0.5\]',
+        ),
+    ],
+)
+def test_bad_masks_are_one_line_from_inpaint(capsys, monkeypatch, tmp_path, masks, match):
+  from mdt_jax import inpaint
+
+  np.savez(tmp_path / 'images.npz', np.zeros((2, 8, 8, 3), np.uint8), np.zeros(2, np.int32))
+  np.savez(tmp_path / 'masks.npz', masks)
+  code, err = _cli(
+      capsys,
+      monkeypatch,
+      inpaint,
+      f'--model={tmp_path / "absent"}',
+      f'--images={tmp_path / "images.npz"}',
+      f'--masks={tmp_path / "masks.npz"}',
+      f'--out={tmp_path / "out"}',
+  )
+  assert code == 2
+  assert re.match(match, _one_line(err)), err
+
+
+def test_an_unknown_flag_is_one_line(capsys, monkeypatch):
+  from mdt_jax import sample
+
+  code, err = _cli(capsys, monkeypatch, sample, '--num_sampels=3')
+  assert code == 2
+  assert _one_line(err).startswith("error: Unknown command line flag 'num_sampels'")
+
+
+def test_internal_errors_keep_their_traceback():
+  """An error raised inside a library, or one that is not a user error, propagates."""
+
+  def library_error(argv):
+    del argv
+    np.reshape(np.zeros(3), (2, 2))
+
+  def key_error(argv):
+    del argv
+    return {}['absent']
+
+  with pytest.raises(ValueError, match='cannot reshape'):
+    errors.guard(library_error)(['x'])
+  with pytest.raises(KeyError):
+    errors.guard(key_error)(['x'])
+  assert errors.is_user_error(errors.BadFile('x'))

@@ -71,6 +71,8 @@ def test_bench_tool_writes_every_field(tmp_path):
           'tools/bench.py',
           f'--config={ROOT}/tests/micro_config.py',
           '--config.model.in_channels=4',  # latents: the original guides 3 of 4
+          '--config.data.name=latents',  # of 64 px images: 8x8x4 (the batches are synthetic)
+          '--config.data.image_size=64',
           '--steps=2',
           '--repeats=1',
           '--torch_train_baseline',

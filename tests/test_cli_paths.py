@@ -61,7 +61,7 @@ TRAIN = [
     '--config.data.path=latents',
     '--config.data.flip=True',
     '--config.data.image_size=16',
-    '--config.data.vae_decoder=vae',
+    '--config.data.vae=vae',
     '--config.model.input_size=8',
     '--config.model.in_channels=4',
     '--config.model.num_classes=2',
@@ -71,7 +71,7 @@ EXTRACT = [
     f'{ROOT}/tools/extract_latents.py',
     '--source=folder',
     '--image_dir=images',
-    '--vae_dir=vae',
+    '--vae=vae',
     '--out=latents',
     '--image_size=16',
     '--batch_size=8',
@@ -118,4 +118,4 @@ def test_vae_latent_and_training_commands_take_relative_paths(tmp_path):
   assert sorted(os.listdir(work / 'checkpoints')) == ['2', '3']
   # config.json names the data and the VAE so that a resume from any folder finds them
   data = json.loads((work / 'config.json').read_text())['data']
-  assert data['path'] == str(tmp_path / 'latents') and data['vae_decoder'] == str(tmp_path / 'vae')
+  assert data['path'] == str(tmp_path / 'latents') and data['vae'] == str(tmp_path / 'vae')

@@ -147,7 +147,7 @@ def test_train_export_load_gives_identical_outputs(run):
   np.testing.assert_array_equal(_out(loaded.model), want)
   np.testing.assert_array_equal(_out(mdt_jax.load_pretrained(str(run['out']))), want)
   cfg = json.loads((run['out'] / 'config.json').read_text())
-  assert cfg['diffusion'] == {'num_timesteps': 1000, 'beta_schedule': 'linear'}
+  assert cfg['diffusion'] == {'num_timesteps': 1000, 'schedule': 'linear'}
   # the training config's recommendation, guided channels named as every loader reads them
   assert cfg['sampling'] == dict(
       sampler='ddpm', steps=250, cfg_scale=3.8, scale_pow=4.0, guidance_channels='all'

@@ -117,7 +117,7 @@ def test_objective_records():
   ddpm = dict(num_timesteps=1000, schedule='linear', min_snr_gamma=5.0)
   assert objective_of(ddpm) == 'ddpm' and objective_of(None) == 'ddpm'
   # DDPM folders keep the section they always had; flow ones name the objective.
-  assert folder_record(ddpm) == {'num_timesteps': 1000, 'beta_schedule': 'linear'}
+  assert folder_record(ddpm) == {'num_timesteps': 1000, 'schedule': 'linear'}
   fl = dict(ddpm, objective='flow', min_snr_gamma=None, t_sampling='logit_normal', t_shift=2.0)
   rec = folder_record(fl)
   assert rec == {

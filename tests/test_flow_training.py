@@ -61,7 +61,7 @@ def latent_flow_run(tmp_path_factory):
       flip=False,
       num_threads=1,
       prefetch=2,
-      vae_decoder=str(root / 'vae'),
+      vae=str(root / 'vae'),
   )
   c.model.input_size, c.model.in_channels, c.model.num_classes = 8, 4, 2
   c.model.learn_sigma = False

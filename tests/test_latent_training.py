@@ -55,7 +55,7 @@ def test_extract_with_the_tool_then_train_and_resume_exactly(tmp_path):
       [
           sys.executable,
           os.path.join(launch.ROOT, 'tools', 'extract_latents.py'),
-          f'--vae_dir={vae_dir}',
+          f'--vae={vae_dir}',
           '--source=folder',
           f'--image_dir={tmp_path / "images"}',
           f'--out={latents}',
@@ -75,7 +75,7 @@ def test_extract_with_the_tool_then_train_and_resume_exactly(tmp_path):
       flip=True,
       num_threads=1,
       prefetch=2,
-      vae_decoder=vae_dir,
+      vae=vae_dir,
   )
   c.model.input_size, c.model.in_channels, c.model.num_classes = 8, 4, 2
   assert pipeline.element_spec(c.data) == (8, 4)
@@ -107,7 +107,7 @@ def test_empty_or_missing_latent_source_is_refused(tmp_path):
       flip=True,
       num_threads=1,
       prefetch=2,
-      vae_decoder='',
+      vae=None,
   )
   with pytest.raises(FileNotFoundError, match='no \\*.array_record latent shards found'):
     pipeline.make_iterator(c.data, seed=0, global_batch=8)

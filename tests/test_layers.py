@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -16,7 +17,10 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # The layer of each unit (a subpackage or a module at the package root); a unit imports only
 # units of its own layer or below, and no two units import each other, even through others.
 LAYERS = {
-    # plain helpers every layer uses: paths, atomic writes, image files, progress bars
+    # plain helpers every layer uses: paths, atomic writes, image files, progress bars, user
+    # errors, the fault hook
+    'errors': 0,
+    'faults': 0,
     'paths': 0,
     'atomic': 0,
     'images': 0,
@@ -165,6 +169,32 @@ def test_imports_go_only_downward():
 def test_no_cycle_between_subpackages():
   cycles = unit_cycles(EDGES)
   assert not cycles, 'import cycles:\n' + '\n\n'.join('\n'.join(c) for c in cycles)
+
+
+def design_table_layers(text: str) -> dict[str, int]:
+  """Unit -> layer, from the layout table of docs/design.md (rows '| layer | `unit`, ... | ...');
+  a row of tools/ gives the unit 'tools'."""
+  layers = {}
+  for line in text.splitlines():
+    cells = [c.strip() for c in line.strip().strip('|').split('|')]
+    if len(cells) < 2 or not cells[0].isdigit():
+      continue
+    for name in re.findall(r'`([^`]+)`', cells[1]):
+      layers['tools' if name.startswith('tools') else name.rstrip('/')] = int(cells[0])
+  return layers
+
+
+def test_the_design_notes_give_each_unit_its_layer():
+  table = design_table_layers((ROOT / 'docs' / 'design.md').read_text())
+  assert table == LAYERS, {
+      u: (table.get(u), LAYERS.get(u))
+      for u in set(table) | set(LAYERS)
+      if table.get(u) != LAYERS.get(u)
+  }
+  row = (
+      '| 2 | `data/`, `vae` | ... | layers 0-2 |\n| - | `tests/` | ... |\n| 5 | `tools/*.py` | x |'
+  )
+  assert design_table_layers(row) == {'data': 2, 'vae': 2, 'tools': 5}
 
 
 def test_the_checks_see_upward_imports_and_cycles(tmp_path):

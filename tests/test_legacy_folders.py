@@ -43,5 +43,8 @@ def test_legacy_workdir_resumes_to_the_same_state(tmp_path):
   assert out.returncode == 0, out.stdout[-3000:]
   assert f'resuming from step {EXPECTED["stopped_after"]}' in out.stdout
   got = GEN.state_hashes(work, EXPECTED['total_steps'])
+  with open(os.path.join(work, 'config.json')) as f:
+    data = json.load(f)['data']  # rewritten by the resumed run, under today's names
+  assert data['vae'] is None and 'vae_decoder' not in data
   for name, leaves in EXPECTED['final_state_sha256'].items():
     assert got[name] == leaves, name

@@ -453,7 +453,8 @@ def test_cudnn_attention_needs_even_lengths_and_says_how_to_pad():
     MDTConfig(input_size=30, attention_impl='cudnn')
   with pytest.raises(ValueError, match="attention_impl must be one of .* got 'flash'"):
     MDTConfig(attention_impl='flash')
-  assert MDTConfig(attention_impl='').attention_impl is None
+  with pytest.raises(ValueError, match=r"attention_impl must be one of .*\(None = auto\), got ''"):
+    MDTConfig(attention_impl='')  # unset is None ('' of older config.json files: upgrade)
   # cuDNN for the full-length passes only: the masked buffer may stay odd
   assert MDTConfig(**xl, masked_attention_impl='xla').masked_impl == 'xla'
   with pytest.raises(
@@ -462,7 +463,7 @@ def test_cudnn_attention_needs_even_lengths_and_says_how_to_pad():
     MDTConfig(mask_ratio=0.3, masked_attention_impl='cudnn')
   with pytest.raises(ValueError, match="masked_attention_impl must be .* got 'flash'"):
     MDTConfig(masked_attention_impl='flash')
-  assert MDTConfig(masked_attention_impl='').masked_impl is None
+  assert MDTConfig(masked_attention_impl=None).masked_impl is None
   assert MDTConfig(attention_impl='xla').masked_impl == 'xla'  # 'same' by default
 
 
@@ -529,7 +530,7 @@ def test_masked_encoder_uses_its_own_attention_implementation(monkeypatch):
       )
       or real(*a, implementation=implementation, mask=mask, **k),
   )
-  m = MDT(tiny(mask_ratio=0.3, attention_impl='xla', masked_attention_impl=''), rngs=nnx.Rngs(0))
+  m = MDT(tiny(mask_ratio=0.3, attention_impl='xla', masked_attention_impl=None), rngs=nnx.Rngs(0))
   x, t, y = (jnp.asarray(a) for a in _inputs())
   m(x, t, y)
   assert set(seen) == {('xla', False)} and len(seen) == 6  # plain pass: 6 blocks

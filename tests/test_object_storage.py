@@ -254,7 +254,7 @@ def test_training_on_latent_shards_in_the_bucket(gcs, tmp_path):
         flip=True,
         num_threads=1,
         prefetch=2,
-        vae_decoder='',
+        vae=None,
     )
     c.model.input_size, c.model.in_channels, c.model.num_classes = 8, 4, 2
     c.global_batch_size, c.total_steps = 8, 2

@@ -57,8 +57,7 @@ def test_qk_norm_bounds_the_attention_logits(kind):
 def test_unknown_qk_norm_is_refused():
   with pytest.raises(ValueError, match=r"qk_norm must be one of .*'l2'"):
     MDTConfig(qk_norm='l2')
-  assert MDTConfig(qk_norm='').qk_norm is None  # the command line's "off"
-  assert model_config('S/2')['qk_norm'] is None
+  assert MDTConfig().qk_norm is None and model_config('S/2')['qk_norm'] is None  # off
 
 
 def _tiny(**fields):

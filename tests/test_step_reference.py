@@ -20,7 +20,7 @@ from flax import nnx
 
 import reference_mdt as ref
 from mdt_jax import MDTConfig, model_config
-from mdt_jax import diffusion as diff
+from mdt_jax import diffusion
 from mdt_jax.hub import official
 from mdt_jax.training import state as st
 from mdt_jax.training import step as stp
@@ -150,20 +150,20 @@ def stepped():
       rng=jnp.asarray(train_rng),
   )
   batch = {'x': jnp.asarray(x0, jnp.float32), 'y': jnp.asarray(y, jnp.int32)}
-  dif = diff.create_diffusion()
+  process = diffusion.create_diffusion()
 
   @jax.jit
   def step_and_grad(state, batch):
     # loss_fn's gradient at the key train_step uses: what the update below is computed from
     key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
     grads, _ = jax.grad(stp.loss_fn, has_aux=True)(
-        state.params, graphdef, dif, batch, key, mask_branch=True, min_snr_gamma=GAMMA
+        state.params, graphdef, process, batch, key, mask_branch=True, min_snr_gamma=GAMMA
     )
     new, metrics = stp.train_step(
         state,
         batch,
         graphdef=graphdef,
-        dif=dif,
+        process=process,
         optimizer=opt,
         ema_decay=EMA_DECAY,
         mask_branch=True,

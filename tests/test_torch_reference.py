@@ -107,7 +107,7 @@ def _train_config():
   return c
 
 
-def _jax_draws(state, x, cfg, dif):
+def _jax_draws(state, x, cfg, process):
   """The JAX step's draws (mdt_jax.training.step.loss_fn, MDT.__call__), as torch tensors."""
   import jax
   from mdt_jax.models import masking
@@ -116,7 +116,7 @@ def _jax_draws(state, x, cfg, dif):
   b = x.shape[0]
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   t_key, plain_key, mask_key = jax.random.split(key, 3)
-  t = jax.random.randint(t_key, (b,), 0, dif.num_timesteps)
+  t = jax.random.randint(t_key, (b,), 0, process.num_timesteps)
 
   def branch(k, masked):
     noise_key, model_key = jax.random.split(k)
@@ -187,7 +187,7 @@ def test_train_step_matches_the_jax_step_on_the_same_draws():
   xt, yt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()), torch.from_numpy(y)
   dropped, steps = 0, 2
   for _ in range(steps):
-    draws = _jax_draws(state, x, cfg, settings['dif'])
+    draws = _jax_draws(state, x, cfg, settings['process'])
     dropped += int(draws.plain.drop.sum()) + int(draws.masked.drop.sum())
     # fewer kept tokens than the JAX buffer holds: its padding slots are in play
     assert draws.masked.mask[1] < masking.buffer_size(cfg.num_tokens, cfg.mask_ratio)

@@ -1,6 +1,7 @@
 """The train metrics' clu Collection: averages over a logging period, the last learning rate."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from clu import metrics as clu_metrics
@@ -45,3 +46,11 @@ def test_clashing_tags_and_an_empty_period_are_refused():
     train_metrics.collection(('a/b', 'a__b'))
   with pytest.raises(ValueError, match='at least one step'):
     train_metrics.reduce_steps([])
+
+
+def test_clus_std_still_fails_with_this_jax():
+  """clu 0.0.12's Std.compute calls jnp.clip(..., a_min=0.0), a keyword jax 0.10 removed
+  (docs/design.md, "clu without TensorFlow"); when this passes, Std is usable again."""
+  std = clu_metrics.Std.from_model_output(jnp.arange(4.0))
+  with pytest.raises(TypeError, match="clip\\(\\) got an unexpected keyword argument 'a_min'"):
+    std.compute()

@@ -17,7 +17,7 @@ import mdt_jax
 from micro_config import get_config
 from tensorboard_events import HPARAMS, read_events, scalar
 from mdt_jax import MDTConfig
-from mdt_jax import diffusion as diff
+from mdt_jax import diffusion
 from mdt_jax.configs_base import DEFAULT_RULES
 from mdt_jax.training import checkpoints, sharding
 from mdt_jax.training import state as st
@@ -102,7 +102,7 @@ def _run_steps(setup, mesh_shape, n=3, mask_branch=True):
       shardings,
       sharding.batch_sharding(mesh),
       graphdef=graphdef,
-      dif=diff.create_diffusion(),
+      process=diffusion.create_diffusion(),
       optimizer=opt,
       ema_decay=0.9,
       mask_branch=mask_branch,

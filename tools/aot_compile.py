@@ -57,6 +57,18 @@ flags.DEFINE_integer(
     'also print where the HBM bytes go: this many source lines '
     'and ops with the most traffic (tools/benchmarks/traffic.py)',
 )
+flags.DEFINE_bool(
+    'overlap',
+    True,
+    'compile with the XLA flags that overlap collectives with compute '
+    '(mdt_jax/training/xla_flags.py), as training on a TPU host sets them',
+)
+flags.DEFINE_integer(
+    'search',
+    0,
+    "compile the cost model's first N strategies and meshes for the slice "
+    "(mdt_jax/training/cost.py) instead of the config's, and print their table",
+)
 flags.DEFINE_string('out', None, 'JSON file for the results')
 flags.DEFINE_string('hlo_out', None, 'folder for the optimized HLO of each step')
 flags.mark_flags_as_required(['config', 'topology'])
@@ -66,6 +78,7 @@ FLAGS = flags.FLAGS
 def main(argv):
   del argv
   from mdt_jax import paths
+  from mdt_jax.training import xla_flags
   from benchmarks.tables import markdown_table
   from benchmarks import aot, tpu, traffic
 
@@ -82,6 +95,8 @@ def main(argv):
   hlo_dir = paths.resolve(FLAGS.hlo_out) if FLAGS.hlo_out else None
   if hlo_dir:
     os.makedirs(hlo_dir, exist_ok=True)
+  if FLAGS.overlap:  # before libtpu loads (slc.devices)
+    xla_flags.set_overlap_flags()
   devices = slc.devices()
   usable = tpu.usable_hbm_gb(devices[0])
   g = slc.generation
@@ -98,6 +113,7 @@ def main(argv):
       'steps': [],
       'fit': [],
       'proxy': [],
+      'search': [],
   }
 
   def record(section, row):
@@ -110,6 +126,11 @@ def main(argv):
   if FLAGS.proxy_checks:
     for row in aot.proxy_checks(slc, devices[0]):
       record('proxy', row)
+  if FLAGS.search:
+    for row in aot.search(FLAGS.config, slc, devices, FLAGS.search, hbm_usable_gb=usable):
+      record('search', row)
+    print(markdown_table(results['search'], aot.SEARCH_KEYS))
+    return
   for step in FLAGS.steps:
     record(
         'steps',

@@ -9,9 +9,9 @@ Every hyperparameter is inferred from the key names and shapes; v1 checkpoints n
 --decode_layer if it is not the released value (2).
 """
 
-from absl import app, flags
+from absl import flags
 
-from mdt_jax import paths
+from mdt_jax import errors, paths
 from mdt_jax.hub.convert import convert_official
 
 flags.DEFINE_string('checkpoint', None, 'official state dict (.pt or .safetensors)', required=True)
@@ -34,4 +34,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

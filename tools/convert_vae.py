@@ -9,7 +9,7 @@ or shapes do not match its config is refused with the keys named, and nothing is
 
 from absl import app, flags
 
-from mdt_jax import paths
+from mdt_jax import errors, paths
 from mdt_jax.vae import convert
 
 flags.DEFINE_string('diffusers_dir', None, 'diffusers-format AutoencoderKL folder', required=True)
@@ -29,4 +29,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

@@ -11,7 +11,7 @@ original PyTorch key names. The logic is mdt_jax.hub.export (the card: model_car
 
 from absl import app, flags
 
-from mdt_jax import paths
+from mdt_jax import errors, paths
 from mdt_jax.hub import export, upload
 
 flags.DEFINE_string('workdir', None, 'training workdir (config.json + checkpoints/)', required=True)
@@ -58,4 +58,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

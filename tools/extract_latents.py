@@ -1,7 +1,7 @@
 """Encode ImageNet (TFDS or an image folder) with the SD VAE into ArrayRecord latent shards.
 
-    python tools/extract_latents.py --vae_dir VAE_DIR --source tfds --tfds_data_dir DIR --out OUT
-    python tools/extract_latents.py --vae_dir VAE_DIR --source folder --image_dir train/ --out OUT
+    python tools/extract_latents.py --vae VAE_DIR --source tfds --tfds_data_dir DIR --out OUT
+    python tools/extract_latents.py --vae VAE_DIR --source folder --image_dir train/ --out OUT
 
 Each image and its horizontal flip are encoded (ADM centre crop to --image_size). A restarted run
 skips finished shards; unreadable images are listed in OUT/skipped.txt; OUT/manifest.json holds
@@ -13,11 +13,11 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 
 import mdt_jax.vae
-from mdt_jax import paths
+from mdt_jax import errors, paths
 from mdt_jax.data import extract, image_sources
 
 flags.DEFINE_string(
-    'vae_dir', None, 'VAE folder written by tools/convert_vae.py (sd-vae-ft-mse)', required=True
+    'vae', None, 'VAE folder written by tools/convert_vae.py (sd-vae-ft-mse)', required=True
 )
 flags.DEFINE_string('out', None, 'output folder for the shards and manifest.json', required=True)
 flags.DEFINE_enum('source', 'tfds', ['tfds', 'folder'], 'where the images come from')
@@ -67,7 +67,7 @@ def main(argv):
   logging.info(
       '%d images in %d classes from %s', len(source), len(source.class_names), source.description
   )
-  vae = mdt_jax.vae.load(paths.resolve(FLAGS.vae_dir), dtype=jnp.dtype(FLAGS.dtype))
+  vae = mdt_jax.vae.load(paths.resolve(FLAGS.vae), dtype=jnp.dtype(FLAGS.dtype))
   precision = None if FLAGS.precision == 'default' else FLAGS.precision
   with jax.default_matmul_precision(precision):
     extract.extract(
@@ -82,4 +82,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  errors.run(main)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from mdt_jax.models.mdt import MDTConfig
+from mdt_jax.configs_base import model_of
 from mdt_jax.training import sharding
 from mdt_jax.training.state import abstract_train_state, make_optimizer
 from mdt_jax.training.step import jit_step_from_config
@@ -44,7 +44,7 @@ def mlir_ops(text: str) -> collections.Counter:
 
 def lower_step(config, mask_branch: bool | None = None):
   """The config's train step lowered on abstract inputs of its global batch."""
-  mc = MDTConfig.from_dict(config.model.to_dict())
+  mc = model_of(config.model.to_dict())
   mesh = sharding.make_mesh(config.mesh.to_dict())
   opt = make_optimizer(config.optimizer)
   structs, shardings, graphdef = abstract_train_state(mc, opt, mesh, config.sharding_rules)

@@ -20,7 +20,7 @@ import grain
 import jax
 import numpy as np
 
-from mdt_jax import paths
+from mdt_jax import errors, paths
 from mdt_jax.data.digits import load_digits_images, select_split
 from mdt_jax.data.records import decode_latent_record
 from mdt_jax.data.spec import SOURCES, DataSpec
@@ -91,9 +91,10 @@ def _open_shard(path: str) -> grain.sources.ArrayRecordDataSource:
   try:
     return grain.sources.ArrayRecordDataSource([path])
   except RuntimeError as e:
-    raise ValueError(
+    raise errors.BadFile(
         f'latent shard {path} cannot be read (truncated, overwritten or not an '
-        f'ArrayRecord file?): {str(e) or "no readable index at its end"}'
+        f'ArrayRecord file?): {str(e) or "no readable index at its end"}; expected an '
+        'ArrayRecord file of latent records as tools/extract_latents.py writes'
     ) from e
 
 

@@ -37,8 +37,6 @@ class DataSpec:
     """A spec of a config's data section; unset (None or '') paths are None."""
     names = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in section.items() if k in names}
-    if 'vae_decoder' in section:
-      values['vae'] = section['vae_decoder']
     for k in ('path', 'vae'):
       values[k] = values.get(k) or None
     return cls(**values)

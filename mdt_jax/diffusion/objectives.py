@@ -47,13 +47,11 @@ def make_process(diffusion: Mapping[str, Any]) -> Diffusion | FlowMatching:
 def folder_record(diffusion: Mapping[str, Any]) -> dict:
   """A model folder's / loaded checkpoint's ``diffusion`` section for a training config's.
 
-  DDPM: {num_timesteps, beta_schedule} as every folder has held; flow: the objective, the time
+  DDPM: {num_timesteps, schedule} (folders of version 1 wrote beta_schedule); flow: the objective, the time
   scale (num_timesteps) and the training-time settings.
   """
   if objective_of(diffusion) == 'ddpm':
-    return dict(
-        num_timesteps=int(diffusion['num_timesteps']), beta_schedule=str(diffusion['schedule'])
-    )
+    return dict(num_timesteps=int(diffusion['num_timesteps']), schedule=str(diffusion['schedule']))
   fm = flow_matching(diffusion)
   return dict(
       objective='flow',

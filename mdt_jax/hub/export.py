@@ -23,6 +23,7 @@ from mdt_jax.hub import model_card, official
 from mdt_jax.hub.folder import write_model_files
 from mdt_jax.hub.upload import check_repo_id
 from mdt_jax.hub.workdir import load_workdir
+from mdt_jax.configs_base import model_of
 from mdt_jax.models.mdt import COMPUTE_OPTIONS, MDTConfig
 from mdt_jax.sampling.config import make_sampler_config, recommended_sampling
 from mdt_jax.training.checkpoints import read_train_config
@@ -130,7 +131,7 @@ def export_workdir(
   train_cfg = read_train_config(workdir)  # raises for a folder that is not a workdir
   evaluation = model_card.read_evaluation(eval_json) if eval_json else None
   # Port options (dtype, remat, attention kernel, ...) are the loader's choice, not the folder's.
-  config = MDTConfig.from_dict({**train_cfg.model.to_dict(), **COMPUTE_OPTIONS})
+  config = model_of(train_cfg.model.to_dict(), **COMPUTE_OPTIONS)
   diffusion = folder_record(train_cfg.diffusion)
   sampling = checked_sampling(
       train_cfg.sampling.to_dict() if 'sampling' in train_cfg else {},

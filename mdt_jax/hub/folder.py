@@ -7,7 +7,7 @@ joined by dots, e.g. ``en_inblocks.0.attn.qkv.kernel``). ``config.json``::
      "model": {...MDTConfig...},
      "data": {"space": "latent" | "pixel", "image_size": 256, "image_channels": 3,
               "latent_scale": 0.18215, "vae": "<folder or hub id of the decoder VAE>" | null},
-     "diffusion": {"num_timesteps": 1000, "beta_schedule": "linear"},
+     "diffusion": {"num_timesteps": 1000, "schedule": "linear"},
      "sampling": {recommended settings: sampler, steps, cfg_scale, scale_pow, guidance_channels},
      "source": "<where the weights came from>"}
 
@@ -28,15 +28,16 @@ from typing import Any
 from flax import nnx
 from safetensors.numpy import save_file
 
-from mdt_jax import paths
+from mdt_jax import errors, paths
 from mdt_jax.atomic import atomic_folder, require_complete
+from mdt_jax.configs_base import model_of, upgrade
 from mdt_jax.diffusion import objective_of
 from mdt_jax.models.mdt import MDT, MDTConfig
 from mdt_jax.models.params import flat_params, model_from_flat
 from mdt_jax.vae.model import LATENT_SCALE
 
 FORMAT = 'mdt_jax.model'
-VERSION = 1
+VERSION = 2  # 2: diffusion.schedule (1 wrote beta_schedule; read through configs_base.upgrade)
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
 
@@ -84,7 +85,7 @@ def write_model_files(
       version=VERSION,
       model=config.to_dict(),
       data=dict(data or IMAGENET_LATENT_DATA),
-      diffusion=dict(diffusion or dict(num_timesteps=1000, beta_schedule='linear')),
+      diffusion=dict(diffusion or dict(num_timesteps=1000, schedule='linear')),
       sampling=dict(sampling or OFFICIAL_SAMPLING),
       source=source,
   )
@@ -106,16 +107,21 @@ def save_model_folder(
 
 
 def read_folder_config(path: str) -> dict[str, Any]:
-  """A model folder's config.json (format mdt_jax.model), checked for format and version."""
+  """A model folder's config.json (format mdt_jax.model), checked for format and version, under
+  today's key names (`configs_base.upgrade`)."""
   cfg_path = paths.path(path) / CONFIG_FILE
   if not cfg_path.is_file():
     raise FileNotFoundError(f'{path} is not a model folder: {CONFIG_FILE} is missing')
-  cfg = json.loads(cfg_path.read_text())
+  cfg = paths.read_json(
+      cfg_path,
+      f'the model folder config ({FORMAT}) that an export writes',
+      'copy or export the model folder again',
+  )
   if cfg.get('format') != FORMAT:
     raise ValueError(f'{cfg_path}: format is {cfg.get("format")!r}, expected {FORMAT!r}')
   if cfg.get('version', 0) > VERSION:
     raise ValueError(f'{cfg_path}: version {cfg["version"]} is newer than this code ({VERSION})')
-  return cfg
+  return upgrade(cfg)
 
 
 def check_objective(diffusion: dict, config: MDTConfig, cfg_path: str = '') -> str:
@@ -133,8 +139,12 @@ def check_objective(diffusion: dict, config: MDTConfig, cfg_path: str = '') -> s
 
 
 def is_model_folder(path: str) -> bool:
+  """A folder with a config.json that is not a training workdir's (no checkpoints/ beside it):
+  one whose weights file is missing is a model folder too, so that loading it says so."""
   p = paths.path(path)
-  return (p / CONFIG_FILE).is_file() and (p / WEIGHTS_FILE).is_file()
+  return (p / CONFIG_FILE).is_file() and (
+      (p / WEIGHTS_FILE).is_file() or not (p / 'checkpoints').is_dir()
+  )
 
 
 def load_model_folder(path: str, **model_overrides) -> Pretrained:
@@ -143,14 +153,21 @@ def load_model_folder(path: str, **model_overrides) -> Pretrained:
   cfg = read_folder_config(path)
   weights = os.fspath(paths.path(path) / WEIGHTS_FILE)
   if not paths.path(weights).is_file():
-    raise FileNotFoundError(f'{path} has no weights: {WEIGHTS_FILE} is missing')
+    raise errors.BadFile(
+        f'{path} has no weights: {WEIGHTS_FILE} is missing (a model folder holds '
+        f'{CONFIG_FILE} and {WEIGHTS_FILE}); copy or export the model folder again'
+    )
   require_complete(path, 'model folder')
-  config = MDTConfig.from_dict({**cfg['model'], **model_overrides})
+  config = model_of(cfg['model'], **model_overrides)
   check_objective(cfg.get('diffusion', {}), config, cfg_path=path)
   try:
     flat = paths.load_safetensors(weights)
-  except Exception as e:
-    raise ValueError(f'{weights} is not a readable safetensors file: {e}') from e
+  except Exception as e:  # noqa: BLE001 - safetensors raises several types for a damaged file
+    size = paths.path(weights).stat().length
+    raise errors.BadFile(
+        f'{weights} is not a readable safetensors file ({size} bytes: {e}): expected the '
+        'weights an export writes (cut short in a copy?); copy or export the model folder again'
+    ) from e
   model = model_from_flat(flat, config, where=weights)
   return Pretrained(
       model=model,

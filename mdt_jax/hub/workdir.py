@@ -14,6 +14,7 @@ from flax import nnx
 from mdt_jax import paths
 from mdt_jax.diffusion import folder_record
 from mdt_jax.hub.folder import Pretrained
+from mdt_jax.configs_base import model_of
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.models.params import abstract_model, model_from_flat, param_name
 from mdt_jax.training import checkpoints
@@ -31,7 +32,7 @@ def load_workdir(
   if weights not in ('ema_params', 'params'):
     raise ValueError(f"weights must be 'ema_params' or 'params', got {weights!r}")
   config = checkpoints.read_train_config(workdir)
-  model_cfg = MDTConfig.from_dict({**config.model.to_dict(), **model_overrides})
+  model_cfg = model_of(config.model.to_dict(), **model_overrides)
   manager = ocp.CheckpointManager(
       epath.Path(paths.resolve(workdir)) / checkpoints.CHECKPOINT_DIR,
       item_handlers={weights: ocp.StandardCheckpointHandler()},
@@ -106,5 +107,5 @@ def data_meta(config: ml_collections.ConfigDict) -> dict:
       image_size=d.image_size,
       image_channels=3,
       latent_scale=LATENT_SCALE,
-      vae=d.get('vae_decoder', None),
+      vae=d.get('vae'),
   )

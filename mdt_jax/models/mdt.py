@@ -93,9 +93,6 @@ class MDTConfig:
   projector_dim: int = 2048
 
   def __post_init__(self):
-    for name in ('attention_impl', 'masked_attention_impl', 'rel_pos_bias_impl', 'qk_norm'):
-      if getattr(self, name) == '':
-        object.__setattr__(self, name, None)
     if self.arch not in ARCHS:
       raise ValueError(f'model.arch must be one of {ARCHS}, got {self.arch!r}')
     if self.dtype not in DTYPES:
@@ -126,21 +123,23 @@ class MDTConfig:
       )
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(
-          f'model.attention_impl must be one of {ATTENTION_IMPLS} ("" = auto), got '
+          f'model.attention_impl must be one of {ATTENTION_IMPLS} (None = auto), got '
           f'{self.attention_impl!r}'
       )
     if self.masked_attention_impl not in ATTENTION_IMPLS + ('same',):
       raise ValueError(
           f'model.masked_attention_impl must be "same" or one of {ATTENTION_IMPLS} '
-          f'("" = auto), got {self.masked_attention_impl!r}'
+          f'(None = auto), got {self.masked_attention_impl!r}'
       )
     if self.rel_pos_bias_impl not in REL_POS_BIAS_IMPLS:
       raise ValueError(
-          f'model.rel_pos_bias_impl must be one of {REL_POS_BIAS_IMPLS} ("" = auto), '
+          f'model.rel_pos_bias_impl must be one of {REL_POS_BIAS_IMPLS} (None = auto), '
           f'got {self.rel_pos_bias_impl!r}'
       )
     if self.qk_norm not in attention.QK_NORMS:
-      raise ValueError(f'model.qk_norm must be one of {attention.QK_NORMS}, got {self.qk_norm!r}')
+      raise ValueError(
+          f'model.qk_norm must be one of {attention.QK_NORMS} (None = off), got {self.qk_norm!r}'
+      )
     self._check_cudnn_lengths()
 
   @property

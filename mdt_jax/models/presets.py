@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import ml_collections
-from ml_collections.config_dict import placeholder
+from ml_collections.config_dict import FieldReference
 
 from mdt_jax.models.mdt import MDTConfig
 
@@ -17,10 +17,11 @@ MASK_RATIO = 0.3
 
 
 def _field_value(value, annotation: str):
-  """`value`, or for None a placeholder of the field's type (its annotation's first word)."""
-  if value is not None:
+  """`value`; for a field that may be None a reference typed as the annotation's first word, so
+  that the command line can set it also where a config set it to None."""
+  if 'None' not in annotation:
     return value
-  return placeholder({'str': str, 'float': float, 'int': int}[annotation.split()[0]])
+  return FieldReference(value, field_type={'str': str, 'float': float}[annotation.split()[0]])
 
 
 def model_config(name: str = 'XL/2', **overrides) -> ml_collections.ConfigDict:
@@ -40,8 +41,7 @@ def model_config(name: str = 'XL/2', **overrides) -> ml_collections.ConfigDict:
   preset = MDTConfig(
       patch_size=patch, hidden_size=hidden, depth=depth, num_heads=heads, mask_ratio=MASK_RATIO
   )
-  # A ConfigDict types a field by its value: an unset (None) field is a typed placeholder, so that
-  # the command line can still set it.
+  # A ConfigDict types a field by its value: a field that may be None is a typed reference.
   cfg = ml_collections.ConfigDict(
       {f.name: _field_value(getattr(preset, f.name), f.type) for f in dataclasses.fields(preset)}
   )

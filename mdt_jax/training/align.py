@@ -195,23 +195,23 @@ def repa_targets(teacher: dinov2.Dinov2, images: Array, grid: int, resolution: i
   return jax.lax.stop_gradient(tokens)
 
 
-def sra_time(dif, t: Array, key: Array, offset: float) -> Array:
+def sra_time(process, t: Array, key: Array, offset: float) -> Array:
   """The teacher's time: t - offset * u of the time range (u ~ U[0, 1)), at least 0."""
   u = jax.random.uniform(key, t.shape)
-  if isinstance(dif, FlowMatching):
+  if isinstance(process, FlowMatching):
     return jnp.clip(t - offset * u, 0.0, 1.0)
-  lower = jnp.floor(offset * dif.num_timesteps * u).astype(t.dtype)
+  lower = jnp.floor(offset * process.num_timesteps * u).astype(t.dtype)
   return jnp.maximum(t - lower, 0)
 
 
-def sra_targets(teacher_model, dif, x0, noise, t_teacher, y, model_key, block: int) -> Array:
+def sra_targets(teacher_model, process, x0, noise, t_teacher, y, model_key, block: int) -> Array:
   """The teacher model's block `block` tokens [B, L, D] (its plain pass) at the teacher's time,
   with the student's noise and label dropout (the same model key)."""
-  if isinstance(dif, FlowMatching):
+  if isinstance(process, FlowMatching):
     x_t = flow.interpolate(x0, noise, t_teacher)
-    t_model = flow.model_time(dif, t_teacher)
+    t_model = flow.model_time(process, t_teacher)
   else:
-    x_t, t_model = q_sample(dif, x0, t_teacher, noise), t_teacher
+    x_t, t_model = q_sample(process, x0, t_teacher, noise), t_teacher
   _, features = teacher_model(x_t, t_model, y, rng=model_key, train=True, features_at=block)
   return jax.lax.stop_gradient(features.tokens)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 from typing import Any
 
 import grain
@@ -25,7 +26,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from mdt_jax import paths
+from mdt_jax import atomic, errors, faults, paths
+from mdt_jax.configs_base import model_of, upgrade
 from mdt_jax.compat.orbax import ArrayMetadataStore
 from mdt_jax.diffusion import objective_of
 from mdt_jax.models.mdt import COMPUTE, COMPUTE_OPTIONS, TRAINING, MDTConfig, field_names
@@ -62,6 +64,14 @@ class _DataHandler(grain.checkpoint.CheckpointHandler):
   count. Process p of P reads every P-th per-process batch of one global stream, so after s steps
   every process's position is the same (s batches read) and the global batch of step s is the
   same for any P: a position written by any process is then right for every process now."""
+
+  def save(self, directory: epath.Path, item=None, args=None):
+    where = os.fspath(directory)
+    try:
+      faults.check('data_position', where)
+      super().save(directory, item, args)
+    except OSError as e:
+      raise errors.WriteFailed(where, e) from e
 
   def restore(self, directory: epath.Path, item=None, args=None):
     item = item or args.item
@@ -113,13 +123,40 @@ def _read_position(path: epath.Path) -> dict:
 MIN_REPLICA_SLICE_BYTES = 1 << 20
 
 
+class _FaultPoint:
+  """A commit future of an array item's save that passes the fault hook when orbax's background
+  commit waits on it: after the item's arrays are written, before the step folder is renamed
+  into place (mdt_jax.faults, site 'checkpoint')."""
+
+  def __init__(self, where: str):
+    self.where, self.passed = where, False
+
+  def result(self, timeout=None) -> None:
+    del timeout
+    if self.passed:  # orbax may wait on a commit more than once: one write, one check
+      return
+    self.passed = True
+    try:
+      faults.check('checkpoint', self.where)
+    except OSError as e:
+      raise errors.WriteFailed(self.where, e) from e
+
+
+class _ArrayHandler(ocp.type_handlers.ArrayHandler):
+  """orbax's jax.Array handler, its commits passing the fault hook (``_FaultPoint``)."""
+
+  async def serialize(self, values, infos, args=None):
+    commits = list(await super().serialize(values, infos, args))
+    return [*commits, _FaultPoint(os.fspath(infos[0].parent_dir))] if infos else commits
+
+
 @contextlib.contextmanager
 def _array_writes():
   """orbax's jax.Array handler with MIN_REPLICA_SLICE_BYTES, for the saves in this block
   (orbax's own handler again after it). Without it a save of the tests' micro model on 8
   devices cut every array: thousands of ops."""
   own = ocp.type_handlers.get_type_handler(jax.Array)
-  handler = ocp.type_handlers.ArrayHandler(
+  handler = _ArrayHandler(
       min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES,
       array_metadata_store=ArrayMetadataStore(),
   )
@@ -174,6 +211,7 @@ class Checkpointer:
     target = _abstract(abstract_state, shardings)
     args = {k: ocp.args.StandardRestore(v) for k, v in self._items(target).items()}
     args['data'] = _DataRestore(data_iter)
+    self._require_items(step)
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(**args))
     except Exception as e:  # noqa: BLE001 - orbax, TensorStore and json raise many types
@@ -187,6 +225,23 @@ class Checkpointer:
         ema_params=out['ema_params'],
         opt_state=out['opt_state'],
     )
+
+  def _require_items(self, step: int) -> None:
+    """Refuse a checkpoint folder that lacks an item, naming it, before orbax reads any."""
+    folder = self.directory / str(step)
+    missing = [k for k in (*ITEMS, 'data') if not (folder / k).is_dir()]
+    if missing:
+      self.close()
+      raise damaged_error(
+          f'checkpoint at step {step} in {self.directory}',
+          self.directory,
+          step,
+          self.manager.all_steps(),
+          FileNotFoundError(
+              f'{folder} has no {", ".join(missing)} (a checkpoint holds '
+              f'{", ".join((*ITEMS, "data"))})'
+          ),
+      )
 
   def _restore_error(self, step: int, target: TrainState, error: Exception) -> ValueError:
     """Another train state (config changed) or a damaged checkpoint, told apart by comparing the
@@ -269,7 +324,7 @@ def _brief(error: Exception) -> str:
 
 def damaged_error(
     where: str, directory, step: int, steps, error: Exception, *, loading: bool = False
-) -> ValueError:
+) -> errors.BadFile:
   """The error for a checkpoint that cannot be read: what failed and how to go on."""
   earlier = [s for s in steps if s < step]
   if not earlier:
@@ -281,7 +336,7 @@ def damaged_error(
         f'to resume from the checkpoint before it (step {max(earlier)}), move '
         f'{epath.Path(directory) / str(step)} out of {directory}'
     )
-  return ValueError(
+  return errors.BadFile(
       f'{where} cannot be read: a file in it is damaged or missing (truncated, '
       f'overwritten, deleted?): {_brief(error)}. Nothing was changed; {hint}'
   )
@@ -293,9 +348,18 @@ def check_workdir(workdir: str, run: RunConfig) -> None:
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     return
-  saved = json.loads(path.read_text())
+  steps = saved_steps(workdir)
+  saved = upgrade(
+      paths.read_json(
+          path,
+          'the training config a run writes',
+          f'move it out of {workdir}: the run then '
+          + (f'resumes from its latest checkpoint (step {steps[-1]})' if steps else 'starts afresh')
+          + ' and writes it again',
+      )
+  )
   # with the projector the saved run's alignment trained (as run.model has this run's)
-  old_model = align.config_of(saved.get('align')).model_config(MDTConfig.from_dict(saved['model']))
+  old_model = align.config_of(saved.get('align')).model_config(model_of(saved['model']))
   new_model = run.model
   old, new = old_model.to_dict(), new_model.to_dict()
   fields = [k for k in new if k not in COMPUTE_OPTIONS and old[k] != new[k]]
@@ -322,12 +386,42 @@ def write_config(workdir: str, run: RunConfig) -> None:
   path = epath.Path(workdir) / CONFIG_FILE
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(run.config_json)
+    atomic.write_text(os.fspath(path), run.config_json)
 
 
 def read_train_config(workdir: str) -> ml_collections.ConfigDict:
-  """A training workdir's config.json: the run's whole training config."""
+  """A training workdir's config.json: the run's whole training config (today's key names)."""
   path = epath.Path(workdir) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(f'{workdir} has no {CONFIG_FILE}: not a training workdir')
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return ml_collections.ConfigDict(
+      upgrade(
+          paths.read_json(
+              path,
+              'the training config a run writes',
+              'the next training start on this workdir writes it again',
+          )
+      )
+  )
+
+
+def last_good(workdir: str) -> str:
+  """Which checkpoint of a workdir is the last good one, and that the next start resumes from
+  it (a sentence for an error that stopped the run)."""
+  steps = saved_steps(workdir)
+  if not steps:
+    return 'no checkpoint was written yet: the next start begins at step 0'
+  return (
+      f'the last good checkpoint is step {steps[-1]} '
+      f'({epath.Path(paths.resolve(workdir)) / CHECKPOINT_DIR / str(steps[-1])}): the next '
+      'start resumes from it'
+  )
+
+
+def saved_steps(workdir: str) -> list[int]:
+  """The steps of the complete checkpoints of a workdir (orbax renames a save into place as
+  ``checkpoints/<step>`` when it is complete), oldest first."""
+  folder = epath.Path(paths.resolve(workdir)) / CHECKPOINT_DIR
+  if not folder.is_dir():
+    return []
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and p.is_dir())

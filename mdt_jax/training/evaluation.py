@@ -172,7 +172,7 @@ class Evaluator:
     )
     self._record(step, result)
     if step == self.total and jax.process_index() == 0:
-      self.final_path.write_text(json.dumps({'step': step, **result}, indent=2))
+      atomic.write_text(str(self.final_path), json.dumps({'step': step, **result}, indent=2))
     logging.info('evaluation at step %d: %s', step, result)
     return result
 

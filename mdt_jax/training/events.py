@@ -38,6 +38,8 @@ from tensorboard.plugins.text import summary_v2 as text_summary
 from tensorboard.summary.writer.record_writer import RecordWriter
 from tensorboard.util import tensor_util
 
+from mdt_jax import errors, faults
+
 _FILE_VERSION = 'brain.Event:2'
 _serial = itertools.count()
 
@@ -124,7 +126,11 @@ class EventWriter:
 
   def _write(self, event: event_pb2.Event) -> None:
     if self._records is not None:
-      self._records.write(event.SerializeToString())
+      try:
+        faults.check('events', self.path)
+        self._records.write(event.SerializeToString())
+      except OSError as e:
+        raise errors.WriteFailed(self.path, e) from e
 
   def _summary(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
     summary = summary_pb2.Summary(value=values)
@@ -191,7 +197,10 @@ class EventWriter:
 
   def flush(self) -> None:
     if self._records is not None:
-      self._records.flush()
+      try:
+        self._records.flush()
+      except OSError as e:
+        raise errors.WriteFailed(self.path, e) from e
 
   def close(self) -> None:
     if self._records is not None and not self._records.closed:

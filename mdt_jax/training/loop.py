@@ -16,8 +16,9 @@ from absl import logging
 from mdt_jax.data import pipeline
 from mdt_jax.data.device_prefetch import DevicePrefetch
 from mdt_jax.images import grid_image
-from mdt_jax.training import checkpoints, evaluation, logdir, samples, sharding
+from mdt_jax.training import checkpoints, cost, evaluation, logdir, samples, sharding, strategies
 from mdt_jax.training import run_summary, train_metrics
+from mdt_jax.training.lock import WorkdirLock
 from mdt_jax.training.run import RunConfig, as_run
 from mdt_jax.training.state import TrainState, create_train_state, make_optimizer
 from mdt_jax.training.step import jit_step_from_config
@@ -96,9 +97,15 @@ def train_and_evaluate(
   the devices of the run's mesh (default: all); a checkpoint resumes on any mesh. ``config``: the
   run (`mdt_jax.training.run.validate`), or a config to validate.
   """
-  run = as_run(config)
+  with WorkdirLock(workdir) as workdir_lock:  # one writer per workdir (mdt_jax/training/lock.py)
+    return _train(config, workdir, workdir_lock, callbacks, devices)
+
+
+def _train(config, workdir, workdir_lock, callbacks, devices) -> dict:
+  run = as_run(config, check_data=True)
   loop = run.loop
-  mesh = sharding.make_mesh(dict(run.mesh.shape), devices)
+  strategy = cost.resolve(dict(run.mesh.shape), run.model, loop.global_batch_size, devices)
+  mesh = strategies.make_mesh(strategy, devices)
   dp = sharding.data_parallel_size(mesh)
   if loop.global_batch_size % dp:
     raise ValueError(
@@ -118,8 +125,9 @@ def train_and_evaluate(
   data_iter = DevicePrefetch(reader, place, run.data.device_prefetch)
   optimizer = make_optimizer(run.optimizer)
   state, shardings, graphdef = create_train_state(
-      run.model, optimizer, loop.seed, mesh, run.mesh.rules
+      run.model, optimizer, loop.seed, mesh, run.mesh.rules, strategy.state_axes
   )
+  workdir_lock.acquire()  # before the first write
   ckpt = checkpoints.Checkpointer(
       workdir, keep=loop.keep_checkpoints, async_save=loop.async_checkpointing
   )
@@ -128,7 +136,10 @@ def train_and_evaluate(
     logging.info('resuming from step %d', last_saved)
     state = ckpt.restore(state, shardings, data_iter, last_saved)
   checkpoints.write_config(workdir, run)
-  step_fn = jit_step_from_config(run, shardings, batch_sh, graphdef=graphdef, optimizer=optimizer)
+  layout = strategies.step_layout(strategy, run.model, mesh, run.mesh.rules, shardings.params)
+  step_fn = jit_step_from_config(
+      run, shardings, batch_sh, graphdef=graphdef, optimizer=optimizer, layout=layout
+  )
 
   writer, log_dir = logdir.create_writer(
       workdir, just_logging=jax.process_index() > 0, kind=loop.metric_writer

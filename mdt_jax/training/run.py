@@ -16,8 +16,8 @@ from typing import Any, Mapping
 
 import ml_collections
 
-from mdt_jax import diffusion as diff
-from mdt_jax.configs_base import base_config
+from mdt_jax.diffusion import Diffusion, FlowMatching, make_process, objective_of
+from mdt_jax.configs_base import base_config, model_of
 from mdt_jax.data.pipeline import element_spec, manifest_classes
 from mdt_jax.data.spec import DataSpec
 from mdt_jax.models.mdt import MDTConfig
@@ -117,7 +117,7 @@ class RunConfig:
 
   model: MDTConfig
   diffusion: DiffusionSettings
-  process: diff.Diffusion | diff.FlowMatching
+  process: Diffusion | FlowMatching
   # the sampler of grids and evaluations; None when the run samples nothing
   sampler: SamplerConfig | None
   sampling: Mapping[str, Any]  # the recommended sampler settings (config.sampling) as given
@@ -155,27 +155,34 @@ def _unknown_keys(cfg, ref, prefix='') -> list[str]:
 
 
 def training_sampler(
-    sampling: Mapping[str, Any], model: MDTConfig, diffusion: DiffusionSettings
+    sampling: Mapping[str, Any],
+    model: MDTConfig,
+    diffusion: DiffusionSettings | Mapping[str, Any],
 ) -> SamplerConfig:
-  """The `SamplerConfig` of a training config's `sampling` section, for its model and objective
-  (the one route from a training config to a sampler)."""
+  """The `SamplerConfig` of a training config's `sampling` section, for its model and its
+  `diffusion` section's objective (the one route from a training config to a sampler)."""
+  if isinstance(diffusion, DiffusionSettings):
+    diffusion = diffusion.as_dict()
   return make_sampler_config(
       dict(sampling),
       model.in_channels,
-      diffusion.num_timesteps,
-      objective=diff.objective_of(diffusion.as_dict()),
+      int(diffusion['num_timesteps']),
+      objective=objective_of(diffusion),
   )
 
 
-def validate(config: ml_collections.ConfigDict) -> RunConfig:
-  """Refuse unknown keys and impossible values before any work starts; return the run."""
+def validate(config: ml_collections.ConfigDict, *, check_data: bool = True) -> RunConfig:
+  """Refuse unknown keys and impossible values before any work starts; return the run.
+
+  ``check_data=False`` leaves out whether the data fits the model (its shape, its classes): for
+  tools that build a step or a sampler of a config on synthetic inputs."""
   unknown = _unknown_keys(config, base_config())
   if unknown:
     raise ValueError(
         f'unknown config keys {unknown}; see mdt_jax/configs_base.py for the '
         'fields a config may set'
     )
-  model = MDTConfig.from_dict(config.model.to_dict())
+  model = model_of(config.model.to_dict())
   for k in ('total_steps', 'global_batch_size', 'checkpoint_every_steps', 'log_every_steps'):
     if int(config[k]) <= 0:
       raise ValueError(f'{k} must be positive, got {config[k]}')
@@ -206,7 +213,8 @@ def validate(config: ml_collections.ConfigDict) -> RunConfig:
   if not 0.0 <= config.ema_decay < 1.0:
     raise ValueError(f'ema_decay must be in [0, 1), got {config.ema_decay}')
   model = _check_align(align, model, data, config.mask_branch)
-  _check_data(data, model)
+  if check_data:
+    _check_data(data, model)
   return RunConfig(
       model=model,
       diffusion=diffusion,
@@ -231,16 +239,15 @@ def validate(config: ml_collections.ConfigDict) -> RunConfig:
   )
 
 
-def as_run(config: RunConfig | ml_collections.ConfigDict) -> RunConfig:
-  """The run of a config (validated) or the run itself."""
-  return config if isinstance(config, RunConfig) else validate(config)
+def as_run(config: RunConfig | ml_collections.ConfigDict, check_data: bool = False) -> RunConfig:
+  """The run itself, or the run of a config (`validate`; by default without the data check: for
+  the tools that build a step or a sampler on synthetic inputs)."""
+  return config if isinstance(config, RunConfig) else validate(config, check_data=check_data)
 
 
-def _check_objective(
-    diffusion: DiffusionSettings, model: MDTConfig
-) -> diff.Diffusion | diff.FlowMatching:
+def _check_objective(diffusion: DiffusionSettings, model: MDTConfig) -> Diffusion | FlowMatching:
   """The diffusion section fits the model; returns its process."""
-  if diff.objective_of(diffusion.as_dict()) == 'flow':
+  if objective_of(diffusion.as_dict()) == 'flow':
     if model.learn_sigma:
       raise ValueError(
           "diffusion.objective='flow' trains a velocity of the input's channels: "
@@ -253,7 +260,7 @@ def _check_objective(
           'velocity MSE and shapes its time density with diffusion.t_sampling: set '
           'diffusion.min_snr_gamma=None'
       )
-  return diff.make_process(diffusion.as_dict())  # raises for bad flow settings
+  return make_process(diffusion.as_dict())  # raises for bad flow settings
 
 
 def check_evaluation(evaluation: EvalSettings, data: DataSpec) -> None:

@@ -29,12 +29,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 DATA_AXES = ('data', 'fsdp')
+# config.mesh's keys that are not axis sizes (mdt_jax/training/strategies.py)
+MESH_SETTINGS = ('strategy', 'collective_dtype')
 
 
 def make_mesh(shape: dict | Sequence[int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Mesh over ('data', 'fsdp', 'tensor'); one size may be -1 (= all remaining devices)."""
   devices = list(jax.devices() if devices is None else devices)
-  if isinstance(shape, dict):
+  if isinstance(shape, dict):  # a config's mesh section: its strategy settings are not axes
+    shape = {k: v for k, v in shape.items() if k not in MESH_SETTINGS}
     unknown = sorted(set(shape) - set(MESH_AXES))
     if unknown:
       raise ValueError(f'unknown mesh axes {unknown}; expected a subset of {MESH_AXES}')

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +12,7 @@ from jax.sharding import Mesh
 
 from mdt_jax.models.mdt import MDT, MDTConfig
 from mdt_jax.models.params import InitKeys, abstract_model
-from mdt_jax.training import sharding
+from mdt_jax.training import sharding, strategies
 from mdt_jax.training.adan import adan
 from mdt_jax.training.run import OptimizerSettings
 
@@ -49,10 +49,17 @@ def make_optimizer(cfg: OptimizerSettings) -> optax.GradientTransformation:
 
 
 def state_shardings(
-    abstract: TrainState, model: MDT, optimizer: optax.GradientTransformation, mesh: Mesh, rules
+    abstract: TrainState,
+    model: MDT,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    rules,
+    state_axes: Sequence[str] = (),
 ) -> TrainState:
-  """Shardings of every leaf: params/EMA by the rules; optimizer moments like their params."""
+  """Shardings of every leaf: params/EMA by the rules (split further over `state_axes`, a
+  strategy's: mdt_jax/training/strategies.py); optimizer moments like their params."""
   p_sh = sharding.param_shardings(nnx.state(model), mesh, rules)
+  p_sh = strategies.state_layout(p_sh, abstract.params, state_axes)
   rep = sharding.replicated(mesh)
   opt_sh = optax.tree_map_params(
       optimizer, lambda _, sh: sh, abstract.opt_state, p_sh, transform_non_params=lambda _: rep
@@ -77,13 +84,17 @@ def _initializer(model_cfg: MDTConfig, optimizer: optax.GradientTransformation, 
 
 
 def abstract_train_state(
-    model_cfg: MDTConfig, optimizer: optax.GradientTransformation, mesh: Mesh, rules
+    model_cfg: MDTConfig,
+    optimizer: optax.GradientTransformation,
+    mesh: Mesh,
+    rules,
+    state_axes: Sequence[str] = (),
 ) -> tuple[TrainState, TrainState, nnx.GraphDef]:
   """(shape/dtype/sharding structs of the state, its shardings, graphdef); nothing allocated."""
   model = abstract_model(model_cfg)
   graphdef, _ = nnx.split(model)
   abstract = jax.eval_shape(_initializer(model_cfg, optimizer, 0))
-  shardings = state_shardings(abstract, model, optimizer, mesh, rules)
+  shardings = state_shardings(abstract, model, optimizer, mesh, rules, state_axes)
   structs = jax.tree.map(
       lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings
   )
@@ -91,12 +102,17 @@ def abstract_train_state(
 
 
 def create_train_state(
-    model_cfg: MDTConfig, optimizer: optax.GradientTransformation, seed: int, mesh: Mesh, rules
+    model_cfg: MDTConfig,
+    optimizer: optax.GradientTransformation,
+    seed: int,
+    mesh: Mesh,
+    rules,
+    state_axes: Sequence[str] = (),
 ) -> tuple[TrainState, TrainState, nnx.GraphDef]:
   """Initialise directly into the sharded layout (no host copy of the full model).
 
   Returns (state, shardings, graphdef).
   """
-  _, shardings, graphdef = abstract_train_state(model_cfg, optimizer, mesh, rules)
+  _, shardings, graphdef = abstract_train_state(model_cfg, optimizer, mesh, rules, state_axes)
   state = jax.jit(_initializer(model_cfg, optimizer, seed), out_shardings=shardings)()
   return state, shardings, graphdef

@@ -1,7 +1,7 @@
 """The MDT train step: a plain and a masked branch, one backward pass, Adan, EMA.
 
-Both objectives share the step: the DDPM one (``dif`` a ``Diffusion``: integer timesteps, eps
-MSE with min-SNR weight plus the VLB term) and the flow one (``dif`` a ``FlowMatching``:
+Both objectives share the step: the DDPM one (``process`` a ``Diffusion``: integer timesteps, eps
+MSE with min-SNR weight plus the VLB term) and the flow one (``process`` a ``FlowMatching``:
 continuous times, velocity MSE). Either way the two branches share the time draw and each draws
 its own noise, label dropout and mask.
 """
@@ -16,8 +16,7 @@ import ml_collections
 import optax
 from flax import nnx
 
-from mdt_jax import diffusion as diff
-from mdt_jax.diffusion import flow
+from mdt_jax.diffusion import Diffusion, FlowMatching, flow, q_sample, training_losses
 from mdt_jax.models import attention, platform
 from mdt_jax.training import align as alignment
 from mdt_jax.training.run import RunConfig, as_run
@@ -41,7 +40,7 @@ def _with_align(terms, model, aligner, features, x0, noise, t, y, model_key) -> 
 
 def branch_loss(
     model,
-    dif: diff.Diffusion,
+    process: Diffusion,
     x0,
     y,
     t,
@@ -55,15 +54,15 @@ def branch_loss(
   with an aligner, also its alignment terms (align_loss, align_cos)."""
   noise_key, model_key = jax.random.split(key)
   noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
-  x_t = diff.q_sample(dif, x0, t, noise)
+  x_t = q_sample(process, x0, t, noise)
   out, features = _forward(model, x_t, t, y, model_key, masked, aligner)
-  terms = diff.training_losses(dif, out, x0, x_t, t, noise, min_snr_gamma)
+  terms = training_losses(process, out, x0, x_t, t, noise, min_snr_gamma)
   return _with_align(terms, model, aligner, features, x0, noise, t, y, model_key)
 
 
 def flow_branch_loss(
     model,
-    fm: diff.FlowMatching,
+    process: FlowMatching,
     x0,
     y,
     t,
@@ -79,22 +78,22 @@ def flow_branch_loss(
   noise_key, model_key = jax.random.split(key)
   noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
   x_t = flow.interpolate(x0, noise, t)
-  out, features = _forward(model, x_t, flow.model_time(fm, t), y, model_key, masked, aligner)
+  out, features = _forward(model, x_t, flow.model_time(process, t), y, model_key, masked, aligner)
   terms = flow.training_losses(out, x0, noise)
   return _with_align(terms, model, aligner, features, x0, noise, t, y, model_key)
 
 
-def draw_times(dif: diff.Diffusion | diff.FlowMatching, key, n: int):
+def draw_times(process: Diffusion | FlowMatching, key, n: int):
   """The batch's times [n], shared by both branches: DDPM timesteps or flow times."""
-  if isinstance(dif, diff.FlowMatching):
-    return flow.sample_time(dif, key, n)
-  return jax.random.randint(key, (n,), 0, dif.num_timesteps)
+  if isinstance(process, FlowMatching):
+    return flow.sample_time(process, key, n)
+  return jax.random.randint(key, (n,), 0, process.num_timesteps)
 
 
 def loss_fn(
     params,
     graphdef,
-    dif,
+    process,
     batch,
     key,
     *,
@@ -109,12 +108,12 @@ def loss_fn(
   model = nnx.merge(graphdef, params)
   x0, y = batch['x'], batch['y']
   t_key, plain_key, mask_key = jax.random.split(key, 3)
-  t = draw_times(dif, t_key, x0.shape[0])
-  branch = flow_branch_loss if isinstance(dif, diff.FlowMatching) else branch_loss
-  aligners = {} if align is None else align.aligners(graphdef, teacher_params, dif, x0)
+  t = draw_times(process, t_key, x0.shape[0])
+  branch = flow_branch_loss if isinstance(process, FlowMatching) else branch_loss
+  aligners = {} if align is None else align.aligners(graphdef, teacher_params, process, x0)
   plain = branch(
       model,
-      dif,
+      process,
       x0,
       y,
       t,
@@ -129,7 +128,7 @@ def loss_fn(
   if mask_branch:
     masked = branch(
         model,
-        dif,
+        process,
         x0,
         y,
         t,
@@ -156,21 +155,27 @@ def train_step(
     batch: dict,
     *,
     graphdef,
-    dif: diff.Diffusion | diff.FlowMatching,
+    process: Diffusion | FlowMatching,
     optimizer: optax.GradientTransformation,
     ema_decay: float,
     mask_branch: bool,
     min_snr_gamma: float | None,
     learning_rate: float,
+    layout=None,
     align: alignment.Alignment | None = None,
 ):
+  """`layout` (a strategy's `StepLayout`, mdt_jax/training/strategies.py): where the weights are
+  gathered and the gradients reduced; None: as the stored parameters are laid out."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   settings = dict(mask_branch=mask_branch, min_snr_gamma=min_snr_gamma)
   if align is not None:  # SRA's teacher: the EMA weights or the current ones, as configured
     teacher = state.ema_params if align.config.ema_source == 'ema' else state.params
     settings.update(align=align, teacher_params=teacher, step=state.step)
   grad_fn = jax.grad(functools.partial(loss_fn, **settings), has_aux=True)
-  grads, metrics = grad_fn(state.params, graphdef, dif, batch, key)
+  weights = layout.forward_weights(state.params) if layout else state.params
+  grads, metrics = grad_fn(weights, graphdef, process, batch, key)
+  if layout:
+    grads = layout.reduced_grads(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = jax.tree.map(lambda e, p: e * ema_decay + p * (1.0 - ema_decay), state.ema_params, params)
@@ -206,7 +211,7 @@ def loss_settings(
   the run's align says)."""
   run = as_run(run)
   settings = dict(
-      dif=run.process,
+      process=run.process,
       mask_branch=run.loop.mask_branch if mask_branch is None else mask_branch,
       min_snr_gamma=run.diffusion.min_snr_gamma,
   )
@@ -223,15 +228,17 @@ def jit_step_from_config(
     graphdef,
     optimizer: optax.GradientTransformation,
     mask_branch: bool | None = None,
+    layout=None,
 ):
   """`jit_train_step` with the loss, EMA and learning-rate settings of a run (training and
-  benchmarks build the same step)."""
+  benchmarks build the same step); `layout`: the strategy's (`train_step`)."""
   run = as_run(run)
   return jit_train_step(
       shardings,
       batch_sharding,
       graphdef=graphdef,
       optimizer=optimizer,
+      layout=layout,
       ema_decay=run.loop.ema_decay,
       learning_rate=run.optimizer.learning_rate,
       **loss_settings(run, mask_branch),

@@ -18,6 +18,7 @@ BENCHMARKS.md, "TPU, compiled without hardware".
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 
@@ -27,6 +28,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from mdt_jax.configs_base import model_of
 from mdt_jax.models import platform
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.models.params import abstract_model
@@ -37,8 +39,8 @@ from benchmarks.flops import forward_flops, train_step_flops
 from benchmarks.tpu import Slice
 from mdt_jax.sampling.guidance import guided_model
 from mdt_jax.sampling.sampler import data_mesh, functional_model
-from mdt_jax.sampling.config import make_sampler_config
-from mdt_jax.training import sharding
+from mdt_jax.training import cost, strategies
+from mdt_jax.training.run import training_sampler
 
 STEPS = {
     'train': 'train: plain+masked (MDT)',
@@ -137,10 +139,8 @@ def lower_sample_step(config: ml_collections.ConfigDict, devices, batch: int):
   """One guided model call of the sampler ([x; x] with labels [y; null], guided eps) as the
   sampler runs it: weights replicated, the batch split over a 1-D 'data' mesh (no
   communication), the guidance settings of `config.sampling`."""
-  mc = MDTConfig.from_dict(config.model.to_dict())
-  scfg = make_sampler_config(
-      config.sampling.to_dict(), mc.in_channels, config.diffusion.num_timesteps
-  )
+  mc = model_of(config.model.to_dict())
+  scfg = training_sampler(config.sampling.to_dict(), mc, config.diffusion.to_dict())
   mesh = data_mesh(devices)
   apply, params = functional_model(abstract_model(mc))
 
@@ -184,9 +184,11 @@ def _model_flops(mc: MDTConfig, step: str, batch: int) -> tuple[float, float]:
   )
 
 
-def _mesh_text(config: ml_collections.ConfigDict, devices) -> str:
-  mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
-  return ','.join(f'{k}={v}' for k, v in mesh.shape.items())
+def _mesh_text(config: ml_collections.ConfigDict, devices, batch: int | None = None) -> str:
+  """The strategy and mesh the train step runs with: 'zero data=64 fsdp=1 tensor=1 float32'."""
+  mc = model_of(config.model.to_dict())
+  batch = config.global_batch_size if batch is None else batch
+  return cost.resolve(config.mesh.to_dict(), mc, batch, devices).describe()
 
 
 def compile_step(
@@ -203,7 +205,7 @@ def compile_step(
   """Compile one step ('train', 'dit' or 'sample') for the slice; its report row."""
   if step not in STEPS:
     raise ValueError(f'unknown step {step!r}; expected some of {list(STEPS)}')
-  mc = MDTConfig.from_dict(config.model.to_dict())
+  mc = model_of(config.model.to_dict())
   batch = config.global_batch_size
   if step == 'sample' and sample_batch:
     batch = sample_batch
@@ -220,7 +222,7 @@ def compile_step(
     lowered = lower_train_step(
         config, mask_branch=step == 'train', global_batch=batch, devices=devices
     )
-    mesh = _mesh_text(config, devices)
+    mesh = _mesh_text(config, devices, batch)
   compiled, refused = compile_or_refusal(lowered)
   compile_s = time.perf_counter() - t0
   model, executed = _model_flops(mc, step, batch)
@@ -407,3 +409,55 @@ PROXY_KEYS = [
     'hbm_ms',
     'bottleneck',
 ]
+
+
+# ------------------------------------------------------------ the cost model's candidates
+
+
+SEARCH_KEYS = [
+    'strategy',
+    'mesh',
+    'collective_dtype',
+    'global_batch',
+    'est_mfu_bound',
+    'est_memory_gb',
+    'compute_ms',
+    'hbm_ms',
+    'ici_ms',
+    'bottleneck',
+    'mfu_bound',
+    'collective_wire_gb',
+    'memory_peak_estimate_gb',
+    'fits',
+    'compile_s',
+]
+
+
+def search(
+    config: ml_collections.ConfigDict,
+    slc: Slice,
+    devices,
+    top: int,
+    *,
+    hbm_usable_gb: float | None = None,
+) -> list[dict]:
+  """Compile the train step (both branches) with each of the cost model's first `top`
+  strategies and meshes for the slice (`mdt_jax.training.cost.rank`): the estimate beside the
+  compiled figures, so the choice of `mesh.strategy='auto'` can be checked before a run."""
+  mc = model_of(config.model.to_dict())
+  chip = cost.chip_of(devices[0])
+  if chip is None:
+    raise ValueError(f'no cost-model figures for {devices[0].device_kind!r}')
+  _, dtype, _ = strategies.mesh_settings(config.mesh.to_dict())
+  ranked = cost.rank(
+      cost.model_sizes(mc), chip, len(devices), config.global_batch_size, None, dtype
+  )
+  rows = []
+  for est in ranked[:top]:
+    s = est.strategy
+    cfg = copy.deepcopy(config)
+    cfg.mesh.update(strategy=s.name, data=s.data, fsdp=s.fsdp, tensor=s.tensor)
+    row = compile_step(cfg, slc, devices, 'train', hbm_usable_gb=hbm_usable_gb)
+    row.update(est.row())
+    rows.append(row)
+  return rows

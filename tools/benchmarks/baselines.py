@@ -11,8 +11,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from mdt_jax.configs_base import model_of
 from mdt_jax.hub import official
-from mdt_jax.models.mdt import MDT, MDTConfig
+from mdt_jax.models.mdt import MDT
 from benchmarks import torch_reference_path
 from mdt_jax.sampling import SamplerConfig, labels as labels_lib
 from mdt_jax.sampling.sampler import draw_samples
@@ -30,7 +31,7 @@ def torch_train_run(
   torch_reference_path()
   from torch_reference.train import TorchTrainStep  # needs torch: imported when used
 
-  mc = MDTConfig.from_dict(config.model.to_dict())
+  mc = model_of(config.model.to_dict())
   sd = official.from_flax_params(nnx.State(jax.device_get(state.params)), mc)
   torch.manual_seed(0)  # the step's draws come from torch's RNG
   step = TorchTrainStep.from_config(config, sd, mask_branch=mask_branch)
@@ -70,7 +71,7 @@ def bench_sampling_torch(
   torch_reference_path()
   from torch_reference import from_official_state, sample_ddpm  # needs torch
 
-  mc = MDTConfig.from_dict(config.model.to_dict())
+  mc = model_of(config.model.to_dict())
   if mc.in_channels < 3:
     raise ValueError(
         'the original sampler guides eps channels 0..2; the torch baseline needs '
@@ -136,7 +137,7 @@ def bench_sampling_eager(
 
   A float32 eager baseline that needs no PyTorch (for machines without it); warm-up: 2 steps.
   """
-  mc = MDTConfig.from_dict({**config.model.to_dict(), 'dtype': 'float32'})
+  mc = model_of(config.model.to_dict(), dtype='float32')
   model = MDT(mc, rngs=nnx.Rngs(0))
   labels = np.arange(batch) % mc.num_classes
   jax.block_until_ready(eager_ddpm(model, labels, steps=2, cfg_scale=cfg_scale))  # warm-up

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from mdt_jax.models.mdt import MDTConfig
+from mdt_jax.configs_base import model_of
 from benchmarks.tpu import compiler_memory_figures
-from mdt_jax.training import sharding
+from mdt_jax.training import cost, sharding, strategies
 from mdt_jax.training.state import abstract_train_state, make_optimizer
 from mdt_jax.training.step import jit_step_from_config
 
@@ -53,13 +53,24 @@ def lower_train_step(
 ):
   """The config's train step lowered on abstract inputs (nothing allocated) over `devices`
   (default: this host's), e.g. the compile-only devices of a TPU topology."""
-  mc = MDTConfig.from_dict(config.model.to_dict())
-  mesh = sharding.make_mesh(config.mesh.to_dict(), devices)
+  mc = model_of(config.model.to_dict())
+  # the strategy training would run (mesh.strategy, or the cost model's choice for the slice)
+  strategy = cost.resolve(config.mesh.to_dict(), mc, global_batch, devices, mask_branch)
+  mesh = strategies.make_mesh(strategy, devices)
   opt = make_optimizer(config.optimizer)
-  structs, shardings, graphdef = abstract_train_state(mc, opt, mesh, config.sharding_rules)
+  structs, shardings, graphdef = abstract_train_state(
+      mc, opt, mesh, config.sharding_rules, strategy.state_axes
+  )
   bsh = sharding.batch_sharding(mesh)
+  layout = strategies.step_layout(strategy, mc, mesh, config.sharding_rules, shardings.params)
   step = jit_step_from_config(
-      config, shardings, bsh, graphdef=graphdef, optimizer=opt, mask_branch=mask_branch
+      config,
+      shardings,
+      bsh,
+      graphdef=graphdef,
+      optimizer=opt,
+      mask_branch=mask_branch,
+      layout=layout,
   )
   shape = (global_batch, mc.input_size, mc.input_size, mc.in_channels)
   batch = {

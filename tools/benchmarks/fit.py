@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import ml_collections
 
-from mdt_jax.models.mdt import MDTConfig
+from mdt_jax.configs_base import model_of
 from benchmarks.compiled import compile_or_refusal, lower_train_step, memory_figures
 from mdt_jax.training import sharding
 
@@ -107,7 +107,7 @@ def fit_batch(
       b = None if g is None else min(max(g, lo + dp), hi - dp)
     else:
       b = None
-  mc = MDTConfig.from_dict(config.model.to_dict())
+  mc = model_of(config.model.to_dict())
   return {
       'branches': 'plain+masked (MDT)' if mask_branch else 'plain (DiT-style)',
       'dtype': mc.dtype,

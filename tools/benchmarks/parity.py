@@ -17,6 +17,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from mdt_jax.configs_base import model_of
 from mdt_jax.models.mdt import COMPUTE_OPTIONS, MDT, MDTConfig
 from mdt_jax.models.params import abstract_model, param_name
 from mdt_jax.training.step import loss_fn, loss_settings
@@ -101,7 +102,7 @@ class Comparison:
   def __init__(self, config: ml_collections.ConfigDict, batch_size: int | None = None):
     self.config = config
     self.fields = config.model.to_dict()
-    self.model_cfg = MDTConfig.from_dict(self.fields)
+    self.model_cfg = model_of(self.fields)
     mc = self.model_cfg
     params = nnx.to_pure_dict(nnx.state(MDT(mc, rngs=nnx.Rngs(config.seed))))
     self.params = fill_zero_weights(params, jax.random.key(config.seed + 2))
@@ -122,7 +123,7 @@ class Comparison:
   def against(self, reference: dict) -> dict:
     """Relative differences to the model with `reference`'s fields replaced."""
     check_fields(reference)
-    ref_model = abstract_model(MDTConfig.from_dict({**self.fields, **reference}))
+    ref_model = abstract_model(model_of(self.fields, **reference))
     metrics, grads = self.result
     ref_metrics, ref_grads = self._run(ref_model)
     names = [param_name(path) for path, _ in jax.tree_util.tree_flatten_with_path(grads)[0]]

@@ -17,7 +17,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from mdt_jax.models.mdt import MDT, MDTConfig
+from mdt_jax.configs_base import model_of
+from mdt_jax.models.mdt import MDT
 from benchmarks.baselines import torch_train_run
 from benchmarks.compiled import cost_flops, memory_figures
 from benchmarks.flops import peak_tflops, train_step_flops
@@ -60,7 +61,7 @@ def bench_train_step(
   cores hits both alike); the ratio of the medians is `speedup_vs_torch_f32`, that of the
   process CPU times `speedup_vs_torch_f32_cpu_time`.
   """
-  mc = MDTConfig.from_dict(config.model.to_dict())
+  mc = model_of(config.model.to_dict())
   mesh = sharding.make_mesh(config.mesh.to_dict())
   opt = make_optimizer(config.optimizer)
   batch = config.global_batch_size
@@ -160,7 +161,7 @@ def bench_sampling(
     repeats: int = 1,
 ) -> dict:
   """Images/s of a full sampling run (compile excluded) on randomly initialised weights."""
-  mc = MDTConfig.from_dict(config.model.to_dict())
+  mc = model_of(config.model.to_dict())
   model = MDT(mc, rngs=nnx.Rngs(0))
   scfg = SamplerConfig(
       sampler=sampler,

@@ -27,13 +27,13 @@ from typing import Callable
 import ml_collections
 from absl import logging
 
+from mdt_jax.configs_base import model_of
 from mdt_jax import atomic
 from mdt_jax.evaluation import digits_classifier as dc
-from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.models.params import count_params
 from studies import curves, learning_curves as lc
 from studies.flow_report import summarize_sweep, target_check
-from mdt_jax.training.config import validate
+from mdt_jax.training.run import validate
 from mdt_jax.training.state import TrainState
 
 RESULTS_VERSION = 1
@@ -179,8 +179,7 @@ def run_study(
       'version': RESULTS_VERSION,
       'study': lc.study_record(study),
       'num_params': {
-          v: count_params(MDTConfig.from_dict(variant_config(study, v, 0).model.to_dict()))
-          for v in variants
+          v: count_params(model_of(variant_config(study, v, 0).model.to_dict())) for v in variants
       },
       'environment': lc.environment(),
       'reference': lc.data_reference(study, classifier),

@@ -29,12 +29,12 @@ import numpy as np
 from absl import logging
 from flax import nnx
 
+from mdt_jax.configs_base import model_of
 from mdt_jax import atomic
 from mdt_jax.data.digits import load_digits_images
 from mdt_jax.evaluation import digits_classifier as dc
-from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.models.params import abstract_model, count_params
-from mdt_jax.training.config import validate
+from mdt_jax.training.run import validate
 from mdt_jax.training.loop import train_and_evaluate
 from mdt_jax.training.samples import GridSampler, sampler_config
 from mdt_jax.training.state import TrainState
@@ -117,7 +117,7 @@ class Evaluator:
       train: ml_collections.ConfigDict | None = None,
   ):
     train = study.train if train is None else train  # model and sampler settings
-    model_cfg = MDTConfig.from_dict(train.model.to_dict())
+    model_cfg = model_of(train.model.to_dict())
     graphdef, _ = nnx.split(abstract_model(model_cfg))
     self.grids = GridSampler(train, graphdef)  # sampler settings: train.sampling
     self.labels = eval_labels(int(study.eval_num_samples))
@@ -329,7 +329,7 @@ def run_study(
   results = {
       'version': RESULTS_VERSION,
       'study': study_record(study),
-      'num_params': count_params(MDTConfig.from_dict(study.train.model.to_dict())),
+      'num_params': count_params(model_of(study.train.model.to_dict())),
       'environment': environment(),
       'reference': data_reference(study, classifier),
       'runs': runs,

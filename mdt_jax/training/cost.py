@@ -1,0 +1,242 @@
+"""A small cost model of the sharding strategies (mdt_jax/training/strategies.py) on a TPU slice:
+per chip and per step, the compute, HBM and ICI times and the memory of each candidate strategy
+and mesh, from the parameter and optimizer-state sizes, activations per sample and the chip's
+figures. `mesh.strategy='auto'` takes the fastest candidate that fits; `tools/aot_compile.py
+--search` compiles the first few to check them.
+
+The estimates are a ranking, not a measurement (compiled figures: BENCHMARKS.md):
+
+    compute  6 x parameters x tokens per sample (x 1 + kept fraction with the mask branch)
+    HBM      weights read in the forward and backward passes of each branch, the optimizer's
+             update over the chip's share of the state, and activation traffic per sample
+    ICI      ring collectives (wire bytes per chip as tools/benchmarks/hlo.py counts them) over
+             one link's bandwidth: gradients all-reduced in the compute dtype (as XLA does even
+             where only a shard is kept: compiled zero step), weights gathered once per step
+             (zero, hybrid) or at each use (fsdp: about 2.6 gathers per step)
+    memory   stored state over its split, the gathered weights, float32 gradients and
+             activations per sample
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import numpy as np
+from absl import logging
+from flax import nnx
+
+from mdt_jax.models.mdt import MDTConfig
+from mdt_jax.models.params import abstract_model
+from mdt_jax.training import strategies
+from mdt_jax.training.strategies import Strategy
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Per-chip figures (Cloud TPU system architecture pages; ICI per link, both directions:
+  "How to Scale Your Model", the same sources as tools/benchmarks/tpu.py)."""
+
+  name: str
+  peak_tflops: float  # dense bf16
+  hbm_gb: float
+  hbm_gbps: float
+  link_gbps: float
+
+
+# jax's device_kind -> figures
+CHIPS = {
+    'TPU v4': Chip('v4', 275.0, 34.4, 1200.0, 90.0),
+    'TPU v5 lite': Chip('v5e', 197.0, 16.0, 819.0, 90.0),
+    'TPU v5e': Chip('v5e', 197.0, 16.0, 819.0, 90.0),
+    'TPU v5': Chip('v5p', 459.0, 95.0, 2765.0, 180.0),
+    'TPU v5p': Chip('v5p', 459.0, 95.0, 2765.0, 180.0),
+    'TPU v6 lite': Chip('v6e', 918.0, 32.0, 1638.0, 180.0),
+    'TPU v6e': Chip('v6e', 918.0, 32.0, 1638.0, 180.0),
+}
+HBM_MARGIN = 0.85  # of the chip's HBM the model plans to use (the runtime and XLA keep some)
+FSDP_GATHERS = 2.6  # weight gathers per step under fsdp (compiled XL/2 step, v5p-128)
+# Activation memory and HBM traffic per sample, per block and token of width 1152 in bf16
+# (fitted to the compiled XL/2 step on v5p-8: 37 GB per chip at 64 per chip; float32 doubles).
+ACT_BYTES_PER_TOKEN_DIM = 30.0
+ACT_TRAFFIC_PER_TOKEN_DIM = 120.0
+WEIGHT_PASSES = 8.0  # HBM bytes per weight and step per compute-dtype byte (fwd+bwd, 2 branches)
+# XLA's bytes accessed (the roofline's HBM figure) over the bytes counted above: it also counts
+# the on-chip copies of what XLA prefetches (fitted to compiled 2-block steps of XL/2's width,
+# v5p-8 dp at 16 per chip and v5p-128 zero at 4 per chip: 2.7x and 4.1x)
+XLA_BYTES_FACTOR = 3.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+  """What the model makes of a step (counts per step, whole model)."""
+
+  params: int
+  opt_state_bytes: int
+  tokens: int
+  depth: int
+  hidden: int
+  compute_bytes: int  # 2 for bfloat16 compute, 4 for float32
+  remat: bool
+  mask_fraction: float  # the masked branch's kept tokens over all (0: no mask branch)
+
+
+def model_sizes(mc: MDTConfig, opt_state_bytes: int | None = None, mask_branch=True) -> Sizes:
+  params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(abstract_model_params(mc)))
+  kept = 1.0 - (mc.mask_ratio + mc.mask_ratio_span / 2) if mc.mask_ratio is not None else 0.0
+  return Sizes(
+      params=params,
+      opt_state_bytes=opt_state_bytes if opt_state_bytes is not None else 4 * 4 * params,
+      tokens=mc.num_tokens,
+      depth=mc.depth,
+      hidden=mc.hidden_size,
+      compute_bytes=2 if mc.dtype == 'bfloat16' else 4,
+      remat=mc.remat,
+      mask_fraction=kept if mask_branch else 0.0,
+  )
+
+
+def abstract_model_params(mc: MDTConfig):
+  return nnx.to_pure_dict(nnx.state(abstract_model(mc), nnx.Param))
+
+
+@dataclasses.dataclass(frozen=True)
+class Estimate:
+  strategy: Strategy
+  compute_ms: float
+  hbm_ms: float
+  ici_ms: float
+  memory_gb: float
+  fits: bool
+
+  @property
+  def bound_ms(self) -> float:
+    return max(self.compute_ms, self.hbm_ms, self.ici_ms)
+
+  @property
+  def mfu_bound(self) -> float:
+    return self.compute_ms / self.bound_ms if self.bound_ms else 0.0
+
+  def row(self) -> dict:
+    return {
+        'strategy': self.strategy.name,
+        'mesh': f'data={self.strategy.data},fsdp={self.strategy.fsdp}',
+        'collective_dtype': self.strategy.collective_dtype,
+        'est_compute_ms': round(self.compute_ms, 2),
+        'est_hbm_ms': round(self.hbm_ms, 2),
+        'est_ici_ms': round(self.ici_ms, 2),
+        'est_mfu_bound': round(self.mfu_bound, 3),
+        'est_memory_gb': round(self.memory_gb, 2),
+        'est_fits': self.fits,
+    }
+
+
+def _ring(n: int, nbytes: float, factor: float = 1.0) -> float:
+  return factor * (n - 1) / n * nbytes if n > 1 else 0.0
+
+
+def estimate(s: Strategy, sizes: Sizes, chip: Chip, global_batch: int) -> Estimate:
+  n = s.data * s.fsdp * s.tensor
+  b = global_batch / n
+  p, a, c = sizes.params, sizes.compute_bytes, (2 if s.collective_dtype == 'bfloat16' else 4)
+  g = min(a, c)  # gradients are reduced in the dtype they are computed in
+  w4 = 4.0 * p
+  store = (2 * w4 + sizes.opt_state_bytes) / (n if s.state_axes else s.fsdp)
+  branches = 1.0 + sizes.mask_fraction
+  token_dims = sizes.tokens * sizes.hidden * sizes.depth * branches * (a / 2)
+  act = ACT_BYTES_PER_TOKEN_DIM * token_dims * (0.3 if sizes.remat else 1.0)
+  flops = 6.0 * p * sizes.tokens * branches * b
+  # the gathered weights beside the stored ones; float32 gradients before their reduction
+  gathered = {'dp': 0.0, 'fsdp': 2 * a * p / s.fsdp, 'zero': c * p, 'hybrid': c * p / s.fsdp}
+  memory = store + gathered[s.name] + w4 / s.fsdp + act * b
+  optimizer_traffic = (5 * w4 + 2 * sizes.opt_state_bytes) / (n if s.state_axes else s.fsdp)
+  hbm = WEIGHT_PASSES * a * p + optimizer_traffic + ACT_TRAFFIC_PER_TOKEN_DIM * token_dims * b
+  hbm *= XLA_BYTES_FACTOR
+  if s.name == 'dp':
+    wire = _ring(n, g * p, 2.0)
+  elif s.name == 'zero':  # XLA all-reduces the gradients, then keeps this chip's share
+    wire = _ring(n, g * p, 2.0) + _ring(n, c * p)
+  elif s.name == 'fsdp':  # the data axis all-reduces the float32 gradient shards
+    wire = FSDP_GATHERS * _ring(s.fsdp, a * p) + _ring(s.fsdp, g * p)
+    wire += _ring(s.data, w4 / s.fsdp, 2.0)
+  else:  # hybrid
+    wire = FSDP_GATHERS * _ring(s.fsdp, a * p) + _ring(s.fsdp, g * p)
+    wire += _ring(s.data, g * p / s.fsdp, 2.0) + _ring(s.data, c * p / s.fsdp)
+  return Estimate(
+      strategy=s,
+      compute_ms=flops / (chip.peak_tflops * 1e12) * 1e3,
+      hbm_ms=hbm / (chip.hbm_gbps * 1e9) * 1e3,
+      ici_ms=wire / (chip.link_gbps * 1e9) * 1e3,
+      memory_gb=memory / 1e9,
+      fits=memory / 1e9 <= HBM_MARGIN * chip.hbm_gb,
+  )
+
+
+def candidates(n: int, global_batch: int, dtypes: Sequence[str] = ('float32',)) -> list[Strategy]:
+  """Every strategy and mesh of n chips (tensor=1) whose data axes split the batch."""
+  out = []
+  groups = [f for f in (2**k for k in range(int(math.log2(n)) + 1)) if n % f == 0]
+  for dtype in dtypes:
+    out += [Strategy('dp', n, 1, collective_dtype=dtype)]
+    out += [Strategy('zero', n, 1, collective_dtype=dtype)]
+    out += [Strategy('fsdp', n // f, f, collective_dtype=dtype) for f in groups if f > 1]
+    out += [Strategy('hybrid', n // f, f, collective_dtype=dtype) for f in groups if 1 < f < n]
+  return [s for s in out if global_batch % (s.data * s.fsdp) == 0]
+
+
+def rank(
+    sizes: Sizes, chip: Chip, n: int, global_batch: int, only: str | None = None, dtype='float32'
+) -> list[Estimate]:
+  """The candidates' estimates, fitting ones first, fastest first (the simpler strategy of
+  equal bounds first: the candidates' order)."""
+  est = [estimate(s, sizes, chip, global_batch) for s in candidates(n, global_batch, (dtype,))]
+  est = [e for e in est if only is None or e.strategy.name == only]
+  return sorted(est, key=lambda e: (not e.fits, round(e.bound_ms, 3)))
+
+
+def chip_of(device) -> Chip | None:
+  return CHIPS.get(getattr(device, 'device_kind', ''))
+
+
+def resolve(
+    mesh_cfg,
+    mc: MDTConfig,
+    global_batch: int,
+    devices: Sequence[jax.Device] | None = None,
+    mask_branch: bool = True,
+) -> Strategy:
+  """The run's strategy: as the config names it, else the cost model's choice on TPU (logged
+  with the alternatives' estimates), else data parallel."""
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  named, dtype, _ = strategies.mesh_settings(mesh_cfg)
+  fixed = strategies.explicit(mesh_cfg, n)
+  if fixed is not None:
+    return fixed
+  chip = chip_of(devices[0])
+  if chip is None or devices[0].platform != 'tpu':
+    chosen = strategies.default(n, dtype)
+    if named == 'hybrid':
+      raise ValueError(
+          'mesh.strategy=hybrid needs its group size off TPU: set mesh.data and mesh.fsdp'
+      )
+    logging.info('mesh: %s (not a TPU: no cost model)', chosen.describe())
+    return chosen
+  est = rank(
+      model_sizes(mc, mask_branch=mask_branch),
+      chip,
+      n,
+      global_batch,
+      None if named == 'auto' else named,
+      dtype,
+  )
+  if not est:
+    raise ValueError(f'no {named} mesh of {n} chips splits global batch {global_batch}')
+  logging.info(
+      'mesh %s: %s chosen by the cost model; estimates:', named, est[0].strategy.describe()
+  )
+  for e in est[:8]:
+    logging.info('  %s', e.row())
+  return est[0].strategy

@@ -1,0 +1,124 @@
+"""Sharding strategies (mdt_jax/training/strategies.py), their cost model (training/cost.py) and
+the TPU overlap flags (training/xla_flags.py); training and resume across strategies:
+tests/test_mesh_resume.py."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from micro_config import get_config
+from mdt_jax.models import platform
+from mdt_jax.models.mdt import MDTConfig
+from mdt_jax.models.presets import model_config
+from mdt_jax.training import cost, sharding, strategies, xla_flags
+from mdt_jax.training.state import create_train_state, make_optimizer
+from mdt_jax.training.step import loss_fn, loss_settings
+from mdt_jax.training.strategies import Strategy
+
+
+def test_the_mesh_section_names_a_strategy():
+  auto = dict(strategy='auto', data=-1, fsdp=1, tensor=1)
+  assert strategies.explicit(auto, 8) is None  # the cost model's (or, off TPU, dp)
+  assert strategies.explicit({**auto, 'data': 2, 'fsdp': 4}, 8) == Strategy('fsdp', 2, 4)
+  assert strategies.explicit({**auto, 'strategy': 'zero'}, 8) == Strategy('zero', 8, 1)
+  assert strategies.explicit({**auto, 'strategy': 'fsdp'}, 8) == Strategy('fsdp', 1, 8)
+  assert strategies.explicit({**auto, 'strategy': 'hybrid'}, 8) is None  # group size: chosen
+  assert cost.resolve(auto, None, 16) == Strategy('dp', 8, 1)  # CPU devices: data parallel
+  with pytest.raises(ValueError, match=r"mesh.strategy 'zero3'.*'dp', 'fsdp', 'zero', 'hybrid'"):
+    strategies.explicit({**auto, 'strategy': 'zero3'}, 8)
+  with pytest.raises(ValueError, match=r"collective_dtype 'fp8'.*'float32', 'bfloat16'"):
+    strategies.explicit({**auto, 'collective_dtype': 'fp8'}, 8)
+  # the strategy settings are not mesh axes
+  assert dict(sharding.make_mesh({**auto, 'fsdp': 2}).shape) == dict(data=4, fsdp=2, tensor=1)
+
+
+def test_state_is_split_further_over_the_strategy_axes():
+  mesh = sharding.make_mesh(dict(data=2, fsdp=4))
+  split = lambda spec, shape: strategies.split_further(  # noqa: E731
+      NamedSharding(mesh, spec), shape, ('data',)
+  ).spec
+  assert split(P('fsdp', None), (32, 128)) == P(('fsdp', 'data'), None)  # the split dimension
+  assert split(P(None, None), (32, 128)) == P(None, 'data')  # else the largest
+  assert split(P('fsdp', None), (4, 6)) == P('fsdp', 'data')  # 4 / (4 * 2) does not divide
+  assert split(P(), (3,)) == P(None)  # nothing divides: left as it is
+  assert split(P('data'), (8,)) == P('data')  # already there
+
+
+@functools.lru_cache(maxsize=1)
+def _xl2_sizes():
+  mc = MDTConfig.from_dict(model_config('XL/2', dtype='bfloat16', mask_ratio=0.3).to_dict())
+  return cost.model_sizes(mc)
+
+
+def test_cost_model_ranks_strategies_by_what_limits_them():
+  sizes = _xl2_sizes()
+  assert 7.0e8 < sizes.params < 8.0e8  # XL/2: 742M parameters
+  v5p = cost.CHIPS['TPU v5']
+  est = {(e.strategy.name, e.strategy.fsdp): e for e in cost.rank(sizes, v5p, 64, 256)}
+  # ZeRO keeps 1/64 of the state and so of the optimizer's HBM traffic; dp all of it
+  assert est['zero', 1].memory_gb < est['dp', 1].memory_gb / 2
+  assert est['zero', 1].hbm_ms < est['dp', 1].hbm_ms / 2
+  # per-use weight gathers cost fsdp wire time that data parallelism does not pay
+  assert est['fsdp', 64].ici_ms > est['dp', 1].ici_ms
+  bf16 = cost.rank(sizes, v5p, 64, 256, 'zero', 'bfloat16')[0]
+  assert bf16.ici_ms < est['zero', 1].ici_ms  # half the gathered bytes
+  # 16 GB chips: replicated state does not fit, the first choice does
+  v5e = cost.rank(sizes, cost.CHIPS['TPU v5 lite'], 8, 64)
+  assert v5e[0].fits and v5e[0].strategy.name != 'dp'
+  assert not [e for e in v5e if e.strategy.name == 'dp'][0].fits
+
+
+def test_overlap_flags_leave_the_users_own():
+  got = xla_flags.with_overlap_flags('--xla_tpu_enable_latency_hiding_scheduler=false --foo=1')
+  flags = got.split()
+  assert '--xla_tpu_enable_latency_hiding_scheduler=false' in flags and '--foo=1' in flags
+  assert '--xla_tpu_enable_latency_hiding_scheduler=true' not in flags
+  assert '--xla_enable_async_all_gather=true' in flags
+  env = {}
+  assert xla_flags.set_overlap_flags(env) and not xla_flags.set_overlap_flags(env)
+  assert xla_flags.on_tpu_host() is False  # the test host: JAX_PLATFORMS=cpu or no chips
+
+
+def _step_grads(collective_dtype: str):
+  """One step's gradients (the micro model, 8 devices, ZeRO) with the collectives in
+  `collective_dtype`, as float32 arrays."""
+  config = get_config()
+  mc = MDTConfig.from_dict(config.model.to_dict())
+  strategy = Strategy('zero', 8, 1, collective_dtype=collective_dtype)
+  mesh = strategies.make_mesh(strategy)
+  opt = make_optimizer(config.optimizer)
+  state, shardings, graphdef = create_train_state(
+      mc, opt, 0, mesh, config.sharding_rules, strategy.state_axes
+  )
+  layout = strategies.step_layout(strategy, mc, mesh, config.sharding_rules, shardings.params)
+  rng = np.random.default_rng(0)
+  batch = {
+      'x': jnp.asarray(rng.normal(size=(16, 8, 8, 1)), jnp.float32),
+      'y': jnp.asarray(rng.integers(0, 10, 16), jnp.int32),
+  }
+  batch = jax.device_put(batch, sharding.batch_sharding(mesh))
+  settings = loss_settings(config)
+  dif = settings.pop('dif')
+
+  def grads(params, batch):
+    fn = jax.grad(functools.partial(loss_fn, **settings), has_aux=True)
+    g, _ = fn(layout.forward_weights(params), graphdef, dif, batch, jax.random.key(1))
+    return layout.reduced_grads(g)
+
+  return jax.device_get(jax.jit(platform.traced_for(mesh.devices.flat, grads))(state.params, batch))
+
+
+def test_bfloat16_collectives_change_a_steps_gradients_by_their_rounding():
+  f32, bf16 = _step_grads('float32'), _step_grads('bfloat16')
+  a, b = (np.concatenate([x.ravel() for x in jax.tree.leaves(t)]) for t in (f32, bf16))
+  assert all(x.dtype == np.float32 for x in jax.tree.leaves(bf16))
+  rel = np.linalg.norm(b - a) / np.linalg.norm(a)
+  cos = a @ b / np.linalg.norm(a) / np.linalg.norm(b)
+  print(f'bfloat16 collectives: relative L2 change of the gradients {rel:.3g}, cosine {cos:.6f}')
+  # bfloat16 keeps 8 bits of mantissa (relative rounding 2^-9 = 0.002 per value), and the
+  # rounded weights change the gradients through the model as well
+  assert 0 < rel < 0.05 and cos > 0.999
