@@ -81,6 +81,22 @@ def base_config() -> ml_collections.ConfigDict:
       clip_norm=1.0,
   )
   c.ema_decay = 0.9999
+  # Representation alignment (mdt_jax/training/align.py): method 'none' (the original recipe),
+  # 'repa' (a DINOv2 teacher folder) or 'sra' (the EMA model's deeper block at lower noise);
+  # depth 0: REPA's block 8 of 28 scaled to the model; teacher_depth 0: twice depth.
+  c.align = dict(
+      method='none',
+      depth=0,
+      weight=0.5,
+      projector_dim=2048,
+      stop_step=0,
+      branches='plain',
+      teacher=placeholder(str),
+      resolution=224,
+      teacher_depth=0,
+      noise_offset=0.2,
+      ema_source='ema',
+  )
   # strategy: auto, dp, fsdp, zero or hybrid (mdt_jax/training/strategies.py); auto on TPU with
   # these sizes: the cost model's choice of strategy and mesh (mdt_jax/training/cost.py)
   c.mesh = dict(strategy='auto', data=-1, fsdp=1, tensor=1, collective_dtype='float32')

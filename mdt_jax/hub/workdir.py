@@ -3,6 +3,8 @@ of one checkpoint, with the model-folder metadata its training config implies.""
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -13,6 +15,7 @@ from mdt_jax import paths
 from mdt_jax.diffusion import folder_record, objective_of
 from mdt_jax.hub.folder import Pretrained
 from mdt_jax.configs_base import model_of
+from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.models.params import abstract_model, model_from_flat, param_name
 from mdt_jax.sampling.postprocess import ModelData
 from mdt_jax.training import checkpoints
@@ -50,7 +53,8 @@ def load_workdir(
     raise FileNotFoundError(
         f'{workdir} has no checkpoint at step {step}; it has steps {manager.all_steps()}'
     )
-  abstract = nnx.to_pure_dict(nnx.state(abstract_model(model_cfg)))
+  # a run with representation alignment saved its projector: restored, then left out
+  abstract = nnx.to_pure_dict(nnx.state(abstract_model(_with_projector(manager, step, model_cfg))))
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=dev), abstract)
   try:
@@ -70,6 +74,7 @@ def load_workdir(
   flat = {
       param_name(path): jax.device_get(v)
       for path, v in jax.tree_util.tree_flatten_with_path(restored)[0]
+      if param_name(path[:1]) != 'projector'
   }
   model = model_from_flat(flat, model_cfg, where=f'{workdir} step {step}')
   return Pretrained(
@@ -80,6 +85,24 @@ def load_workdir(
       diffusion=folder_record(config.diffusion),
       sampling=dict(config.sampling.to_dict()) if 'sampling' in config else {},
       meta={'workdir': workdir, 'step': int(step), 'weights': weights},
+  )
+
+
+def _with_projector(manager: ocp.CheckpointManager, step: int, model_cfg: MDTConfig) -> MDTConfig:
+  """The model config with the projector the checkpoint holds (its widths from the saved
+  shapes), or unchanged."""
+  try:
+    saved = manager.item_metadata(step)
+    saved = next(saved[k] for k in ('ema_params', 'params') if k in saved.keys() and saved[k])
+  except Exception:  # noqa: BLE001 - unreadable metadata: the restore reports the damage
+    return model_cfg
+  projector = saved.get('projector') if hasattr(saved, 'get') else None
+  if not projector:
+    return model_cfg
+  return dataclasses.replace(
+      model_cfg,
+      align_dim=int(projector['fc3']['kernel'].shape[1]),
+      projector_dim=int(projector['fc1']['kernel'].shape[1]),
   )
 
 

@@ -17,10 +17,11 @@ valid slots, ``mdt_jax.models.mdt.Features``). The projector lives in the model
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 from mdt_jax import paths
 from mdt_jax.diffusion import flow, q_sample
@@ -213,3 +214,70 @@ def sra_targets(teacher_model, process, x0, noise, t_teacher, y, model_key, bloc
     x_t, t_model = q_sample(process, x0, t_teacher, noise), t_teacher
   _, features = teacher_model(x_t, t_model, y, rng=model_key, train=True, features_at=block)
   return jax.lax.stop_gradient(features.tokens)
+
+
+# ------------------------------------------------------------------------------ the train step
+
+# folded into a branch's model key for the SRA teacher's time: no draw of the step changes
+_SRA_TIME_SALT = 0x5A
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchAligner:
+  """One branch's alignment: the student block and its terms, called as ``terms(model, features,
+  x0, noise, t, y, model_key)`` -> {'loss', 'cos'}."""
+
+  block: int
+  terms: Callable[..., dict[str, Array]]
+
+
+class Alignment:
+  """The train step's view of ``config.align``: the blocks, the REPA teacher (loaded once)."""
+
+  def __init__(self, config: AlignConfig, model: MDTConfig):
+    self.config = config
+    self.block = config.student_block(model)
+    self.teacher_block = config.teacher_block(model)
+    self.grid = model.grid
+    self.teacher = dinov2.load(config.teacher) if config.method == 'repa' else None
+
+  def weight(self, step: Array) -> Array:
+    return active_weight(self.config, step)
+
+  def aligners(self, graphdef, teacher_params, dif, x0: Array) -> dict[str, BranchAligner]:
+    """{'plain' / 'masked': BranchAligner} of the aligned branches. REPA's targets are the clean
+    images' (once for both branches); SRA's come from `teacher_params` (the EMA or current
+    weights, without gradient) per branch, at the branch's noise and label dropout."""
+    cfg = self.config
+    if cfg.method == 'repa':
+      targets = repa_targets(self.teacher, x0, self.grid, cfg.resolution)
+
+      def terms(model, features, *unused):
+        return align_terms(model, features, targets)
+
+    else:
+      teacher_model = nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params))
+
+      def terms(model, features, x0, noise, t, y, model_key):
+        t_teacher = sra_time(
+            dif, t, jax.random.fold_in(model_key, _SRA_TIME_SALT), cfg.noise_offset
+        )
+        tokens = sra_targets(
+            teacher_model, dif, x0, noise, t_teacher, y, model_key, self.teacher_block
+        )
+        return align_terms(model, features, tokens)
+
+    aligner = BranchAligner(self.block, terms)
+    return {b: aligner for b in ('plain', 'masked') if cfg.aligns(b)}
+
+
+def _settings(align: Mapping[str, Any] | None) -> dict:
+  d = dict(align or {})
+  if d.get('teacher') is None:  # an unset placeholder
+    d.pop('teacher', None)
+  return d
+
+
+def config_of(align: Mapping[str, Any] | None) -> AlignConfig:
+  """``config.align`` (a ConfigDict section, or None: absent) as an AlignConfig."""
+  return AlignConfig.from_dict(_settings(align))

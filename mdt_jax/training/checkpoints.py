@@ -32,6 +32,7 @@ from mdt_jax.compat.orbax import ArrayMetadataStore
 from mdt_jax.diffusion import objective_of
 from mdt_jax.models.mdt import COMPUTE, COMPUTE_OPTIONS, TRAINING, MDTConfig, field_names
 from mdt_jax.models.params import leaf_shapes, param_shapes
+from mdt_jax.training import align
 from mdt_jax.training.run import RunConfig
 from mdt_jax.training.state import TrainState
 
@@ -357,7 +358,8 @@ def check_workdir(workdir: str, run: RunConfig) -> None:
           + ' and writes it again',
       )
   )
-  old_model = model_of(saved['model'])
+  # with the projector the saved run's alignment trained (as run.model has this run's)
+  old_model = align.config_of(saved.get('align')).model_config(model_of(saved['model']))
   new_model = run.model
   old, new = old_model.to_dict(), new_model.to_dict()
   fields = [k for k in new if k not in COMPUTE_OPTIONS and old[k] != new[k]]

@@ -22,6 +22,7 @@ from mdt_jax.data.pipeline import element_spec, manifest_classes
 from mdt_jax.data.spec import DataSpec
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.sampling.config import SamplerConfig, make_sampler_config
+from mdt_jax.training.align import AlignConfig, config_of
 
 EVAL_NUM_SAMPLES_MIN = 2  # a Frechet distance needs 2 images
 DIGITS_EVAL_SIZE = 16  # the digits classifier's input size
@@ -127,6 +128,8 @@ class RunConfig:
   grid: GridSettings
   evaluation: EvalSettings
   config_json: str  # the plain config, as the workdir's config.json holds it
+  # representation alignment (mdt_jax/training/align.py); with it on, `model` has the projector
+  align: AlignConfig = AlignConfig()
 
   def config(self) -> ml_collections.ConfigDict:
     """A fresh (mutable) copy of the plain config."""
@@ -189,6 +192,7 @@ def validate(config: ml_collections.ConfigDict, *, check_data: bool = True) -> R
     raise ValueError('mask_branch=True needs model.mask_ratio (the official value is 0.3)')
   diffusion = _section(DiffusionSettings, config.diffusion.to_dict())
   process = _check_objective(diffusion, model)
+  align = config_of(config.get('align'))
   sampling = config.sampling.to_dict()
   sampler = None
   if (
@@ -208,6 +212,7 @@ def validate(config: ml_collections.ConfigDict, *, check_data: bool = True) -> R
   check_evaluation(evaluation, data)
   if not 0.0 <= config.ema_decay < 1.0:
     raise ValueError(f'ema_decay must be in [0, 1), got {config.ema_decay}')
+  model = _check_align(align, model, data, config.mask_branch)
   if check_data:
     _check_data(data, model)
   return RunConfig(
@@ -230,6 +235,7 @@ def validate(config: ml_collections.ConfigDict, *, check_data: bool = True) -> R
       ),
       evaluation=evaluation,
       config_json=config.to_json_best_effort(indent=2),
+      align=align,
   )
 
 
@@ -276,6 +282,17 @@ def check_evaluation(evaluation: EvalSettings, data: DataSpec) -> None:
         'eval_num_samples > 0 on a latent run needs eval_reference: reference '
         'statistics (python -m mdt_jax.evaluate --save_stats) or an ADM batch'
     )
+
+
+def _check_align(align: AlignConfig, model: MDTConfig, data: DataSpec, mask_branch: bool):
+  """config.align refused when it cannot train; the model with its projector."""
+  align.check(model, mask_branch=mask_branch)
+  if align.method == 'repa' and data.name != 'digits':
+    raise ValueError(
+        f'align.method=repa needs the images for its teacher; data {data.name!r} holds '
+        'latents only (pixel data: the digits)'
+    )
+  return align.model_config(model)
 
 
 def _check_data(data: DataSpec, model: MDTConfig) -> None:

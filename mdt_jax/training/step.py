@@ -18,24 +18,59 @@ from flax import nnx
 
 from mdt_jax.diffusion import Diffusion, FlowMatching, flow, q_sample, training_losses
 from mdt_jax.models import attention, platform
+from mdt_jax.training import align as alignment
 from mdt_jax.training.run import RunConfig, as_run
 from mdt_jax.training.state import TrainState
 
 
+def _forward(model, x_t, t, y, model_key, masked, aligner):
+  """The model's output, and with an aligner its terms (the aligned block's features)."""
+  if aligner is None:
+    return model(x_t, t, y, rng=model_key, train=True, enable_mask=masked), None
+  return model(x_t, t, y, rng=model_key, train=True, enable_mask=masked, features_at=aligner.block)
+
+
+def _with_align(terms, model, aligner, features, x0, noise, t, y, model_key) -> dict:
+  out = {k: v.mean() for k, v in terms.items()}
+  if aligner is not None:
+    got = aligner.terms(model, features, x0, noise, t, y, model_key)
+    out.update({f'align_{k}': v for k, v in got.items()})
+  return out
+
+
 def branch_loss(
-    model, process: Diffusion, x0, y, t, key, *, masked: bool, min_snr_gamma: float | None
+    model,
+    process: Diffusion,
+    x0,
+    y,
+    t,
+    key,
+    *,
+    masked: bool,
+    min_snr_gamma: float | None,
+    aligner: alignment.BranchAligner | None = None,
 ):
-  """One branch of the original forward_backward: own noise, own label-dropout (and mask) draw."""
+  """One branch of the original forward_backward: own noise, own label-dropout (and mask) draw;
+  with an aligner, also its alignment terms (align_loss, align_cos)."""
   noise_key, model_key = jax.random.split(key)
   noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
   x_t = q_sample(process, x0, t, noise)
-  out = model(x_t, t, y, rng=model_key, train=True, enable_mask=masked)
+  out, features = _forward(model, x_t, t, y, model_key, masked, aligner)
   terms = training_losses(process, out, x0, x_t, t, noise, min_snr_gamma)
-  return {k: v.mean() for k, v in terms.items()}
+  return _with_align(terms, model, aligner, features, x0, noise, t, y, model_key)
 
 
 def flow_branch_loss(
-    model, process: FlowMatching, x0, y, t, key, *, masked: bool, min_snr_gamma: float | None = None
+    model,
+    process: FlowMatching,
+    x0,
+    y,
+    t,
+    key,
+    *,
+    masked: bool,
+    min_snr_gamma: float | None = None,
+    aligner: alignment.BranchAligner | None = None,
 ):
   """``branch_loss`` of the flow objective: x_t on the line from x_0 to the noise, velocity MSE."""
   if min_snr_gamma is not None:
@@ -43,9 +78,9 @@ def flow_branch_loss(
   noise_key, model_key = jax.random.split(key)
   noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
   x_t = flow.interpolate(x0, noise, t)
-  out = model(x_t, flow.model_time(process, t), y, rng=model_key, train=True, enable_mask=masked)
+  out, features = _forward(model, x_t, flow.model_time(process, t), y, model_key, masked, aligner)
   terms = flow.training_losses(out, x0, noise)
-  return {k: v.mean() for k, v in terms.items()}
+  return _with_align(terms, model, aligner, features, x0, noise, t, y, model_key)
 
 
 def draw_times(process: Diffusion | FlowMatching, key, n: int):
@@ -56,20 +91,61 @@ def draw_times(process: Diffusion | FlowMatching, key, n: int):
 
 
 def loss_fn(
-    params, graphdef, process, batch, key, *, mask_branch: bool, min_snr_gamma: float | None
+    params,
+    graphdef,
+    process,
+    batch,
+    key,
+    *,
+    mask_branch: bool,
+    min_snr_gamma: float | None,
+    align: alignment.Alignment | None = None,
+    teacher_params=None,
+    step=None,
 ):
+  """The branches' losses summed; with `align`, plus its weight times the aligned branches'
+  alignment losses (`teacher_params`: SRA's teacher weights; `step`: for align.stop_step)."""
   model = nnx.merge(graphdef, params)
   x0, y = batch['x'], batch['y']
   t_key, plain_key, mask_key = jax.random.split(key, 3)
   t = draw_times(process, t_key, x0.shape[0])
   branch = flow_branch_loss if isinstance(process, FlowMatching) else branch_loss
-  plain = branch(model, process, x0, y, t, plain_key, masked=False, min_snr_gamma=min_snr_gamma)
+  aligners = {} if align is None else align.aligners(graphdef, teacher_params, process, x0)
+  plain = branch(
+      model,
+      process,
+      x0,
+      y,
+      t,
+      plain_key,
+      masked=False,
+      min_snr_gamma=min_snr_gamma,
+      aligner=aligners.get('plain'),
+  )
   metrics = {f'plain/{k}': v for k, v in plain.items()}
   total = plain['loss']
+  branches = [plain]
   if mask_branch:
-    masked = branch(model, process, x0, y, t, mask_key, masked=True, min_snr_gamma=min_snr_gamma)
+    masked = branch(
+        model,
+        process,
+        x0,
+        y,
+        t,
+        mask_key,
+        masked=True,
+        min_snr_gamma=min_snr_gamma,
+        aligner=aligners.get('masked'),
+    )
     metrics.update({f'masked/{k}': v for k, v in masked.items()})
     total = total + masked['loss']
+    branches.append(masked)
+  if align is not None:
+    aligned = [b for b in branches if 'align_loss' in b]
+    metrics['align/loss'] = sum(b['align_loss'] for b in aligned)
+    metrics['align/cos'] = sum(b['align_cos'] for b in aligned) / len(aligned)
+    metrics['align/weight'] = align.weight(step)
+    total = total + metrics['align/weight'] * metrics['align/loss']
   metrics['loss'] = total
   return total, metrics
 
@@ -86,13 +162,16 @@ def train_step(
     min_snr_gamma: float | None,
     learning_rate: float,
     layout=None,
+    align: alignment.Alignment | None = None,
 ):
   """`layout` (a strategy's `StepLayout`, mdt_jax/training/strategies.py): where the weights are
   gathered and the gradients reduced; None: as the stored parameters are laid out."""
   key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-  grad_fn = jax.grad(
-      functools.partial(loss_fn, mask_branch=mask_branch, min_snr_gamma=min_snr_gamma), has_aux=True
-  )
+  settings = dict(mask_branch=mask_branch, min_snr_gamma=min_snr_gamma)
+  if align is not None:  # SRA's teacher: the EMA weights or the current ones, as configured
+    teacher = state.ema_params if align.config.ema_source == 'ema' else state.params
+    settings.update(align=align, teacher_params=teacher, step=state.step)
+  grad_fn = jax.grad(functools.partial(loss_fn, **settings), has_aux=True)
   weights = layout.forward_weights(state.params) if layout else state.params
   grads, metrics = grad_fn(weights, graphdef, process, batch, key)
   if layout:
@@ -128,13 +207,17 @@ def loss_settings(
     run: RunConfig | ml_collections.ConfigDict, mask_branch: bool | None = None
 ) -> dict:
   """`loss_fn`'s settings of a run: the diffusion (or flow) process, the mask branch
-  (`mask_branch` defaults to the run's) and the min-SNR weight."""
+  (`mask_branch` defaults to the run's), the min-SNR weight and the alignment (none unless
+  the run's align says)."""
   run = as_run(run)
-  return dict(
+  settings = dict(
       process=run.process,
       mask_branch=run.loop.mask_branch if mask_branch is None else mask_branch,
       min_snr_gamma=run.diffusion.min_snr_gamma,
   )
+  if run.align.enabled:
+    settings['align'] = alignment.Alignment(run.align, run.model)
+  return settings
 
 
 def jit_step_from_config(
