@@ -11,7 +11,7 @@ import torch
 
 import reference_mdt as ref
 import mdt_jax
-from mdt_jax import MDTConfig, model_config
+from mdt_jax import MDTConfig, errors, model_config
 from mdt_jax.hub import official
 from mdt_jax.hub.convert import convert_official
 from mdt_jax.hub.folder import load_model_folder
@@ -183,5 +183,5 @@ def test_model_folder_errors(tmp_path):
   with pytest.raises(ValueError, match='not a readable safetensors file'):
     load_model_folder(str(folder))
   os.remove(folder / 'model.safetensors')
-  with pytest.raises(FileNotFoundError, match='has no weights'):
+  with pytest.raises(errors.BadFile, match='has no weights'):
     load_model_folder(str(folder))

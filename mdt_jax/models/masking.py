@@ -55,3 +55,25 @@ def draw_mask(
 def restore_order(ids_shuffle: Array) -> Array:
   """ids_restore = argsort(ids_shuffle): position of each original token in shuffled order."""
   return jnp.argsort(ids_shuffle, axis=1).astype(jnp.int32)
+
+
+def check_cudnn_lengths(config) -> None:
+  """Refuses an MDTConfig whose cuDNN attention would see an odd sequence length: cuDNN's fused
+  attention trains with a bias only on even lengths (JAX checks it when the step is traced; here
+  it fails before any work)."""
+  lengths = {}
+  if config.attention_impl == 'cudnn':
+    lengths['tokens'] = config.num_tokens
+  if config.masked_impl == 'cudnn' and config.mask_ratio is not None:
+    lengths['masked encoder buffer'] = buffer_size(
+        config.num_tokens, config.mask_ratio, config.mask_buffer_multiple
+    )
+  odd = {k: v for k, v in lengths.items() if v % 2}
+  if odd:
+    raise ValueError(
+        f'cuDNN attention needs even sequence lengths (cuDNN trains with a '
+        f'relative position bias only then), got {odd}; set '
+        'model.mask_buffer_multiple=8 to pad the masked buffer (the padding slots '
+        'are masked out: results are unchanged), or '
+        'model.masked_attention_impl=xla'
+    )

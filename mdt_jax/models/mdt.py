@@ -140,7 +140,7 @@ class MDTConfig:
       raise ValueError(
           f'model.qk_norm must be one of {attention.QK_NORMS} (None = off), got {self.qk_norm!r}'
       )
-    self._check_cudnn_lengths()
+    masking.check_cudnn_lengths(self)
 
   @property
   def masked_impl(self) -> str | None:
@@ -148,26 +148,6 @@ class MDTConfig:
     if self.masked_attention_impl == 'same':
       return self.attention_impl
     return self.masked_attention_impl
-
-  def _check_cudnn_lengths(self) -> None:
-    """cuDNN's fused attention trains with a bias only on even sequence lengths (JAX checks it
-    when the step is traced; here it fails before any work)."""
-    lengths = {}
-    if self.attention_impl == 'cudnn':
-      lengths['tokens'] = self.num_tokens
-    if self.masked_impl == 'cudnn' and self.mask_ratio is not None:
-      lengths['masked encoder buffer'] = masking.buffer_size(
-          self.num_tokens, self.mask_ratio, self.mask_buffer_multiple
-      )
-    odd = {k: v for k, v in lengths.items() if v % 2}
-    if odd:
-      raise ValueError(
-          f'cuDNN attention needs even sequence lengths (cuDNN trains with a '
-          f'relative position bias only then), got {odd}; set '
-          'model.mask_buffer_multiple=8 to pad the masked buffer (the padding slots '
-          'are masked out: results are unchanged), or '
-          'model.masked_attention_impl=xla'
-      )
 
   @classmethod
   def from_dict(cls, d: Any) -> 'MDTConfig':
