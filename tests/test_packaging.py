@@ -14,6 +14,7 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / 'mdt_jax'
 STDLIB = set(sys.stdlib_module_names)
+MAX_LINES = 450  # a module of the package holds one thing; past this it holds two
 
 
 def _requirement_name(line: str) -> str:
@@ -86,6 +87,17 @@ def test_tooling_lives_outside_the_package():
     assert not (PACKAGE / gone).exists(), f'mdt_jax/{gone} belongs outside the installed package'
 
 
+def long_modules(package: pathlib.Path, limit: int = MAX_LINES) -> dict[str, int]:
+  """The modules under `package` over `limit` lines: path -> lines."""
+  counts = {p: len(p.read_text().splitlines()) for p in sorted(package.rglob('*.py'))}
+  return {str(p.relative_to(package.parent)): n for p, n in counts.items() if n > limit}
+
+
+def test_no_module_of_the_package_is_over_the_line_limit():
+  long = long_modules(PACKAGE)
+  assert not long, f'split these by what they hold (over {MAX_LINES} lines): {long}'
+
+
 def test_entry_points_load_neither_torch_nor_tensorflow():
   code = (
       'import sys, mdt_jax.main, mdt_jax.sample, mdt_jax.inpaint, mdt_jax.evaluate\n'
@@ -103,3 +115,8 @@ def test_the_checks_see_an_undeclared_and_a_heavy_import(tmp_path):
   assert top_level_imports(module) == {'torch', 'flax'}
   assert _requirement_name('etils[epath]>=1.15') == 'etils'
   assert _requirement_name('orbax_checkpoint>=0.12.8,<0.13') == 'orbax-checkpoint'
+  package = tmp_path / 'pkg'
+  (package / 'sub').mkdir(parents=True)
+  (package / 'sub' / 'long.py').write_text('x = 1\n' * (MAX_LINES + 1))
+  (package / 'short.py').write_text('x = 1\n' * MAX_LINES)
+  assert long_modules(package) == {'pkg/sub/long.py': MAX_LINES + 1}
