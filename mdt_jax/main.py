@@ -12,6 +12,8 @@ environment, or from --coordinator_address/--num_processes/--process_id.
 from __future__ import annotations
 
 import os
+import threading
+import time
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -81,7 +83,18 @@ def main(argv):
   try:
     train_and_evaluate(validate(config), workdir)
   except errors.WriteFailed as e:  # a full disk, a failed upload: where to go on from
+    join_background_writes()
     raise e.with_hint(checkpoints.last_good(workdir)) from e
+
+
+def join_background_writes(timeout_s: float = 30.0) -> None:
+  """Waits (at most `timeout_s` in all) for the threads still writing, such as orbax's async
+  commits, so that what they report comes before the run's own one-line error, not after it
+  at interpreter shutdown."""
+  deadline = time.monotonic() + timeout_s
+  for thread in threading.enumerate():
+    if thread is not threading.main_thread() and not thread.daemon:
+      thread.join(max(0.0, deadline - time.monotonic()))
 
 
 def resolve_config_paths(config) -> None:

@@ -102,11 +102,11 @@ def _step_grads(collective_dtype: str):
   }
   batch = jax.device_put(batch, sharding.batch_sharding(mesh))
   settings = loss_settings(config)
-  dif = settings.pop('dif')
+  process = settings.pop('process')
 
   def grads(params, batch):
     fn = jax.grad(functools.partial(loss_fn, **settings), has_aux=True)
-    g, _ = fn(layout.forward_weights(params), graphdef, dif, batch, jax.random.key(1))
+    g, _ = fn(layout.forward_weights(params), graphdef, process, batch, jax.random.key(1))
     return layout.reduced_grads(g)
 
   return jax.device_get(jax.jit(platform.traced_for(mesh.devices.flat, grads))(state.params, batch))
