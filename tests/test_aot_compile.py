@@ -209,7 +209,10 @@ def test_tpu_train_step_figures_match_analytic_counts(tpu_report):
   # the compiler's usable HBM, read from its own refusal, is near the spec sheet's 95 GB
   assert 0.9 * 95 < res['hbm_usable_gb'] < 1.15 * 95
   train, sample = res['steps']
-  assert train['step'] == 'train: plain+masked (MDT)' and train['mesh'] == 'fsdp data=1 fsdp=4 tensor=1 float32'
+  assert (
+      train['step'] == 'train: plain+masked (MDT)'
+      and train['mesh'] == 'fsdp data=1 fsdp=4 tensor=1 float32'
+  )
   config = get_config()
   config.model.hidden_size, config.model.depth, config.mesh.data, config.mesh.fsdp = 128, 2, 1, -1
   mc, state, token_weights = _state_bytes_per_chip(config)
@@ -244,7 +247,9 @@ def test_tpu_train_step_figures_match_analytic_counts(tpu_report):
   assert sample['model_tflop_per_chip'] == pytest.approx(fwd)
   assert fwd <= sample['xla_tflop_per_chip'] <= 1.3 * fwd
   assert sample['collectives'] == {} and sample['ici_ms'] == 0
-  assert '| train: plain+masked (MDT) | v5p-8 | fsdp data=1 fsdp=4 tensor=1 float32 | 16 |' in stdout
+  assert (
+      '| train: plain+masked (MDT) | v5p-8 | fsdp data=1 fsdp=4 tensor=1 float32 | 16 |' in stdout
+  )
   # where the bytes go: tied to this project's source lines through the HLO's stack frames
   sources = dict(train['traffic']['by_source'])
   # the attention: on a TPU the fused kernel of models/attention.py; the dense layers past the
