@@ -92,7 +92,7 @@ def test_alignment_is_refused_before_training(tmp_path):
     validate(_config(method='dino'))
   latents = _config(method='repa', teacher=_teacher(tmp_path / 't'))
   latents.data.name = 'latents'
-  with pytest.raises(ValueError, match="needs the images for its teacher; data 'latents'"):
+  with pytest.raises(ValueError, match='needs the teacher features stored beside them'):
     validate(latents)
   # off: the model has no projector
   assert validate(_config()).model.align_dim == 0

@@ -215,8 +215,8 @@ def validate(config: ml_collections.ConfigDict, *, check_data: bool = True) -> R
     raise ValueError(f'ema_decay must be in [0, 1), got {config.ema_decay}')
   model = _check_align(align, model, data, config.mask_branch)
   if check_data:
-    _check_data(data, model)
     _check_align_data(align, model, data)
+    _check_data(data, model)
   return RunConfig(
       model=model,
       diffusion=diffusion,
@@ -297,11 +297,12 @@ def _check_align_data(align: AlignConfig, model: MDTConfig, data: DataSpec) -> N
   teacher's width, on a grid the student's can be pooled from."""
   if align.method != 'repa' or data.pixels:
     return
-  stored = align_features(data.path)
+  stored = align_features(data.path) if data.path else None
   if stored is None:
     raise ValueError(
         f'align.method=repa on latents needs the teacher features stored beside them; '
-        f'{data.path} holds latents only: extract them with tools/extract_latents.py '
+        f'{data.path or "data.path (unset)"} holds latents only: extract them with '
+        'tools/extract_latents.py '
         '--align_encoder=DIR (the same DINOv2 folder as align.teacher)'
     )
   tokens, dim = stored

@@ -11,7 +11,9 @@ import ml_collections
 
 from mdt_jax.configs_base import model_of
 from benchmarks.tpu import compiler_memory_figures
+from mdt_jax.models import dinov2
 from mdt_jax.training import cost, sharding, strategies
+from mdt_jax.training.run import as_run, stored_features
 from mdt_jax.training.state import abstract_train_state, make_optimizer
 from mdt_jax.training.step import jit_step_from_config
 
@@ -53,7 +55,9 @@ def lower_train_step(
 ):
   """The config's train step lowered on abstract inputs (nothing allocated) over `devices`
   (default: this host's), e.g. the compile-only devices of a TPU topology."""
-  mc = model_of(config.model.to_dict())
+  aligned = config.get('align') is not None and config.align.method != 'none'
+  run = as_run(config) if aligned else None
+  mc = run.model if aligned else model_of(config.model.to_dict())  # with the projector
   # the strategy training would run (mesh.strategy, or the cost model's choice for the slice)
   strategy = cost.resolve(config.mesh.to_dict(), mc, global_batch, devices, mask_branch)
   mesh = strategies.make_mesh(strategy, devices)
@@ -77,6 +81,12 @@ def lower_train_step(
       'x': jax.ShapeDtypeStruct(shape, jnp.float32, sharding=bsh),
       'y': jax.ShapeDtypeStruct((global_batch,), jnp.int32, sharding=bsh),
   }
+  if aligned and stored_features(run):  # REPA on latents: the stored teacher features
+    teacher = dinov2.read_config(run.align.teacher)
+    tokens = (run.align.resolution // teacher.patch_size) ** 2
+    batch['align'] = jax.ShapeDtypeStruct(
+        (global_batch, tokens, teacher.hidden_size), jnp.float32, sharding=bsh
+    )
   return step.lower(structs, batch)
 
 

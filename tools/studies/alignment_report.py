@@ -167,6 +167,8 @@ def _setup(results: dict) -> list[str]:
   )
   tr, mdl, al = st['train'], st['train']['model'], st['align']
   loads = [r[k] for r in results['runs'] for k in ('load_average_start', 'load_average_end')]
+  encoder = mdl['depth'] - mdl['decode_layer']
+  student = al['depth'] or min(encoder, max(1, round(mdl['depth'] * 8 / 28)))  # align.py's rule
   variants = '; '.join(
       f"**{_label(v)}** (`{v}`: mask_branch {s['mask_branch']}, align.method {s['method']}"
       + ('' if s['method'] == 'none' else f", branches {s['branches']}")
@@ -181,10 +183,10 @@ def _setup(results: dict) -> list[str]:
       + ', '.join(f'{v} {n:,}' for v, n in results['num_params'].items())
       + '.',
       f'- Variants: {variants}. DiT = the same model with the masked branch off.',
-      f"- Alignment: encoder block {al['depth'] or 1} of 2 (align.depth {al['depth']}: REPA's 8 of 28 "
-      f"scaled), weight {al['weight']}, projector {al['projector_dim']} wide (three linear "
+      f"- Alignment: encoder block {student} of {encoder} (align.depth {al['depth']}: REPA's 8 of "
+      f"28 scaled), weight {al['weight']}, projector {al['projector_dim']} wide (three linear "
       "layers, SiLU), negative cosine per token. SRA: the EMA model's block "
-      f"{al['teacher_depth'] or 2} at time t - {al['noise_offset']} x u of the range.",
+      f"{al['teacher_depth'] or min(encoder, 2 * student)} at time t - {al['noise_offset']} x u of the range.",
       f"- REPA teacher: the digits' stand-in for DINOv2, a ViT of DINOv2's architecture "
       f"({teacher['hidden_size']} wide, {teacher['layers']} layers, {teacher['heads']} heads, "
       f"{teacher['patch_size']} x {teacher['patch_size']} px patches: a 4 x 4 grid, "
