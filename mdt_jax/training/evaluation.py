@@ -32,7 +32,7 @@ from etils import epath
 from mdt_jax import atomic, paths
 from mdt_jax.evaluation import evaluator, features, inception, metrics
 from mdt_jax.sampling import postprocess
-from mdt_jax.training import samples
+from mdt_jax.training import eval_metrics, samples
 from mdt_jax.training.run import RunConfig
 
 HISTORY_FILE = 'eval_history.json'
@@ -84,7 +84,7 @@ class InceptionScorer:
       out['sfid'] = metrics.frechet_distance(stats.mu_s, stats.sigma_s, ref.mu_s, ref.sigma_s)
     if ref.pool is not None and len(ref.pool) > 3 and stats.num_images > 3:
       out['precision'], out['recall'] = metrics.precision_recall(ref.pool, feats['pool'], 3)
-    return out
+    return eval_metrics.whole_set(out)
 
 
 class Evaluator:
@@ -201,5 +201,4 @@ class Evaluator:
       feats.append(self.scorer.features(self.postprocess(x)))
     if cancel():
       raise Cancelled()
-    merged = {k: np.concatenate([f[k] for f in feats]) for k in feats[0]}
-    return {**self.scorer.score(merged), 'eval_num_samples': self.n}
+    return {**self.scorer.score(eval_metrics.collect(feats)), 'eval_num_samples': self.n}

@@ -16,6 +16,7 @@ from mdt_jax import paths
 from mdt_jax.evaluation import digits_classifier as dc
 from mdt_jax.images import save_grid, to_uint8
 from mdt_jax.sampling import SamplerConfig, build_sampler, generate
+from mdt_jax.training import eval_metrics
 from mdt_jax.training.run import RunConfig, as_run, training_sampler
 
 
@@ -84,7 +85,6 @@ def evaluate_digits(grids: GridSampler, ema_params, num_samples: int, seed: int 
   labels = np.arange(num_samples, dtype=np.int32) % grids.run.model.num_classes
   x = np.clip(grids.samples(ema_params, labels, seed), -1.0, 1.0)
   return {
-      'digits_fd': float(dc.digits_frechet_distance(x)),
-      'digits_class_accuracy': float(dc.class_accuracy(x, labels)),
+      **eval_metrics.digits(x, labels, dc.load_digits_classifier()),
       'eval_num_samples': int(num_samples),
   }
