@@ -1,7 +1,7 @@
 """Every `python -m mdt_jax.X` / `python tools/X.py` command of docs/*.md, README.md and
-BENCHMARKS.md parses: its flags are
-its program's (a renamed flag or config field in the code fails here), checked by each program's
-own parser in one fresh process, nothing run (tests/docs_commands.py)."""
+BENCHMARKS.md parses: its flags are its program's (a renamed flag or config field in the code
+fails here), checked by each program's own parser in one fresh process, nothing run
+(tests/docs_commands.py)."""
 
 import glob
 import json
