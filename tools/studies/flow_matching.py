@@ -28,7 +28,6 @@ import ml_collections
 from absl import logging
 
 from mdt_jax.configs_base import model_of
-from mdt_jax import atomic
 from mdt_jax.evaluation import digits_classifier as dc
 from mdt_jax.models.params import count_params
 from studies import curves, learning_curves as lc
@@ -165,36 +164,34 @@ def run_study(
     workdir_root: str | None = None,
     progress: Callable[[dict], None] | None = None,
 ) -> dict:
-  """Train every (seed, variant), write ``out``.json after each run; return the results.
-
-  Runs already in ``out``.json for the same study config are kept (an interrupted study resumes)
-  unless ``fresh``. Within each seed the variants alternate, so slow spells of a shared machine
-  fall on all of them.
-  """
+  """Train every (seed, variant), write ``out``.json after each run; return the results
+  (`learning_curves.study_loop`: an interrupted study resumes unless ``fresh``)."""
   check_study(study)
-  path, runs, classifier = lc.open_study(study, out, fresh)
-  scorers = DigitsScorers(study, classifier)
   variants = list(study.variants)
-  results = {
-      'version': RESULTS_VERSION,
-      'study': lc.study_record(study),
-      'num_params': {
-          v: count_params(model_of(variant_config(study, v, 0).model.to_dict())) for v in variants
-      },
-      'environment': lc.environment(),
-      'reference': lc.data_reference(study, classifier),
-      'runs': runs,
+
+  def make_run(classifier):
+    scorers = DigitsScorers(study, classifier)
+    return lambda variant, seed: run_one(study, variant, seed, scorers, workdir_root)
+
+  def finish(runs):
+    sweep = summarize_sweep(runs, variants)
+    return {
+        'summary': curves.summarize(runs, list(study.seeds), variants, study.baseline),
+        'sweep': sweep,
+        'target': target_check(sweep, study),
+    }
+
+  num_params = {
+      v: count_params(model_of(variant_config(study, v, 0).model.to_dict())) for v in variants
   }
-  lc.run_all(
+  return lc.study_loop(
       study,
+      out,
       variants,
-      results,
-      path,
-      lambda variant, seed: run_one(study, variant, seed, scorers, workdir_root),
-      progress,
+      make_run,
+      version=RESULTS_VERSION,
+      head={'num_params': num_params},
+      finish=finish,
+      fresh=fresh,
+      progress=progress,
   )
-  results['summary'] = curves.summarize(runs, list(study.seeds), variants, study.baseline)
-  results['sweep'] = summarize_sweep(runs, variants)
-  results['target'] = target_check(results['sweep'], study)
-  atomic.write_json(path, results, indent=1)
-  return results

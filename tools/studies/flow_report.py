@@ -281,30 +281,22 @@ def _tables(results: dict) -> list[str]:
   return lines + per_step
 
 
-def markdown(results: dict, png_name: str, command: str, discussion: str = '') -> str:
-  return page.markdown(
-      title="Flow matching with MDT's masking: a study on digits",
-      intro='SiT-style flow matching (linear interpolant, velocity prediction, ODE/SDE samplers) '
-      "with MDTv2's mask latent modeling, against MDTv2 as published (DDPM) and against flow "
-      'without the masked branch, on the bundled digits dataset (CPU, offline).',
-      command=command,
-      figure='flow matching vs DDPM',
-      png_name=png_name,
-      setup=_setup(results),
-      results=_tables(results),
-      conclusion=conclusion(results),
-      discussion=discussion,
-  )
-
-
 def write(
     results: dict, out: str, command: str = 'python tools/flow_matching.py'
 ) -> tuple[str, str]:
   """``out``.png and ``out``.md (keeping the discussion of an existing .md); their paths."""
-  if 'summary' not in results or 'sweep' not in results:
-    raise ValueError('results have no summary: the study did not finish')
-  return page.write(
+  return page.report(
+      results,
       out,
-      lambda png: plot(results, png),
-      lambda png_name, discussion: markdown(results, png_name, command, discussion),
+      command,
+      required=('summary', 'sweep'),
+      title="Flow matching with MDT's masking: a study on digits",
+      intro='SiT-style flow matching (linear interpolant, velocity prediction, ODE/SDE samplers) '
+      "with MDTv2's mask latent modeling, against MDTv2 as published (DDPM) and against flow "
+      'without the masked branch, on the bundled digits dataset (CPU, offline).',
+      figure='flow matching vs DDPM',
+      plot=plot,
+      setup=_setup,
+      tables=_tables,
+      conclusion=conclusion,
   )

@@ -34,7 +34,7 @@ from mdt_jax import atomic
 from mdt_jax.data.digits import load_digits_images
 from mdt_jax.evaluation import digits_classifier as dc
 from mdt_jax.models.params import abstract_model, count_params
-from mdt_jax.training.run import validate
+from mdt_jax.training.run import as_run, validate
 from mdt_jax.training.loop import train_and_evaluate
 from mdt_jax.training.samples import GridSampler, sampler_config
 from mdt_jax.training.state import TrainState
@@ -117,8 +117,8 @@ class DigitsScorer:
       train: ml_collections.ConfigDict | None = None,
   ):
     train = study.train if train is None else train  # model and sampler settings
-    model_cfg = model_of(train.model.to_dict())
-    graphdef, _ = nnx.split(abstract_model(model_cfg))
+    # the run's model: with config.align on, its projector too (the EMA weights carry it)
+    graphdef, _ = nnx.split(abstract_model(as_run(train).model))
     self.grids = GridSampler(train, graphdef)  # sampler settings: train.sampling
     self.labels = eval_labels(int(study.eval_num_samples))
     self.seed = int(study.eval_seed)
@@ -248,13 +248,15 @@ def run_one(
   return run
 
 
-def load_previous(path: str, study: ml_collections.ConfigDict) -> list[dict]:
+def load_previous(
+    path: str, study: ml_collections.ConfigDict, version: int = RESULTS_VERSION
+) -> list[dict]:
   """Finished runs of an earlier invocation with the same study config (else none)."""
   if not os.path.isfile(path):
     return []
   with open(path) as f:
     old = json.load(f)
-  if old.get('version') != RESULTS_VERSION or old.get('study') != study_record(study):
+  if old.get('version') != version or old.get('study') != study_record(study):
     logging.warning('%s was written with another study config: starting afresh', path)
     return []
   return old.get('runs', [])
@@ -272,13 +274,13 @@ def environment() -> dict:
 
 
 def open_study(
-    study: ml_collections.ConfigDict, out: str, fresh: bool
+    study: ml_collections.ConfigDict, out: str, fresh: bool, version: int = RESULTS_VERSION
 ) -> tuple[str, list[dict], dc.DigitsClassifier]:
   """(``out``.json, the finished runs it holds for the same study config unless ``fresh``, the
   digits classifier that scores the samples)."""
   path = out + '.json'
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  runs = [] if fresh else load_previous(path, study)
+  runs = [] if fresh else load_previous(path, study, version)
   if runs:
     logging.info('resuming: %d finished runs in %s', len(runs), path)
   return path, runs, dc.load_digits_classifier(seed=int(study.classifier_seed))
@@ -310,6 +312,40 @@ def run_all(
   return runs
 
 
+def study_loop(
+    study: ml_collections.ConfigDict,
+    out: str,
+    variants,
+    make_run: Callable[[dc.DigitsClassifier], Callable[[str, int], dict]],
+    *,
+    version: int,
+    head: dict,
+    finish: Callable[[list[dict]], dict],
+    fresh: bool = False,
+    progress: Callable[[dict], None] | None = None,
+) -> dict:
+  """The resumable seed x variant loop of every study: ``make_run(classifier)`` gives
+  ``run(variant, seed)`` -> the run's dict; ``out``.json is written after each run, with the
+  study config, ``head`` (e.g. parameter counts), the machine and the real-data reference;
+  ``finish(runs)``'s entries (the summaries) are added at the end. Runs already in ``out``.json
+  for the same study config and ``version`` are kept (an interrupted study resumes) unless
+  ``fresh``. Returns the results."""
+  path, runs, classifier = open_study(study, out, fresh, version)
+  run = make_run(classifier)
+  results = {
+      'version': version,
+      'study': study_record(study),
+      **head,
+      'environment': environment(),
+      'reference': data_reference(study, classifier),
+      'runs': runs,
+  }
+  run_all(study, list(variants), results, path, run, progress)
+  results.update(finish(runs))
+  atomic.write_json(path, results, indent=1)
+  return results
+
+
 def run_study(
     study: ml_collections.ConfigDict,
     out: str,
@@ -318,30 +354,22 @@ def run_study(
     workdir_root: str | None = None,
     progress: Callable[[dict], None] | None = None,
 ) -> dict:
-  """Train every (seed, variant), write ``out``.json after each run; return the results.
-
-  Runs already in ``out``.json for the same study config are kept (an interrupted study resumes)
-  unless ``fresh``.
-  """
+  """Train every (seed, variant), write ``out``.json after each run; return the results
+  (``study_loop``: an interrupted study resumes unless ``fresh``)."""
   check_study(study)
-  path, runs, classifier = open_study(study, out, fresh)
-  scorer = DigitsScorer(study, classifier)
-  results = {
-      'version': RESULTS_VERSION,
-      'study': study_record(study),
-      'num_params': count_params(model_of(study.train.model.to_dict())),
-      'environment': environment(),
-      'reference': data_reference(study, classifier),
-      'runs': runs,
-  }
-  run_all(
+
+  def make_run(classifier):
+    scorer = DigitsScorer(study, classifier)
+    return lambda variant, seed: run_one(study, variant, seed, scorer, workdir_root)
+
+  return study_loop(
       study,
+      out,
       VARIANTS,
-      results,
-      path,
-      lambda variant, seed: run_one(study, variant, seed, scorer, workdir_root),
-      progress,
+      make_run,
+      version=RESULTS_VERSION,
+      head={'num_params': count_params(model_of(study.train.model.to_dict()))},
+      finish=lambda runs: {'summary': summarize(runs, list(study.seeds))},
+      fresh=fresh,
+      progress=progress,
   )
-  results['summary'] = summarize(runs, list(study.seeds))
-  atomic.write_json(path, results, indent=1)
-  return results

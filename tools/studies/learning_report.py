@@ -231,30 +231,22 @@ def _results_tables(results: dict) -> list[str]:
   return lines
 
 
-def markdown(results: dict, png_name: str, command: str, discussion: str = '') -> str:
-  return page.markdown(
-      title='Learning speed: MDTv2 vs the DiT-style baseline on digits',
-      intro='The MDTv2 paper reports that mask latent modeling makes diffusion transformers learn '
-      'much faster than DiT (">10x" on ImageNet 256x256). This study checks the claim at a '
-      'scale anyone can run offline on a CPU: the bundled digits dataset.',
-      command=command,
-      figure='learning curves',
-      png_name=png_name,
-      setup=_setup(results),
-      results=_results_tables(results),
-      conclusion=conclusion(results),
-      discussion=discussion,
-  )
-
-
 def write(
     results: dict, out: str, command: str = 'python tools/learning_curves.py'
 ) -> tuple[str, str]:
   """``out``.png and ``out``.md (keeping the discussion of an existing .md); their paths."""
-  if 'summary' not in results:
-    raise ValueError('results have no summary: the study did not finish')
-  return page.write(
+  return page.report(
+      results,
       out,
-      lambda png: plot(results, png),
-      lambda png_name, discussion: markdown(results, png_name, command, discussion),
+      command,
+      required=('summary',),
+      title='Learning speed: MDTv2 vs the DiT-style baseline on digits',
+      intro='The MDTv2 paper reports that mask latent modeling makes diffusion transformers learn '
+      'much faster than DiT (">10x" on ImageNet 256x256). This study checks the claim at a '
+      'scale anyone can run offline on a CPU: the bundled digits dataset.',
+      figure='learning curves',
+      plot=plot,
+      setup=_setup,
+      tables=_results_tables,
+      conclusion=conclusion,
   )

@@ -78,3 +78,40 @@ def write(
   plot(png)
   atomic.write_text(md, markdown_of(os.path.basename(png), existing_discussion(md)))
   return png, md
+
+
+def report(
+    results: dict,
+    out: str,
+    command: str,
+    *,
+    required: Sequence[str],
+    title: str,
+    intro: str,
+    figure: str,
+    plot: Callable[[dict, str], str],
+    setup: Callable[[dict], Sequence[str]],
+    tables: Callable[[dict], Sequence[str]],
+    conclusion: Callable[[dict], Sequence[str]],
+) -> tuple[str, str]:
+  """A study's ``out``.png (``plot(results, path)``) and ``out``.md (the page of ``markdown``
+  with the study's setup, tables and conclusion of ``results``), keeping the discussion of an
+  existing .md; their paths. Results without every key of ``required`` are refused."""
+  missing = [k for k in required if k not in results]
+  if missing:
+    raise ValueError(f'results have no {", ".join(missing)}: the study did not finish')
+
+  def markdown_of(png_name: str, discussion: str) -> str:
+    return markdown(
+        title=title,
+        intro=intro,
+        command=command,
+        figure=figure,
+        png_name=png_name,
+        setup=setup(results),
+        results=tables(results),
+        conclusion=conclusion(results),
+        discussion=discussion,
+    )
+
+  return write(out, lambda png: plot(results, png), markdown_of)
