@@ -67,6 +67,24 @@ def run(cmd: list[str], timeout: float = 600, **kw) -> subprocess.CompletedProce
   )
 
 
+def one_line(output: str) -> str:
+  """The one ``error: ...`` line of a command line's output (stderr, or stdout and stderr
+  together: absl's log lines aside), checking that it is the only one and that no traceback was
+  printed."""
+  lines = [line for line in output.splitlines() if line.startswith('error: ')]
+  assert len(lines) == 1, output[-4000:]
+  assert 'Traceback' not in output, output[-4000:]
+  return lines[0]
+
+
+def run_user_error(cmd: list[str], **kw) -> str:
+  """Run a command line that must stop on a user error: exit status 2 and one ``error:`` line
+  (returned), no traceback."""
+  out = run(cmd, **kw)
+  assert out.returncode == 2, out.stdout[-4000:]
+  return one_line(out.stdout)
+
+
 def steps_saved(workdir: str) -> list[int]:
   """The committed checkpoints of a workdir (orbax writes into a temporary name, then renames)."""
   d = os.path.join(workdir, 'checkpoints')

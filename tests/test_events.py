@@ -158,7 +158,7 @@ def test_clu_writer_is_chosen_by_config_and_imports_tensorflow_then(tmp_path):
       writer.write_scalars(1, {{'loss': 0.5}})
       writer.write_texts(1, {{'config': 'x'}})
       writer.close()
-      print(type(writer).__module__, 'tensorflow' in sys.modules)
+      print(type(writer._writer).__module__, 'tensorflow' in sys.modules)
       """)
   env = dict(os.environ, PYTHONPATH=ROOT)
   out = subprocess.run(

@@ -170,9 +170,12 @@ class Evaluator:
     self.writer.write_scalars(
         step, {k: v for k, v in result.items() if k != 'eval_num_samples' and v is not None}
     )
-    self._record(step, result)
+    # eval.json before the history: a run killed between the two finds the evaluation missing
+    # from the history on resume and runs it again, writing both (the other order would leave a
+    # history that says done and no eval.json)
     if step == self.total and jax.process_index() == 0:
       atomic.write_text(str(self.final_path), json.dumps({'step': step, **result}, indent=2))
+    self._record(step, result)
     logging.info('evaluation at step %d: %s', step, result)
     return result
 
