@@ -151,7 +151,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_the_last_good_checkpoint(ch
       rf'error: writing {work}/checkpoints/6.orbax-checkpoint-tmp/\w+.orbax-checkpoint-tmp '
       r'failed: \[Errno 28\] No space left on device \(injected at checkpoint@6\); the last good '
       rf'checkpoint is step 3 \({work}/checkpoints/3\): the next start resumes from it',
-      launch.one_line(out.stdout),
+      launch.one_line(out.stdout, logged_before=True),
   )
   assert launch.steps_saved(work)[0] == 3  # kept, and loaded by the next start
 
