@@ -151,7 +151,7 @@ def test_a_full_disk_stops_the_run_with_one_line_and_the_last_good_checkpoint(ch
       rf'error: writing {work}/checkpoints/6.orbax-checkpoint-tmp/\w+.orbax-checkpoint-tmp '
       r'failed: \[Errno 28\] No space left on device \(injected at checkpoint@6\); the last good '
       rf'checkpoint is step 3 \({work}/checkpoints/3\): the next start resumes from it',
-      launch.one_line(out.stdout),
+      launch.one_line(out.stdout, logged_before=True),
   )
   assert launch.steps_saved(work)[0] == 3  # kept, and loaded by the next start
 
@@ -170,43 +170,6 @@ def test_every_file_of_the_run_passed_the_hook(chain):
       if rel.startswith('checkpoints' + os.sep) or '.tmp-' in name:
         continue  # orbax's files (passed as items) and temporary files of killed writes
       assert path in logged, f'{rel} was written without passing the fault hook'
-
-
-# --------------------------------------------------------------- clu's writer (TensorFlow's)
-
-_CLU_WRITES = r"""
-import sys
-from mdt_jax import errors
-from mdt_jax.training import logdir
-writer, _ = logdir.create_writer(sys.argv[1], kind='clu')
-print('file', writer.path, flush=True)
-writer.write_scalars(1, {'loss': 0.5})  # events@1
-writer.flush()  # events@2: the queue reaches the file
-try:
-  writer.write_scalars(2, {'loss': 0.25})  # events@3: a full disk
-except errors.WriteFailed as e:
-  print('error', e, flush=True)
-writer.write_scalars(3, {'loss': 0.125})  # events@4: killed
-"""
-
-
-def test_clus_event_file_writes_pass_the_hook(tmp_path):
-  """config.metric_writer='clu': TensorFlow writes the event file, and each write call and
-  flush passes the hook first (mdt_jax/training/logdir.py, HookedCluWriter): a full disk is a
-  WriteFailed naming the file, a kill keeps what was flushed."""
-  from tensorboard_events import read_events
-
-  log = tmp_path / 'writes.log'
-  env = launch.env(MDT_JAX_FAULT='events@3:enospc,events@4:kill', MDT_JAX_FAULT_LOG=str(log))
-  out = launch.run([sys.executable, '-c', _CLU_WRITES, str(tmp_path / 'tb')], env=env)
-  assert out.returncode == -9, out.stdout[-3000:]
-  [path] = re.findall(r'^file (.*)$', out.stdout, re.M)
-  assert os.path.dirname(path) == str(tmp_path / 'tb') and 'tfevents' in path
-  assert re.findall(r'^error (.*)$', out.stdout, re.M) == [
-      f'writing {path} failed: [Errno 28] No space left on device (injected at events@3)'
-  ]
-  assert open(log).read().splitlines() == [f'events\t{n}\t{path}' for n in (1, 2, 3, 4)]
-  assert dict(read_events(str(tmp_path / 'tb'))['loss']) == {1: [0.5]}
 
 
 # -------------------------------------------------------------------- failed writes, in-process
@@ -348,27 +311,36 @@ def flaky_gcs(gcs, monkeypatch):
   gcsfs.GCSFileSystem.clear_instance_cache()
 
 
-def test_uploads_are_retried_after_5xx_and_dropped_connections(flaky_gcs):
+def _backoff_skipped(monkeypatch) -> list[float]:
+  """gcsfs's backoff sleeps (asyncio.sleep) skipped; the delays it asked for, in order."""
+  import asyncio
+
+  real_sleep, delays = asyncio.sleep, []
+
+  async def no_backoff(delay, *args, **kwargs):
+    if delay:
+      delays.append(delay)
+    return await real_sleep(0, *args, **kwargs)
+
+  monkeypatch.setattr(asyncio, 'sleep', no_backoff)
+  return delays
+
+
+def test_uploads_are_retried_after_5xx_and_dropped_connections(flaky_gcs, monkeypatch):
   gcs, proxy = flaky_gcs
+  delays = _backoff_skipped(monkeypatch)
   proxy.plan[:] = ['503', 'drop', '500']
   atomic.write_json(f'{gcs}/flaky/eval_history.json', {'evaluations': [1]})
-  assert proxy.seen == ['503', 'drop', '500', 'pass']  # gcsfs retried, with its backoff
+  assert proxy.seen == ['503', 'drop', '500', 'pass']  # gcsfs retried
+  assert len(delays) == 3 and delays == sorted(delays), delays  # after a growing backoff
   assert json.loads(atomic.paths.path(f'{gcs}/flaky/eval_history.json').read_text()) == {
       'evaluations': [1]
   }
 
 
 def test_an_upload_that_keeps_failing_stops_with_one_line(flaky_gcs, monkeypatch):
-  import asyncio
-
   gcs, proxy = flaky_gcs
-  real_sleep = asyncio.sleep
-
-  async def no_backoff(delay, *args, **kwargs):
-    del delay
-    return await real_sleep(0, *args, **kwargs)
-
-  monkeypatch.setattr(asyncio, 'sleep', no_backoff)  # gcsfs's backoff, about 31 s, skipped
+  _backoff_skipped(monkeypatch)  # gcsfs's backoff, about 31 s
   path = f'{gcs}/flaky/samples.npz'
   for plan, what in [(['503'] * 6, 'Service Unavailable'), (['403'], 'Forbidden')]:
     proxy.plan[:], proxy.seen[:] = plan, []
