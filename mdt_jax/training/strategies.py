@@ -229,7 +229,7 @@ def _data_dim(spec) -> int:
   return -1
 
 
-def _scatter_split(n: int) -> tuple[int, int]:
+def scatter_split(n: int) -> tuple[int, int]:
   """(outer, inner) chips of the two-stage reduce-scatter: inner the smallest factor of n."""
   inner = next((f for f in range(2, n) if n % f == 0), 1)
   return n // inner, inner
@@ -247,7 +247,7 @@ def step_layout(
   rules_layout = sharding.param_shardings(nnx.state(abstract_model(model_cfg)), mesh, rules)
   scatter = None
   if strategy.name == 'zero' and per_shard and strategy.data > 1 == strategy.fsdp * strategy.tensor:
-    scatter = _scatter_split(strategy.data)
+    scatter = scatter_split(strategy.data)
   return StepLayout(rules_layout, stored_layout, strategy.collective_dtype, scatter)
 
 
