@@ -5,8 +5,9 @@ MDT's branches (docs/representation_alignment.md).
 
 ``train`` is the learning-speed study's (configs/learning_curves.py: the quickstart's model and
 recipe, evaluated on class-balanced samples with DPM-Solver++ at 20 model evaluations,
-guidance 2), cut to 750 steps and 250 samples per evaluation so that the 15 runs fit about an
-hour on 2 shared CPU cores (a step of MDT took 0.24-0.4 s there with the machine's load at 11).
+guidance 2), cut to 500 steps and 250 samples per evaluation so that the 15 runs fit about an
+hour on 2 shared CPU cores (a DiT+REPA step took 0.4 s there with the machine's load at 18, an
+MDT step 0.24-0.4 s at load 11): early training only.
 A variant sets the masked branch and ``config.align``'s method and branches; the settings
 shared by every aligned variant are ``align``. The REPA teacher is the digits' stand-in for
 DINOv2 (tools/studies/digits_teacher.py, trained by the study with ``teacher``'s seed and
@@ -29,9 +30,9 @@ def _learning_curves_config() -> ml_collections.ConfigDict:
 
 def get_config() -> ml_collections.ConfigDict:
   c = _learning_curves_config()
-  c.train.total_steps = 750
+  c.train.total_steps = 500
   c.train.checkpoint_every_steps = c.train.total_steps
-  c.eval_every_steps = 150
+  c.eval_every_steps = 100
   c.eval_num_samples = 250
   c.variants = {
       'mdt': dict(mask_branch=True, method='none', branches='plain'),  # MDTv2 as published

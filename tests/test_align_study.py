@@ -94,7 +94,16 @@ def test_tiny_study_runs_every_variant_resumes_and_reports(tmp_path, monkeypatch
   assert os.path.getsize(png) > 10_000
   text = open(md).read()
   assert '| MDT+REPA, both branches |' in text and 'Aligning the masked branch' in text
-  assert 'stand-in for DINOv2' in text
+  assert 'stand-in for DINOv2' in text and 'unfinished' not in text
+
+  # An unfinished study (seed 2 of one variant missing) is reported over seed 1 alone.
+  saved['runs'] = [r for r in saved['runs'] if (r['variant'], r['seed']) != ('mdt_sra', 2)]
+  with open(out + '.json', 'w') as f:
+    json.dump(saved, f)
+  partial = ra.partial_results(study_config(), out)
+  assert partial['finished_seeds'] == [1] and {r['seed'] for r in partial['runs']} == {1}
+  alignment_report.write(partial, out, 'python tools/representation_alignment.py')
+  assert 'unfinished: summarised over seed(s) 1' in open(md).read()
 
 
 def test_bad_study_is_refused_before_training(tmp_path):

@@ -3,7 +3,10 @@
     python tools/extract_latents.py --vae VAE_DIR --source tfds --tfds_data_dir DIR --out OUT
     python tools/extract_latents.py --vae VAE_DIR --source folder --image_dir train/ --out OUT
 
-Each image and its horizontal flip are encoded (ADM centre crop to --image_size). A restarted run
+Each image and its horizontal flip are encoded (ADM centre crop to --image_size). With
+--align_encoder=DIR (a DINOv2 folder, tools/convert_dinov2.py) the teacher's patch tokens of the
+image and of its flip (resized to --align_resolution) are stored in the same record, float16, for
+REPA on latents (docs/alignment.md says what that costs on disk). A restarted run
 skips finished shards; unreadable images are listed in OUT/skipped.txt; OUT/manifest.json holds
 the summary. See mdt_jax/data/extract.py (the writing) and image_sources.py (the images).
 """
@@ -15,6 +18,7 @@ from absl import app, flags, logging
 import mdt_jax.vae
 from mdt_jax import errors, paths
 from mdt_jax.data import extract, image_sources
+from mdt_jax.models import dinov2
 
 flags.DEFINE_string(
     'vae', None, 'VAE folder written by tools/convert_vae.py (sd-vae-ft-mse)', required=True
@@ -45,6 +49,15 @@ flags.DEFINE_enum(
     'within ~1e-3 relative of full float32, as PyTorch cuDNN convolutions); '
     '"highest" is full float32 and was ~11x slower on an H200',
 )
+flags.DEFINE_string(
+    'align_encoder',
+    None,
+    'a DINOv2 folder (tools/convert_dinov2.py): store its patch tokens of each image and of the '
+    "flip beside the latents (REPA's teacher features)",
+)
+flags.DEFINE_integer(
+    'align_resolution', 224, "the teacher's input size in pixels (224: a 16 x 16 grid at /14)"
+)
 FLAGS = flags.FLAGS
 
 
@@ -67,6 +80,15 @@ def main(argv):
   logging.info(
       '%d images in %d classes from %s', len(source), len(source.class_names), source.description
   )
+  teacher = None
+  if FLAGS.align_encoder:
+    teacher = dinov2.load(paths.resolve(FLAGS.align_encoder))
+    grid, rem = divmod(FLAGS.align_resolution, teacher.config.patch_size)
+    if rem or grid < 1:
+      raise app.UsageError(
+          f"--align_resolution={FLAGS.align_resolution} is not a multiple of the teacher's "
+          f'patch size {teacher.config.patch_size}'
+      )
   vae = mdt_jax.vae.load(paths.resolve(FLAGS.vae), dtype=jnp.dtype(FLAGS.dtype))
   precision = None if FLAGS.precision == 'default' else FLAGS.precision
   with jax.default_matmul_precision(precision):
@@ -78,6 +100,8 @@ def main(argv):
         batch_size=FLAGS.batch_size,
         images_per_shard=FLAGS.images_per_shard,
         num_workers=FLAGS.num_workers,
+        align_encoder=teacher,
+        align_resolution=FLAGS.align_resolution,
     )
 
 

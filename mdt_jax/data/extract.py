@@ -32,11 +32,13 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from array_record.python.array_record_module import ArrayRecordWriter
+from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mdt_jax import atomic, paths
 from mdt_jax.data.image_sources import ImageSource, preprocess
-from mdt_jax.data.records import encode_latent_record
+from mdt_jax.data.records import ALIGN_DTYPE, encode_latent_record
+from mdt_jax.models import dinov2
 from mdt_jax.progress import Progress
 from mdt_jax.vae.io import VAE, encode_fn
 
@@ -74,8 +76,17 @@ def _check_run(progress_dir: str, settings: dict) -> None:
     atomic.write_json(path, settings)
 
 
-def make_pair_encoder(vae: VAE, batch_size: int):
-  """Jitted fn(uint8 images [B, H, W, 3]) -> (moments, moments_flip), batch sharded over devices.
+def _teacher_fingerprint(teacher) -> str:
+  h = hashlib.sha256()
+  for leaf in jax.tree.leaves(nnx.state(teacher)):
+    h.update(np.asarray(leaf).tobytes())
+  return h.hexdigest()[:16]
+
+
+def make_pair_encoder(vae: VAE, batch_size: int, teacher=None, resolution: int = dinov2.RESOLUTION):
+  """Jitted fn(uint8 images [B, H, W, 3]) -> (moments, moments_flip), batch sharded over devices;
+  with a DINOv2 ``teacher`` also (its patch tokens, those of the flip) as float16 [B, T, D], the
+  images resized to ``resolution`` as REPA feeds its teacher (``mdt_jax.models.dinov2``).
 
   Each device encodes its images and their flips (interleaved, so nothing moves between devices).
   """
@@ -87,16 +98,26 @@ def make_pair_encoder(vae: VAE, batch_size: int):
   )
   batch, replicated = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
 
+  teacher_graph, state = None, {'vae': vae.state}
+  if teacher is not None:
+    teacher_graph, state['teacher'] = nnx.split(teacher)
+
   def pair(state, images):
     x = images.astype(jnp.float32) / 127.5 - 1
     b = x.shape[0]
     x = jnp.stack([x, x[:, :, ::-1]], axis=1).reshape(2 * b, *x.shape[1:])
-    mean, logvar = encode_fn(vae.graphdef, state, x)
+    mean, logvar = encode_fn(vae.graphdef, state['vae'], x)
     m = jnp.concatenate([mean, logvar], axis=-1).reshape(b, 2, *mean.shape[1:3], -1)
-    return m[:, 0], m[:, 1]
+    if teacher_graph is None:
+      return m[:, 0], m[:, 1]
+    model = nnx.merge(teacher_graph, state['teacher'])
+    f = model.patch_tokens(dinov2.normalize(x, resolution)).astype(ALIGN_DTYPE)
+    f = f.reshape(b, 2, *f.shape[1:])
+    return m[:, 0], m[:, 1], f[:, 0], f[:, 1]
 
-  fn = jax.jit(pair, in_shardings=(replicated, batch), out_shardings=(batch, batch))
-  state = jax.device_put(vae.state, replicated)
+  outputs = 2 if teacher is None else 4
+  fn = jax.jit(pair, in_shardings=(replicated, batch), out_shardings=(batch,) * outputs)
+  state = jax.device_put(state, replicated)
   return lambda images: fn(state, jax.device_put(images, batch))
 
 
@@ -126,10 +147,11 @@ def _write_shard(
   queued = collections.deque(submit(c) for c in itertools.islice(chunks, PREFETCH))
 
   def flush(result):
-    (m, mf), labels = result
-    m, mf = np.asarray(m), np.asarray(mf)
+    arrays, labels = result
+    m, mf, *features = (np.asarray(a) for a in arrays)
     for k, label in enumerate(labels):
-      writer.write(encode_latent_record(m[k], mf[k], label))
+      pair = [f[k] for f in features]  # the teacher's features of the image and of its flip
+      writer.write(encode_latent_record(m[k], mf[k], label, *pair))
       counts[source.class_names[label]] += 1
 
   try:
@@ -192,8 +214,12 @@ def extract(
     batch_size: int = 64,
     images_per_shard: int = 10_000,
     num_workers: int = 16,
+    align_encoder: dinov2.Dinov2 | None = None,
+    align_resolution: int = dinov2.RESOLUTION,
 ) -> dict:
-  """Encode every image of `source` (and its flip) into ArrayRecord shards under `out_dir`.
+  """Encode every image of `source` (and its flip) into ArrayRecord shards under `out_dir`;
+  with ``align_encoder`` (a DINOv2, REPA's teacher) its patch tokens of the image and of the
+  flip, at ``align_resolution`` px, are stored in each record too (float16).
 
   Returns the manifest (also written to ``out_dir/manifest.json``).
   """
@@ -214,6 +240,7 @@ def extract(
   num_shards = math.ceil(n / images_per_shard)
   progress_dir = os.path.join(out_dir, 'progress')
   os.makedirs(progress_dir, exist_ok=True)
+  align = _teacher_settings(align_encoder, align_resolution)
   _check_run(
       progress_dir,
       {
@@ -226,10 +253,11 @@ def extract(
           'vae_config': vae.config.to_dict(),
           'vae_dtype': jnp.dtype(vae.dtype).name,
           'vae_fingerprint': _vae_fingerprint(vae),
+          'align_encoder': align,
       },
   )
 
-  encode = make_pair_encoder(vae, batch_size)
+  encode = make_pair_encoder(vae, batch_size, align_encoder, align_resolution)
   progress = Progress(n, 'latents', unit='images')
   with progress, concurrent.futures.ThreadPoolExecutor(num_workers) as pool:
     for s in range(num_shards):
@@ -245,10 +273,26 @@ def extract(
       info.update(file=os.path.basename(final), bytes=os.path.getsize(tmp))
       atomic.write_json(info_path, info)  # before the rename: a finished shard always has its info
       os.replace(tmp, final)
-  return _finish(out_dir, progress_dir, source, vae, num_shards, image_size)
+  return _finish(out_dir, progress_dir, source, vae, num_shards, image_size, align)
 
 
-def _finish(out_dir, progress_dir, source, vae, num_shards, image_size) -> dict:
+def _teacher_settings(teacher, resolution: int) -> dict | None:
+  """What the stored features are: the teacher's architecture and weights, the input size, the
+  features' shape (None without a teacher)."""
+  if teacher is None:
+    return None
+  c = teacher.config
+  grid = resolution // c.patch_size
+  return {
+      'config': c.to_dict(),
+      'fingerprint': _teacher_fingerprint(teacher),
+      'resolution': int(resolution),
+      'features_shape': [grid * grid, c.hidden_size],
+      'dtype': np.dtype(ALIGN_DTYPE).name,
+  }
+
+
+def _finish(out_dir, progress_dir, source, vae, num_shards, image_size, align) -> dict:
   shards, per_class, skipped = [], collections.Counter(), []
   for s in range(num_shards):
     with open(os.path.join(progress_dir, f'shard-{s:05d}.json')) as f:
@@ -272,6 +316,8 @@ def _finish(out_dir, progress_dir, source, vae, num_shards, image_size) -> dict:
       'class_names': source.class_names,
       'images_per_class': {c: per_class.get(c, 0) for c in source.class_names},
       'shards': shards,
+      # the REPA teacher's features stored beside the latents (records 'align', 'align_flip')
+      'align_features': align,
   }
   atomic.write_json(os.path.join(out_dir, 'manifest.json'), manifest)
   counts = list(manifest['images_per_class'].values())

@@ -61,15 +61,28 @@ def latent_files(path: str) -> list[str]:
   return files
 
 
-def sample_latent(record: bytes, rng: np.random.Generator, flip: bool = True) -> dict:
-  """Pick the image or its flip (p = 0.5), sample the posterior, scale by 0.18215."""
+def sample_latent(
+    record: bytes, rng: np.random.Generator, flip: bool = True, align: bool = False
+) -> dict:
+  """Pick the image or its flip (p = 0.5), sample the posterior, scale by 0.18215. ``align``:
+  also the stored teacher features of the same pick ('align', float32 [T, D]: the flipped
+  image's for the flipped latent)."""
   rec = decode_latent_record(record)
-  moments = rec['moments_flip'] if flip and rng.random() < 0.5 else rec['moments']
+  flipped = flip and rng.random() < 0.5
+  moments = rec['moments_flip'] if flipped else rec['moments']
   moments = np.asarray(moments, np.float32)
   mean, logvar = np.split(moments, 2, axis=-1)
   std = np.exp(0.5 * np.clip(logvar, -30.0, 20.0))
   z = mean + std * rng.standard_normal(mean.shape).astype(np.float32)
-  return {'x': (z * LATENT_SCALE).astype(np.float32), 'y': np.int32(rec['label'])}
+  out = {'x': (z * LATENT_SCALE).astype(np.float32), 'y': np.int32(rec['label'])}
+  if align:
+    if 'align' not in rec:
+      raise ValueError(
+          'a latent record without teacher features: the shards were extracted without '
+          'tools/extract_latents.py --align_encoder'
+      )
+    out['align'] = np.asarray(rec['align_flip'] if flipped else rec['align'], np.float32)
+  return out
 
 
 def make_source(cfg: DataSpec):
@@ -126,6 +139,17 @@ def latent_shape(path: str) -> tuple[int, int]:
   return spec
 
 
+def align_features(path: str) -> tuple[int, int] | None:
+  """(tokens, dim) of the teacher features stored in a latent folder's records (its first
+  record), or None: latents only."""
+  for f in latent_files(path):
+    src = _open_shard(f)
+    if len(src):
+      rec = decode_latent_record(src[0])
+      return tuple(rec['align'].shape) if 'align' in rec else None
+  return None
+
+
 def manifest_classes(path: str) -> int | None:
   """The number of classes in a latent folder's manifest.json (None without one)."""
   manifest = paths.path(path) / 'manifest.json'
@@ -172,7 +196,9 @@ def make_dataset(
     local_batch: int,
     process_index: int = 0,
     process_count: int = 1,
+    align: bool = False,
 ) -> grain.IterDataset:
+  """``align``: batches also hold the stored teacher features ('align', latents only)."""
   source = make_source(cfg)
   if len(source) == 0:
     raise ValueError(f'dataset {cfg.name!r} is empty')
@@ -183,15 +209,16 @@ def make_dataset(
     )
   ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat()
   if cfg.name == 'latents':
-    ds = ds.random_map(lambda r, rng: sample_latent(r, rng, cfg.flip))
+    ds = ds.random_map(lambda r, rng: sample_latent(r, rng, cfg.flip, align))
   ds = ds.batch(local_batch, drop_remainder=True)
   ds = ds[process_index::process_count]
   opts = grain.ReadOptions(num_threads=cfg.num_threads, prefetch_buffer_size=cfg.prefetch)
   return ds.to_iter_dataset(opts)
 
 
-def make_iterator(cfg: DataSpec, *, seed: int, global_batch: int) -> Iterator:
-  """This process's iterator (it has get_state/set_state for checkpoints)."""
+def make_iterator(cfg: DataSpec, *, seed: int, global_batch: int, align: bool = False) -> Iterator:
+  """This process's iterator (it has get_state/set_state for checkpoints); ``align``:
+  `make_dataset`'s."""
   pc = jax.process_count()
   if global_batch % pc:
     raise ValueError(f'global_batch_size {global_batch} is not divisible by the process count {pc}')
@@ -201,6 +228,7 @@ def make_iterator(cfg: DataSpec, *, seed: int, global_batch: int) -> Iterator:
       local_batch=global_batch // pc,
       process_index=jax.process_index(),
       process_count=pc,
+      align=align,
   )
   return iter(ds)
 

@@ -234,23 +234,35 @@ class BranchAligner:
 class Alignment:
   """The train step's view of ``config.align``: the blocks, the REPA teacher (loaded once)."""
 
-  def __init__(self, config: AlignConfig, model: MDTConfig):
+  def __init__(self, config: AlignConfig, model: MDTConfig, stored: bool = False):
+    """``stored``: REPA's teacher features come with the batch ('align', extracted beside the
+    latents) instead of from the teacher run on the images."""
     self.config = config
     self.block = config.student_block(model)
     self.teacher_block = config.teacher_block(model)
     self.grid = model.grid
-    self.teacher = dinov2.load(config.teacher) if config.method == 'repa' else None
+    self.stored = stored and config.method == 'repa'
+    online = config.method == 'repa' and not self.stored
+    self.teacher = dinov2.load(config.teacher) if online else None
 
   def weight(self, step: Array) -> Array:
     return active_weight(self.config, step)
 
-  def aligners(self, graphdef, teacher_params, dif, x0: Array) -> dict[str, BranchAligner]:
+  def aligners(
+      self, graphdef, teacher_params, dif, x0: Array, batch: Mapping[str, Array] | None = None
+  ) -> dict[str, BranchAligner]:
     """{'plain' / 'masked': BranchAligner} of the aligned branches. REPA's targets are the clean
-    images' (once for both branches); SRA's come from `teacher_params` (the EMA or current
-    weights, without gradient) per branch, at the branch's noise and label dropout."""
+    images' (once for both branches; stored: the batch's 'align' features); SRA's come from
+    `teacher_params` (the EMA or current weights, without gradient) per branch, at the branch's
+    noise and label dropout."""
     cfg = self.config
     if cfg.method == 'repa':
-      targets = repa_targets(self.teacher, x0, self.grid, cfg.resolution)
+      if self.stored:
+        if batch is None or 'align' not in batch:
+          raise ValueError("stored teacher features: the batch has no 'align' entry")
+        targets = jax.lax.stop_gradient(dinov2.pool_tokens(batch['align'], self.grid))
+      else:
+        targets = repa_targets(self.teacher, x0, self.grid, cfg.resolution)
 
       def terms(model, features, *unused):
         return align_terms(model, features, targets)

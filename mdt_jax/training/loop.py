@@ -19,7 +19,7 @@ from mdt_jax.images import grid_image
 from mdt_jax.training import checkpoints, cost, evaluation, logdir, samples, sharding, strategies
 from mdt_jax.training import run_summary, train_metrics
 from mdt_jax.training.lock import WorkdirLock
-from mdt_jax.training.run import RunConfig, as_run
+from mdt_jax.training.run import RunConfig, as_run, stored_features
 from mdt_jax.training.state import TrainState, create_train_state, make_optimizer
 from mdt_jax.training.step import jit_step_from_config
 
@@ -116,7 +116,9 @@ def _train(config, workdir, workdir_lock, callbacks, devices) -> dict:
   # Evaluation files (reference, Inception, VAE) are checked before any work starts.
   evaluator = evaluation.Evaluator(run, workdir) if run.evaluation.num_samples else None
   batch_sh = sharding.batch_sharding(mesh)
-  reader = pipeline.make_iterator(run.data, seed=loop.seed, global_batch=loop.global_batch_size)
+  reader = pipeline.make_iterator(
+      run.data, seed=loop.seed, global_batch=loop.global_batch_size, align=stored_features(run)
+  )
   source = run.data.path or run.data.name
 
   def place(batch):

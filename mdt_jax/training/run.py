@@ -18,8 +18,9 @@ import ml_collections
 
 from mdt_jax.diffusion import Diffusion, FlowMatching, make_process, objective_of
 from mdt_jax.configs_base import base_config, model_of
-from mdt_jax.data.pipeline import element_spec, manifest_classes
+from mdt_jax.data.pipeline import align_features, element_spec, manifest_classes
 from mdt_jax.data.spec import DataSpec
+from mdt_jax.models import dinov2
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.sampling.config import SamplerConfig, make_sampler_config
 from mdt_jax.training.align import AlignConfig, config_of
@@ -216,6 +217,7 @@ def validate(config: ml_collections.ConfigDict, *, check_data: bool = True) -> R
   model = _check_align(align, model, data, config.mask_branch)
   if check_data:
     _check_data(data, model)
+    _check_align_data(align, model, data)
   return RunConfig(
       model=model,
       diffusion=diffusion,
@@ -289,12 +291,34 @@ def check_evaluation(evaluation: EvalSettings, data: DataSpec) -> None:
 def _check_align(align: AlignConfig, model: MDTConfig, data: DataSpec, mask_branch: bool):
   """config.align refused when it cannot train; the model with its projector."""
   align.check(model, mask_branch=mask_branch)
-  if align.method == 'repa' and data.name != 'digits':
-    raise ValueError(
-        f'align.method=repa needs the images for its teacher; data {data.name!r} holds '
-        'latents only (pixel data: the digits)'
-    )
   return align.model_config(model)
+
+
+def _check_align_data(align: AlignConfig, model: MDTConfig, data: DataSpec) -> None:
+  """REPA on latents reads its teacher's features from the records: they must be there, of the
+  teacher's width, on a grid the student's can be pooled from."""
+  if align.method != 'repa' or data.pixels:
+    return
+  stored = align_features(data.path)
+  if stored is None:
+    raise ValueError(
+        f'align.method=repa on latents needs the teacher features stored beside them; '
+        f'{data.path} holds latents only: extract them with tools/extract_latents.py '
+        '--align_encoder=DIR (the same DINOv2 folder as align.teacher)'
+    )
+  tokens, dim = stored
+  width = dinov2.read_config(align.teacher).hidden_size
+  if dim != width:
+    raise ValueError(
+        f'the teacher features in {data.path} are {dim} wide, the align.teacher '
+        f'{align.teacher} is {width} wide: extract with the same DINOv2 folder'
+    )
+  grid = int(round(tokens**0.5))
+  if grid * grid != tokens or grid % model.grid:
+    raise ValueError(
+        f'the {tokens} stored teacher tokens of {data.path} cannot be pooled onto the '
+        f"student's {model.grid}x{model.grid} tokens (a square grid, a multiple of it, is needed)"
+    )
 
 
 def _check_data(data: DataSpec, model: MDTConfig) -> None:
@@ -311,3 +335,9 @@ def _check_data(data: DataSpec, model: MDTConfig) -> None:
         f'the latents at {data.path} hold {classes} classes (manifest.json) '
         f'but model.num_classes={model.num_classes}'
     )
+
+
+def stored_features(run: RunConfig) -> bool:
+  """Whether REPA's teacher features come with the batches (stored beside latents by
+  tools/extract_latents.py --align_encoder) rather than from the teacher run on the images."""
+  return run.align.method == 'repa' and not run.data.pixels

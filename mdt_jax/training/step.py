@@ -19,7 +19,7 @@ from flax import nnx
 from mdt_jax.diffusion import Diffusion, FlowMatching, flow, q_sample, training_losses
 from mdt_jax.models import attention, platform, shards
 from mdt_jax.training import align as alignment
-from mdt_jax.training.run import RunConfig, as_run
+from mdt_jax.training.run import RunConfig, as_run, stored_features
 from mdt_jax.training.state import TrainState
 
 
@@ -115,7 +115,7 @@ def loss_fn(
   t_key, plain_key, mask_key = jax.random.split(key, 3)
   t = draw_times(process, t_key, x0.shape[0])
   branch = flow_branch_loss if isinstance(process, FlowMatching) else branch_loss
-  aligners = {} if align is None else align.aligners(graphdef, teacher_params, process, x0)
+  aligners = {} if align is None else align.aligners(graphdef, teacher_params, process, x0, batch)
   plain = branch(
       model,
       process,
@@ -225,7 +225,7 @@ def loss_settings(
       min_snr_gamma=run.diffusion.min_snr_gamma,
   )
   if run.align.enabled:
-    settings['align'] = alignment.Alignment(run.align, run.model)
+    settings['align'] = alignment.Alignment(run.align, run.model, stored_features(run))
   return settings
 
 

@@ -68,7 +68,7 @@ def plot(results: dict, path: str) -> str:
     ax.set_ylabel(TITLES[metric])
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=8)
-  n = len(results['study']['seeds'])
+  n = len(seeds(results))
   fig.suptitle(
       f'Representation alignment with MDT on digits ({n} seeds: mean, +-1 std, seeds)',
       fontsize=11,
@@ -87,10 +87,15 @@ def _final(results: dict, variant: str, metric: str) -> tuple[float, float]:
   return m['mean'][-1], m['std'][-1]
 
 
+def seeds(results: dict) -> list[int]:
+  """The seeds summarised: all of the study's, or those finished (an unfinished study)."""
+  return results.get('finished_seeds', results['study']['seeds'])
+
+
 def compare(results: dict, a: str, b: str, metric: str) -> tuple[float, float, str]:
   """(final mean of b - final mean of a, the standard error of that difference over seeds,
   a verdict: 'better', 'worse' or 'no clear difference' for b, at twice the error)."""
-  n = len(results['study']['seeds'])
+  n = len(seeds(results))
   ma, sa = _final(results, a, metric)
   mb, sb = _final(results, b, metric)
   diff, se = mb - ma, math.sqrt((sa**2 + sb**2) / n)
@@ -191,7 +196,13 @@ def _setup(results: dict) -> list[str]:
       f"- Training: batch {tr['global_batch_size']}, {tr['total_steps']} steps, "
       f"{tr['optimizer']['name']} lr {tr['optimizer']['learning_rate']}, EMA decay "
       f"{tr['ema_decay']}, min-SNR gamma {tr['diffusion']['min_snr_gamma']}; seeds "
-      f"{', '.join(str(s) for s in st['seeds'])} (per seed: the same data order and noise).",
+      f"{', '.join(str(s) for s in st['seeds'])} (per seed: the same data order and noise)"
+      + (
+          '.'
+          if seeds(results) == st['seeds']
+          else f"; **unfinished: summarised over seed(s) {', '.join(map(str, seeds(results)))}**, "
+          'the seeds every variant has finished.'
+      ),
       f"- Evaluation every {st['eval_every_steps']} steps and at the last, from the EMA weights: "
       f"{st['eval_num_samples']} guided samples (labels 0..9 repeated, noise seed "
       f"{st['eval_seed']}), {tr['sampling']['sampler']} with {tr['sampling']['steps']} steps, "

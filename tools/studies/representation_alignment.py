@@ -194,3 +194,30 @@ def run_study(
       fresh=fresh,
       progress=progress,
   )
+
+
+def finished_seeds(runs: list[dict], variants, seeds) -> list[int]:
+  """The seeds every variant has finished, in the study's order."""
+  done = {(r['variant'], r['seed']) for r in runs}
+  return [s for s in seeds if all((v, s) in done for v in variants)]
+
+
+def partial_results(study: ml_collections.ConfigDict, out: str) -> dict:
+  """The results of a study still running or interrupted (``out``.json of the same config),
+  summarised over the seeds every variant has finished (``finished_seeds`` in the results)."""
+  path = out + '.json'
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'{path} does not exist: no run of the study has finished yet')
+  with open(path) as f:
+    results = json.load(f)
+  if results.get('version') != RESULTS_VERSION or results.get('study') != lc.study_record(study):
+    raise ValueError(f'{path} was written with another study config')
+  variants = list(study.variants)
+  seeds = finished_seeds(results['runs'], variants, list(study.seeds))
+  if not seeds:
+    raise ValueError(f'{path}: no seed is finished for every variant yet')
+  results['runs'] = [r for r in results['runs'] if r['seed'] in seeds]
+  results['finished_seeds'] = seeds
+  results['summary'] = curves.summarize(results['runs'], seeds, variants, study.baseline)
+  results['masked_branch_pairs'] = masked_branch_pairs(study)
+  return results
