@@ -3,7 +3,8 @@
 ``eval_num_samples`` samples (labels 0, 1, ..., num_classes - 1 repeated: class-balanced; noise
 seed 1) are drawn with the config's sampler, sharded over every device, at every
 ``eval_every_steps``-th step and at the last step. Digits runs score them with the digits
-classifier (Frechet distance of its features, class accuracy); latent runs decode them with the
+classifier (Frechet distance of its features, class accuracy; 16x16 samples, or 8x8 ones, the
+dataset's own resolution, upsampled as the dataset makes its 16x16 images); latent runs decode them with the
 run's VAE and compute FID, sFID, precision and recall with the JAX FID Inception against
 ``eval_reference`` (a statistics file of ``python -m mdt_jax.evaluate --save_stats`` or an ADM
 reference batch). Results go to TensorBoard, to ``eval_history.json`` (every evaluation) and,
