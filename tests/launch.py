@@ -9,6 +9,7 @@ command users run (`python -m mdt_jax.main`, its flags, multi-process setup and 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -65,6 +66,33 @@ def run(cmd: list[str], timeout: float = 600, **kw) -> subprocess.CompletedProce
       timeout=timeout,
       **kw,
   )
+
+
+def free_port() -> int:
+  """A free TCP port on loopback (for a jax.distributed coordinator)."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def one_line(output: str, logged_before: bool = False) -> str:
+  """The one ``error: ...`` line of a command line's output (stderr, or stdout and stderr
+  together: absl's log lines aside), checking that it is the only one and that no traceback was
+  printed; ``logged_before``: tracebacks a library logged before the line (orbax's background
+  thread, of a commit that failed) are let through, none after it."""
+  lines = [line for line in output.splitlines() if line.startswith('error: ')]
+  assert len(lines) == 1, output[-4000:]
+  rest = output[output.index(lines[0]) :] if logged_before else output
+  assert 'Traceback' not in rest, output[-4000:]
+  return lines[0]
+
+
+def run_user_error(cmd: list[str], **kw) -> str:
+  """Run a command line that must stop on a user error: exit status 2 and one ``error:`` line
+  (returned), no traceback."""
+  out = run(cmd, **kw)
+  assert out.returncode == 2, out.stdout[-4000:]
+  return one_line(out.stdout)
 
 
 def steps_saved(workdir: str) -> list[int]:

@@ -465,15 +465,6 @@ def _cli(capsys, monkeypatch, module, *argv: str) -> tuple[int, str]:
   return exit_.value.code, capsys.readouterr().err
 
 
-def _one_line(err: str) -> str:
-  """The one ``error:`` line of a command line's stderr (absl's log lines aside), and no
-  traceback."""
-  assert 'Traceback' not in err, err
-  lines = [line for line in err.splitlines() if line.startswith('error: ')]
-  assert len(lines) == 1, err
-  return lines[0]
-
-
 def _truncated_json(path, obj) -> None:
   text = json.dumps(obj, indent=2)
   path.write_text(text[: len(text) // 2])
@@ -482,11 +473,8 @@ def _truncated_json(path, obj) -> None:
 def test_a_workdir_that_is_a_file_is_one_line_from_the_command_line(tmp_path):
   """The one subprocess test: `python -m mdt_jax.main` itself reports one line, status 2."""
   (tmp_path / 'afile').write_text('')
-  out = launch.run(launch.main_command(str(tmp_path / 'afile'), 6))
-  assert out.returncode == 2, out.stdout
-  assert re.search(
-      r'error: --workdir .*afile is a file, expected a folder', _one_line(out.stdout)
-  ), out.stdout
+  line = launch.run_user_error(launch.main_command(str(tmp_path / 'afile'), 6))
+  assert re.search(r'error: --workdir .*afile is a file, expected a folder', line), line
 
 
 MAIN_CASES = {
@@ -519,7 +507,7 @@ def test_user_errors_of_training_are_one_line(capsys, tmp_path, case):
     errors.guard(train_and_evaluate)(micro_config(**config), str(tmp_path / 'w'))
   assert exit_.value.code == 2
   err = capsys.readouterr().err
-  assert re.fullmatch(match + '.*', _one_line(err)), err
+  assert re.fullmatch(match + '.*', launch.one_line(err)), err
   assert not (tmp_path / 'w' / 'checkpoints').exists()  # refused before any work
 
 
@@ -537,7 +525,7 @@ def test_a_truncated_model_folder_config_is_one_line_from_sample(
       r'error: .*m/config.json is not valid JSON \(\d+ characters; .*\): expected the model '
       r'folder config \(mdt_jax.model\) that an export writes; copy or export the model folder '
       r'again',
-      _one_line(err),
+      launch.one_line(err),
   )
   assert not (tmp_path / 'out').exists()
 
@@ -571,7 +559,7 @@ def test_bad_masks_are_one_line_from_inpaint(capsys, monkeypatch, tmp_path, mask
       f'--out={tmp_path / "out"}',
   )
   assert code == 2
-  assert re.match(match, _one_line(err)), err
+  assert re.match(match, launch.one_line(err)), err
 
 
 def test_an_unknown_flag_is_one_line(capsys, monkeypatch):
@@ -579,7 +567,7 @@ def test_an_unknown_flag_is_one_line(capsys, monkeypatch):
 
   code, err = _cli(capsys, monkeypatch, sample, '--num_sampels=3')
   assert code == 2
-  assert _one_line(err).startswith("error: Unknown command line flag 'num_sampels'")
+  assert launch.one_line(err).startswith("error: Unknown command line flag 'num_sampels'")
 
 
 def test_internal_errors_keep_their_traceback():

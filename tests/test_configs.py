@@ -2,12 +2,15 @@
 run makes before any work: a typo in a config file fails here, not an hour into a pod job."""
 
 import os
+import tempfile
 
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
-from studies import flow_matching, learning_curves
+from flax import nnx
+
+from studies import digits_teacher, flow_matching, learning_curves, representation_alignment
 from mdt_jax.training import samples, sharding
 from mdt_jax.training.run import validate
 
@@ -18,6 +21,7 @@ CONFIGS = sorted(f for f in os.listdir(os.path.join(ROOT, 'configs')) if f.endsw
 STUDIES = {
     'learning_curves.py': learning_curves.check_study,
     'flow_matching.py': flow_matching.check_study,
+    'representation_alignment.py': lambda config: check_alignment_study(config),
 }
 # ml_collections loads config files with importlib's deprecated load_module()
 pytestmark = pytest.mark.filterwarnings('ignore:the load_module\\(\\) method is deprecated')
@@ -29,6 +33,16 @@ def load(name: str):
   config_flags.DEFINE_config_file('config', flag_values=holder)
   holder(['prog', f'--config={os.path.join(ROOT, "configs", name)}'])
   return holder.config
+
+
+def check_alignment_study(config):
+  """The alignment study's check, with an untrained teacher of the study's architecture as the
+  REPA teacher folder (the check reads its settings, not how well it was trained)."""
+  teacher = representation_alignment.teacher_config(config)
+  with tempfile.TemporaryDirectory() as tmp:
+    model = digits_teacher.Classifier(teacher, rngs=nnx.Rngs(0))
+    folder = digits_teacher.save_backbone(model, os.path.join(tmp, 'teacher'), accuracy=0.0)
+    representation_alignment.check_study(config, folder)
 
 
 def test_every_config_file_is_checked():

@@ -48,6 +48,16 @@ def test_digits_are_scikit_learns_read_without_importing_it(monkeypatch):
   np.testing.assert_array_equal(labels, want.target)
 
 
+def test_8x8_images_upsampled_are_the_16x16_dataset(clf, data):
+  """An 8x8 run's samples are scored upsampled (training/samples.evaluate_digits): the 8x8
+  digits so upsampled are the classifier's 16x16 digits bit for bit, and score as they do."""
+  small, _ = load_digits_images(8)
+  np.testing.assert_array_equal(digits.upsample(small, 16), data[0])
+  images, labels, _, test_idx = data
+  up = digits.upsample(small[test_idx], 16)
+  assert dc.class_accuracy(up, labels[test_idx], clf) == clf.test_accuracy
+
+
 def test_held_out_accuracy(clf, data):
   images, labels, train_idx, test_idx = data
   assert len(test_idx) == 359 and not set(train_idx) & set(test_idx)

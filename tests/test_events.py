@@ -5,9 +5,9 @@ import ast
 import importlib.util
 import io
 import os
+import re
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
@@ -149,24 +149,55 @@ def test_event_writer_has_clus_metric_writer_methods():
     assert own == params, (name, own, params)
 
 
-def test_clu_writer_is_chosen_by_config_and_imports_tensorflow_then(tmp_path):
-  """config.metric_writer='clu' gives clu's default writer; its event file reads back too."""
-  code = textwrap.dedent(f"""
-      import sys
-      from mdt_jax.training import logdir
-      writer, where = logdir.create_writer({str(tmp_path)!r}, kind='clu')
-      writer.write_scalars(1, {{'loss': 0.5}})
-      writer.write_texts(1, {{'config': 'x'}})
-      writer.close()
-      print(type(writer).__module__, 'tensorflow' in sys.modules)
-      """)
+_CLU = r"""
+import os, sys
+from mdt_jax import errors, faults
+from mdt_jax.training import logdir
+plain, faulty, log = sys.argv[1:]
+writer, where = logdir.create_writer(plain, kind='clu')
+writer.write_scalars(1, {'loss': 0.5})
+writer.write_texts(1, {'config': 'x'})
+writer.close()
+print('writer', type(writer._writer).__module__, 'tensorflow' in sys.modules, flush=True)
+# the fault hook on the same writer (its variables are read at each write)
+os.environ.update({faults.ENV: 'events@3:enospc,events@4:kill', faults.LOG_ENV: log})
+writer, _ = logdir.create_writer(faulty, kind='clu')
+print('file', writer.path, flush=True)
+writer.write_scalars(1, {'loss': 0.5})  # events@1
+writer.flush()  # events@2: the queue reaches the file
+try:
+  writer.write_scalars(2, {'loss': 0.25})  # events@3: a full disk
+except errors.WriteFailed as e:
+  print('error', e, flush=True)
+writer.write_scalars(3, {'loss': 0.125})  # events@4: killed
+"""
+
+
+def test_clu_writer_is_chosen_by_config_and_its_writes_pass_the_fault_hook(tmp_path):
+  """config.metric_writer='clu' gives clu's default writer, TensorFlow imported then; its event
+  file reads back too. TensorFlow writes that file, and each write call and flush passes the
+  fault hook first (logdir.HookedCluWriter): a full disk is a WriteFailed naming the file, a
+  kill keeps what was flushed. One process for both: TensorFlow's import is most of its time."""
+  plain, faulty, log = tmp_path / 'plain', tmp_path / 'faulty', tmp_path / 'writes.log'
   env = dict(os.environ, PYTHONPATH=ROOT)
   out = subprocess.run(
-      [sys.executable, '-c', code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300
+      [sys.executable, '-c', _CLU, str(plain), str(faulty), str(log)],
+      env=env,
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=300,
   )
-  assert out.returncode == 0, out.stderr[-2000:]
-  assert out.stdout.split()[-2:] == ['clu.metric_writers.multi_writer', 'True'], out.stdout
-  events = read_events(str(tmp_path))
+  assert out.returncode == -9, out.stderr[-2000:]
+  assert 'writer clu.metric_writers.multi_writer True' in out.stdout, out.stdout
+  events = read_events(str(plain))
   assert scalar(events, 'loss', 1) == 0.5 and events['config'][1] == ['x']
+  [path] = re.findall(r'^file (.*)$', out.stdout, re.M)
+  assert os.path.dirname(path) == str(faulty) and 'tfevents' in os.path.basename(path)
+  assert re.findall(r'^error (.*)$', out.stdout, re.M) == [
+      f'writing {path} failed: [Errno 28] No space left on device (injected at events@3)'
+  ]
+  assert open(log).read().splitlines() == [f'events\t{n}\t{path}' for n in (1, 2, 3, 4)]
+  assert dict(read_events(str(faulty))['loss']) == {1: [0.5]}
   with pytest.raises(ValueError, match="'events' or 'clu', got 'tf'"):
     logdir.create_writer(str(tmp_path), kind='tf')

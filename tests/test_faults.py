@@ -2,10 +2,11 @@
 
 Faults are injected by the file layer's hook (mdt_jax/faults.py, MDT_JAX_FAULT): a write of a
 named site, by ordinal, is failed (ENOSPC, EIO) or the process is SIGKILLed there. One chain of
-`python -m mdt_jax.main` runs on one workdir (tests/micro_config.py with sample grids) is killed
-once at each write site of a training run, in turn, and stopped once by a full disk; each start
-resumes from what the one before left, and the finished run's state is bit-identical to the
-uninterrupted run's (conftest's full_run: sample grids do not change the training)."""
+`python -m mdt_jax.main` runs on one workdir (tests/micro_config.py with sample grids every 2
+steps and the digits evaluation at the last step, as the quickstart evaluates) is killed once at
+each write site of a training run, in turn, and stopped once by a full disk; each start resumes
+from what the one before left, and the finished run's state is bit-identical to the
+uninterrupted run's (conftest's full_run: grids and evaluations do not change the training)."""
 
 import hashlib
 import http
@@ -27,32 +28,38 @@ import launch
 import mdt_jax
 from micro_config import get_config
 from mdt_jax import atomic, errors, faults
+from mdt_jax.training import evaluation
 from mdt_jax.training.loop import train_and_evaluate
 
 # Every write site and the case that injects a fault there. A site added to faults.SITES without
 # a case here fails test_every_write_site_has_a_fault_case; a file a run writes without passing
-# the hook fails test_every_file_of_the_run_passed_the_hook.
-KILLS = [  # (MDT_JAX_FAULT, the step the next start resumes from (None: 3 or 6, it may race))
+# the hook fails test_every_file_of_the_run_passed_the_hook. The ordinals are those of a micro
+# run (its writes in order: lock, config, events 1-3 (file header, hyperparameters, texts), the
+# step-2 grid, the step-3 save (data position, then its 4 items' commits, asynchronous), ...).
+KILLS = [  # (MDT_JAX_FAULT, the step the next start resumes from; None: it races, see below)
     ('lock@1:kill', 0),  # making the lock file, before it is linked into place
     ('config@1:kill', 0),  # config.json written, not yet renamed into place
-    ('events@2:kill', 0),  # the event file, before the step-3 scalars
+    ('events@2:kill', 0),  # the event file, before the hyperparameters' record
+    ('samples@1:kill', 0),  # the step-2 sample grid, written, not yet renamed into place
     ('data_position@1:kill', 0),  # inside the step-3 save: the data position
-    ('checkpoint@2:kill', 0),  # inside the step-3 save's async commit (ema_params written)
+    ('checkpoint@2:kill', 0),  # inside the step-3 save's async commit (its second item)
     ('checkpoint@6:enospc', 3),  # a full disk in the step-6 save's commit: stops, status 2
-    ('samples@1:kill', None),  # the step-6 sample grid (the step-6 save may have finished)
+    # the step-6 evaluation: eval.json written, the history not yet. The step-6 save is
+    # committing meanwhile: the next start resumes from step 6 or 3, whichever it finds
+    ('eval@2:kill', None),
 ]
-FILE_LEVEL = {  # sites a micro run does not write (the evaluation needs 16x16 digits)
-    'eval': 'eval_history.json',
-    'file': 'samples.npz',
-}
+FILE_LEVEL = {'file': 'samples.npz'}  # a site no training run writes (mdt_jax.sample's shards)
 SITE_CASES = {spec.split('@')[0] for spec, _ in KILLS} | set(FILE_LEVEL)
+CHAIN_FLAGS = (  # grids and the evaluation with 2 sampling steps: their writes, in seconds
+    '--config.sample_every_steps=2',
+    '--config.sampling.steps=2',
+    '--config.eval_num_samples=32',
+)
 
 
-def _config(**kw):
+def _config():
   c = get_config()
-  c.sample_every_steps = 3
-  for k, v in kw.items():
-    c[k] = v
+  c.sample_every_steps, c.sampling.steps, c.eval_num_samples = 2, 2, 32
   return c
 
 
@@ -62,18 +69,33 @@ def _leaves(tree):
   return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
 
 
+def _evaluations(work: str) -> tuple[list[int], dict | None]:
+  """(the steps of the workdir's evaluation history, its eval.json)."""
+  history, final = os.path.join(work, evaluation.HISTORY_FILE), None
+  steps = (
+      [e['step'] for e in json.load(open(history))['evaluations']]
+      if os.path.exists(history)
+      else []
+  )
+  if os.path.exists(os.path.join(work, evaluation.FINAL_FILE)):
+    final = json.load(open(os.path.join(work, evaluation.FINAL_FILE)))
+  return steps, final
+
+
 @pytest.fixture(scope='module')
 def chain(tmp_path_factory):
-  """The runs of KILLS on one workdir, in turn: [(spec, completed process)], the log of every
-  write that passed the hook, and the result of a last start without faults."""
+  """The runs of KILLS on one workdir, in turn: [(spec, the checkpoints it found, completed
+  process, its evaluations after it)], the log of every write that passed the hook, and the
+  result of a last start without faults (in this process)."""
   root = tmp_path_factory.mktemp('chain')
   work, log = str(root / 'w'), str(root / 'writes.log')
   runs = []
   for spec, _ in KILLS:
-    cmd = launch.main_command(work, 6, '--config.sample_every_steps=3')
+    found = launch.steps_saved(work)
+    cmd = launch.main_command(work, 6, *CHAIN_FLAGS)
     out = launch.run(cmd, env=launch.env(MDT_JAX_FAULT=spec, MDT_JAX_FAULT_LOG=log))
-    runs.append((spec, out))
-  os.environ[faults.LOG_ENV] = log  # the last start, in this process: resumes and finishes
+    runs.append((spec, found, out, _evaluations(work)))
+  os.environ[faults.LOG_ENV] = log  # the last start: resumes and finishes
   try:
     final = train_and_evaluate(_config(), work)
   finally:
@@ -87,15 +109,15 @@ def test_every_write_site_has_a_fault_case():
 
 def test_each_kill_is_resumed_and_the_end_is_bit_identical(chain, full_run):
   work, _, runs, final = chain
-  for i, (spec, out) in enumerate(runs):
+  for i, (spec, found, out, _) in enumerate(runs):
     action = spec.split(':')[1]
     want = -9 if action == 'kill' else 2
     assert out.returncode == want, f'{spec}: {out.stdout[-3000:]}'
     assert 'Traceback' not in out.stdout.split('error: ')[-1]
-    resumed = KILLS[i - 1][1] if i else 0
-    found = re.findall(r'resuming from step (\d+)', out.stdout)
-    if resumed is not None:
-      assert [int(s) for s in found] == ([resumed] if resumed else []), f'{spec}: {found}'
+    resumed = [int(s) for s in re.findall(r'resuming from step (\d+)', out.stdout)]
+    assert resumed == found[-1:], f'{spec}: resumed from {resumed}, found {found}'
+    if i and KILLS[i - 1][1] is not None:
+      assert found[-1:] == ([KILLS[i - 1][1]] if KILLS[i - 1][1] else []), spec
     before = KILLS[i - 1][0] if i else ''
     if before.endswith(':kill') and before != 'lock@1:kill':
       # the run killed before held the lock: taken over, no manual step
@@ -108,17 +130,30 @@ def test_each_kill_is_resumed_and_the_end_is_bit_identical(chain, full_run):
   assert not os.path.exists(os.path.join(work, 'lock.json'))  # released at the end
 
 
+def test_an_evaluation_killed_between_its_files_is_run_again(chain):
+  """Killed after eval.json and before the history: the next start finds the evaluation missing
+  from the history, runs it again and writes both; the history holds it once."""
+  work, _, runs, final = chain
+  _, _, _, (history, lost) = {r[0]: r for r in runs}['eval@2:kill']
+  assert history == [] and lost['step'] == 6
+  steps, written = _evaluations(work)
+  assert steps == [6]
+  assert np.isfinite(written['digits_fd']) and 0 <= written['digits_class_accuracy'] <= 1
+  # the same EMA weights (restored at step 6, or trained again from 3): the same evaluation
+  scores = lambda r: {k: r[k] for k in ('digits_fd', 'digits_class_accuracy', 'eval_num_samples')}
+  assert scores(written) == scores(lost) == scores(final)
+
+
 def test_a_full_disk_stops_the_run_with_one_line_and_the_last_good_checkpoint(chain):
   work, _, runs, _ = chain
-  out = dict(runs)['checkpoint@6:enospc']
-  lines = [s for s in out.stdout.splitlines() if s.startswith('error: ')]
-  assert len(lines) == 1, out.stdout[-3000:]
+  out = {spec: out for spec, _, out, _ in runs}['checkpoint@6:enospc']
   assert re.fullmatch(
       rf'error: writing {work}/checkpoints/6.orbax-checkpoint-tmp/\w+.orbax-checkpoint-tmp '
       r'failed: \[Errno 28\] No space left on device \(injected at checkpoint@6\); the last good '
       rf'checkpoint is step 3 \({work}/checkpoints/3\): the next start resumes from it',
-      lines[0],
-  ), lines[0]
+      launch.one_line(out.stdout, logged_before=True),
+  )
+  assert launch.steps_saved(work)[0] == 3  # kept, and loaded by the next start
 
 
 def test_every_file_of_the_run_passed_the_hook(chain):
@@ -163,6 +198,7 @@ def _snapshot(folder) -> dict:
         ('lock@1:enospc', 'lock.json'),
         ('config@1:enospc', 'config.json'),
         ('events@1:oserror', 'events.out.tfevents.'),
+        ('eval@1:enospc', 'eval.json'),  # the step-6 evaluation, missing on resume: run first
     ],
 )
 def test_a_failed_write_names_the_file_and_keeps_the_checkpoints(workdir, monkeypatch, spec, file):
@@ -170,7 +206,7 @@ def test_a_failed_write_names_the_file_and_keeps_the_checkpoints(workdir, monkey
   faults.reset()
   checkpoints = _snapshot(workdir / 'checkpoints')
   with pytest.raises(errors.WriteFailed) as e:
-    train_and_evaluate(get_config(), str(workdir))
+    train_and_evaluate(_config(), str(workdir))
   errno = 'Errno 28' if 'enospc' in spec else 'Errno 5'
   assert re.match(rf'writing {workdir}/{re.escape(file)}.* failed: \[{errno}\]', str(e.value))
   assert errors.is_user_error(e.value)
@@ -189,8 +225,8 @@ atomic.write_json(sys.argv[1], {'evaluations': ['new']})
 
 @pytest.mark.parametrize('site', sorted(FILE_LEVEL))
 def test_atomic_files_killed_or_failed_keep_the_old_file(tmp_path, monkeypatch, site):
-  """The sites a micro run does not reach: an atomic file (the evaluation history, a sampling
-  shard) killed or failed at its write keeps its old content."""
+  """The site no training run writes: an atomic file (a sampling shard) killed or failed at its
+  write keeps its old content."""
   path = tmp_path / FILE_LEVEL[site]
   path.write_text(json.dumps({'evaluations': ['old']}))
   env = launch.env(**{faults.ENV: f'{site}@1:kill'})
@@ -275,27 +311,36 @@ def flaky_gcs(gcs, monkeypatch):
   gcsfs.GCSFileSystem.clear_instance_cache()
 
 
-def test_uploads_are_retried_after_5xx_and_dropped_connections(flaky_gcs):
+def _backoff_skipped(monkeypatch) -> list[float]:
+  """gcsfs's backoff sleeps (asyncio.sleep) skipped; the delays it asked for, in order."""
+  import asyncio
+
+  real_sleep, delays = asyncio.sleep, []
+
+  async def no_backoff(delay, *args, **kwargs):
+    if delay:
+      delays.append(delay)
+    return await real_sleep(0, *args, **kwargs)
+
+  monkeypatch.setattr(asyncio, 'sleep', no_backoff)
+  return delays
+
+
+def test_uploads_are_retried_after_5xx_and_dropped_connections(flaky_gcs, monkeypatch):
   gcs, proxy = flaky_gcs
+  delays = _backoff_skipped(monkeypatch)
   proxy.plan[:] = ['503', 'drop', '500']
   atomic.write_json(f'{gcs}/flaky/eval_history.json', {'evaluations': [1]})
-  assert proxy.seen == ['503', 'drop', '500', 'pass']  # gcsfs retried, with its backoff
+  assert proxy.seen == ['503', 'drop', '500', 'pass']  # gcsfs retried
+  assert len(delays) == 3 and delays == sorted(delays), delays  # after a growing backoff
   assert json.loads(atomic.paths.path(f'{gcs}/flaky/eval_history.json').read_text()) == {
       'evaluations': [1]
   }
 
 
 def test_an_upload_that_keeps_failing_stops_with_one_line(flaky_gcs, monkeypatch):
-  import asyncio
-
   gcs, proxy = flaky_gcs
-  real_sleep = asyncio.sleep
-
-  async def no_backoff(delay, *args, **kwargs):
-    del delay
-    return await real_sleep(0, *args, **kwargs)
-
-  monkeypatch.setattr(asyncio, 'sleep', no_backoff)  # gcsfs's backoff, about 31 s, skipped
+  _backoff_skipped(monkeypatch)  # gcsfs's backoff, about 31 s
   path = f'{gcs}/flaky/samples.npz'
   for plan, what in [(['503'] * 6, 'Service Unavailable'), (['403'], 'Forbidden')]:
     proxy.plan[:], proxy.seen[:] = plan, []

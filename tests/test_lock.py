@@ -7,6 +7,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import numpy as np
@@ -137,15 +138,12 @@ def test_a_second_trainer_is_refused_and_a_restart_after_sigkill_resumes(full_ru
     while not launch.steps_saved(work) and first.poll() is None and time.time() < deadline:
       time.sleep(0.2)
     assert launch.steps_saved(work) == [3], first.poll()
-    second = launch.run(launch.main_command(work, 6), timeout=120)
-    assert second.returncode == 2, second.stdout
-    line = [s for s in second.stdout.splitlines() if s.startswith('error: ')]
-    assert 'Traceback' not in second.stdout
+    line = launch.run_user_error(launch.main_command(work, 6), timeout=120)
     assert re.fullmatch(
         rf'error: workdir {work} is in use: held by pid {first.pid} on {socket.gethostname()}, '
         r'started .*',
-        line[-1],
-    ), second.stdout
+        line,
+    ), line
     assert not launch.steps_saved(work)[1:]  # the second wrote nothing
   finally:
     first.send_signal(signal.SIGKILL)
@@ -160,3 +158,88 @@ def test_a_second_trainer_is_refused_and_a_restart_after_sigkill_resumes(full_ru
   assert out['step'] == 6
   for a, b in zip(_leaves(out['state'].params), _leaves(full_run[1]['state'].params)):
     np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------------------ several processes, one job
+
+_JOB = r"""
+import json, os, sys
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+jax.distributed.initialize(
+    coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2])
+)
+from jax.experimental import multihost_utils
+from mdt_jax import errors
+from mdt_jax.training import lock
+
+free, held = sys.argv[3], sys.argv[4]
+out = {'pid': os.getpid()}
+with lock.WorkdirLock(free) as job:  # a workdir nobody holds: process 0 takes it for the job
+  job.acquire()
+  out['holds'] = job.holder is not None
+  out['beats'] = job._thread is not None
+  multihost_utils.sync_global_devices('taken')
+  out['file'] = json.load(open(os.path.join(free, 'lock.json')))['pid']
+  multihost_utils.sync_global_devices('read')
+multihost_utils.sync_global_devices('released')  # process 0 removed its lock on leaving
+out['released'] = not os.path.exists(os.path.join(free, 'lock.json'))
+for step in ('enter', 'acquire'):  # a workdir a live run holds: every process refused
+  try:
+    if step == 'enter':
+      lock.WorkdirLock(held).__enter__()
+    else:
+      lock.WorkdirLock(held).acquire()
+    out[step] = None
+  except errors.Locked as e:
+    out[step] = str(e)
+print('RESULT ' + json.dumps(out), flush=True)
+"""
+
+
+def test_one_lock_per_job_taken_by_process_0(tmp_path):
+  """Two processes of one job (jax.distributed on CPU, gloo): process 0 takes the workdir's lock
+  and the other takes none (no file, no heartbeat) and goes on when process 0 has it; on a
+  workdir a live run holds, process 0's refusal is every process's, at the start's check and at
+  the take."""
+  free, held = tmp_path / 'free', tmp_path / 'held'
+  free.mkdir()
+  held.mkdir()
+  holder = _write_lock(held / 'lock.json')  # this process, alive, on this host
+  address = f'127.0.0.1:{launch.free_port()}'
+  env = launch.env(JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  procs = [
+      subprocess.Popen(
+          [sys.executable, '-c', _JOB, address, str(i), str(free), str(held)],
+          env=env,
+          stdout=subprocess.PIPE,
+          stderr=subprocess.STDOUT,
+          text=True,
+      )
+      for i in range(2)
+  ]
+  try:
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  results = []
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+    results.append(json.loads(re.search(r'^RESULT (.*)$', out, re.M)[1]))
+  first, other = results
+  assert (first['holds'], first['beats'], other['holds'], other['beats']) == (
+      True,
+      True,
+      False,
+      False,
+  )
+  assert first['file'] == other['file'] == first['pid']  # process 0's lock, seen by both
+  assert first['released'] and other['released']
+  for step in ('enter', 'acquire'):
+    assert re.match(
+        rf'workdir {held} is in use: held by pid {holder["pid"]} on {socket.gethostname()}',
+        first[step],
+    ), first[step]
+    assert other[step] == f'workdir {held} is in use by another run (process 0 found it)'
+  assert _holder(held / 'lock.json') == holder  # nobody took it

@@ -9,7 +9,6 @@ checkpoint (asynchronous, the default) is written and read by both processes.
 
 import os
 import re
-import socket
 import subprocess
 
 import jax
@@ -22,15 +21,9 @@ import mdt_jax
 from conftest import TEST_XLA_FLAGS
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(('127.0.0.1', 0))
-    return s.getsockname()[1]
-
-
 def _run_two_processes(workdir: str, total: int, signal_at: dict | None = None) -> list[str]:
   """Both processes to the end; `signal_at` = {process_id: (step, signal name)}."""
-  port = _free_port()
+  port = launch.free_port()
   env = launch.env(
       JAX_PLATFORMS='cpu',
       XLA_FLAGS=TEST_XLA_FLAGS + ' --xla_force_host_platform_device_count=4',

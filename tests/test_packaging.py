@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import configparser
+import functools
 import importlib.metadata
 import pathlib
 import re
@@ -44,8 +45,14 @@ def top_level_imports(path: pathlib.Path) -> set[str]:
   return names - STDLIB - {'mdt_jax', '__future__'}
 
 
+@functools.cache
+def _packages_distributions() -> dict[str, list[str]]:
+  """Import name -> distributions: read once, it scans every installed distribution's files."""
+  return importlib.metadata.packages_distributions()
+
+
 def _distribution(import_name: str) -> str:
-  dists = importlib.metadata.packages_distributions().get(import_name)
+  dists = _packages_distributions().get(import_name)
   assert dists, f'{import_name!r} is imported by mdt_jax but no installed distribution provides it'
   return dists[0].lower().replace('_', '-')
 

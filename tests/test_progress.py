@@ -1,8 +1,11 @@
 """Progress: a bar at a terminal, one line per N% in a log, skipped work outside the rate."""
 
 import io
+import logging
+import os
 import re
 
+import numpy as np
 import pytest
 
 from mdt_jax import progress as progress_lib
@@ -94,3 +97,44 @@ def test_disabled_writes_nothing(clock):
     p.skip(5)
     p.update(5)
   assert out.getvalue() == ''
+
+
+class FakeSampler:
+  """A Sampler's interface: 1 s of the fake clock per batch, grey images."""
+
+  num_classes, num_devices = 10, 1
+
+  def __init__(self, clock):
+    self.clock, self.batches = clock, 0
+    self.config = type('Config', (), {'record': staticmethod(lambda: {'fake': True})})()
+
+  def __call__(self, indices, labels, seed=0):
+    self.clock.now += 1.0
+    self.batches += 1
+    return np.zeros((len(indices), 4, 4, 3), np.float32)
+
+
+def test_a_sampling_run_moves_the_bar_per_batch_not_per_shard(clock, tmp_path, capsys, caplog):
+  from mdt_jax.sampling.run import run_sampling
+
+  caplog.set_level(logging.INFO)
+  sampler = FakeSampler(clock)
+  kwargs = dict(num_samples=20, batch_size=2, shard_size=10, grid_size=0, labels='balanced')
+  run_sampling(sampler, out_dir=str(tmp_path), **kwargs)
+  assert sampler.batches == 10
+  lines = capsys.readouterr().err.splitlines()
+  # a batch is 10%: a line each (two shards gave two lines when the bar moved per shard)
+  assert [re.search(r'\((\d+)%\)', ln).group(1) for ln in lines] == [
+      str(10 * k) for k in range(1, 11)
+  ]
+  assert lines[0] == 'sampling: 2/20 images (10%), 2 images/s, 00:09 left'
+  assert lines[-1] == 'sampling: 20/20 images (100%), 2 images/s, done'
+  assert not [r for r in caplog.records if r.getMessage().startswith('sampled ')]  # no duplicate
+
+  # resumed with one shard missing: the finished shard is skipped, the rate counts the rest
+  os.remove(tmp_path / 'shards' / 'shard_00001.npz')
+  run_sampling(sampler, out_dir=str(tmp_path), **kwargs)
+  lines = capsys.readouterr().err.splitlines()
+  assert lines[0] == 'sampling: 10/20 images (50%), 0 images/s, time left unknown'
+  assert lines[1] == 'sampling: 12/20 images (60%), 2 images/s, 00:04 left'
+  assert lines[-1] == 'sampling: 20/20 images (100%), 2 images/s, done'

@@ -122,3 +122,48 @@ def test_bfloat16_collectives_change_a_steps_gradients_by_their_rounding():
   # bfloat16 keeps 8 bits of mantissa (relative rounding 2^-9 = 0.002 per value), and the
   # rounded weights change the gradients through the model as well
   assert 0 < rel < 0.05 and cos > 0.999
+
+
+def test_zero_reduce_scatters_the_gradients_of_each_batch_shard():
+  """ZeRO's per-shard gradients, reduce-scattered in two stages onto the state's layout, and
+  the shard-averaged metrics equal the whole batch's (the same draws per row) to float
+  tolerance."""
+  config = get_config()
+  mc = MDTConfig.from_dict(config.model.to_dict())
+  opt = make_optimizer(config.optimizer)
+  rng = np.random.default_rng(0)
+  host = {
+      'x': jnp.asarray(rng.normal(size=(16, 8, 8, 1)), jnp.float32),
+      'y': jnp.asarray(rng.integers(0, 10, 16), jnp.int32),
+  }
+  settings = loss_settings(config)
+  process = settings.pop('process')
+  grad_fn = jax.grad(functools.partial(loss_fn, **settings), has_aux=True)
+  out = {}
+  for name in ('dp', 'zero'):
+    strategy = Strategy(name, 8, 1)
+    mesh = strategies.make_mesh(strategy)
+    state, shardings, graphdef = create_train_state(
+        mc, opt, 0, mesh, config.sharding_rules, strategy.state_axes
+    )
+    layout = strategies.step_layout(strategy, mc, mesh, config.sharding_rules, shardings.params)
+    batch = jax.device_put(host, sharding.batch_sharding(mesh))
+
+    def grads(params, batch, layout=layout, graphdef=graphdef):
+      if layout is None:
+        return grad_fn(params, graphdef, process, batch, jax.random.key(1))
+      assert layout.scatter == (4, 2)
+      fn = lambda w, b, k: grad_fn(w, graphdef, process, b, k)  # noqa: E731
+      g, m = layout.shard_grads(fn, layout.forward_weights(params), batch, jax.random.key(1))
+      return layout.reduced_grads(g), m
+
+    step = jax.jit(platform.traced_for(mesh.devices.flat, grads))
+    text = step.lower(state.params, batch).compile().as_text()
+    out[name] = jax.device_get(step(state.params, batch)), text
+  (g_dp, m_dp), _ = out['dp']
+  (g_zero, m_zero), text = out['zero']
+  assert 'reduce-scatter' in text
+  for k in m_dp:
+    np.testing.assert_allclose(m_zero[k], m_dp[k], rtol=1e-5, err_msg=k)
+  for a, b in zip(jax.tree.leaves(g_zero), jax.tree.leaves(g_dp)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)

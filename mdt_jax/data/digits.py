@@ -58,18 +58,31 @@ def _digits_8x8() -> tuple[np.ndarray, np.ndarray]:
 
 def load_digits_images(size: int = 16) -> tuple[np.ndarray, np.ndarray]:
   """Returns (images float32 [N, size, size, 1] in [-1, 1], labels int32 [N])."""
-  from PIL import Image
-
   if size < 8:
     raise ValueError(f'digits image size must be >= 8, got {size}')
   images, labels = _digits_8x8()
-  imgs = images.astype(np.float32) / 16.0  # [N, 8, 8] in [0, 1]
-  if size != 8:
+  imgs = _resize(images.astype(np.float32) / 16.0, size)  # [N, 8, 8] in [0, 1]
+  imgs = imgs * 2.0 - 1.0
+  return imgs[..., None].astype(np.float32), labels.astype(np.int32)
+
+
+def _resize(imgs: np.ndarray, size: int) -> np.ndarray:
+  """float32 [N, h, w] in [0, 1] -> [N, size, size]: bilinear (PIL), clipped to [0, 1]."""
+  from PIL import Image
+
+  if imgs.shape[1:] != (size, size):
     imgs = np.stack(
         [
             np.asarray(Image.fromarray(im, mode='F').resize((size, size), Image.BILINEAR))
             for im in imgs
         ]
     )
-  imgs = np.clip(imgs, 0.0, 1.0) * 2.0 - 1.0
-  return imgs[..., None].astype(np.float32), labels.astype(np.int32)
+  return np.clip(imgs, 0.0, 1.0)
+
+
+def upsample(images: np.ndarray, size: int) -> np.ndarray:
+  """Images of the dataset's 8x8 resolution (float [N, 8, 8, 1] in [-1, 1]) at ``size`` x
+  ``size`` as ``load_digits_images(size)`` makes its images from the 8x8 originals (bilinear,
+  clipped): an 8x8 sample upsampled here is what the dataset at ``size`` would hold for it."""
+  x = (np.clip(np.asarray(images, np.float32)[..., 0], -1.0, 1.0) + 1.0) / 2.0
+  return (_resize(x, size) * 2.0 - 1.0)[..., None].astype(np.float32)

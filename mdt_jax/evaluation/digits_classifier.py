@@ -192,9 +192,10 @@ class DigitsClassifier:
     graphdef, self._params = nnx.split(model)
     self._apply = _apply_fn(graphdef)
 
-  def _run(self, images, what: str) -> tuple[np.ndarray, np.ndarray]:
+  def batches(self, images, what: str = 'images'):
+    """(features, logits) of each batch of ``batch_size`` images in order (a short last batch
+    is padded to that size when there are several, so that one compiled shape serves)."""
     x = check_images(images, self.config.size, what)
-    feats, logits = [], []
     for start in range(0, len(x), self.batch_size):
       chunk = x[start : start + self.batch_size]
       n = len(chunk)
@@ -203,8 +204,10 @@ class DigitsClassifier:
             [chunk, np.zeros((self.batch_size - n,) + chunk.shape[1:], chunk.dtype)]
         )
       f, lg = self._apply(self._params, chunk)
-      feats.append(np.asarray(f)[:n])
-      logits.append(np.asarray(lg)[:n])
+      yield np.asarray(f)[:n], np.asarray(lg)[:n]
+
+  def _run(self, images, what: str) -> tuple[np.ndarray, np.ndarray]:
+    feats, logits = zip(*self.batches(images, what))
     return np.concatenate(feats), np.concatenate(logits)
 
   def features(self, images) -> np.ndarray:
@@ -285,15 +288,25 @@ def digits_frechet_distance(
   """Frechet distance of classifier features: samples vs reference (default: all digits)."""
   clf = classifier or load_digits_classifier()
   x = check_images(samples, clf.config.size, 'samples')
+  if len(x) < 2:
+    raise ValueError(f'samples: a Frechet distance needs at least 2 images, got {len(x)}')
+  return features_frechet_distance(clf.features(x), reference_images, clf)
+
+
+def features_frechet_distance(
+    features, reference_images=None, classifier: DigitsClassifier | None = None
+) -> float:
+  """`digits_frechet_distance` of samples whose classifier features [N, 64] are given."""
+  clf = classifier or load_digits_classifier()
   if reference_images is None:
     reference_images = load_digits_images(clf.config.size)[0]
   ref = check_images(reference_images, clf.config.size, 'reference_images')
-  for name, arr in (('samples', x), ('reference_images', ref)):
-    if len(arr) < 2:
-      raise ValueError(f'{name}: a Frechet distance needs at least 2 images, got {len(arr)}')
+  for name, n in (('samples', len(features)), ('reference_images', len(ref))):
+    if n < 2:
+      raise ValueError(f'{name}: a Frechet distance needs at least 2 images, got {n}')
   with warnings.catch_warnings():
     warnings.simplefilter('ignore', UserWarning)  # our own note on small sets, said above
-    mu1, sigma1 = feature_statistics(clf.features(x))
+    mu1, sigma1 = feature_statistics(np.asarray(features))
     mu2, sigma2 = feature_statistics(clf.features(ref))
   return frechet_distance(mu1, sigma1, mu2, sigma2)
 

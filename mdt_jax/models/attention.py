@@ -124,9 +124,10 @@ def interpret_kernels():
 def batch_sharded(mesh: jax.sharding.Mesh, axes):
   """Within this context the kernel runs on each shard of the batch (split over mesh `axes`),
   under shard_map: XLA cannot partition a Mosaic kernel by itself. The train step enters it
-  while it is traced; code already inside a shard_map (the sampler) needs none."""
+  while it is traced; code already inside a shard_map (the sampler, the per-shard gradients of
+  mdt_jax/training/strategies.py) needs none: `mesh` None."""
   previous = getattr(_SHARDING, 'value', None)
-  _SHARDING.value = (mesh, axes)
+  _SHARDING.value = None if mesh is None else (mesh, axes)
   try:
     yield
   finally:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from mdt_jax.models import platform
+from mdt_jax.models import platform, shards
 from mdt_jax.models.attention import QKNorm, attend
 
 Array = jax.Array
@@ -176,7 +176,9 @@ class LabelEmbedder(nnx.Module):
 
   def __call__(self, y: Array, drop_key: Array | None = None) -> Array:
     if drop_key is not None and self.dropout_prob > 0:
-      drop = jax.random.uniform(drop_key, y.shape) < self.dropout_prob
+      # one draw per row of the whole batch (mdt_jax/models/shards.py)
+      u = shards.rows(lambda n: jax.random.uniform(drop_key, (n,) + y.shape[1:]), y.shape[0])
+      drop = u < self.dropout_prob
       y = jnp.where(drop, self.num_classes, y)
     return self.embedding_table(y)
 

@@ -15,6 +15,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from mdt_jax.models import shards
+
 Array = jax.Array
 
 
@@ -47,7 +49,7 @@ def draw_mask(
   ratio = mask_ratio + span * jax.random.uniform(k_ratio, (), jnp.float32)
   len_keep = jnp.floor(num_tokens * (1.0 - ratio)).astype(jnp.int32)
   len_keep = jnp.clip(len_keep, 1, max_kept(num_tokens, mask_ratio))
-  noise = jax.random.uniform(k_noise, (batch, num_tokens))
+  noise = shards.rows(lambda n: jax.random.uniform(k_noise, (n, num_tokens)), batch)
   ids_shuffle = jnp.argsort(noise, axis=1).astype(jnp.int32)
   return ids_shuffle, len_keep
 

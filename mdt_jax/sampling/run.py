@@ -106,11 +106,17 @@ def run_sampling(
         bar.skip(hi - lo)
         continue
       images = generate(
-          sampler, y, seed=seed, batch_size=batch_size, start=lo, postprocess=postprocess
+          sampler,
+          y,
+          seed=seed,
+          batch_size=batch_size,
+          start=lo,
+          postprocess=postprocess,
+          log_every=0,  # the bar (or its log lines) shows the batches
+          on_batch=bar.update,
       )
       if jax.process_index() == 0:
         atomic.save_npz(path, arr_0=images, arr_1=y, indices=idx)
-      bar.update(hi - lo)
 
   out = os.path.join(out_dir, 'samples.npz')
   if jax.process_index() == 0:

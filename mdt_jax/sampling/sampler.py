@@ -112,10 +112,13 @@ def in_batches(
     start: int = 0,
     postprocess: Callable[[np.ndarray], np.ndarray] | None = None,
     log_every: int = 0,
+    on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
   """fn(indices, rows) for global indices start .. start + n - 1, in batches of one padded size
   (`batch_size` rounded up to the device count: the whole run compiles once); rows are the
-  positions in the run (padding rows repeat the batch's), indices continue past the end."""
+  positions in the run (padding rows repeat the batch's), indices continue past the end.
+  `on_batch(k)` is called after each batch with its k samples (e.g. a progress bar's update);
+  `log_every` logs a line every that many batches (0: none)."""
   if batch_size < 1:
     raise ValueError(f'batch_size must be >= 1, got {batch_size}')
   batch_size += (-batch_size) % num_devices
@@ -126,6 +129,8 @@ def in_batches(
     rows = np.resize(np.arange(lo, hi), batch_size)  # padding rows repeat; dropped below
     out = fn(np.arange(start + lo, start + lo + batch_size), rows)[: hi - lo]
     outs.append(postprocess(out) if postprocess else out)
+    if on_batch is not None:
+      on_batch(hi - lo)
     if log_every and ((b + 1) % log_every == 0 or b + 1 == num_batches):
       dt = time.time() - t0
       logging.info('sampled %d/%d (%.2f samples/s, ETA %.0f s)', hi, n, hi / dt, (n - hi) * dt / hi)
@@ -240,11 +245,14 @@ def generate(
     start: int = 0,
     log_every: int = 1,
     postprocess: Callable[[np.ndarray], np.ndarray] | None = None,
+    on_batch: Callable[[int], None] | None = None,
 ) -> np.ndarray:
   """Samples for global indices start .. start+len(labels)-1, in batches of `batch_size`.
 
   Every batch is padded to the same size so the whole run compiles once. `postprocess` maps each
-  batch of samples (e.g. VAE decoding to uint8) before it is collected.
+  batch of samples (e.g. VAE decoding to uint8) before it is collected; `on_batch(k)` is told
+  each batch's k samples (a progress bar's update), and `log_every` logs a line every that many
+  batches (0: none, as when a progress bar shows the same).
   """
   labels = labels_lib.check_labels(labels, sampler.num_classes)
   return in_batches(
@@ -255,4 +263,5 @@ def generate(
       start=start,
       postprocess=postprocess,
       log_every=log_every,
+      on_batch=on_batch,
   )

@@ -10,9 +10,10 @@ The estimates are a ranking, not a measurement (compiled figures: BENCHMARKS.md)
     HBM      weights read in the forward and backward passes of each branch, the optimizer's
              update over the chip's share of the state, and activation traffic per sample
     ICI      ring collectives (wire bytes per chip as tools/benchmarks/hlo.py counts them) over
-             one link's bandwidth: gradients all-reduced in the compute dtype (as XLA does even
-             where only a shard is kept: compiled zero step), weights gathered once per step
-             (zero, hybrid) or at each use (fsdp: about 2.6 gathers per step)
+             one link's bandwidth: gradients all-reduced in the compute dtype (dp, and across
+             fsdp groups: XLA's reduction) or reduce-scattered in the collective dtype in two
+             stages (zero: per-shard gradients), weights gathered once per step (zero, hybrid)
+             or at each use (fsdp: about 2.6 gathers per step)
     memory   stored state over its split, the gathered weights, float32 gradients and
              activations per sample
 """
@@ -30,32 +31,12 @@ from flax import nnx
 
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.models.params import abstract_model
-from mdt_jax.training import strategies
+from mdt_jax.training import strategies, tpu_chips
 from mdt_jax.training.strategies import Strategy
 
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """Per-chip figures (Cloud TPU system architecture pages; ICI per link, both directions:
-  "How to Scale Your Model", the same sources as tools/benchmarks/tpu.py)."""
-
-  name: str
-  peak_tflops: float  # dense bf16
-  hbm_gb: float
-  hbm_gbps: float
-  link_gbps: float
-
-
-# jax's device_kind -> figures
-CHIPS = {
-    'TPU v4': Chip('v4', 275.0, 34.4, 1200.0, 90.0),
-    'TPU v5 lite': Chip('v5e', 197.0, 16.0, 819.0, 90.0),
-    'TPU v5e': Chip('v5e', 197.0, 16.0, 819.0, 90.0),
-    'TPU v5': Chip('v5p', 459.0, 95.0, 2765.0, 180.0),
-    'TPU v5p': Chip('v5p', 459.0, 95.0, 2765.0, 180.0),
-    'TPU v6 lite': Chip('v6e', 918.0, 32.0, 1638.0, 180.0),
-    'TPU v6e': Chip('v6e', 918.0, 32.0, 1638.0, 180.0),
-}
+Chip = tpu_chips.Generation
+# jax's device_kind -> figures (mdt_jax/training/tpu_chips.py)
+CHIPS = {kind: tpu_chips.GENERATIONS[name] for kind, name in tpu_chips.DEVICE_KINDS.items()}
 HBM_MARGIN = 0.85  # of the chip's HBM the model plans to use (the runtime and XLA keep some)
 FSDP_GATHERS = 2.6  # weight gathers per step under fsdp (compiled XL/2 step, v5p-128)
 # Activation memory and HBM traffic per sample, per block and token of width 1152 in bf16
@@ -156,8 +137,9 @@ def estimate(s: Strategy, sizes: Sizes, chip: Chip, global_batch: int) -> Estima
   hbm *= XLA_BYTES_FACTOR
   if s.name == 'dp':
     wire = _ring(n, g * p, 2.0)
-  elif s.name == 'zero':  # XLA all-reduces the gradients, then keeps this chip's share
-    wire = _ring(n, g * p, 2.0) + _ring(n, c * p)
+  elif s.name == 'zero':  # the weights gathered once, the gradients reduce-scattered in two
+    outer, inner = strategies.scatter_split(n)  # stages (collective dtype): per-shard gradients
+    wire = _ring(n, c * p) + _ring(outer, c * p) + _ring(inner, c * p / outer)
   elif s.name == 'fsdp':  # the data axis all-reduces the float32 gradient shards
     wire = FSDP_GATHERS * _ring(s.fsdp, a * p) + _ring(s.fsdp, g * p)
     wire += _ring(s.data, w4 / s.fsdp, 2.0)
@@ -166,9 +148,9 @@ def estimate(s: Strategy, sizes: Sizes, chip: Chip, global_batch: int) -> Estima
     wire += _ring(s.data, g * p / s.fsdp, 2.0) + _ring(s.data, c * p / s.fsdp)
   return Estimate(
       strategy=s,
-      compute_ms=flops / (chip.peak_tflops * 1e12) * 1e3,
+      compute_ms=flops / (chip.peak_bf16_tflops * 1e12) * 1e3,
       hbm_ms=hbm / (chip.hbm_gbps * 1e9) * 1e3,
-      ici_ms=wire / (chip.link_gbps * 1e9) * 1e3,
+      ici_ms=wire / (chip.ici_link_gbps * 1e9) * 1e3,
       memory_gb=memory / 1e9,
       fits=memory / 1e9 <= HBM_MARGIN * chip.hbm_gb,
   )
@@ -197,7 +179,7 @@ def rank(
 
 
 def chip_of(device) -> Chip | None:
-  return CHIPS.get(getattr(device, 'device_kind', ''))
+  return tpu_chips.of_device(device)
 
 
 def resolve(

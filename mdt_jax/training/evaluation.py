@@ -3,7 +3,8 @@
 ``eval_num_samples`` samples (labels 0, 1, ..., num_classes - 1 repeated: class-balanced; noise
 seed 1) are drawn with the config's sampler, sharded over every device, at every
 ``eval_every_steps``-th step and at the last step. Digits runs score them with the digits
-classifier (Frechet distance of its features, class accuracy); latent runs decode them with the
+classifier (Frechet distance of its features, class accuracy; 16x16 samples, or 8x8 ones, the
+dataset's own resolution, upsampled as the dataset makes its 16x16 images); latent runs decode them with the
 run's VAE and compute FID, sFID, precision and recall with the JAX FID Inception against
 ``eval_reference`` (a statistics file of ``python -m mdt_jax.evaluate --save_stats`` or an ADM
 reference batch). Results go to TensorBoard, to ``eval_history.json`` (every evaluation) and,
@@ -32,7 +33,7 @@ from etils import epath
 from mdt_jax import atomic, paths
 from mdt_jax.evaluation import evaluator, features, inception, metrics
 from mdt_jax.sampling import postprocess
-from mdt_jax.training import samples
+from mdt_jax.training import eval_metrics, samples
 from mdt_jax.training.run import RunConfig
 
 HISTORY_FILE = 'eval_history.json'
@@ -84,7 +85,7 @@ class InceptionScorer:
       out['sfid'] = metrics.frechet_distance(stats.mu_s, stats.sigma_s, ref.mu_s, ref.sigma_s)
     if ref.pool is not None and len(ref.pool) > 3 and stats.num_images > 3:
       out['precision'], out['recall'] = metrics.precision_recall(ref.pool, feats['pool'], 3)
-    return out
+    return eval_metrics.whole_set(out)
 
 
 class Evaluator:
@@ -170,9 +171,12 @@ class Evaluator:
     self.writer.write_scalars(
         step, {k: v for k, v in result.items() if k != 'eval_num_samples' and v is not None}
     )
-    self._record(step, result)
+    # eval.json before the history: a run killed between the two finds the evaluation missing
+    # from the history on resume and runs it again, writing both (the other order would leave a
+    # history that says done and no eval.json)
     if step == self.total and jax.process_index() == 0:
       atomic.write_text(str(self.final_path), json.dumps({'step': step, **result}, indent=2))
+    self._record(step, result)
     logging.info('evaluation at step %d: %s', step, result)
     return result
 
@@ -201,5 +205,4 @@ class Evaluator:
       feats.append(self.scorer.features(self.postprocess(x)))
     if cancel():
       raise Cancelled()
-    merged = {k: np.concatenate([f[k] for f in feats]) for k in feats[0]}
-    return {**self.scorer.score(merged), 'eval_num_samples': self.n}
+    return {**self.scorer.score(eval_metrics.collect(feats)), 'eval_num_samples': self.n}

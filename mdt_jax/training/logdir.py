@@ -15,7 +15,7 @@ import tempfile
 import jax
 from absl import logging
 
-from mdt_jax import paths
+from mdt_jax import errors, faults, paths
 from mdt_jax.atomic import atomic_file
 from mdt_jax.training.events import EventWriter
 
@@ -57,6 +57,51 @@ class MirroredWriter:
         self._sent[rel] = (st.st_size, st.st_mtime_ns)
 
 
+def _event_files(folder: str) -> set[str]:
+  return {os.fspath(p) for p in paths.path(folder).glob('*tfevents*')}
+
+
+class HookedCluWriter:
+  """clu's default writer (logging and TensorFlow's summary writer) with the writes of its event
+  file through the fault hook (site 'events', mdt_jax/faults.py), as EventWriter's.
+
+  TensorFlow writes the file from C++: each ``write_*`` call queues a record, and the queue
+  reaches the file on ``flush()`` (or when it is full). The hook is where Python still decides:
+  before each ``write_*`` call queues its record and before each ``flush()`` writes the queue.
+  A write that fails there, or inside TensorFlow (an ``OSError`` or TensorFlow's ``OpError``),
+  is a ``WriteFailed`` naming the event file."""
+
+  _WRITES = frozenset(
+      f'write_{k}'
+      for k in ('summaries', 'scalars', 'images', 'videos', 'audios', 'texts', 'histograms')
+  ) | {'write_hparams', 'flush'}
+
+  def __init__(self, writer, logdir: str, created: set[str]):
+    self._writer = writer
+    # the file TensorFlow's writer made when it was created (else its folder)
+    self.path = max(created, default=logdir)
+
+  def __getattr__(self, name):
+    method = getattr(self._writer, name)
+    if name not in self._WRITES:
+      return method
+
+    def hooked(*args, **kwargs):
+      import tensorflow as tf  # imported by clu already
+
+      try:
+        faults.check('events', self.path)
+        return method(*args, **kwargs)
+      except (OSError, tf.errors.OpError) as e:
+        raise errors.WriteFailed(self.path, e) from e
+
+    return hooked
+
+  def close(self) -> None:
+    self.flush()
+    self._writer.close()
+
+
 def create_writer(
     workdir: str, *, just_logging: bool = False, kind: str = 'events'
 ) -> tuple[object, str]:
@@ -67,12 +112,13 @@ def create_writer(
   if kind == 'clu':
     from clu import metric_writers  # imports TensorFlow
 
-    return (
-        metric_writers.create_default_writer(
-            workdir, just_logging=just_logging, asynchronous=False
-        ),
-        workdir,
+    before = set() if just_logging else _event_files(workdir)
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=just_logging, asynchronous=False
     )
+    if just_logging:
+      return writer, workdir
+    return HookedCluWriter(writer, workdir, _event_files(workdir) - before), workdir
   if kind != 'events':
     raise ValueError(f"metric writer kind must be 'events' or 'clu', got {kind!r}")
   if paths.is_remote(workdir):

@@ -26,7 +26,8 @@ from mdt_jax.sampling.config import SamplerConfig, make_sampler_config
 from mdt_jax.training.align import AlignConfig, config_of
 
 EVAL_NUM_SAMPLES_MIN = 2  # a Frechet distance needs 2 images
-DIGITS_EVAL_SIZE = 16  # the digits classifier's input size
+# the digits classifier's input size, and the dataset's own 8x8 (upsampled to it)
+DIGITS_EVAL_SIZES = (16, 8)
 METRIC_WRITERS = ('events', 'clu')  # config.metric_writer (mdt_jax/training/logdir.py)
 
 
@@ -274,10 +275,11 @@ def check_evaluation(evaluation: EvalSettings, data: DataSpec) -> None:
     raise ValueError(f'eval_every_steps={every} needs eval_num_samples > 0')
   if n and n < EVAL_NUM_SAMPLES_MIN:
     raise ValueError('eval_num_samples must be >= 2 (a Frechet distance needs 2 images)')
-  if n and data.name == 'digits' and data.image_size != DIGITS_EVAL_SIZE:
+  if n and data.name == 'digits' and data.image_size not in DIGITS_EVAL_SIZES:
     raise ValueError(
         'the digits evaluation (eval_num_samples > 0) scores 16x16 images with the '
-        f'digits classifier; data.image_size is {data.image_size}'
+        "digits classifier (8x8 ones, the dataset's own, upsampled as the dataset does); "
+        f'data.image_size is {data.image_size}'
     )
   if n and data.name != 'digits' and not evaluation.reference:
     raise ValueError(

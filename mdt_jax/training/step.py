@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 
 from mdt_jax.diffusion import Diffusion, FlowMatching, flow, q_sample, training_losses
-from mdt_jax.models import attention, platform
+from mdt_jax.models import attention, platform, shards
 from mdt_jax.training import align as alignment
 from mdt_jax.training.run import RunConfig, as_run, stored_features
 from mdt_jax.training.state import TrainState
@@ -28,6 +28,10 @@ def _forward(model, x_t, t, y, model_key, masked, aligner):
   if aligner is None:
     return model(x_t, t, y, rng=model_key, train=True, enable_mask=masked), None
   return model(x_t, t, y, rng=model_key, train=True, enable_mask=masked, features_at=aligner.block)
+
+
+def _noise(key, x0):
+  return shards.rows(lambda n: jax.random.normal(key, (n,) + x0.shape[1:], jnp.float32), len(x0))
 
 
 def _with_align(terms, model, aligner, features, x0, noise, t, y, model_key) -> dict:
@@ -53,7 +57,7 @@ def branch_loss(
   """One branch of the original forward_backward: own noise, own label-dropout (and mask) draw;
   with an aligner, also its alignment terms (align_loss, align_cos)."""
   noise_key, model_key = jax.random.split(key)
-  noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+  noise = _noise(noise_key, x0)
   x_t = q_sample(process, x0, t, noise)
   out, features = _forward(model, x_t, t, y, model_key, masked, aligner)
   terms = training_losses(process, out, x0, x_t, t, noise, min_snr_gamma)
@@ -76,7 +80,7 @@ def flow_branch_loss(
   if min_snr_gamma is not None:
     raise ValueError('min-SNR weighting is a DDPM setting; the flow loss is unweighted')
   noise_key, model_key = jax.random.split(key)
-  noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
+  noise = _noise(noise_key, x0)
   x_t = flow.interpolate(x0, noise, t)
   out, features = _forward(model, x_t, flow.model_time(process, t), y, model_key, masked, aligner)
   terms = flow.training_losses(out, x0, noise)
@@ -84,10 +88,11 @@ def flow_branch_loss(
 
 
 def draw_times(process: Diffusion | FlowMatching, key, n: int):
-  """The batch's times [n], shared by both branches: DDPM timesteps or flow times."""
+  """The batch's times [n], shared by both branches: DDPM timesteps or flow times (the rows of
+  the whole batch's draw where the step runs per batch shard: mdt_jax/models/shards.py)."""
   if isinstance(process, FlowMatching):
-    return flow.sample_time(process, key, n)
-  return jax.random.randint(key, (n,), 0, process.num_timesteps)
+    return shards.rows(lambda m: flow.sample_time(process, key, m), n)
+  return shards.rows(lambda m: jax.random.randint(key, (m,), 0, process.num_timesteps), n)
 
 
 def loss_fn(
@@ -173,7 +178,11 @@ def train_step(
     settings.update(align=align, teacher_params=teacher, step=state.step)
   grad_fn = jax.grad(functools.partial(loss_fn, **settings), has_aux=True)
   weights = layout.forward_weights(state.params) if layout else state.params
-  grads, metrics = grad_fn(weights, graphdef, process, batch, key)
+  if layout and layout.scatter and align is None:  # per batch shard, reduce-scattered
+    per_shard = lambda w, b, k: grad_fn(w, graphdef, process, b, k)  # noqa: E731
+    grads, metrics = layout.shard_grads(per_shard, weights, batch, key)
+  else:
+    grads, metrics = grad_fn(weights, graphdef, process, batch, key)
   if layout:
     grads = layout.reduced_grads(grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)

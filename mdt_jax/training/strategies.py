@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from mdt_jax.models import attention, shards
 from mdt_jax.models.params import abstract_model
 from mdt_jax.training import sharding
 
@@ -155,12 +156,16 @@ def state_layout(rules_layout: Any, abstract_params: Any, state_axes: Sequence[s
 class StepLayout:
   """What the train step does at the strategy's two collectives: the stored parameters become
   the forward's weights (cast to `dtype`, laid out as `weights`: gathered once), and the
-  gradients become the optimizer's (laid out as `grads`, float32: XLA reduces them where the
-  weight gradients are computed and keeps this chip's share)."""
+  gradients become the optimizer's (laid out as `grads`, float32). With `scatter` (zero) each
+  chip takes the gradient of its own batch shard under shard_map and the gradients are
+  reduce-scattered onto `grads` in two stages over a split of the data axis (`scatter`: outer,
+  inner; the TPU compiler makes one reduce-scatter over every chip an all-reduce); else XLA
+  reduces them where the weight gradients are computed and keeps this chip's share."""
 
   weights: Any  # pure dict of NamedShardings: the rules' layout
   grads: Any  # pure dict of NamedShardings: the stored state's layout
   dtype: str
+  scatter: tuple[int, int] | None = None
 
   def forward_weights(self, params):
     """The matmul kernels (nearly all the bytes) in `dtype`; biases, tables and scales as
@@ -180,17 +185,70 @@ class StepLayout:
     grads = jax.lax.with_sharding_constraint(grads, self.grads)
     return jax.tree.map(lambda g: g.astype(jnp.float32), grads)
 
+  def shard_grads(self, grad_fn, weights, batch, key):
+    """`grad_fn(weights, batch, key)` -> (grads, metrics) of the whole batch, computed per batch
+    shard and reduce-scattered (`scatter`); the metrics (batch means) averaged over the shards."""
+    stored = jax.tree.leaves(self.grads)[0].mesh
+    outer, inner = self.scatter
+    mesh = Mesh(stored.devices.reshape(outer, inner), ('outer', 'inner'))
+    axes = ('outer', 'inner')
+    dims = jax.tree.map(lambda sh: _data_dim(sh.spec), self.grads)
+
+    def reduce(g, dim):
+      if dim < 0:
+        return jax.lax.psum(g, axes) / (outer * inner)
+      g = jax.lax.psum_scatter(g, 'outer', scatter_dimension=dim, tiled=True)
+      return jax.lax.psum_scatter(g, 'inner', scatter_dimension=dim, tiled=True) / (outer * inner)
+
+    def local(weights, batch, key):
+      weights = jax.lax.pcast(weights, axes, to='varying')  # this shard's gradient, not the sum
+      with shards.batch_split(axes, outer * inner), attention.batch_sharded(None, None):
+        grads, metrics = grad_fn(weights, batch, key)
+      grads = jax.tree.map(reduce, grads, dims)
+      return grads, jax.tree.map(lambda m: jax.lax.pmean(m, axes), metrics)
+
+    def spec(dim, shape_len):
+      return P(*[axes if i == dim else None for i in range(shape_len)]) if dim >= 0 else P()
+
+    grad_specs = jax.tree.map(lambda d, w: spec(d, w.ndim), dims, weights)
+    batch_specs = jax.tree.map(lambda _: P(axes), batch)
+    run = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(jax.tree.map(lambda _: P(), weights), batch_specs, P()),
+        out_specs=(grad_specs, P()),
+    )
+    return run(weights, batch, key)
+
+
+def _data_dim(spec) -> int:
+  """The dimension a stored layout splits over 'data', or -1."""
+  for i, e in enumerate(spec):
+    if e == 'data' or (isinstance(e, tuple) and 'data' in e):
+      return i
+  return -1
+
+
+def scatter_split(n: int) -> tuple[int, int]:
+  """(outer, inner) chips of the two-stage reduce-scatter: inner the smallest factor of n."""
+  inner = next((f for f in range(2, n) if n % f == 0), 1)
+  return n // inner, inner
+
 
 def step_layout(
-    strategy: Strategy, model_cfg, mesh: Mesh, rules, stored_layout: Any
+    strategy: Strategy, model_cfg, mesh: Mesh, rules, stored_layout: Any, per_shard: bool = True
 ) -> StepLayout | None:
   """The step's layout for `strategy` (`stored_layout`: the shardings of the stored parameters);
   None where the step needs no extra constraint (dp and fsdp in float32: the same program as
-  before strategies)."""
+  before strategies). `per_shard`: zero's gradients per batch shard, reduce-scattered (off:
+  XLA's reduction, as for a step whose loss needs the whole batch at once)."""
   if not strategy.state_axes and strategy.collective_dtype == 'float32':
     return None
   rules_layout = sharding.param_shardings(nnx.state(abstract_model(model_cfg)), mesh, rules)
-  return StepLayout(rules_layout, stored_layout, strategy.collective_dtype)
+  scatter = None
+  if strategy.name == 'zero' and per_shard and strategy.data > 1 == strategy.fsdp * strategy.tensor:
+    scatter = scatter_split(strategy.data)
+  return StepLayout(rules_layout, stored_layout, strategy.collective_dtype, scatter)
 
 
 def make_mesh(strategy: Strategy, devices: Sequence[jax.Device] | None = None) -> Mesh:

@@ -4,12 +4,7 @@ With libtpu installed (``pip install -e .[tpu]``) the TPU compiler runs on any C
 topology gives compile-only devices, and programs lowered on them compile exactly as they would
 for the pod, without the hardware (`jax.experimental.topologies`).
 
-Peak figures per chip. FLOP/s, HBM capacity and HBM bandwidth: the Cloud TPU system architecture
-pages (https://cloud.google.com/tpu/docs/v4, .../v5e, .../v5p, .../v6e; v5p: 459 TFLOP/s,
-95 GB, 2765 GB/s; v6e: 918 TFLOP/s, 32 GB, 1638 GB/s; v5e: 197 TFLOP/s, 16 GB, 819 GB/s; v4:
-275 TFLOP/s, 32 GiB, 1200 GB/s). ICI bandwidth per link, both directions together: "How to Scale
-Your Model", chapter "How to Think About TPUs" (https://jax-ml.github.io/scaling-book/tpus/):
-v4p 9e10, v5p 1.8e11, v5e 9e10, v6e 1.8e11 bytes/s.
+Peak figures per chip: `mdt_jax/training/tpu_chips.py`.
 """
 
 from __future__ import annotations
@@ -20,34 +15,7 @@ import re
 
 import numpy as np
 
-
-@dataclasses.dataclass(frozen=True)
-class Generation:
-  """One TPU generation's per-chip figures (see the module docstring for the sources)."""
-
-  name: str  # as in slice names: v4, v5e, v5p, v6e
-  peak_bf16_tflops: float  # dense bf16 matrix-unit peak per chip
-  hbm_gb: float  # HBM capacity per chip, 1e9 bytes (the spec sheet's)
-  hbm_gbps: float  # HBM bandwidth per chip, 1e9 bytes/s
-  ici_link_gbps: float  # ICI bandwidth of one link, both directions, 1e9 bytes/s
-  torus_dims: int  # 3: v4/v5p (slice names count TensorCores, 2 per chip); 2: v5e/v6e
-  max_chips: int  # the largest single slice of power-of-two size listed here
-
-  @property
-  def cores_per_chip(self) -> int:
-    """TensorCores a slice name counts per chip (v4-8 and v5p-8 are 4 chips: one megacore each)."""
-    return 2 if self.torus_dims == 3 else 1
-
-
-GENERATIONS = {
-    g.name: g
-    for g in (
-        Generation('v4', 275.0, 32 * 2**30 / 1e9, 1200.0, 90.0, 3, 2048),
-        Generation('v5e', 197.0, 16.0, 819.0, 90.0, 2, 256),
-        Generation('v5p', 459.0, 95.0, 2765.0, 180.0, 3, 4096),
-        Generation('v6e', 918.0, 32.0, 1638.0, 180.0, 2, 256),
-    )
-}
+from mdt_jax.training.tpu_chips import GENERATIONS, Generation  # noqa: F401
 
 
 def _shape_3d(chips: int) -> tuple[int, int, int]:
