@@ -72,18 +72,9 @@ def variant_config(
 
 def check_study(study: ml_collections.ConfigDict) -> None:
   """Refuse a study that cannot run, before any training starts."""
+  lc.check_variants(study, OBJECTIVE_SETTINGS)
   seeds = list(study.seeds)
-  if not seeds or len(set(seeds)) != len(seeds) or any(int(s) != s or s < 0 for s in seeds):
-    raise ValueError(f'seeds must be distinct non-negative integers, got {study.seeds!r}')
-  if study.baseline not in study.variants:
-    raise ValueError(
-        f'baseline {study.baseline!r} is not one of the variants {sorted(study.variants)}'
-    )
   for variant, v in study.variants.items():
-    if set(v.keys()) != set(OBJECTIVE_SETTINGS):
-      raise ValueError(
-          f'variant {variant!r} must set exactly {OBJECTIVE_SETTINGS}, got {sorted(v.keys())}'
-      )
     for spec in [None, *study.final_samplers[v.objective]]:
       validate(variant_config(study, variant, seeds[0], spec))  # the sampler fits, too
   # The learning-speed checks (digits, eval settings) on the baseline's config.

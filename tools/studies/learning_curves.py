@@ -63,11 +63,28 @@ def eval_labels(n: int) -> np.ndarray:
   return (np.arange(n) % dc.NUM_CLASSES).astype(np.int32)
 
 
-def check_study(study: ml_collections.ConfigDict) -> None:
-  """Refuse a study that cannot run, before any training starts."""
+def check_seeds(study: ml_collections.ConfigDict) -> None:
   seeds = list(study.seeds)
   if not seeds or len(set(seeds)) != len(seeds) or any(int(s) != s or s < 0 for s in seeds):
     raise ValueError(f'seeds must be distinct non-negative integers, got {study.seeds!r}')
+
+
+def check_variants(study: ml_collections.ConfigDict, settings: tuple[str, ...]) -> None:
+  """A variant study's seeds, its baseline among the variants, and every variant setting
+  exactly ``settings``."""
+  check_seeds(study)
+  if study.baseline not in study.variants:
+    raise ValueError(
+        f'baseline {study.baseline!r} is not one of the variants {sorted(study.variants)}'
+    )
+  for variant, v in study.variants.items():
+    if set(v.keys()) != set(settings):
+      raise ValueError(f'variant {variant!r} must set exactly {settings}, got {sorted(v.keys())}')
+
+
+def check_study(study: ml_collections.ConfigDict) -> None:
+  """Refuse a study that cannot run, before any training starts."""
+  check_seeds(study)
   if int(study.eval_every_steps) <= 0:
     raise ValueError(f'eval_every_steps must be positive, got {study.eval_every_steps}')
   if int(study.eval_num_samples) < 2:
@@ -91,7 +108,7 @@ def check_study(study: ml_collections.ConfigDict) -> None:
   if train.model.mask_ratio is None:
     raise ValueError('train.model.mask_ratio is None: the MDT variant needs a mask ratio')
   for variant in VARIANTS:
-    validate(variant_config(study, variant, seeds[0]))
+    validate(variant_config(study, variant, study.seeds[0]))
   sampler_config(train)  # raises on bad sampler settings
 
 

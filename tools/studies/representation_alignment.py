@@ -104,18 +104,8 @@ def enable_compilation_cache(path: str) -> None:
 def check_study(study: ml_collections.ConfigDict, teacher: str) -> None:
   """Refuse a study that cannot run, before any training starts (``teacher``: the REPA
   teacher's folder, which the aligned configs are validated with)."""
+  lc.check_variants(study, VARIANT_SETTINGS)
   seeds = list(study.seeds)
-  if not seeds or len(set(seeds)) != len(seeds) or any(int(s) != s or s < 0 for s in seeds):
-    raise ValueError(f'seeds must be distinct non-negative integers, got {study.seeds!r}')
-  if study.baseline not in study.variants:
-    raise ValueError(
-        f'baseline {study.baseline!r} is not one of the variants {sorted(study.variants)}'
-    )
-  for variant, v in study.variants.items():
-    if set(v.keys()) != set(VARIANT_SETTINGS):
-      raise ValueError(
-          f'variant {variant!r} must set exactly {VARIANT_SETTINGS}, got {sorted(v.keys())}'
-      )
   for variant in study.variants:
     validate(variant_config(study, variant, seeds[0], teacher))
   lc.check_study(
