@@ -236,17 +236,18 @@ def scatter_split(n: int) -> tuple[int, int]:
 
 
 def step_layout(
-    strategy: Strategy, model_cfg, mesh: Mesh, rules, stored_layout: Any, per_shard: bool = True
+    strategy: Strategy, model_cfg, mesh: Mesh, rules, stored_layout: Any
 ) -> StepLayout | None:
   """The step's layout for `strategy` (`stored_layout`: the shardings of the stored parameters);
   None where the step needs no extra constraint (dp and fsdp in float32: the same program as
-  before strategies). `per_shard`: zero's gradients per batch shard, reduce-scattered (off:
-  XLA's reduction, as for a step whose loss needs the whole batch at once)."""
+  before strategies). zero over the data axis alone gets `scatter`: its gradients per batch
+  shard, reduce-scattered (the train step keeps XLA's reduction where its loss needs the whole
+  batch at once: with alignment)."""
   if not strategy.state_axes and strategy.collective_dtype == 'float32':
     return None
   rules_layout = sharding.param_shardings(nnx.state(abstract_model(model_cfg)), mesh, rules)
   scatter = None
-  if strategy.name == 'zero' and per_shard and strategy.data > 1 == strategy.fsdp * strategy.tensor:
+  if strategy.name == 'zero' and strategy.data > 1 and strategy.fsdp * strategy.tensor == 1:
     scatter = scatter_split(strategy.data)
   return StepLayout(rules_layout, stored_layout, strategy.collective_dtype, scatter)
 
