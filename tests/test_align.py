@@ -145,6 +145,9 @@ def test_align_config_refusals(tmp_path):
     align.AlignConfig.from_dict({'deep': 3})
   with pytest.raises(ValueError, match='align.branches must be one of'):
     align.AlignConfig(branches='all')
+  shallow = _tiny_config(depth=2, decode_layer=1)  # MDTv2: no encoder block
+  with pytest.raises(ValueError, match='leaves the encoder no blocks'):
+    align.AlignConfig(method='sra').check(shallow, mask_branch=True)
   with pytest.raises(ValueError, match=r'align.depth=5 exceeds the encoder depth 4'):
     align.AlignConfig(method='sra', depth=5).check(cfg, mask_branch=True)
   with pytest.raises(ValueError, match='SRA teacher block must be deeper than the student block 3'):

@@ -106,6 +106,11 @@ class AlignConfig:
     folder, a masked-branch alignment without the masked branch."""
     if not self.enabled:
       return
+    if model.encoder_depth < 1:
+      raise ValueError(
+          f'align.method={self.method!r} needs an encoder block to align, but model.depth '
+          f'{model.depth} with decode_layer {model.decode_layer} leaves the encoder no blocks'
+      )
     student = self.student_block(model)
     if student > model.encoder_depth:
       raise ValueError(
