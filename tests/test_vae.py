@@ -1,5 +1,7 @@
 """mdt_jax.vae against diffusers' PyTorch AutoencoderKL (random weights, CPU, float32)."""
 
+from __future__ import annotations
+
 import json
 import os
 import subprocess
@@ -9,7 +11,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL as TorchAutoencoderKL
 from safetensors.numpy import load_file, save_file
 
 import mdt_jax.vae as vae_lib
@@ -35,11 +36,19 @@ SD_NARROW = dict(SD, block_out_channels=(32, 32, 64, 64))
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def torch_vae(cfg: dict, seed: int) -> TorchAutoencoderKL:
+def torch_autoencoder_kl() -> type:
+  """diffusers' AutoencoderKL, imported when a test needs it: importing diffusers takes about 5 s,
+  which every pytest-xdist worker would pay at collection, also those that run none of these."""
+  from diffusers import AutoencoderKL
+
+  return AutoencoderKL
+
+
+def torch_vae(cfg: dict, seed: int):
   """diffusers AutoencoderKL with every parameter drawn afresh (norms and biases included)."""
   n = len(cfg['block_out_channels'])
   torch.manual_seed(seed)
-  model = TorchAutoencoderKL(
+  model = torch_autoencoder_kl()(
       down_block_types=('DownEncoderBlock2D',) * n, up_block_types=('UpDecoderBlock2D',) * n, **cfg
   ).eval()
   g = torch.Generator().manual_seed(seed)
@@ -118,8 +127,9 @@ def test_sd_vae_layout_and_parameter_count_from_shapes():
   layout the converter gives (OIHW -> HWIO, linear transposed), and both count the published
   sd-vae-ft-mse parameters."""
   n = len(SD['block_out_channels'])
+  autoencoder_kl = torch_autoencoder_kl()
   with torch.device('meta'):
-    model = TorchAutoencoderKL(
+    model = autoencoder_kl(
         down_block_types=('DownEncoderBlock2D',) * n, up_block_types=('UpDecoderBlock2D',) * n, **SD
     )
   theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()}
