@@ -114,7 +114,9 @@ def pytest_xdist_auto_num_workers(config):
 
 # The files whose tests take longest (pytest --durations, two workers), longest first. With
 # `--dist loadfile` a worker takes a whole file at a time in collection order: handing out the long
-# ones first leaves short ones for the end, so the workers finish together.
+# ones first leaves short ones for the end, so the workers finish together. pytest-xdist 3.8 then
+# reorders the files by their number of tests (its --loadscope-reorder default); keeping this order
+# instead (--no-loadscope-reorder) measured no faster (BENCHMARKS.md, "The test suite").
 LONG_FILES = (
     'test_multiprocess.py',
     'test_bench.py',
