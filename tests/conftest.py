@@ -112,35 +112,6 @@ def pytest_xdist_auto_num_workers(config):
   return max(1, min(usable or 1, 4))
 
 
-# The files whose tests take longest (pytest --durations, two workers), longest first. With
-# `--dist loadfile` a worker takes a whole file at a time in collection order: handing out the long
-# ones first leaves short ones for the end, so the workers finish together. pytest-xdist 3.8 then
-# reorders the files by their number of tests (its --loadscope-reorder default); keeping this order
-# instead (--no-loadscope-reorder) measured no faster (BENCHMARKS.md, "The test suite").
-LONG_FILES = (
-    'test_multiprocess.py',
-    'test_bench.py',
-    'test_training.py',
-    'test_readme.py',
-    'test_flow_training.py',
-    'test_cli_paths.py',
-    'test_learning_curves.py',
-    'test_object_storage.py',
-    'test_latent_training.py',
-    'test_mesh_resume.py',
-    'test_aot_compile.py',
-    'test_bad_inputs.py',
-    'test_model.py',
-)
-
-
-def pytest_collection_modifyitems(session, config, items):
-  """Long files first (see LONG_FILES); within a file, tests keep their order."""
-  del session, config
-  rank = {name: i for i, name in enumerate(LONG_FILES)}
-  items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))
-
-
 @pytest.fixture(scope='session')
 def full_run():
   """One uninterrupted 6-step run of tests/micro_config.py on 8 devices, shared by the training
