@@ -19,9 +19,12 @@ Which errors are the user's:
 
 from __future__ import annotations
 
+import concurrent.futures.thread
 import functools
 import os
 import sys
+import threading
+import time
 from typing import Callable, NoReturn
 
 from absl import app, flags
@@ -134,3 +137,30 @@ def parse_flags(argv: list[str]) -> list[str]:
 def run(main: Callable[[list[str]], object]) -> NoReturn:
   """``absl.app.run(main)`` with user errors (and flags that do not parse) as one line."""
   app.run(guard(main), flags_parser=parse_flags)
+
+
+def join_background_writes(timeout_s: float = 30.0, poll_s: float = 0.05) -> None:
+  """Waits (at most `timeout_s` in all) for the threads still writing, such as orbax's async
+  commits, so that what they report comes before the run's own one-line error, not after it
+  at interpreter shutdown. A thread pool's worker waiting for work (grain's prefetch, orbax's
+  metadata store) is not writing: it ends only when its pool shuts down, at exit."""
+  deadline = time.monotonic() + timeout_s
+  # polled, not joined: orbax's threads raise TimeoutError from a join that times out
+  while time.monotonic() < deadline and any(not _idle_pool_worker(t) for t in _other_threads()):
+    time.sleep(poll_s)
+
+
+def _other_threads() -> list[threading.Thread]:
+  main = threading.main_thread()
+  return [t for t in threading.enumerate() if t is not main and not t.daemon and t.is_alive()]
+
+
+def _idle_pool_worker(thread: threading.Thread) -> bool:
+  """A concurrent.futures worker thread blocked on its pool's queue: its innermost Python frame
+  is the worker loop itself (a worker running a task has the task's frames above it)."""
+  frame = sys._current_frames().get(thread.ident)  # noqa: SLF001 - the stdlib's frame snapshot
+  return frame is not None and _POOL_WORKER is not None and frame.f_code is _POOL_WORKER.__code__
+
+
+# the worker loop of concurrent.futures (a private name: without it, every thread is waited for)
+_POOL_WORKER = getattr(concurrent.futures.thread, '_worker', None)

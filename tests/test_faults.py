@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -220,10 +221,6 @@ def test_a_failed_run_waits_for_writing_threads_not_for_idle_pool_workers():
   """After a failed write the command line waits for the threads still writing (an orbax
   commit reporting its error), not for pool workers idle on their queue (grain's prefetch,
   orbax's metadata store), which end only at exit."""
-  from concurrent.futures import ThreadPoolExecutor
-
-  from mdt_jax import main
-
   idle, busy = ThreadPoolExecutor(1, 'idle'), ThreadPoolExecutor(1, 'busy')
   release, done = threading.Event(), []
   try:
@@ -232,17 +229,17 @@ def test_a_failed_run_waits_for_writing_threads_not_for_idle_pool_workers():
     writer = threading.Thread(target=lambda: (release.wait(), done.append('written')))
     writer.start()
     workers = {t.name: t for t in threading.enumerate() if t.name in ('idle_0', 'busy_0')}
-    assert main._idle_pool_worker(workers['idle_0'])
-    assert not main._idle_pool_worker(workers['busy_0'])
-    assert not main._idle_pool_worker(writer)
-    waiting = threading.Thread(target=main.join_background_writes, args=(60,), daemon=True)
+    assert errors._idle_pool_worker(workers['idle_0'])
+    assert not errors._idle_pool_worker(workers['busy_0'])
+    assert not errors._idle_pool_worker(writer)
+    waiting = threading.Thread(target=errors.join_background_writes, args=(60,), daemon=True)
     waiting.start()
     waiting.join(0.2)
     assert waiting.is_alive()  # the writer and the busy worker hold it
     release.set()
     waiting.join(20)  # not the 60 s the idle workers would hold it for
     assert not waiting.is_alive() and done == ['written'] and running.done()
-    assert all(main._idle_pool_worker(t) for t in workers.values())  # left waiting, not joined
+    assert all(errors._idle_pool_worker(t) for t in workers.values())  # left waiting, not joined
   finally:
     release.set()
     idle.shutdown()
