@@ -135,6 +135,20 @@ def test_mesh_matches_single_device(step_setup, single_device, shape):
     np.testing.assert_allclose(a, b, atol=2e-6)
 
 
+@pytest.mark.parametrize('optimizer', ['adan', 'adamw'])
+def test_abstract_state_is_what_the_initializer_returns(step_setup, optimizer):
+  """The state's shapes and dtypes, read off the abstract model, are those of the traced init
+  (params, EMA, every optimizer moment, step, RNG key data)."""
+  c, mc, _, _ = step_setup
+  opt = st.make_optimizer(ml_collections.ConfigDict({**c.optimizer.to_dict(), 'name': optimizer}))
+  mesh = sharding.make_mesh(dict(data=8, fsdp=1, tensor=1))
+  structs, _, _ = st.abstract_train_state(mc, opt, mesh, DEFAULT_RULES)
+  traced = jax.eval_shape(st._initializer(mc, opt, 0))
+  assert jax.tree.structure(structs) == jax.tree.structure(traced)
+  for a, b in zip(jax.tree.leaves(structs), jax.tree.leaves(traced)):
+    assert (a.shape, a.dtype) == (b.shape, b.dtype)
+
+
 def test_param_shardings_follow_the_rules(step_setup):
   c, mc, opt, _ = step_setup
   mesh = sharding.make_mesh({'data': 2, 'fsdp': 2, 'tensor': 2})

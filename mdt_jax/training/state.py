@@ -83,6 +83,19 @@ def _initializer(model_cfg: MDTConfig, optimizer: optax.GradientTransformation, 
   return init
 
 
+def _abstract_state(model: MDT, optimizer: optax.GradientTransformation) -> TrainState:
+  """The shapes and dtypes `_initializer` returns, read off the abstract model: the model's
+  init is traced once (by `abstract_model`), not again for the optimizer's state."""
+  params = nnx.to_pure_dict(nnx.state(model))
+  return TrainState(
+      step=jax.ShapeDtypeStruct((), jnp.int32),
+      params=params,
+      ema_params=params,
+      opt_state=jax.eval_shape(optimizer.init, params),
+      rng=jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0))),
+  )
+
+
 def abstract_train_state(
     model_cfg: MDTConfig,
     optimizer: optax.GradientTransformation,
@@ -93,7 +106,7 @@ def abstract_train_state(
   """(shape/dtype/sharding structs of the state, its shardings, graphdef); nothing allocated."""
   model = abstract_model(model_cfg)
   graphdef, _ = nnx.split(model)
-  abstract = jax.eval_shape(_initializer(model_cfg, optimizer, 0))
+  abstract = _abstract_state(model, optimizer)
   shardings = state_shardings(abstract, model, optimizer, mesh, rules, state_axes)
   structs = jax.tree.map(
       lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), abstract, shardings
