@@ -92,7 +92,9 @@ def required_distributions(path: str = os.path.join(ROOT, 'requirements-test.txt
 def pytest_configure(config):
   """A test dependency that is not installed fails the run here, by name, instead of turning
   into skips or collection errors further down."""
-  del config
+  config.addinivalue_line(
+      'markers', 'every_backend: trace every by_backend branch, as jits outside traced_for do'
+  )
   from importlib import metadata
 
   missing = []
@@ -115,6 +117,31 @@ def pytest_xdist_auto_num_workers(config):
   del config
   usable = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
   return max(1, min(usable or 1, 4))
+
+
+@pytest.fixture(scope='session', autouse=True)
+def _cpu_branches_only():
+  """The tests' computations are traced for the CPU they run on: `by_backend` traces the CPU's
+  branch only, as the train step and the samplers do (`traced_for`). A jit outside those (a
+  test's own) would otherwise trace and differentiate the TPU and GPU branches too, which are
+  never compiled here: 2.3x the tracing of the micro model's loss gradient. The TPU and GPU
+  branches have tests of their own (tests/test_model.py, test_attention.py, test_aot_compile.py)."""
+  from mdt_jax.models import platform
+
+  with platform.assume_backend('cpu'):
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _every_backend(request):
+  """Tests marked `every_backend` see by_backend as jits outside traced_for do."""
+  if request.node.get_closest_marker('every_backend') is None:
+    yield
+    return
+  from mdt_jax.models import platform
+
+  with platform.assume_backend(None):
+    yield
 
 
 @pytest.fixture(scope='session')

@@ -133,6 +133,7 @@ def test_tpus_with_small_vmem_get_xla_attention():
   assert platform.device_kind() is None  # the CPU's devices: no TPU kind
 
 
+@pytest.mark.every_backend
 def test_traced_for_traces_the_platform_of_its_devices_only():
   """by_backend under jit traces every platform's branch; traced_for(devices, fn) only the
   branch of their platform (GPUs take the default), and computes the same."""
@@ -149,6 +150,23 @@ def test_traced_for_traces_the_platform_of_its_devices_only():
   assert platform.backend_of([fake('gpu')]) == 'default'
   assert platform.backend_of([fake('gpu'), fake('cpu')]) is None
   assert platform.traced_for([fake('gpu'), fake('cpu')], f) is f
+
+
+def test_assume_backend_none_traces_every_branch_again():
+  # a new function at each trace: jax caches traces by function, not by this context
+  jaxpr = lambda: str(
+      jax.make_jaxpr(
+          lambda x: platform.by_backend(x, tpu=lambda a: a + 2, default=lambda a: a * 3)
+      )(1.0)
+  )
+  with platform.assume_backend('tpu', 'TPU v5'):
+    assert 'cond' not in jaxpr() and platform.device_kind() == 'TPU v5'
+    with platform.assume_backend(None):
+      assert 'cond' in jaxpr() and platform.device_kind() is None
+    assert 'mul' not in jaxpr()  # the enclosing assumption again
+  with pytest.raises(ValueError, match="backend 'gpu'"):
+    with platform.assume_backend('gpu'):
+      pass
 
 
 def _load_random(cfg, seed=0):
@@ -491,6 +509,7 @@ def test_cpu_code_computes_what_the_accelerator_code_computes():
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.every_backend
 def test_the_cpu_compiles_the_cpu_branches_only():
   """Lowered for the CPU, the model's dense layers multiply 2-D operands and its attention is the
   einsum form (no vmapped group axis, no TPU kernel): one conditional choice, by platform."""

@@ -43,25 +43,27 @@ def by_backend(*args, cpu: Callable | None = None, tpu: Callable | None = None, 
   platform has no branch of its own. All branches must compute the same thing."""
   branches = {'cpu': cpu, 'tpu': tpu}
   assumed = _assumed()
-  if assumed:
-    return (branches.get(assumed[-1][0]) or default)(*args)
+  backend = assumed[-1][0] if assumed else None
+  if backend is not None:
+    return (branches.get(backend) or default)(*args)
   given = {k: f for k, f in branches.items() if f is not None}
   return jax.lax.platform_dependent(*args, default=default, **given)
 
 
-def _assumed() -> list[tuple[str, str | None]]:
+def _assumed() -> list[tuple[str | None, str | None]]:
   if not hasattr(_local, 'assumed'):
     _local.assumed = []
   return _local.assumed
 
 
 @contextlib.contextmanager
-def assume_backend(name: str, device_kind: str | None = None) -> Iterator[None]:
+def assume_backend(name: str | None, device_kind: str | None = None) -> Iterator[None]:
   """Within this context (in this thread) `by_backend` traces `name`'s branch only, whatever the
   platform, and `device_kind()` is `device_kind`: `traced_for`, and tests (every branch computes
-  what the others compute)."""
-  if name not in BACKENDS:
-    raise ValueError(f'backend {name!r}: expected one of {BACKENDS}')
+  what the others compute). `name` None: every branch again (`jax.lax.platform_dependent`),
+  whatever an enclosing context assumed."""
+  if name is not None and name not in BACKENDS:
+    raise ValueError(f'backend {name!r}: expected one of {BACKENDS} or None')
   _assumed().append((name, device_kind))
   try:
     yield
@@ -84,7 +86,7 @@ def device_kind() -> str | None:
   devices' (a TPU topology compiled from a CPU host included), else the default devices' where
   they are TPUs; None where unknown (then the TPU branches assume a chip that fits them)."""
   assumed = _assumed()
-  if assumed:
+  if assumed and assumed[-1][0] is not None:
     return assumed[-1][1]
   return jax.devices()[0].device_kind if jax.default_backend() == 'tpu' else None
 

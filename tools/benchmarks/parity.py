@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from mdt_jax.configs_base import model_of
+from mdt_jax.models import platform
 from mdt_jax.models.mdt import COMPUTE_OPTIONS, MDT, MDTConfig
 from mdt_jax.models.params import abstract_model, param_name
 from mdt_jax.training.step import loss_fn, loss_settings
@@ -74,7 +75,9 @@ def _literal(value: str):
 
 def _loss_and_grads(graphdef, config: ml_collections.ConfigDict):
   fn = functools.partial(loss_fn, graphdef=graphdef, **loss_settings(config))
-  return jax.jit(jax.value_and_grad(lambda p, b, k: fn(p, batch=b, key=k), has_aux=True))
+  grads = jax.value_and_grad(lambda p, b, k: fn(p, batch=b, key=k), has_aux=True)
+  # compiled for the default device: only its platform's branches traced
+  return jax.jit(platform.traced_for(jax.devices()[:1], grads))
 
 
 def fill_zero_weights(params, key, std: float = 0.02):
