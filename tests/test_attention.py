@@ -58,6 +58,7 @@ def test_fused_attention_equals_xla(dtype, shared, masked):
     assert np.all(dk[~np.asarray(mask)] == 0)
 
 
+@pytest.mark.every_backend
 def test_attend_picks_xla_off_tpu():
   # On the CPU the automatic choice lowers jax's own attention, not the kernel
   qkv, bias, _, _ = _inputs(jnp.float32, 2, 8, 2, 4, True, False)
