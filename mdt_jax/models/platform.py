@@ -42,8 +42,7 @@ def by_backend(*args, cpu: Callable | None = None, tpu: Callable | None = None, 
   """``branch(*args)`` of the platform the computation is lowered for; `default` where a
   platform has no branch of its own. All branches must compute the same thing."""
   branches = {'cpu': cpu, 'tpu': tpu}
-  assumed = _assumed()
-  backend = assumed[-1][0] if assumed else None
+  backend, _ = _assumption()
   if backend is not None:
     return (branches.get(backend) or default)(*args)
   given = {k: f for k, f in branches.items() if f is not None}
@@ -54,6 +53,12 @@ def _assumed() -> list[tuple[str | None, str | None]]:
   if not hasattr(_local, 'assumed'):
     _local.assumed = []
   return _local.assumed
+
+
+def _assumption() -> tuple[str | None, str | None]:
+  """(backend, device kind) of the innermost `assume_backend`; (None, None) outside any."""
+  assumed = _assumed()
+  return assumed[-1] if assumed else (None, None)
 
 
 @contextlib.contextmanager
@@ -85,9 +90,9 @@ def device_kind() -> str | None:
   """The kind of device (``'TPU v4'``, ``'TPU v5 lite'``, ...) being traced for: `traced_for`'s
   devices' (a TPU topology compiled from a CPU host included), else the default devices' where
   they are TPUs; None where unknown (then the TPU branches assume a chip that fits them)."""
-  assumed = _assumed()
-  if assumed and assumed[-1][0] is not None:
-    return assumed[-1][1]
+  backend, kind = _assumption()
+  if backend is not None:
+    return kind
   return jax.devices()[0].device_kind if jax.default_backend() == 'tpu' else None
 
 
