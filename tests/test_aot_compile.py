@@ -146,6 +146,68 @@ def test_tpu_all_reduce_scatter_fusions_count_as_reduce_scatters():
   assert wire == [3 / 4 * full, 2 * 3 / 4 * full, 2 * 3 / 4 * full]
 
 
+# the collective algorithms the TPU compiler writes into a collective's backend config (taken
+# from its optimized HLO for v5p-128, v5e-256 and v6e-256, shortened)
+_ALGORITHMS = {
+    '"collective_algorithm_config":{"emitter":"1DAllGatherOnMajorDim","debug":"group_size = 4"}': 1,
+    '"collective_algorithm_config":{"emitter":"2DAllGatherOnMajorDim","debug":"group_size = 16"}': 2,
+    '"collective_algorithm_config":{"emitter":"3DAllGatherOnMajorDim","debug":"group_size = 64"}': 3,
+    '"emitter":"RotatedPincerEmitter","debug":"UniDirection1DRingStrategy{colors:2 phases:1': 1,
+    '"emitter":"RotatedPincerEmitter","debug":"UniDirectionNDRingStrategy{colors:4 phases:2 '
+    'cores:{4 4},{4 4},{4 4},{4 4} nophase0:0 num_dims:2 active_di': 2,
+    '"emitter":"RotatedPincerEmitter","debug":"UniDirectionNDRingStrategy{colors:6 phases:3': 3,
+    '"emitter":"RotatedPincerEmitter","debug":"StrategyRing{colors:1 phases:1 cores:{16}': 1,
+    '"emitter":"AllGatherWithNetRouterEmitter","debug":"group_size = 256': 1,
+    '"emitter":"AllToAllEmitter","debug":"max_rdma_size_bytes: 32768"': 1,
+    '': 1,
+}
+
+
+def test_collectives_run_over_the_torus_dimensions_their_algorithm_names():
+  for config, dims in _ALGORITHMS.items():
+    assert hlo.torus_dims(config) == dims, config
+  line = (
+      '  %all-reduce.3 = f32[1048576]{0} all-reduce(%p), channel_id=3, replica_groups=[1,64]<=[64], '
+      'to_apply=%add, backend_config={' + next(iter(k for k, v in _ALGORITHMS.items() if v == 3))
+  )
+  (c,) = hlo.parse_collectives(line, 64)
+  assert (c.kind, c.group, c.dims) == ('all-reduce', 64, 3)
+  wire = 2 * 63 / 64 * 4 * 2**20
+  assert c.wire_bytes == pytest.approx(wire)
+  # three axes' links at once where every axis of the slice closes into a ring; one otherwise
+  assert c.seconds(1.8e11, full_torus=True) == pytest.approx(wire / (3 * 1.8e11))
+  assert c.seconds(1.8e11, full_torus=False) == pytest.approx(wire / 1.8e11)
+
+
+def test_the_compiler_runs_a_whole_torus_collective_on_every_axis(tmp_path):
+  # all-gathers and all-reduces of 1 MB over one, two and three axes of v5p-128's 4x4x4 torus,
+  # compiled for it: the wire bytes read from the HLO are the ring algorithms' (known), and
+  # the compiler's algorithm takes as many torus dimensions as the group spans
+  script = (
+      'import json, sys; from benchmarks import aot, tpu; s = tpu.parse_slice("v5p-128"); '
+      'json.dump(aot.collective_checks(s, s.devices(), megabytes=1), sys.stdout)'
+  )
+  proc = subprocess.run(
+      [sys.executable, '-c', script],
+      env=dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, 'tools')])),
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = {r['program']: r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
+  n = 2**20 // 4
+  for axes, group, dims in (('4', 4, 1), ('4x4', 16, 2), ('4x4x4', 64, 3)):
+    gather = rows[f'all-gather f32[{n}] over {axes}']
+    reduce = rows[f'all-reduce f32[{n}] over {axes}']
+    for r, factor in ((gather, 1), (reduce, 2)):
+      assert r['group'] == group and r['torus_dims'] == dims, r
+      assert r['known_wire_mb'] == pytest.approx(factor * (group - 1) / group * 4 * n / 1e6)
+      assert r['hlo_wire_mb'] == pytest.approx(r['known_wire_mb'])
+      assert r['ici_ms'] == pytest.approx(r['ici_one_link_ms'] / dims)
+
+
 def _run_aot_compile(*flags, out):
   """tools/aot_compile.py on the micro config with `flags`, as a user runs it; its JSON to `out`."""
   proc = subprocess.run(
@@ -241,6 +303,17 @@ def test_tpu_train_step_figures_match_analytic_counts(tpu_report):
   assert train['mfu_bound'] == pytest.approx(
       train['model_tflop_per_chip'] * 1e12 / (bound_s * peak)
   )
+  # the roofline's HBM is the HBM-only traffic; XLA's bytes accessed gives the _xla figures
+  assert train['hbm_ms'] == pytest.approx(train['hbm_estimate_gb'] / res['hbm_gbps'] * 1e3)
+  assert train['hbm_xla_ms'] == pytest.approx(train['bytes_accessed_gb'] / res['hbm_gbps'] * 1e3)
+  # v5p-8's 2x2x1 torus has no wraparound: every collective over one link, both ways
+  one_link_ms = train['collective_wire_gb'] / res['ici_link_gbps'] * 1e3
+  assert train['ici_ms'] == pytest.approx(one_link_ms)
+  assert train['ici_one_link_ms'] == pytest.approx(one_link_ms)
+  bound_xla_s = max(train['compute_ms'], train['hbm_xla_ms'], train['ici_one_link_ms']) / 1e3
+  assert train['mfu_bound_xla'] == pytest.approx(
+      train['model_tflop_per_chip'] * 1e12 / (bound_xla_s * peak)
+  )
   # the sampler: one guided call runs the model on [x; x] (2B rows), weights replicated and
   # the batch split, so no chip talks to another
   fwd = 2 * flops.forward_flops(mc) * batch / n / 1e12
@@ -272,10 +345,26 @@ def test_roofline_proxy_on_programs_with_known_answers(tpu_report):
   tall = rows['bf16 matmul [16384,1152]x[1152,1152]']
   assert tall['bytes_over_min'] > 1.5
   assert tall['hbm_estimate_over_min'] == pytest.approx(1.0, rel=0.01)
+  # XL/2's MLP matmul at 4 samples a chip, float32: the weight prefetched (XLA: 2.9x the known
+  # traffic), read once by the HBM-only estimate, which the roofline takes
+  fc1 = rows['f32 matmul [1024,1152]x[1152,4608]']
+  assert fc1['bytes_over_min'] > 2.0
+  assert fc1['hbm_estimate_over_min'] == pytest.approx(1.0, rel=0.01)
+  assert fc1['hbm_ms'] == pytest.approx(fc1['min_hbm_mb'] / 1e3 / 2765 * 1e3, rel=0.01)
+  # a fusion that reads 1/64 of its operand (as a sharded optimizer update reads an all-reduced
+  # gradient): the HBM estimate charges the slice, not the operand
+  part = rows['f32 dynamic slice of 1/64 of x, fused']
+  assert part['hbm_estimate_over_min'] == pytest.approx(1.0, rel=0.01)
   # in place: XLA counts only the updated block (the HBM estimate, the whole buffer)
   assert rows['dynamic_update_slice, donated']['bytes_over_min'] == pytest.approx(1.0, rel=0.01)
   # a loop body is counted once, whatever the trip count (an under-count, BENCHMARKS.md)
   assert rows['fori_loop x10 elementwise']['bytes_over_min'] < 0.5
+  # collectives over v5p-8's open 2x2x1 torus: the ring algorithms' bytes, over one link
+  colls = tpu_report[0]['collective_proxy']
+  assert {r['group'] for r in colls} == {2, 4}
+  for r in colls:
+    assert r['hlo_wire_mb'] == pytest.approx(r['known_wire_mb'])
+    assert r['ici_ms'] == pytest.approx(r['ici_one_link_ms'])
 
 
 def test_a_step_too_large_for_the_chip_is_reported_not_fitting(tmp_path):

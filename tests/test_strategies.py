@@ -3,6 +3,7 @@ the TPU overlap flags (training/xla_flags.py); training and resume across strate
 tests/test_mesh_resume.py."""
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -14,7 +15,7 @@ from micro_config import get_config
 from mdt_jax.models import platform
 from mdt_jax.models.mdt import MDTConfig
 from mdt_jax.models.presets import model_config
-from mdt_jax.training import cost, sharding, strategies, xla_flags
+from mdt_jax.training import cost, sharding, strategies, tpu_chips, xla_flags
 from mdt_jax.training.state import create_train_state, make_optimizer
 from mdt_jax.training.step import loss_fn, loss_settings
 from mdt_jax.training.strategies import Strategy
@@ -70,6 +71,38 @@ def test_cost_model_ranks_strategies_by_what_limits_them():
   v5e = cost.rank(sizes, cost.CHIPS['TPU v5 lite'], 8, 64)
   assert v5e[0].fits and v5e[0].strategy.name != 'dp'
   assert not [e for e in v5e if e.strategy.name == 'dp'][0].fits
+
+
+class _Chip:
+  """A TPU device as the cost model reads one: its kind and torus coordinates."""
+
+  def __init__(self, kind, coords):
+    self.device_kind, self.coords, self.platform = kind, coords, 'tpu'
+
+
+def _cube(kind, shape):
+  full = tuple(shape) + (1,) * (3 - len(shape))
+  return [_Chip(kind, c) for c in itertools.product(*(range(d) for d in full))]
+
+
+def test_a_closed_torus_runs_collectives_over_every_chip_on_every_axis():
+  assert tpu_chips.torus_shape(_cube('TPU v5', (4, 4, 4))) == (4, 4, 4)
+  assert cost.torus_dims(_cube('TPU v5', (4, 4, 4))) == 3  # v5p-128: whole cube, wrapped
+  assert cost.torus_dims(_cube('TPU v5', (2, 4, 4))) == 1  # v5p-64: open
+  assert cost.torus_dims(_cube('TPU v6 lite', (16, 16))) == 2  # v6e-256
+  assert cost.torus_dims(_cube('TPU v6 lite', (8, 16))) == 1  # an axis of 8 stays open
+  assert not tpu_chips.closed_torus(jax.devices()) and cost.torus_dims(jax.devices()) == 1
+  sizes, v5p = _xl2_sizes(), cost.CHIPS['TPU v5']
+  one = {e.strategy: e for e in cost.rank(sizes, v5p, 64, 256)}
+  three = {e.strategy: e for e in cost.rank(sizes, v5p, 64, 256, torus_dims=3)}
+  dp, zero = Strategy('dp', 64, 1), Strategy('zero', 64, 1)
+  assert three[dp].ici_ms == pytest.approx(one[dp].ici_ms / 3)  # one all-reduce of all 64
+  # zero: the gather and one all-reduce on three axes' links, below the two stages on one
+  assert three[zero].ici_ms < one[zero].ici_ms / 1.5
+  assert three[zero].hbm_ms == one[zero].hbm_ms
+  # an fsdp group of 4 inside the 64 still runs on one ring
+  fsdp4 = Strategy('fsdp', 16, 4)
+  assert three[fsdp4].ici_ms > one[fsdp4].ici_ms / 3
 
 
 def test_overlap_flags_leave_the_users_own():

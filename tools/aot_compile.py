@@ -47,9 +47,9 @@ flags.DEFINE_integer('fit_max_compiles', 4, 'compiles per --fit search')
 flags.DEFINE_bool(
     'proxy_checks',
     False,
-    'also compile programs whose answer is known (a bf16 '
-    'matmul, elementwise chains, an in-place update, a loop) and report what the '
-    'roofline makes of them',
+    'also compile programs whose answer is known (matmuls, '
+    'elementwise chains, an in-place update, a loop; all-gathers and all-reduces over '
+    "the slice's torus axes) and report what the roofline makes of them",
 )
 flags.DEFINE_integer(
     'traffic',
@@ -113,6 +113,7 @@ def main(argv):
       'steps': [],
       'fit': [],
       'proxy': [],
+      'collective_proxy': [],
       'search': [],
   }
 
@@ -126,6 +127,8 @@ def main(argv):
   if FLAGS.proxy_checks:
     for row in aot.proxy_checks(slc, devices[0]):
       record('proxy', row)
+    for row in aot.collective_checks(slc, devices):
+      record('collective_proxy', row)
   if FLAGS.search:
     for row in aot.search(FLAGS.config, slc, devices, FLAGS.search, hbm_usable_gb=usable):
       record('search', row)
@@ -155,6 +158,8 @@ def main(argv):
         )
   if results['proxy']:
     print(markdown_table(results['proxy'], aot.PROXY_KEYS))
+  if results['collective_proxy']:
+    print(markdown_table(results['collective_proxy'], aot.COLLECTIVE_KEYS))
   print(markdown_table(results['steps'], aot.AOT_KEYS))
   if results['fit']:
     print(markdown_table(results['fit'], aot.FIT_KEYS))

@@ -9,11 +9,14 @@ The estimates are a ranking, not a measurement (compiled figures: BENCHMARKS.md)
     compute  6 x parameters x tokens per sample (x 1 + kept fraction with the mask branch)
     HBM      weights read in the forward and backward passes of each branch, the optimizer's
              update over the chip's share of the state, and activation traffic per sample
+             (fitted to the HBM-only traffic of compiled XL/2 steps, the roofline's HBM)
     ICI      ring collectives (wire bytes per chip as tools/benchmarks/hlo.py counts them) over
-             one link's bandwidth: gradients all-reduced in the compute dtype (dp, and across
-             fsdp groups: XLA's reduction) or reduce-scattered in the collective dtype in two
-             stages (zero: per-shard gradients), weights gathered once per step (zero, hybrid)
-             or at each use (fsdp: about 2.6 gathers per step)
+             one link's bandwidth, or one per torus axis for a collective over every chip of a
+             slice whose axes all close into rings (the compiler's algorithm runs on all of
+             them): gradients all-reduced in the compute dtype (dp, and across fsdp groups:
+             XLA's reduction; zero on a closed torus) or reduce-scattered in the collective
+             dtype in two stages (zero elsewhere: per-shard gradients), weights gathered once
+             per step (zero, hybrid) or at each use (fsdp: about 2.6 gathers per step)
     memory   stored state over its split, the gathered weights, float32 gradients and
              activations per sample
 """
@@ -42,12 +45,12 @@ FSDP_GATHERS = 2.6  # weight gathers per step under fsdp (compiled XL/2 step, v5
 # Activation memory and HBM traffic per sample, per block and token of width 1152 in bf16
 # (fitted to the compiled XL/2 step on v5p-8: 37 GB per chip at 64 per chip; float32 doubles).
 ACT_BYTES_PER_TOKEN_DIM = 30.0
-ACT_TRAFFIC_PER_TOKEN_DIM = 120.0
 WEIGHT_PASSES = 8.0  # HBM bytes per weight and step per compute-dtype byte (fwd+bwd, 2 branches)
-# XLA's bytes accessed (the roofline's HBM figure) over the bytes counted above: it also counts
-# the on-chip copies of what XLA prefetches (fitted to compiled 2-block steps of XL/2's width,
-# v5p-8 dp at 16 per chip and v5p-128 zero at 4 per chip: 2.7x and 4.1x)
-XLA_BYTES_FACTOR = 3.0
+# Fitted to the HBM-only traffic of four compiled full XL/2 steps (v5p-8 zero f32 and fsdp bf16
+# at 64 per chip, v5p-128 zero f32 and fsdp 16x4 bf16 at 4 per chip; within 10% of each): the
+# weights' and optimizer's bytes above times STATE_TRAFFIC_FIT, activation traffic per sample.
+STATE_TRAFFIC_FIT = 1.15
+ACT_TRAFFIC_PER_TOKEN_DIM = 215.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +121,11 @@ def _ring(n: int, nbytes: float, factor: float = 1.0) -> float:
   return factor * (n - 1) / n * nbytes if n > 1 else 0.0
 
 
-def estimate(s: Strategy, sizes: Sizes, chip: Chip, global_batch: int) -> Estimate:
+def estimate(
+    s: Strategy, sizes: Sizes, chip: Chip, global_batch: int, torus_dims: int = 1
+) -> Estimate:
+  """One candidate's estimate; `torus_dims`: the links a collective over every chip runs on at
+  once (the slice's axes where they all close into rings, else 1)."""
   n = s.data * s.fsdp * s.tensor
   b = global_batch / n
   p, a, c = sizes.params, sizes.compute_bytes, (2 if s.collective_dtype == 'bfloat16' else 4)
@@ -133,19 +140,23 @@ def estimate(s: Strategy, sizes: Sizes, chip: Chip, global_batch: int) -> Estima
   gathered = {'dp': 0.0, 'fsdp': 2 * a * p / s.fsdp, 'zero': c * p, 'hybrid': c * p / s.fsdp}
   memory = store + gathered[s.name] + w4 / s.fsdp + act * b
   optimizer_traffic = (5 * w4 + 2 * sizes.opt_state_bytes) / (n if s.state_axes else s.fsdp)
-  hbm = WEIGHT_PASSES * a * p + optimizer_traffic + ACT_TRAFFIC_PER_TOKEN_DIM * token_dims * b
-  hbm *= XLA_BYTES_FACTOR
+  hbm = STATE_TRAFFIC_FIT * (WEIGHT_PASSES * a * p + optimizer_traffic)
+  hbm += ACT_TRAFFIC_PER_TOKEN_DIM * token_dims * b
+  links = lambda group: torus_dims if group == n else 1  # noqa: E731
+  ring = lambda group, nbytes, factor=1.0: _ring(group, nbytes, factor) / links(group)  # noqa
   if s.name == 'dp':
-    wire = _ring(n, g * p, 2.0)
-  elif s.name == 'zero':  # the weights gathered once, the gradients reduce-scattered in two
-    outer, inner = strategies.scatter_split(n)  # stages (collective dtype): per-shard gradients
-    wire = _ring(n, c * p) + _ring(outer, c * p) + _ring(inner, c * p / outer)
+    wire = ring(n, g * p, 2.0)
+  elif s.name == 'zero' and torus_dims > 1:  # the weights gathered once, the gradients reduced
+    wire = ring(n, c * p) + ring(n, c * p, 2.0)  # by one all-reduce over every axis's links
+  elif s.name == 'zero':  # the gradients reduce-scattered in two stages (collective dtype)
+    outer, inner = strategies.scatter_split(n)
+    wire = ring(n, c * p) + ring(outer, c * p) + ring(inner, c * p / outer)
   elif s.name == 'fsdp':  # the data axis all-reduces the float32 gradient shards
-    wire = FSDP_GATHERS * _ring(s.fsdp, a * p) + _ring(s.fsdp, g * p)
-    wire += _ring(s.data, w4 / s.fsdp, 2.0)
+    wire = FSDP_GATHERS * ring(s.fsdp, a * p) + ring(s.fsdp, g * p)
+    wire += ring(s.data, w4 / s.fsdp, 2.0)
   else:  # hybrid
-    wire = FSDP_GATHERS * _ring(s.fsdp, a * p) + _ring(s.fsdp, g * p)
-    wire += _ring(s.data, g * p / s.fsdp, 2.0) + _ring(s.data, c * p / s.fsdp)
+    wire = FSDP_GATHERS * ring(s.fsdp, a * p) + ring(s.fsdp, g * p)
+    wire += ring(s.data, g * p / s.fsdp, 2.0) + ring(s.data, c * p / s.fsdp)
   return Estimate(
       strategy=s,
       compute_ms=flops / (chip.peak_bf16_tflops * 1e12) * 1e3,
@@ -169,17 +180,35 @@ def candidates(n: int, global_batch: int, dtypes: Sequence[str] = ('float32',)) 
 
 
 def rank(
-    sizes: Sizes, chip: Chip, n: int, global_batch: int, only: str | None = None, dtype='float32'
+    sizes: Sizes,
+    chip: Chip,
+    n: int,
+    global_batch: int,
+    only: str | None = None,
+    dtype='float32',
+    torus_dims: int = 1,
 ) -> list[Estimate]:
   """The candidates' estimates, fitting ones first, fastest first (the simpler strategy of
   equal bounds first: the candidates' order)."""
-  est = [estimate(s, sizes, chip, global_batch) for s in candidates(n, global_batch, (dtype,))]
+  est = [
+      estimate(s, sizes, chip, global_batch, torus_dims)
+      for s in candidates(n, global_batch, (dtype,))
+  ]
   est = [e for e in est if only is None or e.strategy.name == only]
   return sorted(est, key=lambda e: (not e.fits, round(e.bound_ms, 3)))
 
 
 def chip_of(device) -> Chip | None:
   return tpu_chips.of_device(device)
+
+
+def torus_dims(devices: Sequence[jax.Device]) -> int:
+  """The torus axes a collective over all `devices` runs on at once: those of more than one
+  chip where every axis closes into a ring (`tpu_chips.closed_torus`), else 1."""
+  devices = list(devices)
+  if not tpu_chips.closed_torus(devices):
+    return 1
+  return max(1, sum(d > 1 for d in tpu_chips.torus_shape(devices)))
 
 
 def resolve(
@@ -213,6 +242,7 @@ def resolve(
       global_batch,
       None if named == 'auto' else named,
       dtype,
+      torus_dims(devices),
   )
   if not est:
     raise ValueError(f'no {named} mesh of {n} chips splits global batch {global_batch}')

@@ -58,3 +58,35 @@ def of_device(device) -> Generation | None:
   """The generation of a jax device, or None (not a TPU this table knows)."""
   name = DEVICE_KINDS.get(getattr(device, 'device_kind', ''))
   return GENERATIONS[name] if name else None
+
+
+def wraps(g: Generation, shape: tuple[int, ...]) -> tuple[bool, ...]:
+  """Which axes of a slice of `shape` chips close into rings: on v4/v5p every axis of a slice
+  of whole 4x4x4 cubes, none of a smaller one; on v5e/v6e an axis of 16 chips."""
+  if g.torus_dims == 3:
+    return (all(d % 4 == 0 for d in shape),) * len(shape)
+  return tuple(d == 16 for d in shape)
+
+
+def closed(g: Generation, shape: tuple[int, ...]) -> bool:
+  """Whether every axis of the slice (of more than one chip) closes into a ring: a collective
+  over all its chips then runs on every axis's links at once (BENCHMARKS.md, the compiler's
+  collective algorithms)."""
+  return all(w for w, d in zip(wraps(g, shape), shape) if d > 1)
+
+
+def torus_shape(devices) -> tuple[int, ...] | None:
+  """Chips along each torus axis of TPU `devices` (their coordinates' extent), or None."""
+  g = of_device(devices[0]) if devices else None
+  coords = [getattr(d, 'coords', None) for d in devices]
+  if g is None or any(c is None for c in coords):
+    return None
+  return tuple(
+      max(c[i] for c in coords) - min(c[i] for c in coords) + 1 for i in range(g.torus_dims)
+  )
+
+
+def closed_torus(devices) -> bool:
+  """Whether `devices` are a TPU slice whose every axis closes into a ring."""
+  shape = torus_shape(devices)
+  return shape is not None and closed(of_device(devices[0]), shape)

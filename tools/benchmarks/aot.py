@@ -1,24 +1,31 @@
 """Compile the real steps for a TPU slice on a host without one (``tools/aot_compile.py``).
 
 For each step (the MDT two-branch train step, the DiT-style one, one guided sampler call) the
-compiled TPU program gives, per chip: XLA's FLOPs and ``bytes accessed`` (HBM traffic), memory
-(arguments, outputs, temporaries, donated aliases) and its collectives (from the optimized HLO).
-With the generation's peak figures (`benchmarks.tpu`) they give a roofline:
+compiled TPU program gives, per chip: XLA's FLOPs and ``bytes accessed``, an HBM-only traffic
+estimate (`benchmarks.traffic`), memory (arguments, outputs, temporaries, donated aliases) and
+its collectives (from the optimized HLO). With the generation's peak figures (`benchmarks.tpu`)
+they give a roofline:
 
-    compute = XLA FLOPs / peak    HBM = bytes accessed / HBM bandwidth    ICI = wire bytes / link
+    compute = XLA FLOPs / peak    HBM = HBM bytes / HBM bandwidth    ICI = wire time
     bound = max(compute, HBM, ICI)    MFU bound = model FLOPs / (bound * peak)
 
 The bound is what the step cannot beat if the estimates hold (perfect overlap of the three); the
 MFU bound uses the analytic model FLOPs (masked encoder at the mean kept count), as MFU does in
-`benchmarks.timing`. XLA's ``bytes accessed`` also counts the on-chip (VMEM) copies of buffers
-that XLA prefetches, so the report adds an HBM-only estimate (`benchmarks.traffic`: the HBM
-operands and results of the top-level instructions) and its time. How far each can be trusted:
-BENCHMARKS.md, "TPU, compiled without hardware".
+`benchmarks.timing`. Two figures are given both ways, the `_xla` columns as XLA counts them:
+
+  HBM  the top-level instructions' HBM operands and results (`hbm_ms`); XLA's ``bytes
+       accessed`` (`hbm_xla_ms`) also counts the on-chip (VMEM) side of every prefetch and the
+       layout bitcasts inside fusions, 2.9x the known traffic of a lone matmul (`proxy_checks`)
+  ICI  each collective's wire bytes over one link per torus dimension its compiled algorithm
+       runs over (`ici_ms`, `hlo.Collective.seconds`); over one link (`ici_one_link_ms`)
+
+How far each can be trusted: BENCHMARKS.md, "TPU, compiled without hardware".
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import os
 import time
 
@@ -63,8 +70,8 @@ def cost_figures(compiled) -> dict:
 
 def roofline(
     flops: float,
-    bytes_accessed: float,
-    ici_bytes: float,
+    hbm_bytes: float,
+    ici_seconds: float,
     slc: Slice,
     model_flops: float | None = None,
 ) -> dict:
@@ -72,8 +79,8 @@ def roofline(
   g = slc.generation
   times = {
       'compute': flops / (g.peak_bf16_tflops * 1e12),
-      'HBM': bytes_accessed / (g.hbm_gbps * 1e9),
-      'ICI': ici_bytes / (g.ici_link_gbps * 1e9),
+      'HBM': hbm_bytes / (g.hbm_gbps * 1e9),
+      'ICI': ici_seconds,
   }
   bound = max(times.values())
   out = {
@@ -83,11 +90,38 @@ def roofline(
       'bound_ms': bound * 1e3,
       'roofline_ms': max(times['compute'], times['HBM']) * 1e3,
       'bottleneck': max(times, key=times.get),
-      'flop_per_byte': flops / bytes_accessed if bytes_accessed else None,
+      'flop_per_byte': flops / hbm_bytes if hbm_bytes else None,
       'ridge_flop_per_byte': g.peak_bf16_tflops * 1e3 / g.hbm_gbps,
   }
   if model_flops is not None and bound > 0:
     out['mfu_bound'] = model_flops / (bound * g.peak_bf16_tflops * 1e12)
+  return out
+
+
+def both_rooflines(
+    flops: float,
+    hbm_bytes: float,
+    xla_bytes: float,
+    collectives: list,
+    slc: Slice,
+    model_flops: float | None = None,
+) -> dict:
+  """The roofline of the HBM-only traffic and the torus's links (`hbm_ms`, `ici_ms`, `mfu_bound`),
+  and beside it the one of XLA's bytes accessed and one link (`hbm_xla_ms`, `ici_one_link_ms`,
+  `mfu_bound_xla`)."""
+  link = slc.generation.ici_link_gbps * 1e9
+  torus = sum(c.seconds(link, slc.closed) for c in collectives)
+  one_link = sum(c.seconds(link, False) for c in collectives)
+  out = roofline(flops, hbm_bytes, torus, slc, model_flops)
+  xla = roofline(flops, xla_bytes, one_link, slc, model_flops)
+  out.update(
+      hbm_xla_ms=xla['hbm_ms'],
+      ici_one_link_ms=xla['ici_ms'],
+      bound_xla_ms=xla['bound_ms'],
+      bottleneck_xla=xla['bottleneck'],
+  )
+  if 'mfu_bound' in xla:
+    out['mfu_bound_xla'] = xla['mfu_bound']
   return out
 
 
@@ -117,13 +151,16 @@ def analyse(
       # the top-level instructions' HBM operands and results: XLA's figure also counts
       # on-chip (VMEM) buffers XLA prefetches into (BENCHMARKS.md)
       'hbm_estimate_gb': moved['hbm_gb'],
-      'hbm_estimate_ms': moved['hbm_gb'] / g.hbm_gbps * 1e3,
       'xla_optimal_s': cost['xla_optimal_s'],
       'collectives': hlo.summarize(colls),
       'collective_wire_gb': wire / 1e9,
       'while_loops': hlo.while_loops(text),
   }
-  out.update(roofline(cost['xla_flops'], cost['bytes_accessed'], wire, slc, model_flops))
+  out.update(
+      both_rooflines(
+          cost['xla_flops'], moved['hbm_gb'] * 1e9, cost['bytes_accessed'], colls, slc, model_flops
+      )
+  )
   out.update(memory_figures(compiled))
   if traffic_top:
     out['traffic'] = moved
@@ -273,10 +310,12 @@ AOT_KEYS = [
     'hbm_estimate_gb',
     'compute_ms',
     'hbm_ms',
-    'hbm_estimate_ms',
     'ici_ms',
     'bottleneck',
     'mfu_bound',
+    'hbm_xla_ms',
+    'ici_one_link_ms',
+    'mfu_bound_xla',
     'memory_peak_estimate_gb',
     'hbm_usable_gb',
     'fits',
@@ -326,6 +365,9 @@ def proxy_programs(n_matmul: int = 8192, n_elem: int = 1 << 26, n_loop: int = 10
   def centered(x):  # the mean needs a pass of its own before the subtraction
     return x - jnp.mean(x)
 
+  def sliced(x, i):  # one fused pass over 1/64 of x: only that slice is read
+    return jax.lax.dynamic_slice(x, (i,), (n_elem // 64,)) * 2.0 + 1.0
+
   def update(buf, block):  # in place into a donated buffer: only the block moves
     return jax.lax.dynamic_update_slice(buf, block, (n_elem // 2,))
 
@@ -334,6 +376,7 @@ def proxy_programs(n_matmul: int = 8192, n_elem: int = 1 << 26, n_loop: int = 10
 
   f32, bf16 = jnp.float32, jnp.bfloat16
   tall, w = (16384, 1152), (1152, 1152)  # a transformer's token matmul: x gets prefetched
+  rows, fc1 = (1024, 1152), (1152, 4608)  # XL/2's MLP at 4 samples a chip: the weight prefetched
   return {
       'bf16 matmul': (
           lambda a, b: a @ b,
@@ -349,8 +392,22 @@ def proxy_programs(n_matmul: int = 8192, n_elem: int = 1 << 26, n_loop: int = 10
           2.0 * 16384 * 1152**2,
           2 * (2 * 16384 * 1152 + 1152**2),
       ),
+      'f32 matmul [1024,1152]x[1152,4608]': (
+          lambda a, b: a @ b,
+          [(rows, f32), (fc1, f32)],
+          (),
+          2.0 * 1024 * 1152 * 4608,
+          4 * (1024 * 1152 + 1152 * 4608 + 1024 * 4608),
+      ),
       'f32 elementwise chain': (chain, [(vec, f32)], (), 3.0 * n_elem, 2 * 4 * n_elem),
       'f32 x - mean(x)': (centered, [(vec, f32)], (), 2.0 * n_elem, 3 * 4 * n_elem),
+      'f32 dynamic slice of 1/64 of x, fused': (
+          sliced,
+          [(vec, f32), ((), jnp.int32)],
+          (),
+          2.0 * n_elem // 64,
+          2 * 4 * n_elem // 64 + 4,
+      ),
       'dynamic_update_slice, donated': (
           update,
           [(vec, f32), ((1024,), f32)],
@@ -389,9 +446,68 @@ def proxy_checks(slc: Slice, device, **sizes) -> list[dict]:
         'bytes_over_min': cost['bytes_accessed'] / min_bytes,
         'hbm_estimate_over_min': hbm / min_bytes,
     }
-    row.update(roofline(cost['xla_flops'], cost['bytes_accessed'], 0.0, slc))
+    row.update(roofline(cost['xla_flops'], hbm, 0.0, slc))
     rows.append(row)
   return rows
+
+
+def collective_checks(slc: Slice, devices, megabytes: int = 256) -> list[dict]:
+  """All-gathers and all-reduces of a known array over one, two and every torus axis of the
+  slice (devices in the torus's order, `mesh_utils.create_device_mesh`): the wire bytes the
+  ring algorithms send (known), those read from the compiled HLO, the torus dimensions the
+  compiler's algorithm runs over and the ICI time over one link and over the torus."""
+  from jax import shard_map
+  from jax.experimental import mesh_utils
+  from jax.sharding import Mesh
+
+  names = ('x', 'y', 'z')[: len(slc.shape)]
+  mesh = Mesh(mesh_utils.create_device_mesh(slc.shape, devices), names)
+  n_elem = megabytes * 2**20 // 4
+  link = slc.generation.ici_link_gbps * 1e9
+  rows = []
+  for k in range(1, len(names) + 1):
+    axes = names[-k:]
+    group = math.prod(mesh.shape[a] for a in axes)
+    if group < 2:
+      continue
+    split = NamedSharding(mesh, P(axes))
+    whole = NamedSharding(mesh, P())
+    gather = jax.jit(lambda v: v * 2.0, out_shardings=whole)
+    reduce = jax.jit(
+        shard_map(lambda v: jax.lax.psum(v, axes), mesh=mesh, in_specs=P(), out_specs=P())
+    )
+    for kind, fn, sharding, factor in (
+        ('all-gather', gather, split, 1.0),
+        ('all-reduce', reduce, whole, 2.0),
+    ):
+      text = fn.lower(jax.ShapeDtypeStruct((n_elem,), jnp.float32, sharding=sharding))
+      colls = [c for c in hlo.parse_collectives(text.compile().as_text(), slc.chips)]
+      known = factor * (group - 1) / group * n_elem * 4
+      rows.append(
+          {
+              'program': f'{kind} f32[{n_elem}] over {"x".join(str(mesh.shape[a]) for a in axes)}',
+              'slice': slc.name,
+              'group': group,
+              'known_wire_mb': known / 1e6,
+              'hlo_wire_mb': sum(c.wire_bytes for c in colls) / 1e6,
+              'torus_dims': max((c.dims for c in colls), default=0),
+              'ici_one_link_ms': sum(c.seconds(link, False) for c in colls) * 1e3,
+              'ici_ms': sum(c.seconds(link, slc.closed) for c in colls) * 1e3,
+          }
+      )
+  return rows
+
+
+COLLECTIVE_KEYS = [
+    'program',
+    'slice',
+    'group',
+    'known_wire_mb',
+    'hlo_wire_mb',
+    'torus_dims',
+    'ici_one_link_ms',
+    'ici_ms',
+]
 
 
 PROXY_KEYS = [
@@ -426,6 +542,7 @@ SEARCH_KEYS = [
     'ici_ms',
     'bottleneck',
     'mfu_bound',
+    'mfu_bound_xla',
     'collective_wire_gb',
     'memory_peak_estimate_gb',
     'fits',
@@ -450,7 +567,13 @@ def search(
     raise ValueError(f'no cost-model figures for {devices[0].device_kind!r}')
   _, dtype, _ = strategies.mesh_settings(config.mesh.to_dict())
   ranked = cost.rank(
-      cost.model_sizes(mc), chip, len(devices), config.global_batch_size, None, dtype
+      cost.model_sizes(mc),
+      chip,
+      len(devices),
+      config.global_batch_size,
+      None,
+      dtype,
+      cost.torus_dims(devices),
   )
   rows = []
   for est in ranked[:top]:

@@ -8,6 +8,11 @@ An instruction inside a loop body is counted once, whatever the trip count (`whi
 whether the module has loops at all). The TPU compiler writes a reduce-scatter as a fusion
 (named `all-reduce-scatter`) of an all-reduce whose result the fusion's root dynamic-slices to
 this chip's shard: such an all-reduce is counted as the reduce-scatter it is.
+
+Each collective also carries the torus dimensions the TPU compiler's algorithm runs it over at
+once, read from its `collective_algorithm_config` (`torus_dims`): a 64-chip all-reduce on v5p's
+4x4x4 torus is `UniDirectionNDRingStrategy{colors:6 ...}`, six one-way rings on the three axes'
+links, an all-gather `3DAllGatherOnMajorDim`; a group along one axis, one bidirectional ring.
 """
 
 from __future__ import annotations
@@ -64,6 +69,7 @@ class Collective:
   kind: str  # one of KINDS
   full_bytes: int  # S: the whole array (gathered / reduced), per chip
   group: int  # chips in each replica group
+  dims: int = 1  # torus dimensions the compiler's algorithm uses at once (1: one ring)
 
   @property
   def wire_bytes(self) -> float:
@@ -75,6 +81,32 @@ class Collective:
       return float(self.full_bytes)
     factor = 2.0 if self.kind == 'all-reduce' else 1.0
     return factor * (n - 1) / n * self.full_bytes
+
+  def seconds(self, link_bytes_per_s: float, full_torus: bool) -> float:
+    """Time on the wire: the bytes each chip sends over one bidirectional link's bandwidth per
+    torus dimension the algorithm uses, where every axis of the slice closes into a ring
+    (`Slice.closed`); on an open torus one link, as for any group along one axis."""
+    return self.wire_bytes / (link_bytes_per_s * (self.dims if full_torus else 1))
+
+
+_DIMS = (
+    re.compile(r'"emitter":"(\d)D'),  # 3DAllGatherOnMajorDim
+    re.compile(r'UniDirection(\d)DRingStrategy'),
+    re.compile(r'\bnum_dims:(\d+)'),
+)
+_COLORS = re.compile(r'UniDirectionNDRingStrategy\{colors:(\d+)')
+
+
+def torus_dims(line: str) -> int:
+  """The torus dimensions a collective's TPU algorithm runs over at once (its backend config):
+  'kD' emitters and one-way ring strategies name them (an ND ring's colors are two one-way rings
+  a dimension); 1 where the config names none (one ring: the link the figure assumes)."""
+  for pattern in _DIMS:
+    m = pattern.search(line)
+    if m:
+      return max(1, int(m.group(1)))
+  m = _COLORS.search(line)
+  return max(1, int(m.group(1)) // 2) if m else 1
 
 
 def arrays(text: str) -> list[tuple[int, int]]:
@@ -167,7 +199,7 @@ def parse_collectives(hlo_text: str, num_devices: int) -> list[Collective]:
     size = sum(_array_bytes(type_text))
     if kind == 'reduce-scatter':
       size *= group  # the result is one shard of the reduced array
-    out.append(Collective(kind, size, group))
+    out.append(Collective(kind, size, group, torus_dims(line)))
     if opcode == 'all-reduce':
       reduced[m.group(2)] = out[-1]
   return out

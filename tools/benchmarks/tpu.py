@@ -15,6 +15,7 @@ import re
 
 import numpy as np
 
+from mdt_jax.training import tpu_chips
 from mdt_jax.training.tpu_chips import GENERATIONS, Generation  # noqa: F401
 
 
@@ -54,11 +55,14 @@ class Slice:
 
   @property
   def wraparound(self) -> tuple[bool, ...]:
-    """Torus links that close each axis: 3-D slices of whole 4x4x4 cubes; 2-D axes of 16."""
-    if self.generation.torus_dims == 3:
-      whole = all(d % 4 == 0 for d in self.shape)
-      return (whole,) * 3
-    return tuple(d == 16 for d in self.shape) + (False,)
+    """Torus links that close each axis (`tpu_chips.wraps`), three as the compiler takes them."""
+    w = tpu_chips.wraps(self.generation, self.shape)
+    return w + (False,) * (3 - len(w))
+
+  @property
+  def closed(self) -> bool:
+    """Every axis of more than one chip closes into a ring (`tpu_chips.closed`)."""
+    return tpu_chips.closed(self.generation, self.shape)
 
   def topology_kwargs(self) -> dict:
     """Options of `get_topology_desc`: one device per chip (megacore on v4/v5p) and the hosts."""

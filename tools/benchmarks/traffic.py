@@ -4,9 +4,11 @@ XLA's cost analysis gives one total (``bytes accessed``). To see which code move
 top-level instruction of the module (the entry computation and the bodies of loops, calls and
 conditionals; not the insides of fusions, which run out of on-chip memory) is charged the
 bytes of its operands and its result, and tied to the innermost line of this project's code in
-its stack trace (the HLO text carries the stack frames). The sum approximates XLA's total (it
-cannot see that a fusion reads only a slice of an operand, or updates a buffer in place);
-`markdown` prints both, so the coverage is visible.
+its stack trace (the HLO text carries the stack frames). An operand that a fusion only slices
+(every use inside it a slice or dynamic-slice of it) is charged the slices' bytes: a sharded
+optimizer update reads its chip's share of an all-reduced gradient, not the whole. The sum
+approximates the HBM traffic (it cannot see that a fusion updates a buffer in place, and counts
+a loop's body once); `markdown` prints it beside XLA's total, so the coverage is visible.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class Instr:
   calls: str | None  # a fusion's computation (its insides carry the stack frames)
   root: bool
   called: list[str] = dataclasses.field(default_factory=list)  # every computation it calls
+  index: int | None = None  # a parameter's number
 
 
 @dataclasses.dataclass
@@ -139,6 +142,7 @@ def parse(text: str) -> Module:
     on = re.search(r'op_name="([^"]*)"', rest)
     calls = re.search(r'\bcalls=%([\w.\-]+)', rest)
     called = [n for group in _CALLS.findall(rest) for n in re.findall(r'%?([\w.\-]+)', group)]
+    number = re.match(r'\s*parameter\((\d+)\)', rest) if op.group(1) == 'parameter' else None
     comps[cur].append(
         Instr(
             m.group(2),
@@ -150,6 +154,7 @@ def parse(text: str) -> Module:
             calls.group(1) if calls else None,
             bool(m.group(1)),
             called,
+            int(number.group(1)) if number else None,
         )
     )
   top.add(entry)
@@ -190,6 +195,25 @@ def source_of(module: Module) -> Callable[[Instr], str]:
   return lambda i: own_frame(module.stack(frame_of(i))) or '(no mdt_jax source)'
 
 
+_SLICES = ('slice', 'dynamic-slice')
+
+
+def _sliced_operands(comp: list[Instr]) -> dict[int, list[tuple[int, int]]]:
+  """{operand number: arrays read} for a fused computation's parameters that it only slices."""
+  users: dict[str, list[Instr]] = collections.defaultdict(list)
+  for j in comp:
+    for o in j.operands:
+      users[o].append(j)
+  out = {}
+  for p in comp:
+    uses = users.get(p.name, [])
+    if p.opcode == 'parameter' and uses:
+      if all(u.opcode in _SLICES and u.operands[:1] == [p.name] for u in uses):
+        space = p.out[0][1] if p.out else 0
+        out[p.index] = [(b, space) for u in uses for b, _ in u.out]
+  return out
+
+
 def traffic(text: str) -> list[dict]:
   """One row per top-level instruction that moves data: bytes read and written in any memory
   space ('bytes') and in HBM only ('hbm_bytes'), opcode, source line."""
@@ -202,7 +226,8 @@ def traffic(text: str) -> list[dict]:
     for i in instrs:
       if i.opcode in FREE or i.opcode.endswith('-done'):
         continue
-      read = [a for o in i.operands for a in out.get(o, [])]
+      sliced = _sliced_operands(module.comps.get(i.calls, [])) if i.opcode == 'fusion' else {}
+      read = [a for k, o in enumerate(i.operands) for a in sliced.get(k, out.get(o, []))]
       total = lambda xs: sum(b for b, _ in xs)  # noqa: E731
       hbm = lambda xs: sum(b for b, space in xs if space == 0)  # noqa: E731
       rows.append(
