@@ -184,8 +184,9 @@ def test_the_compiler_runs_a_whole_torus_collective_on_every_axis(tmp_path):
   # compiled for it: the wire bytes read from the HLO are the ring algorithms' (known), and
   # the compiler's algorithm takes as many torus dimensions as the group spans
   script = (
-      'import json, sys; from benchmarks import aot, tpu; s = tpu.parse_slice("v5p-128"); '
-      'json.dump(aot.collective_checks(s, s.devices(), megabytes=1), sys.stdout)'
+      'import json, sys; from benchmarks import aot, tpu; from mdt_jax.training import cost; '
+      's = tpu.parse_slice("v5p-128"); d = s.devices(); '
+      'json.dump([cost.torus_dims(d), aot.collective_checks(s, d, megabytes=1)], sys.stdout)'
   )
   proc = subprocess.run(
       [sys.executable, '-c', script],
@@ -196,7 +197,9 @@ def test_the_compiler_runs_a_whole_torus_collective_on_every_axis(tmp_path):
       timeout=600,
   )
   assert proc.returncode == 0, proc.stderr[-3000:]
-  rows = {r['program']: r for r in json.loads(proc.stdout.strip().splitlines()[-1])}
+  dims, rows = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert dims == 3  # the compile-only devices' coordinates: a closed 4x4x4 torus
+  rows = {r['program']: r for r in rows}
   n = 2**20 // 4
   for axes, group, dims in (('4', 4, 1), ('4x4', 16, 2), ('4x4x4', 64, 3)):
     gather = rows[f'all-gather f32[{n}] over {axes}']

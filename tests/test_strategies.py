@@ -2,6 +2,7 @@
 the TPU overlap flags (training/xla_flags.py); training and resume across strategies:
 tests/test_mesh_resume.py."""
 
+import dataclasses
 import functools
 import itertools
 
@@ -160,7 +161,8 @@ def test_bfloat16_collectives_change_a_steps_gradients_by_their_rounding():
 def test_zero_reduce_scatters_the_gradients_of_each_batch_shard():
   """ZeRO's per-shard gradients, reduce-scattered in two stages onto the state's layout, and
   the shard-averaged metrics equal the whole batch's (the same draws per row) to float
-  tolerance."""
+  tolerance; so do the gradients ZeRO takes on a closed TPU torus (the whole batch's, reduced
+  by XLA onto the state's layout: `scatter` None)."""
   config = get_config()
   mc = MDTConfig.from_dict(config.model.to_dict())
   opt = make_optimizer(config.optimizer)
@@ -173,18 +175,23 @@ def test_zero_reduce_scatters_the_gradients_of_each_batch_shard():
   process = settings.pop('process')
   grad_fn = jax.grad(functools.partial(loss_fn, **settings), has_aux=True)
   out = {}
-  for name in ('dp', 'zero'):
-    strategy = Strategy(name, 8, 1)
+  for name in ('dp', 'zero', 'zero on a closed torus'):
+    strategy = Strategy(name.split()[0], 8, 1)
     mesh = strategies.make_mesh(strategy)
     state, shardings, graphdef = create_train_state(
         mc, opt, 0, mesh, config.sharding_rules, strategy.state_axes
     )
     layout = strategies.step_layout(strategy, mc, mesh, config.sharding_rules, shardings.params)
     batch = jax.device_put(host, sharding.batch_sharding(mesh))
+    if name == 'zero on a closed torus':
+      layout = dataclasses.replace(layout, scatter=None)
 
     def grads(params, batch, layout=layout, graphdef=graphdef):
       if layout is None:
         return grad_fn(params, graphdef, process, batch, jax.random.key(1))
+      if layout.scatter is None:  # as train_step takes them
+        g, m = grad_fn(layout.forward_weights(params), graphdef, process, batch, jax.random.key(1))
+        return layout.reduced_grads(g), m
       assert layout.scatter == (4, 2)
       fn = lambda w, b, k: grad_fn(w, graphdef, process, b, k)  # noqa: E731
       g, m = layout.shard_grads(fn, layout.forward_weights(params), batch, jax.random.key(1))
@@ -194,9 +201,10 @@ def test_zero_reduce_scatters_the_gradients_of_each_batch_shard():
     text = step.lower(state.params, batch).compile().as_text()
     out[name] = jax.device_get(step(state.params, batch)), text
   (g_dp, m_dp), _ = out['dp']
-  (g_zero, m_zero), text = out['zero']
-  assert 'reduce-scatter' in text
-  for k in m_dp:
-    np.testing.assert_allclose(m_zero[k], m_dp[k], rtol=1e-5, err_msg=k)
-  for a, b in zip(jax.tree.leaves(g_zero), jax.tree.leaves(g_dp)):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+  assert 'reduce-scatter' in out['zero'][1]
+  for name in ('zero', 'zero on a closed torus'):
+    (g_zero, m_zero), _ = out[name]
+    for k in m_dp:
+      np.testing.assert_allclose(m_zero[k], m_dp[k], rtol=1e-5, err_msg=f'{name}: {k}')
+    for a, b in zip(jax.tree.leaves(g_zero), jax.tree.leaves(g_dp)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7, err_msg=name)

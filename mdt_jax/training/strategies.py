@@ -8,8 +8,8 @@
             fsdp=N; with data > 1 as well: FSDP inside a group, data parallel across)
     zero    data parallel with sharded state (ZeRO): weights, EMA and optimizer state split over
             every data axis; each step gathers the weights once, in ``collective_dtype``, and
-            reduce-scatters the gradients, so the optimizer update runs on 1/N of the state
-            (mesh data=N)
+            reduce-scatters the gradients (on a closed TPU torus: one all-reduce, `step_layout`),
+            so the optimizer update runs on 1/N of the state (mesh data=N)
     hybrid  FSDP inside a group of ``fsdp`` chips and ZeRO across the groups: the rules' split
             over ``fsdp``, then the state split over ``data`` too; each step gathers over ``data``
             once (mesh data=N/F, fsdp=F)
