@@ -160,7 +160,8 @@ def main(argv):
     print(markdown_table(results['proxy'], aot.PROXY_KEYS))
   if results['collective_proxy']:
     print(markdown_table(results['collective_proxy'], aot.COLLECTIVE_KEYS))
-  print(markdown_table(results['steps'], aot.AOT_KEYS))
+  if results['steps']:
+    print(markdown_table(results['steps'], aot.AOT_KEYS))
   if results['fit']:
     print(markdown_table(results['fit'], aot.FIT_KEYS))
   for row in results['steps']:
