@@ -206,9 +206,10 @@ def torus_dims(devices: Sequence[jax.Device]) -> int:
   """The torus axes a collective over all `devices` runs on at once: those of more than one
   chip where every axis closes into a ring (`tpu_chips.closed_torus`), else 1."""
   devices = list(devices)
-  if not tpu_chips.closed_torus(devices):
+  shape = tpu_chips.torus_shape(devices)
+  if shape is None or not tpu_chips.closed(tpu_chips.of_device(devices[0]), shape):
     return 1
-  return max(1, sum(d > 1 for d in tpu_chips.torus_shape(devices)))
+  return max(1, sum(d > 1 for d in shape))
 
 
 def resolve(

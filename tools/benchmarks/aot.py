@@ -110,8 +110,8 @@ def both_rooflines(
   and beside it the one of XLA's bytes accessed and one link (`hbm_xla_ms`, `ici_one_link_ms`,
   `mfu_bound_xla`)."""
   link = slc.generation.ici_link_gbps * 1e9
-  torus = sum(c.seconds(link, slc.closed) for c in collectives)
-  one_link = sum(c.seconds(link, False) for c in collectives)
+  torus = hlo.wire_seconds(collectives, link, slc.closed)
+  one_link = hlo.wire_seconds(collectives, link, False)
   out = roofline(flops, hbm_bytes, torus, slc, model_flops)
   xla = roofline(flops, xla_bytes, one_link, slc, model_flops)
   out.update(
@@ -481,7 +481,7 @@ def collective_checks(slc: Slice, devices, megabytes: int = 256) -> list[dict]:
         ('all-reduce', reduce, whole, 2.0),
     ):
       text = fn.lower(jax.ShapeDtypeStruct((n_elem,), jnp.float32, sharding=sharding))
-      colls = [c for c in hlo.parse_collectives(text.compile().as_text(), slc.chips)]
+      colls = hlo.parse_collectives(text.compile().as_text(), slc.chips)
       known = factor * (group - 1) / group * n_elem * 4
       rows.append(
           {
@@ -491,8 +491,8 @@ def collective_checks(slc: Slice, devices, megabytes: int = 256) -> list[dict]:
               'known_wire_mb': known / 1e6,
               'hlo_wire_mb': sum(c.wire_bytes for c in colls) / 1e6,
               'torus_dims': max((c.dims for c in colls), default=0),
-              'ici_one_link_ms': sum(c.seconds(link, False) for c in colls) * 1e3,
-              'ici_ms': sum(c.seconds(link, slc.closed) for c in colls) * 1e3,
+              'ici_one_link_ms': hlo.wire_seconds(colls, link, False) * 1e3,
+              'ici_ms': hlo.wire_seconds(colls, link, slc.closed) * 1e3,
           }
       )
   return rows

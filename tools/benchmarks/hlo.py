@@ -89,6 +89,11 @@ class Collective:
     return self.wire_bytes / (link_bytes_per_s * (self.dims if full_torus else 1))
 
 
+def wire_seconds(collectives: Iterable[Collective], link: float, full_torus: bool) -> float:
+  """The collectives' time on the wire, one after another (`Collective.seconds`)."""
+  return sum(c.seconds(link, full_torus) for c in collectives)
+
+
 _DIMS = (
     re.compile(r'"emitter":"(\d)D'),  # 3DAllGatherOnMajorDim
     re.compile(r'UniDirection(\d)DRingStrategy'),
